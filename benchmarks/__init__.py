@@ -1,0 +1,1 @@
+"""effiseg.benchmarks"""

@@ -1,0 +1,1 @@
+"""effiseg.runtime: inference over folders of images, importable without torch or timm."""

@@ -1,0 +1,137 @@
+"""What an exported ONNX file says about itself, read without onnx, onnxruntime or TensorRT.
+
+``effiseg-export`` writes the variant, input size and format, normalisation, threshold, training
+metrics and effiseg version into the ONNX ``metadata_props``. This module reads them with a
+minimal protobuf walk (ModelProto field 14 = metadata_props, each a key/value string pair), so an
+inference install that has only TensorRT can still run an ONNX file alone.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+META_PREFIX = "effiseg."
+
+# Input formats: "uint8-nhwc" (preprocessing in the graph; the host sends raw RGB bytes) or
+# "float32-nchw" (the host normalises). Output formats: "logits" (float32), "probabilities"
+# (float16 sigmoid) or "mask" (uint8 0/1 at the model's threshold).
+INPUT_FORMATS = ("uint8-nhwc", "float32-nchw")
+OUTPUT_FORMATS = ("logits", "probabilities", "mask")
+
+
+@dataclass
+class ModelInfo:
+    path: Path | None
+    variant: str
+    input_height: int
+    input_width: int
+    input_format: str = "uint8-nhwc"
+    output_format: str = "logits"
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    threshold: float = 0.5
+    dynamic_hw: bool = False
+    input_name: str = "images"
+    output_name: str = "logits"
+    metrics: dict = field(default_factory=dict)
+    version: str = "unknown"
+    extra: dict = field(default_factory=dict)
+
+    def to_metadata(self) -> dict[str, str]:
+        """The key/value strings ``effiseg-export`` stores in the ONNX file."""
+        return {
+            META_PREFIX + "variant": self.variant,
+            META_PREFIX + "input_height": str(self.input_height),
+            META_PREFIX + "input_width": str(self.input_width),
+            META_PREFIX + "input_format": self.input_format,
+            META_PREFIX + "output_format": self.output_format,
+            META_PREFIX + "mean": json.dumps(list(self.mean)),
+            META_PREFIX + "std": json.dumps(list(self.std)),
+            META_PREFIX + "threshold": repr(float(self.threshold)),
+            META_PREFIX + "dynamic_hw": "1" if self.dynamic_hw else "0",
+            META_PREFIX + "input_name": self.input_name,
+            META_PREFIX + "output_name": self.output_name,
+            META_PREFIX + "metrics": json.dumps(self.metrics, sort_keys=True),
+            META_PREFIX + "version": self.version,
+            META_PREFIX + "extra": json.dumps(self.extra, sort_keys=True),
+        }
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str], path: Path | None = None) -> "ModelInfo":
+        def get(key, default=None):
+            return meta.get(META_PREFIX + key, default)
+        if get("variant") is None:
+            where = f" {path}" if path else ""
+            raise ValueError(f"ONNX file{where} has no effiseg metadata; export it with effiseg-export")
+        fmt_in, fmt_out = get("input_format", "uint8-nhwc"), get("output_format", "logits")
+        if fmt_in not in INPUT_FORMATS or fmt_out not in OUTPUT_FORMATS:
+            raise ValueError(f"{path}: unknown input/output format {fmt_in!r}/{fmt_out!r}")
+        return cls(
+            path=path, variant=get("variant"),
+            input_height=int(get("input_height")), input_width=int(get("input_width")),
+            input_format=fmt_in, output_format=fmt_out,
+            mean=tuple(json.loads(get("mean", "[0.5, 0.5, 0.5]"))),
+            std=tuple(json.loads(get("std", "[0.5, 0.5, 0.5]"))),
+            threshold=float(get("threshold", "0.5")), dynamic_hw=get("dynamic_hw", "0") == "1",
+            input_name=get("input_name", "images"), output_name=get("output_name", "logits"),
+            metrics=json.loads(get("metrics", "{}")), version=get("version", "unknown"),
+            extra=json.loads(get("extra", "{}")),
+        )
+
+    @classmethod
+    def from_onnx(cls, path: str | Path) -> "ModelInfo":
+        path = Path(path)
+        return cls.from_metadata(read_onnx_metadata(path), path=path)
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise ValueError("truncated varint")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(buf: bytes):
+    """Yield (field_number, wire_type, value) for one protobuf message."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 1:
+            value, pos = buf[pos:pos + 8], pos + 8
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            value, pos = buf[pos:pos + length], pos + length
+        elif wire == 5:
+            value, pos = buf[pos:pos + 4], pos + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        if pos > len(buf):
+            raise ValueError("truncated protobuf message")
+        yield number, wire, value
+
+
+def read_onnx_metadata(path: str | Path) -> dict[str, str]:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read ONNX file {path}: {e}") from e
+    meta: dict[str, str] = {}
+    try:
+        for number, wire, value in _fields(data):
+            if number == 14 and wire == 2:  # ModelProto.metadata_props
+                entry = {n: v for n, w, v in _fields(value) if w == 2}
+                meta[entry.get(1, b"").decode()] = entry.get(2, b"").decode()
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a valid ONNX file ({e})") from e
+    return meta

@@ -1,0 +1,94 @@
+"""Checkpoints: a folder (or file pair) of ``model.safetensors`` + ``config.json``.
+
+The JSON names the variant and the few settings needed to rebuild the network, so loading needs
+no training code's globals and no pickle. The layout is that of a Hugging Face model repository.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .model import EffiSegNet, build_model
+from .variants import get_variant
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def effiseg_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("effiseg")
+    except Exception:
+        return "unknown"
+
+
+def model_config(variant: str, input_size: int | None = None, decoder_channels: int | None = None,
+                 deep_supervision: bool = False, threshold: float = 0.5, **extra) -> dict:
+    v = get_variant(variant)
+    cfg = {
+        "model_type": "effisegnet",
+        "variant": v.name,
+        "encoder": v.encoder,
+        "input_size": int(input_size or v.input_size),
+        "mean": list(v.mean),
+        "std": list(v.std),
+        "decoder_channels": int(decoder_channels or v.decoder_channels),
+        "deep_supervision": bool(deep_supervision),
+        "threshold": float(threshold),
+        "effiseg_version": effiseg_version(),
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """Accept a checkpoint folder, its config.json or its .safetensors file."""
+    p = Path(path)
+    if p.is_dir():
+        weights, config = p / WEIGHTS_NAME, p / CONFIG_NAME
+    elif p.suffix == ".json":
+        config, weights = p, p.with_name(p.name[: -len(".json")] + ".safetensors")
+        if not weights.exists():
+            weights = p.parent / WEIGHTS_NAME
+    else:
+        weights, config = p, p.with_suffix(".json")
+        if not config.exists():
+            config = p.parent / CONFIG_NAME
+    for f in (weights, config):
+        if not f.is_file():
+            raise FileNotFoundError(f"checkpoint {path}: missing {f}")
+    return weights, config
+
+
+def save_checkpoint(directory: str | Path, model: EffiSegNet, config: dict, stem: str | None = None) -> Path:
+    """Write ``<stem>.safetensors`` + ``<stem>.json`` (or model.safetensors + config.json)."""
+    from safetensors.torch import save_file
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / (f"{stem}.safetensors" if stem else WEIGHTS_NAME)
+    cfg_path = directory / (f"{stem}.json" if stem else CONFIG_NAME)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tmp_w, tmp_c = weights.with_suffix(".tmp"), cfg_path.with_suffix(".jtmp")
+    save_file(state, str(tmp_w), metadata={"format": "pt", "variant": config["variant"]})
+    tmp_c.write_text(json.dumps(config, indent=2, sort_keys=True))
+    tmp_w.replace(weights)
+    tmp_c.replace(cfg_path)
+    return weights
+
+
+def load_config(path: str | Path) -> dict:
+    return json.loads(resolve_checkpoint(path)[1].read_text())
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[EffiSegNet, dict]:
+    """Rebuild the network from its JSON config and load its weights (eval mode)."""
+    from safetensors.torch import load_file
+    weights, cfg_path = resolve_checkpoint(path)
+    config = json.loads(cfg_path.read_text())
+    model = build_model(config["variant"], pretrained=False, ch=config.get("decoder_channels"),
+                        deep_supervision=config.get("deep_supervision", False))
+    model.load_state_dict(load_file(str(weights)), strict=True)
+    return model.to(device).eval(), config
