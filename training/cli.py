@@ -1,0 +1,114 @@
+"""``effiseg-train``, ``effiseg-eval`` and ``effiseg-model-card``."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+DEFAULT_DATA = "../shared/data/kvasir-seg"
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--data", "data_root", default=DEFAULT_DATA, help="Kvasir-SEG root holding train/ validation/ test/.")
+@click.option("--variant", default="effisegnet-lite2", help="Model variant (see --list-variants).")
+@click.option("--input-size", type=int, default=None, help="Square input size (default: the variant's).")
+@click.option("--epochs", type=int, default=100)
+@click.option("--batch-size", type=int, default=8)
+@click.option("--lr", type=float, default=1e-4)
+@click.option("--min-lr", type=float, default=1e-5, help="Cosine decay floor.")
+@click.option("--seed", type=int, default=0)
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+@click.option("--output", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Run folder (default: runs/<variant>-s<seed>-<time>).")
+@click.option("--resume", "resume_dir", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Continue an interrupted run folder exactly where it stopped.")
+@click.option("--deterministic", is_flag=True, help="Deterministic kernels (slower on GPU).")
+@click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "off"]), default="auto")
+@click.option("--no-pretrained", is_flag=True, help="Random encoder initialisation (no ImageNet weights).")
+@click.option("--deep-supervision", is_flag=True)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Any setting, e.g. --set augment.overlay_box_p=0.5 --set loss.boundary_weight=2.")
+@click.option("--limit-train", type=int, default=None, help="Use only the first N training images.")
+@click.option("--limit-val", type=int, default=None)
+@click.option("--limit-test", type=int, default=None)
+@click.option("--no-test", is_flag=True, help="Skip the test-split evaluation at the end.")
+@click.option("--no-progress", is_flag=True, help="One log line per epoch instead of a progress bar.")
+@click.option("--stop-after-epochs", type=int, default=None,
+              help="End this session after N more epochs (continue later with --resume).")
+@click.option("--list-variants", is_flag=True, help="Print the known variants and exit.")
+def train_command(data_root, variant, input_size, epochs, batch_size, lr, min_lr, seed, device, out_dir, resume_dir,
+                  deterministic, amp, no_pretrained, deep_supervision, overrides, limit_train, limit_val, limit_test,
+                  no_test, no_progress, stop_after_epochs, list_variants):
+    """Train EffiSegNet on Kvasir-SEG (the paper's recipe by default)."""
+    from .variants import get_variant, list_variants as names
+    if list_variants:
+        for n in names():
+            v = get_variant(n)
+            click.echo(f"{n:20s} encoder={v.encoder:24s} size={v.input_size} weights={v.weights_source}")
+        return
+    from .trainer import TrainConfig, Trainer
+    try:
+        if resume_dir:
+            trainer = Trainer(TrainConfig(), resume_dir, progress=not no_progress)
+            result = trainer.fit(resume=True, stop_after_epochs=stop_after_epochs)
+            out = resume_dir
+        else:
+            cfg = TrainConfig(data_root=str(data_root), variant=variant, input_size=input_size, epochs=epochs,
+                              batch_size=batch_size, lr=lr, min_lr=min_lr, seed=seed, device=device,
+                              deterministic=deterministic, amp=amp, pretrained=not no_pretrained,
+                              deep_supervision=deep_supervision, eval_test=not no_test, limit_train=limit_train,
+                              limit_val=limit_val, limit_test=limit_test)
+            cfg.apply_overrides(list(overrides))
+            get_variant(cfg.variant)
+            out = out_dir or Path("runs") / f"{cfg.variant}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+            if (Path(out) / "resume_state.pt").exists():
+                raise click.UsageError(f"{out} already holds a run; use --resume {out} or another --output")
+            result = Trainer(cfg, out, progress=not no_progress).fit(stop_after_epochs=stop_after_epochs)
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    click.echo(json.dumps(result, indent=2))
+    click.echo(f"run folder: {out}")
+
+
+@click.command(context_settings={"show_default": True})
+@click.argument("checkpoint", type=click.Path(path_type=Path, exists=True))
+@click.option("--data", "data_root", default=DEFAULT_DATA, help="Dataset root (with --split) or an images/+masks/ folder.")
+@click.option("--split", default="test", help="train, validation, test, or 'none' to read --data/images and --data/masks.")
+@click.option("--device", default="auto")
+@click.option("--batch-size", type=int, default=8)
+@click.option("--threshold", type=float, default=None, help="Probability threshold (default: the checkpoint's).")
+@click.option("--tta", is_flag=True, help="Flip test-time augmentation (average of 4 flips).")
+@click.option("--min-region", type=int, default=0, help="Remove predicted regions smaller than N pixels.")
+@click.option("--output", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Folder for metrics.json and per_image.csv (default: <checkpoint dir>/eval-<split>).")
+@click.option("--save-masks", is_flag=True, help="Also write predicted masks as PNG.")
+def eval_command(checkpoint, data_root, split, device, batch_size, threshold, tta, min_region, out_dir, save_masks):
+    """Evaluate a checkpoint on a split: metrics JSON, per-image CSV, optional mask PNGs."""
+    from .checkpoint import load_model
+    from .data import DatasetError, load_split
+    from .evaluate import evaluate_samples, write_json, write_mask_pngs, write_rows_csv
+    from .trainer import resolve_device
+    try:
+        dev = resolve_device(device)
+        model, cfg = load_model(checkpoint, device=dev)
+        samples = load_split(data_root, None if split == "none" else split)
+        t0 = time.perf_counter()
+        summary, rows, logits = evaluate_samples(model, cfg, samples, dev, batch_size, threshold, tta, min_region)
+    except (FileNotFoundError, DatasetError, ValueError, KeyError, RuntimeError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    summary.update(checkpoint=str(checkpoint), variant=cfg["variant"], data=str(data_root), split=split,
+                   device=str(dev), seconds=time.perf_counter() - t0)
+    out = out_dir or Path(checkpoint if Path(checkpoint).is_dir() else Path(checkpoint).parent) / f"eval-{split}"
+    write_json(out / "metrics.json", summary)
+    write_rows_csv(out / "per_image.csv", rows)
+    if save_masks:
+        write_mask_pngs(out / "masks", samples, logits, summary["threshold"])
+    click.echo(f"{cfg['variant']} on {split} ({summary['n_images']} images): mean Dice {summary['mean_dice']:.4f}  "
+               f"mIoU {summary['mean_iou']:.4f}  precision {summary['mean_precision']:.4f}  "
+               f"recall {summary['mean_recall']:.4f}  F1(pooled) {summary['f1_pooled']:.4f}")
+    click.echo(f"wrote {out / 'metrics.json'} and {out / 'per_image.csv'}")

@@ -1,0 +1,235 @@
+"""The improvement protocol of issue 5: arms x seeds, choices on validation, test used once.
+
+    python -m effiseg.training.protocol train    --out runs/protocol --epochs 60 --parallel 12
+    python -m effiseg.training.protocol evaluate --out runs/protocol
+    python -m effiseg.training.protocol report   --out runs/protocol
+
+* ``train`` trains every (arm, seed) with the same epochs, several processes at once on one GPU
+  (small models at batch 8 leave most of a large GPU idle, so concurrent runs cost little).
+  ``--time-budget`` first measures the speed of concurrent runs and picks the epochs that fit.
+* ``evaluate`` scores each run's best-on-validation checkpoint on validation and test under the
+  inference-time candidates (flip TTA, a threshold chosen on validation, removal of small regions)
+  and stores per-image test scores.
+* ``report`` picks the winning configuration on validation alone, then reports test means and
+  standard deviations over seeds and a paired bootstrap interval of the per-image Dice difference
+  against the baseline.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+# Training-time candidate fixes, each a config switch (``effiseg-train --set ...``).
+ARMS: dict[str, list[str]] = {
+    "baseline": [],
+    "overlay_box": ["augment.overlay_box_p=0.5"],
+    "boundary_loss": ["loss.boundary_weight=2.0"],
+    "overlay_box+boundary_loss": ["augment.overlay_box_p=0.5", "loss.boundary_weight=2.0"],
+}
+THRESHOLDS = [round(t, 2) for t in np.arange(0.3, 0.71, 0.05)]
+MIN_REGIONS = [0, 64, 256, 1024]
+
+
+def _train_cmd(data, out_dir: Path, variant, input_size, epochs, seed, overrides, extra) -> list[str]:
+    cmd = [sys.executable, "-c", "from effiseg.training.cli import train_command; train_command()",
+           "--data", str(data), "--variant", variant, "--epochs", str(epochs), "--seed", str(seed),
+           "--output", str(out_dir), "--no-progress"]
+    if input_size:
+        cmd += ["--input-size", str(input_size)]
+    for o in overrides:
+        cmd += ["--set", o]
+    return cmd + list(extra)
+
+
+def _launch_all(jobs: list[tuple[str, list[str], Path]], parallel: int, log=print) -> dict[str, int]:
+    """Run (name, cmd, log_path) jobs, ``parallel`` at a time; returns exit codes."""
+    pending, running, codes = list(jobs), {}, {}
+    while pending or running:
+        while pending and len(running) < parallel:
+            name, cmd, log_path = pending.pop(0)
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            fh = log_path.open("w")
+            running[name] = (subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT), fh, time.perf_counter())
+            log(f"started {name}")
+        for name, (proc, fh, t0) in list(running.items()):
+            if proc.poll() is not None:
+                fh.close()
+                codes[name] = proc.returncode
+                log(f"finished {name} (exit {proc.returncode}, {time.perf_counter() - t0:.0f}s)")
+                del running[name]
+        time.sleep(1.0)
+    return codes
+
+
+def calibrate(data, out: Path, variant, input_size, parallel: int, extra=(), log=print) -> dict:
+    """Seconds per full epoch when ``parallel`` runs share the machine."""
+    jobs = []
+    for i in range(parallel):
+        d = out / "calibration" / f"c{i}"
+        jobs.append((f"calibration-{i}", _train_cmd(data, d, variant, input_size, 2, 100 + i, [],
+                                                   ["--limit-train", "160", "--no-test", *extra]), d / "train.log"))
+    t0 = time.perf_counter()
+    codes = _launch_all(jobs, parallel, log)
+    wall = time.perf_counter() - t0
+    if any(codes.values()):
+        raise RuntimeError(f"calibration runs failed: {codes} (see {out / 'calibration'})")
+    ips, val_s = [], []
+    for i in range(parallel):
+        hist = json.loads((out / "calibration" / f"c{i}" / "metrics.json").read_text())
+        last = hist[-1]  # the second epoch: after cudnn autotuning
+        ips.append(last["train_images_per_s"])
+        val_s.append(last["epoch_seconds"] - 160 / last["train_images_per_s"])
+    n_train = 800
+    epoch_s = n_train / float(np.median(ips)) + float(np.median(val_s))
+    result = {"parallel": parallel, "images_per_s_per_run": float(np.median(ips)),
+              "aggregate_images_per_s": float(np.sum(ips)), "val_seconds": float(np.median(val_s)),
+              "seconds_per_epoch": epoch_s, "calibration_wall_s": wall}
+    (out / "calibration.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+@click.group()
+def main():
+    """The issue-5 improvement protocol (train / evaluate / report)."""
+
+
+@main.command("train")
+@click.option("--data", default="../shared/data/kvasir-seg")
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--variant", default="effisegnet-lite2")
+@click.option("--input-size", type=int, default=None)
+@click.option("--arms", default=",".join(ARMS))
+@click.option("--seeds", default="0,1,2")
+@click.option("--epochs", type=int, default=None, help="Same for every run (or chosen by --time-budget).")
+@click.option("--time-budget", type=float, default=None, help="Seconds for all training; picks --epochs.")
+@click.option("--min-epochs", type=int, default=10)
+@click.option("--max-epochs", type=int, default=100)
+@click.option("--parallel", type=int, default=4, help="Runs at once.")
+@click.option("--extra", multiple=True, help="Extra effiseg-train arguments for every run.")
+def train_cmd(data, out, variant, input_size, arms, seeds, epochs, time_budget, min_epochs, max_epochs, parallel, extra):
+    arm_names = [a for a in arms.split(",") if a]
+    for a in arm_names:
+        if a not in ARMS:
+            raise click.UsageError(f"unknown arm {a!r}; known: {', '.join(ARMS)}")
+    seed_list = [int(s) for s in seeds.split(",")]
+    out.mkdir(parents=True, exist_ok=True)
+    n_runs = len(arm_names) * len(seed_list)
+    parallel = max(1, min(parallel, n_runs))
+    if epochs is None:
+        if time_budget is None:
+            raise click.UsageError("give --epochs or --time-budget")
+        t0 = time.perf_counter()
+        cal = calibrate(data, out, variant, input_size, parallel, extra)
+        left = time_budget - (time.perf_counter() - t0)
+        waves = int(np.ceil(n_runs / parallel))
+        startup_s = 25.0  # process start, data decode, model build, final test evaluation
+        epochs = int((left / waves - startup_s) / cal["seconds_per_epoch"])
+        click.echo(f"calibration: {cal}; {left:.0f}s left for {waves} wave(s) -> {epochs} epochs")
+        epochs = max(min_epochs, min(max_epochs, epochs))
+    plan = {"variant": variant, "input_size": input_size, "arms": {a: ARMS[a] for a in arm_names},
+            "seeds": seed_list, "epochs": epochs, "parallel": parallel, "extra": list(extra)}
+    (out / "plan.json").write_text(json.dumps(plan, indent=2))
+    jobs = []
+    for seed in seed_list:          # seed-major order: every arm gets seed 0 first
+        for arm in arm_names:
+            d = out / "runs" / f"{arm}_s{seed}"
+            jobs.append((f"{arm}_s{seed}", _train_cmd(data, d, variant, input_size, epochs, seed, ARMS[arm], extra),
+                         d / "train.log"))
+    t0 = time.perf_counter()
+    codes = _launch_all(jobs, parallel)
+    plan.update(exit_codes=codes, train_wall_s=time.perf_counter() - t0)
+    (out / "plan.json").write_text(json.dumps(plan, indent=2))
+    if any(codes.values()):
+        click.echo(f"some runs failed: {codes}", err=True)
+        sys.exit(1)
+
+
+def inference_configs() -> list[tuple[float, int]]:
+    """(threshold, min_region_px) pairs: the threshold grid without region removal, and the
+    region-removal grid at the default threshold (a full grid costs time and adds little)."""
+    return [(t, 0) for t in THRESHOLDS] + [(0.5, m) for m in MIN_REGIONS if m > 0]
+
+
+def config_key(tta: bool, threshold: float, min_region: int) -> str:
+    return f"tta={int(tta)},thr={threshold:.2f},minreg={min_region}"
+
+
+PLAIN = config_key(False, 0.5, 0)
+
+
+def evaluate_run(run_dir: Path, data, device: str) -> dict:
+    """Validation/test scores of a run's best checkpoint under each inference-time candidate."""
+    import torch
+    from .checkpoint import load_model
+    from .data import load_split
+    from .evaluate import predict_logits, score_logits
+    dev = torch.device(device)
+    model, cfg = load_model(run_dir / "best.safetensors", device=dev)
+    amp = torch.bfloat16 if dev.type == "cuda" else None
+    out = {"run": run_dir.name, "val": {}, "test": {}}
+    for split in ("validation", "test"):
+        samples = load_split(data, split)
+        out[f"{split}_stems"] = [s.stem for s in samples]
+        for tta in (False, True):
+            logits = predict_logits(model, cfg, [s.image for s in samples], dev, 16, tta, amp)
+            for thr, mr in inference_configs():
+                rows = score_logits(samples, logits, thr, mr)
+                key = config_key(tta, thr, mr)
+                entry = {k: [r[k] for r in rows] for k in ("dice", "iou", "precision", "recall")}
+                if split == "validation":
+                    out["val"][key] = float(np.mean(entry["dice"]))
+                else:
+                    out["test"][key] = entry
+    return out
+
+
+@main.command("evaluate")
+@click.option("--data", default="../shared/data/kvasir-seg")
+@click.option("--out", type=click.Path(path_type=Path, exists=True), required=True)
+@click.option("--device", default="auto")
+@click.option("--parallel", type=int, default=1, help="Runs evaluated at once (separate processes).")
+@click.option("--run", "only_run", default=None, help="Evaluate this one run folder name only.")
+def evaluate_cmd(data, out, device, parallel, only_run):
+    import torch
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dest = out / "evaluations"
+    dest.mkdir(exist_ok=True)
+    runs = [d for d in sorted((out / "runs").iterdir()) if (d / "best.safetensors").exists()]
+    if only_run:
+        runs = [d for d in runs if d.name == only_run]
+        if not runs:
+            raise click.UsageError(f"no run {only_run!r} with a best checkpoint in {out / 'runs'}")
+    if parallel > 1 and len(runs) > 1:
+        jobs = [(f"eval-{d.name}", [sys.executable, "-m", "effiseg.training.protocol", "evaluate", "--data", str(data),
+                                    "--out", str(out), "--device", device, "--run", d.name],
+                 dest / f"{d.name}.log") for d in runs]
+        codes = _launch_all(jobs, parallel)
+        if any(codes.values()):
+            click.echo(f"some evaluations failed: {codes}", err=True)
+            sys.exit(1)
+        return
+    for run_dir in runs:
+        t0 = time.perf_counter()
+        res = evaluate_run(run_dir, data, device)
+        (dest / f"{run_dir.name}.json").write_text(json.dumps(res))
+        click.echo(f"evaluated {run_dir.name} in {time.perf_counter() - t0:.0f}s")
+
+
+@main.command("report")
+@click.option("--out", type=click.Path(path_type=Path, exists=True), required=True)
+@click.option("--n-boot", type=int, default=10000)
+def report_cmd(out, n_boot):
+    from .protocol_report import build_protocol_report
+    path = build_protocol_report(out, n_boot=n_boot)
+    click.echo(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Aggregates a protocol folder (see protocol.py) into protocol_results.json and PROTOCOL.md.
+
+Statistics:
+* Test metrics per arm: mean and standard deviation over seeds of each run's mean-over-images.
+* Choices (arm, TTA, threshold, small-region removal) are made on validation alone: the mean over
+  seeds of validation mean Dice. The test split is read only to report the chosen ones.
+* Gain: per-image test Dice averaged over seeds for each arm, paired by image, and a bootstrap 95%
+  interval of the mean difference (images resampled; ``analysis.stats``).
+* Noise floor: the baseline's spread over seeds, and the interval between two baseline seeds.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .analysis.stats import paired_bootstrap_ci
+from .protocol import PLAIN
+
+METRICS = ("dice", "iou", "precision", "recall")
+
+
+def _arm_seed(run_name: str) -> tuple[str, int]:
+    arm, seed = run_name.rsplit("_s", 1)
+    return arm, int(seed)
+
+
+def load_evaluations(out: Path) -> dict[str, dict[int, dict]]:
+    arms: dict[str, dict[int, dict]] = {}
+    for f in sorted((out / "evaluations").glob("*.json")):
+        ev = json.loads(f.read_text())
+        arm, seed = _arm_seed(ev["run"])
+        arms.setdefault(arm, {})[seed] = ev
+    if not arms:
+        raise FileNotFoundError(f"no evaluations in {out / 'evaluations'}; run the 'evaluate' step first")
+    return arms
+
+
+def _per_image(runs: dict[int, dict], key: str, metric: str = "dice") -> np.ndarray:
+    """seeds x images matrix of a test metric for one inference config."""
+    seeds = sorted(runs)
+    return np.array([runs[s]["test"][key][metric] for s in seeds], dtype=np.float64)
+
+
+def _mean_std(values) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": int(len(v))}
+
+
+def summarize_arm(runs: dict[int, dict], key: str) -> dict:
+    out = {"config": key, "seeds": sorted(runs),
+           "val_dice": _mean_std([runs[s]["val"][key] for s in sorted(runs)])}
+    for m in METRICS:
+        out[f"test_{m}"] = _mean_std(_per_image(runs, key, m).mean(axis=1))
+    return out
+
+
+def best_config_on_val(runs: dict[int, dict], allowed=None) -> str:
+    keys = [k for k in next(iter(runs.values()))["val"] if allowed is None or allowed(k)]
+    return max(keys, key=lambda k: (np.mean([runs[s]["val"][k] for s in runs]), k == PLAIN))
+
+
+def _parse(key: str) -> dict:
+    return {k: float(v) for k, v in (part.split("=") for part in key.split(","))}
+
+
+def build_protocol_report(out: Path, n_boot: int = 10000, baseline: str = "baseline") -> Path:
+    out = Path(out)
+    arms = load_evaluations(out)
+    if baseline not in arms:
+        raise ValueError(f"no '{baseline}' arm in {out}")
+    plan = json.loads((out / "plan.json").read_text()) if (out / "plan.json").exists() else {}
+    stems_ok = {tuple(ev["test_stems"]) for runs in arms.values() for ev in runs.values()}
+    if len(stems_ok) != 1:
+        raise ValueError("runs were evaluated on different test images; cannot pair them")
+    base_runs = arms[baseline]
+    base_img = _per_image(base_runs, PLAIN).mean(axis=0)
+
+    def gain(runs, key):
+        other = _per_image(runs, key).mean(axis=0)
+        return paired_bootstrap_ci(base_img, other, n_boot=n_boot, seed=0)
+
+    results = {"plan": plan, "arms": {}, "inference_candidates_on_baseline": {}}
+    for arm, runs in sorted(arms.items()):
+        plain = summarize_arm(runs, PLAIN)
+        tuned_key = best_config_on_val(runs)
+        tuned = summarize_arm(runs, tuned_key)
+        results["arms"][arm] = {"plain": plain, "tuned": tuned,
+                                "gain_plain_vs_baseline": gain(runs, PLAIN) if arm != baseline else None,
+                                "gain_tuned_vs_baseline": gain(runs, tuned_key),
+                                "per_seed_test_dice_plain": {str(s): float(np.mean(runs[s]["test"][PLAIN]["dice"]))
+                                                             for s in sorted(runs)}}
+    # Each inference-time candidate alone on the baseline, its setting chosen on validation.
+    singles = {
+        "flip TTA": lambda k: _parse(k)["thr"] == 0.5 and _parse(k)["minreg"] == 0,
+        "threshold chosen on validation": lambda k: _parse(k)["tta"] == 0 and _parse(k)["minreg"] == 0,
+        "small-region removal": lambda k: _parse(k)["tta"] == 0 and _parse(k)["thr"] == 0.5,
+    }
+    for name, allowed in singles.items():
+        key = best_config_on_val(base_runs, allowed)
+        results["inference_candidates_on_baseline"][name] = {**summarize_arm(base_runs, key),
+                                                             "gain_vs_baseline": gain(base_runs, key)}
+    # Winner: best mean validation Dice over every arm and inference configuration.
+    cand = [(np.mean([runs[s]["val"][k] for s in runs]), arm, k)
+            for arm, runs in arms.items() for k in next(iter(runs.values()))["val"]]
+    _, win_arm, win_key = max(cand, key=lambda t: (t[0], t[2] == PLAIN))
+    win_runs = arms[win_arm]
+    ship_seed = max(win_runs, key=lambda s: win_runs[s]["val"][win_key])
+    results["winner"] = {"arm": win_arm, "config": win_key, **summarize_arm(win_runs, win_key),
+                         "gain_vs_baseline": gain(win_runs, win_key), "ship_seed": int(ship_seed),
+                         "ship_run": f"{win_arm}_s{ship_seed}",
+                         "ship_run_test_dice": float(np.mean(win_runs[ship_seed]["test"][win_key]["dice"]))}
+    seeds = sorted(base_runs)
+    spread = {"test_dice_per_seed": {str(s): float(np.mean(base_runs[s]["test"][PLAIN]["dice"])) for s in seeds}}
+    if len(seeds) >= 2:
+        a = np.asarray(base_runs[seeds[0]]["test"][PLAIN]["dice"])
+        b = np.asarray(base_runs[seeds[1]]["test"][PLAIN]["dice"])
+        spread["seed0_vs_seed1"] = paired_bootstrap_ci(a, b, n_boot=n_boot, seed=0)
+        vals = list(spread["test_dice_per_seed"].values())
+        spread["range"] = float(max(vals) - min(vals))
+    results["baseline_spread"] = spread
+    (out / "protocol_results.json").write_text(json.dumps(results, indent=2))
+    md = render_markdown(results)
+    path = out / "PROTOCOL.md"
+    path.write_text(md)
+    return path
+
+
+def _ms(d: dict) -> str:
+    return f"{d['mean']:.4f} ± {d['std']:.4f}"
+
+
+def _ci(g: dict | None) -> str:
+    if not g:
+        return "—"
+    return f"{g['mean_diff']:+.4f} [{g['low']:+.4f}, {g['high']:+.4f}]"
+
+
+def render_markdown(r: dict) -> str:
+    plan = r.get("plan", {})
+    lines = ["# Improvement protocol results", ""]
+    if plan:
+        lines += [f"Variant `{plan.get('variant')}`, {plan.get('epochs')} epochs per run, seeds {plan.get('seeds')}, "
+                  f"{plan.get('parallel')} runs at a time. Choices made on validation; test read once for the report.", ""]
+    lines += ["## Arms (test split; mean ± sd over seeds; gain = paired bootstrap 95% CI of per-image Dice vs baseline)", "",
+              "| arm | inference | val Dice | test Dice | test IoU | test precision | test recall | ΔDice vs baseline [95% CI] |",
+              "|---|---|---|---|---|---|---|---|"]
+    for arm, a in r["arms"].items():
+        for kind in ("plain", "tuned"):
+            s = a[kind]
+            g = a["gain_plain_vs_baseline"] if kind == "plain" else a["gain_tuned_vs_baseline"]
+            lines.append(f"| {arm} | `{s['config']}` | {_ms(s['val_dice'])} | {_ms(s['test_dice'])} | {_ms(s['test_iou'])} | "
+                         f"{_ms(s['test_precision'])} | {_ms(s['test_recall'])} | {_ci(g)} |")
+    lines += ["", "## Inference-time candidates alone, on the baseline", "",
+              "| candidate | chosen on validation | val Dice | test Dice | ΔDice [95% CI] |", "|---|---|---|---|---|"]
+    for name, s in r["inference_candidates_on_baseline"].items():
+        lines.append(f"| {name} | `{s['config']}` | {_ms(s['val_dice'])} | {_ms(s['test_dice'])} | {_ci(s['gain_vs_baseline'])} |")
+    w = r["winner"]
+    lines += ["", "## Winner (chosen on validation)", "",
+              f"Arm **{w['arm']}** with `{w['config']}`: test Dice {_ms(w['test_dice'])}, IoU {_ms(w['test_iou'])}, "
+              f"precision {_ms(w['test_precision'])}, recall {_ms(w['test_recall'])}; "
+              f"ΔDice vs baseline {_ci(w['gain_vs_baseline'])}. Shipped run: `{w['ship_run']}` "
+              f"(best validation Dice among its seeds; its test Dice {w['ship_run_test_dice']:.4f}).", ""]
+    sp = r["baseline_spread"]
+    lines += ["## Run-to-run spread of the baseline", "",
+              "Test Dice per seed: " + ", ".join(f"seed {k}: {v:.4f}" for k, v in sp["test_dice_per_seed"].items()) + "."]
+    if "range" in sp:
+        lines.append(f"Range {sp['range']:.4f}; seed 1 vs seed 0 per-image ΔDice {_ci(sp['seed0_vs_seed1'])} — "
+                     "the size of difference that identical recipes produce by chance.")
+    lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,329 @@
+"""The trainer: data and augmentation stay on the device; one run = one self-describing folder.
+
+A run folder holds ``run_config.json`` (everything needed to repeat it), ``metrics.csv`` and
+``metrics.json`` (one row per epoch), ``best.safetensors/.json`` (best validation Dice),
+``last.safetensors/.json``, ``resume_state.pt`` (optimiser, scheduler, random states, epoch) and,
+at the end, ``test_metrics.json`` with per-image CSVs for both checkpoints.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .augment import AugmentConfig, augment_batch
+from .checkpoint import effiseg_version, load_model, model_config, save_checkpoint
+from .data import load_split, stack_samples
+from .evaluate import evaluate_samples, write_json, write_rows_csv
+from .losses import LossConfig, total_loss
+from .model import build_model
+from .variants import get_variant
+
+
+@dataclass
+class TrainConfig:
+    data_root: str = "../shared/data/kvasir-seg"
+    variant: str = "effisegnet-lite2"
+    input_size: int | None = None
+    epochs: int = 100
+    batch_size: int = 8
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    weight_decay: float = 1e-2
+    seed: int = 0
+    device: str = "auto"
+    deterministic: bool = False
+    amp: str = "auto"            # auto | bf16 | fp16 | off
+    channels_last: bool = True   # CUDA only
+    pretrained: bool = True
+    decoder_channels: int | None = None
+    deep_supervision: bool = False
+    threshold: float = 0.5
+    eval_test: bool = True
+    limit_train: int | None = None   # use only the first N images (tests, smoke runs)
+    limit_val: int | None = None
+    limit_test: int | None = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    tag: str = ""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        d["augment"] = AugmentConfig.from_dict(d.get("augment", {}))
+        d["loss"] = LossConfig(**d.get("loss", {}))
+        return cls(**d)
+
+    def apply_overrides(self, overrides: list[str]) -> None:
+        """``section.key=value`` or ``key=value`` (values parsed as JSON when possible)."""
+        for item in overrides:
+            if "=" not in item:
+                raise ValueError(f"override {item!r} is not key=value")
+            key, raw = item.split("=", 1)
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+            target = self
+            parts = key.split(".")
+            for p in parts[:-1]:
+                target = getattr(target, p)
+            if not hasattr(target, parts[-1]):
+                raise ValueError(f"unknown setting {key!r}")
+            if isinstance(getattr(target, parts[-1]), tuple) and isinstance(value, list):
+                value = tuple(value)
+            setattr(target, parts[-1], value)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
+    return dev
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda" or amp == "off":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        return torch.float16
+    major, _ = torch.cuda.get_device_capability(device)
+    if major >= 8:
+        return torch.bfloat16
+    if major >= 7:
+        return torch.float16
+    return None  # Maxwell/Pascal: no fast half precision, mixed precision would only cost
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, out_dir: str | Path, progress: bool = True, log=print):
+        self.out = Path(out_dir)
+        self.progress = progress
+        self.log = log
+        self._configure(cfg)
+
+    def _configure(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.variant = get_variant(cfg.variant)
+        self.size = int(cfg.input_size or self.variant.input_size)
+        self.device = resolve_device(cfg.device)
+        self.amp_dtype = resolve_amp(cfg.amp, self.device)
+
+    # ------------------------------------------------------------------ setup
+    def _model_config(self, **extra) -> dict:
+        return model_config(self.cfg.variant, input_size=self.size, decoder_channels=self.cfg.decoder_channels,
+                            deep_supervision=self.cfg.deep_supervision, threshold=self.cfg.threshold, **extra)
+
+    def _load_data(self):
+        c = self.cfg
+        train = load_split(c.data_root, "train", c.limit_train)
+        val = load_split(c.data_root, "validation", c.limit_val)
+        test = load_split(c.data_root, "test", c.limit_test) if c.eval_test else []
+        images, masks = stack_samples(train, self.size)
+        # The decoded training set lives on the device (800 x 352 x 352 x 3 bytes is ~300 MB).
+        self.train_images = torch.from_numpy(images).to(self.device)
+        self.train_masks = torch.from_numpy(masks).to(self.device)
+        self.val_samples, self.test_samples = val, test
+        self.log(f"data: {len(train)} train, {len(val)} validation, {len(test)} test images "
+                 f"at {self.size}x{self.size} on {self.device}")
+
+    def _build(self):
+        c = self.cfg
+        self.model = build_model(c.variant, pretrained=c.pretrained, ch=c.decoder_channels,
+                                 deep_supervision=c.deep_supervision).to(self.device)
+        if self.device.type == "cuda" and c.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        fused = self.device.type == "cuda"
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay,
+                                     **({"fused": True} if fused else {}))
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(1, c.epochs), eta_min=c.min_lr)
+        self.shuffle_gen = torch.Generator().manual_seed(c.seed)
+        self.aug_gen = torch.Generator(device=self.device).manual_seed(c.seed + 1)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+
+    # ------------------------------------------------------------------ state
+    def _state(self, epoch: int, best: float, best_epoch: int, history: list[dict]) -> dict:
+        return {
+            "epoch": epoch, "best_val_dice": best, "best_epoch": best_epoch, "history": history,
+            "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "shuffle_gen": self.shuffle_gen.get_state(), "aug_gen": self.aug_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+            "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+        }
+
+    def _restore(self, st: dict) -> None:
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.sched.load_state_dict(st["scheduler"])
+        self.shuffle_gen.set_state(st["shuffle_gen"])
+        self.aug_gen.set_state(st["aug_gen"])
+        torch.set_rng_state(st["torch_rng"])
+        if st.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(st["cuda_rng"])
+        np.random.set_state(st["numpy_rng"])
+        random.setstate(st["python_rng"])
+        if self.scaler and st.get("scaler"):
+            self.scaler.load_state_dict(st["scaler"])
+
+    # ------------------------------------------------------------------ loop
+    def _train_epoch(self) -> tuple[float, float]:
+        c = self.cfg
+        self.model.train()
+        n = self.train_images.shape[0]
+        order = torch.randperm(n, generator=self.shuffle_gen).to(self.device)
+        total, steps = torch.zeros((), device=self.device), 0
+        t0 = time.perf_counter()
+        for start in range(0, n, c.batch_size):
+            idx = order[start:start + c.batch_size]
+            if idx.numel() < 2:  # BatchNorm needs two samples
+                continue
+            images = self.train_images[idx].float().div_(255.0)
+            masks = self.train_masks[idx].float()
+            images, masks = augment_batch(images, masks, c.augment, generator=self.aug_gen)
+            mean = torch.tensor(self.variant.mean, device=self.device).view(1, 3, 1, 1)
+            std = torch.tensor(self.variant.std, device=self.device).view(1, 3, 1, 1)
+            x = (images - mean) / std
+            if self.device.type == "cuda" and c.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype or torch.bfloat16,
+                                enabled=self.amp_dtype is not None):
+                out = self.model(x)
+            loss = total_loss(out, masks, c.loss)
+            self.opt.zero_grad(set_to_none=True)
+            if self.scaler:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.opt)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.opt.step()
+            total += loss.detach()
+            steps += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - t0
+        return float(total.item() / max(steps, 1)), n / max(elapsed, 1e-9)
+
+    def _evaluate(self, samples, threshold=None):
+        summary, rows, _ = evaluate_samples(self.model, self._model_config(), samples, self.device,
+                                            batch_size=16, threshold=threshold, amp_dtype=self.amp_dtype)
+        return summary, rows
+
+    def fit(self, resume: bool = False, stop_after_epochs: int | None = None) -> dict:
+        """Train to ``cfg.epochs``; ``stop_after_epochs`` ends this session early (resumable),
+        e.g. to split a long CPU training over several sittings."""
+        c = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        state_path = self.out / "resume_state.pt"
+        cfg_path = self.out / "run_config.json"
+        if resume:
+            if not state_path.exists():
+                raise FileNotFoundError(f"--resume: {state_path} not found (nothing to resume in {self.out})")
+            saved = json.loads(cfg_path.read_text())
+            self._configure(TrainConfig.from_dict(saved["train"]))
+            c = self.cfg
+        seed_everything(c.seed, c.deterministic)
+        self._load_data()
+        self._build()
+        start_epoch, best, best_epoch, history = 0, -1.0, -1, []
+        if resume:
+            st = torch.load(state_path, map_location=self.device, weights_only=False)
+            self._restore(st)
+            start_epoch, best, best_epoch, history = st["epoch"], st["best_val_dice"], st["best_epoch"], st["history"]
+            self.log(f"resuming {self.out} at epoch {start_epoch}/{c.epochs}")
+        else:
+            write_json(cfg_path, {"train": c.to_dict(), "model": self._model_config(),
+                                  "effiseg_version": effiseg_version(), "device": str(self.device),
+                                  "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+                                  "torch": torch.__version__})
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=c.epochs, initial=start_epoch, desc=f"train {c.variant}", unit="epoch", dynamic_ncols=True)
+        t_run = time.perf_counter()
+        end_epoch = c.epochs if stop_after_epochs is None else min(c.epochs, start_epoch + stop_after_epochs)
+        for epoch in range(start_epoch, end_epoch):
+            t0 = time.perf_counter()
+            loss, ips = self._train_epoch()
+            lr = self.opt.param_groups[0]["lr"]
+            self.sched.step()
+            val, _ = self._evaluate(self.val_samples)
+            row = {"epoch": epoch + 1, "train_loss": loss, "val_dice": val["mean_dice"], "val_iou": val["mean_iou"],
+                   "lr": lr, "train_images_per_s": ips, "epoch_seconds": time.perf_counter() - t0}
+            history.append(row)
+            if val["mean_dice"] > best:
+                best, best_epoch = val["mean_dice"], epoch + 1
+                save_checkpoint(self.out, self.model, self._model_config(best_epoch=best_epoch, val_metrics=val), stem="best")
+            save_checkpoint(self.out, self.model, self._model_config(epoch=epoch + 1, val_metrics=val), stem="last")
+            self._write_history(history)
+            # Resume state last: a crash before this line repeats the epoch, it never skips one.
+            tmp = state_path.with_suffix(".tmp")
+            torch.save(self._state(epoch + 1, best, best_epoch, history), tmp)
+            tmp.replace(state_path)
+            if bar:
+                bar.set_postfix(loss=f"{loss:.4f}", val_dice=f"{val['mean_dice']:.4f}", best=f"{best:.4f}", img_s=f"{ips:.0f}")
+                bar.update(1)
+            else:
+                self.log(f"epoch {epoch + 1}/{c.epochs} loss {loss:.4f} val_dice {val['mean_dice']:.4f} "
+                         f"best {best:.4f} ({ips:.0f} img/s)")
+        if bar:
+            bar.close()
+        if end_epoch < c.epochs:
+            self.log(f"stopped after epoch {end_epoch}/{c.epochs}; continue with --resume {self.out}")
+            return {"stopped_at_epoch": end_epoch, "epochs": c.epochs, "best_val_dice": best, "best_epoch": best_epoch}
+        result = {"best_epoch": best_epoch, "best_val_dice": best, "epochs": c.epochs,
+                  "train_seconds_this_session": time.perf_counter() - t_run,
+                  "mean_train_images_per_s": float(np.mean([h["train_images_per_s"] for h in history])) if history else None}
+        if c.eval_test and self.test_samples:
+            result["test"] = self.evaluate_checkpoints()
+        write_json(self.out / "result.json", result)
+        return result
+
+    def _write_history(self, history: list[dict]) -> None:
+        write_json(self.out / "metrics.json", history)
+        with (self.out / "metrics.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(history[0]))
+            w.writeheader()
+            w.writerows(history)
+
+    def evaluate_checkpoints(self) -> dict:
+        out = {}
+        for stem in ("best", "last"):
+            model, mcfg = load_model(self.out / f"{stem}.safetensors", device=self.device)
+            summary, rows, _ = evaluate_samples(model, mcfg, self.test_samples, self.device, batch_size=16,
+                                                amp_dtype=self.amp_dtype)
+            write_rows_csv(self.out / f"test_per_image_{stem}.csv", rows)
+            out[stem] = summary
+        write_json(self.out / "test_metrics.json", out)
+        return out
