@@ -81,8 +81,9 @@ def train_command(data_root, variant, input_size, epochs, batch_size, lr, min_lr
 @click.option("--device", default="auto")
 @click.option("--batch-size", type=int, default=8)
 @click.option("--threshold", type=float, default=None, help="Probability threshold (default: the checkpoint's).")
-@click.option("--tta", is_flag=True, help="Flip test-time augmentation (average of 4 flips).")
-@click.option("--min-region", type=int, default=0, help="Remove predicted regions smaller than N pixels.")
+@click.option("--tta/--no-tta", default=None, help="Flip test-time augmentation (default: the checkpoint's setting).")
+@click.option("--min-region", type=int, default=None,
+              help="Remove predicted regions smaller than N pixels (default: the checkpoint's setting, else 0).")
 @click.option("--output", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Folder for metrics.json and per_image.csv (default: <checkpoint dir>/eval-<split>).")
 @click.option("--save-masks", is_flag=True, help="Also write predicted masks as PNG.")
@@ -96,6 +97,8 @@ def eval_command(checkpoint, data_root, split, device, batch_size, threshold, tt
         dev = resolve_device(device)
         model, cfg = load_model(checkpoint, device=dev)
         samples = load_split(data_root, None if split == "none" else split)
+        tta = bool(cfg.get("tta", False)) if tta is None else tta
+        min_region = int(cfg.get("min_region_px", 0)) if min_region is None else min_region
         t0 = time.perf_counter()
         summary, rows, logits = evaluate_samples(model, cfg, samples, dev, batch_size, threshold, tta, min_region)
     except (FileNotFoundError, DatasetError, ValueError, KeyError, RuntimeError) as e:
@@ -112,3 +115,31 @@ def eval_command(checkpoint, data_root, split, device, batch_size, threshold, tt
                f"mIoU {summary['mean_iou']:.4f}  precision {summary['mean_precision']:.4f}  "
                f"recall {summary['mean_recall']:.4f}  F1(pooled) {summary['f1_pooled']:.4f}")
     click.echo(f"wrote {out / 'metrics.json'} and {out / 'per_image.csv'}")
+
+
+@click.command(context_settings={"show_default": True})
+@click.argument("checkpoint", type=click.Path(path_type=Path, exists=True))
+@click.option("--output", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Folder to write (config.json, model.safetensors, README.md).")
+@click.option("--data", "data_root", default=DEFAULT_DATA, help="Kvasir-SEG root; the card's metrics are measured on it.")
+@click.option("--provenance", type=click.Path(path_type=Path, exists=True), default=None,
+              help="JSON of training facts for the card (data, recipe, epochs, seed, hardware, wall time).")
+@click.option("--protocol-summary", type=click.Path(path_type=Path, exists=True), default=None,
+              help="A Markdown file summarising the multi-seed evidence.")
+@click.option("--threshold", type=float, default=None)
+@click.option("--tta/--no-tta", default=None)
+@click.option("--min-region", type=int, default=None)
+@click.option("--device", default="auto")
+def model_card_command(checkpoint, out_dir, data_root, provenance, protocol_summary, threshold, tta, min_region, device):
+    """Write a publishable model folder (Hugging Face layout) with a measured model card."""
+    from .model_card import make_model_folder
+    from .trainer import resolve_device
+    settings = {k: v for k, v in (("threshold", threshold), ("tta", tta), ("min_region_px", min_region)) if v is not None}
+    prov = json.loads(Path(provenance).read_text()) if provenance else {}
+    proto = {"summary": Path(protocol_summary).read_text()} if protocol_summary else None
+    try:
+        out = make_model_folder(checkpoint, out_dir, data_root, prov, proto, settings, str(resolve_device(device)))
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    click.echo(f"wrote {out} (config.json, model.safetensors, README.md); upload with: huggingface-cli upload <repo> {out}")

@@ -84,7 +84,7 @@ def calibrate(data, out: Path, variant, input_size, parallel: int, extra=(), log
         hist = json.loads((out / "calibration" / f"c{i}" / "metrics.json").read_text())
         last = hist[-1]  # the second epoch: after cudnn autotuning
         ips.append(last["train_images_per_s"])
-        val_s.append(last["epoch_seconds"] - 160 / last["train_images_per_s"])
+        val_s.append(max(0.0, last["epoch_seconds"] - last.get("train_images", 160) / last["train_images_per_s"]))
     n_train = 800
     epoch_s = n_train / float(np.median(ips)) + float(np.median(val_s))
     result = {"parallel": parallel, "images_per_s_per_run": float(np.median(ips)),
@@ -163,7 +163,7 @@ def config_key(tta: bool, threshold: float, min_region: int) -> str:
 PLAIN = config_key(False, 0.5, 0)
 
 
-def evaluate_run(run_dir: Path, data, device: str) -> dict:
+def evaluate_run(run_dir: Path, data, device: str, limit: int | None = None) -> dict:
     """Validation/test scores of a run's best checkpoint under each inference-time candidate."""
     import torch
     from .checkpoint import load_model
@@ -174,7 +174,7 @@ def evaluate_run(run_dir: Path, data, device: str) -> dict:
     amp = torch.bfloat16 if dev.type == "cuda" else None
     out = {"run": run_dir.name, "val": {}, "test": {}}
     for split in ("validation", "test"):
-        samples = load_split(data, split)
+        samples = load_split(data, split, limit)
         out[f"{split}_stems"] = [s.stem for s in samples]
         for tta in (False, True):
             logits = predict_logits(model, cfg, [s.image for s in samples], dev, 16, tta, amp)
@@ -195,7 +195,8 @@ def evaluate_run(run_dir: Path, data, device: str) -> dict:
 @click.option("--device", default="auto")
 @click.option("--parallel", type=int, default=1, help="Runs evaluated at once (separate processes).")
 @click.option("--run", "only_run", default=None, help="Evaluate this one run folder name only.")
-def evaluate_cmd(data, out, device, parallel, only_run):
+@click.option("--limit", type=int, default=None, help="Only the first N images of each split (smoke tests).")
+def evaluate_cmd(data, out, device, parallel, only_run, limit):
     import torch
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -208,7 +209,8 @@ def evaluate_cmd(data, out, device, parallel, only_run):
             raise click.UsageError(f"no run {only_run!r} with a best checkpoint in {out / 'runs'}")
     if parallel > 1 and len(runs) > 1:
         jobs = [(f"eval-{d.name}", [sys.executable, "-m", "effiseg.training.protocol", "evaluate", "--data", str(data),
-                                    "--out", str(out), "--device", device, "--run", d.name],
+                                    "--out", str(out), "--device", device, "--run", d.name,
+                                    *(["--limit", str(limit)] if limit else [])],
                  dest / f"{d.name}.log") for d in runs]
         codes = _launch_all(jobs, parallel)
         if any(codes.values()):
@@ -217,7 +219,7 @@ def evaluate_cmd(data, out, device, parallel, only_run):
         return
     for run_dir in runs:
         t0 = time.perf_counter()
-        res = evaluate_run(run_dir, data, device)
+        res = evaluate_run(run_dir, data, device, limit)
         (dest / f"{run_dir.name}.json").write_text(json.dumps(res))
         click.echo(f"evaluated {run_dir.name} in {time.perf_counter() - t0:.0f}s")
 

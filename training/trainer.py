@@ -280,7 +280,7 @@ class Trainer:
             self.sched.step()
             val, _ = self._evaluate(self.val_samples)
             row = {"epoch": epoch + 1, "train_loss": loss, "val_dice": val["mean_dice"], "val_iou": val["mean_iou"],
-                   "lr": lr, "train_images_per_s": ips, "epoch_seconds": time.perf_counter() - t0}
+                   "lr": lr, "train_images": int(self.train_images.shape[0]), "train_images_per_s": ips, "epoch_seconds": time.perf_counter() - t0}
             history.append(row)
             if val["mean_dice"] > best:
                 best, best_epoch = val["mean_dice"], epoch + 1
