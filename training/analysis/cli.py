@@ -22,24 +22,28 @@ def _progress(desc: str):
 @click.argument("checkpoint", type=click.Path(path_type=Path, exists=True), required=False)
 @click.option("--data", "data_root", default=DEFAULT_DATA,
               help="Dataset root (with --split) or an images/+masks/ folder (with --split none).")
-@click.option("--split", default="test", help="train, validation, test, or 'none' to read --data/images and --data/masks.")
+@click.option("--split", default="test",
+              help="train, validation, test, or 'none' to read --data/images and --data/masks.")
 @click.option("--sweep-split", default="validation",
               help="Split whose predictions feed the threshold sweep; 'none' sweeps the analysed images "
                    "(never choose a threshold on test).")
 @click.option("--probabilities", "prob_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               default=None, help="Analyse probability maps saved earlier (.npz from --save-probabilities) "
                                  "instead of running CHECKPOINT.")
-@click.option("--sweep-probabilities", "sweep_prob_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-              default=None, help="With --probabilities: saved maps of the --sweep-split images.")
+@click.option("--sweep-probabilities", "sweep_prob_file",
+              type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="With --probabilities: saved maps of the --sweep-split images.")
 @click.option("--save-probabilities", "save_prob_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Write the analysed images' probability maps (float16 .npz) for re-analysis elsewhere; the "
                    "sweep split's go beside it with a '-<split>' suffix.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch-size", type=int, default=8)
-@click.option("--threshold", type=float, default=None, help="Probability threshold (default: the checkpoint's, else 0.5).")
+@click.option("--threshold", type=float, default=None,
+              help="Probability threshold (default: the checkpoint's, else 0.5).")
 @click.option("--tta", is_flag=True, help="Flip test-time augmentation (average of 4 flips).")
 @click.option("--cases", "n_cases", type=int, default=8, help="Worst cases drawn as panels in the report.")
-@click.option("--boundary-px", type=float, default=5.0, help="Errors within this many pixels of the true boundary are boundary errors.")
+@click.option("--boundary-px", type=float, default=5.0,
+              help="Errors within this many pixels of the true boundary are boundary errors.")
 @click.option("--worst-fraction", type=float, default=0.1, help="Share of images (lowest Dice) compared with the rest.")
 @click.option("--output", "out_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Report folder (default: <checkpoint dir>/analysis-<split>).")

@@ -233,7 +233,8 @@ def render_markdown(result: AnalysisResult, figures: dict[str, str], title: str)
             about.append(f"{key} `{meta[key]}`")
     lines += ["Setup: " + ", ".join(about) + ".", "",
               "Files beside this report: `per_image.csv` / `per_image.json` (every metric and attribute per "
-              "image), `analysis.json` (all tables below). Definitions: `effiseg/training/analysis/attributes.py`.", ""]
+              "image), `analysis.json` (all tables below). Definitions: `training/analysis/attributes.py` "
+              "(package `effiseg.training.analysis`).", ""]
     lines += ["## Summary", "",
               "| mean Dice | mean IoU | mean precision | mean recall | pooled F1 |", "|---|---|---|---|---|",
               f"| {_f(s['mean_dice'])} | {_f(s['mean_iou'])} | {_f(s['mean_precision'])} | {_f(s['mean_recall'])} | "
@@ -256,9 +257,10 @@ def render_markdown(result: AnalysisResult, figures: dict[str, str], title: str)
     lines += ["## What goes with the worst cases", "",
               f"Worst {w['n_worst']} images by Dice (Dice <= {_f(w['dice_cutoff'], 3)}) against the other "
               f"{w['n_rest']}; Spearman rank correlation of each attribute with Dice over all images, strongest "
-              "first (input attributes, then outcomes). *Input* attributes describe the image and its ground truth (candidate causes); *outcome* "
-              "rows describe the errors themselves.", "",
-              "| attribute | kind | mean, worst | mean, rest | Spearman rho with Dice | p |", "|---|---|---|---|---|---|"]
+              "first (input attributes, then outcomes). *Input* attributes describe the image and its ground "
+              "truth (candidate causes); *outcome* rows describe the errors themselves.", "",
+              "| attribute | kind | mean, worst | mean, rest | Spearman rho with Dice | p |",
+              "|---|---|---|---|---|---|"]
     for t in w["attributes"]:
         lines.append(f"| {t['label']} (`{t['attribute']}`) | {t['kind']} | {_f(t['mean_worst'])} | "
                      f"{_f(t['mean_rest'])} | {_f(t['spearman_rho'], 3)} | {_f(t['spearman_p'], 3)} |")

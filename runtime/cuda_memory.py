@@ -1,0 +1,400 @@
+"""Device memory, pinned host memory, streams and events for the GPU backends, without PyTorch.
+
+Two Python bindings of CUDA are supported, tried in this order by :func:`open_cuda`:
+
+* **cuda-python** (``cuda.bindings.runtime``; ``cuda.cudart`` in releases before 12.6): NVIDIA's
+  official bindings, shipped as wheels for Windows and Linux, so nothing is compiled on install.
+  cuda-python 13.x needs a CUDA 13 driver, and CUDA 13 no longer supports Maxwell/Pascal/Volta:
+  on those GPUs (and with TensorRT 8.6) install ``cuda-python>=12,<13``.
+* **pycuda**, where it is already installed (it usually has to be compiled, hence second choice).
+
+Every failing call raises :class:`CudaError` naming the call and CUDA's error name and text.
+
+The CUDA runtime's *current device is per host thread*. :meth:`CudaApi.activate` makes this
+object's device current in the calling thread; a backend calls it at the top of every method that
+a pipeline thread may call, because a thread that never called it would otherwise work on device 0.
+
+Nothing here imports a binding at module import time: ``import effiseg.runtime.cuda_memory`` works
+on a machine without CUDA.
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+INSTALL_HINT = ("pip install 'effiseg[trt]' (installs cuda-python; use cuda-python>=12,<13 for "
+                "Maxwell/Pascal/Volta GPUs and drivers older than CUDA 13), or install pycuda")
+
+
+class CudaError(RuntimeError):
+    """A CUDA call failed; the message names the call and CUDA's error."""
+
+
+class CudaUnavailable(ImportError):
+    """No CUDA binding (cuda-python or pycuda) can be imported."""
+
+
+def parse_cuda_device(device: str | int) -> int:
+    """``"cuda"`` -> 0, ``"cuda:1"`` -> 1, ``1`` -> 1; anything else is a ValueError."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        index = device
+    else:
+        text = str(device).strip().lower()
+        if text == "cuda":
+            return 0
+        prefix, _, number = text.partition(":")
+        if prefix != "cuda" or not number.isdigit():
+            raise ValueError(f"not a CUDA device: {device!r} (expected 'cuda' or 'cuda:N')")
+        index = int(number)
+    if index < 0:
+        raise ValueError(f"CUDA device index must be >= 0, got {device!r}")
+    return index
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    index: int
+    name: str
+    compute_capability: tuple[int, int]
+    total_memory: int
+
+    @property
+    def cc_string(self) -> str:
+        return f"{self.compute_capability[0]}.{self.compute_capability[1]}"
+
+
+class HostBuffer:
+    """Page-locked host memory seen as a numpy array (``array``). The array must not be used after
+    :meth:`free`: it points at released memory."""
+
+    def __init__(self, array: np.ndarray, ptr: int, release):
+        self.array = array
+        self.ptr = ptr
+        self.nbytes = array.nbytes
+        self._release = release
+
+    def free(self) -> None:
+        release, self._release = self._release, None
+        self.array = None
+        if release is not None:
+            release()
+
+
+class DeviceBuffer:
+    def __init__(self, ptr: int, nbytes: int, release):
+        self.ptr = ptr
+        self.nbytes = nbytes
+        self._release = release
+
+    def free(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+            self.ptr = 0
+
+
+class Stream:
+    """A CUDA stream; ``handle`` is the integer TensorRT's ``execute_async_v3`` expects."""
+
+    def __init__(self, raw, handle: int, synchronize, release):
+        self.raw = raw
+        self.handle = handle
+        self._synchronize = synchronize
+        self._release = release
+
+    def synchronize(self) -> None:
+        self._synchronize()
+
+    def free(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
+class Event:
+    def __init__(self, raw, record, synchronize, release):
+        self.raw = raw
+        self._record = record
+        self._synchronize = synchronize
+        self._release = release
+
+    def record(self, stream: Stream) -> None:
+        self._record(stream)
+
+    def synchronize(self) -> None:
+        self._synchronize()
+
+    def free(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
+def _contiguous(array: np.ndarray, what: str) -> np.ndarray:
+    if not array.flags.c_contiguous:
+        raise ValueError(f"{what}: the host array must be C-contiguous")
+    return array
+
+
+class CudaApi:
+    """The operations the GPU backends need, on one device. Subclasses bind a CUDA binding."""
+
+    binding: str = "none"
+
+    def __init__(self, device_index: int):
+        self.device_index = device_index
+
+    # The methods below are implemented by each binding.
+    def activate(self) -> None:
+        raise NotImplementedError
+
+    def device_count(self) -> int:
+        raise NotImplementedError
+
+    def device_info(self) -> DeviceInfo:
+        raise NotImplementedError
+
+    def alloc_host(self, shape, dtype) -> HostBuffer:
+        raise NotImplementedError
+
+    def alloc_device(self, nbytes: int) -> DeviceBuffer:
+        raise NotImplementedError
+
+    def create_stream(self) -> Stream:
+        raise NotImplementedError
+
+    def create_event(self) -> Event:
+        raise NotImplementedError
+
+    def copy_to_device_async(self, dst: DeviceBuffer, src: np.ndarray, stream: Stream) -> None:
+        raise NotImplementedError
+
+    def copy_to_host_async(self, dst: np.ndarray, src: DeviceBuffer, stream: Stream) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+# -- cuda-python --------------------------------------------------------------------------------
+
+def check_cuda_result(runtime, result, what: str):
+    """Unwrap a cuda-python return tuple ``(err,)`` / ``(err, value)`` / ``(err, v1, v2, ...)``:
+    raise CudaError unless ``err`` is cudaSuccess, else return None / value / the values."""
+    if not isinstance(result, tuple) or not result:
+        raise CudaError(f"{what}: unexpected cuda-python result {result!r}")
+    err, values = result[0], result[1:]
+    if int(err) != 0:
+        raise CudaError(f"{what} failed: {describe_cuda_error(runtime, err)}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
+
+
+def describe_cuda_error(runtime, err) -> str:
+    name = getattr(err, "name", None) or f"error {int(err)}"
+    text = ""
+    try:
+        status, raw = runtime.cudaGetErrorString(err)
+        if int(status) == 0:
+            text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+    except Exception:  # the description is a courtesy; the error name is enough
+        pass
+    message = f"{name} ({text})" if text else name
+    if "InsufficientDriver" in name:
+        message += (". This cuda-python release needs a newer NVIDIA driver; with an older driver "
+                    "(or a Maxwell/Pascal/Volta GPU) install the cuda-python 12.x release that "
+                    "matches your CUDA version")
+    elif "NoDevice" in name:
+        message += ". No CUDA GPU is visible (check the driver and CUDA_VISIBLE_DEVICES)"
+    return message
+
+
+def _import_cuda_python_runtime():
+    try:
+        from cuda.bindings import runtime  # cuda-python >= 12.6
+        return runtime
+    except ImportError:
+        pass
+    from cuda import cudart  # older cuda-python; raises ImportError when absent
+    return cudart
+
+
+class CudaPythonApi(CudaApi):
+    binding = "cuda-python"
+
+    def __init__(self, device_index: int, runtime=None):
+        super().__init__(device_index)
+        self.rt = runtime if runtime is not None else _import_cuda_python_runtime()
+
+    def _call(self, what: str, result):
+        return check_cuda_result(self.rt, result, what)
+
+    def activate(self) -> None:
+        self._call(f"cudaSetDevice({self.device_index})", self.rt.cudaSetDevice(self.device_index))
+
+    def device_count(self) -> int:
+        return int(self._call("cudaGetDeviceCount", self.rt.cudaGetDeviceCount()))
+
+    def device_info(self) -> DeviceInfo:
+        count = self.device_count()
+        if self.device_index >= count:
+            raise CudaError(f"CUDA device {self.device_index} does not exist "
+                            f"({count} device(s) visible)")
+        prop = self._call(f"cudaGetDeviceProperties({self.device_index})",
+                          self.rt.cudaGetDeviceProperties(self.device_index))
+        name = prop.name
+        if isinstance(name, (bytes, bytearray)):
+            name = bytes(name).split(b"\0", 1)[0].decode(errors="replace")
+        return DeviceInfo(self.device_index, str(name).strip(), (int(prop.major), int(prop.minor)),
+                          int(prop.totalGlobalMem))
+
+    def alloc_host(self, shape, dtype) -> HostBuffer:
+        dtype = np.dtype(dtype)
+        shape = tuple(int(s) for s in shape)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        ptr = int(self._call(f"cudaMallocHost({nbytes})", self.rt.cudaMallocHost(max(nbytes, 1))))
+        raw = (ctypes.c_uint8 * max(nbytes, 1)).from_address(ptr)
+        array = np.frombuffer(raw, dtype=np.uint8, count=nbytes).view(dtype).reshape(shape)
+        return HostBuffer(array, ptr, lambda: self._call("cudaFreeHost", self.rt.cudaFreeHost(ptr)))
+
+    def alloc_device(self, nbytes: int) -> DeviceBuffer:
+        nbytes = int(nbytes)
+        ptr = int(self._call(f"cudaMalloc({nbytes})", self.rt.cudaMalloc(max(nbytes, 1))))
+        return DeviceBuffer(ptr, nbytes, lambda: self._call("cudaFree", self.rt.cudaFree(ptr)))
+
+    def create_stream(self) -> Stream:
+        # Non-blocking: the slots' streams must not serialise against the legacy default stream.
+        raw = self._call("cudaStreamCreateWithFlags",
+                         self.rt.cudaStreamCreateWithFlags(self.rt.cudaStreamNonBlocking))
+        return Stream(raw, int(raw),
+                      lambda: self._call("cudaStreamSynchronize", self.rt.cudaStreamSynchronize(raw)),
+                      lambda: self._call("cudaStreamDestroy", self.rt.cudaStreamDestroy(raw)))
+
+    def create_event(self) -> Event:
+        raw = self._call("cudaEventCreateWithFlags",
+                         self.rt.cudaEventCreateWithFlags(self.rt.cudaEventDisableTiming))
+        return Event(raw,
+                     lambda stream: self._call("cudaEventRecord", self.rt.cudaEventRecord(raw, stream.raw)),
+                     lambda: self._call("cudaEventSynchronize", self.rt.cudaEventSynchronize(raw)),
+                     lambda: self._call("cudaEventDestroy", self.rt.cudaEventDestroy(raw)))
+
+    def copy_to_device_async(self, dst: DeviceBuffer, src: np.ndarray, stream: Stream) -> None:
+        src = _contiguous(src, "copy_to_device_async")
+        if src.nbytes > dst.nbytes:
+            raise ValueError(f"copy of {src.nbytes} bytes into a {dst.nbytes}-byte device buffer")
+        self._call("cudaMemcpyAsync (host to device)", self.rt.cudaMemcpyAsync(
+            dst.ptr, src.ctypes.data, src.nbytes, self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice,
+            stream.raw))
+
+    def copy_to_host_async(self, dst: np.ndarray, src: DeviceBuffer, stream: Stream) -> None:
+        dst = _contiguous(dst, "copy_to_host_async")
+        if dst.nbytes > src.nbytes:
+            raise ValueError(f"copy of {dst.nbytes} bytes out of a {src.nbytes}-byte device buffer")
+        self._call("cudaMemcpyAsync (device to host)", self.rt.cudaMemcpyAsync(
+            dst.ctypes.data, src.ptr, dst.nbytes, self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost,
+            stream.raw))
+
+
+# -- pycuda -------------------------------------------------------------------------------------
+
+class PyCudaApi(CudaApi):
+    """pycuda works with driver-API contexts. TensorRT uses the runtime API, which works in the
+    device's *primary* context, so this retains that primary context and pushes it in each thread
+    that calls :meth:`activate` (once per thread: pushing on every call would grow the stack)."""
+
+    binding = "pycuda"
+
+    def __init__(self, device_index: int):
+        super().__init__(device_index)
+        import pycuda.driver as drv  # raises ImportError when absent
+        self.drv = drv
+        try:
+            drv.init()
+            count = drv.Device.count()
+            if device_index >= count:
+                raise CudaError(f"CUDA device {device_index} does not exist ({count} device(s) visible)")
+            self.device = drv.Device(device_index)
+            self.context = self.device.retain_primary_context()
+        except drv.Error as e:
+            raise CudaError(f"pycuda could not open CUDA device {device_index}: {e}") from e
+        self._pushed = threading.local()
+
+    def _wrap(self, what: str, fn, *args):
+        try:
+            return fn(*args)
+        except self.drv.Error as e:
+            raise CudaError(f"{what} failed: {e}") from e
+
+    def activate(self) -> None:
+        if getattr(self._pushed, "done", False):
+            return
+        self._wrap("pushing the primary context", self.context.push)
+        self._pushed.done = True
+
+    def device_count(self) -> int:
+        return int(self._wrap("cuDeviceGetCount", self.drv.Device.count))
+
+    def device_info(self) -> DeviceInfo:
+        major, minor = self.device.compute_capability()
+        return DeviceInfo(self.device_index, self.device.name(), (int(major), int(minor)),
+                          int(self.device.total_memory()))
+
+    def alloc_host(self, shape, dtype) -> HostBuffer:
+        array = self._wrap("pagelocked_empty", self.drv.pagelocked_empty,
+                           tuple(int(s) for s in shape), np.dtype(dtype))
+        allocation = array.base
+        return HostBuffer(array, int(array.ctypes.data), allocation.free)
+
+    def alloc_device(self, nbytes: int) -> DeviceBuffer:
+        allocation = self._wrap(f"mem_alloc({nbytes})", self.drv.mem_alloc, max(int(nbytes), 1))
+        return DeviceBuffer(int(allocation), int(nbytes), allocation.free)
+
+    def create_stream(self) -> Stream:
+        stream = self._wrap("Stream()", self.drv.Stream)
+        return Stream(stream, int(stream.handle), stream.synchronize, lambda: None)
+
+    def create_event(self) -> Event:
+        event = self._wrap("Event()", self.drv.Event, self.drv.event_flags.DISABLE_TIMING)
+        return Event(event, lambda stream: event.record(stream.raw), event.synchronize, lambda: None)
+
+    def copy_to_device_async(self, dst: DeviceBuffer, src: np.ndarray, stream: Stream) -> None:
+        src = _contiguous(src, "copy_to_device_async")
+        if src.nbytes > dst.nbytes:
+            raise ValueError(f"copy of {src.nbytes} bytes into a {dst.nbytes}-byte device buffer")
+        self._wrap("memcpy_htod_async", self.drv.memcpy_htod_async, dst.ptr, src, stream.raw)
+
+    def copy_to_host_async(self, dst: np.ndarray, src: DeviceBuffer, stream: Stream) -> None:
+        dst = _contiguous(dst, "copy_to_host_async")
+        if dst.nbytes > src.nbytes:
+            raise ValueError(f"copy of {dst.nbytes} bytes out of a {src.nbytes}-byte device buffer")
+        self._wrap("memcpy_dtoh_async", self.drv.memcpy_dtoh_async, dst, src.ptr, stream.raw)
+
+    def close(self) -> None:
+        # Only the closing thread's push can be undone here; other threads' stacks end with them.
+        if getattr(self._pushed, "done", False):
+            try:
+                self.drv.Context.pop()
+            except self.drv.Error:
+                pass
+            self._pushed.done = False
+
+
+def open_cuda(device: str | int = "cuda:0", prefer: str | None = None) -> CudaApi:
+    """A :class:`CudaApi` on ``device`` with the first binding that imports (``prefer``:
+    "cuda-python" or "pycuda" to force one). Raises CudaUnavailable when none imports."""
+    index = parse_cuda_device(device)
+    if prefer not in (None, "cuda-python", "pycuda"):
+        raise ValueError(f"unknown CUDA binding {prefer!r} (use 'cuda-python' or 'pycuda')")
+    order = [prefer] if prefer else ["cuda-python", "pycuda"]
+    failures = []
+    for binding in order:
+        try:
+            return CudaPythonApi(index) if binding == "cuda-python" else PyCudaApi(index)
+        except ImportError as e:
+            failures.append(f"{binding}: {e}")
+    raise CudaUnavailable("no CUDA Python binding could be imported (" + "; ".join(failures)
+                          + f"). {INSTALL_HINT}")
