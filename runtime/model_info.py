@@ -80,6 +80,25 @@ class ModelInfo:
         )
 
     @classmethod
+    def from_checkpoint_config(cls, config: dict, path: Path | None = None, input_format: str = "uint8-nhwc",
+                               output_format: str = "logits", dynamic_hw: bool = False,
+                               input_size: int | tuple[int, int] | None = None) -> "ModelInfo":
+        """What a checkpoint's config.json implies (used by effiseg-export and the torch backend)."""
+        if input_format not in INPUT_FORMATS or output_format not in OUTPUT_FORMATS:
+            raise ValueError(f"unknown input/output format {input_format!r}/{output_format!r}")
+        size = config.get("input_size", 352) if input_size is None else input_size
+        height, width = (size, size) if isinstance(size, int) else size
+        return cls(
+            path=path, variant=config["variant"], input_height=int(height), input_width=int(width),
+            input_format=input_format, output_format=output_format,
+            mean=tuple(float(v) for v in config.get("mean", (0.5, 0.5, 0.5))),
+            std=tuple(float(v) for v in config.get("std", (0.5, 0.5, 0.5))),
+            threshold=float(config.get("threshold", 0.5)), dynamic_hw=bool(dynamic_hw),
+            output_name=output_format, metrics=dict(config.get("metrics") or {}),
+            version=str(config.get("effiseg_version", "unknown")),
+        )
+
+    @classmethod
     def from_onnx(cls, path: str | Path) -> "ModelInfo":
         path = Path(path)
         return cls.from_metadata(read_onnx_metadata(path), path=path)

@@ -1,1 +1,137 @@
-"""effiseg.runtime.backends"""
+"""Inference backends: a registry, device parsing and the ``auto`` choice.
+
+Backends are imported lazily by name, so importing this package needs neither TensorRT, ONNX
+Runtime nor torch. ``auto`` (ONNX models) tries, in order: TensorRT on each requested GPU, ONNX
+Runtime with a GPU provider, ONNX Runtime on the CPU; every skipped choice is recorded with its
+reason in ``selection_notes`` so the caller can say why it ended where it did.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from ..model_info import ModelInfo
+from .base import Backend, BackendUnavailable
+
+BACKENDS = {
+    "tensorrt": ("effiseg.runtime.backends.tensorrt_backend", "TensorRTBackend"),
+    "onnxruntime": ("effiseg.runtime.backends.onnxruntime_backend", "OnnxRuntimeBackend"),
+    "torch": ("effiseg.runtime.backends.torch_backend", "TorchBackend"),
+}
+BACKEND_CHOICES = ("auto",) + tuple(BACKENDS)
+
+__all__ = ["Backend", "BackendUnavailable", "BACKENDS", "BACKEND_CHOICES", "backend_class",
+           "parse_devices", "open_onnx_backends", "open_checkpoint_backends"]
+
+
+def backend_class(name: str) -> type[Backend]:
+    try:
+        module_name, class_name = BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKEND_CHOICES)}") from None
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def parse_devices(devices) -> list[str] | None:
+    """None -> None (let the backend choice decide); "cpu"; 0 / "0" / "cuda:0"; "0,1"; [0, 1]."""
+    if devices is None:
+        return None
+    if isinstance(devices, (str, int)):
+        devices = [d for d in str(devices).split(",") if d.strip()]
+    out = []
+    for d in devices:
+        d = str(d).strip().lower()
+        if d.isdigit():
+            d = f"cuda:{d}"
+        elif d == "cuda" or d == "gpu":
+            d = "cuda:0"
+        if d != "cpu" and not (d.startswith("cuda:") and d[5:].isdigit()):
+            raise ValueError(f"unknown device {d!r}; use cpu, N, cuda:N or a comma-separated list")
+        if d in out:
+            raise ValueError(f"device {d} given twice")
+        out.append(d)
+    if not out:
+        raise ValueError("empty device list")
+    if "cpu" in out and len(out) > 1:
+        raise ValueError("cpu cannot be combined with GPU devices")
+    return out
+
+
+def _close_all(backends: list[Backend]) -> None:
+    for b in backends:
+        try:
+            b.close()
+        except Exception:
+            pass
+
+
+def _open_each(devices: list[str], make) -> list[Backend]:
+    opened: list[Backend] = []
+    try:
+        for device in devices:
+            opened.append(make(device))
+    except BaseException:
+        _close_all(opened)
+        raise
+    return opened
+
+
+def open_onnx_backends(onnx_path, backend: str = "auto", devices=None, precision: str = "auto",
+                       max_batch: int = 8, n_slots: int = 2, info: ModelInfo | None = None,
+                       selection_notes: list[str] | None = None, **options) -> list[Backend]:
+    """One backend per device for an effiseg ONNX file. ``options`` go to the chosen backend."""
+    onnx_path = Path(onnx_path)
+    info = info or ModelInfo.from_onnx(onnx_path)
+    notes = selection_notes if selection_notes is not None else []
+    device_list = parse_devices(devices)
+    if backend == "torch":
+        raise ValueError("the torch backend runs training checkpoints, not ONNX files: pass the checkpoint "
+                         "folder (Segmenter.from_checkpoint / effiseg-run --model CHECKPOINT)")
+    if backend in ("tensorrt", "onnxruntime"):
+        cls = backend_class(backend)
+        devs = device_list or (["cuda:0"] if backend == "tensorrt" else ["cpu"])
+        return _open_each(devs, lambda d: cls(info, onnx_path, device=d, precision=precision,
+                                                       max_batch=max_batch, n_slots=n_slots, **options))
+    if backend != "auto":
+        backend_class(backend)  # raises the unknown-backend error
+    if options:
+        raise ValueError(f"backend options {sorted(options)} need an explicit backend, not auto")
+    gpu_devices = [d for d in (device_list or ["cuda:0"]) if d != "cpu"]
+    attempts = []
+    if gpu_devices:
+        attempts += [("tensorrt", gpu_devices), ("onnxruntime", gpu_devices)]
+    if device_list is None or device_list == ["cpu"]:
+        attempts.append(("onnxruntime", ["cpu"]))
+    errors = []
+    for name, devs in attempts:
+        try:
+            cls = backend_class(name)
+            opened = _open_each(devs, lambda d: cls(info, onnx_path, device=d, precision=precision,
+                                                          max_batch=max_batch, n_slots=n_slots))
+        except BackendUnavailable as e:
+            notes.append(f"auto: skipped {name} on {','.join(devs)}: {e}")
+            errors.append(f"{name} on {','.join(devs)}: {e}")
+            continue
+        except Exception as e:  # installed but failed (e.g. engine build): say so, try the next one
+            notes.append(f"auto: {name} on {','.join(devs)} failed ({type(e).__name__}: {e}); trying the next backend")
+            errors.append(f"{name} on {','.join(devs)}: {type(e).__name__}: {e}")
+            continue
+        notes.append(f"auto: chose {name} on {','.join(devs)}")
+        return opened
+    raise BackendUnavailable("no backend can run this model here:\n  " + "\n  ".join(errors))
+
+
+def open_checkpoint_backends(checkpoint, devices=None, precision: str = "auto", max_batch: int = 8,
+                             n_slots: int = 2, selection_notes: list[str] | None = None,
+                             **options) -> list[Backend]:
+    """Torch backends for a training checkpoint: on the given devices, else cuda:0 if torch sees a
+    GPU, else the CPU."""
+    cls = backend_class("torch")
+    device_list = parse_devices(devices)
+    if device_list is None:
+        torch = importlib.import_module("effiseg.runtime.backends.torch_backend").import_torch()
+        device_list = ["cuda:0"] if torch.cuda.is_available() else ["cpu"]
+    if selection_notes is not None:
+        selection_notes.append(f"torch backend on {','.join(device_list)}")
+    return _open_each(device_list, lambda d: cls(checkpoint, device=d, precision=precision,
+                                                          max_batch=max_batch, n_slots=n_slots, **options))

@@ -1,0 +1,74 @@
+"""``effiseg-export``: a training checkpoint -> a verified ONNX file that runs on its own.
+
+    effiseg-export runs/best/ -o model.onnx
+    effiseg-export runs/best/ -o model-mask.onnx --output-format mask --dynamic-hw
+
+Exit status 0 when the ONNX file was written and matches PyTorch, 1 otherwise (nothing written).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from effiseg.runtime.model_info import INPUT_FORMATS, OUTPUT_FORMATS
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n:,} B"
+
+
+@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="ONNX file to write [default: model.onnx beside the checkpoint].")
+@click.option("--input-format", type=click.Choice(INPUT_FORMATS), default="uint8-nhwc",
+              help="uint8-nhwc: raw RGB bytes, preprocessing in the graph; float32-nchw: the host normalises.")
+@click.option("--output-format", type=click.Choice(OUTPUT_FORMATS), default="logits",
+              help="logits (float32), probabilities (float16 sigmoid) or mask (uint8 0/1 at the threshold); "
+                   "always shaped (N, H, W).")
+@click.option("--dynamic-hw", is_flag=True, help="Dynamic height and width as well as batch.")
+@click.option("--input-size", type=click.IntRange(32), default=None,
+              help="Square input size [default: the checkpoint's].")
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Threshold stored in the metadata (and baked into mask outputs) [default: the checkpoint's].")
+@click.option("--opset", type=click.IntRange(17), default=17)
+@click.option("--verify-images", type=click.Path(path_type=Path), default=None,
+              help="Folder of images for the parity check [default: Kvasir-SEG validation images].")
+@click.option("--verify-count", type=click.IntRange(1, 64), default=4, help="Images used for the parity check.")
+def export_command(checkpoint, output, input_format, output_format, dynamic_hw, input_size, threshold, opset,
+                   verify_images, verify_count):
+    """Export CHECKPOINT (folder, config.json or .safetensors) to ONNX with effiseg metadata, check it with
+    onnx.checker and compare it with PyTorch in ONNX Runtime; writes OUTPUT and OUTPUT.export.json."""
+    from .onnx_export import ExportError, export_checkpoint
+
+    if output is None:
+        output = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "model.onnx"
+    click.echo(f"exporting {checkpoint} -> {output} ({input_format} -> {output_format}, "
+               f"{'dynamic batch/height/width' if dynamic_hw else 'dynamic batch'}, opset {opset})", err=True)
+    try:
+        report = export_checkpoint(checkpoint, output, input_format=input_format, output_format=output_format,
+                                   dynamic_hw=dynamic_hw, input_size=input_size, opset=opset, threshold=threshold,
+                                   verify_dir=verify_images, verify_count=verify_count,
+                                   log=lambda message: click.echo(message, err=True))
+    except ExportError as e:
+        click.echo(f"export failed, nothing written at {output}: {e}", err=True)
+        raise SystemExit(1)
+    b = report["bytes_per_image"]
+    h, w = report["input_size"]
+    parity = report["parity"]
+    click.echo(f"bytes per image at {h}x{w}: input {_fmt_bytes(b['chosen_input'])} ({input_format}; "
+               f"float32-nchw would be {_fmt_bytes(b['input']['float32-nchw'])}), output "
+               f"{_fmt_bytes(b['chosen_output'])} ({output_format}; logits would be "
+               f"{_fmt_bytes(b['output']['logits'])}): {b['saving_vs_float32']:.1f}x less than float32 in and out")
+    unit = "pixels" if output_format == "mask" else "max abs error"
+    click.echo(f"parity with PyTorch on {parity['n_images']} image(s) from {report['verify_images']}: "
+               f"{unit} {parity['max_abs_error']:.3g}, mask agreement {parity['min_mask_agreement']:.6f} "
+               f"({len(parity['checks'])} checks: sizes {sorted({tuple(c['size']) for c in parity['checks']})}, "
+               f"batches {sorted({c['batch'] for c in parity['checks']})})")
+    click.echo(f"wrote {output} ({report['onnx_bytes']:,} bytes, sha256 {report['sha256'][:16]}...) and "
+               f"{output.name}.export.json in {report['seconds']} s")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    export_command()

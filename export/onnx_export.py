@@ -1,0 +1,306 @@
+"""Checkpoint -> verified ONNX file with effiseg metadata.
+
+Exporter: torch's TorchScript-based exporter (``dynamo=False``). In torch 2.14 the default is the
+torch.export-based ("dynamo") exporter; for this network it takes minutes on a CPU instead of about
+a second, and the TorchScript exporter already traces timm's dynamic "same" padding of the
+tf_efficientnet_lite encoders as shape arithmetic (Shape/Ceil/Pad nodes), so one graph with
+dynamic batch (and, with ``dynamic_hw``, dynamic height/width) is exact at every size, including
+sizes that are not multiples of 32. Parity is checked at such a size whenever ``dynamic_hw`` is
+set. (pyproject pins torch < 2.15, where the TorchScript exporter is still shipped.)
+
+Nothing is written at ``output`` unless the exported graph passes ``onnx.checker`` and matches
+PyTorch in ONNX Runtime on real images: the file is built under a temporary name in the same
+folder and renamed at the end. ``<output>.export.json`` records what was exported and the parity
+numbers; a failed export writes ``<output>.export-failed.json`` instead.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from effiseg.runtime.images import IMAGE_EXTENSIONS, TEMP_SUFFIX, list_images, read_image
+from effiseg.runtime.model_info import ModelInfo
+from effiseg.runtime.postprocess import fill_host_row, logit_threshold, resize_rgb
+
+EXPORT_INSTALL_MESSAGE = "effiseg-export needs torch, timm, onnx and onnxruntime: pip install 'effiseg[export]'"
+DEFAULT_OPSET = 17
+INPUT_NAME = "images"
+# Parity tolerances: float32 logits may differ by accumulated rounding, relative to their scale;
+# float16 probabilities by about one half-precision step near 1.
+LOGIT_RTOL = 1e-3
+PROBABILITY_ATOL = 2e-3
+BYTES_PER_VALUE_IN = {"uint8-nhwc": 1, "float32-nchw": 4}
+BYTES_PER_VALUE_OUT = {"logits": 4, "probabilities": 2, "mask": 1}
+
+
+class ExportError(RuntimeError):
+    """The export failed or did not match PyTorch; nothing was written at the output path."""
+
+
+def default_verify_dirs() -> list[Path]:
+    """Where Kvasir-SEG validation images usually are: $EFFISEG_DATA, ../shared/data/kvasir-seg
+    from the working folder (training's default) or beside the repository."""
+    roots = []
+    if os.environ.get("EFFISEG_DATA"):
+        roots.append(Path(os.environ["EFFISEG_DATA"]))
+    roots.append(Path("../shared/data/kvasir-seg"))
+    roots.append(Path(__file__).resolve().parents[2] / "shared" / "data" / "kvasir-seg")
+    return [r / "validation" / "images" for r in roots]
+
+
+def bytes_per_image(height: int, width: int, input_format: str, output_format: str) -> dict:
+    """Host<->device traffic per image for every format, and what the chosen pair saves."""
+    pixels = height * width
+    inputs = {fmt: 3 * pixels * b for fmt, b in BYTES_PER_VALUE_IN.items()}
+    outputs = {fmt: pixels * b for fmt, b in BYTES_PER_VALUE_OUT.items()}
+    chosen = inputs[input_format] + outputs[output_format]
+    widest = inputs["float32-nchw"] + outputs["logits"]
+    return {"input": inputs, "output": outputs, "chosen_input": inputs[input_format],
+            "chosen_output": outputs[output_format], "chosen_total": chosen, "float32_total": widest,
+            "saving_vs_float32": round(widest / chosen, 3),
+            # The (N,H,W) layout versus (N,1,H,W) changes no byte count, only the shape.
+            "output_layout": "NHW"}
+
+
+def _synthetic_images(n: int, height: int, width: int) -> list[np.ndarray]:
+    """Deterministic stand-ins (gradients, a bright ellipse, noise) when no real images exist."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    images = []
+    for i in range(n):
+        cy, cx = rng.uniform(0.3, 0.7) * height, rng.uniform(0.3, 0.7) * width
+        blob = ((yy - cy) / (0.2 * height)) ** 2 + ((xx - cx) / (0.25 * width)) ** 2 < 1
+        base = np.stack([xx / width * 180 + 40, yy / height * 120 + 60, np.full_like(xx, 90 + 20 * i)], axis=2)
+        base[blob] += 60
+        base += rng.normal(0, 8, base.shape)
+        images.append(np.clip(base, 0, 255).astype(np.uint8))
+    return images
+
+
+def load_verify_images(verify_dir: Path | None, count: int, height: int, width: int) -> tuple[list[np.ndarray], str]:
+    """(RGB images, where they came from). ``verify_dir`` None: the default Kvasir folders, else
+    synthetic images (said so in the report)."""
+    if verify_dir is not None:
+        verify_dir = Path(verify_dir)
+        if not verify_dir.is_dir():
+            raise ExportError(f"--verify-images folder not found: {verify_dir}")
+        files = list_images(verify_dir)[:count]
+        if not files:
+            raise ExportError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {verify_dir}")
+        return [read_image(f) for f in files], str(verify_dir.resolve())
+    for candidate in default_verify_dirs():
+        if candidate.is_dir():
+            files = list_images(candidate)[:count]
+            if files:
+                return [read_image(f) for f in files], str(candidate.resolve())
+    return _synthetic_images(count, height, width), "synthetic (no Kvasir-SEG validation images found)"
+
+
+def _import_export_stack():
+    try:
+        import onnx
+        import onnxruntime
+        import torch
+        from effiseg.training.checkpoint import effiseg_version, load_model
+
+        from .wrapper import SegmentationGraph
+    except ImportError as e:
+        raise ExportError(f"{EXPORT_INSTALL_MESSAGE} [import failed: {e}]") from e
+    return torch, onnx, onnxruntime, load_model, effiseg_version, SegmentationGraph
+
+
+def _trace_to_onnx(torch, graph, example, path: Path, info: ModelInfo, opset: int, dynamic_hw: bool) -> str:
+    """TorchScript export with a dynamic batch axis (and height/width with ``dynamic_hw``)."""
+    axes_in = {0: "batch"}
+    axes_out = {0: "batch"}
+    if dynamic_hw:
+        h_axis, w_axis = (1, 2) if info.input_format == "uint8-nhwc" else (2, 3)
+        axes_in.update({h_axis: "height", w_axis: "width"})
+        axes_out.update({1: "height", 2: "width"})
+    common = dict(input_names=[INPUT_NAME], output_names=[info.output_name], opset_version=opset)
+    with warnings.catch_warnings():
+        # The TorchScript exporter announces its deprecation, and the tracer warns about the
+        # Python arithmetic of timm's padding, which the exported Shape/Ceil nodes reproduce.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        kwargs = dict(do_constant_folding=True, dynamic_axes={INPUT_NAME: axes_in, info.output_name: axes_out},
+                      **common)
+        try:
+            torch.onnx.export(graph, (example,), str(path), dynamo=False, **kwargs)
+        except TypeError as e:  # torch < 2.5 has no `dynamo` argument; its only exporter is this one
+            if "dynamo" not in str(e):
+                raise
+            torch.onnx.export(graph, (example,), str(path), **kwargs)
+    return "torchscript"
+
+
+def _set_metadata(onnx, path: Path, info: ModelInfo) -> None:
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for key, value in info.to_metadata().items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    # The tracer names the output's spatial dims after internal shape arithmetic (Castlogits_dim_1);
+    # state what they are: the input's height and width (fixed numbers unless dynamic_hw).
+    out_dims = model.graph.output[0].type.tensor_type.shape.dim
+    for dim, value in zip(out_dims, ("batch", "height" if info.dynamic_hw else info.input_height,
+                                     "width" if info.dynamic_hw else info.input_width)):
+        if isinstance(value, str):
+            dim.dim_param = value
+        else:
+            dim.dim_value = value
+    model.producer_name = "effiseg"
+    model.producer_version = info.version
+    model.doc_string = (f"EffiSegNet {info.variant}: input {INPUT_NAME} {info.input_format}, output "
+                        f"{info.output_name} (N,H,W) {info.output_format}")
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+
+
+def _compare(ort_out: np.ndarray, ref_logits: np.ndarray, output_format: str, threshold: float) -> dict:
+    """Parity of one batch: max abs error in the output's own units, mask agreement, pass/fail."""
+    cut = logit_threshold(threshold)
+    ref_mask = ref_logits > cut
+    scale = max(1.0, float(np.abs(ref_logits).max()))
+    logit_tol = LOGIT_RTOL * scale
+    if output_format == "logits":
+        err = float(np.abs(ort_out - ref_logits).max())
+        ort_mask, ok = ort_out > cut, err <= logit_tol
+    elif output_format == "probabilities":
+        ref_prob = 1.0 / (1.0 + np.exp(-ref_logits.astype(np.float64)))
+        err = float(np.abs(ort_out.astype(np.float64) - ref_prob).max())
+        ort_mask, ok = ort_out.astype(np.float32) > threshold, err <= PROBABILITY_ATOL
+    else:
+        ort_mask = ort_out.astype(bool)
+        err = float(np.count_nonzero(ort_mask != ref_mask))  # pixels, for mask outputs
+        ok = True
+    disagree = ort_mask != ref_mask
+    # A mask may differ only where the reference logit sits within tolerance of the cut.
+    if np.any(disagree & (np.abs(ref_logits - cut) > logit_tol)):
+        ok = False
+    return {"max_abs_error": err, "mask_agreement": float(1.0 - disagree.mean()),
+            "mask_disagreeing_pixels": int(disagree.sum()), "logit_tolerance": logit_tol, "ok": bool(ok)}
+
+
+def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", output_format: str = "logits",
+                      dynamic_hw: bool = False, input_size: int | tuple[int, int] | None = None,
+                      opset: int = DEFAULT_OPSET,
+                      threshold: float | None = None, verify_dir: Path | None = None, verify_count: int = 4,
+                      log=print) -> dict:
+    """Export, check and verify; returns the report (also written as ``<output>.export.json``).
+    Raises :class:`ExportError` when anything fails (nothing is left at ``output``). ``input_size``:
+    one side or (height, width) [default: the checkpoint's]. ``log`` receives progress lines."""
+    if opset < 17:
+        raise ExportError(f"opset {opset} is too old; effiseg exports opset 17 or newer")
+    torch, onnx, ort, load_model, effiseg_version, SegmentationGraph = _import_export_stack()
+    started = time.perf_counter()
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    model, config = load_model(checkpoint, device="cpu")
+    if threshold is not None:
+        config = dict(config, threshold=float(threshold))
+    info = ModelInfo.from_checkpoint_config(config, path=output, input_format=input_format,
+                                            output_format=output_format, dynamic_hw=dynamic_hw, input_size=input_size)
+    info.version = effiseg_version()
+    info.extra = {"output_layout": "NHW", "opset": opset, "checkpoint": Path(checkpoint).name,
+                  "torch": torch.__version__, "encoder": config.get("encoder", "")}
+    graph = SegmentationGraph(model, info.mean, info.std, input_format, output_format, info.threshold).eval()
+    reference = SegmentationGraph(model, info.mean, info.std, "uint8-nhwc", "logits", info.threshold).eval()
+    h, w = info.input_height, info.input_width
+    if input_format == "uint8-nhwc":
+        example = torch.randint(0, 256, (2, h, w, 3), dtype=torch.uint8)
+    else:
+        example = torch.randn(2, 3, h, w)
+
+    tmp = output.with_name(f".{output.name}.{os.getpid()}{TEMP_SUFFIX}")
+    report = {"checkpoint": str(Path(checkpoint).resolve()), "onnx": str(output.resolve()), "opset": opset,
+              "input_name": INPUT_NAME, "output_name": info.output_name, "input_format": input_format,
+              "output_format": output_format, "input_size": [h, w], "dynamic_hw": dynamic_hw,
+              "dynamic_axes": ["batch"] + (["height", "width"] if dynamic_hw else []),
+              "output_shape": "(N, H, W)", "threshold": info.threshold,
+              "bytes_per_image": bytes_per_image(h, w, input_format, output_format),
+              "metadata": info.to_metadata(), "ok": False}
+    try:
+        with torch.no_grad():
+            report["exporter"] = _trace_to_onnx(torch, graph, example, tmp, info, opset, dynamic_hw)
+        log(f"traced in {time.perf_counter() - started:.1f} s; checking and verifying against PyTorch")
+        info.extra["exporter"] = report["exporter"]
+        report["metadata"] = info.to_metadata()
+        _set_metadata(onnx, tmp, info)
+        report["parity"] = _verify(torch, ort, tmp, graph, reference, info, verify_dir, verify_count)
+        report["verify_images"] = report["parity"].pop("source")
+        if report["verify_images"].startswith("synthetic"):
+            log("warning: no Kvasir-SEG validation images found; parity checked on synthetic images "
+                "(pass --verify-images DIR for real ones)")
+        report["ok"] = all(p["ok"] for p in report["parity"]["checks"])
+        report["seconds"] = round(time.perf_counter() - started, 2)
+        if not report["ok"]:
+            bad = [p for p in report["parity"]["checks"] if not p["ok"]]
+            raise ExportError(f"ONNX Runtime disagrees with PyTorch beyond float32 tolerance: {bad}")
+        data = tmp.read_bytes()
+        report["onnx_bytes"] = len(data)
+        report["sha256"] = hashlib.sha256(data).hexdigest()
+        os.replace(tmp, output)
+    except BaseException as e:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        report["error"] = f"{type(e).__name__}: {e}"
+        _write_report(output.with_name(output.name + ".export-failed.json"), report)
+        if isinstance(e, ExportError):
+            raise
+        if isinstance(e, Exception):
+            raise ExportError(f"export of {checkpoint} failed: {type(e).__name__}: {e}") from e
+        raise
+    stale = output.with_name(output.name + ".export-failed.json")
+    if stale.exists():
+        stale.unlink()
+    _write_report(output.with_name(output.name + ".export.json"), report)
+    return report
+
+
+def _write_report(path: Path, report: dict) -> None:
+    tmp = path.with_name(path.name + TEMP_SUFFIX)
+    tmp.write_text(json.dumps(report, indent=2, sort_keys=True, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _verify(torch, ort, path: Path, graph, reference, info: ModelInfo, verify_dir, verify_count: int) -> dict:
+    """Run the ONNX file in ONNX Runtime (CPU) and the PyTorch graph on the same resized images."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    h, w = info.input_height, info.input_width
+    images, source = load_verify_images(verify_dir, verify_count, h, w)
+    sizes = [(h, w)]
+    if info.dynamic_hw:
+        # Odd sizes, not multiples of 32: timm's 'same' padding differs there from the traced size.
+        sizes.append((max(33, h + 17), max(33, w - 11)))
+    checks = []
+    for size in sizes:
+        batch = np.stack([resize_rgb(im, *size) for im in images])
+        if info.input_format == "uint8-nhwc":
+            feed = batch
+        else:
+            feed = np.zeros((len(batch), 3) + size, np.float32)
+            for row, rgb in zip(feed, batch):
+                fill_host_row(row, rgb, info)
+        with torch.no_grad():
+            ref_logits = reference(torch.from_numpy(batch)).numpy()
+        for n in sorted({1, len(batch)}):
+            out = session.run(None, {INPUT_NAME: feed[:n]})[0]
+            if out.shape != (n,) + size:
+                checks.append({"size": list(size), "batch": n, "ok": False,
+                               "error": f"output shape {out.shape}, expected {(n,) + size}"})
+                continue
+            check = _compare(out, ref_logits[:n], info.output_format, info.threshold)
+            checks.append({"size": list(size), "batch": n, **check})
+    return {"source": source, "n_images": len(images), "checks": checks,
+            "max_abs_error": max(c.get("max_abs_error", float("inf")) for c in checks),
+            "min_mask_agreement": min(c.get("mask_agreement", 0.0) for c in checks)}

@@ -1,0 +1,59 @@
+"""The deployed graph: preprocessing + EffiSegNet + output formatting, as one torch module.
+
+``effiseg-export`` traces this module to ONNX, and the runtime's torch backend runs the very
+same module, so both take the same host buffers and compute the same thing.
+
+Input ``images``: uint8 (N, H, W, 3) RGB ("uint8-nhwc", the default: 4x fewer bytes to copy
+than float32 and no normalisation on the host) or float32 (N, 3, H, W) already normalised
+("float32-nchw"). Output, always (N, H, W) (the single channel is squeezed in the graph, the
+Backend interface's layout): float32 logits, float16 sigmoid probabilities, or uint8 0/1 masks
+cut at the model's threshold.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from effiseg.runtime.model_info import INPUT_FORMATS, OUTPUT_FORMATS
+
+
+class SegmentationGraph(nn.Module):
+    def __init__(self, model: nn.Module, mean, std, input_format: str = "uint8-nhwc",
+                 output_format: str = "logits", threshold: float = 0.5):
+        super().__init__()
+        if input_format not in INPUT_FORMATS:
+            raise ValueError(f"input format must be one of {INPUT_FORMATS}, not {input_format!r}")
+        if output_format not in OUTPUT_FORMATS:
+            raise ValueError(f"output format must be one of {OUTPUT_FORMATS}, not {output_format!r}")
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+        self.model = model
+        self.input_format = input_format
+        self.output_format = output_format
+        self.threshold = float(threshold)
+        self.logit_threshold = math.log(threshold / (1.0 - threshold))
+        # The network's own dtype (float16 in the torch backend's fast mode); preprocessing runs in
+        # float32 either way, like evaluation's normalize_batch.
+        self.compute_dtype = torch.float32
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.input_format == "uint8-nhwc":
+            # Transpose the uint8 bytes first (4x less data to move than after the cast); the
+            # result is channels_last in memory, which is what the fast torch path wants anyway.
+            x = images.permute(0, 3, 1, 2).float()
+            x = (x / 255.0 - self.mean) / self.std
+        else:
+            x = images.float()
+        logits = self.model(x.to(self.compute_dtype))
+        if isinstance(logits, (tuple, list)):
+            logits = logits[0]
+        logits = logits[:, 0].float()
+        if self.output_format == "logits":
+            return logits
+        if self.output_format == "probabilities":
+            return torch.sigmoid(logits).to(torch.float16)
+        return (logits > self.logit_threshold).to(torch.uint8)

@@ -1,0 +1,223 @@
+"""ONNX Runtime backend: CPU, CUDA (with I/O binding) or TensorRT execution provider.
+
+Which provider runs is decided by ONNX Runtime when the session is created; a provider that
+fails to load (missing CUDA libraries, no GPU) makes ONNX Runtime fall back silently to the CPU.
+This backend therefore reads ``session.get_providers()`` back, reports the provider it actually
+got in ``messages``/``describe()``, and raises :class:`BackendUnavailable` when a GPU device was
+asked for but ONNX Runtime would run on the CPU (so ``auto`` can move on honestly).
+
+Slots: ONNX Runtime's Python API runs a batch synchronously, so ``submit`` does the work and
+``collect`` returns it; the overlap the pipeline gets is between host decoding (other threads,
+while ``run`` releases the GIL) and inference. On CUDA each slot owns device input/output
+buffers bound once per batch size through I/O binding, so no device memory is allocated per
+batch and the output is copied to the host once.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..model_info import ModelInfo
+from .base import Backend, BackendUnavailable
+
+ORT_INSTALL_MESSAGE = ("ONNX Runtime is not installed: pip install 'effiseg[ort]' (CPU) or "
+                       "pip install 'effiseg[ort-gpu]' (NVIDIA GPUs)")
+PROVIDER_CHOICES = ("auto", "cpu", "cuda", "tensorrt")
+_ELEMENT_TYPES = {"uint8-nhwc": np.uint8, "float32-nchw": np.float32}
+_OUTPUT_TYPES = {"logits": np.float32, "probabilities": np.float16, "mask": np.uint8}
+
+
+def import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise BackendUnavailable(f"{ORT_INSTALL_MESSAGE} [import failed: {e}]") from e
+    return onnxruntime
+
+
+def _device_index(device: str) -> int | None:
+    if device == "cpu":
+        return None
+    if device == "cuda":
+        return 0
+    if device.startswith("cuda:") and device[5:].isdigit():
+        return int(device[5:])
+    raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
+
+
+def _trt_cache_dir() -> Path:
+    base = os.environ.get("EFFISEG_TRT_CACHE")
+    if base:
+        return Path(base) / "onnxruntime"
+    root = os.environ.get("LOCALAPPDATA") or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "effiseg" / "onnxruntime-trt"
+
+
+class OnnxRuntimeBackend(Backend):
+    """``OnnxRuntimeBackend(info, onnx_path, device="cpu", precision="auto", max_batch=8,
+    n_slots=2, provider="auto", intra_op_threads=None)``
+
+    ``provider``: "auto" (TensorRT EP if this ONNX Runtime has it and the device is a GPU, else
+    CUDA EP on GPUs, else CPU), or "cpu" / "cuda" / "tensorrt" to insist. Precision: the graph is
+    float32; fp16 is available only through the TensorRT EP (``trt_fp16_enable``); asking for fp16
+    elsewhere runs fp32 and says so.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, info: ModelInfo, onnx_path, device: str = "cpu", precision: str = "auto",
+                 max_batch: int = 8, n_slots: int = 2, provider: str = "auto",
+                 intra_op_threads: int | None = None, io_binding: bool | None = None):
+        if precision not in ("auto", "fp32", "fp16"):
+            raise ValueError(f"precision must be auto, fp32 or fp16, not {precision!r}")
+        if provider not in PROVIDER_CHOICES:
+            raise ValueError(f"provider must be one of {', '.join(PROVIDER_CHOICES)}, not {provider!r}")
+        super().__init__(info, device, "fp32", max_batch, n_slots)
+        ort = import_onnxruntime()
+        self.onnx_path = Path(onnx_path)
+        self.device_id = _device_index(device)
+        available = ort.get_available_providers()
+        providers = self._provider_list(provider, precision, available)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_op_threads:
+            options.intra_op_num_threads = int(intra_op_threads)
+        try:
+            self.session = ort.InferenceSession(str(self.onnx_path), sess_options=options, providers=providers)
+        except Exception as e:
+            raise RuntimeError(f"ONNX Runtime cannot load {self.onnx_path}: {e}") from e
+        self.providers = self.session.get_providers()
+        self.provider = self.providers[0]
+        if self.device_id is not None and self.provider == "CPUExecutionProvider":
+            raise BackendUnavailable(
+                f"ONNX Runtime could not start {providers[0]} on {device} (it would run on the CPU); "
+                "check the CUDA/cuDNN libraries that onnxruntime-gpu needs")
+        if self.provider == "TensorrtExecutionProvider" and precision in ("auto", "fp16"):
+            self.precision = "fp16"
+        elif precision == "fp16":
+            self.messages.append(f"fp16 needs ONNX Runtime's TensorRT provider; {self.provider} runs the "
+                                 "fp32 graph")
+        self.messages.append(f"ONNX Runtime {ort.__version__}: {self.provider} on {device}")
+        self.ort_version = ort.__version__
+        self._check_io()
+        self._host_inputs = [np.zeros(self._input_shape(max_batch), self._in_dtype) for _ in range(n_slots)]
+        self._outputs: list[np.ndarray | None] = [None] * n_slots
+        self._pending: list[int | None] = [None] * n_slots
+        # I/O binding pays off when the session runs on a GPU; it also works on the CPU (tests use
+        # that to exercise the same code path).
+        self.io_binding = self.device_id is not None if io_binding is None else bool(io_binding)
+        if self.io_binding:
+            self._make_bindings(ort)
+
+    # -- construction ---------------------------------------------------------------------------
+    def _provider_list(self, provider: str, precision: str, available: list[str]) -> list:
+        if self.device_id is None:
+            if provider not in ("auto", "cpu"):
+                raise BackendUnavailable(f"provider {provider!r} needs a GPU device, not {self.device!r}")
+            return ["CPUExecutionProvider"]
+        has_cuda = "CUDAExecutionProvider" in available
+        has_trt = "TensorrtExecutionProvider" in available
+        if provider == "cpu":
+            raise BackendUnavailable(f"provider 'cpu' cannot run on {self.device!r}")
+        if not has_cuda:
+            raise BackendUnavailable(f"this ONNX Runtime has no CUDA provider (it has {', '.join(available)}): "
+                                     "pip install 'effiseg[ort-gpu]' (and uninstall the CPU-only onnxruntime)")
+        cuda = ("CUDAExecutionProvider", {"device_id": self.device_id})
+        if provider == "tensorrt" and not has_trt:
+            raise BackendUnavailable("this ONNX Runtime has no TensorRT provider")
+        if provider in ("auto", "tensorrt") and has_trt:
+            cache = _trt_cache_dir()
+            trt_options = {"device_id": self.device_id, "trt_engine_cache_enable": True,
+                           "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": True,
+                           "trt_fp16_enable": precision in ("auto", "fp16")}
+            try:
+                cache.mkdir(parents=True, exist_ok=True)
+            except OSError:
+                trt_options["trt_engine_cache_enable"] = False
+            return [("TensorrtExecutionProvider", trt_options), cuda, "CPUExecutionProvider"]
+        return [cuda, "CPUExecutionProvider"]
+
+    def _input_shape(self, n: int) -> tuple[int, ...]:
+        h, w = self.info.input_height, self.info.input_width
+        return (n, h, w, 3) if self.info.input_format == "uint8-nhwc" else (n, 3, h, w)
+
+    def _check_io(self) -> None:
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise ValueError(f"{self.onnx_path}: expected one input and one output, found "
+                             f"{len(inputs)} and {len(outputs)}")
+        self._in_name, self._out_name = inputs[0].name, outputs[0].name
+        self._in_dtype = _ELEMENT_TYPES[self.info.input_format]
+        self._out_dtype = _OUTPUT_TYPES[self.info.output_format]
+        rank = len(outputs[0].shape)
+        if rank not in (3, 4):
+            raise ValueError(f"{self.onnx_path}: output {self._out_name!r} has rank {rank}; expected (N,H,W)")
+
+    def _make_bindings(self, ort) -> None:
+        device_type = "cpu" if self.device_id is None else "cuda"
+        device_id = self.device_id or 0
+        self._ort_device = (device_type, device_id)
+        h, w = self.info.input_height, self.info.input_width
+        self._device_inputs = [ort.OrtValue.ortvalue_from_shape_and_type(
+            self._input_shape(self.max_batch), self._in_dtype, device_type, device_id) for _ in range(self.n_slots)]
+        self._device_outputs = [ort.OrtValue.ortvalue_from_shape_and_type(
+            (self.max_batch, h, w), self._out_dtype, device_type, device_id) for _ in range(self.n_slots)]
+        self._bindings = [self.session.io_binding() for _ in range(self.n_slots)]
+
+    # -- double-buffered API ------------------------------------------------------------------
+    def host_input(self, slot: int) -> np.ndarray:
+        return self._host_inputs[slot]
+
+    def submit(self, slot: int, n: int) -> None:
+        if not 1 <= n <= self.max_batch:
+            raise ValueError(f"batch of {n} images; this backend takes 1..{self.max_batch}")
+        if self._pending[slot] is not None:
+            raise RuntimeError(f"slot {slot} still has a batch in flight; collect() it first")
+        if self.io_binding:
+            out = self._run_bound(slot, n)
+        else:
+            out = self.session.run([self._out_name], {self._in_name: self._host_inputs[slot][:n]})[0]
+        self._outputs[slot] = self._as_nhw(out, n)
+        self._pending[slot] = n
+
+    def _run_bound(self, slot: int, n: int) -> np.ndarray:
+        device_type, device_id = self._ort_device
+        dev_in, dev_out, binding = self._device_inputs[slot], self._device_outputs[slot], self._bindings[slot]
+        # Whole-buffer copy: batches are full except the last one of a run.
+        dev_in.update_inplace(self._host_inputs[slot])
+        h, w = self.info.input_height, self.info.input_width
+        binding.bind_input(self._in_name, device_type, device_id, self._in_dtype, list(self._input_shape(n)),
+                           dev_in.data_ptr())
+        binding.bind_output(self._out_name, device_type, device_id, self._out_dtype, [n, h, w], dev_out.data_ptr())
+        self.session.run_with_iobinding(binding)
+        return dev_out.numpy()[:n]
+
+    def _as_nhw(self, out: np.ndarray, n: int) -> np.ndarray:
+        out = out.reshape(n, self.info.input_height, self.info.input_width)
+        if out.dtype == np.float16:
+            return out.astype(np.float32)  # the interface hands out float32 (or uint8 masks)
+        if out.dtype == np.bool_:
+            return out.view(np.uint8)
+        return out
+
+    def collect(self, slot: int) -> np.ndarray:
+        n = self._pending[slot]
+        if n is None:
+            raise RuntimeError(f"collect({slot}) without a submitted batch")
+        self._pending[slot] = None
+        return self._outputs[slot]
+
+    def close(self) -> None:
+        self._bindings = []
+        self._device_inputs = []
+        self._device_outputs = []
+        self.session = None
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d.update({"provider": self.provider, "providers": list(self.providers),
+                  "onnxruntime_version": self.ort_version, "io_binding": self.io_binding,
+                  "model": str(self.onnx_path)})
+        return d

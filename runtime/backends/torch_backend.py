@@ -1,0 +1,182 @@
+"""PyTorch backend: runs a training checkpoint through the same graph effiseg-export traces.
+
+It takes the same uint8 (N, H, W, 3) host buffers as the ONNX graph and applies the same
+preprocessing (``effiseg.export.wrapper.SegmentationGraph``), so its masks match ONNX Runtime's
+and TensorRT's up to floating-point rounding.
+
+Modes:
+* ``fp32`` (the baseline): eager float32.
+* ``fp16`` (the fast mode, CUDA only): half-precision weights, channels_last memory layout,
+  cuDNN autotuning and one CUDA graph per slot captured at ``max_batch`` (a partial last batch is
+  run padded: its tail rows hold stale data and their outputs are ignored; this keeps one graph
+  and one fixed block of memory per slot). Users without TensorRT get most of its speed this way.
+* ``auto``: fp16 on CUDA, fp32 on the CPU. On the CPU fp16 falls back to fp32 with a message.
+
+Slots on CUDA: each slot has a pinned host input, a device input, a pinned host output, its own
+stream and event; ``submit`` enqueues H2D copy, the network and D2H copy on the slot's stream and
+returns at once, so two slots overlap copies with compute. torch and timm are imported only when
+a backend is constructed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..model_info import ModelInfo
+from .base import Backend, BackendUnavailable
+
+TORCH_INSTALL_MESSAGE = "the torch backend needs PyTorch and timm: pip install 'effiseg[train]'"
+
+
+def import_torch():
+    try:
+        import torch
+    except ImportError as e:
+        raise BackendUnavailable(f"{TORCH_INSTALL_MESSAGE} [import failed: {e}]") from e
+    return torch
+
+
+class TorchBackend(Backend):
+    """``TorchBackend(checkpoint, device="cpu", precision="auto", max_batch=8, n_slots=2,
+    output_format="logits", cuda_graphs=None, input_size=None)``; ``checkpoint`` is anything
+    ``effiseg.training.checkpoint.load_model`` accepts (folder, config.json or .safetensors)."""
+
+    name = "torch"
+
+    def __init__(self, checkpoint, device: str = "cpu", precision: str = "auto", max_batch: int = 8,
+                 n_slots: int = 2, output_format: str = "logits", cuda_graphs: bool | None = None,
+                 input_size: int | tuple[int, int] | None = None):
+        if precision not in ("auto", "fp32", "fp16"):
+            raise ValueError(f"precision must be auto, fp32 or fp16, not {precision!r}")
+        torch = import_torch()
+        try:
+            from effiseg.export.wrapper import SegmentationGraph
+            from effiseg.training.checkpoint import load_model
+        except ImportError as e:
+            raise BackendUnavailable(f"{TORCH_INSTALL_MESSAGE} [import failed: {e}]") from e
+        self.torch = torch
+        self.checkpoint = Path(checkpoint)
+        model, config = load_model(self.checkpoint, device="cpu")
+        info = ModelInfo.from_checkpoint_config(config, path=self.checkpoint, output_format=output_format,
+                                                dynamic_hw=True, input_size=input_size)
+        super().__init__(info, device, "fp32", max_batch, n_slots)
+        self.config = config
+        self.torch_device = torch.device(device)
+        on_cuda = self.torch_device.type == "cuda"
+        if on_cuda and not torch.cuda.is_available():
+            raise BackendUnavailable(f"this PyTorch has no CUDA device for {device!r} "
+                                     f"(torch {torch.__version__}, built for CUDA {torch.version.cuda})")
+        if self.torch_device.type not in ("cpu", "cuda"):
+            raise ValueError(f"the torch backend runs on cpu or cuda:N, not {device!r}")
+        if on_cuda and self.torch_device.index is None:
+            self.torch_device = torch.device("cuda", 0)
+        fast = on_cuda and precision in ("auto", "fp16")
+        if precision == "fp16" and not on_cuda:
+            self.messages.append("fp16 fast mode needs a CUDA GPU; running fp32 eager on the CPU")
+        self.precision = "fp16" if fast else "fp32"
+        self.cuda_graphs = bool(fast and (cuda_graphs is None or cuda_graphs))
+        self.graph = SegmentationGraph(model, info.mean, info.std, "uint8-nhwc", output_format, info.threshold).eval()
+        self._pending: list[int | None] = [None] * n_slots
+        h, w = info.input_height, info.input_width
+        out_dtype = torch.uint8 if output_format == "mask" else torch.float32
+        if not on_cuda:
+            self._host_in = [np.zeros((max_batch, h, w, 3), np.uint8) for _ in range(n_slots)]
+            self._cpu_out: list[np.ndarray | None] = [None] * n_slots
+            self.messages.append(f"torch {torch.__version__}: fp32 eager on the CPU")
+            return
+        dev = self.torch_device
+        with torch.cuda.device(dev):
+            self.graph.to(dev)
+            if fast:
+                self.graph.model.half().to(memory_format=torch.channels_last)
+                self.graph.compute_dtype = torch.float16
+                torch.backends.cudnn.benchmark = True  # process-wide; fixed shapes make it pay off
+            self._pinned_in = [torch.empty((max_batch, h, w, 3), dtype=torch.uint8).pin_memory() for _ in range(n_slots)]
+            self._host_in = [t.numpy() for t in self._pinned_in]
+            self._pinned_out = [torch.empty((max_batch, h, w), dtype=out_dtype).pin_memory() for _ in range(n_slots)]
+            self._host_out = [t.numpy() for t in self._pinned_out]
+            self._dev_in = [torch.zeros((max_batch, h, w, 3), dtype=torch.uint8, device=dev) for _ in range(n_slots)]
+            self._streams = [torch.cuda.Stream(dev) for _ in range(n_slots)]
+            self._events = [torch.cuda.Event() for _ in range(n_slots)]
+            self._graphs: list = []
+            self._graph_out: list = []
+            if self.cuda_graphs:
+                for s in range(n_slots):
+                    self._capture(s)
+        mode = ("fp16 + channels_last" + (" + CUDA graphs" if self.cuda_graphs else "")) if fast else "fp32 eager"
+        self.messages.append(f"torch {torch.__version__}: {mode} on {dev} ({torch.cuda.get_device_name(dev)})")
+
+    def _capture(self, slot: int) -> None:
+        """Warm up (cuDNN picks its kernels) on a side stream, then capture one graph per slot; each
+        graph gets its own memory pool, so slots never share activations."""
+        torch = self.torch
+        static_in = self._dev_in[slot]
+        side = torch.cuda.Stream(self.torch_device)
+        side.wait_stream(torch.cuda.current_stream(self.torch_device))
+        with torch.no_grad(), torch.cuda.stream(side):
+            for _ in range(3):
+                self.graph(static_in)
+        torch.cuda.current_stream(self.torch_device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph):
+            out = self.graph(static_in)
+        torch.cuda.synchronize(self.torch_device)
+        self._graphs.append(graph)
+        self._graph_out.append(out)
+
+    # -- double-buffered API ------------------------------------------------------------------
+    def host_input(self, slot: int) -> np.ndarray:
+        return self._host_in[slot]
+
+    def submit(self, slot: int, n: int) -> None:
+        if not 1 <= n <= self.max_batch:
+            raise ValueError(f"batch of {n} images; this backend takes 1..{self.max_batch}")
+        if self._pending[slot] is not None:
+            raise RuntimeError(f"slot {slot} still has a batch in flight; collect() it first")
+        torch = self.torch
+        if self.torch_device.type == "cpu":
+            with torch.inference_mode():
+                out = self.graph(torch.from_numpy(self._host_in[slot][:n]))
+            self._cpu_out[slot] = out.float().numpy() if out.dtype == torch.float16 else out.numpy()
+            self._pending[slot] = n
+            return
+        with torch.cuda.device(self.torch_device), torch.cuda.stream(self._streams[slot]):
+            if self.cuda_graphs:
+                # Graphs run at max_batch: copy the whole pinned buffer (one DMA), replay.
+                self._dev_in[slot].copy_(self._pinned_in[slot], non_blocking=True)
+                self._graphs[slot].replay()
+                out = self._graph_out[slot][:n]
+            else:
+                dev_in = self._dev_in[slot][:n]
+                dev_in.copy_(self._pinned_in[slot][:n], non_blocking=True)
+                with torch.no_grad():
+                    out = self.graph(dev_in)
+            self._pinned_out[slot][:n].copy_(out, non_blocking=True)
+            self._events[slot].record(self._streams[slot])
+        self._pending[slot] = n
+
+    def collect(self, slot: int) -> np.ndarray:
+        n = self._pending[slot]
+        if n is None:
+            raise RuntimeError(f"collect({slot}) without a submitted batch")
+        self._pending[slot] = None
+        if self.torch_device.type == "cpu":
+            return self._cpu_out[slot]
+        self._events[slot].synchronize()
+        return self._host_out[slot][:n]
+
+    def close(self) -> None:
+        if self.torch_device.type == "cuda":
+            for stream in getattr(self, "_streams", []):
+                stream.synchronize()
+        self._graphs = []
+        self._graph_out = []
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d.update({"checkpoint": str(self.checkpoint), "torch_version": self.torch.__version__,
+                  "cuda_graphs": self.cuda_graphs})
+        if self.torch_device.type == "cuda":
+            d["gpu"] = self.torch.cuda.get_device_name(self.torch_device)
+        return d

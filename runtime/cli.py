@@ -1,0 +1,127 @@
+"""``effiseg-run``: segment a folder of images into PNG masks.
+
+    effiseg-run --input frames/                       # -> frames_masks/, bundled model, backend auto
+    effiseg-run --input frames/ --output out/ --model model.onnx --backend onnxruntime --devices cpu
+    effiseg-run --input frames/ --model runs/best/ --backend torch --precision fp16 --devices 0,1
+
+Exit status: 0 when every image got a mask, 1 when any image failed (listed in the summary), 2 for
+bad options, 3 when the run could not start (model missing, no backend, bad folders).
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+from .backends import BACKEND_CHOICES
+from .images import DEFAULT_MAX_PIXELS
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "effisegnet-default.onnx"
+EXIT_FAILED_FILES = 1
+EXIT_CANNOT_START = 3
+
+
+class CannotStart(click.ClickException):
+    exit_code = EXIT_CANNOT_START
+
+
+def _echo(message: str) -> None:
+    click.echo(message, err=True)
+
+
+@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.option("--input", "-i", "input_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder of images (jpg, jpeg, png, bmp, tif, tiff).")
+@click.option("--output", "-o", "output_dir", type=click.Path(path_type=Path), default=None,
+              help="Mask folder [default: a sibling of the input named INPUT_masks]. Not the input "
+                   "folder, nor inside it with --recursive.")
+@click.option("--model", "-m", "model_path", type=click.Path(path_type=Path), default=None,
+              help="An effiseg ONNX file, or a training checkpoint folder for --backend torch "
+                   "[default: the bundled runtime/models/effisegnet-default.onnx].")
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto",
+              help="auto: TensorRT, else ONNX Runtime on the GPU, else ONNX Runtime on the CPU.")
+@click.option("--devices", default=None,
+              help="cpu, a GPU index, or several (0,1: one backend per GPU) [default: chosen by the backend].")
+@click.option("--batch", type=click.IntRange(1, 1024), default=8, help="Images per batch (max batch size).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16"]), default="auto",
+              help="auto: fp16 where the backend and GPU run it fast, else fp32. The precision used is reported.")
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Probability cut [default: the model's own].")
+@click.option("--overlay", is_flag=True, help="Also write OUTPUT/overlays/<image>.jpg: outline + translucent fill.")
+@click.option("--recursive", "-r", is_flag=True, help="Include sub-folders (mirrored in the output).")
+@click.option("--resume", is_flag=True, help="Skip images whose mask already exists and is complete.")
+@click.option("--slots", type=click.IntRange(1, 8), default=2,
+              help="Host/device buffers in rotation (2: preparing one batch overlaps running the other).")
+@click.option("--workers", type=click.IntRange(1, 256), default=None,
+              help="Decoder threads (also writer threads) [default: CPU count, at most 8].")
+@click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS,
+              help="Larger images are refused with a per-file error (bounds memory; PIL's default limit).")
+@click.option("--input-size", type=int, default=None,
+              help="Run a --dynamic-hw model at this square input size instead of its export size.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def run_command(input_dir, output_dir, model_path, backend, devices, batch, precision, threshold, overlay,
+                recursive, resume, slots, workers, max_pixels, input_size, no_progress):
+    """Segment every image of INPUT into 0/255 PNG masks at each image's own size, with a summary
+    CSV/JSON (area fraction, regions, maximum probability, errors, throughput)."""
+    from .backends import BackendUnavailable
+    from .folder import FolderError, check_folders, default_output_dir
+    from .segmenter import Segmenter
+
+    # Images over --max-pixels get a per-file error from us; PIL's own warning adds nothing.
+    from PIL import Image
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+    out = output_dir if output_dir is not None else default_output_dir(input_dir)
+    try:
+        check_folders(input_dir, out, recursive)
+    except FolderError as e:
+        raise CannotStart(str(e)) from None
+    model = model_path or DEFAULT_MODEL
+    if not model.exists():
+        if model_path is None:
+            raise CannotStart(f"the bundled model {DEFAULT_MODEL} is not installed in this copy of effiseg; "
+                              "pass --model MODEL.onnx (make one with effiseg-export)")
+        raise CannotStart(f"model not found: {model}")
+    try:
+        segmenter = Segmenter.from_model(model, backend=backend, devices=devices, precision=precision,
+                                         max_batch=batch, slots=slots, threshold=threshold, workers=workers,
+                                         input_size=input_size)
+    except (BackendUnavailable, OSError, ValueError, RuntimeError) as e:  # no usable model/backend
+        raise CannotStart(f"cannot start on {model}: {e}") from None
+    with segmenter:
+        for note in segmenter.selection_notes:
+            _echo(note)
+        for b in segmenter.backends:
+            for message in b.messages:
+                _echo(f"{b.name} [{b.device}]: {message}")
+        _echo(f"model {model} ({segmenter.info.variant}, {segmenter.info.input_height}x"
+              f"{segmenter.info.input_width}, {segmenter.info.output_format}); backend {segmenter.backend_name} "
+              f"on {','.join(b.device for b in segmenter.backends)}, {segmenter.precision}, batch {batch}, "
+              f"slots {slots}")
+        try:
+            summary = segmenter.run_folder(input_dir, out, recursive=recursive, resume=resume, overlay=overlay,
+                                           max_pixels=max_pixels, progress=not no_progress, log=_echo)
+        except FolderError as e:
+            raise CannotStart(str(e)) from None
+    failed = [r for r in summary["files"] if r["status"] == "error"]
+    click.echo(f"{summary['n_images']} image(s): {summary['n_ok']} ok, {summary['n_failed']} failed, "
+               f"{summary['n_skipped']} skipped (resume); {summary['images_per_s']:.1f} images/s "
+               f"over {summary['n_processed']} processed")
+    for row in failed[:10]:
+        click.echo(f"  FAILED {row['file']}: {row['error']}")
+    if len(failed) > 10:
+        click.echo(f"  ... and {len(failed) - 10} more (see the summary)")
+    click.echo(f"masks: {summary['output_dir']}")
+    click.echo(f"summary: {summary['summary_csv']} and {summary['summary_json']}")
+    if failed:
+        sys.exit(EXIT_FAILED_FILES)
+
+
+def main() -> None:  # pragma: no cover - console entry convenience
+    run_command()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,258 @@
+"""Folder runs: every image of a folder -> one 0/255 PNG mask at the image's own size.
+
+Layout of the output folder (default: a sibling of the input named ``<input>_masks``):
+* ``<relative path>.png`` for each input ``<relative path>.<ext>`` (sub-folders mirrored with
+  ``recursive``); when two inputs would share a mask name (``a.jpg`` and ``a.png``), both keep
+  their extension: ``a.jpg.png`` and ``a.png.png``;
+* ``overlays/<relative path>.jpg`` with ``overlay`` (the image, a translucent fill and an outline);
+* ``effiseg_summary.csv`` and ``effiseg_summary.json`` (per image: size, polyp area fraction,
+  number of 8-connected regions, maximum probability, error; per run: backend, devices,
+  precision, images/s, counts and a timing breakdown);
+* ``effiseg_journal.jsonl``: one line per finished image, appended as the run goes, so that a
+  resumed run can report the images an earlier run finished.
+
+Every file is written to a temporary name in its folder and renamed into place, so a run killed
+at any moment leaves no partial mask; ``resume`` skips images whose mask is complete (PNG
+signature and IEND trailer present) and redoes the rest, failed ones included.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .images import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, allow_pixels, atomic_write, list_images, overlay_image,
+                     png_is_complete, read_image, remove_stale_temp_files, write_jpeg, write_mask_png)
+from .postprocess import count_regions, output_to_mask
+
+SUMMARY_STEM = "effiseg_summary"
+JOURNAL_NAME = "effiseg_journal.jsonl"
+OVERLAY_DIR = "overlays"
+ROW_FIELDS = ("file", "mask", "status", "width", "height", "area_fraction", "regions", "max_probability",
+              "error")
+
+
+class FolderError(ValueError):
+    """A folder run that cannot start (bad input/output folders); the message says why."""
+
+
+@dataclass
+class FileJob:
+    index: int
+    source: Path
+    rel: str                  # input path relative to the input folder, with "/" separators
+    mask_path: Path
+    mask_rel: str
+    overlay_path: Path | None
+
+
+def default_output_dir(input_dir: Path) -> Path:
+    input_dir = Path(input_dir).resolve()
+    return input_dir.with_name(input_dir.name + "_masks")
+
+
+def check_folders(input_dir: Path, output_dir: Path, recursive: bool) -> tuple[Path, Path]:
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if not input_dir.is_dir():
+        raise FolderError(f"input folder not found: {input_dir}")
+    src, dst = input_dir.resolve(), output_dir.resolve()
+    if src == dst:
+        raise FolderError(f"the output folder may not be the input folder ({src}); pick another --output")
+    if recursive and src in dst.parents:
+        raise FolderError(f"with --recursive the output folder may not be inside the input folder "
+                          f"({dst} is inside {src}): its masks would be read as input next time")
+    if dst.exists() and not dst.is_dir():
+        raise FolderError(f"the output path exists and is not a folder: {dst}")
+    return src, dst
+
+
+def plan_jobs(input_dir: Path, output_dir: Path, files: list[Path], overlay: bool) -> list[FileJob]:
+    rels = [f.relative_to(input_dir).as_posix() for f in files]
+    mask_rels = [str(Path(r).with_suffix(".png").as_posix()) for r in rels]
+    # Case-folded: on Windows and macOS a.JPG and a.png would collide as well.
+    taken = Counter(m.casefold() for m in mask_rels)
+    jobs = []
+    for i, (f, rel, mask_rel) in enumerate(zip(files, rels, mask_rels)):
+        if taken[mask_rel.casefold()] > 1:
+            mask_rel = rel + ".png"
+        overlay_path = output_dir / OVERLAY_DIR / (mask_rel[:-len(".png")] + ".jpg") if overlay else None
+        jobs.append(FileJob(i, f, rel, output_dir / mask_rel, mask_rel, overlay_path))
+    return jobs
+
+
+def _read_journal(path: Path) -> dict[str, dict]:
+    rows: dict[str, dict] = {}
+    if not path.is_file():
+        return rows
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the line a killed run was writing
+        if isinstance(row, dict) and "file" in row:
+            rows[row["file"]] = row
+    return rows
+
+
+def _empty_row(job: FileJob, status: str, error: str = "") -> dict:
+    return {"file": job.rel, "mask": job.mask_rel, "status": status, "width": None, "height": None,
+            "area_fraction": None, "regions": None, "max_probability": None, "error": error}
+
+
+def _row_from_mask(job: FileJob) -> dict:
+    """Statistics of an existing mask for a summary row (the probability is not recoverable)."""
+    row = _empty_row(job, "skipped")
+    try:
+        with Image.open(job.mask_path) as im:
+            mask = np.asarray(im.convert("L")) > 127
+    except Exception as e:  # complete by its trailer but undecodable: report, do not stop
+        row["error"] = f"existing mask unreadable: {e}"
+        return row
+    row.update(width=mask.shape[1], height=mask.shape[0], area_fraction=round(float(mask.mean()), 6),
+               regions=count_regions(mask))
+    return row
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=ROW_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in ROW_FIELDS})
+    data = text.getvalue().encode("utf-8")
+    atomic_write(path, lambda f: f.write(data))
+
+
+def _write_json(path: Path, obj) -> None:
+    data = json.dumps(obj, indent=2, default=str, allow_nan=False).encode("utf-8")
+    atomic_write(path, lambda f: f.write(data))
+
+
+def run_folder(segmenter, input_dir, output_dir=None, *, recursive: bool = False, resume: bool = False,
+               overlay: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = False,
+               log=None) -> dict:
+    """Segment every image under ``input_dir``; returns the summary (also written as JSON).
+
+    ``log``: a callable for one-line messages (the CLI passes click.echo to stderr).
+    """
+    input_dir = Path(input_dir)
+    output_dir = Path(output_dir) if output_dir is not None else default_output_dir(input_dir)
+    input_dir, output_dir = check_folders(input_dir, output_dir, recursive)
+    say = log or (lambda message: None)
+    files = list_images(input_dir, recursive)
+    jobs = plan_jobs(input_dir, output_dir, files, overlay)
+    if not jobs:
+        say(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {input_dir}"
+            + ("" if recursive else " (add --recursive for sub-folders)"))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    stale = remove_stale_temp_files(output_dir)
+    if stale:
+        say(f"removed {stale} temporary file(s) left by an interrupted run")
+    allow_pixels(max_pixels)
+
+    journal_path = output_dir / JOURNAL_NAME
+    earlier = _read_journal(journal_path) if resume else {}
+    rows: dict[int, dict] = {}
+    todo: list[FileJob] = []
+    for job in jobs:
+        if resume and png_is_complete(job.mask_path):
+            before = earlier.get(job.rel)
+            if before and before.get("status") in ("ok", "skipped") and before.get("mask") == job.mask_rel:
+                row = dict(before, status="skipped")
+            else:
+                row = _row_from_mask(job)  # renamed into place just before a kill, not journaled
+            rows[job.index] = row
+        else:
+            todo.append(job)
+    if resume:
+        say(f"resume: {len(jobs) - len(todo)} of {len(jobs)} image(s) already have a mask")
+
+    info, threshold = segmenter.info, segmenter.threshold
+    fmt = info.output_format
+
+    def load(job: FileJob):
+        rgb = read_image(job.source, max_pixels)
+        return segmenter.prepare(rgb), rgb.shape[:2]
+
+    def finish(job: FileJob, size, output: np.ndarray) -> dict:
+        h, w = size
+        mask, max_prob = output_to_mask(output, fmt, threshold, h, w)
+        if job.overlay_path is not None:
+            # Re-read rather than keep every original in memory while it waits for the device.
+            write_jpeg(job.overlay_path, overlay_image(read_image(job.source, max_pixels), mask))
+        write_mask_png(job.mask_path, mask)  # last: the mask marks the image as done
+        area = float(np.count_nonzero(mask)) / mask.size
+        return {"file": job.rel, "mask": job.mask_rel, "status": "ok", "width": w, "height": h,
+                "area_fraction": round(area, 6), "regions": count_regions(mask),
+                "max_probability": None if max_prob is None else round(max_prob, 6), "error": ""}
+
+    def fail(job: FileJob, error: BaseException, stage: str) -> dict:
+        return _empty_row(job, "error", f"{stage}: {error}" if stage != "read" else str(error))
+
+    started = time.perf_counter()
+    pipe = segmenter.pipeline(load, finish, fail)
+    bar = None
+    if progress and todo:
+        from tqdm import tqdm
+        bar = tqdm(total=len(todo), unit="img", desc="effiseg-run", dynamic_ncols=True)
+    mode = "a" if resume else "w"
+    with open(journal_path, mode, encoding="utf-8") as journal:
+        try:
+            for job, row in pipe.run(todo):
+                rows[job.index] = row
+                journal.write(json.dumps(row) + "\n")
+                journal.flush()
+                if bar is not None:
+                    bar.update(1)
+                    if row["status"] == "error":
+                        bar.set_postfix(failed=sum(r["status"] == "error" for r in rows.values()))
+        finally:
+            if bar is not None:
+                bar.close()
+    wall = time.perf_counter() - started
+    segmenter.last_stats = pipe.stats
+
+    ordered = [rows[job.index] for job in jobs]
+    n_ok = sum(r["status"] == "ok" for r in ordered)
+    n_failed = sum(r["status"] == "error" for r in ordered)
+    n_skipped = sum(r["status"] == "skipped" for r in ordered)
+    desc = segmenter.describe()
+    summary = {
+        "input_dir": str(input_dir), "output_dir": str(output_dir),
+        "model": desc["model"], "backend": desc["backend"], "devices": desc["devices"],
+        "precision": desc["precision"], "threshold": threshold,
+        "batch": max(b.max_batch for b in segmenter.backends),
+        "slots": max(b.n_slots for b in segmenter.backends),
+        "workers": segmenter.workers, "writers": segmenter.writers,
+        "recursive": recursive, "resume": resume, "overlay": overlay, "max_pixels": max_pixels,
+        "n_images": len(jobs), "n_ok": n_ok, "n_failed": n_failed, "n_skipped": n_skipped,
+        "n_processed": len(todo), "wall_s": round(wall, 4),
+        "images_per_s": round(len(todo) / wall, 3) if wall > 0 and todo else 0.0,
+        "timing": pipe.timing(),
+        "selection": desc["selection"], "backends": desc["backends"], "model_info": desc["model_info"],
+        "files": ordered,
+    }
+    _write_json(output_dir / f"{SUMMARY_STEM}.json", _finite(summary))
+    _write_csv(output_dir / f"{SUMMARY_STEM}.csv", ordered)
+    summary["summary_json"] = str(output_dir / f"{SUMMARY_STEM}.json")
+    summary["summary_csv"] = str(output_dir / f"{SUMMARY_STEM}.csv")
+    return summary
+
+
+def _finite(obj):
+    """JSON has no NaN/inf: write them as null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj

@@ -1,0 +1,210 @@
+"""Image files in and out: which files count as images, how every kind of image is decoded to RGB,
+and how results are written so that a killed run never leaves a half-written file.
+
+Decoding policy (the same as training's ``read_rgb``, so the runtime sees what evaluation saw):
+* RGB is used as stored; grayscale, palette, CMYK, 1-bit and RGBA/LA/PA images are converted to RGB
+  (alpha is dropped, not composited: colour values under transparent pixels are kept).
+* 16-bit grayscale (PIL modes ``I;16*`` and ``I``) is scaled by the image's own maximum to 0..255;
+  16-bit RGB PNG is reduced to 8 bits by PIL itself (high byte).
+* Multi-frame files (TIFF stacks, animations): the first frame.
+* EXIF orientation is ignored: masks align pixel for pixel with the image as stored.
+* Images over ``max_pixels`` (default: PIL's decompression-bomb limit, about 89.5 MP) are refused
+  with a per-file error before any pixel is decoded, which also bounds memory per decoder thread.
+* Empty, truncated, corrupt and non-image files raise :class:`ImageError` with the reason.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from itertools import count
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default Image.MAX_IMAGE_PIXELS
+TEMP_SUFFIX = ".effiseg-tmp"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_temp_counter = count()
+_pil_limit_lock = threading.Lock()
+
+
+class ImageError(Exception):
+    """A file that cannot be used as an image; the message is the reason, for the summary."""
+
+
+def allow_pixels(max_pixels: int) -> None:
+    """Raise PIL's process-wide decompression-bomb limit to at least ``max_pixels`` so that PIL does
+    not refuse images that our own (per-run) limit accepts. Never lowers it."""
+    with _pil_limit_lock:
+        current = Image.MAX_IMAGE_PIXELS
+        if current is not None and max_pixels > current:
+            Image.MAX_IMAGE_PIXELS = int(max_pixels)
+
+
+def natural_key(text: str) -> list:
+    """Sort key that orders 2.jpg before 10.jpg (case-insensitive otherwise)."""
+    parts, number, word = [], "", ""
+    for c in text:
+        if c.isdigit():
+            if word:
+                parts.append((1, 0, word.lower()))
+                word = ""
+            number += c
+        else:
+            if number:
+                parts.append((0, int(number), ""))
+                number = ""
+            word += c
+    if number:
+        parts.append((0, int(number), ""))
+    if word:
+        parts.append((1, 0, word.lower()))
+    return parts
+
+
+def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
+    """Image files (by extension, any case) under ``folder``, in natural order of their paths
+    relative to ``folder``."""
+    folder = Path(folder)
+    candidates = folder.rglob("*") if recursive else folder.glob("*")
+    found = [p for p in candidates if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    return sorted(found, key=lambda p: natural_key(p.relative_to(folder).as_posix()))
+
+
+def to_rgb(im: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 from any PIL image, with the policy of the module docstring."""
+    if im.mode == "RGB":
+        return np.asarray(im, dtype=np.uint8)
+    if im.mode in _SIXTEEN_BIT_MODES:
+        arr = np.asarray(im, dtype=np.float64)
+        arr = (arr / max(arr.max(), 1.0) * 255.0).astype(np.uint8)
+        return np.repeat(arr[..., None], 3, axis=2)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode ``path`` to (H, W, 3) uint8 RGB or raise :class:`ImageError` saying why not."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise ImageError(f"cannot read file: {e.strerror or e}") from e
+    if size == 0:
+        raise ImageError("empty file (0 bytes)")
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ImageError(f"image is {w}x{h} = {w * h / 1e6:.1f} megapixels, over the limit of "
+                                 f"{max_pixels / 1e6:.1f} (raise it with --max-pixels / max_pixels)")
+            if w == 0 or h == 0:
+                raise ImageError(f"image has no pixels ({w}x{h})")
+            im.load()
+            return to_rgb(im)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"not a readable image: PIL cannot identify the contents of this "
+                         f"{path.suffix or 'extension-less'} file") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"refused by PIL's decompression-bomb check: {e}") from None
+    except OSError as e:
+        # Truncated files land here ("image file is truncated (N bytes not processed)").
+        raise ImageError(f"corrupt or truncated image: {e}") from None
+    except MemoryError:
+        raise ImageError("not enough memory to decode this image") from None
+    except Exception as e:  # PIL raises assorted errors (SyntaxError, ValueError, struct.error) on bad data
+        raise ImageError(f"cannot decode image: {type(e).__name__}: {e}") from None
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(file)`` on a temporary file in ``path``'s folder, then rename it over ``path``.
+
+    A process killed at any moment leaves either the old file, no file, or the complete new one;
+    never a partial ``path`` (a stray ``*.effiseg-tmp`` at most, which the next run deletes).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{next(_temp_counter)}{TEMP_SUFFIX}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+
+
+def write_mask_png(path: Path, mask: np.ndarray) -> None:
+    """A 0/255 8-bit grayscale PNG. Compression level 1: masks compress well at any level, and
+    level 6 costs several times the CPU per image."""
+    image = Image.fromarray(np.where(mask, np.uint8(255), np.uint8(0)), mode="L")
+    atomic_write(path, lambda f: image.save(f, format="PNG", compress_level=1))
+
+
+def write_jpeg(path: Path, rgb: np.ndarray, quality: int = 90) -> None:
+    image = Image.fromarray(rgb, mode="RGB")
+    atomic_write(path, lambda f: image.save(f, format="JPEG", quality=quality))
+
+
+def png_is_complete(path: Path) -> bool:
+    """True for a file that starts with the PNG signature and ends with the IEND chunk: what a
+    finished mask looks like (a file cut short by a crash or a full disk does not)."""
+    try:
+        size = path.stat().st_size
+        if size < len(_PNG_SIGNATURE) + len(_PNG_IEND):
+            return False
+        with open(path, "rb") as f:
+            head = f.read(len(_PNG_SIGNATURE))
+            f.seek(-len(_PNG_IEND), os.SEEK_END)
+            tail = f.read()
+        return head == _PNG_SIGNATURE and tail == _PNG_IEND
+    except OSError:
+        return False
+
+
+def remove_stale_temp_files(folder: Path) -> int:
+    """Delete temporary files a killed run left under ``folder``; returns how many."""
+    removed = 0
+    if not folder.is_dir():
+        return 0
+    for p in folder.rglob(f"*{TEMP_SUFFIX}"):
+        try:
+            p.unlink()
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def overlay_image(rgb: np.ndarray, mask: np.ndarray, fill=(0, 255, 0), outline=(255, 255, 0),
+                  alpha: float = 0.35) -> np.ndarray:
+    """The image with a translucent fill over the mask and an opaque outline around it. The
+    outline is about 1/300 of the smaller side thick so that it stays visible on large images."""
+    mask = mask.astype(bool)
+    out = rgb.astype(np.float32)
+    out[mask] = out[mask] * (1.0 - alpha) + np.asarray(fill, np.float32) * alpha
+    edge = mask & ~_erode(mask)
+    for _ in range(max(0, round(min(mask.shape) / 300) - 1)):
+        edge = _dilate(edge) & mask
+    out[edge] = outline
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    """4-neighbour erosion; pixels on the image border count as inside (no outline along it)."""
+    padded = np.pad(mask, 1, mode="edge")
+    return (padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1]
+            & padded[1:-1, :-2] & padded[1:-1, 2:])
+
+
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    padded = np.pad(mask, 1)
+    return (padded[1:-1, 1:-1] | padded[:-2, 1:-1] | padded[2:, 1:-1]
+            | padded[1:-1, :-2] | padded[1:-1, 2:])

@@ -1,0 +1,368 @@
+"""The threaded pipeline every backend runs under: decode -> host slot -> device -> write.
+
+Threads and what bounds them:
+
+* ``workers`` decoder threads take the next job, decode and resize it (PIL releases the GIL), then
+  claim a row of the slot being filled and copy the image straight into the backend's host buffer
+  (``backend.host_input(slot)``, pinned memory on GPU backends). A failed decode claims no row, so
+  batches have no holes. Decoders block while no slot is free: that is the back-pressure that
+  keeps memory bounded whatever the number of files.
+* One runner thread per backend (per device) submits full batches as soon as they are ready and
+  keeps up to ``n_slots`` batches in flight, so with two or more slots the host fills one slot
+  while the device copies and computes another. It copies each image's output row out of the
+  slot, returns the slot to the shared free list and hands the rows to the writers.
+* ``writers`` threads resize outputs to each image's size, threshold and write (``finish``). The
+  runner blocks when ``2 * writers`` outputs are waiting, so slow disks also push back.
+
+Several backends (devices=[0, 1]) share one free-slot queue: whichever device frees a slot first
+gets the next batch. Results come back keyed by job, in completion order.
+
+Timing (``PipelineStats``) is summed over threads: ``decode_s`` (reading + resizing),
+``wait_for_slot_s`` (decoders blocked on a free slot: the device is the bottleneck),
+``infer_s`` (runner time inside submit/collect), ``runner_idle_s`` (runners waiting for a batch:
+decoding is the bottleneck), ``write_s`` and ``wait_for_writer_s``. With overlap, wall time is
+close to the largest of decode_s/workers, infer_s/devices and write_s/writers rather than their sum.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from .backends.base import Backend
+
+_POLL_S = 0.1  # how often blocked threads look at the abort flag
+_FILL_FAILED = object()  # the meta of a claimed row whose image could not be written into it
+
+
+def default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+@dataclass
+class PipelineStats:
+    decode_s: float = 0.0
+    wait_for_slot_s: float = 0.0
+    infer_s: float = 0.0
+    runner_idle_s: float = 0.0
+    write_s: float = 0.0
+    wait_for_writer_s: float = 0.0
+    batches: int = 0
+    images: int = 0
+    wall_s: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **amounts) -> None:
+        with self._lock:
+            for k, v in amounts.items():
+                setattr(self, k, getattr(self, k) + v)
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 4) if isinstance(v, float) else v)
+                for k, v in self.__dict__.items() if not k.startswith("_")}
+
+
+@dataclass
+class _Batch:
+    backend_index: int
+    slot: int
+    rows: np.ndarray                      # the backend's host buffer for this slot
+    entries: list                         # (job, meta) per claimed row
+    claimed: int = 0
+    done: int = 0
+    sealed: bool = False
+
+
+class PipelineAborted(RuntimeError):
+    pass
+
+
+class Pipeline:
+    """Run ``jobs`` through ``backends``.
+
+    ``load(job) -> (model_input_rgb, meta)`` decodes one job to the model's input size (raise to
+    fail that job); ``fill(row, model_input_rgb)`` writes it into one host-buffer row;
+    ``finish(job, meta, output_row) -> result`` post-processes one output; ``fail(job, exc, stage)
+    -> result`` turns an exception into that job's result. ``run`` yields ``(job, result)``.
+    """
+
+    def __init__(self, backends: list[Backend], load: Callable, fill: Callable, finish: Callable,
+                 fail: Callable, workers: int | None = None, writers: int | None = None):
+        if not backends:
+            raise ValueError("the pipeline needs at least one backend")
+        self.backends = backends
+        self.load, self.fill, self.finish, self.fail = load, fill, finish, fail
+        self.workers = max(1, workers or default_workers())
+        self.writers = max(1, writers or self.workers)
+        self.stats = PipelineStats()
+
+    def timing(self) -> dict:
+        """The stats plus two derived figures for checking overlap: ``serial_estimate_s`` is the
+        time the stages would take one after another (each stage's summed time divided by its
+        thread count), ``overlap_factor`` = serial_estimate_s / wall_s; above 1 the stages ran
+        concurrently (decoding the next batch while the device ran this one)."""
+        d = self.stats.as_dict()
+        serial = (self.stats.decode_s / self.workers + self.stats.infer_s / len(self.backends)
+                  + self.stats.write_s / self.writers)
+        d["serial_estimate_s"] = round(serial, 4)
+        d["overlap_factor"] = round(serial / self.stats.wall_s, 3) if self.stats.wall_s > 0 else None
+        d.update(workers=self.workers, writers=self.writers, devices=len(self.backends))
+        return d
+
+    # ------------------------------------------------------------------------------------------
+    def run(self, jobs: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
+        self.stats = PipelineStats()
+        self._jobs = iter(jobs)
+        self._jobs_lock = threading.Lock()
+        self._abort = threading.Event()
+        self._fatal: list[BaseException] = []
+        self._results: queue.Queue = queue.Queue()
+        self._free: queue.Queue = queue.Queue()
+        for b_index, backend in enumerate(self.backends):
+            for slot in range(backend.n_slots):
+                self._free.put((b_index, slot))
+        self._ready = [queue.Queue() for _ in self.backends]
+        self._cond = threading.Condition()
+        self._current: _Batch | None = None
+        self._fetching = False
+        self._writer_room = threading.Semaphore(2 * self.writers)
+        self._writer_pool = ThreadPoolExecutor(self.writers, thread_name_prefix="effiseg-write")
+        end = object()
+        self._end = end
+        started = time.perf_counter()
+        coordinator = threading.Thread(target=self._coordinate, name="effiseg-pipeline", daemon=True)
+        coordinator.start()
+        try:
+            while True:
+                item = self._results.get()
+                if item is end:
+                    break
+                self.stats.add(images=1)
+                yield item
+        finally:
+            if coordinator.is_alive():
+                self._abort.set()
+            coordinator.join()
+            self.stats.wall_s = time.perf_counter() - started
+        if self._fatal:
+            raise self._fatal[0]
+
+    # ------------------------------------------------------------------------------------------
+    def _coordinate(self) -> None:
+        decoders = [threading.Thread(target=self._guard, args=(self._decode_loop,),
+                                     name=f"effiseg-decode-{i}", daemon=True) for i in range(self.workers)]
+        runners = [threading.Thread(target=self._guard, args=(self._runner_loop, i),
+                                    name=f"effiseg-run-{b.device}", daemon=True)
+                   for i, b in enumerate(self.backends)]
+        try:
+            for t in decoders + runners:
+                t.start()
+            for t in decoders:
+                t.join()
+            if not self._abort.is_set():
+                self._flush_partial()
+            for q in self._ready:
+                q.put(None)
+            for t in runners:
+                t.join()
+        finally:
+            self._writer_pool.shutdown(wait=True)
+            self._results.put(self._end)
+
+    def _guard(self, target, *args) -> None:
+        try:
+            target(*args)
+        except PipelineAborted:
+            pass
+        except BaseException as e:  # a bug or a dead device: stop everything and re-raise in run()
+            self._fatal.append(e)
+            self._abort.set()
+
+    def _check_abort(self) -> None:
+        if self._abort.is_set():
+            raise PipelineAborted()
+
+    # -- decoders ------------------------------------------------------------------------------
+    def _next_job(self):
+        with self._jobs_lock:
+            return next(self._jobs, self._end)
+
+    def _decode_loop(self) -> None:
+        while True:
+            self._check_abort()
+            job = self._next_job()
+            if job is self._end:
+                return
+            t0 = time.perf_counter()
+            try:
+                image, meta = self.load(job)
+            except Exception as e:
+                self.stats.add(decode_s=time.perf_counter() - t0)
+                self._results.put((job, self.fail(job, e, "read")))
+                continue
+            t1 = time.perf_counter()
+            batch, row = self._claim_row()
+            t2 = time.perf_counter()
+            try:
+                self.fill(batch.rows[row], image)
+            except Exception as e:
+                # The row is claimed and will be computed; the marker tells the runner to skip it.
+                batch.entries[row] = (job, _FILL_FAILED)
+                self._results.put((job, self.fail(job, e, "prepare")))
+                self._row_done(batch)
+                continue
+            batch.entries[row] = (job, meta)
+            self.stats.add(decode_s=(t1 - t0) + (time.perf_counter() - t2), wait_for_slot_s=t2 - t1)
+            self._row_done(batch)
+
+    def _claim_row(self) -> tuple[_Batch, int]:
+        while True:
+            with self._cond:
+                while True:
+                    self._check_abort()
+                    cur = self._current
+                    if cur is not None:
+                        row = cur.claimed
+                        cur.claimed += 1
+                        if cur.claimed == len(cur.entries):
+                            cur.sealed = True
+                            self._current = None
+                        return cur, row
+                    if not self._fetching:
+                        self._fetching = True
+                        break
+                    self._cond.wait(_POLL_S)
+            # Wait for a free slot without holding the lock: rows of a sealed batch must still be
+            # able to report completion, or a single slot would deadlock.
+            try:
+                b_index, slot = self._get(self._free)
+            except BaseException:
+                with self._cond:
+                    self._fetching = False
+                    self._cond.notify_all()
+                raise
+            backend = self.backends[b_index]
+            with self._cond:
+                self._current = _Batch(b_index, slot, backend.host_input(slot), [None] * backend.max_batch)
+                self._fetching = False
+                self._cond.notify_all()
+
+    def _row_done(self, batch: _Batch) -> None:
+        with self._cond:
+            batch.done += 1
+            ready = batch.sealed and batch.done == batch.claimed
+        if ready:
+            self._ready[batch.backend_index].put(batch)
+
+    def _flush_partial(self) -> None:
+        """After the last decoder: send the partly filled batch, or give its slot back."""
+        with self._cond:
+            cur, self._current = self._current, None
+        if cur is None:
+            return
+        if cur.claimed == 0:
+            self._free.put((cur.backend_index, cur.slot))
+            return
+        cur.sealed = True
+        self._ready[cur.backend_index].put(cur)
+
+    def _get(self, q: queue.Queue):
+        while True:
+            self._check_abort()
+            try:
+                return q.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
+
+    # -- runners --------------------------------------------------------------------------------
+    def _runner_loop(self, b_index: int) -> None:
+        backend = self.backends[b_index]
+        ready = self._ready[b_index]
+        in_flight: deque[_Batch] = deque()
+        nothing_ready = object()
+        finished = False
+        try:
+            while True:
+                self._check_abort()
+                if finished:
+                    if not in_flight:
+                        return
+                    self._complete(backend, in_flight.popleft())
+                    continue
+                if not in_flight:
+                    t0 = time.perf_counter()
+                    batch = self._get(ready)
+                    self.stats.add(runner_idle_s=time.perf_counter() - t0)
+                else:
+                    # Something is on the device: submit the next batch behind it if one is ready
+                    # (its copies overlap the running compute), otherwise wait for the oldest.
+                    try:
+                        batch = ready.get_nowait()
+                    except queue.Empty:
+                        batch = nothing_ready
+                if batch is None:
+                    finished = True
+                elif batch is nothing_ready:
+                    self._complete(backend, in_flight.popleft())
+                else:
+                    t0 = time.perf_counter()
+                    try:
+                        backend.submit(batch.slot, batch.claimed)
+                    except Exception as e:
+                        self.stats.add(infer_s=time.perf_counter() - t0)
+                        self._fail_batch(batch, e)
+                        continue
+                    self.stats.add(infer_s=time.perf_counter() - t0, batches=1)
+                    in_flight.append(batch)
+        finally:
+            # On abort, leave no batch pending on the backend so that it can be reused or closed.
+            for batch in in_flight:
+                try:
+                    backend.collect(batch.slot)
+                except Exception:
+                    pass
+
+    def _complete(self, backend: Backend, batch: _Batch) -> None:
+        t0 = time.perf_counter()
+        try:
+            out = backend.collect(batch.slot)
+            rows = [np.array(out[i], copy=True) for i in range(batch.claimed)]
+        except Exception as e:
+            self.stats.add(infer_s=time.perf_counter() - t0)
+            self._fail_batch(batch, e)
+            return
+        self.stats.add(infer_s=time.perf_counter() - t0)
+        entries = batch.entries[:batch.claimed]
+        self._free.put((batch.backend_index, batch.slot))  # outputs copied: the slot may refill
+        for (job, meta), output in zip(entries, rows):
+            if meta is _FILL_FAILED:
+                continue  # already reported
+            t1 = time.perf_counter()
+            while not self._writer_room.acquire(timeout=_POLL_S):
+                self._check_abort()
+            self.stats.add(wait_for_writer_s=time.perf_counter() - t1)
+            self._writer_pool.submit(self._write, job, meta, output)
+
+    def _fail_batch(self, batch: _Batch, error: Exception) -> None:
+        for job, meta in batch.entries[:batch.claimed]:
+            if meta is not _FILL_FAILED:
+                self._results.put((job, self.fail(job, error, "inference")))
+        self._free.put((batch.backend_index, batch.slot))
+
+    def _write(self, job, meta, output) -> None:
+        t0 = time.perf_counter()
+        try:
+            result = self.finish(job, meta, output)
+        except Exception as e:
+            result = self.fail(job, e, "write")
+        finally:
+            self._writer_room.release()
+            self.stats.add(write_s=time.perf_counter() - t0)
+        self._results.put((job, result))

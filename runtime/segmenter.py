@@ -1,0 +1,202 @@
+"""The public inference API: ``Segmenter``.
+
+    from effiseg.runtime import Segmenter
+    with Segmenter.from_onnx("model.onnx") as seg:          # backend="auto": TensorRT > ORT CUDA > ORT CPU
+        masks = seg.segment([rgb1, rgb2])                  # bool (H, W) per image, at its own size
+        summary = seg.run_folder("images/", "masks/")      # PNG masks + effiseg_summary.csv/.json
+
+    Segmenter.from_checkpoint("runs/best/")                # PyTorch (fp16 + CUDA graphs on GPUs)
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from .backends import BackendUnavailable, open_checkpoint_backends, open_onnx_backends
+from .backends.base import Backend
+from .model_info import ModelInfo
+from .pipeline import Pipeline, default_workers
+from .postprocess import fill_host_row, output_to_mask, output_to_probabilities, resize_rgb
+
+__all__ = ["Segmenter", "BackendUnavailable", "as_rgb", "is_onnx_path"]
+
+
+def is_onnx_path(path) -> bool:
+    path = Path(path)
+    return path.is_file() and path.suffix.lower() == ".onnx"
+
+
+def as_rgb(image: np.ndarray, name: str = "image") -> np.ndarray:
+    """(H, W, 3) uint8 from an in-memory uint8 array: RGB, grayscale (H, W) / (H, W, 1) or RGBA
+    (alpha dropped, as for files)."""
+    a = np.asarray(image)
+    if a.dtype != np.uint8:
+        raise ValueError(f"{name}: expected a uint8 array, got {a.dtype}")
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3 or a.shape[2] not in (1, 3, 4) or a.shape[0] == 0 or a.shape[1] == 0:
+        raise ValueError(f"{name}: expected (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {a.shape}")
+    if a.shape[2] == 1:
+        a = np.repeat(a, 3, axis=2)
+    elif a.shape[2] == 4:
+        a = a[..., :3]
+    return np.ascontiguousarray(a)
+
+
+class Segmenter:
+    """Backends (one per device) + the pipeline + the model's conventions.
+
+    ``threshold``: cut applied to probabilities (default: the model's own). Mask-output models
+    have their threshold baked in and accept only that one. ``workers``: decoder threads;
+    ``writers``: post-processing/writer threads (default: as many as workers).
+    """
+
+    def __init__(self, backends: list[Backend], threshold: float | None = None, workers: int | None = None,
+                 writers: int | None = None, selection_notes: list[str] | None = None,
+                 model_path: Path | None = None):
+        if not backends:
+            raise ValueError("a Segmenter needs at least one backend")
+        self.backends = backends
+        self.info: ModelInfo = backends[0].info
+        self.model_path = model_path
+        self.selection_notes = list(selection_notes or [])
+        if threshold is None:
+            threshold = self.info.threshold
+        threshold = float(threshold)
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+        if self.info.output_format == "mask" and abs(threshold - self.info.threshold) > 1e-9:
+            raise ValueError(f"this model outputs masks cut at {self.info.threshold} inside the graph; "
+                             f"threshold {threshold} needs a logits or probabilities export")
+        self.threshold = threshold
+        self.workers = workers or default_workers()
+        self.writers = writers or self.workers
+        self.last_stats = None
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_onnx(cls, path, backend: str = "auto", devices=None, precision: str = "auto", max_batch: int = 8,
+                  slots: int = 2, threshold: float | None = None, workers: int | None = None,
+                  writers: int | None = None, input_size: int | tuple[int, int] | None = None,
+                  **backend_options) -> "Segmenter":
+        """An effiseg ONNX file (its metadata says everything else) on ``backend``."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"model file not found: {path}")
+        info = ModelInfo.from_onnx(path)
+        if input_size is not None:
+            h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
+            if (h, w) != (info.input_height, info.input_width):
+                if not info.dynamic_hw:
+                    raise ValueError(f"{path} has a fixed input size {info.input_height}x{info.input_width}; "
+                                     "export with --dynamic-hw to run other sizes")
+                info = dataclasses.replace(info, input_height=int(h), input_width=int(w))
+        notes: list[str] = []
+        backends = open_onnx_backends(path, backend, devices, precision, max_batch, slots, info=info,
+                                      selection_notes=notes, **backend_options)
+        return cls(backends, threshold, workers, writers, notes, model_path=path)
+
+    @classmethod
+    def from_checkpoint(cls, path, devices=None, precision: str = "auto", max_batch: int = 8, slots: int = 2,
+                        threshold: float | None = None, workers: int | None = None, writers: int | None = None,
+                        input_size: int | tuple[int, int] | None = None, **backend_options) -> "Segmenter":
+        """A training checkpoint on the torch backend (needs the train extra)."""
+        notes: list[str] = []
+        backends = open_checkpoint_backends(path, devices, precision, max_batch, slots, selection_notes=notes,
+                                            input_size=input_size, **backend_options)
+        return cls(backends, threshold, workers, writers, notes, model_path=Path(path))
+
+    @classmethod
+    def from_model(cls, path, backend: str = "auto", **kwargs) -> "Segmenter":
+        """An ONNX file, or a checkpoint (folder, config.json or .safetensors) for the torch backend."""
+        path = Path(path)
+        if is_onnx_path(path):
+            return cls.from_onnx(path, backend=backend, **kwargs)
+        if not path.exists():
+            raise FileNotFoundError(f"model not found: {path}")
+        if backend not in ("auto", "torch"):
+            raise ValueError(f"{path} is not an .onnx file; only the torch backend runs checkpoints "
+                             f"(asked for {backend!r})")
+        return cls.from_checkpoint(path, **kwargs)
+
+    # -- use ------------------------------------------------------------------------------------
+    @property
+    def precision(self) -> str:
+        return ",".join(sorted({b.precision for b in self.backends}))
+
+    @property
+    def backend_name(self) -> str:
+        return ",".join(sorted({b.name for b in self.backends}))
+
+    def pipeline(self, load, finish, fail) -> Pipeline:
+        info = self.info
+        return Pipeline(self.backends, load, lambda row, rgb: fill_host_row(row, rgb, info), finish, fail,
+                        workers=self.workers, writers=self.writers)
+
+    def prepare(self, rgb: np.ndarray) -> np.ndarray:
+        """An RGB image resized to the model's input (what a host-buffer row receives)."""
+        return resize_rgb(rgb, self.info.input_height, self.info.input_width)
+
+    def segment(self, images, output: str = "mask") -> list[np.ndarray]:
+        """Masks (bool, H x W) or probabilities (float32) for in-memory uint8 images, each at its own
+        size, in the order given."""
+        if output not in ("mask", "probabilities"):
+            raise ValueError("output must be 'mask' or 'probabilities'")
+        if output == "probabilities" and self.info.output_format == "mask":
+            raise ValueError("this model outputs masks; export with --output-format logits for probabilities")
+        arrays = [as_rgb(im, f"image {i}") for i, im in enumerate(images)]
+        fmt, threshold = self.info.output_format, self.threshold
+
+        def load(i):
+            return self.prepare(arrays[i]), arrays[i].shape[:2]
+
+        def finish(i, size, out):
+            if output == "mask":
+                return output_to_mask(out, fmt, threshold, *size)[0]
+            return output_to_probabilities(out, fmt, *size)
+
+        def fail(i, error, stage):
+            return _Failure(i, stage, error)
+
+        results: list = [None] * len(arrays)
+        pipe = self.pipeline(load, finish, fail)
+        for i, result in pipe.run(range(len(arrays))):
+            results[i] = result
+        self.last_stats = pipe.stats
+        for r in results:
+            if isinstance(r, _Failure):
+                raise RuntimeError(f"image {r.index}: {r.stage} failed: {r.error}") from r.error
+        return results
+
+    def run_folder(self, input_dir, output_dir=None, **options) -> dict:
+        """Segment every image of a folder into PNG masks; see ``effiseg.runtime.folder.run_folder``."""
+        from .folder import run_folder
+        return run_folder(self, input_dir, output_dir, **options)
+
+    def describe(self) -> dict:
+        return {"model": str(self.model_path) if self.model_path else None,
+                "backend": self.backend_name, "devices": [b.device for b in self.backends],
+                "precision": self.precision, "threshold": self.threshold,
+                "workers": self.workers, "writers": self.writers,
+                "selection": list(self.selection_notes),
+                "backends": [b.describe() for b in self.backends],
+                "model_info": {k: v for k, v in dataclasses.asdict(self.info).items() if k != "path"}}
+
+    def close(self) -> None:
+        for b in self.backends:
+            b.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@dataclasses.dataclass
+class _Failure:
+    index: int
+    stage: str
+    error: BaseException

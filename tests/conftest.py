@@ -1,0 +1,100 @@
+"""Shared fixtures. Keep each one generic and cheap; add new fixtures as new functions."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from _paths import KVASIR
+
+TINY_VARIANT = "effisegnet-lite0"
+TINY_SIZE = 64
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` skip, with the reason, where PyTorch sees no CUDA device."""
+    if any("gpu" in item.keywords for item in items) and not _has_cuda():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """An untrained-but-deterministic effisegnet-lite0 checkpoint at 64x64 input. BatchNorm running
+    statistics are perturbed so that the network is not near-constant (parity tests mean more)."""
+    import torch
+    from effiseg.training.checkpoint import model_config, save_checkpoint
+    from effiseg.training.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(TINY_VARIANT)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+        # Centre the logits on a smooth synthetic batch so that masks are neither empty nor full.
+        yy, xx = torch.meshgrid(torch.linspace(-1, 1, TINY_SIZE), torch.linspace(-1, 1, TINY_SIZE), indexing="ij")
+        probe = torch.stack([xx, yy, xx * yy], dim=0)[None].repeat(2, 1, 1, 1)
+        probe[1] = -probe[1]
+        model.eval()
+        model.head.weight *= 10.0  # logits of a few units, like a trained model's
+        model.head.bias -= model(probe).median()
+    folder = tmp_path_factory.mktemp("tiny_checkpoint")
+    save_checkpoint(folder, model.eval(), model_config(TINY_VARIANT, input_size=TINY_SIZE))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def verify_images_dir(tmp_path_factory) -> Path:
+    """Three small real images (Kvasir-SEG validation when present, synthetic otherwise)."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("verify_images")
+    sources = sorted((KVASIR / "validation" / "images").glob("*.jpg"))[:3] if KVASIR.is_dir() else []
+    if sources:
+        for src in sources:
+            Image.open(src).convert("RGB").resize((96, 80)).save(folder / src.name)
+    else:
+        rng = np.random.default_rng(0)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (80, 96, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def export_tiny(checkpoint: Path, out: Path, verify_dir: Path, **options) -> Path:
+    from effiseg.export.onnx_export import export_checkpoint
+    export_checkpoint(checkpoint, out, verify_dir=verify_dir, verify_count=2, log=lambda *a: None, **options)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_checkpoint, verify_images_dir, tmp_path_factory) -> Path:
+    """The tiny checkpoint exported as uint8-nhwc -> logits with dynamic batch (64x64)."""
+    return export_tiny(tiny_checkpoint, tmp_path_factory.mktemp("tiny_onnx") / "tiny.onnx", verify_images_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_dynamic(tiny_checkpoint, verify_images_dir, tmp_path_factory) -> Path:
+    """As tiny_onnx, with dynamic height and width."""
+    return export_tiny(tiny_checkpoint, tmp_path_factory.mktemp("tiny_onnx_dyn") / "tiny_dyn.onnx",
+                       verify_images_dir, dynamic_hw=True)
+
+
+@pytest.fixture(scope="session")
+def kvasir_sample_paths() -> list[Path]:
+    """Up to six Kvasir-SEG validation images (an empty list without the data set)."""
+    folder = KVASIR / "validation" / "images"
+    return sorted(folder.glob("*.jpg"))[:6] if folder.is_dir() else []

@@ -1,0 +1,181 @@
+"""effiseg-export: parity with PyTorch, metadata round trip, formats, failure handling, CLI."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import export_tiny
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+torch = pytest.importorskip("torch")
+
+from effiseg.export.cli import export_command  # noqa: E402
+from effiseg.export.onnx_export import ExportError, bytes_per_image, export_checkpoint  # noqa: E402
+from effiseg.export.wrapper import SegmentationGraph  # noqa: E402
+from effiseg.runtime.images import list_images, read_image  # noqa: E402
+from effiseg.runtime.model_info import ModelInfo, read_onnx_metadata  # noqa: E402
+from effiseg.runtime.postprocess import fill_host_row, resize_rgb  # noqa: E402
+from effiseg.training.checkpoint import load_model  # noqa: E402
+
+
+def _torch_logits(checkpoint, batch_u8: np.ndarray) -> np.ndarray:
+    """Reference: the checkpoint in PyTorch with evaluation's normalisation, written out here."""
+    model, cfg = load_model(checkpoint)
+    x = torch.from_numpy(batch_u8).permute(0, 3, 1, 2).float()
+    mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return model((x / 255.0 - mean) / std)[:, 0].numpy()
+
+
+def _batch(folder, h, w) -> np.ndarray:
+    return np.stack([resize_rgb(read_image(p), h, w) for p in list_images(folder)])
+
+
+def test_default_export_matches_pytorch_and_carries_metadata(tiny_onnx, tiny_checkpoint, verify_images_dir):
+    model = onnx.load(str(tiny_onnx))
+    onnx.checker.check_model(model, full_check=True)
+    assert model.opset_import[0].version >= 17
+    (inp,), (out,) = model.graph.input, model.graph.output
+    assert inp.name == "images" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    dims_in = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+    dims_out = [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim]
+    assert dims_in == ["batch", 64, 64, 3] and dims_out == ["batch", 64, 64]
+
+    info = ModelInfo.from_onnx(tiny_onnx)
+    assert (info.variant, info.input_height, info.input_width) == ("effisegnet-lite0", 64, 64)
+    assert (info.input_format, info.output_format, info.output_name) == ("uint8-nhwc", "logits", "logits")
+    assert info.mean == (0.5, 0.5, 0.5) and info.std == (0.5, 0.5, 0.5) and info.threshold == 0.5
+    assert info.version != "" and info.extra["output_layout"] == "NHW"
+    # onnx's own reader agrees with the runtime's protobuf walk.
+    assert {p.key: p.value for p in model.metadata_props} == read_onnx_metadata(tiny_onnx)
+
+    batch = _batch(verify_images_dir, 64, 64)
+    session = ort.InferenceSession(str(tiny_onnx), providers=["CPUExecutionProvider"])
+    for n in (1, len(batch)):
+        got = session.run(None, {"images": batch[:n]})[0]
+        ref = _torch_logits(tiny_checkpoint, batch[:n])
+        assert got.shape == (n, 64, 64) and got.dtype == np.float32
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+        assert np.array_equal(got > 0, ref > 0)
+
+    report = json.loads(tiny_onnx.with_name(tiny_onnx.name + ".export.json").read_text())
+    assert report["ok"] and report["exporter"] == "torchscript"
+    assert report["parity"]["max_abs_error"] < 1e-3 and report["parity"]["min_mask_agreement"] == 1.0
+    assert report["bytes_per_image"]["chosen_input"] == 64 * 64 * 3
+    assert report["sha256"] and report["onnx_bytes"] == tiny_onnx.stat().st_size
+
+
+def test_dynamic_hw_is_exact_at_sizes_not_divisible_by_32(tiny_onnx_dynamic, tiny_checkpoint, verify_images_dir):
+    info = ModelInfo.from_onnx(tiny_onnx_dynamic)
+    assert info.dynamic_hw
+    session = ort.InferenceSession(str(tiny_onnx_dynamic), providers=["CPUExecutionProvider"])
+    # Odd sizes change timm's 'same' padding of the stride-2 convolutions at several depths.
+    for h, w in [(64, 64), (77, 45), (33, 100), (128, 96)]:
+        batch = _batch(verify_images_dir, h, w)
+        got = session.run(None, {"images": batch})[0]
+        ref = _torch_logits(tiny_checkpoint, batch)
+        assert got.shape == (len(batch), h, w)
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+    report = json.loads(tiny_onnx_dynamic.with_name(tiny_onnx_dynamic.name + ".export.json").read_text())
+    assert any(c["size"][0] % 32 and c["size"][1] % 32 for c in report["parity"]["checks"])
+
+
+@pytest.mark.parametrize("input_format,output_format,size", [
+    ("float32-nchw", "logits", 64), ("uint8-nhwc", "probabilities", 64), ("uint8-nhwc", "mask", 64),
+    ("float32-nchw", "mask", 72),  # a fixed size that is not a multiple of 32
+])
+def test_formats(input_format, output_format, size, tiny_checkpoint, verify_images_dir, tmp_path):
+    out = export_tiny(tiny_checkpoint, tmp_path / "m.onnx", verify_images_dir, input_format=input_format,
+                      output_format=output_format, threshold=0.4, input_size=size)
+    info = ModelInfo.from_onnx(out)
+    assert (info.input_format, info.output_format, info.output_name) == (input_format, output_format, output_format)
+    assert info.threshold == 0.4 and (info.input_height, info.input_width) == (size, size)
+    batch = _batch(verify_images_dir, size, size)
+    ref = _torch_logits(tiny_checkpoint, batch)
+    if input_format == "uint8-nhwc":
+        feed = batch
+    else:
+        feed = np.zeros((len(batch), 3, size, size), np.float32)
+        for row, rgb in zip(feed, batch):
+            fill_host_row(row, rgb, info)
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"images": feed})[0]
+    assert got.shape == (len(batch), size, size)
+    cut = np.log(0.4 / 0.6)
+    if output_format == "logits":
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+    elif output_format == "probabilities":
+        assert got.dtype == np.float16
+        np.testing.assert_allclose(got.astype(np.float32), 1 / (1 + np.exp(-ref)), atol=1e-3)
+    else:
+        assert got.dtype == np.uint8 and set(np.unique(got)) <= {0, 1}
+        sure = np.abs(ref - cut) > 1e-4
+        assert np.array_equal(got.astype(bool)[sure], (ref > cut)[sure])
+        assert 0 < got.mean() < 1  # the perturbed tiny network is not constant
+
+
+def test_graph_module_is_what_the_torch_backend_runs(tiny_checkpoint, verify_images_dir):
+    model, cfg = load_model(tiny_checkpoint)
+    graph = SegmentationGraph(model, cfg["mean"], cfg["std"]).eval()
+    batch = _batch(verify_images_dir, 64, 64)
+    with torch.no_grad():
+        got = graph(torch.from_numpy(batch)).numpy()
+    np.testing.assert_allclose(got, _torch_logits(tiny_checkpoint, batch), atol=1e-6)
+    with pytest.raises(ValueError, match="output format"):
+        SegmentationGraph(model, cfg["mean"], cfg["std"], output_format="nchw")
+
+
+def test_disagreement_fails_and_leaves_nothing(tiny_checkpoint, verify_images_dir, tmp_path, monkeypatch):
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"previous model")  # an older file must survive a failed export untouched
+    import effiseg.export.onnx_export as ox
+    monkeypatch.setattr(ox, "LOGIT_RTOL", -1.0)  # no tolerance at all: any rounding is a mismatch
+    with pytest.raises(ExportError, match="disagrees"):
+        export_checkpoint(tiny_checkpoint, out, verify_dir=verify_images_dir, verify_count=1)
+    assert out.read_bytes() == b"previous model"
+    assert not list(tmp_path.glob("*.effiseg-tmp"))
+    failed = json.loads((tmp_path / "m.onnx.export-failed.json").read_text())
+    assert failed["ok"] is False and "disagrees" in failed["error"]
+    assert not (tmp_path / "m.onnx.export.json").exists()
+
+
+def test_bad_requests(tiny_checkpoint, tmp_path):
+    with pytest.raises(ExportError, match="opset"):
+        export_checkpoint(tiny_checkpoint, tmp_path / "m.onnx", opset=13)
+    with pytest.raises(ExportError, match="not found"):
+        export_checkpoint(tiny_checkpoint, tmp_path / "m.onnx", verify_dir=tmp_path / "missing")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_bytes_per_image():
+    b = bytes_per_image(352, 352, "uint8-nhwc", "mask")
+    assert b["chosen_input"] == 352 * 352 * 3 and b["chosen_output"] == 352 * 352
+    assert b["input"]["float32-nchw"] == 4 * b["input"]["uint8-nhwc"]
+    assert b["output"] == {"logits": 352 * 352 * 4, "probabilities": 352 * 352 * 2, "mask": 352 * 352}
+    assert b["saving_vs_float32"] == pytest.approx(16 / 4)
+
+
+def test_cli(tiny_checkpoint, verify_images_dir, tmp_path):
+    import shutil
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["metrics"] = {"validation": {"mean_dice": 0.9123}}  # what training records
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "cli.onnx"
+    result = CliRunner().invoke(export_command, [str(checkpoint), "-o", str(out), "--output-format",
+                                                 "probabilities", "--verify-images", str(verify_images_dir),
+                                                 "--verify-count", "1"])
+    assert result.exit_code == 0, result.output
+    assert "bytes per image at 64x64" in result.output and "mask agreement" in result.output
+    info = ModelInfo.from_onnx(out)
+    assert info.output_format == "probabilities"
+    assert info.metrics == {"validation": {"mean_dice": 0.9123}}
+    bad = CliRunner().invoke(export_command, [str(tiny_checkpoint), "-o", str(tmp_path / "x.onnx"),
+                                              "--verify-images", str(tmp_path / "nope")])
+    assert bad.exit_code == 1 and "nothing written" in bad.output
+    assert not (tmp_path / "x.onnx").exists()

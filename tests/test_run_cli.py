@@ -1,0 +1,223 @@
+"""effiseg-run end to end: outputs, layout, summaries, folder rules, kill safety and --resume."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import export_tiny
+from PIL import Image
+
+pytest.importorskip("onnxruntime")
+
+from effiseg.runtime import cli as run_cli  # noqa: E402
+from effiseg.runtime.cli import run_command  # noqa: E402
+from effiseg.runtime.images import TEMP_SUFFIX, png_is_complete  # noqa: E402
+
+
+def _make_images(folder, n, size=(40, 48), seed=0, ext="png"):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        small = rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((size[1] + i % 5, size[0] + i % 3), Image.BILINEAR).save(folder / f"{i}.{ext}")
+
+
+def _run(*args):
+    return CliRunner().invoke(run_command, [str(a) for a in args] + ["--no-progress"])
+
+
+def test_end_to_end_default_output_summary_and_overlay(tiny_onnx, tmp_path):
+    src = tmp_path / "frames"
+    _make_images(src, 5)
+    result = _run("--input", src, "--model", tiny_onnx, "--batch", 2, "--overlay", "--workers", 2)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "frames_masks"  # the documented default: a sibling named <input>_masks
+    for i in range(5):
+        image = Image.open(src / f"{i}.png")
+        mask = Image.open(out / f"{i}.png")
+        assert mask.mode == "L" and mask.size == image.size
+        assert set(np.unique(np.asarray(mask))) <= {0, 255}
+        overlay = Image.open(out / "overlays" / f"{i}.jpg")
+        assert overlay.size == image.size
+    rows = list(csv.DictReader(open(out / "effiseg_summary.csv", newline="")))
+    assert [r["file"] for r in rows] == [f"{i}.png" for i in range(5)]
+    assert all(r["status"] == "ok" and r["error"] == "" for r in rows)
+    assert all(0 <= float(r["area_fraction"]) <= 1 and int(r["regions"]) >= 0 for r in rows)
+    summary = json.loads((out / "effiseg_summary.json").read_text())
+    assert summary["backend"] == "onnxruntime" and summary["devices"] == ["cpu"]
+    assert summary["precision"] == "fp32" and summary["n_ok"] == 5 and summary["n_failed"] == 0
+    assert summary["images_per_s"] > 0 and summary["batch"] == 2
+    assert {"decode_s", "wait_for_slot_s", "infer_s", "write_s"} <= set(summary["timing"])
+    assert "5 image(s): 5 ok, 0 failed" in result.output
+
+
+def test_recursive_mirrors_folders_and_separates_name_collisions(tiny_onnx, tmp_path):
+    src = tmp_path / "in"
+    _make_images(src / "a" / "b", 2)
+    _make_images(src, 1)
+    Image.open(src / "0.png").convert("RGB").save(src / "0.jpg")  # 0.jpg and 0.png: same mask name
+    flat = _run("--input", src, "--output", tmp_path / "flat", "--model", tiny_onnx)
+    assert flat.exit_code == 0, flat.output
+    assert sorted(p.name for p in (tmp_path / "flat").glob("*.png")) == ["0.jpg.png", "0.png.png"]
+    assert not (tmp_path / "flat" / "a").exists()
+    deep = _run("--input", src, "--output", tmp_path / "deep", "--model", tiny_onnx, "--recursive")
+    assert deep.exit_code == 0, deep.output
+    assert (tmp_path / "deep" / "a" / "b" / "0.png").is_file() and (tmp_path / "deep" / "a" / "b" / "1.png").is_file()
+    summary = json.loads((tmp_path / "deep" / "effiseg_summary.json").read_text())
+    assert [r["file"] for r in summary["files"]] == ["0.jpg", "0.png", "a/b/0.png", "a/b/1.png"]
+
+
+def test_folder_rules_and_startup_errors(tiny_onnx, tmp_path, monkeypatch):
+    src = tmp_path / "in"
+    _make_images(src, 1)
+    same = _run("--input", src, "--output", src, "--model", tiny_onnx)
+    assert same.exit_code == 3 and "may not be the input folder" in same.output
+    inside = _run("--input", src, "--output", src / "masks", "--model", tiny_onnx, "--recursive")
+    assert inside.exit_code == 3 and "inside the input folder" in inside.output
+    ok_inside = _run("--input", src, "--output", src / "masks", "--model", tiny_onnx)  # not recursive: fine
+    assert ok_inside.exit_code == 0, ok_inside.output
+    missing_input = _run("--input", tmp_path / "nope", "--model", tiny_onnx)
+    assert missing_input.exit_code == 3 and "input folder not found" in missing_input.output
+    monkeypatch.setattr(run_cli, "DEFAULT_MODEL", tmp_path / "models" / "effisegnet-default.onnx")
+    no_model = _run("--input", src, "--output", tmp_path / "o")
+    assert no_model.exit_code == 3 and "bundled model" in no_model.output and "--model" in no_model.output
+    bad_device = _run("--input", src, "--output", tmp_path / "o", "--model", tiny_onnx, "--devices", "tpu")
+    assert bad_device.exit_code == 3 and "unknown device" in bad_device.output
+    not_onnx = tmp_path / "model.onnx"
+    not_onnx.write_bytes(b"garbage")
+    bad_model = _run("--input", src, "--output", tmp_path / "o", "--model", not_onnx)
+    assert bad_model.exit_code == 3 and "model.onnx" in bad_model.output
+
+
+def test_threshold_rules_for_mask_models(tiny_checkpoint, verify_images_dir, tmp_path):
+    mask_model = export_tiny(tiny_checkpoint, tmp_path / "mask.onnx", verify_images_dir, output_format="mask")
+    src = tmp_path / "in"
+    _make_images(src, 3)
+    refused = _run("--input", src, "--output", tmp_path / "o1", "--model", mask_model, "--threshold", 0.3)
+    assert refused.exit_code == 3 and "baked" not in refused.output and "threshold" in refused.output
+    ok = _run("--input", src, "--output", tmp_path / "o2", "--model", mask_model)
+    assert ok.exit_code == 0, ok.output
+    summary = json.loads((tmp_path / "o2" / "effiseg_summary.json").read_text())
+    assert all(r["max_probability"] is None for r in summary["files"])  # masks carry no probability
+
+
+def test_torch_backend_from_checkpoint(tiny_checkpoint, tiny_onnx, tmp_path):
+    pytest.importorskip("torch")
+    src = tmp_path / "in"
+    _make_images(src, 3)
+    result = _run("--input", src, "--output", tmp_path / "t", "--model", tiny_checkpoint, "--backend", "torch",
+                  "--devices", "cpu")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "t" / "effiseg_summary.json").read_text())
+    assert summary["backend"] == "torch" and summary["precision"] == "fp32"
+    onnx_run = _run("--input", src, "--output", tmp_path / "o", "--model", tiny_onnx)
+    assert onnx_run.exit_code == 0
+    for i in range(3):
+        a = np.asarray(Image.open(tmp_path / "t" / f"{i}.png"))
+        b = np.asarray(Image.open(tmp_path / "o" / f"{i}.png"))
+        assert (a == b).mean() > 0.999
+    wrong = _run("--input", src, "--output", tmp_path / "w", "--model", tiny_checkpoint, "--backend", "onnxruntime")
+    assert wrong.exit_code == 3 and "torch backend" in wrong.output
+
+
+# A CLI run whose renames are slowed down so that it can be killed with work in flight, including
+# complete temporary files that were not yet renamed into place.
+KILL_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    real_replace = os.replace
+    def slow_replace(src, dst):
+        time.sleep(0.04)
+        real_replace(src, dst)
+    os.replace = slow_replace
+    from effiseg.runtime.cli import run_command
+    run_command(sys.argv[1:])
+""")
+
+
+def test_killed_run_leaves_no_partial_masks_and_resume_completes(tiny_onnx, tmp_path):
+    src, out, fresh = tmp_path / "in", tmp_path / "out", tmp_path / "fresh"
+    n = 40
+    _make_images(src, n, size=(120, 150))
+    script = tmp_path / "slow_cli.py"
+    script.write_text(KILL_SCRIPT)
+    args = ["--input", str(src), "--output", str(out), "--model", str(tiny_onnx), "--batch", "4",
+            "--workers", "2", "--no-progress", "--overlay"]
+    proc = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if out.is_dir() and len(list(out.glob("*.png"))) >= 3:
+                break
+            time.sleep(0.01)
+        proc.kill()  # SIGKILL on POSIX, TerminateProcess on Windows: no cleanup code runs
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    masks = list(out.glob("*.png"))
+    assert 3 <= len(masks) < n, "the run should have been killed part-way"
+    for m in masks:  # every mask present is a whole PNG
+        assert png_is_complete(m)
+        with Image.open(m) as im:
+            im.load()
+            assert im.size == Image.open(src / m.name).size
+    leftovers = [p for p in out.rglob("*") if p.is_file() and p.suffix not in (".png", ".jpg")
+                 and p.name != "effiseg_journal.jsonl"]
+    assert all(p.name.endswith(TEMP_SUFFIX) for p in leftovers), leftovers
+    for p in (out / "overlays").glob("*.jpg"):
+        with Image.open(p) as im:
+            im.load()
+
+    done_before = {m.name for m in masks}
+    resumed = _run(*args[:-1], "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert not list(out.rglob(f"*{TEMP_SUFFIX}"))
+    summary = json.loads((out / "effiseg_summary.json").read_text())
+    assert summary["n_images"] == n and summary["n_failed"] == 0
+    assert summary["n_skipped"] == len(done_before) and summary["n_ok"] == n - len(done_before)
+    skipped = {r["mask"] for r in summary["files"] if r["status"] == "skipped"}
+    assert skipped == done_before
+    # The journal restores the statistics of images finished before the kill.
+    assert all(r["area_fraction"] is not None for r in summary["files"])
+
+    full = _run("--input", src, "--output", fresh, "--model", tiny_onnx, "--batch", "3")
+    assert full.exit_code == 0
+    for i in range(n):
+        assert np.array_equal(np.asarray(Image.open(out / f"{i}.png")), np.asarray(Image.open(fresh / f"{i}.png")))
+
+
+def test_resume_redoes_incomplete_and_failed_files(tiny_onnx, tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    _make_images(src, 4)
+    (src / "4.png").write_bytes(b"")
+    assert _run("--input", src, "--output", out, "--model", tiny_onnx).exit_code == 1
+    (out / "0.png").write_bytes((out / "0.png").read_bytes()[:30])  # a mask cut short (e.g. a full disk)
+    (out / (".1.png.123-0" + TEMP_SUFFIX)).write_bytes(b"stale")
+    Image.open(src / "1.png").save(src / "4.png")  # the broken input has been fixed
+    again = _run("--input", src, "--output", out, "--model", tiny_onnx, "--resume")
+    assert again.exit_code == 0, again.output
+    summary = json.loads((out / "effiseg_summary.json").read_text())
+    status = {r["file"]: r["status"] for r in summary["files"]}
+    assert status == {"0.png": "ok", "1.png": "skipped", "2.png": "skipped", "3.png": "skipped", "4.png": "ok"}
+    assert png_is_complete(out / "0.png") and not list(out.glob(f"*{TEMP_SUFFIX}"))
+    assert "removed 1 temporary file" in again.output
+
+
+@pytest.mark.gpu
+def test_cli_torch_fp16_on_cuda_reports_precision_and_timing(tiny_checkpoint, tmp_path):
+    src = tmp_path / "in"
+    _make_images(src, 10, size=(90, 120))
+    result = _run("--input", src, "--output", tmp_path / "o", "--model", tiny_checkpoint, "--backend", "torch",
+                  "--precision", "fp16", "--devices", "0", "--batch", "4")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "o" / "effiseg_summary.json").read_text())
+    assert summary["backend"] == "torch" and summary["precision"] == "fp16" and summary["devices"] == ["cuda:0"]
+    assert summary["backends"][0]["cuda_graphs"] is True
+    assert summary["n_ok"] == 10 and summary["timing"]["batches"] == 3

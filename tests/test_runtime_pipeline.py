@@ -1,0 +1,331 @@
+"""The inference pipeline: identical results to direct model calls for any batch/slot/device layout,
+bounded memory, per-file failures, and the numerics it relies on."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ort = pytest.importorskip("onnxruntime")
+
+from effiseg.runtime import Segmenter  # noqa: E402
+from effiseg.runtime.backends import parse_devices  # noqa: E402
+from effiseg.runtime.backends.base import Backend  # noqa: E402
+from effiseg.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
+from effiseg.runtime.model_info import ModelInfo  # noqa: E402
+from effiseg.runtime.pipeline import Pipeline  # noqa: E402
+from effiseg.runtime.postprocess import count_regions, output_to_mask, resize_bilinear, resize_rgb  # noqa: E402
+
+
+def _images(kvasir_sample_paths) -> list[np.ndarray]:
+    """Eleven images of assorted sizes (real ones where available)."""
+    rng = np.random.default_rng(3)
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in kvasir_sample_paths[:5]]
+    for h, w in [(50, 70), (200, 31), (64, 64), (1, 1), (97, 130), (33, 400)]:
+        base = rng.integers(0, 256, (max(1, h // 8), max(1, w // 8), 3), dtype=np.uint8)
+        images.append(np.asarray(Image.fromarray(base).resize((w, h), Image.BILINEAR)))
+    while len(images) < 11:
+        images.append(rng.integers(0, 256, (80, 90, 3), dtype=np.uint8))
+    return images
+
+
+def _direct_masks(onnx_path, images, threshold=0.5) -> list[np.ndarray]:
+    """One image at a time straight through ONNX Runtime, same pre/post-processing functions."""
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    info = ModelInfo.from_onnx(onnx_path)
+    out = []
+    for im in images:
+        x = resize_rgb(im, info.input_height, info.input_width)[None]
+        logits = session.run(None, {"images": x})[0][0]
+        out.append(output_to_mask(logits, "logits", threshold, *im.shape[:2])[0])
+    return out
+
+
+@pytest.fixture(scope="module")
+def images(kvasir_sample_paths):
+    return _images(kvasir_sample_paths)
+
+
+@pytest.fixture(scope="module")
+def direct(tiny_onnx, images):
+    return _direct_masks(tiny_onnx, images)
+
+
+@pytest.mark.parametrize("slots", [1, 2, 3])
+def test_segment_equals_direct_outputs_for_any_slot_count(tiny_onnx, images, direct, slots):
+    with Segmenter.from_onnx(tiny_onnx, backend="onnxruntime", devices="cpu", max_batch=4, slots=slots,
+                             workers=3) as seg:
+        masks = seg.segment(images)
+        assert seg.last_stats.batches == 3  # 11 images in batches of 4: 4 + 4 + 3
+    assert len(masks) == len(images)
+    for m, ref, im in zip(masks, direct, images):
+        assert m.shape == im.shape[:2] and m.dtype == bool
+        assert np.array_equal(m, ref)
+    assert any(m.any() and not m.all() for m in masks)  # not a degenerate comparison
+
+
+def test_run_folder_writes_the_same_masks_keyed_by_file(tiny_onnx, images, direct, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(src / f"img{i}.png")
+    with Segmenter.from_onnx(tiny_onnx, backend="onnxruntime", max_batch=3, slots=2, workers=4) as seg:
+        summary = seg.run_folder(src, tmp_path / "out")
+    assert summary["n_ok"] == len(images) and summary["n_failed"] == 0
+    for i, ref in enumerate(direct):
+        got = np.asarray(Image.open(tmp_path / "out" / f"img{i}.png"))
+        assert got.dtype == np.uint8 and set(np.unique(got)) <= {0, 255}
+        assert np.array_equal(got == 255, ref), f"img{i}"
+    rows = {r["file"]: r for r in summary["files"]}
+    for i, ref in enumerate(direct):
+        row = rows[f"img{i}.png"]
+        assert row["area_fraction"] == pytest.approx(ref.mean(), abs=1e-6)
+        assert row["regions"] == count_regions(ref)
+        assert (row["width"], row["height"]) == (images[i].shape[1], images[i].shape[0])
+        assert 0.0 <= row["max_probability"] <= 1.0
+    timing = summary["timing"]
+    for key in ("decode_s", "wait_for_slot_s", "infer_s", "write_s", "runner_idle_s"):
+        assert timing[key] >= 0.0
+    assert timing["batches"] == 4 and timing["images"] == len(images)
+
+
+def test_probabilities_are_sigmoid_of_resized_logits(tiny_onnx, images):
+    with Segmenter.from_onnx(tiny_onnx, backend="onnxruntime", max_batch=4) as seg:
+        probs = seg.segment(images[:4], output="probabilities")
+        masks = seg.segment(images[:4])
+    for p, m in zip(probs, masks):
+        assert p.dtype == np.float32 and 0 <= p.min() and p.max() <= 1
+        assert np.array_equal(p > 0.5, m)
+
+
+def test_threshold_changes_the_cut(tiny_onnx, images):
+    with Segmenter.from_onnx(tiny_onnx, max_batch=4, threshold=0.3) as low, \
+            Segmenter.from_onnx(tiny_onnx, max_batch=4, threshold=0.7) as high:
+        a, b = low.segment(images[:3]), high.segment(images[:3])
+    assert all((x >= y).all() for x, y in zip(a, b))
+    assert sum(x.sum() for x in a) > sum(y.sum() for y in b)
+
+
+def test_two_backends_share_one_queue(tiny_onnx, images, direct):
+    """devices=[0, 1] opens one backend per device; here two CPU sessions stand in for two GPUs."""
+    info = ModelInfo.from_onnx(tiny_onnx)
+    backends = [OnnxRuntimeBackend(info, tiny_onnx, "cpu", max_batch=2, n_slots=2) for _ in range(2)]
+    used = [0, 0]
+    for i, b in enumerate(backends):
+        original = b.submit
+
+        def counting(slot, n, _i=i, _original=original):
+            used[_i] += 1
+            return _original(slot, n)
+        b.submit = counting
+    with Segmenter(backends, workers=3) as seg:
+        masks = seg.segment(images)
+    assert all(np.array_equal(m, r) for m, r in zip(masks, direct))
+    assert used[0] > 0 and used[1] > 0 and sum(used) == 6
+
+
+def test_io_binding_path_matches(tiny_onnx, images, direct):
+    with Segmenter.from_onnx(tiny_onnx, backend="onnxruntime", max_batch=4, io_binding=True) as seg:
+        assert seg.backends[0].io_binding
+        masks = seg.segment(images)
+    assert all(np.array_equal(m, r) for m, r in zip(masks, direct))
+
+
+def test_dynamic_hw_model_at_another_input_size(tiny_onnx_dynamic, tiny_onnx, images):
+    with Segmenter.from_onnx(tiny_onnx_dynamic, max_batch=4, input_size=(80, 48)) as seg:
+        assert (seg.info.input_height, seg.info.input_width) == (80, 48)
+        masks = seg.segment(images[:3])
+    assert [m.shape for m in masks] == [im.shape[:2] for im in images[:3]]
+    with pytest.raises(ValueError, match="dynamic-hw"):
+        Segmenter.from_onnx(tiny_onnx, input_size=80)
+
+
+def test_torch_backend_matches_onnxruntime_on_cpu(tiny_checkpoint, tiny_onnx, images):
+    pytest.importorskip("torch")
+    with Segmenter.from_checkpoint(tiny_checkpoint, devices="cpu", precision="fp16", max_batch=3) as seg:
+        b = seg.backends[0]
+        assert (b.name, b.precision, b.device) == ("torch", "fp32", "cpu")
+        assert any("fp16" in m and "CPU" in m for m in b.messages)
+        probs_torch = seg.segment(images, output="probabilities")
+    with Segmenter.from_onnx(tiny_onnx, max_batch=3) as seg:
+        probs_ort = seg.segment(images, output="probabilities")
+    for a, b in zip(probs_torch, probs_ort):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_backend_selection_messages(tiny_onnx):
+    with Segmenter.from_onnx(tiny_onnx) as seg:  # auto on a machine without TensorRT or CUDA EP
+        assert seg.selection_notes[-1] == "auto: chose onnxruntime on cpu"
+        provider = seg.backends[0].describe()["provider"]
+        assert provider in ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider")
+    with pytest.raises(ValueError, match="checkpoints"):
+        Segmenter.from_onnx(tiny_onnx, backend="torch")
+    assert parse_devices("0,1") == ["cuda:0", "cuda:1"] and parse_devices([1]) == ["cuda:1"]
+    assert parse_devices("cpu") == ["cpu"] and parse_devices(None) is None
+    with pytest.raises(ValueError):
+        parse_devices("cpu,0")
+
+
+# -- pipeline mechanics with a fake numpy backend -------------------------------------------------
+class MeanBackend(Backend):
+    """Output = per-pixel channel mean - 128 ("logits"); optionally fails some batches."""
+    name = "fake"
+
+    def __init__(self, info, max_batch=4, n_slots=2, fail_on=(), delay=0.0):
+        super().__init__(info, "cpu", "fp32", max_batch, n_slots)
+        self.buffers = [np.zeros((max_batch, info.input_height, info.input_width, 3), np.uint8) for _ in range(n_slots)]
+        self.pending = [None] * n_slots
+        self.fail_on, self.delay, self.calls = set(fail_on), delay, 0
+
+    def host_input(self, slot):
+        return self.buffers[slot]
+
+    def submit(self, slot, n):
+        self.calls += 1
+        if self.calls in self.fail_on:
+            raise RuntimeError("device lost")
+        time.sleep(self.delay)
+        self.pending[slot] = self.buffers[slot][:n].mean(axis=3).astype(np.float32) - 128
+
+    def collect(self, slot):
+        out, self.pending[slot] = self.pending[slot], None
+        return out
+
+
+def _fake_info(size=16):
+    return ModelInfo(path=None, variant="fake", input_height=size, input_width=size)
+
+
+def test_batch_failure_is_reported_per_file_and_the_run_goes_on():
+    backend = MeanBackend(_fake_info(), max_batch=2, n_slots=2, fail_on={2})
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (20, 20, 3), dtype=np.uint8) for _ in range(7)]
+    seg = Segmenter([backend], workers=1)
+    results = {}
+    pipe = seg.pipeline(lambda i: (seg.prepare(images[i]), None),
+                        lambda i, meta, out: ("ok", out.shape),
+                        lambda i, err, stage: ("error", f"{stage}: {err}"))
+    for i, r in pipe.run(range(7)):
+        results[i] = r
+    assert sorted(results) == list(range(7))
+    errors = [r for r in results.values() if r[0] == "error"]
+    assert len(errors) == 2 and all("inference: device lost" in r[1] for r in errors)
+    assert sum(r[0] == "ok" for r in results.values()) == 5
+
+
+def test_memory_is_bounded_by_slots_and_writers():
+    """Many images, a slow writer: images decoded but not yet written stay bounded."""
+    backend = MeanBackend(_fake_info(), max_batch=4, n_slots=2)
+    lock = threading.Lock()
+    state = {"open": 0, "peak": 0}
+
+    def load(i):
+        with lock:
+            state["open"] += 1
+            state["peak"] = max(state["peak"], state["open"])
+        return np.full((16, 16, 3), i % 256, np.uint8), i
+
+    def finish(i, meta, out):
+        time.sleep(0.002)
+        with lock:
+            state["open"] -= 1
+        assert out[0, 0] == (i % 256) - 128  # each output is its own image's, whatever the batch
+        return i
+
+    pipe = Pipeline([backend], load, lambda row, rgb: row.__setitem__(Ellipsis, rgb), finish,
+                    lambda i, e, stage: pytest.fail(f"{stage}: {e}"), workers=4, writers=2)
+    done = sorted(i for _, i in pipe.run(range(300)))
+    assert done == list(range(300))
+    # slots x batch on the device side + writer queue (2 x writers) + one batch copied out
+    # + one image in hand per decoder.
+    bound = 2 * 4 + 2 * 2 + 4 + 4 + 2
+    assert state["peak"] <= bound, state
+
+
+def test_early_stop_releases_threads():
+    backend = MeanBackend(_fake_info(), max_batch=2, n_slots=2, delay=0.01)
+    pipe = Pipeline([backend], lambda i: (np.zeros((16, 16, 3), np.uint8), i),
+                    lambda row, rgb: None, lambda i, m, o: i, lambda i, e, s: None, workers=2, writers=1)
+    before = threading.active_count()
+    gen = pipe.run(range(1000))
+    next(gen)
+    gen.close()  # the consumer stops: every pipeline thread must end
+    deadline = time.time() + 5
+    while threading.active_count() > before and time.time() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() <= before
+    assert all(p is None for p in backend.pending)  # nothing left in flight on the backend
+
+
+# -- numerics -------------------------------------------------------------------------------------
+def test_count_regions_matches_scipy():
+    ndimage = pytest.importorskip("scipy.ndimage")
+    rng = np.random.default_rng(0)
+    for density in (0.05, 0.3, 0.5, 0.7):
+        for shape in [(1, 1), (1, 30), (30, 1), (40, 53), (120, 90)]:
+            mask = rng.random(shape) < density
+            expected = ndimage.label(mask, structure=np.ones((3, 3)))[1]
+            assert count_regions(mask) == expected, (density, shape)
+    assert count_regions(np.zeros((5, 5), bool)) == 0
+    assert count_regions(np.ones((5, 5), bool)) == 1
+    diag = np.eye(6, dtype=bool)  # 8-connectivity: one diagonal line is one region
+    assert count_regions(diag) == 1
+    u = np.zeros((5, 7), bool)
+    u[:, 0] = u[:, 6] = u[4, :] = True  # a U shape: two arms that merge at the bottom
+    assert count_regions(u) == 1
+
+
+def test_resize_bilinear_is_evaluations_interpolate():
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    rng = np.random.default_rng(1)
+    for (h, w), (H, W) in [((64, 64), (352, 352)), ((64, 64), (35, 100)), ((8, 5), (1, 1)), ((64, 48), (64, 48))]:
+        a = rng.normal(size=(h, w)).astype(np.float32) * 4
+        ref = F.interpolate(torch.from_numpy(a)[None, None], size=(H, W), mode="bilinear",
+                            align_corners=False)[0, 0].numpy()
+        np.testing.assert_allclose(resize_bilinear(a, H, W), ref, atol=1e-4)
+
+
+# -- GPU (the lead runs these on a CUDA machine) ----------------------------------------------------
+@pytest.mark.gpu
+def test_torch_fast_mode_matches_fp32_on_cuda(tiny_checkpoint, images):
+    with Segmenter.from_checkpoint(tiny_checkpoint, devices=0, precision="fp32", max_batch=4) as seg:
+        assert seg.backends[0].precision == "fp32" and not seg.backends[0].cuda_graphs
+        ref = seg.segment(images, output="probabilities")
+    with Segmenter.from_checkpoint(tiny_checkpoint, devices=0, precision="fp16", max_batch=4, slots=2) as seg:
+        b = seg.backends[0]
+        assert b.precision == "fp16" and b.cuda_graphs
+        fast = seg.segment(images, output="probabilities")  # 11 images: the last batch is partial
+        again = seg.segment(images[:1], output="probabilities")
+    for a, r in zip(fast, ref):
+        assert np.abs(a - r).max() < 2e-2
+    np.testing.assert_allclose(again[0], fast[0], atol=1e-3)  # a padded batch of one: same image, same answer
+
+
+@pytest.mark.gpu
+def test_onnxruntime_cuda_provider_when_installed(tiny_onnx, images, direct):
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime has no CUDA provider (pip install 'effiseg[ort-gpu]')")
+    with Segmenter.from_onnx(tiny_onnx, backend="onnxruntime", devices=0, max_batch=4, provider="cuda") as seg:
+        b = seg.backends[0]
+        assert b.provider == "CUDAExecutionProvider" and b.io_binding
+        masks = seg.segment(images)
+    for m, r in zip(masks, direct):
+        assert (m == r).mean() > 0.999
+
+
+@pytest.mark.gpu
+def test_torch_backend_on_every_gpu(tiny_checkpoint, images):
+    import torch
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    with Segmenter.from_checkpoint(tiny_checkpoint, devices=[0, 1], precision="fp32", max_batch=2) as seg:
+        assert [b.device for b in seg.backends] == ["cuda:0", "cuda:1"]
+        masks = seg.segment(images)
+    with Segmenter.from_checkpoint(tiny_checkpoint, devices="cpu", max_batch=2) as seg:
+        ref = seg.segment(images)
+    for m, r in zip(masks, ref):
+        assert (m == r).mean() > 0.999
