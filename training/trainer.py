@@ -161,9 +161,7 @@ class Trainer:
                                  deep_supervision=c.deep_supervision).to(self.device)
         if self.device.type == "cuda" and c.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        fused = self.device.type == "cuda"
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay,
-                                     **({"fused": True} if fused else {}))
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(1, c.epochs), eta_min=c.min_lr)
         self.shuffle_gen = torch.Generator().manual_seed(c.seed)
         self.aug_gen = torch.Generator(device=self.device).manual_seed(c.seed + 1)

@@ -14,7 +14,7 @@ ROOT=$(pwd)
 OUT=${OUT:-$ROOT/.gpu_out}
 WORK=${WORK:-/tmp/effiseg_gpu}
 DATA=${DATA:-$ROOT/.carry/kvasir-seg}
-TRAIN_BUDGET=${TRAIN_BUDGET:-330}
+TRAIN_BUDGET=${TRAIN_BUDGET:-290}
 PARALLEL=${PARALLEL:-12}
 SEEDS=${SEEDS:-0,1,2}
 ARMS=${ARMS:-baseline,overlay_box,boundary_loss,overlay_box+boundary_loss}
@@ -51,6 +51,8 @@ print(json.dumps(info))
 PY
 
 PROTO=$WORK/protocol
+# Many training processes share the CPU cores: one thread each avoids oversubscription.
+export OMP_NUM_THREADS=1
 stamp "protocol: train (budget ${TRAIN_BUDGET}s, ${PARALLEL} at once)"
 "$PY" -m effiseg.training.protocol train --data "$DATA" --out "$PROTO" --arms "$ARMS" --seeds "$SEEDS" \
   --time-budget "$TRAIN_BUDGET" --parallel "$PARALLEL" --min-epochs 1 --max-epochs 150 "${EXTRA[@]}"
@@ -63,18 +65,31 @@ stamp "protocol: evaluate exit $?"
 "$PY" -m effiseg.training.protocol report --out "$PROTO" --n-boot 10000
 stamp "protocol: report exit $?"
 
+unset OMP_NUM_THREADS
 # The checkpoint used for the speed measurements (timings do not depend on the weights).
 CKPT=$PROTO/runs/baseline_s0/best.safetensors
 BENCH=$WORK/bench
 if [ -f "$CKPT" ] && [ "$(elapsed)" -lt $((DEADLINE - 90)) ]; then
   stamp "benchmarks"
-  BENCH_CMD_PLACEHOLDER
+  BARGS=(--backends torch-eager,torch-fast --batch-sizes 1,8,32 --mode both --rounds 2 --images 128
+         --images-from "$DATA/test/images" --checkpoint "$CKPT" --output "$BENCH" --cache-dir "$WORK/bench-cache")
+  [ "${DRY:-0}" = 1 ] && BARGS=(--backends torch-eager,torch-fast --batch-sizes 1 --mode both --rounds 1 --images 4
+         --iters 2 --warmup 1 --images-from "$DATA/test/images" --checkpoint "$CKPT" --output "$BENCH" --cache-dir "$WORK/bench-cache")
+  timeout $((DEADLINE - 60 - $(elapsed))) "$PY" -c "from effiseg.benchmarks.cli import bench_command; bench_command()" "${BARGS[@]}"
+  stamp "benchmarks exit $?"
+fi
+
+# The GPU-marked tests (torch fast mode, CUDA pipeline): their first run on a GPU.
+if [ "$(elapsed)" -lt $((DEADLINE - 45)) ]; then
+  stamp "gpu tests"
+  timeout $((DEADLINE - 15 - $(elapsed))) "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_runtime_pipeline.py tests/test_run_cli.py 2>&1 | tail -25 | tee "$WORK/gpu_tests.txt"
+  stamp "gpu tests done"
 fi
 
 stamp "pack"
 cd "$WORK"
 # Small results: everything but checkpoints and resume states.
-tar czf "$OUT/results.tgz" --exclude='*.safetensors' --exclude='*.pt' --exclude='site' protocol bench env.json 2>/dev/null
+tar czf "$OUT/results.tgz" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.onnx' protocol bench env.json gpu_tests.txt 2>/dev/null
 SHIP=$("$PY" -c "import json;print(json.load(open('protocol/protocol_results.json'))['winner']['ship_run'])" 2>/dev/null || echo baseline_s0)
 CK=()
 for run in baseline_s0 "$SHIP"; do

@@ -1,0 +1,78 @@
+"""Derived figures computed from one run's results: speed-up over the baseline and the
+pipeline's efficiency (end-to-end images/s over model-only images/s)."""
+from __future__ import annotations
+
+from .stats import ratio, speedup
+
+SCHEMA = "effiseg-bench/1"
+
+
+def _ips(result: dict) -> float | None:
+    latency = result.get("latency")
+    return latency.get("throughput_ips") if latency else None
+
+
+def _p50(result: dict) -> float | None:
+    latency = result.get("latency")
+    return latency.get("p50_ms") if latency else None
+
+
+def find_baseline(results: list[dict], baseline_label: str, mode: str, batch: int, height: int,
+                  width: int) -> dict | None:
+    """The baseline's result of the same mode, batch and size (input format ignored: the
+    baseline has its own); the uint8 one first where several exist."""
+    matches = [r for r in results if r["label"] == baseline_label and r["mode"] == mode
+               and r["batch_size"] == batch and r["height"] == height and r["width"] == width
+               and r.get("latency")]
+    matches.sort(key=lambda r: r["input_format"] != "uint8-nhwc")
+    return matches[0] if matches else None
+
+
+def attach_speedups(results: list[dict], baseline_label: str) -> None:
+    """Set ``speedup_vs_baseline`` (baseline p50 / this p50, >1 = faster) and ``baseline_key`` on
+    every result; model-only results compare against model-only, e2e against e2e."""
+    for r in results:
+        base = find_baseline(results, baseline_label, r["mode"], r["batch_size"], r["height"], r["width"])
+        r["baseline_key"] = base["key"] if base else None
+        r["speedup_vs_baseline"] = speedup(_p50(r), _p50(base)) if base else None
+
+
+def attach_efficiency(results: list[dict]) -> None:
+    """On every e2e result: ``pipeline_efficiency`` = its images/s over the model-only images/s
+    of the same backend, device, input format, batch and size."""
+    model = {(r["label"], r["input_format"], r["batch_size"], r["height"], r["width"]): r
+             for r in results if r["mode"] == "model"}
+    for r in results:
+        if r["mode"] != "e2e":
+            continue
+        m = model.get((r["label"], r["input_format"], r["batch_size"], r["height"], r["width"]))
+        r["model_only_key"] = m["key"] if m else None
+        r["pipeline_efficiency"] = ratio(_ips(r), _ips(m)) if m else None
+
+
+def best_backend(results: list[dict], mode: str, batch: int) -> dict | None:
+    candidates = [r for r in results if r["mode"] == mode and r["batch_size"] == batch and _ips(r)]
+    return max(candidates, key=_ips) if candidates else None
+
+
+def headline(results: list[dict], baseline_label: str) -> list[dict]:
+    """Per batch size: the fastest model-only configuration, its speed-up over the baseline and
+    the pipeline efficiency of its e2e twin (where measured)."""
+    rows = []
+    for batch in sorted({r["batch_size"] for r in results}):
+        best = best_backend(results, "model", batch)
+        if best is None:
+            continue
+        twin = next((r for r in results if r["mode"] == "e2e" and r.get("model_only_key") == best["key"]), None)
+        best_e2e = best_backend(results, "e2e", batch)
+        rows.append({
+            "batch_size": batch,
+            "best_model_only": best["key"],
+            "best_model_only_ips": _ips(best),
+            "speedup_vs_baseline": best.get("speedup_vs_baseline"),
+            "pipeline_efficiency_of_best": twin.get("pipeline_efficiency") if twin else None,
+            "best_e2e": best_e2e["key"] if best_e2e else None,
+            "best_e2e_ips": _ips(best_e2e) if best_e2e else None,
+            "best_e2e_efficiency": best_e2e.get("pipeline_efficiency") if best_e2e else None,
+        })
+    return rows

@@ -1,0 +1,282 @@
+"""``effiseg-bench``: latency and throughput of every inference backend against PyTorch FP32
+eager, model-only and end to end, in interleaved rounds; table + JSON + PNG."""
+from __future__ import annotations
+
+import datetime as _dt
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from .analysis import SCHEMA, attach_efficiency, attach_speedups, headline
+from .machine import load_average, machine_info
+from .report import (SchemaError, compare_results, format_comparison, format_report, load_result_file,
+                     plot_throughput, write_json)
+from .targets import BASELINE, TARGETS, default_devices, parse_names, resolve_targets
+
+JSON_NAME, TEXT_NAME, PLOT_NAME = "effiseg_bench.json", "effiseg_bench.txt", "effiseg_bench.png"
+FORMATS = {"uint8": "uint8-nhwc", "uint8-nhwc": "uint8-nhwc", "float32": "float32-nchw",
+           "float32-nchw": "float32-nchw"}
+
+
+class BenchError(click.ClickException):
+    pass
+
+
+def _log(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def parse_int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{what}: expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise click.BadParameter(f"{what}: expected positive integers, got {text!r}")
+    return sorted(set(values))
+
+
+def parse_sizes(text: str | None) -> list[tuple[int, int]] | None:
+    """"352", "256,352" or "384x320" (height x width) -> [(h, w), ...]."""
+    if not text:
+        return None
+    sizes = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        try:
+            h, _, w = part.partition("x")
+            size = (int(h), int(w or h))
+        except ValueError:
+            raise click.BadParameter(f"--input-size: expected N or HxW, got {part!r}") from None
+        if min(size) < 32:
+            raise click.BadParameter(f"--input-size: {part} is below 32 pixels")
+        sizes.append(size)
+    return sizes
+
+
+def parse_formats(text: str) -> list[str]:
+    out = []
+    for t in text.split(","):
+        t = t.strip().lower()
+        if not t:
+            continue
+        if t not in FORMATS:
+            raise click.BadParameter(f"--input-formats: {t!r} is not one of uint8, float32")
+        if FORMATS[t] not in out:
+            out.append(FORMATS[t])
+    if not out:
+        raise click.BadParameter("--input-formats is empty")
+    return out
+
+
+def run_compare(paths: tuple[Path, Path], output: Path | None) -> None:
+    try:
+        a, b = (load_result_file(p) for p in paths)
+    except SchemaError as e:
+        raise BenchError(str(e)) from None
+    cmp = compare_results(a, b)
+    click.echo(format_comparison(cmp, str(paths[0]), str(paths[1])))
+    if output is not None:
+        import json
+        output.mkdir(parents=True, exist_ok=True)
+        target = output / "effiseg_bench_compare.json"
+        target.write_text(json.dumps({"a": str(paths[0]), "b": str(paths[1]), **cmp}, indent=1), encoding="utf-8")
+        _log(f"wrote {target}")
+
+
+@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.option("--backends", default="all",
+              help=f"Comma-separated: {', '.join(TARGETS)}, or all (those that can run here). "
+                   f"{BASELINE} is the baseline and is always added when torch is installed.")
+@click.option("--batch-sizes", default=None,
+              help="Comma-separated batch sizes [default: 1,8,32 with a CUDA GPU, 1,8 on CPU-only machines].")
+@click.option("--input-size", "input_size", default=None,
+              help="Input size(s): N, HxW or a comma-separated list [default: the model's].")
+@click.option("--input-formats", default="uint8,float32",
+              help="ONNX input formats for model-only runs (uint8: preprocessing in the graph; float32: "
+                   "numpy normalisation on the host). End-to-end runs use the first.")
+@click.option("--rounds", type=click.IntRange(1, 1000), default=None,
+              help="Interleaved rounds [default: 5 with a GPU, 3 on CPU].")
+@click.option("--warmup", type=click.IntRange(1, 10000), default=None,
+              help="Warm-up batches per configuration before the rounds [default: 10 GPU, 1 CPU].")
+@click.option("--iters", type=click.IntRange(1, 100000), default=None,
+              help="Timed batches per configuration per round [default: enough for --min-time, "
+                   "at least 10 on GPUs / 2 on CPU, at most 200].")
+@click.option("--min-time", type=click.FloatRange(0, None), default=None,
+              help="Seconds per configuration per round when --iters is not given [default: 1.0 GPU, 0.5 CPU].")
+@click.option("--mode", type=click.Choice(["model", "e2e", "both"]), default="both",
+              help="model: tensors prepared, time submit+collect; e2e: image files -> mask files through "
+                   "the pipeline; both (their ratio is the pipeline's efficiency).")
+@click.option("--compute/--no-compute", default=None,
+              help="Also time pure compute of torch backends (CUDA events, no copies) [default: on GPUs].")
+@click.option("--images", "n_images", type=click.IntRange(1, 1000000), default=None,
+              help="Images in the end-to-end folder [default: 256 with a GPU, 16 on CPU].")
+@click.option("--images-from", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Folder to copy end-to-end images from [default: Kvasir-SEG test split when present, "
+                   "else bundled samples, else synthetic images].")
+@click.option("--workers", type=click.IntRange(1, 256), default=None,
+              help="Pipeline decoder (and writer) threads in e2e runs [default: the runtime's].")
+@click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Folder for effiseg_bench.json/.txt/.png [default: ./effiseg-bench].")
+@click.option("--model", "-m", "model", type=click.Path(path_type=Path), default=None,
+              help="An effiseg ONNX file (or a checkpoint folder) [default: the runtime's bundled model; "
+                   "without one, an untrained effisegnet-lite2 at 352 (timings only)].")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="A training checkpoint: torch backends run it, ONNX variants are exported from it.")
+@click.option("--devices", default=None,
+              help="Devices for backends that run on several (torch): cpu, cuda:0, ... "
+                   "[default: cuda:0 when torch sees a GPU, else cpu]. The first one's torch-eager is the baseline.")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None,
+              help="CPU threads for both torch (torch.set_num_threads) and ONNX Runtime (intra-op), so CPU "
+                   "backends compete with equal means [default: each library's own, one per core]. On a "
+                   "shared machine fewer threads than cores make timings less sensitive to other jobs.")
+@click.option("--settle", type=click.FloatRange(0, 10), default=None,
+              help="Pause in seconds before each configuration's turn in a round, so that idle-spinning "
+                   "thread pools of the previous backend stop first [default: 0.1 CPU, 0 GPU].")
+@click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Exported ONNX files and untrained checkpoints [default: $EFFISEG_BENCH_CACHE or the "
+                   "per-user cache folder].")
+@click.option("--main-thread", is_flag=True,
+              help="Time in the main thread instead of a worker thread like the pipeline's runner "
+                   "(a diagnosis: torch's CPU threading differs between the two).")
+@click.option("--no-plot", is_flag=True, help="Do not write the PNG plot.")
+@click.option("--compare", "compare", nargs=2, type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              default=None, help="Compare two result files A.json B.json (ratios B/A per configuration) and exit.")
+def bench_command(backends, batch_sizes, input_size, input_formats, rounds, warmup, iters, min_time, mode,
+                  compute, n_images, images_from, workers, output, model, checkpoint, devices, threads,
+                  settle, cache_dir, main_thread, no_plot, compare):
+    """Benchmark effiseg's inference backends against PyTorch FP32 eager."""
+    if compare:
+        run_compare(compare, output)
+        return
+    started = time.perf_counter()
+    load_before = load_average()
+    from effiseg.runtime.backends import parse_devices
+    try:
+        device_list = parse_devices(devices) if devices else default_devices()
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--devices") from None
+    on_gpu = any(d.startswith("cuda") for d in device_list)
+    batches = parse_int_list(batch_sizes, "--batch-sizes") if batch_sizes else ([1, 8, 32] if on_gpu else [1, 8])
+    rounds = rounds or (5 if on_gpu else 3)
+    warmup = warmup or (10 if on_gpu else 1)
+    min_time = (1.0 if on_gpu else 0.5) if min_time is None else min_time
+    settle = (0.0 if on_gpu else 0.1) if settle is None else settle
+    n_images = n_images or (256 if on_gpu else 16)
+    formats = parse_formats(input_formats)
+    compute = on_gpu if compute is None else compute
+    modes = {"model": ["model"], "e2e": ["e2e"], "both": ["model", "e2e"]}[mode]
+    if compute:
+        modes.append("compute")
+    try:
+        names = parse_names(backends)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--backends") from None
+    explicit = bool(names) and names != ["all"]
+    if explicit and BASELINE not in names:
+        names = [BASELINE] + names
+    targets, skipped = resolve_targets(names, device_list, explicit)
+    for s in skipped:
+        if s["explicit"]:
+            _log(f"warning: {s['backend']} on {s['device']} cannot run here: {s['reason']}")
+    if not targets:
+        raise BenchError("no backend can run here: " + "; ".join(f"{s['backend']}: {s['reason']}" for s in skipped))
+
+    if threads:
+        try:
+            import torch
+            torch.set_num_threads(threads)
+        except ImportError:
+            pass
+    from .models import resolve_models
+    from .factory import make_factory
+    from .runner import ComputeOnly, Config, IterationPlan, BackendPool, ModelOnly, run_rounds
+    _log("effiseg-bench: preparing models")
+    try:
+        models = resolve_models(model, checkpoint, cache_dir, log=_log)
+    except (OSError, ValueError, KeyError) as e:
+        raise BenchError(f"cannot prepare the model: {e}") from None
+    sizes = parse_sizes(input_size) or [models.native_size]
+    baseline_label = f"{BASELINE}@{device_list[0]}"
+
+    output = output or Path("effiseg-bench")
+    output.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="effiseg-bench-"))
+    pool = BackendPool(make_factory(models, threads), log=_log)
+    measurements = []
+    image_source = None
+    try:
+        if "e2e" in modes:
+            from .e2e import EndToEnd
+            from .imagesets import prepare_image_folder
+            images_dir, warm_dir = work / "images", work / "warmup"
+            image_source = prepare_image_folder(images_dir, n_images, *sizes[0], source=images_from)
+            _log(f"  end-to-end folder: {n_images} images from {image_source['source']}")
+            warm_dir.mkdir()
+            for f in sorted(images_dir.iterdir())[:max(batches)]:
+                shutil.copyfile(f, warm_dir / f.name)
+        for size in sizes:
+            for batch in batches:
+                for target in targets:
+                    fmts = ["uint8-nhwc"] if target.spec.source == "checkpoint" else formats
+                    if "model" in modes:
+                        measurements += [ModelOnly(Config("model", target, batch, *size, f), pool) for f in fmts]
+                    if "compute" in modes and target.spec.source == "checkpoint":
+                        measurements.append(ComputeOnly(Config("compute", target, batch, *size, fmts[0]), pool))
+                    if "e2e" in modes:
+                        measurements.append(EndToEnd(Config("e2e", target, batch, *size, fmts[0]), pool,
+                                                     images_dir, warm_dir, work / "masks", workers, workers))
+        _log(f"effiseg-bench: {len(measurements)} configuration(s), {rounds} round(s), "
+             f"backends {', '.join(t.label for t in targets)}, batches {batches}, "
+             f"sizes {['%dx%d' % s for s in sizes]}")
+        plan = IterationPlan(iters=iters, min_time_s=min_time, min_iters=10 if on_gpu else 2)
+        e2e_plan = IterationPlan(iters=1)
+        results = run_rounds(measurements, rounds, warmup, plan, settle_s=settle, log=_log,
+                             plan_for=lambda cfg: e2e_plan if cfg.mode == "e2e" else plan,
+                             worker_thread=not main_thread)
+    finally:
+        pool.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+    attach_speedups(results, baseline_label)
+    attach_efficiency(results)
+    data = {
+        "schema": SCHEMA,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": ["effiseg-bench"] + sys.argv[1:],
+        "machine": machine_info(),
+        "model": {**models.describe(), "input_sizes": [f"{h}x{w}" for h, w in sizes]},
+        "settings": {"backends": [t.label for t in targets], "baseline": baseline_label,
+                     "batch_sizes": batches, "input_sizes": [list(s) for s in sizes],
+                     "input_formats": formats, "modes": modes, "rounds": rounds, "warmup": warmup,
+                     "iters": iters, "min_time_s": min_time, "settle_s": settle, "timing_thread": "main" if main_thread else "worker", "images": n_images,
+                     "image_source": image_source, "workers": workers, "threads": threads,
+                     "devices": device_list},
+        "results": results,
+        "skipped": skipped,
+        "notes": list(models.notes),
+        "headline": headline(results, baseline_label),
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+        "duration_s": round(time.perf_counter() - started, 1),
+    }
+    if not any(r["label"] == baseline_label and r.get("latency") for r in results):
+        data["notes"].append(f"the baseline {baseline_label} has no result: speed-ups are not available")
+    json_path = write_json(data, output / JSON_NAME)
+    text = format_report(data)
+    (output / TEXT_NAME).write_text(text + "\n", encoding="utf-8")
+    click.echo(text)
+    _log(f"wrote {json_path}, {output / TEXT_NAME}")
+    if not no_plot:
+        plot = plot_throughput(data, output / PLOT_NAME, baseline_label)
+        _log(f"wrote {plot}" if plot else "no plot (matplotlib is not installed or nothing was measured)")
+    failed = [r for r in results if r.get("error")]
+    if failed:
+        raise BenchError(f"{len(failed)} configuration(s) failed: "
+                         + "; ".join(f"{r['key']}: {r['error']}" for r in failed)[:2000])

@@ -1,0 +1,69 @@
+"""End-to-end measurement: a folder of image files -> mask files, through the runtime's own
+``Segmenter.run_folder`` (decoder threads, double-buffered backend slots, writer threads).
+
+The Segmenter wraps the very backend instance the model-only measurement of the same
+configuration uses, so ``e2e images/s / model-only images/s`` isolates the pipeline's cost
+(reading, decoding, resizing, host preparation, resizing back, thresholding, PNG writing and
+whatever of it does not overlap with inference). Each sample is one complete run over the folder;
+the run's per-stage timing (``PipelineStats``) is kept per sample, which is the profile that says
+where end-to-end time goes when the pipeline falls short of the model.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .runner import Measurement
+
+
+class EndToEnd(Measurement):
+    def __init__(self, config, pool, images_dir: Path, warmup_dir: Path, output_root: Path,
+                 workers: int | None = None, writers: int | None = None):
+        super().__init__(config, pool)
+        self.images_dir = Path(images_dir)
+        self.warmup_dir = Path(warmup_dir)
+        self.output_dir = Path(output_root) / config.key.replace("|", "_").replace(":", "-")
+        self.workers, self.writers = workers, writers
+        self.segmenter = None
+        self.n_images = 0
+        self.extra["pipeline_timing"] = []
+
+    def open(self, warmup: int) -> list[float]:
+        from effiseg.runtime.images import list_images
+        from effiseg.runtime.segmenter import Segmenter
+        self.built = self.pool.get(self.config)
+        if self.built.error:
+            raise RuntimeError(self.built.error)
+        self.n_images = len(list_images(self.images_dir))
+        if self.n_images == 0:
+            raise RuntimeError(f"no images in {self.images_dir}")
+        # The segmenter borrows the pool's backend: it is closed by the pool, never by close() here.
+        self.segmenter = Segmenter([self.backend], workers=self.workers, writers=self.writers)
+        self.extra.update({"images": self.n_images, "workers": self.segmenter.workers,
+                           "writers": self.segmenter.writers, "slots": self.backend.n_slots})
+        warm = []
+        for _ in range(max(1, warmup)):
+            # A short run over a few images: threads, PIL codecs and the backend's slots warm up.
+            t0 = time.perf_counter()
+            summary = self.segmenter.run_folder(self.warmup_dir, self.output_dir.with_name(self.output_dir.name + "_warmup"))
+            n = summary["n_ok"]
+            if summary["n_failed"]:
+                raise RuntimeError(f"warm-up run failed on {summary['n_failed']} image(s): "
+                                   + "; ".join(r["error"] for r in summary["files"] if r["error"])[:300])
+            warm.append((time.perf_counter() - t0) * 1000.0 * self.config.batch_size / max(1, n))
+        return warm
+
+    def sample(self) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        summary = self.segmenter.run_folder(self.images_dir, self.output_dir)
+        wall = time.perf_counter() - t0
+        if summary["n_ok"] != self.n_images:
+            errors = "; ".join(r["error"] for r in summary["files"] if r["error"])
+            raise RuntimeError(f"{summary['n_ok']} of {self.n_images} images segmented: {errors[:300]}")
+        timing = dict(summary.get("timing") or {})
+        timing["bench_wall_s"] = round(wall, 4)
+        self.extra["pipeline_timing"].append(timing)
+        return 0.0, wall * 1000.0 * self.config.batch_size / self.n_images
+
+    def close(self) -> None:
+        self.segmenter = None

@@ -1,0 +1,66 @@
+"""The folder of image files the end-to-end benchmark reads.
+
+Sources, first that exists: an explicit folder (``--images-from``), the Kvasir-SEG test split
+(``$EFFISEG_DATA/test/images``, else ``../shared/data/kvasir-seg/test/images`` beside the
+repository), images bundled with the runtime (``effiseg/runtime/samples``), else synthetic JPEGs.
+The folder gets exactly ``n`` files: sources are cycled when they are fewer than ``n``.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from .hostprep import synthetic_images
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+
+def _images_in(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    from effiseg.runtime.images import list_images
+    return list_images(folder)
+
+
+def candidate_sources(explicit: str | Path | None = None) -> list[tuple[str, Path]]:
+    sources: list[tuple[str, Path]] = []
+    if explicit:
+        sources.append(("given folder", Path(explicit)))
+    env = os.environ.get("EFFISEG_DATA")
+    if env:
+        sources.append(("Kvasir-SEG test split ($EFFISEG_DATA)", Path(env) / "test" / "images"))
+    repo = Path(__file__).resolve().parents[1]
+    sources.append(("Kvasir-SEG test split", repo.parent / "shared" / "data" / "kvasir-seg" / "test" / "images"))
+    try:
+        import effiseg.runtime as runtime_pkg
+        sources.append(("bundled sample images", Path(runtime_pkg.__file__).parent / "samples"))
+    except ImportError:
+        pass
+    return sources
+
+
+def prepare_image_folder(dest: str | Path, n: int, height: int, width: int,
+                         source: str | Path | None = None) -> dict:
+    """Fill ``dest`` (created, must be empty or absent) with ``n`` images; returns where they came
+    from. A given ``source`` that holds no images is an error, not a silent fallback."""
+    if n < 1:
+        raise ValueError("the end-to-end benchmark needs at least one image")
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    if any(dest.iterdir()):
+        raise ValueError(f"{dest} is not empty")
+    for name, folder in candidate_sources(source):
+        files = _images_in(folder)
+        if not files:
+            if name == "given folder":
+                raise ValueError(f"--images-from {folder}: no image files there")
+            continue
+        for i in range(n):
+            src = files[i % len(files)]
+            shutil.copyfile(src, dest / f"{i:06d}{src.suffix.lower()}")
+        return {"source": name, "folder": str(folder), "files": n, "distinct": min(n, len(files))}
+    from PIL import Image
+    for i, rgb in enumerate(synthetic_images(n, height, width, seed=1234)):
+        Image.fromarray(rgb).save(dest / f"{i:06d}.jpg", quality=90)
+    return {"source": "synthetic", "folder": None, "files": n, "distinct": n}
