@@ -1,0 +1,308 @@
+"""effiseg-bench: statistics, derived ratios, the result-file schema, --compare, the interleaved
+runner (with a test double) and one tiny real CPU run through the CLI. No timing assertions."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from effiseg.benchmarks.analysis import SCHEMA, attach_efficiency, attach_speedups, headline
+from effiseg.benchmarks.cli import bench_command, parse_sizes
+from effiseg.benchmarks.report import (SchemaError, compare_results, format_report, validate_result_file)
+from effiseg.benchmarks.runner import BackendPool, Config, IterationPlan, ModelOnly, run_rounds
+from effiseg.benchmarks.stats import geometric_mean, percentile, ratio, speedup, summarize_latencies
+from effiseg.benchmarks.targets import TARGETS, Target, resolve_targets
+from effiseg.runtime.backends.base import Backend
+from effiseg.runtime.model_info import ModelInfo
+
+
+# -- statistics --------------------------------------------------------------------------------
+
+def test_percentiles_interpolate_linearly():
+    samples = list(range(1, 11))  # 1..10
+    assert percentile(samples, 50) == pytest.approx(5.5)
+    assert percentile(samples, 90) == pytest.approx(9.1)
+    assert percentile(samples, 99) == pytest.approx(9.91)
+    assert percentile([7.0], 99) == 7.0
+    with pytest.raises(ValueError):
+        percentile([], 50)
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+def test_summary_throughput_comes_from_the_median():
+    s = summarize_latencies([10.0, 20.0, 30.0, 40.0], batch_size=8)
+    assert s["p50_ms"] == pytest.approx(25.0)
+    assert s["throughput_ips"] == pytest.approx(8 * 1000 / 25.0)
+    assert s["throughput_mean_ips"] == pytest.approx(8 * 1000 / 25.0)
+    assert s["min_ms"] == 10.0 and s["max_ms"] == 40.0 and s["samples"] == 4
+    assert s["std_ms"] == pytest.approx(np.std([10, 20, 30, 40], ddof=1))
+    skewed = summarize_latencies([10.0, 10.0, 10.0, 1000.0], batch_size=1)
+    assert skewed["throughput_ips"] == pytest.approx(100.0)  # one preempted sample does not move it
+    assert skewed["throughput_mean_ips"] < 10
+    for bad in ([], [1.0, -1.0], [float("nan")]):
+        with pytest.raises(ValueError):
+            summarize_latencies(bad, 1)
+
+
+def test_ratios_and_speedups():
+    assert ratio(3.0, 2.0) == 1.5
+    assert ratio(1.0, 0.0) is None and ratio(None, 1.0) is None and ratio(1.0, float("inf")) is None
+    assert speedup(candidate_p50_ms=10.0, baseline_p50_ms=25.0) == pytest.approx(2.5)
+    assert geometric_mean([2.0, 8.0]) == pytest.approx(4.0)
+    assert geometric_mean([None, 0.0]) is None
+
+
+# -- synthetic results -------------------------------------------------------------------------
+
+def _result(mode, label, batch, p50, fmt="uint8-nhwc", size=352):
+    backend, device = label.split("@")
+    lat = summarize_latencies([p50 * 0.9, p50, p50 * 1.1], batch)
+    return {"mode": mode, "key": f"{mode}|{label}|{fmt}|b{batch}|{size}x{size}", "backend": backend,
+            "device": device, "label": label, "precision": "fp32", "batch_size": batch, "height": size,
+            "width": size, "input_format": fmt, "timing": "test", "latency": lat,
+            "samples_ms": [p50 * 0.9, p50, p50 * 1.1], "round_p50_ms": [p50], "memory": {
+                "host_rss_peak_mb": 100.0, "host_rss_added_mb": 5.0, "device_peak_mb": None,
+                "device_source": "n/a"}, "error": None}
+
+
+def _result_file(results):
+    results = copy.deepcopy(results)
+    attach_speedups(results, "torch-eager@cpu")
+    attach_efficiency(results)
+    return {"schema": SCHEMA, "created": "2025-01-01T00:00:00+00:00", "command": ["effiseg-bench"],
+            "machine": {"cpu_model": "Test CPU", "cpu_count": {"usable": 2}, "gpu": {"gpus": []}},
+            "model": {"variant": "effisegnet-lite2", "input_sizes": ["352x352"]}, "settings": {},
+            "results": results, "skipped": [], "notes": [], "headline": headline(results, "torch-eager@cpu"),
+            "load_average_before": [1.0, 1.0, 1.0], "load_average_after": None, "duration_s": 1.0}
+
+
+SYNTHETIC = [
+    _result("model", "torch-eager@cpu", 8, 1000.0),
+    _result("model", "ort-cpu@cpu", 8, 500.0),
+    _result("model", "ort-cpu@cpu", 8, 800.0, fmt="float32-nchw"),
+    _result("e2e", "torch-eager@cpu", 8, 1250.0),
+    _result("e2e", "ort-cpu@cpu", 8, 625.0),
+]
+
+
+def test_speedups_and_pipeline_efficiency():
+    data = _result_file(SYNTHETIC)
+    by_key = {r["key"]: r for r in data["results"]}
+    assert by_key["model|torch-eager@cpu|uint8-nhwc|b8|352x352"]["speedup_vs_baseline"] == pytest.approx(1.0)
+    assert by_key["model|ort-cpu@cpu|uint8-nhwc|b8|352x352"]["speedup_vs_baseline"] == pytest.approx(2.0)
+    assert by_key["model|ort-cpu@cpu|float32-nchw|b8|352x352"]["speedup_vs_baseline"] == pytest.approx(1.25)
+    e2e = by_key["e2e|ort-cpu@cpu|uint8-nhwc|b8|352x352"]
+    assert e2e["speedup_vs_baseline"] == pytest.approx(2.0)  # against the baseline's e2e
+    assert e2e["pipeline_efficiency"] == pytest.approx(0.8)
+    assert e2e["model_only_key"] == "model|ort-cpu@cpu|uint8-nhwc|b8|352x352"
+    (row,) = data["headline"]
+    assert row["best_model_only"] == "model|ort-cpu@cpu|uint8-nhwc|b8|352x352"
+    assert row["pipeline_efficiency_of_best"] == pytest.approx(0.8)
+    text = format_report(data)
+    assert "2.00x" in text and "ort-cpu@cpu" in text
+
+
+# -- schema ------------------------------------------------------------------------------------
+
+def test_schema_accepts_a_complete_file_and_names_what_is_wrong():
+    data = _result_file(SYNTHETIC)
+    validate_result_file(json.loads(json.dumps(data)))
+    broken = copy.deepcopy(data)
+    del broken["machine"]
+    broken["results"][0]["batch_size"] = "8"
+    del broken["results"][1]["latency"]["p99_ms"]
+    broken["results"][2]["mode"] = "fast"
+    with pytest.raises(SchemaError) as err:
+        validate_result_file(broken)
+    message = str(err.value)
+    for fragment in ("missing key 'machine'", "results[0].batch_size", "results[1].latency: missing key 'p99_ms'",
+                     "results[2].mode"):
+        assert fragment in message
+    flagged = copy.deepcopy(data)
+    flagged["results"][0]["batch_size"] = True  # a bool is not a batch size
+    with pytest.raises(SchemaError):
+        validate_result_file(flagged)
+
+
+# -- compare -----------------------------------------------------------------------------------
+
+def test_compare_two_result_files(tmp_path):
+    a = _result_file(SYNTHETIC)
+    faster = [copy.deepcopy(r) for r in SYNTHETIC if r["backend"] != "torch-eager"]
+    for r in faster:
+        p50 = r["latency"]["p50_ms"] / 2
+        r["latency"] = summarize_latencies([p50 * 0.9, p50, p50 * 1.1], r["batch_size"])
+    faster.append(_result("model", "torch-eager@cpu", 8, 1000.0))
+    faster.append(_result("model", "ort-cpu@cpu", 1, 100.0))
+    b = _result_file(faster)
+    cmp = compare_results(a, b)
+    rows = {r["key"]: r for r in cmp["rows"]}
+    assert rows["model|ort-cpu@cpu|uint8-nhwc|b8|352x352"]["throughput_ratio"] == pytest.approx(2.0)
+    assert rows["model|ort-cpu@cpu|uint8-nhwc|b8|352x352"]["p50_ratio"] == pytest.approx(0.5)
+    assert rows["model|torch-eager@cpu|uint8-nhwc|b8|352x352"]["throughput_ratio"] == pytest.approx(1.0)
+    assert cmp["only_in_a"] == ["e2e|torch-eager@cpu|uint8-nhwc|b8|352x352"]
+    assert cmp["only_in_b"] == ["model|ort-cpu@cpu|uint8-nhwc|b1|352x352"]
+
+    pa, pb = tmp_path / "a.json", tmp_path / "b.json"
+    pa.write_text(json.dumps(a))
+    pb.write_text(json.dumps(b))
+    res = CliRunner().invoke(bench_command, ["--compare", str(pa), str(pb), "--output", str(tmp_path / "cmp")])
+    assert res.exit_code == 0, res.output
+    assert "model|ort-cpu@cpu|uint8-nhwc|b8|352x352" in res.output and "2.000" in res.output
+    saved = json.loads((tmp_path / "cmp" / "effiseg_bench_compare.json").read_text())
+    assert len(saved["rows"]) == 4
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"schema": SCHEMA}))
+    res = CliRunner().invoke(bench_command, ["--compare", str(pa), str(bad)])
+    assert res.exit_code != 0 and "missing key" in res.output
+
+
+# -- the runner with a test double ---------------------------------------------------------------
+
+class RecordingBackend(Backend):
+    """Doubles the output of a uint8 batch; logs every submit so the test sees the visiting order."""
+    name = "double"
+
+    def __init__(self, info, max_batch, log, tag, fail_after=None):
+        super().__init__(info, "cpu", "fp32", max_batch)
+        self.buffers = [np.zeros((max_batch, info.input_height, info.input_width, 3), np.uint8)
+                        for _ in range(self.n_slots)]
+        self.out = [None] * self.n_slots
+        self.log, self.tag, self.fail_after, self.calls = log, tag, fail_after, 0
+
+    def host_input(self, slot):
+        return self.buffers[slot]
+
+    def submit(self, slot, n):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise RuntimeError("device lost")
+        self.log.append(self.tag)
+        self.out[slot] = self.buffers[slot][:n, :, :, 0].astype(np.float32) * 2
+
+    def collect(self, slot):
+        return self.out[slot]
+
+
+def _targets():
+    return [Target(TARGETS["torch-eager"], "cpu"), Target(TARGETS["ort-cpu"], "cpu")]
+
+
+def test_rounds_interleave_configurations_and_count_samples():
+    info = ModelInfo(path=None, variant="test", input_height=8, input_width=8)
+    calls: list[str] = []
+
+    def factory(target, fmt, batch, size):
+        return RecordingBackend(info, batch, calls, f"{target.name}/b{batch}")
+
+    pool = BackendPool(factory, log=lambda m: None)
+    configs = [Config("model", t, b, 8, 8, "uint8-nhwc") for b in (1, 2) for t in _targets()]
+    results = run_rounds([ModelOnly(c, pool) for c in configs], rounds=3, warmup=2,
+                         plan=IterationPlan(iters=2), log=lambda m: None)
+    pool.close()
+    tags = [f"{c.target.name}/b{c.batch_size}" for c in configs]
+    warm, timed = calls[:8], calls[8:]
+    assert warm == [t for t in tags for _ in range(2)]
+    # Round r visits the configurations rotated by r, two samples each.
+    expected = []
+    for r in range(3):
+        order = tags[r:] + tags[:r]
+        expected += [t for t in order for _ in range(2)]
+    assert timed == expected
+    for res, cfg in zip(results, configs):
+        assert res["key"] == cfg.key and res["error"] is None
+        assert len(res["samples_ms"]) == 6 and len(res["round_p50_ms"]) == 3
+        assert res["latency"]["samples"] == 6
+        assert res["bytes_in_per_image"] == 8 * 8 * 3 and res["bytes_out_per_image"] == 8 * 8 * 4
+        assert res["latency_with_host_prep"]["p50_ms"] >= res["latency"]["p50_ms"] * 0.999
+
+
+def test_a_failing_backend_is_reported_and_the_others_go_on():
+    info = ModelInfo(path=None, variant="test", input_height=8, input_width=8)
+
+    def factory(target, fmt, batch, size):
+        if target.name == "ort-cpu" and batch == 2:
+            raise RuntimeError("cannot build")
+        return RecordingBackend(info, batch, [], target.name, fail_after=3 if target.name == "torch-eager" else None)
+
+    pool = BackendPool(factory, log=lambda m: None)
+    configs = [Config("model", t, b, 8, 8, "uint8-nhwc") for b in (1, 2) for t in _targets()]
+    results = {r["key"]: r for r in run_rounds([ModelOnly(c, pool) for c in configs], rounds=2, warmup=1,
+                                               plan=IterationPlan(iters=2), log=lambda m: None)}
+    pool.close()
+    assert "cannot build" in results[configs[3].key]["error"] and results[configs[3].key]["latency"] is None
+    assert "device lost" in results[configs[0].key]["error"]
+    assert results[configs[1].key]["error"] is None and len(results[configs[1].key]["samples_ms"]) == 4
+
+
+def test_iteration_plan_and_argument_parsing():
+    plan = IterationPlan(min_time_s=1.0, min_iters=2, max_iters=50)
+    assert plan.for_latency(0.3) == 4
+    assert plan.for_latency(5.0) == 2
+    assert plan.for_latency(0.001) == 50
+    assert IterationPlan(iters=7).for_latency(5.0) == 7
+    assert parse_sizes("352") == [(352, 352)]
+    assert parse_sizes("384x320,256") == [(384, 320), (256, 256)]
+
+
+def test_targets_that_cannot_run_here_are_skipped_with_a_reason():
+    chosen, skipped = resolve_targets(["ort-cuda", "trt-fp16"], ["cpu"], explicit=True)
+    assert all(s["reason"] for s in skipped)
+    assert {s["backend"] for s in skipped} | {t.name for t in chosen} == {"ort-cuda", "trt-fp16"}
+    _, skipped_fast = resolve_targets(["torch-fast"], ["cpu"], explicit=True)
+    assert skipped_fast and "CUDA" in skipped_fast[0]["reason"]
+
+
+# -- one tiny real run -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    from effiseg.training.checkpoint import model_config, save_checkpoint
+    from effiseg.training.model import build_model
+    folder = tmp_path_factory.mktemp("ckpt")
+    save_checkpoint(folder, build_model("effisegnet-lite0").eval(), model_config("effisegnet-lite0", input_size=64))
+    return folder
+
+
+def test_tiny_cpu_run_writes_table_json_and_plot(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    args = ["--checkpoint", str(tiny_checkpoint), "--backends", "ort-cpu,torch-eager", "--batch-sizes", "1,2",
+            "--rounds", "1", "--warmup", "1", "--iters", "2", "--mode", "both", "--images", "3",
+            "--settle", "0", "--devices", "cpu", "--output", str(out), "--cache-dir", str(tmp_path / "cache")]
+    res = CliRunner().invoke(bench_command, args)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert {p.name for p in out.iterdir()} >= {"effiseg_bench.json", "effiseg_bench.txt", "effiseg_bench.png"}
+    assert (out / "effiseg_bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads((out / "effiseg_bench.json").read_text())
+    validate_result_file(data)
+    keys = {r["key"] for r in data["results"]}
+    for batch in (1, 2):
+        assert f"model|torch-eager@cpu|uint8-nhwc|b{batch}|64x64" in keys
+        assert f"model|ort-cpu@cpu|uint8-nhwc|b{batch}|64x64" in keys
+        assert f"model|ort-cpu@cpu|float32-nchw|b{batch}|64x64" in keys
+        assert f"e2e|ort-cpu@cpu|uint8-nhwc|b{batch}|64x64" in keys
+        assert f"e2e|torch-eager@cpu|uint8-nhwc|b{batch}|64x64" in keys
+    for r in data["results"]:
+        assert r["error"] is None, r["error"]
+        assert len(r["samples_ms"]) == (1 if r["mode"] == "e2e" else 2)
+        assert r["speedup_vs_baseline"] is not None and math.isfinite(r["speedup_vs_baseline"])
+        if r["backend"] == "torch-eager":
+            assert r["speedup_vs_baseline"] == pytest.approx(1.0)
+        if r["mode"] == "e2e":
+            assert r["pipeline_efficiency"] is not None and r["images"] == 3
+            assert r["pipeline_timing"][0]["images"] == 3
+    by_key = {r["key"]: r for r in data["results"]}
+    assert by_key["model|ort-cpu@cpu|float32-nchw|b1|64x64"]["bytes_in_per_image"] == 4 * 64 * 64 * 3
+    assert by_key["model|ort-cpu@cpu|uint8-nhwc|b1|64x64"]["bytes_in_per_image"] == 64 * 64 * 3
+    assert data["machine"]["cpu_model"] and data["machine"]["libraries"]["numpy"]
+    assert data["model"]["variant"] == "effisegnet-lite0"
+    text = (out / "effiseg_bench.txt").read_text()
+    assert "Model-only" in text and "End-to-end" in text and "torch-eager@cpu" in text
