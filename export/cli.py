@@ -32,11 +32,13 @@ def _fmt_bytes(n: int) -> str:
               help="Square input size [default: the checkpoint's].")
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Threshold stored in the metadata (and baked into mask outputs) [default: the checkpoint's].")
+@click.option("--tta/--no-tta", default=None,
+              help="Flip test-time augmentation inside the graph (4x compute) [default: the checkpoint's setting].")
 @click.option("--opset", type=click.IntRange(17), default=17)
 @click.option("--verify-images", type=click.Path(path_type=Path), default=None,
               help="Folder of images for the parity check [default: Kvasir-SEG validation images].")
 @click.option("--verify-count", type=click.IntRange(1, 64), default=4, help="Images used for the parity check.")
-def export_command(checkpoint, output, input_format, output_format, dynamic_hw, input_size, threshold, opset,
+def export_command(checkpoint, output, input_format, output_format, dynamic_hw, input_size, threshold, tta, opset,
                    verify_images, verify_count):
     """Export CHECKPOINT (folder, config.json or .safetensors) to ONNX with effiseg metadata, check it with
     onnx.checker and compare it with PyTorch in ONNX Runtime; writes OUTPUT and OUTPUT.export.json."""
@@ -48,7 +50,7 @@ def export_command(checkpoint, output, input_format, output_format, dynamic_hw, 
                f"{'dynamic batch/height/width' if dynamic_hw else 'dynamic batch'}, opset {opset})", err=True)
     try:
         report = export_checkpoint(checkpoint, output, input_format=input_format, output_format=output_format,
-                                   dynamic_hw=dynamic_hw, input_size=input_size, opset=opset, threshold=threshold,
+                                   dynamic_hw=dynamic_hw, input_size=input_size, opset=opset, threshold=threshold, tta=tta,
                                    verify_dir=verify_images, verify_count=verify_count,
                                    log=lambda message: click.echo(message, err=True))
     except ExportError as e:

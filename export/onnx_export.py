@@ -193,7 +193,7 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
                       dynamic_hw: bool = False, input_size: int | tuple[int, int] | None = None,
                       opset: int = DEFAULT_OPSET,
                       threshold: float | None = None, verify_dir: Path | None = None, verify_count: int = 4,
-                      log=print) -> dict:
+                      tta: bool | None = None, log=print) -> dict:
     """Export, check and verify; returns the report (also written as ``<output>.export.json``).
     Raises :class:`ExportError` when anything fails (nothing is left at ``output``). ``input_size``:
     one side or (height, width) [default: the checkpoint's]. ``log`` receives progress lines."""
@@ -206,13 +206,17 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
     model, config = load_model(checkpoint, device="cpu")
     if threshold is not None:
         config = dict(config, threshold=float(threshold))
+    if tta is not None:
+        config = dict(config, tta=bool(tta))
     info = ModelInfo.from_checkpoint_config(config, path=output, input_format=input_format,
                                             output_format=output_format, dynamic_hw=dynamic_hw, input_size=input_size)
     info.version = effiseg_version()
     info.extra = {"output_layout": "NHW", "opset": opset, "checkpoint": Path(checkpoint).name,
                   "torch": torch.__version__, "encoder": config.get("encoder", "")}
-    graph = SegmentationGraph(model, info.mean, info.std, input_format, output_format, info.threshold).eval()
-    reference = SegmentationGraph(model, info.mean, info.std, "uint8-nhwc", "logits", info.threshold).eval()
+    graph = SegmentationGraph(model, info.mean, info.std, input_format, output_format, info.threshold,
+                              tta=info.tta).eval()
+    reference = SegmentationGraph(model, info.mean, info.std, "uint8-nhwc", "logits", info.threshold,
+                                  tta=info.tta).eval()
     h, w = info.input_height, info.input_width
     if input_format == "uint8-nhwc":
         example = torch.randint(0, 256, (2, h, w, 3), dtype=torch.uint8)
@@ -224,7 +228,7 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
               "input_name": INPUT_NAME, "output_name": info.output_name, "input_format": input_format,
               "output_format": output_format, "input_size": [h, w], "dynamic_hw": dynamic_hw,
               "dynamic_axes": ["batch"] + (["height", "width"] if dynamic_hw else []),
-              "output_shape": "(N, H, W)", "threshold": info.threshold,
+              "output_shape": "(N, H, W)", "threshold": info.threshold, "tta": info.tta,
               "bytes_per_image": bytes_per_image(h, w, input_format, output_format),
               "metadata": info.to_metadata(), "ok": False}
     try:

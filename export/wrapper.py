@@ -21,7 +21,7 @@ from effiseg.runtime.model_info import INPUT_FORMATS, OUTPUT_FORMATS
 
 class SegmentationGraph(nn.Module):
     def __init__(self, model: nn.Module, mean, std, input_format: str = "uint8-nhwc",
-                 output_format: str = "logits", threshold: float = 0.5):
+                 output_format: str = "logits", threshold: float = 0.5, tta: bool = False):
         super().__init__()
         if input_format not in INPUT_FORMATS:
             raise ValueError(f"input format must be one of {INPUT_FORMATS}, not {input_format!r}")
@@ -33,12 +33,27 @@ class SegmentationGraph(nn.Module):
         self.input_format = input_format
         self.output_format = output_format
         self.threshold = float(threshold)
+        self.tta = bool(tta)
         self.logit_threshold = math.log(threshold / (1.0 - threshold))
         # The network's own dtype (float16 in the torch backend's fast mode); preprocessing runs in
         # float32 either way, like evaluation's normalize_batch.
         self.compute_dtype = torch.float32
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def _network(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, H, W) float32 logits; with ``tta`` the mean over the four flips, run as one batch of
+        4N (one launch sequence, better GPU use than four calls)."""
+        if not self.tta:
+            out = self.model(x)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            return out[:, 0].float()
+        n = x.shape[0]
+        batch = torch.cat([x, torch.flip(x, dims=(3,)), torch.flip(x, dims=(2,)), torch.flip(x, dims=(2, 3))], dim=0)
+        out = self.model(batch)
+        out = (out[0] if isinstance(out, (tuple, list)) else out)[:, 0].float()
+        a, b, c, d = out[:n], out[n:2 * n], out[2 * n:3 * n], out[3 * n:]
+        return (a + torch.flip(b, dims=(2,)) + torch.flip(c, dims=(1,)) + torch.flip(d, dims=(1, 2))) / 4.0
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.input_format == "uint8-nhwc":
@@ -48,10 +63,7 @@ class SegmentationGraph(nn.Module):
             x = (x / 255.0 - self.mean) / self.std
         else:
             x = images.float()
-        logits = self.model(x.to(self.compute_dtype))
-        if isinstance(logits, (tuple, list)):
-            logits = logits[0]
-        logits = logits[:, 0].float()
+        logits = self._network(x.to(self.compute_dtype))
         if self.output_format == "logits":
             return logits
         if self.output_format == "probabilities":

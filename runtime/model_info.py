@@ -31,6 +31,9 @@ class ModelInfo:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     threshold: float = 0.5
+    # Flip test-time augmentation inside the graph: the logits are the mean over the image and its
+    # horizontal, vertical and double flips (4x the compute; chosen on validation for the default).
+    tta: bool = False
     dynamic_hw: bool = False
     input_name: str = "images"
     output_name: str = "logits"
@@ -50,6 +53,7 @@ class ModelInfo:
             META_PREFIX + "std": json.dumps(list(self.std)),
             META_PREFIX + "threshold": repr(float(self.threshold)),
             META_PREFIX + "dynamic_hw": "1" if self.dynamic_hw else "0",
+            META_PREFIX + "tta": "1" if self.tta else "0",
             META_PREFIX + "input_name": self.input_name,
             META_PREFIX + "output_name": self.output_name,
             META_PREFIX + "metrics": json.dumps(self.metrics, sort_keys=True),
@@ -74,6 +78,7 @@ class ModelInfo:
             mean=tuple(json.loads(get("mean", "[0.5, 0.5, 0.5]"))),
             std=tuple(json.loads(get("std", "[0.5, 0.5, 0.5]"))),
             threshold=float(get("threshold", "0.5")), dynamic_hw=get("dynamic_hw", "0") == "1",
+            tta=get("tta", "0") == "1",
             input_name=get("input_name", "images"), output_name=get("output_name", "logits"),
             metrics=json.loads(get("metrics", "{}")), version=get("version", "unknown"),
             extra=json.loads(get("extra", "{}")),
@@ -94,7 +99,7 @@ class ModelInfo:
             mean=tuple(float(v) for v in config.get("mean", (0.5, 0.5, 0.5))),
             std=tuple(float(v) for v in config.get("std", (0.5, 0.5, 0.5))),
             threshold=float(config.get("threshold", 0.5)), dynamic_hw=bool(dynamic_hw),
-            output_name=output_format, metrics=dict(config.get("metrics") or {}),
+            tta=bool(config.get("tta", False)), output_name=output_format, metrics=dict(config.get("metrics") or {}),
             version=str(config.get("effiseg_version", "unknown")),
         )
 

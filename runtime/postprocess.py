@@ -119,6 +119,13 @@ def output_to_probabilities(output: np.ndarray, output_format: str, height: int,
     raise ValueError("a mask-output model has no probabilities; export with --output-format logits")
 
 
+try:  # optional: never a dependency of the runtime
+    from scipy.ndimage import label as _ndimage_label
+    _EIGHT = np.ones((3, 3), dtype=bool)
+except ImportError:  # pragma: no cover - depends on the install
+    _ndimage_label = None
+
+
 def count_regions(mask: np.ndarray) -> int:
     """Number of 8-connected foreground regions of a 2-D boolean mask.
 
@@ -132,6 +139,11 @@ def count_regions(mask: np.ndarray) -> int:
     h, w = mask.shape
     if not mask.any():
         return 0
+    if _ndimage_label is not None:
+        # Compiled labelling when SciPy happens to be installed (it is not required): the union-find
+        # below runs a Python loop under the GIL, the largest host cost per image in the pipeline
+        # (benchmarks/RESULTS.md, "Host-side cost of the pipeline").
+        return int(_ndimage_label(mask, structure=_EIGHT)[1])
     padded = np.zeros((h, w + 2), dtype=np.int8)
     padded[:, 1:-1] = mask
     change = np.diff(padded, axis=1)            # +1 where a run starts, -1 one past its end

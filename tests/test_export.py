@@ -179,3 +179,36 @@ def test_cli(tiny_checkpoint, verify_images_dir, tmp_path):
                                               "--verify-images", str(tmp_path / "nope")])
     assert bad.exit_code == 1 and "nothing written" in bad.output
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_flip_tta_in_the_graph_matches_evaluation(tmp_path):
+    """--tta bakes the 4-flip average into the graph; it equals training.evaluate's TTA logits."""
+    import numpy as np
+    import onnxruntime as ort
+    from effiseg.export.onnx_export import export_checkpoint
+    from effiseg.runtime.model_info import ModelInfo
+    from effiseg.training.checkpoint import load_model, model_config, save_checkpoint
+    from effiseg.training.evaluate import predict_logits
+    from effiseg.training.model import build_model
+    import torch
+    torch.manual_seed(0)
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(ckpt, build_model("effisegnet-lite0").eval(), model_config("effisegnet-lite0", input_size=64))
+    onnx_path = tmp_path / "tta.onnx"
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    from PIL import Image
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(img_dir / f"{i}.png")
+    report = export_checkpoint(ckpt, onnx_path, tta=True, verify_dir=img_dir, verify_count=3, log=lambda *a: None)
+    assert report["tta"] is True
+    assert ModelInfo.from_onnx(onnx_path).tta is True
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: np.stack(images)})[0]
+    model, cfg = load_model(ckpt)
+    want = np.stack(predict_logits(model, cfg, images, tta=True))
+    plain = np.stack(predict_logits(model, cfg, images, tta=False))
+    assert np.abs(got - want).max() < 1e-3
+    assert np.abs(got - plain).max() > 1e-3  # the flips really change the answer

@@ -261,8 +261,14 @@ def test_early_stop_releases_threads():
 
 
 # -- numerics -------------------------------------------------------------------------------------
-def test_count_regions_matches_scipy():
+@pytest.mark.parametrize("use_scipy", [False, True], ids=["numpy-union-find", "scipy-fast-path"])
+def test_count_regions_matches_scipy(use_scipy, monkeypatch):
     ndimage = pytest.importorskip("scipy.ndimage")
+    from effiseg.runtime import postprocess
+    if not use_scipy:  # the runtime's own labelling, used where SciPy is not installed
+        monkeypatch.setattr(postprocess, "_ndimage_label", None)
+    else:
+        assert postprocess._ndimage_label is not None
     rng = np.random.default_rng(0)
     for density in (0.05, 0.3, 0.5, 0.7):
         for shape in [(1, 1), (1, 30), (30, 1), (40, 53), (120, 90)]:

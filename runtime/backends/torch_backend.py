@@ -76,7 +76,8 @@ class TorchBackend(Backend):
             self.messages.append("fp16 fast mode needs a CUDA GPU; running fp32 eager on the CPU")
         self.precision = "fp16" if fast else "fp32"
         self.cuda_graphs = bool(fast and (cuda_graphs is None or cuda_graphs))
-        self.graph = SegmentationGraph(model, info.mean, info.std, "uint8-nhwc", output_format, info.threshold).eval()
+        self.graph = SegmentationGraph(model, info.mean, info.std, "uint8-nhwc", output_format, info.threshold,
+                                       tta=info.tta).eval()
         self._pending: list[int | None] = [None] * n_slots
         h, w = info.input_height, info.input_width
         out_dtype = torch.uint8 if output_format == "mask" else torch.float32
