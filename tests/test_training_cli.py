@@ -72,3 +72,33 @@ def test_bad_data_root_is_a_clear_error(tmp_path):
     res = CliRunner().invoke(train_command, ["--data", str(tmp_path), "--epochs", "1", "--device", "cpu",
                                              "--no-pretrained", "--output", str(tmp_path / "r")])
     assert res.exit_code == 2 and "no images/ and masks/" in res.output
+
+
+def test_score_predicted_masks_folder(tmp_path):
+    """effiseg-score: ground-truth masks scored against themselves give Dice 1; a missing file fails."""
+    import shutil
+
+    from PIL import Image
+
+    from effiseg.training.cli import score_command
+    from effiseg.training.data import load_split
+    root = tmp_path / "data"
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True)
+    for stem in ("0", "1", "2"):
+        shutil.copy(KVASIR / "test" / "images" / f"{stem}.jpg", root / "images" / f"{stem}.jpg")
+        shutil.copy(KVASIR / "test" / "masks" / f"{stem}.jpg", root / "masks" / f"{stem}.jpg")
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    samples = load_split(root)
+    for s in samples:
+        Image.fromarray(s.mask.astype("uint8") * 255).save(pred / f"{s.stem}.png")
+    empty = samples[0].mask * 0
+    Image.fromarray(empty.astype("uint8")).save(pred / "2.png")  # one image predicted empty
+    res = CliRunner().invoke(score_command, [str(pred), "--data", str(root), "--split", "none"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((pred / "score-none.json").read_text())
+    assert summary["n_images"] == 3 and abs(summary["mean_dice"] - 2 / 3) < 1e-9
+    (pred / "1.png").unlink()
+    res = CliRunner().invoke(score_command, [str(pred), "--data", str(root), "--split", "none"])
+    assert res.exit_code == 2 and "1: no predicted mask" in res.output

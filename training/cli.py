@@ -143,3 +143,44 @@ def model_card_command(checkpoint, out_dir, data_root, provenance, protocol_summ
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     click.echo(f"wrote {out} (config.json, model.safetensors, README.md); upload with: huggingface-cli upload <repo> {out}")
+
+
+@click.command(context_settings={"show_default": True})
+@click.argument("predictions", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--data", "data_root", default=DEFAULT_DATA, help="Dataset root (with --split) or an images/+masks/ folder.")
+@click.option("--split", default="test", help="train, validation, test, or 'none'.")
+@click.option("--output", "out_json", type=click.Path(path_type=Path), default=None,
+              help="Write metrics JSON here (default: PREDICTIONS/score-<split>.json).")
+def score_command(predictions, data_root, split, out_json):
+    """Score a folder of predicted masks (<stem>.png, e.g. from effiseg-run) against the ground truth,
+    with the same metrics as effiseg-eval."""
+    from .data import DatasetError, load_split, read_mask
+    from .evaluate import write_json, write_rows_csv
+    from .metrics import image_scores, summarize
+    try:
+        samples = load_split(data_root, None if split == "none" else split)
+    except (FileNotFoundError, DatasetError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    rows, problems = [], []
+    for s in samples:
+        candidates = [predictions / f"{s.stem}.png", predictions / f"{s.image_path.name}.png"]
+        path = next((c for c in candidates if c.is_file()), None)
+        if path is None:
+            problems.append(f"{s.stem}: no predicted mask ({candidates[0].name}) in {predictions}")
+            continue
+        pred = read_mask(path)
+        if pred.shape != s.mask.shape:
+            problems.append(f"{path}: size {pred.shape[::-1]} differs from the ground truth {s.mask.shape[::-1]}")
+            continue
+        rows.append({"stem": s.stem, **image_scores(pred, s.mask)})
+    if problems:
+        click.echo("error: " + "\n  ".join([f"{len(problems)} problem(s):"] + problems[:20]), err=True)
+        sys.exit(2)
+    summary = summarize(rows)
+    summary.update(predictions=str(predictions), data=str(data_root), split=split)
+    out_json = out_json or predictions / f"score-{split}.json"
+    write_json(out_json, summary)
+    write_rows_csv(out_json.with_suffix(".csv"), rows)
+    click.echo(f"{split} ({summary['n_images']} images): mean Dice {summary['mean_dice']:.4f}  mIoU {summary['mean_iou']:.4f}  "
+               f"precision {summary['mean_precision']:.4f}  recall {summary['mean_recall']:.4f}")
