@@ -1,0 +1,45 @@
+"""effiseg-model-card writes a Hugging Face style folder whose card states what effiseg-eval measures."""
+import json
+import shutil
+
+from click.testing import CliRunner
+
+from effiseg.training.checkpoint import load_model, model_config, save_checkpoint
+from effiseg.training.cli import eval_command, model_card_command
+from effiseg.training.model import build_model
+
+from _paths import KVASIR, needs_kvasir
+
+pytestmark = needs_kvasir
+
+
+def test_model_folder_card_matches_eval(tmp_path):
+    data = tmp_path / "data"
+    for split in ("validation", "test"):
+        for sub in ("images", "masks"):
+            (data / split / sub).mkdir(parents=True)
+            for stem in ("0", "1"):
+                shutil.copy(KVASIR / split / sub / f"{stem}.jpg", data / split / sub / f"{stem}.jpg")
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(ckpt, build_model("effisegnet-lite0").eval(), model_config("effisegnet-lite0", input_size=64))
+    prov = tmp_path / "prov.json"
+    prov.write_text(json.dumps({"Epochs": "1", "Hardware": "test"}))
+    out = tmp_path / "hf"
+    res = CliRunner().invoke(model_card_command, [str(ckpt), "--output", str(out), "--data", str(data),
+                                                  "--provenance", str(prov), "--threshold", "0.4", "--tta",
+                                                  "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "README.md"}
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["threshold"] == 0.4 and cfg["tta"] is True
+    card = (out / "README.md").read_text()
+    assert "Not for clinical use" in card and "Kvasir-SEG" in card and "Epochs: 1" in card
+    # The folder loads on its own, and effiseg-eval (reading TTA and threshold from config) agrees with the card.
+    load_model(out)
+    res = CliRunner().invoke(eval_command, [str(out), "--data", str(data), "--split", "test", "--device", "cpu",
+                                            "--output", str(tmp_path / "eval")])
+    assert res.exit_code == 0, res.output
+    measured = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert measured["tta"] is True and measured["threshold"] == 0.4
+    assert abs(measured["mean_dice"] - cfg["metrics"]["test"]["mean_dice"]) < 1e-9
+    assert f"{measured['mean_dice']:.4f}" in card
