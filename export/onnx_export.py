@@ -208,6 +208,11 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
         config = dict(config, threshold=float(threshold))
     if tta is not None:
         config = dict(config, tta=bool(tta))
+    if int(config.get("min_region_px", 0) or 0) > 0:
+        # The runtime thresholds the graph's output and does not remove small regions, so the ONNX
+        # model would not reproduce the checkpoint's evaluated setting: say so rather than differ silently.
+        log(f"warning: the checkpoint removes predicted regions below {config['min_region_px']} px at evaluation; "
+            "the exported model and effiseg-run do not, so their masks can differ from effiseg-eval's")
     info = ModelInfo.from_checkpoint_config(config, path=output, input_format=input_format,
                                             output_format=output_format, dynamic_hw=dynamic_hw, input_size=input_size)
     info.version = effiseg_version()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import math
 import time
 from collections import Counter
@@ -79,10 +80,17 @@ def plan_jobs(input_dir: Path, output_dir: Path, files: list[Path], overlay: boo
     mask_rels = [str(Path(r).with_suffix(".png").as_posix()) for r in rels]
     # Case-folded: on Windows and macOS a.JPG and a.png would collide as well.
     taken = Counter(m.casefold() for m in mask_rels)
+    used: set[str] = set()
     jobs = []
     for i, (f, rel, mask_rel) in enumerate(zip(files, rels, mask_rels)):
         if taken[mask_rel.casefold()] > 1:
             mask_rel = rel + ".png"
+        # The renamed name can itself clash (a.png -> a.png.png beside an input a.png.png): number it.
+        base, n = mask_rel[:-len(".png")], 1
+        while mask_rel.casefold() in used:
+            n += 1
+            mask_rel = f"{base}.{n}.png"
+        used.add(mask_rel.casefold())
         overlay_path = output_dir / OVERLAY_DIR / (mask_rel[:-len(".png")] + ".jpg") if overlay else None
         jobs.append(FileJob(i, f, rel, output_dir / mask_rel, mask_rel, overlay_path))
     return jobs
@@ -204,6 +212,13 @@ def run_folder(segmenter, input_dir, output_dir=None, *, recursive: bool = False
         from tqdm import tqdm
         bar = tqdm(total=len(todo), unit="img", desc="effiseg-run", dynamic_ncols=True)
     mode = "a" if resume else "w"
+    if resume and journal_path.is_file() and journal_path.stat().st_size:
+        with open(journal_path, "rb") as existing:  # a killed run can leave half a line: end it
+            existing.seek(-1, os.SEEK_END)
+            needs_newline = existing.read(1) != b"\n"
+        if needs_newline:
+            with open(journal_path, "a", encoding="utf-8") as journal:
+                journal.write("\n")
     with open(journal_path, mode, encoding="utf-8") as journal:
         try:
             for job, row in pipe.run(todo):

@@ -124,3 +124,21 @@ def test_mean_std_and_percentiles():
     seeds = S.per_seed_mean_std([[0.8, 0.9], [0.9, 1.0]])
     assert seeds["per_seed"] == pytest.approx([0.85, 0.95]) and seeds["mean"] == pytest.approx(0.9)
     assert seeds["std"] == pytest.approx(np.std([0.85, 0.95], ddof=1))
+
+
+def test_paired_seeds_interval_carries_seed_noise():
+    """With seeds shared between arms, resampling seed differences widens the interval when the gain
+    varies by seed, and gives a zero-width interval when every seed and image gains the same."""
+    from effiseg.training.analysis.stats import seeded_paired_bootstrap_ci
+    rng = np.random.default_rng(1)
+    a = rng.random((3, 50))
+    same = seeded_paired_bootstrap_ci(a, a + 0.02, n_boot=2000, paired_seeds=True)
+    assert same["paired_seeds"] and same["low"] == pytest.approx(0.02) and same["high"] == pytest.approx(0.02)
+    b = a + np.array([[0.00], [0.02], [0.04]])          # the gain depends on the seed
+    images_only = seeded_paired_bootstrap_ci(a, b, n_boot=4000)
+    paired = seeded_paired_bootstrap_ci(a, b, n_boot=4000, paired_seeds=True)
+    assert paired["mean_diff"] == pytest.approx(0.02) == images_only["mean_diff"]
+    assert images_only["high"] - images_only["low"] < 1e-9  # seed-averaged: blind to the seed spread
+    assert paired["low"] <= 0.0 + 1e-12 and paired["high"] >= 0.04 - 1e-12
+    with pytest.raises(ValueError, match="same seeds"):
+        seeded_paired_bootstrap_ci(a, b[:2], paired_seeds=True)

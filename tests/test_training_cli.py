@@ -102,3 +102,13 @@ def test_score_predicted_masks_folder(tmp_path):
     (pred / "1.png").unlink()
     res = CliRunner().invoke(score_command, [str(pred), "--data", str(root), "--split", "none"])
     assert res.exit_code == 2 and "1: no predicted mask" in res.output
+
+
+@pytest.mark.gpu
+def test_resume_on_cuda(tmp_path):
+    """Resuming on the GPU restores the CPU-held random states (regression: they were mapped to CUDA)."""
+    args = [a if a != "cpu" else "cuda" for a in TINY] + ["--epochs", "2", "--no-test"]
+    run = tmp_path / "run"
+    _train(args + ["--output", str(run), "--stop-after-epochs", "1"])
+    _train(["--resume", str(run), "--no-progress"])
+    assert json.loads((run / "last.json").read_text())["epoch"] == 2

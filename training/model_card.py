@@ -89,15 +89,23 @@ def make_model_folder(checkpoint: str | Path, out: str | Path, data_root: str | 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if weights.resolve() != (out / WEIGHTS_NAME).resolve():
-        shutil.copyfile(weights, out / WEIGHTS_NAME)
+        tmp = out / (WEIGHTS_NAME + ".tmp")
+        shutil.copyfile(weights, tmp)
+        tmp.replace(out / WEIGHTS_NAME)
     test = val = None
     if data_root:
-        model, _ = load_model(out / WEIGHTS_NAME if (out / CONFIG_NAME).exists() else weights, device=device)
+        model, _ = load_model(checkpoint, device=device)  # the source checkpoint, never a stale config in out
         kw = dict(threshold=config.get("threshold", 0.5), tta=bool(config.get("tta", False)),
                   min_region_px=int(config.get("min_region_px", 0)))
         val, _, _ = evaluate_samples(model, config, load_split(data_root, "validation"), device, **kw)
         test, _, _ = evaluate_samples(model, config, load_split(data_root, "test"), device, **kw)
         config["metrics"] = {"validation": val, "test": test}
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
-    (out / "README.md").write_text(render_card(config, test, val, provenance, protocol))
+    _write_atomic(out / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
+    _write_atomic(out / "README.md", render_card(config, test, val, provenance, protocol))
     return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

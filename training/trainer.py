@@ -256,7 +256,9 @@ class Trainer:
         self._build()
         start_epoch, best, best_epoch, history = 0, -1.0, -1, []
         if resume:
-            st = torch.load(state_path, map_location=self.device, weights_only=False)
+            # Load on the CPU: the random-generator states must stay CPU ByteTensors; load_state_dict
+            # moves the model's and the optimiser's tensors to the device itself.
+            st = torch.load(state_path, map_location="cpu", weights_only=False)
             self._restore(st)
             start_epoch, best, best_epoch, history = st["epoch"], st["best_val_dice"], st["best_epoch"], st["history"]
             self.log(f"resuming {self.out} at epoch {start_epoch}/{c.epochs}")

@@ -101,7 +101,7 @@ def _as_matrix(x, name: str) -> np.ndarray:
 
 
 def seeded_paired_bootstrap_ci(a, b, n_boot: int = 10000, ci: float = 0.95, seed: int = 0,
-                               hierarchical: bool = False) -> dict:
+                               hierarchical: bool = False, paired_seeds: bool = False) -> dict:
     """Paired interval of ``mean(b) - mean(a)`` when each arm was trained with several seeds.
 
     ``a`` is (seeds_a x images), ``b`` is (seeds_b x images); the seed counts may differ, the image
@@ -109,7 +109,11 @@ def seeded_paired_bootstrap_ci(a, b, n_boot: int = 10000, ci: float = 0.95, seed
     score is averaged over its arm's seeds and the images are bootstrapped (pairing kept). With
     ``hierarchical=True`` every resample also draws each arm's seeds with replacement
     (independently: seed k of one arm is no partner of seed k of the other), then the same
-    resampled images for both arms, so run-to-run variance enters the interval.
+    resampled images for both arms, so run-to-run variance enters the interval. With
+    ``paired_seeds=True`` (implies hierarchical; both arms need the same seeds in the same order)
+    the seed draw is shared: row k of ``a`` and of ``b`` were trained with the same seed (same
+    initialisation of the decoder, same data order), so seed k's difference ``b[k] - a[k]`` is the
+    unit that is resampled, together with the images.
 
     Returns :func:`paired_bootstrap_ci`'s keys plus ``n_seeds_a``, ``n_seeds_b``, ``hierarchical``.
     """
@@ -120,7 +124,12 @@ def seeded_paired_bootstrap_ci(a, b, n_boot: int = 10000, ci: float = 0.95, seed
     rng = np.random.default_rng(seed)
     n_img = a.shape[1]
     point = b.mean(axis=0) - a.mean(axis=0)
-    extra = {"n_seeds_a": int(a.shape[0]), "n_seeds_b": int(b.shape[0]), "hierarchical": bool(hierarchical)}
+    if paired_seeds:
+        if a.shape[0] != b.shape[0]:
+            raise ValueError(f"paired seeds need the same seeds in both arms: a {a.shape[0]}, b {b.shape[0]}")
+        hierarchical = True
+    extra = {"n_seeds_a": int(a.shape[0]), "n_seeds_b": int(b.shape[0]), "hierarchical": bool(hierarchical),
+             "paired_seeds": bool(paired_seeds)}
     if not hierarchical:
         boot = _resampled_means(point, n_boot, rng)
         return _summarise_boot(point.mean(), boot, ci, n_img, n_boot, **extra)
@@ -131,7 +140,7 @@ def seeded_paired_bootstrap_ci(a, b, n_boot: int = 10000, ci: float = 0.95, seed
     for start in range(0, n_boot, _BLOCK):
         m = min(n_boot, start + _BLOCK) - start
         wa = rng.multinomial(a.shape[0], pa, size=m) / a.shape[0]      # (m, seeds_a) seed weights
-        wb = rng.multinomial(b.shape[0], pb, size=m) / b.shape[0]
+        wb = wa if paired_seeds else rng.multinomial(b.shape[0], pb, size=m) / b.shape[0]
         per_image = wb @ b - wa @ a                                     # (m, images)
         counts = rng.multinomial(n_img, img_probs, size=m)              # (m, images)
         boot[start:start + m] = np.einsum("ij,ij->i", counts, per_image) / n_img

@@ -1,0 +1,45 @@
+"""The protocol report: choices on validation only, gains paired by seed and image."""
+import json
+
+import numpy as np
+
+from effiseg.training.protocol import PLAIN, config_key, inference_configs
+from effiseg.training.protocol_report import build_protocol_report
+
+
+def _write_eval(folder, run, val, test, n_images=20):
+    """val/test: functions (tta, thr, minreg) -> score; every image of a config gets that Dice."""
+    ev = {"run": run, "val": {}, "test": {}, "validation_stems": [str(i) for i in range(n_images)],
+          "test_stems": [str(i) for i in range(n_images)]}
+    for tta in (False, True):
+        for thr, mr in inference_configs():
+            key = config_key(tta, thr, mr)
+            ev["val"][key] = val(tta, thr, mr)
+            d = [test(tta, thr, mr) + 0.001 * (i % 3) for i in range(n_images)]
+            ev["test"][key] = {"dice": d, "iou": d, "precision": d, "recall": d}
+    (folder / f"{run}.json").write_text(json.dumps(ev))
+
+
+def test_winner_is_chosen_on_validation_and_gain_is_paired(tmp_path):
+    ev = tmp_path / "evaluations"
+    ev.mkdir()
+    for seed in (0, 1, 2):
+        # Baseline: validation prefers TTA; on test the plain config is what the arms are compared with.
+        _write_eval(ev, f"baseline_s{seed}", lambda t, th, m: 0.80 + 0.01 * t,
+                    lambda t, th, m: 0.80 + 0.01 * t + 0.001 * seed)
+        # A candidate that looks best on validation but is *worse* on test: the report must still pick it
+        # (validation decides) and then report the loss honestly.
+        _write_eval(ev, f"cand_s{seed}", lambda t, th, m: 0.90 if (t and th == 0.5 and m == 0) else 0.70,
+                    lambda t, th, m: 0.75 + 0.002 * seed)
+    (tmp_path / "plan.json").write_text(json.dumps({"variant": "x", "epochs": 1, "seeds": [0, 1, 2], "parallel": 1}))
+    md = build_protocol_report(tmp_path, n_boot=500).read_text()
+    res = json.loads((tmp_path / "protocol_results.json").read_text())
+    win = res["winner"]
+    assert win["arm"] == "cand" and win["config"] == config_key(True, 0.5, 0)
+    g = win["gain_vs_baseline"]
+    # Per seed: candidate 0.75 + 0.002 s against baseline plain 0.80 + 0.001 s (image offsets cancel).
+    assert np.allclose(g["per_seed_diff"], [-0.05, -0.049, -0.048])
+    assert g["paired_seeds"] and g["high"] < 0 and abs(g["mean_diff"] - np.mean(g["per_seed_diff"])) < 1e-12
+    assert res["arms"]["baseline"]["plain"]["config"] == PLAIN
+    assert res["baseline_spread"]["seed_pair"] == [0, 1]
+    assert "Winner (chosen on validation)" in md and "per seed" in md

@@ -1,0 +1,44 @@
+"""Output naming and the resume journal of effiseg-run's folder mode."""
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from effiseg.runtime.folder import JOURNAL_NAME, _read_journal, plan_jobs
+from effiseg.runtime.segmenter import Segmenter
+
+
+def test_mask_names_never_collide():
+    root = Path("in")
+    files = [root / "a.jpg", root / "a.png", root / "a.png.png", root / "b.JPG", root / "B.png", root / "c.tif"]
+    jobs = plan_jobs(root, Path("out"), files, overlay=True)
+    names = [j.mask_rel.casefold() for j in jobs]
+    assert len(set(names)) == len(names), names
+    assert jobs[-1].mask_rel == "c.png"  # no clash, no renaming
+    overlays = [str(j.overlay_path).casefold() for j in jobs]
+    assert len(set(overlays)) == len(overlays)
+
+
+def test_resume_after_a_half_written_journal_line(tiny_onnx, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(src / f"{i}.png")
+    out = tmp_path / "out"
+    with Segmenter.from_onnx(tiny_onnx, max_batch=2) as seg:
+        first = seg.run_folder(src, out, progress=False)
+        journal = out / JOURNAL_NAME
+        lines = journal.read_text().splitlines()
+        assert len(lines) == 5
+        # A kill in the middle of writing the last line, before its mask was renamed into place.
+        last = json.loads(lines[-1])
+        (out / last["mask"]).unlink()
+        journal.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])
+        second = seg.run_folder(src, out, resume=True, progress=False)
+    rows = _read_journal(journal)
+    assert set(rows) == {f"{i}.png" for i in range(5)}  # the resumed row did not merge into the broken line
+    assert all(r["max_probability"] is not None for r in rows.values())
+    assert first["n_ok"] == 5 and second["n_ok"] == 1  # only the unfinished image ran again
+    assert len(second["files"]) == 5
