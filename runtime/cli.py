@@ -105,6 +105,8 @@ def run_command(input_dir, output_dir, model_path, backend, devices, batch, prec
                                            max_pixels=max_pixels, progress=not no_progress, log=_echo)
         except FolderError as e:
             raise CannotStart(str(e)) from None
+        except OSError as e:  # e.g. an output folder that cannot be created or written
+            raise CannotStart(f"cannot write the results to {out}: {e}") from None
     failed = [r for r in summary["files"] if r["status"] == "error"]
     click.echo(f"{summary['n_images']} image(s): {summary['n_ok']} ok, {summary['n_failed']} failed, "
                f"{summary['n_skipped']} skipped (resume); {summary['images_per_s']:.1f} images/s "

@@ -36,6 +36,7 @@ from .postprocess import count_regions, output_to_mask
 
 SUMMARY_STEM = "effiseg_summary"
 JOURNAL_NAME = "effiseg_journal.jsonl"
+SETTINGS_NAME = "effiseg_run_settings.json"
 OVERLAY_DIR = "overlays"
 ROW_FIELDS = ("file", "mask", "status", "width", "height", "area_fraction", "regions", "max_probability",
               "error")
@@ -144,6 +145,20 @@ def _write_json(path: Path, obj) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
+def _run_settings(segmenter) -> dict:
+    import hashlib
+    path = getattr(segmenter, "model_path", None)
+    digest = None
+    if path is not None and Path(path).is_file():
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        digest = h.hexdigest()
+    return {"model": Path(path).name if path else None, "model_sha256": digest,
+            "threshold": float(segmenter.threshold), "output_format": segmenter.info.output_format}
+
+
 def run_folder(segmenter, input_dir, output_dir=None, *, recursive: bool = False, resume: bool = False,
                overlay: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = False,
                log=None) -> dict:
@@ -166,12 +181,25 @@ def run_folder(segmenter, input_dir, output_dir=None, *, recursive: bool = False
         say(f"removed {stale} temporary file(s) left by an interrupted run")
     allow_pixels(max_pixels)
 
+    # What made the masks: a resumed run must not mix masks of another model or threshold.
+    settings = _run_settings(segmenter)
+    settings_path = output_dir / SETTINGS_NAME
+    if resume and settings_path.is_file():
+        before = json.loads(settings_path.read_text(encoding="utf-8"))
+        changed = [k for k in settings if before.get(k) != settings[k]]
+        if changed:
+            raise FolderError(f"--resume: the masks in {output_dir} were made with other settings ("
+                              + "; ".join(f"{k}: {before.get(k)} then, {settings[k]} now" for k in changed)
+                              + "); resume with the same model and threshold, or use another --output")
+    _write_json(settings_path, settings)
+
     journal_path = output_dir / JOURNAL_NAME
     earlier = _read_journal(journal_path) if resume else {}
     rows: dict[int, dict] = {}
     todo: list[FileJob] = []
     for job in jobs:
-        if resume and png_is_complete(job.mask_path):
+        overlay_missing = job.overlay_path is not None and not job.overlay_path.is_file()
+        if resume and png_is_complete(job.mask_path) and not overlay_missing:
             before = earlier.get(job.rel)
             if before and before.get("status") in ("ok", "skipped") and before.get("mask") == job.mask_rel:
                 row = dict(before, status="skipped")

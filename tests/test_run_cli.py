@@ -169,7 +169,7 @@ def test_killed_run_leaves_no_partial_masks_and_resume_completes(tiny_onnx, tmp_
             im.load()
             assert im.size == Image.open(src / m.name).size
     leftovers = [p for p in out.rglob("*") if p.is_file() and p.suffix not in (".png", ".jpg")
-                 and p.name != "effiseg_journal.jsonl"]
+                 and p.name not in ("effiseg_journal.jsonl", "effiseg_run_settings.json")]
     assert all(p.name.endswith(TEMP_SUFFIX) for p in leftovers), leftovers
     for p in (out / "overlays").glob("*.jpg"):
         with Image.open(p) as im:

@@ -42,3 +42,22 @@ def test_resume_after_a_half_written_journal_line(tiny_onnx, tmp_path):
     assert all(r["max_probability"] is not None for r in rows.values())
     assert first["n_ok"] == 5 and second["n_ok"] == 1  # only the unfinished image ran again
     assert len(second["files"]) == 5
+
+
+def test_resume_refuses_other_settings_and_redoes_missing_overlays(tiny_onnx, tmp_path):
+    import pytest
+
+    from effiseg.runtime.folder import FolderError
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((30, 30, 3), 40 * i, np.uint8)).save(src / f"{i}.png")
+    out = tmp_path / "out"
+    with Segmenter.from_onnx(tiny_onnx, max_batch=2) as seg:
+        seg.run_folder(src, out, progress=False)
+        again = seg.run_folder(src, out, resume=True, overlay=True, progress=False)
+    assert again["n_ok"] == 3  # no overlay existed for any finished mask: all three are redone
+    assert len(list((out / "overlays").glob("*.jpg"))) == 3
+    with Segmenter.from_onnx(tiny_onnx, max_batch=2, threshold=0.3) as seg:
+        with pytest.raises(FolderError, match="threshold: 0.5 then, 0.3 now"):
+            seg.run_folder(src, out, resume=True, progress=False)
