@@ -359,9 +359,16 @@ class Pipeline:
     def _write(self, job, meta, output) -> None:
         t0 = time.perf_counter()
         try:
-            result = self.finish(job, meta, output)
-        except Exception as e:
-            result = self.fail(job, e, "write")
+            try:
+                result = self.finish(job, meta, output)
+            except Exception as e:
+                result = self.fail(job, e, "write")
+        except BaseException as e:
+            # fail() itself broke, or an interrupt arrived in this thread: a writer-pool future would
+            # swallow it and the job would vanish, so stop the run and re-raise it from run().
+            self._fatal.append(e)
+            self._abort.set()
+            return
         finally:
             self._writer_room.release()
             self.stats.add(write_s=time.perf_counter() - t0)

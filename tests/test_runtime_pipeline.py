@@ -335,3 +335,22 @@ def test_torch_backend_on_every_gpu(tiny_checkpoint, images):
         ref = seg.segment(images)
     for m, r in zip(masks, ref):
         assert (m == r).mean() > 0.999
+
+
+def test_a_broken_failure_handler_stops_the_run_instead_of_losing_a_job():
+    """If reporting a write failure itself fails, run() raises; no job silently disappears."""
+    class Boom(RuntimeError):
+        pass
+
+    def finish(i, meta, out):
+        raise ValueError("disk full")
+
+    def fail(i, err, stage):
+        raise Boom(f"cannot report image {i}: {err}")
+
+    backend = MeanBackend(_fake_info(), max_batch=2, n_slots=2)
+    images = [np.zeros((20, 20, 3), np.uint8) for _ in range(3)]
+    seg = Segmenter([backend], workers=1)
+    pipe = seg.pipeline(lambda i: (seg.prepare(images[i]), None), finish, fail)
+    with pytest.raises(Boom, match="disk full"):
+        list(pipe.run(range(3)))
