@@ -14,6 +14,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from effiseg.runtime.images import to_rgb
+from effiseg.runtime.postprocess import resize_rgb as _runtime_resize_rgb
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 SPLITS = ("train", "validation", "test")
 MASK_THRESHOLD = 127
@@ -81,13 +84,11 @@ def _natural_key(stem: str):
 
 
 def read_rgb(path: Path) -> np.ndarray:
+    # The runtime's decoding policy (16-bit scaled by the image's maximum, alpha dropped), so that
+    # training, evaluation and inference see the same pixels.
     with Image.open(path) as im:
         im.load()
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(im, dtype=np.float64)
-            arr = (arr / max(arr.max(), 1.0) * 255.0).astype(np.uint8)
-            return np.repeat(arr[..., None], 3, axis=2)
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+        return to_rgb(im)
 
 
 def read_mask(path: Path) -> np.ndarray:
@@ -128,10 +129,9 @@ def load_split(root: str | Path, split: str | None = None, limit: int | None = N
 
 
 def resize_rgb(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """PIL bilinear, the very function the runtime uses to fill its batch buffers."""
     h, w = (size, size) if isinstance(size, int) else size
-    if image.shape[:2] == (h, w):
-        return image
-    return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+    return _runtime_resize_rgb(image, h, w)
 
 
 def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from effiseg.runtime.postprocess import logit_threshold  # noqa: F401  (re-exported for callers)
 
 from .data import Sample, resize_rgb
 from .metrics import image_scores, summarize
@@ -71,12 +72,6 @@ def predict_probabilities(model, config: dict, images: list[np.ndarray], device=
                           tta: bool = False, amp_dtype: torch.dtype | None = None) -> list[np.ndarray]:
     logits = predict_logits(model, config, images, device, batch_size, tta, amp_dtype)
     return [1.0 / (1.0 + np.exp(-lg)) for lg in logits]
-
-
-def logit_threshold(threshold: float) -> float:
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
-    return math.log(threshold / (1.0 - threshold))
 
 
 def score_logits(samples: list[Sample], logits: list[np.ndarray], threshold: float = 0.5,
