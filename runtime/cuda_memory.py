@@ -96,41 +96,38 @@ class DeviceBuffer:
             self.ptr = 0
 
 
-class Stream:
+class _Synchronizable:
+    """What streams and events share: a raw handle, a synchronize call and an idempotent free."""
+
+    def __init__(self, raw, synchronize, release):
+        self.raw = raw
+        self._synchronize = synchronize
+        self._release = release
+
+    def synchronize(self) -> None:
+        self._synchronize()
+
+    def free(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
+class Stream(_Synchronizable):
     """A CUDA stream; ``handle`` is the integer TensorRT's ``execute_async_v3`` expects."""
 
     def __init__(self, raw, handle: int, synchronize, release):
-        self.raw = raw
+        super().__init__(raw, synchronize, release)
         self.handle = handle
-        self._synchronize = synchronize
-        self._release = release
-
-    def synchronize(self) -> None:
-        self._synchronize()
-
-    def free(self) -> None:
-        release, self._release = self._release, None
-        if release is not None:
-            release()
 
 
-class Event:
+class Event(_Synchronizable):
     def __init__(self, raw, record, synchronize, release):
-        self.raw = raw
+        super().__init__(raw, synchronize, release)
         self._record = record
-        self._synchronize = synchronize
-        self._release = release
 
     def record(self, stream: Stream) -> None:
         self._record(stream)
-
-    def synchronize(self) -> None:
-        self._synchronize()
-
-    def free(self) -> None:
-        release, self._release = self._release, None
-        if release is not None:
-            release()
 
 
 def _contiguous(array: np.ndarray, what: str) -> np.ndarray:

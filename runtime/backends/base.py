@@ -54,6 +54,13 @@ class Backend(abc.ABC):
         """Wait for ``slot``'s batch and return its output, shape (n, H, W), float32 (logits or
         probabilities, see ``info.output_format``) or uint8 for mask outputs."""
 
+    def _check_submit(self, slot: int, n: int, in_flight: bool) -> None:
+        """The argument checks every backend's ``submit`` starts with."""
+        if not 1 <= n <= self.max_batch:
+            raise ValueError(f"batch of {n} images; this backend takes 1..{self.max_batch}")
+        if in_flight:
+            raise RuntimeError(f"slot {slot} still has a batch in flight; collect() it first")
+
     # -- convenience ------------------------------------------------------------------------
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """Synchronous inference of any number of images (split into max_batch chunks)."""

@@ -171,10 +171,7 @@ class OnnxRuntimeBackend(Backend):
         return self._host_inputs[slot]
 
     def submit(self, slot: int, n: int) -> None:
-        if not 1 <= n <= self.max_batch:
-            raise ValueError(f"batch of {n} images; this backend takes 1..{self.max_batch}")
-        if self._pending[slot] is not None:
-            raise RuntimeError(f"slot {slot} still has a batch in flight; collect() it first")
+        self._check_submit(slot, n, self._pending[slot] is not None)
         if self.io_binding:
             out = self._run_bound(slot, n)
         else:

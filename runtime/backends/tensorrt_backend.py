@@ -711,10 +711,7 @@ class TensorRTBackend(Backend):
 
     def submit(self, slot: int, n: int) -> None:
         s = self._slot(slot)
-        if not 1 <= n <= self.max_batch:
-            raise ValueError(f"batch of {n} images; this backend takes 1..{self.max_batch}")
-        if s.pending is not None:
-            raise RuntimeError(f"slot {slot} still has a batch in flight; collect() it first")
+        self._check_submit(slot, n, s.pending is not None)
         self._cuda.activate()  # this thread may never have touched the device
         run = self.static_batch or n
         if run != s.bound_batch:

@@ -131,10 +131,7 @@ class TorchBackend(Backend):
         return self._host_in[slot]
 
     def submit(self, slot: int, n: int) -> None:
-        if not 1 <= n <= self.max_batch:
-            raise ValueError(f"batch of {n} images; this backend takes 1..{self.max_batch}")
-        if self._pending[slot] is not None:
-            raise RuntimeError(f"slot {slot} still has a batch in flight; collect() it first")
+        self._check_submit(slot, n, self._pending[slot] is not None)
         torch = self.torch
         if self.torch_device.type == "cpu":
             with torch.inference_mode():
