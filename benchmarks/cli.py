@@ -145,12 +145,16 @@ def run_compare(paths: tuple[Path, Path], output: Path | None) -> None:
 @click.option("--main-thread", is_flag=True,
               help="Time in the main thread instead of a worker thread like the pipeline's runner "
                    "(a diagnosis: torch's CPU threading differs between the two).")
+@click.option("--time-budget", type=click.FloatRange(0, None, min_open=True), default=None,
+              help="Seconds for the whole run: no new round starts when it would end past the budget "
+                   "(the first round always runs). The JSON is rewritten after every round, so a run "
+                   "stopped by a limit or Ctrl-C keeps its finished rounds [default: no limit].")
 @click.option("--no-plot", is_flag=True, help="Do not write the PNG plot.")
 @click.option("--compare", "compare", nargs=2, type=click.Path(path_type=Path, dir_okay=False, exists=True),
               default=None, help="Compare two result files A.json B.json (ratios B/A per configuration) and exit.")
 def bench_command(backends, batch_sizes, input_size, input_formats, rounds, warmup, iters, min_time, mode,
                   compute, n_images, images_from, workers, output, model, checkpoint, devices, threads,
-                  settle, cache_dir, main_thread, no_plot, compare):
+                  settle, cache_dir, main_thread, time_budget, no_plot, compare):
     """Benchmark effiseg's inference backends against PyTorch FP32 eager."""
     if compare:
         run_compare(compare, output)
@@ -237,37 +241,63 @@ def bench_command(backends, batch_sizes, input_size, input_formats, rounds, warm
              f"sizes {['%dx%d' % s for s in sizes]}")
         plan = IterationPlan(iters=iters, min_time_s=min_time, min_iters=10 if on_gpu else 2)
         e2e_plan = IterationPlan(iters=1)
-        results = run_rounds(measurements, rounds, warmup, plan, settle_s=settle, log=_log,
-                             plan_for=lambda cfg: e2e_plan if cfg.mode == "e2e" else plan,
-                             worker_thread=not main_thread)
+        settings = {"backends": [t.label for t in targets], "baseline": baseline_label,
+                    "batch_sizes": batches, "input_sizes": [list(s) for s in sizes],
+                    "input_formats": formats, "modes": modes, "rounds": rounds, "warmup": warmup,
+                    "iters": iters, "min_time_s": min_time, "settle_s": settle,
+                    "timing_thread": "main" if main_thread else "worker", "images": n_images,
+                    "image_source": image_source, "workers": workers, "threads": threads,
+                    "devices": device_list, "time_budget_s": time_budget}
+
+        def assemble(results: list[dict], rounds_done: int, complete: bool) -> dict:
+            attach_speedups(results, baseline_label)
+            attach_efficiency(results)
+            data = {
+                "schema": SCHEMA,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "command": ["effiseg-bench"] + sys.argv[1:],
+                "machine": machine,
+                "model": {**models.describe(), "input_sizes": [f"{h}x{w}" for h, w in sizes]},
+                "settings": settings,
+                "complete": complete,
+                "rounds_completed": rounds_done,
+                "results": results,
+                "skipped": skipped,
+                "notes": list(models.notes),
+                "headline": headline(results, baseline_label),
+                "load_average_before": load_before,
+                "load_average_after": load_average(),
+                "duration_s": round(time.perf_counter() - started, 1),
+            }
+            if rounds_done < rounds:
+                data["notes"].append(f"{rounds_done} of {rounds} rounds were completed"
+                                     + ("" if complete else " (the run did not finish)"))
+            if not any(r["label"] == baseline_label and r.get("latency") for r in results):
+                data["notes"].append(f"the baseline {baseline_label} has no result: speed-ups are not available")
+            return data
+
+        def save_round(partial: list[dict], rounds_done: int) -> None:
+            # Rewritten after every round (atomically): a killed run keeps its finished rounds.
+            write_json(assemble(partial, rounds_done, complete=False), output / JSON_NAME)
+            progress["rounds_done"] = rounds_done
+            _log(f"  saved {rounds_done} round(s) to {output / JSON_NAME}")
+
+        machine = machine_info()
+        progress = {"rounds_done": 0}
+        deadline = started + time_budget if time_budget else None
+        try:
+            results = run_rounds(measurements, rounds, warmup, plan, settle_s=settle, log=_log,
+                                 plan_for=lambda cfg: e2e_plan if cfg.mode == "e2e" else plan,
+                                 worker_thread=not main_thread, deadline=deadline, on_round=save_round)
+        except KeyboardInterrupt:
+            done = progress["rounds_done"]
+            raise BenchError(f"interrupted; {done} finished round(s) are in {output / JSON_NAME}"
+                             if done else "interrupted before the first round finished; nothing was saved") from None
     finally:
         pool.close()
         shutil.rmtree(work, ignore_errors=True)
 
-    attach_speedups(results, baseline_label)
-    attach_efficiency(results)
-    data = {
-        "schema": SCHEMA,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": ["effiseg-bench"] + sys.argv[1:],
-        "machine": machine_info(),
-        "model": {**models.describe(), "input_sizes": [f"{h}x{w}" for h, w in sizes]},
-        "settings": {"backends": [t.label for t in targets], "baseline": baseline_label,
-                     "batch_sizes": batches, "input_sizes": [list(s) for s in sizes],
-                     "input_formats": formats, "modes": modes, "rounds": rounds, "warmup": warmup,
-                     "iters": iters, "min_time_s": min_time, "settle_s": settle, "timing_thread": "main" if main_thread else "worker", "images": n_images,
-                     "image_source": image_source, "workers": workers, "threads": threads,
-                     "devices": device_list},
-        "results": results,
-        "skipped": skipped,
-        "notes": list(models.notes),
-        "headline": headline(results, baseline_label),
-        "load_average_before": load_before,
-        "load_average_after": load_average(),
-        "duration_s": round(time.perf_counter() - started, 1),
-    }
-    if not any(r["label"] == baseline_label and r.get("latency") for r in results):
-        data["notes"].append(f"the baseline {baseline_label} has no result: speed-ups are not available")
+    data = assemble(results, progress["rounds_done"], complete=True)
     json_path = write_json(data, output / JSON_NAME)
     text = format_report(data)
     (output / TEXT_NAME).write_text(text + "\n", encoding="utf-8")

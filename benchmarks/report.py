@@ -130,13 +130,14 @@ def results_table(results: list[dict], mode: str) -> str:
         return ""
     title = {"model": "Model-only (submit+collect on prepared host buffers; GPU figures include H2D/D2H)",
              "compute": "Pure compute (torch module on a device-resident batch; CUDA events on GPUs)",
-             "e2e": "End-to-end (image files -> mask files through the pipeline)"}[mode]
+             "e2e": ("End-to-end (image files -> mask files through the pipeline; e2e/model: mean images/s "
+                     "over the model-only mean, per round: the same ratio round by round)")}[mode]
     head = (f"{'backend':<22} {'prec':<5} {'input':<7} {'batch':>5} {'size':>9} {'p50 ms':>10} "
             f"{'p90 ms':>10} {'p99 ms':>10} {'img/s':>9} {'vs base':>8}")
     if mode == "model":
         head += f" {'+prep img/s':>11} {'in B/img':>9} {'RSS MB':>8} {'dev MB':>8}"
     elif mode == "e2e":
-        head += f" {'e2e/model':>9} {'RSS MB':>8}"
+        head += f" {'e2e/model':>9} {'per round':>11} {'RSS MB':>8}"
     else:
         head += f" {'dev MB':>8}"
     lines = [title, head, "-" * len(head)]
@@ -152,7 +153,10 @@ def results_table(results: list[dict], mode: str) -> str:
             line += (f" {_fmt(prep.get('throughput_ips')):>11} {_fmt(r.get('bytes_in_per_image'), 'd'):>9} "
                      f"{_fmt(mem.get('host_rss_peak_mb'), '.0f'):>8} {_fmt(mem.get('device_peak_mb'), '.0f'):>8}")
         elif mode == "e2e":
-            line += (f" {_fmt(r.get('pipeline_efficiency')):>9} {_fmt(mem.get('host_rss_peak_mb'), '.0f'):>8}")
+            per_round = r.get("pipeline_efficiency_rounds") or []
+            spread = f"{min(per_round):.2f}-{max(per_round):.2f}" if len(per_round) > 1 else "-"
+            line += (f" {_fmt(r.get('pipeline_efficiency')):>9} {spread:>11} "
+                     f"{_fmt(mem.get('host_rss_peak_mb'), '.0f'):>8}")
         else:
             line += f" {_fmt(mem.get('device_peak_mb'), '.0f'):>8}"
         if r.get("error"):

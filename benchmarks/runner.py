@@ -304,6 +304,7 @@ class _Record:
     prep_ms: list = field(default_factory=list)
     timed_ms: list = field(default_factory=list)
     round_p50_ms: list = field(default_factory=list)
+    round_mean_ms: list = field(default_factory=list)
     first_ms: float | None = None
     rss_peak_mb: float | None = None
     device_peak_mb: float | None = None
@@ -314,9 +315,17 @@ class _Record:
 def run_rounds(measurements: list[Measurement], rounds: int, warmup: int, plan: IterationPlan,
                settle_s: float = 0.0, log: Callable[[str], None] = print,
                sample_memory: bool = True, plan_for: Callable[[Config], IterationPlan] | None = None,
-               worker_thread: bool = True) -> list[dict]:
+               worker_thread: bool = True, deadline: float | None = None,
+               on_round: Callable[[list[dict], int], None] | None = None) -> list[dict]:
     """Open every measurement, run the interleaved rounds, return one result dict each.
     ``plan_for(config)`` may give a mode its own iteration plan (e2e: one run per round).
+
+    ``on_round(results, rounds_done)`` is called after every complete round with the results so
+    far, so that a caller can save them: a run stopped by a time limit, Ctrl-C or a crash keeps
+    every finished round. ``deadline`` (a ``time.perf_counter()`` value): no new round starts
+    when the last one's duration would carry it past the deadline; the first round always runs
+    (without it there is nothing to report), and rounds are never cut in the middle, because an
+    incomplete round would compare configurations measured at different times.
 
     ``worker_thread``: build, warm up and time on one long-lived worker thread (each round's
     samples are one task, so the hand-over is outside the timed region), as the pipeline's runner
@@ -328,12 +337,13 @@ def run_rounds(measurements: list[Measurement], rounds: int, warmup: int, plan: 
     if worker_thread:
         with ThreadPoolExecutor(1, thread_name_prefix="effiseg-bench-timing") as executor:
             return _run_rounds(measurements, rounds, warmup, plan, settle_s, log, sample_memory, plan_for,
-                               lambda fn: executor.submit(fn).result())
+                               lambda fn: executor.submit(fn).result(), deadline, on_round)
     return _run_rounds(measurements, rounds, warmup, plan, settle_s, log, sample_memory, plan_for,
-                       lambda fn: fn())
+                       lambda fn: fn(), deadline, on_round)
 
 
-def _run_rounds(measurements, rounds, warmup, plan, settle_s, log, sample_memory, plan_for, call) -> list[dict]:
+def _run_rounds(measurements, rounds, warmup, plan, settle_s, log, sample_memory, plan_for, call,
+                deadline=None, on_round=None) -> list[dict]:
     records = [_Record(m) for m in measurements]
     gpu_probes: dict[str, GpuMemoryProbe] = {}
 
@@ -360,6 +370,7 @@ def _run_rounds(measurements, rounds, warmup, plan, settle_s, log, sample_memory
 
     live = [r for r in records if r.error is None]
     for r in range(rounds):
+        round_started = time.perf_counter()
         shift = r % len(live) if live else 0
         order = live[shift:] + live[:shift]
         log(f"  round {r + 1}/{rounds}")
@@ -406,7 +417,15 @@ def _run_rounds(measurements, rounds, warmup, plan, settle_s, log, sample_memory
                 rec.device_source = f"{sampler.gpu_probe.source} (device-wide used memory)"
             if round_ms:
                 rec.round_p50_ms.append(float(np.median(round_ms)))
+                rec.round_mean_ms.append(float(np.mean(round_ms)))
                 log(f"    {cfg.key:<48} p50 {np.median(round_ms):10.2f} ms  ({len(round_ms)} samples)")
+        if on_round is not None:
+            on_round([_result(rec) for rec in records], r + 1)
+        took = time.perf_counter() - round_started
+        if deadline is not None and r + 1 < rounds and time.perf_counter() + took > deadline:
+            log(f"  stopping after round {r + 1} of {rounds}: another round (~{took:.0f} s) would pass "
+                f"the time budget")
+            break
 
     results = [_result(rec) for rec in records]
     for rec in records:
@@ -445,6 +464,7 @@ def _result(rec: _Record) -> dict:
         "latency": None,
         "samples_ms": [round(x, 4) for x in rec.timed_ms],
         "round_p50_ms": [round(x, 4) for x in rec.round_p50_ms],
+        "round_mean_ms": [round(x, 4) for x in rec.round_mean_ms],
         "samples_per_round": rec.iters,
         "first_batch_ms": rec.first_ms,
         "build_s": built.build_s if built else None,

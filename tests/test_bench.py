@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 from effiseg.benchmarks.analysis import SCHEMA, attach_efficiency, attach_speedups, headline
 from effiseg.benchmarks.cli import bench_command, parse_sizes
-from effiseg.benchmarks.report import (SchemaError, compare_results, format_report, validate_result_file)
+from effiseg.benchmarks.report import (SchemaError, compare_results, format_report, results_table,
+                                       validate_result_file)
 from effiseg.benchmarks.runner import BackendPool, Config, IterationPlan, ModelOnly, run_rounds
 from effiseg.benchmarks.stats import geometric_mean, percentile, ratio, speedup, summarize_latencies
 from effiseg.benchmarks.targets import TARGETS, Target, resolve_targets
@@ -105,6 +106,34 @@ def test_speedups_and_pipeline_efficiency():
     assert row["pipeline_efficiency_of_best"] == pytest.approx(0.8)
     text = format_report(data)
     assert "2.00x" in text and "ort-cpu@cpu" in text
+
+
+def test_pipeline_efficiency_sets_mean_rate_against_mean_rate_and_pairs_rounds():
+    """An e2e sample is a run's mean time per batch; the model-only side must be a mean too, or a
+    right-skewed model-only distribution reads as a pipeline loss."""
+    model = _result("model", "ort-cpu@cpu", 8, 100.0)
+    model["latency"] = summarize_latencies([100.0, 100.0, 100.0, 300.0], 8)  # p50 100, mean 150
+    model["round_mean_ms"] = [100.0, 200.0]
+    e2e = _result("e2e", "ort-cpu@cpu", 8, 150.0)
+    e2e["latency"] = summarize_latencies([150.0, 150.0], 8)
+    e2e["round_mean_ms"] = [125.0, 200.0]
+    results = [model, e2e]
+    attach_efficiency(results)
+    assert e2e["pipeline_efficiency"] == pytest.approx(1.0)          # 150 ms mean against 150 ms mean
+    assert e2e["pipeline_efficiency_p50"] == pytest.approx(100 / 150)  # the old median-based figure
+    assert e2e["pipeline_efficiency_rounds"] == pytest.approx([0.8, 1.0])
+    text = results_table(results, "e2e")
+    assert "0.80-1.00" in text
+
+
+def test_headline_finds_the_end_to_end_twin_when_the_fastest_model_only_format_has_none():
+    # float32 model-only is (by noise) the fastest; end-to-end runs only in uint8.
+    results = [_result("model", "torch-eager@cpu", 8, 1000.0), _result("model", "ort-cpu@cpu", 8, 500.0),
+               _result("model", "ort-cpu@cpu", 8, 490.0, fmt="float32-nchw"), _result("e2e", "ort-cpu@cpu", 8, 625.0)]
+    data = _result_file(results)
+    (row,) = data["headline"]
+    assert row["best_model_only"] == "model|ort-cpu@cpu|float32-nchw|b8|352x352"
+    assert row["pipeline_efficiency_of_best"] == pytest.approx(0.8)  # the uint8 twin: 500 / 625
 
 
 # -- schema ------------------------------------------------------------------------------------
@@ -223,6 +252,28 @@ def test_rounds_interleave_configurations_and_count_samples():
         assert res["latency_with_host_prep"]["p50_ms"] >= res["latency"]["p50_ms"] * 0.999
 
 
+def test_every_finished_round_is_handed_out_and_a_deadline_stops_between_rounds():
+    info = ModelInfo(path=None, variant="test", input_height=8, input_width=8)
+    pool = BackendPool(lambda target, fmt, batch, size: RecordingBackend(info, batch, [], target.name),
+                       log=lambda m: None)
+    configs = [Config("model", t, 1, 8, 8, "uint8-nhwc") for t in _targets()]
+    saved = []
+    results = run_rounds([ModelOnly(c, pool) for c in configs], rounds=3, warmup=1, plan=IterationPlan(iters=2),
+                         log=lambda m: None, on_round=lambda res, done: saved.append((done, res)))
+    assert [done for done, _ in saved] == [1, 2, 3]
+    assert all(len(r["samples_ms"]) == 2 for r in saved[0][1])  # round 1's results hold round 1 only
+    assert all(len(r["round_mean_ms"]) == 3 for r in results)
+
+    saved.clear()
+    messages = []
+    results = run_rounds([ModelOnly(c, pool) for c in configs], rounds=3, warmup=1, plan=IterationPlan(iters=2),
+                         log=messages.append, deadline=0.0, on_round=lambda res, done: saved.append(done))
+    pool.close()
+    assert saved == [1]  # the first round always runs; the budget is spent, so no second one starts
+    assert all(len(r["samples_ms"]) == 2 and r["error"] is None for r in results)
+    assert any("stopping after round 1 of 3" in m for m in messages)
+
+
 def test_a_failing_backend_is_reported_and_the_others_go_on():
     info = ModelInfo(path=None, variant="test", input_height=8, input_width=8)
 
@@ -306,3 +357,20 @@ def test_tiny_cpu_run_writes_table_json_and_plot(tiny_checkpoint, tmp_path):
     assert data["model"]["variant"] == "effisegnet-lite0"
     text = (out / "effiseg_bench.txt").read_text()
     assert "Model-only" in text and "End-to-end" in text and "torch-eager@cpu" in text
+
+
+def test_time_budget_keeps_the_finished_rounds_and_says_so(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    args = ["--checkpoint", str(tiny_checkpoint), "--backends", "ort-cpu", "--batch-sizes", "1",
+            "--rounds", "4", "--warmup", "1", "--iters", "2", "--mode", "model", "--input-formats", "uint8",
+            "--settle", "0", "--devices", "cpu", "--output", str(out), "--cache-dir", str(tmp_path / "cache"),
+            "--time-budget", "0.01", "--no-plot"]
+    res = CliRunner().invoke(bench_command, args)  # preparing alone takes longer than 10 ms
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    data = json.loads((out / "effiseg_bench.json").read_text())
+    validate_result_file(data)
+    assert data["complete"] is True and data["rounds_completed"] == 1
+    assert data["settings"]["time_budget_s"] == 0.01
+    assert any("1 of 4 rounds" in n for n in data["notes"])
+    assert {r["backend"] for r in data["results"]} == {"torch-eager", "ort-cpu"}
+    assert all(len(r["samples_ms"]) == 2 for r in data["results"])
