@@ -1,0 +1,252 @@
+"""Where one batch's time goes, per operator category, for the torch baseline and the fast mode.
+
+``effiseg-bench`` says *how much* faster the fast torch path is; this says *why* it is not faster
+still, from a profile instead of a guess. For each variant it times the backend's own module on a
+device-resident batch (CUDA events; CUDA-graph replay where the backend replays graphs, as the
+bench's ``compute`` mode does) and records one ``torch.profiler`` trace, whose per-operator device
+time is summed into categories (convolutions, elementwise, upsampling, normalisation, copies and
+layout changes, ...). The speed-up of the fast mode over the baseline is then the ratio of two sums,
+and the categories that shrink least are the ones that cap it.
+
+Variants (the two the bench compares, plus one that isolates a factor):
+
+* ``fp32-eager``: the bench's baseline, PyTorch as it comes. Note that PyTorch lets cuDNN use TF32
+  tensor cores for FP32 convolutions by default (``torch.backends.cudnn.allow_tf32``) on Ampere and
+  newer GPUs, so this "FP32" baseline already runs its convolutions on tensor cores there;
+* ``fp32-eager-no-tf32``: the same with TF32 off, i.e. true FP32 convolutions -- the difference
+  between the two is what TF32 gives the baseline;
+* ``fp16-fast``: the fast mode (half precision, channels_last, cuDNN autotuning; the trace is taken
+  from eager calls of the same module, the timing from CUDA-graph replay as the backend runs it).
+
+    python -m effiseg.benchmarks.op_profile --checkpoint training/weights/default --batch-size 32
+
+On a CPU-only machine it profiles the CPU (``fp32-eager`` only; the CUDA variants are skipped with
+the reason), which is what its test exercises.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+# Operator name (aten::...) -> category. First match wins; anything else is "other".
+CATEGORIES: tuple[tuple[str, str], ...] = (
+    ("convolution", r"conv|cudnn_convolution|mkldnn_convolution|thnn_conv|slow_conv"),
+    ("matmul", r"addmm|::mm$|matmul|linear|bmm"),
+    ("upsample", r"upsample|interpolate"),
+    ("normalisation", r"batch_norm|layer_norm|group_norm|native_norm"),
+    ("activation", r"relu|silu|sigmoid|hardtanh|hardswish|gelu|tanh|clamp|threshold"),
+    ("elementwise arithmetic", r"::add|::sub|::mul|::div|::neg|::where|::rsub|::pow|::sqrt|::exp|::log"),
+    ("copy / layout / dtype", r"copy_|::to$|_to_copy|contiguous|clone|::flip|permute|transpose|cat$|::cat|stack"),
+    ("reduction", r"::mean|::sum|::amax|::max|::min|::argmax|::softmax"),
+)
+VARIANTS = ("fp32-eager", "fp32-eager-no-tf32", "fp16-fast")
+
+
+def categorise(op_name: str) -> str:
+    for category, pattern in CATEGORIES:
+        if re.search(pattern, op_name):
+            return category
+    return "other"
+
+
+def _self_time_us(event, on_cuda: bool) -> float:
+    if on_cuda:
+        for attr in ("self_device_time_total", "self_cuda_time_total"):
+            value = getattr(event, attr, None)
+            if value is not None:
+                return float(value)
+        return 0.0
+    return float(event.self_cpu_time_total)
+
+
+def summarise_ops(op_times_us: dict[str, float], iterations: int) -> dict:
+    """Per-operator self time (µs, summed over ``iterations`` batches) -> per-batch milliseconds
+    by category and the top operators. Pure function: tested with known numbers."""
+    if iterations < 1:
+        raise ValueError("iterations must be >= 1")
+    by_category: dict[str, float] = {}
+    for name, us in op_times_us.items():
+        cat = categorise(name)
+        by_category[cat] = by_category.get(cat, 0.0) + us
+    total = sum(by_category.values())
+    per_batch = {c: v / 1000.0 / iterations for c, v in sorted(by_category.items(), key=lambda kv: -kv[1])}
+    top = sorted(op_times_us.items(), key=lambda kv: -kv[1])[:15]
+    return {
+        "total_ms_per_batch": total / 1000.0 / iterations,
+        "by_category_ms_per_batch": per_batch,
+        "by_category_share": {c: (v * 1000.0 * iterations / total if total else 0.0) for c, v in per_batch.items()},
+        "top_ops_ms_per_batch": [{"op": n, "category": categorise(n), "ms": us / 1000.0 / iterations}
+                                 for n, us in top],
+    }
+
+
+def compare_categories(base: dict, fast: dict) -> list[dict]:
+    """Per category: baseline ms, fast ms, their ratio and each category's part of the time the fast
+    mode still spends -- the categories with a low ratio and a large part are what caps the speed-up."""
+    rows = []
+    b, f = base["by_category_ms_per_batch"], fast["by_category_ms_per_batch"]
+    fast_total = fast["total_ms_per_batch"] or float("nan")
+    for cat in sorted(set(b) | set(f), key=lambda c: -(b.get(c, 0.0))):
+        bm, fm = b.get(cat, 0.0), f.get(cat, 0.0)
+        rows.append({"category": cat, "baseline_ms": bm, "fast_ms": fm,
+                     "speedup": (bm / fm) if fm > 0 else None, "share_of_fast_time": fm / fast_total})
+    return rows
+
+
+def _profile_variant(name: str, checkpoint: Path, device: str, batch: int, iters: int, warmup: int,
+                     cache_dir: Path | None, log) -> dict:
+    import torch
+
+    from .factory import make_factory
+    from .models import resolve_models
+    from .runner import BackendPool, ComputeOnly, Config, torch_flags
+    from .targets import TARGETS, Target
+
+    on_cuda = device.startswith("cuda")
+    target = Target(TARGETS["torch-fast" if name == "fp16-fast" else "torch-eager"], device)
+    models = resolve_models(None, checkpoint, cache_dir, log=log)
+    h, w = models.native_size
+    pool = BackendPool(make_factory(models), log=log)
+    cfg = Config("compute", target, batch, h, w, "uint8-nhwc")
+    measurement = ComputeOnly(cfg, pool)
+    previous_tf32 = torch.backends.cudnn.allow_tf32
+    try:
+        if name == "fp32-eager-no-tf32":
+            torch.backends.cudnn.allow_tf32 = False
+        with torch_flags(cfg):
+            measurement.open(warmup)
+            timed = [measurement.sample()[1] for _ in range(iters)]
+            # The trace: eager calls of the module (a CUDA-graph replay hides its operators).
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if on_cuda:
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            module, x = measurement.module, measurement.x
+            with torch.inference_mode():
+                module(x)
+                if on_cuda:
+                    torch.cuda.synchronize(measurement.device)
+                t0 = time.perf_counter()
+                with torch.profiler.profile(activities=activities) as prof:
+                    for _ in range(iters):
+                        module(x)
+                    if on_cuda:
+                        torch.cuda.synchronize(measurement.device)
+                traced_wall_ms = (time.perf_counter() - t0) * 1000.0 / iters
+        ops: dict[str, float] = {}
+        for event in prof.key_averages():
+            if event.key.startswith("aten::"):  # kernels count through the operator that launched them
+                us = _self_time_us(event, on_cuda)
+                if us > 0:
+                    ops[event.key] = ops.get(event.key, 0.0) + us
+        summary = summarise_ops(ops, iters)
+        kernels = [e for e in prof.events() if on_cuda and str(getattr(e, "device_type", "")).endswith("CUDA")]
+        busy_ms = summary["total_ms_per_batch"]
+        return {
+            "variant": name,
+            "backend": target.label,
+            "batch_size": batch,
+            "input_size": [h, w],
+            "timing": measurement.extra.get("compute_timer"),
+            "ms_per_batch_p50": float(np.median(timed)),
+            "ms_per_batch_samples": [round(t, 4) for t in timed],
+            "images_per_s": batch * 1000.0 / float(np.median(timed)),
+            "traced_eager_wall_ms_per_batch": traced_wall_ms,
+            "device_busy_ms_per_batch": busy_ms,
+            # Device time / wall time of the eager trace: well below 1 means the GPU waits for the
+            # host to launch kernels (launch-bound), which CUDA graphs remove and batching hides.
+            "eager_device_busy_fraction": (busy_ms / traced_wall_ms) if traced_wall_ms > 0 else None,
+            "kernels_per_batch": (len(kernels) / iters) if on_cuda else None,
+            "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+            **summary,
+        }
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous_tf32
+        measurement.close()
+        pool.close()
+
+
+def format_profile(data: dict) -> str:
+    lines = [f"Operator profile, batch {data['batch_size']}, {data['device_name']} ({data['device']})", ""]
+    lines.append(f"{'variant':<20} {'ms/batch':>9} {'img/s':>9} {'device ms':>10} {'busy':>6} {'kernels':>8}  timing")
+    for v in data["variants"]:
+        if v.get("error"):
+            lines.append(f"{v['variant']:<20} skipped: {v['error']}")
+            continue
+        busy = v.get("eager_device_busy_fraction")
+        lines.append(f"{v['variant']:<20} {v['ms_per_batch_p50']:>9.3f} {v['images_per_s']:>9.1f} "
+                     f"{v['device_busy_ms_per_batch']:>10.3f} {busy if busy is None else round(busy, 2)!s:>6} "
+                     f"{v['kernels_per_batch'] if v['kernels_per_batch'] is None else round(v['kernels_per_batch'])!s:>8}  "
+                     f"{v['timing']}")
+    for pair in data.get("comparisons", []):
+        lines += ["", f"{pair['baseline']} -> {pair['fast']}: {pair['speedup']:.2f}x per batch (timed); "
+                      "by category of profiled device time:",
+                  f"  {'category':<24} {'base ms':>9} {'fast ms':>9} {'ratio':>7} {'part of fast':>13}"]
+        for row in pair["categories"]:
+            ratio = "-" if row["speedup"] is None else f"{row['speedup']:.2f}x"
+            lines.append(f"  {row['category']:<24} {row['baseline_ms']:>9.3f} {row['fast_ms']:>9.3f} {ratio:>7} "
+                         f"{row['share_of_fast_time'] * 100:>12.1f}%")
+    return "\n".join(lines)
+
+
+def run_profile(checkpoint: Path, device: str, batch: int, iters: int, warmup: int,
+                variants: tuple[str, ...] = VARIANTS, cache_dir: Path | None = None, log=print) -> dict:
+    import torch
+    on_cuda = device.startswith("cuda")
+    if on_cuda and not torch.cuda.is_available():
+        raise click.ClickException(f"--device {device}: torch sees no CUDA GPU")
+    data = {"device": device, "batch_size": batch, "iterations": iters,
+            "device_name": torch.cuda.get_device_name(torch.device(device)) if on_cuda else "CPU",
+            "torch": torch.__version__, "cuda": torch.version.cuda, "variants": [], "comparisons": []}
+    for name in variants:
+        if not on_cuda and name != "fp32-eager":
+            data["variants"].append({"variant": name, "error": "CUDA variants only (TF32 and the fast mode's "
+                                     "fp16 + CUDA graphs exist on GPUs)"})
+            continue
+        log(f"profiling {name} at batch {batch} on {device} ...")
+        data["variants"].append(_profile_variant(name, checkpoint, device, batch, iters, warmup, cache_dir, log))
+    done = {v["variant"]: v for v in data["variants"] if not v.get("error")}
+    for base in ("fp32-eager", "fp32-eager-no-tf32"):
+        if base in done and "fp16-fast" in done:
+            b, f = done[base], done["fp16-fast"]
+            data["comparisons"].append({"baseline": base, "fast": "fp16-fast",
+                                        "speedup": b["ms_per_batch_p50"] / f["ms_per_batch_p50"],
+                                        "categories": compare_categories(b, f)})
+    return data
+
+
+@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.option("--checkpoint", type=click.Path(path_type=Path, exists=True), required=True,
+              help="A training checkpoint folder or .safetensors file.")
+@click.option("--device", default="cuda:0", help="cuda:N, or cpu (fp32-eager only).")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=32)
+@click.option("--iters", type=click.IntRange(1, 10000), default=20, help="Timed and traced batches per variant.")
+@click.option("--warmup", type=click.IntRange(1, 10000), default=10)
+@click.option("--variants", default=",".join(VARIANTS), help="Comma-separated: " + ", ".join(VARIANTS))
+@click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), default=None)
+@click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), default=Path("effiseg-op-profile"),
+              help="Folder for op_profile_b<N>.json and .txt.")
+def main(checkpoint, device, batch_size, iters, warmup, variants, cache_dir, output):
+    """Per-operator-category profile of the torch baseline against the fast mode."""
+    names = tuple(v.strip() for v in variants.split(",") if v.strip())
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or not names:
+        raise click.BadParameter(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}",
+                                 param_hint="--variants")
+    data = run_profile(checkpoint, device, batch_size, iters, warmup, names, cache_dir,
+                       log=lambda m: click.echo(m, err=True))
+    output.mkdir(parents=True, exist_ok=True)
+    stem = output / f"op_profile_b{batch_size}"
+    stem.with_suffix(".json").write_text(json.dumps(data, indent=1), encoding="utf-8")
+    text = format_profile(data)
+    stem.with_suffix(".txt").write_text(text + "\n", encoding="utf-8")
+    click.echo(text)
+    click.echo(f"wrote {stem.with_suffix('.json')}, {stem.with_suffix('.txt')}", err=True)
+
+
+if __name__ == "__main__":
+    main()
