@@ -5,7 +5,9 @@
     effiseg-run --input frames/ --model runs/best/ --backend torch --precision fp16 --devices 0,1
 
 Exit status: 0 when every image got a mask, 1 when any image failed (listed in the summary), 2 for
-bad options, 3 when the run could not start (model missing, no backend, bad folders).
+bad options, 3 when the run could not start (model missing, no backend, bad folders), 4 when the run
+started but stopped part-way (the backend or device failed: every mask already written is complete
+and journaled, and ``--resume`` continues), 130 when interrupted with Ctrl-C (same: ``--resume``).
 """
 from __future__ import annotations
 
@@ -21,6 +23,12 @@ from .images import DEFAULT_MAX_PIXELS
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "effisegnet-default.onnx"
 EXIT_FAILED_FILES = 1
 EXIT_CANNOT_START = 3
+EXIT_RUN_STOPPED = 4
+EXIT_INTERRUPTED = 130
+
+
+class RunStopped(click.ClickException):
+    exit_code = EXIT_RUN_STOPPED
 
 
 class CannotStart(click.ClickException):
@@ -107,6 +115,14 @@ def run_command(input_dir, output_dir, model_path, backend, devices, batch, prec
             raise CannotStart(str(e)) from None
         except OSError as e:  # e.g. an output folder that cannot be created or written
             raise CannotStart(f"cannot write the results to {out}: {e}") from None
+        except KeyboardInterrupt:
+            _echo(f"interrupted: the masks written so far in {out} are complete and journaled; "
+                  f"run the same command with --resume to finish")
+            sys.exit(EXIT_INTERRUPTED)
+        except Exception as e:  # the backend or the device failed part-way: not a per-file problem
+            raise RunStopped(f"the run stopped part-way: {type(e).__name__}: {e}. The masks written so far in "
+                             f"{out} are complete and journaled; fix the cause and run the same command with "
+                             f"--resume to finish") from None
     failed = [r for r in summary["files"] if r["status"] == "error"]
     click.echo(f"{summary['n_images']} image(s): {summary['n_ok']} ok, {summary['n_failed']} failed, "
                f"{summary['n_skipped']} skipped (resume); {summary['images_per_s']:.1f} images/s "

@@ -14,6 +14,11 @@ Threads and what bounds them:
 * ``writers`` threads resize outputs to each image's size, threshold and write (``finish``). The
   runner blocks when ``2 * writers`` outputs are waiting, so slow disks also push back.
 
+A batch the backend fails on fails its images (per-file errors, the run goes on: one bad batch, e.g.
+an out-of-memory at an odd size, should not cost the folder). ``max_failed_batches`` failures in a
+row on one backend mean the backend or its device is gone: the run stops with ``BackendLost``
+instead of marking every remaining file failed.
+
 Several backends (devices=[0, 1]) share one free-slot queue: whichever device frees a slot first
 gets the next batch. Results come back keyed by job, in completion order.
 
@@ -84,6 +89,10 @@ class PipelineAborted(RuntimeError):
     pass
 
 
+class BackendLost(RuntimeError):
+    """A backend failed ``max_failed_batches`` batches in a row: it (or its device) is not coming back."""
+
+
 class Pipeline:
     """Run ``jobs`` through ``backends``.
 
@@ -94,10 +103,14 @@ class Pipeline:
     """
 
     def __init__(self, backends: list[Backend], load: Callable, fill: Callable, finish: Callable,
-                 fail: Callable, workers: int | None = None, writers: int | None = None):
+                 fail: Callable, workers: int | None = None, writers: int | None = None,
+                 max_failed_batches: int = 3):
         if not backends:
             raise ValueError("the pipeline needs at least one backend")
+        if max_failed_batches < 1:
+            raise ValueError("max_failed_batches must be >= 1")
         self.backends = backends
+        self.max_failed_batches = max_failed_batches
         self.load, self.fill, self.finish, self.fail = load, fill, finish, fail
         self.workers = max(1, workers or default_workers())
         self.writers = max(1, writers or self.workers)
@@ -129,6 +142,7 @@ class Pipeline:
             for slot in range(backend.n_slots):
                 self._free.put((b_index, slot))
         self._ready = [queue.Queue() for _ in self.backends]
+        self._failed_in_a_row = [0] * len(self.backends)  # each touched by its own runner thread only
         self._cond = threading.Condition()
         self._current: _Batch | None = None
         self._fetching = False
@@ -141,7 +155,12 @@ class Pipeline:
         coordinator.start()
         try:
             while True:
-                item = self._results.get()
+                # Waits with a timeout: on Windows an untimed lock wait cannot be interrupted, so
+                # Ctrl-C would only land when the next result arrives (or never, if none does).
+                try:
+                    item = self._results.get(timeout=_POLL_S)
+                except queue.Empty:
+                    continue
                 if item is end:
                     break
                 self.stats.add(images=1)
@@ -149,7 +168,8 @@ class Pipeline:
         finally:
             if coordinator.is_alive():
                 self._abort.set()
-            coordinator.join()
+            while coordinator.is_alive():
+                coordinator.join(_POLL_S)
             self.stats.wall_s = time.perf_counter() - started
         if self._fatal:
             raise self._fatal[0]
@@ -317,7 +337,7 @@ class Pipeline:
                         backend.submit(batch.slot, batch.claimed)
                     except Exception as e:
                         self.stats.add(infer_s=time.perf_counter() - t0)
-                        self._fail_batch(batch, e)
+                        self._backend_failed(batch, e)
                         continue
                     self.stats.add(infer_s=time.perf_counter() - t0, batches=1)
                     in_flight.append(batch)
@@ -336,9 +356,10 @@ class Pipeline:
             rows = [np.array(out[i], copy=True) for i in range(batch.claimed)]
         except Exception as e:
             self.stats.add(infer_s=time.perf_counter() - t0)
-            self._fail_batch(batch, e)
+            self._backend_failed(batch, e)
             return
         self.stats.add(infer_s=time.perf_counter() - t0)
+        self._failed_in_a_row[batch.backend_index] = 0
         entries = batch.entries[:batch.claimed]
         self._free.put((batch.backend_index, batch.slot))  # outputs copied: the slot may refill
         for (job, meta), output in zip(entries, rows):
@@ -349,6 +370,16 @@ class Pipeline:
                 self._check_abort()
             self.stats.add(wait_for_writer_s=time.perf_counter() - t1)
             self._writer_pool.submit(self._write, job, meta, output)
+
+    def _backend_failed(self, batch: _Batch, error: Exception) -> None:
+        """Fail the batch's images; after ``max_failed_batches`` in a row, stop the run."""
+        self._fail_batch(batch, error)
+        b = batch.backend_index
+        self._failed_in_a_row[b] += 1
+        if self._failed_in_a_row[b] >= self.max_failed_batches:
+            backend = self.backends[b]
+            raise BackendLost(f"{backend.name} on {backend.device} failed {self._failed_in_a_row[b]} batches in a "
+                              f"row (last: {type(error).__name__}: {error})")
 
     def _fail_batch(self, batch: _Batch, error: Exception) -> None:
         for job, meta in batch.entries[:batch.claimed]:

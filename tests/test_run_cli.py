@@ -210,6 +210,46 @@ def test_resume_redoes_incomplete_and_failed_files(tiny_onnx, tmp_path):
     assert "removed 1 temporary file" in again.output
 
 
+def test_a_backend_that_fails_part_way_stops_the_run_with_its_own_status_and_resume_finishes(
+        tiny_onnx, tmp_path, monkeypatch):
+    """A device lost mid-run is not a bad input file: after three failed batches in a row the run
+    stops with exit 4 (not 1, and without marking every remaining file failed), the masks already
+    written stay, and --resume completes the folder."""
+    from effiseg.runtime.segmenter import Segmenter
+    src, out = tmp_path / "in", tmp_path / "out"
+    _make_images(src, 12)
+    real_from_model = Segmenter.from_model.__func__
+
+    def failing_from_model(cls, *args, **kwargs):
+        segmenter = real_from_model(cls, *args, **kwargs)
+        backend = segmenter.backends[0]
+        real_submit, calls = backend.submit, []
+
+        def submit(slot, n):
+            calls.append(n)
+            if len(calls) > 2:
+                raise RuntimeError("CUDA error: device lost (simulated)")
+            return real_submit(slot, n)
+        backend.submit = submit
+        return segmenter
+
+    monkeypatch.setattr(Segmenter, "from_model", classmethod(failing_from_model))
+    args = ["--input", src, "--output", out, "--model", tiny_onnx, "--batch", 2, "--slots", 1]
+    stopped = _run(*args)
+    assert stopped.exit_code == run_cli.EXIT_RUN_STOPPED == 4, stopped.output
+    assert "failed 3 batches in a row" in stopped.output and "device lost (simulated)" in stopped.output
+    assert "--resume" in stopped.output
+    written = sorted(out.glob("*.png"))
+    assert 1 <= len(written) <= 4  # two batches of two went through before the failure
+    assert all(png_is_complete(m) for m in written)
+    monkeypatch.undo()
+    resumed = _run(*args, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    summary = json.loads((out / "effiseg_summary.json").read_text())
+    assert summary["n_ok"] + summary["n_skipped"] == 12 and summary["n_failed"] == 0
+    assert summary["n_skipped"] == len(written)
+
+
 @pytest.mark.gpu
 def test_cli_torch_fp16_on_cuda_reports_precision_and_timing(tiny_checkpoint, tmp_path):
     src = tmp_path / "in"

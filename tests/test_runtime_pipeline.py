@@ -16,7 +16,7 @@ from effiseg.runtime.backends import parse_devices  # noqa: E402
 from effiseg.runtime.backends.base import Backend  # noqa: E402
 from effiseg.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
 from effiseg.runtime.model_info import ModelInfo  # noqa: E402
-from effiseg.runtime.pipeline import Pipeline  # noqa: E402
+from effiseg.runtime.pipeline import BackendLost, Pipeline  # noqa: E402
 from effiseg.runtime.postprocess import count_regions, output_to_mask, resize_bilinear, resize_rgb  # noqa: E402
 
 
@@ -214,6 +214,27 @@ def test_batch_failure_is_reported_per_file_and_the_run_goes_on():
     errors = [r for r in results.values() if r[0] == "error"]
     assert len(errors) == 2 and all("inference: device lost" in r[1] for r in errors)
     assert sum(r[0] == "ok" for r in results.values()) == 5
+
+
+def test_failures_in_a_row_mean_the_backend_is_lost_and_stop_the_run():
+    """Isolated failures stay per-file (above); a backend that fails every batch stops the run
+    instead of marking thousands of files failed one batch at a time."""
+    backend = MeanBackend(_fake_info(), max_batch=2, n_slots=1, fail_on=set(range(3, 1000)))
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (20, 20, 3), dtype=np.uint8) for _ in range(40)]
+    seg = Segmenter([backend], workers=1)
+    pipe = seg.pipeline(lambda i: (seg.prepare(images[i]), None), lambda i, meta, out: "ok",
+                        lambda i, err, stage: "error")
+    assert pipe.max_failed_batches == 3
+    seen = []
+    with pytest.raises(BackendLost, match="failed 3 batches in a row.*device lost"):
+        for i, r in pipe.run(range(40)):
+            seen.append(r)
+    assert seen.count("ok") == 4           # the two batches before the device went
+    assert seen.count("error") <= 6        # at most the three failed batches, not the other 30 images
+    assert backend.calls < 10
+    with pytest.raises(ValueError):
+        Pipeline([backend], None, None, None, None, max_failed_batches=0)
 
 
 def test_memory_is_bounded_by_slots_and_writers():
