@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# One prepared GPU session (run from the repo root on a CUDA machine; ~9 minutes on an H100):
-#   1. the issue-5 protocol: every (arm, seed) trained at once on the one GPU, epochs chosen to fit
-#      TRAIN_BUDGET seconds, then each run's best checkpoint scored under the inference candidates;
-#   2. the GPU benchmarks: PyTorch FP32 eager (the baseline) against the fast torch path, model-only
-#      and end to end through the double-buffered pipeline;
-#   3. everything packed into $OUT (results.tgz, the checkpoints to ship split in 15 MB parts, the log).
+# Prepared GPU session for the issue-5 protocol (run from the repo root on a CUDA machine):
+#   train:    every (arm, seed) trained at once on the one GPU, for EPOCHS epochs (or epochs chosen
+#             to fit TRAIN_BUDGET seconds by a calibration, which costs ~90 s of its own);
+#   evaluate: each run's best-on-validation checkpoint scored under the inference candidates;
+#   report:   the protocol report (choices on validation, seed-paired bootstrap intervals);
+#   pack:     results.tgz and the checkpoints to ship (split in 15 MB parts) into $OUT.
+# PHASES picks the steps (default: all four), so that one session can train in one device call and
+# evaluate in the next (WORK is inside the repo's git-ignored .gpu_work/, which stays on a warm
+# machine between calls). The GPU benchmark has its own script: benchmarks/gpu/bench_session.sh.
 # Needs: torch with CUDA, timm, safetensors, scipy, pillow, click, tqdm; the Lite2 weights wheel and
 # the data under .carry/ (see benchmarks/gpu/README.md). DRY=1 runs a tiny version on the CPU.
 set -u
@@ -12,15 +15,17 @@ export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 ROOT=$(pwd)
 OUT=${OUT:-$ROOT/.gpu_out}
-WORK=${WORK:-/tmp/effiseg_gpu}
+WORK=${WORK:-$ROOT/.gpu_work}
 DATA=${DATA:-$ROOT/.carry/kvasir-seg}
 TRAIN_BUDGET=${TRAIN_BUDGET:-290}
 PARALLEL=${PARALLEL:-12}
 SEEDS=${SEEDS:-0,1,2}
 ARMS=${ARMS:-baseline,overlay_box,boundary_loss,overlay_box+boundary_loss}
-DEADLINE=${DEADLINE:-570}          # seconds after start by which packing must begin
+EPOCHS=${EPOCHS:-}                  # fixed epochs for every run; empty: chosen from TRAIN_BUDGET
+PHASES=${PHASES:-train,evaluate,report,pack}
+has_phase() { case ",$PHASES," in *",$1,"*) return 0;; esac; return 1; }
 mkdir -p "$OUT" "$WORK"
-exec > >(tee "$OUT/session.log") 2>&1
+exec > >(tee -a "$OUT/session.log") 2>&1
 T0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - T0 )); }
 stamp() { echo "[$(elapsed)s] $*"; }
@@ -38,6 +43,7 @@ if [ "${DRY:-0}" = 1 ]; then
   EXTRA=(--extra=--limit-train --extra=16 --extra=--limit-val --extra=4 --extra=--limit-test --extra=4
          --extra=--device --extra=cpu --extra=--input-size --extra=64 --extra=--variant --extra=effisegnet-lite0)
   TRAIN_BUDGET=${TRAIN_BUDGET_DRY:-40}; PARALLEL=2; SEEDS=0,1; ARMS=baseline,overlay_box
+  [ -n "$EPOCHS" ] && EPOCHS=2
 fi
 
 stamp "environment"
@@ -51,50 +57,44 @@ print(json.dumps(info))
 PY
 
 PROTO=$WORK/protocol
-# Many training processes share the CPU cores: one thread each avoids oversubscription.
-export OMP_NUM_THREADS=1
-stamp "protocol: train (budget ${TRAIN_BUDGET}s, ${PARALLEL} at once)"
-"$PY" -m effiseg.training.protocol train --data "$DATA" --out "$PROTO" --arms "$ARMS" --seeds "$SEEDS" \
-  --time-budget "$TRAIN_BUDGET" --parallel "$PARALLEL" --min-epochs 1 --max-epochs 150 "${EXTRA[@]}"
-stamp "protocol: train exit $?"
-
-stamp "protocol: evaluate"
-LIMIT=(); [ "${DRY:-0}" = 1 ] && LIMIT=(--limit 6)
-"$PY" -m effiseg.training.protocol evaluate --data "$DATA" --out "$PROTO" --parallel 6 "${LIMIT[@]}"
-stamp "protocol: evaluate exit $?"
-"$PY" -m effiseg.training.protocol report --out "$PROTO" --n-boot 10000
-stamp "protocol: report exit $?"
-
-unset OMP_NUM_THREADS
-# The checkpoint used for the speed measurements (timings do not depend on the weights).
-CKPT=$PROTO/runs/baseline_s0/best.safetensors
-BENCH=$WORK/bench
-if [ -f "$CKPT" ] && [ "$(elapsed)" -lt $((DEADLINE - 90)) ]; then
-  stamp "benchmarks"
-  BARGS=(--backends torch-eager,torch-fast --batch-sizes 1,8,32 --mode both --rounds 2 --images 128
-         --images-from "$DATA/test/images" --checkpoint "$CKPT" --output "$BENCH" --cache-dir "$WORK/bench-cache")
-  [ "${DRY:-0}" = 1 ] && BARGS=(--backends torch-eager,torch-fast --batch-sizes 1 --mode both --rounds 1 --images 4
-         --iters 2 --warmup 1 --images-from "$DATA/test/images" --checkpoint "$CKPT" --output "$BENCH" --cache-dir "$WORK/bench-cache")
-  timeout $((DEADLINE - 60 - $(elapsed))) "$PY" -c "from effiseg.benchmarks.cli import bench_command; bench_command()" "${BARGS[@]}"
-  stamp "benchmarks exit $?"
+if has_phase train; then
+  # Many training processes share the CPU cores: one thread each avoids oversubscription.
+  export OMP_NUM_THREADS=1
+  if [ -n "$EPOCHS" ]; then
+    stamp "protocol: train ($EPOCHS epochs, ${PARALLEL} at once, arms $ARMS, seeds $SEEDS)"
+    EPOCH_ARGS=(--epochs "$EPOCHS")
+  else
+    stamp "protocol: train (budget ${TRAIN_BUDGET}s, ${PARALLEL} at once, arms $ARMS, seeds $SEEDS)"
+    EPOCH_ARGS=(--time-budget "$TRAIN_BUDGET" --min-epochs 1 --max-epochs 150)
+  fi
+  "$PY" -m effiseg.training.protocol train --data "$DATA" --out "$PROTO" --arms "$ARMS" --seeds "$SEEDS" \
+    --parallel "$PARALLEL" "${EPOCH_ARGS[@]}" "${EXTRA[@]}"
+  stamp "protocol: train exit $?"
+  unset OMP_NUM_THREADS
 fi
 
-# The GPU-marked tests (torch fast mode, CUDA pipeline): their first run on a GPU.
-if [ "$(elapsed)" -lt $((DEADLINE - 45)) ]; then
-  stamp "gpu tests"
-  timeout $((DEADLINE - 15 - $(elapsed))) "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_runtime_pipeline.py tests/test_run_cli.py 2>&1 | tail -25 | tee "$WORK/gpu_tests.txt"
-  stamp "gpu tests done"
+if has_phase evaluate; then
+  stamp "protocol: evaluate"
+  LIMIT=(); [ "${DRY:-0}" = 1 ] && LIMIT=(--limit 6)
+  "$PY" -m effiseg.training.protocol evaluate --data "$DATA" --out "$PROTO" --parallel 6 "${LIMIT[@]}"
+  stamp "protocol: evaluate exit $?"
+fi
+if has_phase report; then
+  "$PY" -m effiseg.training.protocol report --out "$PROTO" --n-boot 10000
+  stamp "protocol: report exit $?"
 fi
 
-stamp "pack"
-cd "$WORK"
-# Small results: everything but checkpoints and resume states.
-tar czf "$OUT/results.tgz" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.onnx' protocol bench env.json gpu_tests.txt 2>/dev/null
-SHIP=$("$PY" -c "import json;print(json.load(open('protocol/protocol_results.json'))['winner']['ship_run'])" 2>/dev/null || echo baseline_s0)
-CK=()
-for run in baseline_s0 "$SHIP"; do
-  for f in best.safetensors best.json; do [ -f "protocol/runs/$run/$f" ] && CK+=("protocol/runs/$run/$f"); done
-done
-printf '%s\n' "${CK[@]}" | sort -u > ship_list.txt
-tar cf - -T ship_list.txt | split -b 15m - "$OUT/checkpoints.tar.part-"
-stamp "done; files:"; ls -la "$OUT"
+if has_phase pack; then
+  stamp "pack"
+  cd "$WORK"
+  # Small results: everything but checkpoints and resume states.
+  tar czf "$OUT/results.tgz" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.onnx' protocol env.json 2>/dev/null
+  SHIP=$("$PY" -c "import json;print(json.load(open('protocol/protocol_results.json'))['winner']['ship_run'])" 2>/dev/null || echo baseline_s0)
+  CK=()
+  for run in baseline_s0 "$SHIP"; do
+    for f in best.safetensors best.json; do [ -f "protocol/runs/$run/$f" ] && CK+=("protocol/runs/$run/$f"); done
+  done
+  printf '%s\n' "${CK[@]}" | sort -u > ship_list.txt
+  tar cf - -T ship_list.txt | split -b 15m - "$OUT/checkpoints.tar.part-"
+  stamp "done; files:"; ls -la "$OUT"
+fi
