@@ -3,6 +3,7 @@
     python -m effiseg.training.protocol train    --out runs/protocol --epochs 60 --parallel 12
     python -m effiseg.training.protocol evaluate --out runs/protocol
     python -m effiseg.training.protocol report   --out runs/protocol
+    python -m effiseg.training.protocol ship     --out runs/protocol   # the winner becomes the default
 
 * ``train`` trains every (arm, seed) with the same epochs, several processes at once on one GPU
   (small models at batch 8 leave most of a large GPU idle, so concurrent runs cost little).
@@ -231,6 +232,31 @@ def report_cmd(out, n_boot):
     from .protocol_report import build_protocol_report
     path = build_protocol_report(out, n_boot=n_boot)
     click.echo(f"wrote {path}")
+
+
+@main.command("ship")
+@click.option("--out", type=click.Path(path_type=Path, exists=True, file_okay=False), required=True,
+              help="The protocol folder (protocol_results.json, runs/<winner>/best.safetensors).")
+@click.option("--data", default="../shared/data/kvasir-seg", help="Kvasir-SEG root: the card's metrics are measured on it.")
+@click.option("--to", "destination", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Model folder to replace [default: the package's training/weights/default].")
+@click.option("--onnx", "onnx_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="ONNX file to replace [default: the runtime's bundled effisegnet-default.onnx].")
+@click.option("--device", default="cpu", help="Where the card's metrics are measured (cpu reproduces effiseg-eval on a CPU).")
+def ship_cmd(out, data, destination, onnx_path, device):
+    """Make the protocol's winner the default model: card folder + bundled ONNX, swapped in only when both built."""
+    from .ship import ShipError, ship_winner
+    if destination is None:
+        destination = Path(__file__).resolve().parent / "weights" / "default"
+    if onnx_path is None:
+        from effiseg.runtime.cli import DEFAULT_MODEL
+        onnx_path = Path(DEFAULT_MODEL)
+    try:
+        summary = ship_winner(out, destination, onnx_path, data, device, log=lambda m: click.echo(m, err=True))
+    except (ShipError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    (out / "shipped.json").write_text(json.dumps(summary, indent=2))
+    click.echo(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,107 @@
+"""Shipping the protocol's winner: the card folder and the bundled ONNX carry the winner's settings and
+evidence, and a failure at any step leaves the shipped model as it was."""
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from effiseg.runtime.model_info import ModelInfo
+from effiseg.training.checkpoint import model_config, save_checkpoint
+from effiseg.training.model import build_model
+from effiseg.training.protocol import main as protocol_main
+from effiseg.training.ship import ShipError, parse_config_key
+from effiseg.training.trainer import TrainConfig
+
+from _paths import KVASIR, needs_kvasir
+
+WINNER = {
+    "arm": "boundary_loss", "config": "tta=1,thr=0.60,minreg=0", "seeds": [0, 1, 2],
+    "val_dice": {"mean": 0.83, "std": 0.005, "n": 3},
+    "test_dice": {"mean": 0.8795, "std": 0.0047, "n": 3}, "test_iou": {"mean": 0.80, "std": 0.006, "n": 3},
+    "test_precision": {"mean": 0.89, "std": 0.02, "n": 3}, "test_recall": {"mean": 0.88, "std": 0.02, "n": 3},
+    "gain_vs_baseline": {"mean_diff": 0.0368, "low": 0.0168, "high": 0.0570, "per_seed_diff": [0.0164, 0.0462, 0.0478]},
+    "ship_seed": 1, "ship_run": "boundary_loss_s1",
+}
+
+
+def test_config_keys_parse_into_checkpoint_settings():
+    assert parse_config_key("tta=1,thr=0.60,minreg=64") == {"tta": True, "threshold": 0.6, "min_region_px": 64}
+    with pytest.raises(ShipError, match="cannot read"):
+        parse_config_key("tta=1,thr=high")
+
+
+def _protocol(tmp_path):
+    proto = tmp_path / "protocol-test"
+    run = proto / "runs" / WINNER["ship_run"]
+    config = model_config("effisegnet-lite0", input_size=64, best_epoch=3)
+    save_checkpoint(run, build_model("effisegnet-lite0").eval(), config, stem="best")
+    train = TrainConfig(variant="effisegnet-lite0", input_size=64, epochs=3, seed=1).to_dict()
+    (run / "run_config.json").write_text(json.dumps({"train": train, "model": config, "device_name": "Test GPU",
+                                                     "torch": "test"}))
+    (run / "metrics.json").write_text(json.dumps([{"epoch": e, "train_images_per_s": 100.0} for e in (1, 2, 3)]))
+    (proto / "protocol_results.json").write_text(json.dumps({
+        "plan": {"seeds": [0, 1, 2], "epochs": 3, "parallel": 6,
+                 "arms": {"baseline": [], "boundary_loss": ["loss.boundary_weight=2.0"]}},
+        "arms": {"baseline": {}, "boundary_loss": {}}, "winner": WINNER,
+        "baseline_spread": {"test_dice_per_seed": {"0": 0.90, "1": 0.88, "2": 0.91}}}))
+    data = tmp_path / "data"
+    for split in ("validation", "test"):
+        for sub in ("images", "masks"):
+            (data / split / sub).mkdir(parents=True)
+            for stem in ("0", "1"):
+                shutil.copy(KVASIR / split / sub / f"{stem}.jpg", data / split / sub / f"{stem}.jpg")
+    shipped = tmp_path / "weights" / "default"
+    shipped.mkdir(parents=True)
+    (shipped / "old-model.txt").write_text("the previous default")
+    onnx = tmp_path / "models" / "default.onnx"
+    onnx.parent.mkdir()
+    onnx.write_bytes(b"previous onnx")
+    return proto, data, shipped, onnx
+
+
+def _ship(proto, data, shipped, onnx):
+    return CliRunner().invoke(protocol_main, ["ship", "--out", str(proto), "--data", str(data), "--to", str(shipped),
+                                              "--onnx", str(onnx), "--device", "cpu"])
+
+
+@needs_kvasir
+def test_ship_writes_the_winner_with_its_settings_evidence_and_onnx(tmp_path):
+    proto, data, shipped, onnx = _protocol(tmp_path)
+    res = _ship(proto, data, shipped, onnx)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert {p.name for p in shipped.iterdir()} == {"config.json", "model.safetensors", "README.md"}
+    config = json.loads((shipped / "config.json").read_text())
+    assert config["tta"] is True and config["threshold"] == 0.6 and config["min_region_px"] == 0
+    card = (shipped / "README.md").read_text()
+    for fact in ("arm `boundary_loss`: loss.boundary_weight=2.0", "Epochs: 3 (best validation Dice at epoch 3)",
+                 "Seed: 1", "Test GPU", "[+0.0168, +0.0570]", "+0.0164, +0.0462, +0.0478", "range 0.0300",
+                 "0.8795 ± 0.0047 (n=3 seeds)", f"{config['metrics']['test']['mean_dice']:.4f}"):
+        assert fact in card, fact
+    info = ModelInfo.from_onnx(onnx)
+    assert info.tta is True and info.threshold == pytest.approx(0.6) and info.variant == "effisegnet-lite0"
+    assert (onnx.parent / "default.onnx.export.json").is_file()
+    assert not list(tmp_path.rglob("*staging*")) and not (tmp_path / "weights" / "default.previous").exists()
+    summary = json.loads((proto / "shipped.json").read_text())
+    assert summary["shipped_run"] == "boundary_loss_s1"
+    assert summary["test_dice"] == config["metrics"]["test"]["mean_dice"]
+
+
+@needs_kvasir
+def test_a_failed_export_or_a_missing_checkpoint_leaves_the_shipped_model_alone(tmp_path, monkeypatch):
+    from effiseg.export import onnx_export
+    proto, data, shipped, onnx = _protocol(tmp_path)
+
+    def broken_export(*args, **kwargs):
+        raise onnx_export.ExportError("parity check failed (simulated)")
+    monkeypatch.setattr(onnx_export, "export_checkpoint", broken_export)
+    res = _ship(proto, data, shipped, onnx)
+    assert res.exit_code != 0 and "nothing was replaced" in res.output and "simulated" in res.output
+    assert [p.name for p in shipped.iterdir()] == ["old-model.txt"] and onnx.read_bytes() == b"previous onnx"
+    assert not list(tmp_path.rglob("*staging*"))
+    monkeypatch.undo()
+
+    (proto / "runs" / WINNER["ship_run"] / "best.safetensors").unlink()
+    res = _ship(proto, data, shipped, onnx)
+    assert res.exit_code != 0 and "checkpoint" in res.output and "missing" in res.output
+    assert [p.name for p in shipped.iterdir()] == ["old-model.txt"]

@@ -1,0 +1,156 @@
+"""Ship the protocol's winner as the project's default model, in one step.
+
+    python -m effiseg.training.protocol ship --out <protocol folder> --data <kvasir-seg root>
+
+reads ``protocol_results.json`` (the winning arm and inference settings, chosen on validation, and the
+run shipped for it: the winner's seed with the best validation Dice), then
+
+1. builds the Hugging Face style folder (``effiseg-model-card``'s code: weights, config with the
+   winner's threshold and TTA, a card whose metrics are measured now, on the same data the runtime and
+   ``effiseg-eval`` read) with the training facts and the multi-seed evidence written from the
+   protocol's own files;
+2. exports the bundled ONNX model from that folder (parity-checked against PyTorch);
+3. only when both succeeded, swaps the new folder and ONNX file in for the old ones, so a failure at
+   any step leaves the shipped model as it was.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+
+class ShipError(RuntimeError):
+    pass
+
+
+def parse_config_key(key: str) -> dict:
+    """``"tta=1,thr=0.60,minreg=0"`` -> the checkpoint settings it stands for."""
+    try:
+        parts = dict(item.split("=", 1) for item in key.split(","))
+        return {"tta": bool(int(parts["tta"])), "threshold": float(parts["thr"]),
+                "min_region_px": int(parts["minreg"])}
+    except (KeyError, ValueError) as e:
+        raise ShipError(f"cannot read the inference settings {key!r}: {e}") from None
+
+
+def _mean_sd(stat: dict) -> str:
+    return f"{stat['mean']:.4f} ± {stat['std']:.4f} (n={stat['n']} seeds)"
+
+
+def evidence_markdown(results: dict, protocol_dir: Path) -> str:
+    """The card's evidence section, from protocol_results.json alone (numbers are not retyped)."""
+    w, plan = results["winner"], results.get("plan", {})
+    g = w["gain_vs_baseline"]
+    spread = results.get("baseline_spread", {}).get("test_dice_per_seed", {})
+    lines = [
+        f"Multi-seed protocol (`{protocol_dir.name}/PROTOCOL.md`): {len(results.get('arms', {}))} training arms x "
+        f"{len(plan.get('seeds', w['seeds']))} seeds, {plan.get('epochs', '?')} epochs each; every choice made on "
+        "the validation split, the test split read once at the end.",
+        "",
+        f"- Winner: arm `{w['arm']}` with inference settings `{w['config']}`.",
+        f"- Test Dice over its seeds {_mean_sd(w['test_dice'])}; IoU {_mean_sd(w['test_iou'])}; precision "
+        f"{_mean_sd(w['test_precision'])}; recall {_mean_sd(w['test_recall'])}.",
+        f"- Per-image test Dice difference against the baseline (plain inference), paired by seed and image: "
+        f"{g['mean_diff']:+.4f}, 95% bootstrap interval [{g['low']:+.4f}, {g['high']:+.4f}]"
+        + (f"; per seed {', '.join(f'{d:+.4f}' for d in g['per_seed_diff'])}" if g.get("per_seed_diff") else "")
+        + ".",
+    ]
+    if spread:
+        values = list(spread.values())
+        lines.append(f"- Run-to-run spread of the baseline itself: test Dice "
+                     f"{', '.join(f'{v:.4f}' for v in values)} (range {max(values) - min(values):.4f}).")
+    lines.append(f"- Shipped: `{w['ship_run']}`, the winner's seed with the best validation Dice.")
+    return "\n".join(lines)
+
+
+def provenance(results: dict, run_dir: Path, protocol_dir: Path) -> dict:
+    """Training facts for the card, read from the shipped run's own files."""
+    run_config = json.loads((run_dir / "run_config.json").read_text())
+    train = run_config["train"]
+    history = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else []
+    best = json.loads((run_dir / "best.json").read_text()) if (run_dir / "best.json").is_file() else {}
+    plan = results.get("plan", {})
+    w = results["winner"]
+    overrides = (plan.get("arms") or {}).get(w["arm"])
+    speeds = [h["train_images_per_s"] for h in history if "train_images_per_s" in h]
+    facts = {
+        "Data": "Kvasir-SEG official EffiSegNet split: 800 train, 100 validation (checkpoint, arm and inference "
+                "choices), 100 test (reported once)",
+        "Recipe": (f"the paper's augmentation and Dice + BCE loss, AdamW lr {train['lr']}, weight decay "
+                   f"{train['weight_decay']}, cosine to {train['min_lr']}, batch {train['batch_size']}, "
+                   f"{run_config['model'].get('input_size')}x{run_config['model'].get('input_size')}; arm "
+                   f"`{w['arm']}`: " + (", ".join(overrides) if overrides else "no changes")),
+        "Epochs": f"{train['epochs']}" + (f" (best validation Dice at epoch {best['best_epoch']})"
+                                          if best.get("best_epoch") else ""),
+        "Seed": str(train["seed"]),
+        "Hardware": f"{run_config.get('device_name', run_config.get('device'))} (torch {run_config.get('torch')}), "
+                    f"{plan.get('parallel', '?')} runs at once",
+        "Inference settings": f"`{w['config']}`, chosen on the validation split by the protocol",
+        "Run log": f"{protocol_dir.name}/ (PROTOCOL.md, protocol_results.json, runs/{run_dir.name}/)",
+    }
+    if speeds:
+        facts["Training speed"] = f"{sum(speeds) / len(speeds):.1f} images/s per run (mean over epochs)"
+    return facts
+
+
+def ship_winner(protocol_dir: str | Path, destination: str | Path, onnx_path: str | Path,
+                data_root: str | Path, device: str = "cpu", log: Callable[[str], None] = print) -> dict:
+    from effiseg.export.onnx_export import ExportError, export_checkpoint
+
+    from .model_card import make_model_folder
+
+    protocol_dir, destination, onnx_path = Path(protocol_dir), Path(destination), Path(onnx_path)
+    results_path = protocol_dir / "protocol_results.json"
+    if not results_path.is_file():
+        raise ShipError(f"{results_path} not found: run `protocol report` first")
+    results = json.loads(results_path.read_text())
+    winner = results.get("winner")
+    if not winner or "ship_run" not in winner:
+        raise ShipError(f"{results_path} names no winner to ship")
+    run_dir = protocol_dir / "runs" / winner["ship_run"]
+    checkpoint = run_dir / "best.safetensors"
+    if not checkpoint.is_file():
+        raise ShipError(f"the winner's checkpoint {checkpoint} is missing (unpack checkpoints.tar.part-* there)")
+    settings = parse_config_key(winner["config"])
+
+    staging = destination.with_name(destination.name + ".staging")
+    staged_onnx = onnx_path.with_name(onnx_path.stem + ".staging.onnx")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        log(f"model folder from {checkpoint} with {settings} (measuring validation and test) ...")
+        make_model_folder(checkpoint, staging, data_root, provenance(results, run_dir, protocol_dir),
+                          {"summary": evidence_markdown(results, protocol_dir)}, settings, device)
+        config = json.loads((staging / "config.json").read_text())
+        verify = Path(data_root) / "validation" / "images"
+        log(f"exporting {staged_onnx} ...")
+        try:
+            report = export_checkpoint(staging, staged_onnx, tta=settings["tta"], threshold=settings["threshold"],
+                                       verify_dir=verify if verify.is_dir() else None, log=log)
+        except ExportError as e:
+            raise ShipError(f"ONNX export failed, nothing was replaced: {e}") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+    # Both built: swap them in (the old folder is kept aside until the new one is in place).
+    previous = destination.with_name(destination.name + ".previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    if destination.exists():
+        destination.rename(previous)
+    staging.rename(destination)
+    shutil.rmtree(previous, ignore_errors=True)
+    staged_onnx.replace(onnx_path)
+    sidecar = staged_onnx.with_name(staged_onnx.name + ".export.json")
+    if sidecar.is_file():
+        sidecar.replace(onnx_path.with_name(onnx_path.name + ".export.json"))
+    test = config["metrics"]["test"]
+    summary = {"shipped_run": winner["ship_run"], "arm": winner["arm"], "settings": settings,
+               "folder": str(destination), "onnx": str(onnx_path), "onnx_sha256": report.get("sha256"),
+               "test_dice": test["mean_dice"], "test_iou": test["mean_iou"],
+               "validation_dice": config["metrics"]["validation"]["mean_dice"],
+               "protocol_test_dice_over_seeds": winner["test_dice"]}
+    log(f"shipped {winner['ship_run']}: test Dice {test['mean_dice']:.4f} (this run), "
+        f"{_mean_sd(winner['test_dice'])} over the winner's seeds -> {destination}, {onnx_path}")
+    return summary
