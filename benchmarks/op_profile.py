@@ -18,7 +18,7 @@ Variants (the two the bench compares, plus one that isolates a factor):
 * ``fp16-fast``: the fast mode (half precision, channels_last, cuDNN autotuning; the trace is taken
   from eager calls of the same module, the timing from CUDA-graph replay as the backend runs it).
 
-    python -m effiseg.benchmarks.op_profile --checkpoint training/weights/default --batch-size 32
+    python -m effiseg.benchmarks.op_profile --checkpoint training/weights/default --batch-sizes 32,1
 
 On a CPU-only machine it profiles the CPU (``fp32-eager`` only; the CUDA variants are skipped with
 the reason), which is what its test exercises.
@@ -98,90 +98,186 @@ def compare_categories(base: dict, fast: dict) -> list[dict]:
     return rows
 
 
-def _profile_variant(name: str, checkpoint: Path, device: str, batch: int, iters: int, warmup: int,
-                     cache_dir: Path | None, log) -> dict:
-    import torch
+class _Variant:
+    """One variant's backend, opened once and kept open so that every variant is timed before any
+    is traced: a profiler session can leave CUPTI attached and slow what runs after it."""
 
-    from .factory import make_factory
-    from .models import resolve_models
-    from .runner import BackendPool, ComputeOnly, Config, torch_flags
-    from .targets import TARGETS, Target
+    def __init__(self, name: str, checkpoint: Path, device: str, batch: int, cache_dir: Path | None, log):
+        import torch
 
-    on_cuda = device.startswith("cuda")
-    target = Target(TARGETS["torch-fast" if name == "fp16-fast" else "torch-eager"], device)
-    models = resolve_models(None, checkpoint, cache_dir, log=log)
-    h, w = models.native_size
-    pool = BackendPool(make_factory(models), log=log)
-    cfg = Config("compute", target, batch, h, w, "uint8-nhwc")
-    measurement = ComputeOnly(cfg, pool)
-    previous_tf32 = torch.backends.cudnn.allow_tf32
-    try:
-        if name == "fp32-eager-no-tf32":
-            torch.backends.cudnn.allow_tf32 = False
-        with torch_flags(cfg):
-            measurement.open(warmup)
-            timed = [measurement.sample()[1] for _ in range(iters)]
-            # The trace: eager calls of the module (a CUDA-graph replay hides its operators).
-            activities = [torch.profiler.ProfilerActivity.CPU]
-            if on_cuda:
-                activities.append(torch.profiler.ProfilerActivity.CUDA)
-            module, x = measurement.module, measurement.x
-            with torch.inference_mode():
+        from .factory import make_factory
+        from .models import resolve_models
+        from .runner import BackendPool, ComputeOnly, Config
+        from .targets import TARGETS, Target
+        self.torch, self.name, self.batch = torch, name, batch
+        self.on_cuda = device.startswith("cuda")
+        self.target = Target(TARGETS["torch-fast" if name == "fp16-fast" else "torch-eager"], device)
+        models = resolve_models(None, checkpoint, cache_dir, log=log)
+        self.size = models.native_size
+        self.pool = BackendPool(make_factory(models), log=log)
+        self.cfg = Config("compute", self.target, batch, *self.size, "uint8-nhwc")
+        self.measurement = ComputeOnly(self.cfg, self.pool)
+
+    def flags(self):
+        """TF32 off for the no-TF32 variant, cuDNN autotuning as the bench sets it; restored after."""
+        from contextlib import contextmanager
+
+        from .runner import torch_flags
+
+        @contextmanager
+        def scope():
+            torch = self.torch
+            previous = torch.backends.cudnn.allow_tf32
+            if self.name == "fp32-eager-no-tf32":
+                torch.backends.cudnn.allow_tf32 = False
+            try:
+                with torch_flags(self.cfg):
+                    yield
+            finally:
+                torch.backends.cudnn.allow_tf32 = previous
+        return scope()
+
+    def _sync(self):
+        if self.on_cuda:
+            self.torch.cuda.synchronize(self.measurement.device)
+
+    def open_and_time(self, warmup: int, iters: int) -> dict:
+        with self.flags():
+            self.measurement.open(warmup)
+            timed = [self.measurement.sample()[1] for _ in range(iters)]
+            # Eager wall time without a profiler (the denominator of the busy fraction).
+            module, x = self.measurement.module, self.measurement.x
+            with self.torch.inference_mode():
                 module(x)
-                if on_cuda:
-                    torch.cuda.synchronize(measurement.device)
+                self._sync()
                 t0 = time.perf_counter()
-                with torch.profiler.profile(activities=activities) as prof:
-                    for _ in range(iters):
-                        module(x)
-                    if on_cuda:
-                        torch.cuda.synchronize(measurement.device)
-                traced_wall_ms = (time.perf_counter() - t0) * 1000.0 / iters
+                for _ in range(iters):
+                    module(x)
+                self._sync()
+                eager_wall_ms = (time.perf_counter() - t0) * 1000.0 / iters
+            tf32 = bool(self.torch.backends.cudnn.allow_tf32)
+        median = float(np.median(timed))
+        return {"variant": self.name, "backend": self.target.label, "batch_size": self.batch,
+                "input_size": list(self.size), "timing": self.measurement.extra.get("compute_timer"),
+                "ms_per_batch_p50": median, "ms_per_batch_samples": [round(t, 4) for t in timed],
+                "images_per_s": self.batch * 1000.0 / median, "eager_wall_ms_per_batch": eager_wall_ms,
+                "cudnn_allow_tf32": tf32}
+
+    def trace(self, iters: int) -> dict:
+        """Per-operator self time over ``iters`` eager calls (a CUDA-graph replay hides operators)."""
+        torch = self.torch
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.on_cuda:
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        module, x = self.measurement.module, self.measurement.x
+        with self.flags(), torch.inference_mode():
+            module(x)
+            self._sync()
+            with torch.profiler.profile(activities=activities) as prof:
+                for _ in range(iters):
+                    module(x)
+                self._sync()
         ops: dict[str, float] = {}
         for event in prof.key_averages():
             if event.key.startswith("aten::"):  # kernels count through the operator that launched them
-                us = _self_time_us(event, on_cuda)
+                us = _self_time_us(event, self.on_cuda)
                 if us > 0:
                     ops[event.key] = ops.get(event.key, 0.0) + us
-        summary = summarise_ops(ops, iters)
-        kernels = [e for e in prof.events() if on_cuda and str(getattr(e, "device_type", "")).endswith("CUDA")]
-        busy_ms = summary["total_ms_per_batch"]
-        return {
-            "variant": name,
-            "backend": target.label,
-            "batch_size": batch,
-            "input_size": [h, w],
-            "timing": measurement.extra.get("compute_timer"),
-            "ms_per_batch_p50": float(np.median(timed)),
-            "ms_per_batch_samples": [round(t, 4) for t in timed],
-            "images_per_s": batch * 1000.0 / float(np.median(timed)),
-            "traced_eager_wall_ms_per_batch": traced_wall_ms,
-            "device_busy_ms_per_batch": busy_ms,
-            # Device time / wall time of the eager trace: well below 1 means the GPU waits for the
-            # host to launch kernels (launch-bound), which CUDA graphs remove and batching hides.
-            "eager_device_busy_fraction": (busy_ms / traced_wall_ms) if traced_wall_ms > 0 else None,
-            "kernels_per_batch": (len(kernels) / iters) if on_cuda else None,
-            "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
-            **summary,
-        }
+        result = summarise_ops(ops, iters)
+        if self.on_cuda:
+            device_events = [e for e in prof.events() if str(getattr(e, "device_type", "")).endswith("CUDA")]
+            kernels = [e for e in device_events if not e.name.startswith(("Memcpy", "Memset"))]
+            recorded_us = sum(e.time_range.elapsed_us() for e in device_events)
+            if recorded_us <= 0:
+                raise RuntimeError("the profiler recorded no CUDA kernels (is CUPTI available?)")
+            result["kernels_per_batch"] = len(kernels) / iters
+            result["device_events_ms_per_batch"] = recorded_us / 1000.0 / iters
+            # Share of the recorded device time that the per-operator sums account for (should be ~1).
+            result["attributed_fraction"] = result["total_ms_per_batch"] * 1000.0 * iters / recorded_us
+        else:
+            result["kernels_per_batch"] = None
+        return result
+
+    def close(self):
+        self.measurement.close()
+        self.pool.close()
+
+
+def run_profile(checkpoint: Path, device: str, batch: int, iters: int, warmup: int,
+                variants: tuple[str, ...] = VARIANTS, cache_dir: Path | None = None, log=print,
+                save=None) -> dict:
+    """Time every variant (no profiler running), then trace every variant; ``save(data)`` is called
+    after each step, so a failure or a time limit keeps what was finished. A variant that fails gets
+    its error recorded and the others go on."""
+    import torch
+    on_cuda = device.startswith("cuda")
+    if on_cuda and not torch.cuda.is_available():
+        raise click.ClickException(f"--device {device}: torch sees no CUDA GPU")
+    data = {"device": device, "batch_size": batch, "iterations": iters,
+            "device_name": torch.cuda.get_device_name(torch.device(device)) if on_cuda else "CPU",
+            "torch": torch.__version__, "cuda": torch.version.cuda, "variants": [], "comparisons": []}
+    save = save or (lambda d: None)
+    opened: dict[str, _Variant] = {}
+    entries: dict[str, dict] = {}
+    try:
+        for name in variants:
+            if not on_cuda and name != "fp32-eager":
+                entries[name] = {"variant": name, "error": "CUDA variants only (TF32 and the fast mode's "
+                                 "fp16 + CUDA graphs exist on GPUs)"}
+                data["variants"] = [entries[n] for n in variants if n in entries]
+                continue
+            log(f"timing {name} at batch {batch} on {device} ...")
+            try:
+                v = _Variant(name, checkpoint, device, batch, cache_dir, log)
+                opened[name] = v
+                entries[name] = v.open_and_time(warmup, iters)
+            except Exception as e:
+                entries[name] = {"variant": name, "error": f"{type(e).__name__}: {e}"}
+                log(f"  {name} failed: {entries[name]['error']}")
+            data["variants"] = [entries[n] for n in variants if n in entries]
+            save(data)
+        for name, v in opened.items():
+            if entries[name].get("error"):
+                continue
+            log(f"tracing {name} at batch {batch} ...")
+            try:
+                traced = v.trace(iters)
+                wall = entries[name]["eager_wall_ms_per_batch"]
+                # Device time / eager wall time (no profiler): well below 1 means the GPU waits for the
+                # host to launch kernels (launch-bound), which CUDA graphs remove and batching hides.
+                traced["eager_device_busy_fraction"] = (traced["total_ms_per_batch"] / wall) if wall > 0 else None
+                entries[name].update(traced)
+            except Exception as e:
+                entries[name]["error"] = f"tracing failed: {type(e).__name__}: {e}"
+                log(f"  {name}: {entries[name]['error']}")
+            save(data)
     finally:
-        torch.backends.cudnn.allow_tf32 = previous_tf32
-        measurement.close()
-        pool.close()
+        for v in opened.values():
+            v.close()
+    done = {n: e for n, e in entries.items() if not e.get("error") and "total_ms_per_batch" in e}
+    for base in ("fp32-eager", "fp32-eager-no-tf32"):
+        if base in done and "fp16-fast" in done:
+            b, f = done[base], done["fp16-fast"]
+            data["comparisons"].append({"baseline": base, "fast": "fp16-fast",
+                                        "speedup": b["ms_per_batch_p50"] / f["ms_per_batch_p50"],
+                                        "categories": compare_categories(b, f)})
+    save(data)
+    return data
 
 
 def format_profile(data: dict) -> str:
     lines = [f"Operator profile, batch {data['batch_size']}, {data['device_name']} ({data['device']})", ""]
     lines.append(f"{'variant':<20} {'ms/batch':>9} {'img/s':>9} {'device ms':>10} {'busy':>6} {'kernels':>8}  timing")
     for v in data["variants"]:
-        if v.get("error"):
-            lines.append(f"{v['variant']:<20} skipped: {v['error']}")
+        if "ms_per_batch_p50" not in v:
+            lines.append(f"{v['variant']:<20} skipped: {v.get('error')}")
             continue
-        busy = v.get("eager_device_busy_fraction")
+        busy, kernels, device_ms = (v.get("eager_device_busy_fraction"), v.get("kernels_per_batch"),
+                                    v.get("total_ms_per_batch"))
         lines.append(f"{v['variant']:<20} {v['ms_per_batch_p50']:>9.3f} {v['images_per_s']:>9.1f} "
-                     f"{v['device_busy_ms_per_batch']:>10.3f} {busy if busy is None else round(busy, 2)!s:>6} "
-                     f"{v['kernels_per_batch'] if v['kernels_per_batch'] is None else round(v['kernels_per_batch'])!s:>8}  "
-                     f"{v['timing']}")
+                     f"{'-' if device_ms is None else f'{device_ms:.3f}':>10} "
+                     f"{'-' if busy is None else f'{busy:.2f}':>6} {'-' if kernels is None else round(kernels):>8}  "
+                     f"{v['timing']}" + (f"  ({v['error']})" if v.get("error") else ""))
     for pair in data.get("comparisons", []):
         lines += ["", f"{pair['baseline']} -> {pair['fast']}: {pair['speedup']:.2f}x per batch (timed); "
                       "by category of profiled device time:",
@@ -193,59 +289,51 @@ def format_profile(data: dict) -> str:
     return "\n".join(lines)
 
 
-def run_profile(checkpoint: Path, device: str, batch: int, iters: int, warmup: int,
-                variants: tuple[str, ...] = VARIANTS, cache_dir: Path | None = None, log=print) -> dict:
-    import torch
-    on_cuda = device.startswith("cuda")
-    if on_cuda and not torch.cuda.is_available():
-        raise click.ClickException(f"--device {device}: torch sees no CUDA GPU")
-    data = {"device": device, "batch_size": batch, "iterations": iters,
-            "device_name": torch.cuda.get_device_name(torch.device(device)) if on_cuda else "CPU",
-            "torch": torch.__version__, "cuda": torch.version.cuda, "variants": [], "comparisons": []}
-    for name in variants:
-        if not on_cuda and name != "fp32-eager":
-            data["variants"].append({"variant": name, "error": "CUDA variants only (TF32 and the fast mode's "
-                                     "fp16 + CUDA graphs exist on GPUs)"})
-            continue
-        log(f"profiling {name} at batch {batch} on {device} ...")
-        data["variants"].append(_profile_variant(name, checkpoint, device, batch, iters, warmup, cache_dir, log))
-    done = {v["variant"]: v for v in data["variants"] if not v.get("error")}
-    for base in ("fp32-eager", "fp32-eager-no-tf32"):
-        if base in done and "fp16-fast" in done:
-            b, f = done[base], done["fp16-fast"]
-            data["comparisons"].append({"baseline": base, "fast": "fp16-fast",
-                                        "speedup": b["ms_per_batch_p50"] / f["ms_per_batch_p50"],
-                                        "categories": compare_categories(b, f)})
-    return data
+def _write(data: dict, output: Path) -> Path:
+    from .report import _clean  # JSON has no NaN/inf
+    output.mkdir(parents=True, exist_ok=True)
+    stem = output / f"op_profile_b{data['batch_size']}"
+    tmp = stem.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(_clean(data), indent=1), encoding="utf-8")
+    tmp.replace(stem.with_suffix(".json"))
+    stem.with_suffix(".txt").write_text(format_profile(data) + "\n", encoding="utf-8")
+    return stem
 
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.option("--checkpoint", type=click.Path(path_type=Path, exists=True), required=True,
               help="A training checkpoint folder or .safetensors file.")
 @click.option("--device", default="cuda:0", help="cuda:N, or cpu (fp32-eager only).")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=32)
+@click.option("--batch-sizes", default="32", help="Comma-separated; one profile file per batch size.")
 @click.option("--iters", type=click.IntRange(1, 10000), default=20, help="Timed and traced batches per variant.")
 @click.option("--warmup", type=click.IntRange(1, 10000), default=10)
 @click.option("--variants", default=",".join(VARIANTS), help="Comma-separated: " + ", ".join(VARIANTS))
 @click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), default=None)
 @click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), default=Path("effiseg-op-profile"),
-              help="Folder for op_profile_b<N>.json and .txt.")
-def main(checkpoint, device, batch_size, iters, warmup, variants, cache_dir, output):
+              help="Folder for op_profile_b<N>.json and .txt (rewritten after every step).")
+def main(checkpoint, device, batch_sizes, iters, warmup, variants, cache_dir, output):
     """Per-operator-category profile of the torch baseline against the fast mode."""
     names = tuple(v.strip() for v in variants.split(",") if v.strip())
     unknown = [n for n in names if n not in VARIANTS]
     if unknown or not names:
         raise click.BadParameter(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}",
                                  param_hint="--variants")
-    data = run_profile(checkpoint, device, batch_size, iters, warmup, names, cache_dir,
-                       log=lambda m: click.echo(m, err=True))
-    output.mkdir(parents=True, exist_ok=True)
-    stem = output / f"op_profile_b{batch_size}"
-    stem.with_suffix(".json").write_text(json.dumps(data, indent=1), encoding="utf-8")
-    text = format_profile(data)
-    stem.with_suffix(".txt").write_text(text + "\n", encoding="utf-8")
-    click.echo(text)
-    click.echo(f"wrote {stem.with_suffix('.json')}, {stem.with_suffix('.txt')}", err=True)
+    try:
+        batches = [int(b) for b in batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        raise click.BadParameter(f"expected positive integers, got {batch_sizes!r}", param_hint="--batch-sizes")
+    failed = 0
+    for batch in batches:
+        data = run_profile(checkpoint, device, batch, iters, warmup, names, cache_dir,
+                           log=lambda m: click.echo(m, err=True), save=lambda d: _write(d, output))
+        stem = _write(data, output)
+        click.echo(format_profile(data))
+        click.echo(f"wrote {stem.with_suffix('.json')}, {stem.with_suffix('.txt')}", err=True)
+        failed += sum(1 for v in data["variants"] if v.get("error") and "CUDA variants only" not in v["error"])
+    if failed:
+        raise click.ClickException(f"{failed} variant(s) failed (their errors are in the files)")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def test_summary_and_comparison_on_known_numbers():
 
 def test_cpu_profile_writes_json_and_table_and_skips_the_cuda_variants(tiny_checkpoint, tmp_path):
     out = tmp_path / "profile"
-    res = CliRunner().invoke(main, ["--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--batch-size", "2",
+    res = CliRunner().invoke(main, ["--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--batch-sizes", "2,1",
                                     "--iters", "2", "--warmup", "1", "--output", str(out),
                                     "--cache-dir", str(tmp_path / "cache")])
     assert res.exit_code == 0, res.output + repr(res.exception)
@@ -61,6 +61,26 @@ def test_cpu_profile_writes_json_and_table_and_skips_the_cuda_variants(tiny_chec
     assert sum(eager["by_category_ms_per_batch"].values()) == pytest.approx(eager["total_ms_per_batch"])
     assert "CUDA variants only" in by_name["fp16-fast"]["error"]
     assert data["comparisons"] == []
+    assert eager["eager_wall_ms_per_batch"] > 0 and eager["eager_device_busy_fraction"] > 0
     assert "fp32-eager" in (out / "op_profile_b2.txt").read_text()
+    assert json.loads((out / "op_profile_b1.json").read_text())["batch_size"] == 1
     bad = CliRunner().invoke(main, ["--checkpoint", str(tiny_checkpoint), "--variants", "fp8-magic"])
     assert bad.exit_code != 0 and "fp8-magic" in bad.output
+
+
+def test_a_failing_variant_is_recorded_and_the_finished_ones_are_saved(tiny_checkpoint, tmp_path, monkeypatch):
+    from effiseg.benchmarks import op_profile
+
+    def broken_open(self, warmup, iters):
+        raise RuntimeError("CUDA out of memory (simulated)")
+    monkeypatch.setattr(op_profile._Variant, "open_and_time", broken_open)
+    saved = []
+    data = op_profile.run_profile(tiny_checkpoint, "cpu", 1, 1, 1, ("fp32-eager",), tmp_path / "cache",
+                                  log=lambda m: None, save=lambda d: saved.append(json.dumps(d)))
+    assert "out of memory (simulated)" in data["variants"][0]["error"]
+    assert saved and "simulated" in saved[-1]
+    res = CliRunner().invoke(main, ["--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--batch-sizes", "1",
+                                    "--iters", "1", "--warmup", "1", "--output", str(tmp_path / "out"),
+                                    "--cache-dir", str(tmp_path / "cache")])
+    assert res.exit_code != 0 and "1 variant(s) failed" in res.output
+    assert "simulated" in (tmp_path / "out" / "op_profile_b1.json").read_text()
