@@ -26,6 +26,10 @@ class BenchError(click.ClickException):
     pass
 
 
+class BenchInterrupted(click.ClickException):
+    exit_code = 130
+
+
 def _log(message: str) -> None:
     click.echo(message, err=True)
 
@@ -277,8 +281,13 @@ def bench_command(backends, batch_sizes, input_size, input_formats, rounds, warm
             return data
 
         def save_round(partial: list[dict], rounds_done: int) -> None:
-            # Rewritten after every round (atomically): a killed run keeps its finished rounds.
-            write_json(assemble(partial, rounds_done, complete=False), output / JSON_NAME)
+            # Rewritten after every round (atomically): a killed run keeps its finished rounds. The
+            # table goes with it; a plot from an earlier run in this folder would no longer match.
+            data = assemble(partial, rounds_done, complete=False)
+            write_json(data, output / JSON_NAME)
+            (output / TEXT_NAME).write_text(format_report(data) + "\n", encoding="utf-8")
+            if rounds_done == 1:
+                (output / PLOT_NAME).unlink(missing_ok=True)
             progress["rounds_done"] = rounds_done
             _log(f"  saved {rounds_done} round(s) to {output / JSON_NAME}")
 
@@ -291,8 +300,8 @@ def bench_command(backends, batch_sizes, input_size, input_formats, rounds, warm
                                  worker_thread=not main_thread, deadline=deadline, on_round=save_round)
         except KeyboardInterrupt:
             done = progress["rounds_done"]
-            raise BenchError(f"interrupted; {done} finished round(s) are in {output / JSON_NAME}"
-                             if done else "interrupted before the first round finished; nothing was saved") from None
+            raise BenchInterrupted(f"interrupted; {done} finished round(s) are in {output / JSON_NAME}"
+                                   if done else "interrupted before the first round finished; nothing was saved") from None
     finally:
         pool.close()
         shutil.rmtree(work, ignore_errors=True)

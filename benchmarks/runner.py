@@ -335,9 +335,16 @@ def run_rounds(measurements: list[Measurement], rounds: int, warmup: int, plan: 
     if rounds < 1:
         raise ValueError("rounds must be >= 1")
     if worker_thread:
-        with ThreadPoolExecutor(1, thread_name_prefix="effiseg-bench-timing") as executor:
-            return _run_rounds(measurements, rounds, warmup, plan, settle_s, log, sample_memory, plan_for,
-                               lambda fn: executor.submit(fn).result(), deadline, on_round)
+        executor = ThreadPoolExecutor(1, thread_name_prefix="effiseg-bench-timing")
+        try:
+            results = _run_rounds(measurements, rounds, warmup, plan, settle_s, log, sample_memory, plan_for,
+                                  lambda fn: executor.submit(fn).result(), deadline, on_round)
+        except BaseException:
+            # Ctrl-C: do not wait here for the worker's current task (a whole round of one configuration).
+            executor.shutdown(wait=False, cancel_futures=True)
+            raise
+        executor.shutdown(wait=True)
+        return results
     return _run_rounds(measurements, rounds, warmup, plan, settle_s, log, sample_memory, plan_for,
                        lambda fn: fn(), deadline, on_round)
 

@@ -374,3 +374,30 @@ def test_time_budget_keeps_the_finished_rounds_and_says_so(tiny_checkpoint, tmp_
     assert any("1 of 4 rounds" in n for n in data["notes"])
     assert {r["backend"] for r in data["results"]} == {"torch-eager", "ort-cpu"}
     assert all(len(r["samples_ms"]) == 2 for r in data["results"])
+
+
+def test_ctrl_c_keeps_the_finished_rounds_and_exits_130(tiny_checkpoint, tmp_path, monkeypatch):
+    from effiseg.benchmarks import runner
+    real_sample, calls = runner.ModelOnly.sample, []
+
+    def sample(self):
+        calls.append(1)
+        if len(calls) == 7:  # 2 warm-up + 4 round-1 samples, then the first of round 2
+            raise KeyboardInterrupt
+        return real_sample(self)
+    monkeypatch.setattr(runner.ModelOnly, "sample", sample)
+    out = tmp_path / "out"
+    (out).mkdir()
+    (out / "effiseg_bench.png").write_bytes(b"a plot of an earlier run")
+    args = ["--checkpoint", str(tiny_checkpoint), "--backends", "ort-cpu", "--batch-sizes", "1", "--rounds", "3",
+            "--warmup", "1", "--iters", "2", "--mode", "model", "--input-formats", "uint8", "--settle", "0",
+            "--devices", "cpu", "--output", str(out), "--cache-dir", str(tmp_path / "cache")]
+    res = CliRunner().invoke(bench_command, args)
+    assert res.exit_code == 130, res.output + repr(res.exception)
+    assert "1 finished round(s)" in res.output
+    data = json.loads((out / "effiseg_bench.json").read_text())
+    validate_result_file(data)
+    assert data["complete"] is False and data["rounds_completed"] == 1
+    assert all(len(r["samples_ms"]) == 2 for r in data["results"])
+    assert "1 of 3 rounds" in (out / "effiseg_bench.txt").read_text()
+    assert not (out / "effiseg_bench.png").exists()  # the stale plot is gone, not passed off as this run's
