@@ -81,7 +81,8 @@ def test_ship_writes_the_winner_with_its_settings_evidence_and_onnx(tmp_path):
     info = ModelInfo.from_onnx(onnx)
     assert info.tta is True and info.threshold == pytest.approx(0.6) and info.variant == "effisegnet-lite0"
     assert (onnx.parent / "default.onnx.export.json").is_file()
-    assert not list(tmp_path.rglob("*staging*")) and not (tmp_path / "weights" / "default.previous").exists()
+    assert not list(tmp_path.rglob(".effiseg-ship"))  # no work folders left behind
+    assert json.loads((onnx.parent / "default.onnx.export.json").read_text())["checkpoint"].endswith("default")
     summary = json.loads((proto / "shipped.json").read_text())
     assert summary["shipped_run"] == "boundary_loss_s1"
     assert summary["test_dice"] == config["metrics"]["test"]["mean_dice"]
@@ -98,10 +99,29 @@ def test_a_failed_export_or_a_missing_checkpoint_leaves_the_shipped_model_alone(
     res = _ship(proto, data, shipped, onnx)
     assert res.exit_code != 0 and "nothing was replaced" in res.output and "simulated" in res.output
     assert [p.name for p in shipped.iterdir()] == ["old-model.txt"] and onnx.read_bytes() == b"previous onnx"
-    assert not list(tmp_path.rglob("*staging*"))
+    assert not list(tmp_path.rglob(".effiseg-ship"))
     monkeypatch.undo()
 
     (proto / "runs" / WINNER["ship_run"] / "best.safetensors").unlink()
     res = _ship(proto, data, shipped, onnx)
     assert res.exit_code != 0 and "checkpoint" in res.output and "missing" in res.output
     assert [p.name for p in shipped.iterdir()] == ["old-model.txt"]
+
+
+@needs_kvasir
+def test_a_swap_that_fails_half_way_puts_the_previous_model_back(tmp_path, monkeypatch):
+    from effiseg.training import ship
+    proto, data, shipped, onnx = _protocol(tmp_path)
+    real_replace = type(onnx).replace
+
+    def failing_replace(self, target):
+        if str(target) == str(onnx) and "new" in self.parts:  # the new ONNX cannot be put in place
+            raise PermissionError("file in use (simulated)")
+        return real_replace(self, target)
+    monkeypatch.setattr(type(onnx), "replace", failing_replace)
+    res = _ship(proto, data, shipped, onnx)
+    monkeypatch.undo()
+    assert res.exit_code != 0 and "previous one is back in place" in res.output and "simulated" in res.output
+    assert [p.name for p in shipped.iterdir()] == ["old-model.txt"] and onnx.read_bytes() == b"previous onnx"
+    assert not list(tmp_path.rglob(".effiseg-ship"))
+    assert ship.WORK_NAME == ".effiseg-ship"

@@ -21,8 +21,45 @@ from pathlib import Path
 from typing import Callable
 
 
+WORK_NAME = ".effiseg-ship"
+
+
 class ShipError(RuntimeError):
     pass
+
+
+def _swap(folder: Path, new_folder: Path, folder_previous: Path, files: list[tuple[Path, Path]],
+          files_previous: Path, log) -> None:
+    """Put ``new_folder`` at ``folder`` and each new file at its place, keeping the old ones aside
+    until all are in; on any failure undo what was done, so the old model stays whole."""
+    done: list[tuple[Path, Path]] = []  # (moved from, moved to), undone in reverse order
+
+    def move(src: Path, dst: Path) -> None:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        src.replace(dst) if src.is_file() else src.rename(dst)
+        done.append((src, dst))
+
+    try:
+        if folder.exists():
+            move(folder, folder_previous / folder.name)
+        move(new_folder, folder)
+        for target, new in files:
+            if target.exists():
+                move(target, files_previous / target.name)
+            if new.exists():
+                move(new, target)
+    except BaseException as e:
+        for src, dst in reversed(done):
+            try:
+                if src.exists() and src.is_dir():
+                    shutil.rmtree(src)
+                dst.replace(src) if dst.is_file() else dst.rename(src)
+            except OSError as undo_error:
+                raise ShipError(f"swapping in the new model failed ({e}) and undoing it failed too "
+                                f"({undo_error}); the previous model is in {folder_previous} and "
+                                f"{files_previous}") from None
+        raise ShipError(f"swapping in the new model failed, the previous one is back in place: {e}") from None
+    log(f"replaced {folder} and {', '.join(str(t) for t, _ in files if t.exists())}")
 
 
 def parse_config_key(key: str) -> dict:
@@ -101,7 +138,10 @@ def ship_winner(protocol_dir: str | Path, destination: str | Path, onnx_path: st
 
     from .model_card import make_model_folder
 
-    protocol_dir, destination, onnx_path = Path(protocol_dir), Path(destination), Path(onnx_path)
+    protocol_dir, destination, onnx_path = Path(protocol_dir), Path(destination).resolve(), Path(onnx_path).resolve()
+    if destination.parent == destination or onnx_path.suffix.lower() != ".onnx":
+        raise ShipError(f"ship needs a model folder and an .onnx file, got {destination} and {onnx_path}")
+    swapped = False
     results_path = protocol_dir / "protocol_results.json"
     if not results_path.is_file():
         raise ShipError(f"{results_path} not found: run `protocol report` first")
@@ -115,36 +155,40 @@ def ship_winner(protocol_dir: str | Path, destination: str | Path, onnx_path: st
         raise ShipError(f"the winner's checkpoint {checkpoint} is missing (unpack checkpoints.tar.part-* there)")
     settings = parse_config_key(winner["config"])
 
-    staging = destination.with_name(destination.name + ".staging")
-    staged_onnx = onnx_path.with_name(onnx_path.stem + ".staging.onnx")
-    shutil.rmtree(staging, ignore_errors=True)
+    # Work areas next to what they replace (same file system, so the swap is renames). The staged
+    # folder and file carry their final names, so the ONNX metadata and export report name them right.
+    work, onnx_work = destination.parent / WORK_NAME, onnx_path.parent / WORK_NAME
+    for w in {work, onnx_work}:
+        if (w / "previous").exists():
+            raise ShipError(f"an earlier ship was interrupted while swapping: the model it replaced is in "
+                            f"{w / 'previous'}; move it back (or delete it if the current model is wanted), "
+                            f"then remove {w}")
+        shutil.rmtree(w, ignore_errors=True)
+    staged_dir = work / "new" / destination.name
+    staged_onnx = onnx_work / "new" / onnx_path.name
+    sidecar_name = onnx_path.name + ".export.json"
     try:
         log(f"model folder from {checkpoint} with {settings} (measuring validation and test) ...")
-        make_model_folder(checkpoint, staging, data_root, provenance(results, run_dir, protocol_dir),
+        make_model_folder(checkpoint, staged_dir, data_root, provenance(results, run_dir, protocol_dir),
                           {"summary": evidence_markdown(results, protocol_dir)}, settings, device)
-        config = json.loads((staging / "config.json").read_text())
+        config = json.loads((staged_dir / "config.json").read_text())
         verify = Path(data_root) / "validation" / "images"
-        log(f"exporting {staged_onnx} ...")
+        log("exporting the ONNX model ...")
         try:
-            report = export_checkpoint(staging, staged_onnx, tta=settings["tta"], threshold=settings["threshold"],
+            report = export_checkpoint(staged_dir, staged_onnx, tta=settings["tta"], threshold=settings["threshold"],
                                        verify_dir=verify if verify.is_dir() else None, log=log)
         except ExportError as e:
             raise ShipError(f"ONNX export failed, nothing was replaced: {e}") from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-    # Both built: swap them in (the old folder is kept aside until the new one is in place).
-    previous = destination.with_name(destination.name + ".previous")
-    shutil.rmtree(previous, ignore_errors=True)
-    if destination.exists():
-        destination.rename(previous)
-    staging.rename(destination)
-    shutil.rmtree(previous, ignore_errors=True)
-    staged_onnx.replace(onnx_path)
-    sidecar = staged_onnx.with_name(staged_onnx.name + ".export.json")
-    if sidecar.is_file():
-        sidecar.replace(onnx_path.with_name(onnx_path.name + ".export.json"))
+        _swap(destination, staged_dir, work / "previous",
+              [(onnx_path, staged_onnx), (onnx_path.with_name(sidecar_name), staged_onnx.with_name(sidecar_name))],
+              onnx_work / "previous", log)
+        swapped = True
+    finally:
+        for w in {work, onnx_work}:
+            previous = w / "previous"
+            # Kept only when a failed swap could not be undone: it then holds the previous model.
+            if swapped or not (previous.exists() and any(previous.iterdir())):
+                shutil.rmtree(w, ignore_errors=True)
     test = config["metrics"]["test"]
     summary = {"shipped_run": winner["ship_run"], "arm": winner["arm"], "settings": settings,
                "folder": str(destination), "onnx": str(onnx_path), "onnx_sha256": report.get("sha256"),
