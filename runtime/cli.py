@@ -6,8 +6,9 @@
 
 Exit status: 0 when every image got a mask, 1 when any image failed (listed in the summary), 2 for
 bad options, 3 when the run could not start (model missing, no backend, bad folders), 4 when the run
-started but stopped part-way (the backend or device failed: every mask already written is complete
-and journaled, and ``--resume`` continues), 130 when interrupted with Ctrl-C (same: ``--resume``).
+started but stopped part-way (a backend or device failure -- three failed batches in a row -- or an
+internal error: every mask file present is complete, and ``--resume`` continues), 130 when
+interrupted with Ctrl-C (same: ``--resume``).
 """
 from __future__ import annotations
 
@@ -93,11 +94,15 @@ def run_command(input_dir, output_dir, model_path, backend, devices, batch, prec
                               "pass --model MODEL.onnx (make one with effiseg-export)")
         raise CannotStart(f"model not found: {model}")
     try:
+        # A TensorRT engine build can take minutes: Ctrl-C there is an interruption too, not a crash.
         segmenter = Segmenter.from_model(model, backend=backend, devices=devices, precision=precision,
                                          max_batch=batch, slots=slots, threshold=threshold, workers=workers,
                                          input_size=input_size)
     except (BackendUnavailable, OSError, ValueError, RuntimeError) as e:  # no usable model/backend
         raise CannotStart(f"cannot start on {model}: {e}") from None
+    except KeyboardInterrupt:
+        _echo("interrupted while the backend was being prepared; nothing was written")
+        sys.exit(EXIT_INTERRUPTED)
     with segmenter:
         for note in segmenter.selection_notes:
             _echo(note)
@@ -116,13 +121,12 @@ def run_command(input_dir, output_dir, model_path, backend, devices, batch, prec
         except OSError as e:  # e.g. an output folder that cannot be created or written
             raise CannotStart(f"cannot write the results to {out}: {e}") from None
         except KeyboardInterrupt:
-            _echo(f"interrupted: the masks written so far in {out} are complete and journaled; "
-                  f"run the same command with --resume to finish")
+            _echo(f"interrupted: every mask file in {out} is complete; run the same command with --resume "
+                  "to finish")
             sys.exit(EXIT_INTERRUPTED)
-        except Exception as e:  # the backend or the device failed part-way: not a per-file problem
-            raise RunStopped(f"the run stopped part-way: {type(e).__name__}: {e}. The masks written so far in "
-                             f"{out} are complete and journaled; fix the cause and run the same command with "
-                             f"--resume to finish") from None
+        except Exception as e:  # not a per-file problem: a lost backend/device (BackendLost) or a bug
+            raise RunStopped(f"the run stopped part-way: {type(e).__name__}: {e}. Every mask file in {out} "
+                             "is complete; fix the cause and run the same command with --resume to finish") from None
     failed = [r for r in summary["files"] if r["status"] == "error"]
     click.echo(f"{summary['n_images']} image(s): {summary['n_ok']} ok, {summary['n_failed']} failed, "
                f"{summary['n_skipped']} skipped (resume); {summary['images_per_s']:.1f} images/s "

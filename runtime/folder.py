@@ -193,6 +193,10 @@ def run_folder(segmenter, input_dir, output_dir=None, *, recursive: bool = False
                               + "); resume with the same model and threshold, or use another --output")
     _write_json(settings_path, settings)
 
+    # A summary left by an earlier run would contradict this one if this one stops part-way (it is
+    # written only at the end); the journal keeps every finished row, so nothing is lost.
+    for suffix in (".json", ".csv"):
+        (output_dir / f"{SUMMARY_STEM}{suffix}").unlink(missing_ok=True)
     journal_path = output_dir / JOURNAL_NAME
     earlier = _read_journal(journal_path) if resume else {}
     rows: dict[int, dict] = {}

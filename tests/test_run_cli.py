@@ -235,8 +235,11 @@ def test_a_backend_that_fails_part_way_stops_the_run_with_its_own_status_and_res
 
     monkeypatch.setattr(Segmenter, "from_model", classmethod(failing_from_model))
     args = ["--input", src, "--output", out, "--model", tiny_onnx, "--batch", 2, "--slots", 1]
+    out.mkdir()
+    (out / "effiseg_summary.json").write_text('{"n_ok": 999}')  # from an earlier run into this folder
     stopped = _run(*args)
     assert stopped.exit_code == run_cli.EXIT_RUN_STOPPED == 4, stopped.output
+    assert not (out / "effiseg_summary.json").exists()  # it would contradict what this run did
     assert "failed 3 batches in a row" in stopped.output and "device lost (simulated)" in stopped.output
     assert "--resume" in stopped.output
     written = sorted(out.glob("*.png"))
