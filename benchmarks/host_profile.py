@@ -122,6 +122,8 @@ def thread_scaling(images: list[Path], threads: int, size: int = 352, threshold:
 def main(folder, limit, threads, output):
     from effiseg.runtime.images import list_images
     images = list_images(folder)[:limit]
+    if not images:
+        raise click.ClickException(f"no images in {folder}")
     result = profile(images)
     for k, v in result.items():
         click.echo(f"{k:26s} {v:8.2f}")

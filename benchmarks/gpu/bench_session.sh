@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Prepared GPU session for the benchmark (issue 4), ~4 minutes on an H100; run from the repo root:
+# Prepared GPU session for the benchmark (issue 4), at most DEADLINE=300 s; run from the repo root:
 #   1. effiseg-bench on the shipped default model: PyTorch FP32 eager (baseline) against the fast
 #      torch path, batch 1/8/32, model-only + pure compute + end to end (SciPy labelling present),
 #      with a time budget; the JSON is rewritten after every round, so a limit keeps finished rounds;
 #   2. the operator profile (benchmarks/op_profile.py) at batch 32 and 1: why the fast mode gains
 #      what it gains (TF32 in the baseline, per-category device time, launch-bound fraction);
 #   3. the host-side pipeline profile on this machine's CPU and the GPU-marked tests;
-#   4. everything in $OUT/bench_results.tgz plus the log.
+#   4. everything in $OUT/bench_results.tgz (re-packed after every step) plus the log.
 # Needs torch with CUDA, timm, safetensors, scipy, pillow, click, matplotlib (optional: plot), and
 # the Kvasir-SEG test images under .carry/ (see benchmarks/gpu/README.md). DRY=1: a tiny CPU run
 # of the same steps, to check the script before spending device time.
@@ -17,58 +17,68 @@ ROOT=$(pwd)
 OUT=${OUT:-$ROOT/.gpu_out}
 WORK=${WORK:-/tmp/effiseg_bench_gpu}
 DATA=${DATA:-$ROOT/.carry/kvasir-seg}
-BENCH_BUDGET=${BENCH_BUDGET:-170}     # seconds for effiseg-bench (it stops between rounds)
+DEADLINE=${DEADLINE:-300}           # seconds after start by which everything is packed
+BENCH_BUDGET=${BENCH_BUDGET:-170}   # seconds for effiseg-bench (it stops between rounds)
 CKPT=${CKPT:-$ROOT/training/weights/default}
 mkdir -p "$OUT" "$WORK"
 exec > >(tee "$OUT/bench_session.log") 2>&1
 T0=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
+elapsed() { echo $(( $(date +%s) - T0 )); }
+stamp() { echo "[$(elapsed)s] $*"; }
+left() { echo $(( DEADLINE - $(elapsed) )); }
+RES=$WORK/results
+rm -rf "$RES"; mkdir -p "$RES"
+# Packed after every step: a call cut short still returns everything finished before it.
+pack() { tar czf "$OUT/bench_results.tgz.tmp" -C "$WORK" results && mv "$OUT/bench_results.tgz.tmp" "$OUT/bench_results.tgz"; }
 
 # effiseg without pip: a namespace folder whose parts point at the repo's folders.
 SITE=$WORK/site
 mkdir -p "$SITE/effiseg"
 for part in training export runtime benchmarks; do ln -sfn "$ROOT/$part" "$SITE/effiseg/$part"; done
 export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
-RES=$WORK/results
-mkdir -p "$RES"
 
-DEV=cuda:0; BATCHES=1,8,32; ROUNDS=3; IMAGES=128; PROFILE_ITERS=20; HOST_THREADS=8; EXTRA=()
+DEV=cuda:0; BATCHES=1,8,32; ROUNDS=5; IMAGES=96; PROFILE_BATCHES=32,1; PROFILE_ITERS=20; HOST_THREADS=8
+EXTRA=(--min-time 0.4)
 if [ "${DRY:-0}" = 1 ]; then
-  DEV=cpu; BATCHES=1; ROUNDS=2; IMAGES=2; PROFILE_ITERS=1; HOST_THREADS=2; BENCH_BUDGET=${BENCH_BUDGET_DRY:-5}
+  DEV=cpu; BATCHES=1; ROUNDS=2; IMAGES=2; PROFILE_BATCHES=1; PROFILE_ITERS=1; HOST_THREADS=2
+  BENCH_BUDGET=${BENCH_BUDGET_DRY:-5}
   EXTRA=(--iters 1 --warmup 1 --devices cpu --threads 1 --no-compute)
 fi
 
 stamp "environment"
 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap,clocks.max.sm --format=csv 2>&1 | tee "$RES/gpu.csv"
 "$PY" -c "import json,platform,torch,scipy;print(json.dumps({'python':platform.python_version(),'torch':torch.__version__,'cuda':torch.version.cuda,'scipy':scipy.__version__,'cudnn_allow_tf32':torch.backends.cudnn.allow_tf32,'matmul_allow_tf32':torch.backends.cuda.matmul.allow_tf32,'gpu':torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}))" | tee "$RES/env.json"
+pack
 
 stamp "effiseg-bench (budget ${BENCH_BUDGET}s)"
-timeout $((BENCH_BUDGET + 90)) "$PY" -c "from effiseg.benchmarks.cli import bench_command; bench_command()" \
+timeout $((BENCH_BUDGET + 60)) "$PY" -c "from effiseg.benchmarks.cli import bench_command; bench_command()" \
   --checkpoint "$CKPT" --backends torch-eager,torch-fast --batch-sizes "$BATCHES" --mode both \
   --rounds "$ROUNDS" --images "$IMAGES" --images-from "$DATA/test/images" --time-budget "$BENCH_BUDGET" \
   --output "$RES/bench" --cache-dir "$WORK/bench-cache" "${EXTRA[@]}"
 stamp "effiseg-bench exit $?"
+pack
 
-for B in 32 1; do
-  [ "${DRY:-0}" = 1 ] && [ "$B" = 32 ] && continue
-  stamp "operator profile, batch $B"
-  timeout 120 "$PY" -m effiseg.benchmarks.op_profile --checkpoint "$CKPT" --device "$DEV" --batch-size "$B" \
-    --iters "$PROFILE_ITERS" --output "$RES/op_profile" --cache-dir "$WORK/bench-cache"
+if [ "$(left)" -gt 40 ]; then
+  stamp "operator profile, batches $PROFILE_BATCHES"
+  timeout $(( $(left) - 30 )) "$PY" -m effiseg.benchmarks.op_profile --checkpoint "$CKPT" --device "$DEV" \
+    --batch-sizes "$PROFILE_BATCHES" --iters "$PROFILE_ITERS" --output "$RES/op_profile" --cache-dir "$WORK/bench-cache"
   stamp "operator profile exit $?"
-done
-
-stamp "host profile (this machine's CPU)"
-timeout 90 "$PY" -m effiseg.benchmarks.host_profile --images "$DATA/test/images" --limit 100 --threads "$HOST_THREADS" \
-  --output "$RES/host_profile.json"
-stamp "host profile exit $?"
-
-if [ "${DRY:-0}" != 1 ]; then
-  stamp "gpu tests"
-  timeout 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_runtime_pipeline.py tests/test_run_cli.py \
-    2>&1 | tail -25 | tee "$RES/gpu_tests.txt"
-  stamp "gpu tests done"
+  pack
 fi
 
-stamp "pack"
-tar czf "$OUT/bench_results.tgz" -C "$WORK" results
+if [ "$(left)" -gt 25 ]; then
+  stamp "host profile (this machine's CPU)"
+  timeout $(( $(left) - 15 )) "$PY" -m effiseg.benchmarks.host_profile --images "$DATA/test/images" --limit 100 \
+    --threads "$HOST_THREADS" --output "$RES/host_profile.json"
+  stamp "host profile exit $?"
+  pack
+fi
+
+if [ "${DRY:-0}" != 1 ] && [ "$(left)" -gt 30 ]; then
+  stamp "gpu tests"
+  timeout $(( $(left) - 10 )) "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_runtime_pipeline.py \
+    tests/test_run_cli.py 2>&1 | tail -25 | tee "$RES/gpu_tests.txt"
+  stamp "gpu tests done"
+  pack
+fi
 stamp "done"; ls -la "$OUT"

@@ -23,6 +23,7 @@ SEEDS=${SEEDS:-0,1,2}
 ARMS=${ARMS:-baseline,overlay_box,boundary_loss,overlay_box+boundary_loss}
 EPOCHS=${EPOCHS:-}                  # fixed epochs for every run; empty: chosen from TRAIN_BUDGET
 PHASES=${PHASES:-train,evaluate,report,pack}
+DEADLINE=${DEADLINE:-570}           # seconds after start by which packing must begin (one call <= 600 s)
 has_phase() { case ",$PHASES," in *",$1,"*) return 0;; esac; return 1; }
 mkdir -p "$OUT" "$WORK"
 exec > >(tee -a "$OUT/session.log") 2>&1
@@ -67,16 +68,20 @@ if has_phase train; then
     stamp "protocol: train (budget ${TRAIN_BUDGET}s, ${PARALLEL} at once, arms $ARMS, seeds $SEEDS)"
     EPOCH_ARGS=(--time-budget "$TRAIN_BUDGET" --min-epochs 1 --max-epochs 150)
   fi
-  "$PY" -m effiseg.training.protocol train --data "$DATA" --out "$PROTO" --arms "$ARMS" --seeds "$SEEDS" \
-    --parallel "$PARALLEL" "${EPOCH_ARGS[@]}" "${EXTRA[@]}"
-  stamp "protocol: train exit $?"
+  # Killed at the deadline if slower than planned: then evaluate/report/pack still run, on each run's
+  # best checkpoint so far (the log and plan.json say so), instead of losing the whole call.
+  RESERVE=0; has_phase evaluate && RESERVE=75
+  timeout $(( DEADLINE - RESERVE - $(elapsed) )) "$PY" -m effiseg.training.protocol train --data "$DATA" \
+    --out "$PROTO" --arms "$ARMS" --seeds "$SEEDS" --parallel "$PARALLEL" "${EPOCH_ARGS[@]}" "${EXTRA[@]}"
+  stamp "protocol: train exit $? (124: stopped at the deadline)"
   unset OMP_NUM_THREADS
 fi
 
 if has_phase evaluate; then
   stamp "protocol: evaluate"
   LIMIT=(); [ "${DRY:-0}" = 1 ] && LIMIT=(--limit 6)
-  "$PY" -m effiseg.training.protocol evaluate --data "$DATA" --out "$PROTO" --parallel 6 "${LIMIT[@]}"
+  timeout $(( DEADLINE - 15 - $(elapsed) )) "$PY" -m effiseg.training.protocol evaluate --data "$DATA" \
+    --out "$PROTO" --parallel 6 "${LIMIT[@]}"
   stamp "protocol: evaluate exit $?"
 fi
 if has_phase report; then
