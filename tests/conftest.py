@@ -74,6 +74,16 @@ def verify_images_dir(tmp_path_factory) -> Path:
     return folder
 
 
+def write_noise_images(folder: Path, n: int, shape=(40, 50), ext: str = "png", seed: int = 0) -> Path:
+    """``n`` uniform-noise RGB images ``0.<ext> .. <n-1>.<ext>`` of ``shape`` (height, width) in ``folder``."""
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(folder / f"{i}.{ext}")
+    return folder
+
+
 def export_tiny(checkpoint: Path, out: Path, verify_dir: Path, **options) -> Path:
     from effiseg.export.onnx_export import export_checkpoint
     export_checkpoint(checkpoint, out, verify_dir=verify_dir, verify_count=2, log=lambda *a: None, **options)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 from click.testing import CliRunner
-from PIL import Image
+from conftest import write_noise_images
 
 from effiseg.benchmarks.host_profile import main
 
@@ -14,11 +13,7 @@ STAGES = {"decode", "resize_into_slot", "mask_from_logits", "count_regions", "pn
 
 
 def test_host_profile_times_every_stage_and_its_thread_scaling(tmp_path):
-    folder = tmp_path / "images"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    folder = write_noise_images(tmp_path / "images", 3, shape=(60, 80), ext="jpg")
     out = tmp_path / "profile.json"
     res = CliRunner().invoke(main, ["--images", str(folder), "--threads", "2", "--output", str(out)])
     assert res.exit_code == 0, res.output + repr(res.exception)

@@ -1,6 +1,5 @@
 """effiseg-model-card writes a Hugging Face style folder whose card states what effiseg-eval measures."""
 import json
-import shutil
 
 from click.testing import CliRunner
 
@@ -8,18 +7,13 @@ from effiseg.training.checkpoint import load_model, model_config, save_checkpoin
 from effiseg.training.cli import eval_command, model_card_command
 from effiseg.training.model import build_model
 
-from _paths import KVASIR, needs_kvasir
+from _paths import copy_kvasir_subset, needs_kvasir
 
 pytestmark = needs_kvasir
 
 
 def test_model_folder_card_matches_eval(tmp_path):
-    data = tmp_path / "data"
-    for split in ("validation", "test"):
-        for sub in ("images", "masks"):
-            (data / split / sub).mkdir(parents=True)
-            for stem in ("0", "1"):
-                shutil.copy(KVASIR / split / sub / f"{stem}.jpg", data / split / sub / f"{stem}.jpg")
+    data = copy_kvasir_subset(tmp_path / "data")
     ckpt = tmp_path / "ckpt"
     save_checkpoint(ckpt, build_model("effisegnet-lite0").eval(), model_config("effisegnet-lite0", input_size=64))
     prov = tmp_path / "prov.json"

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from conftest import write_noise_images
 
 from effiseg.runtime.folder import JOURNAL_NAME, _read_journal, plan_jobs
 from effiseg.runtime.segmenter import Segmenter
@@ -21,11 +22,7 @@ def test_mask_names_never_collide():
 
 
 def test_resume_after_a_half_written_journal_line(tiny_onnx, tmp_path):
-    src = tmp_path / "in"
-    src.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(5):
-        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(src / f"{i}.png")
+    src = write_noise_images(tmp_path / "in", 5, shape=(40, 50))
     out = tmp_path / "out"
     with Segmenter.from_onnx(tiny_onnx, max_batch=2) as seg:
         first = seg.run_folder(src, out, progress=False)

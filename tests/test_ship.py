@@ -1,7 +1,6 @@
 """Shipping the protocol's winner: the card folder and the bundled ONNX carry the winner's settings and
 evidence, and a failure at any step leaves the shipped model as it was."""
 import json
-import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -13,7 +12,7 @@ from effiseg.training.protocol import main as protocol_main
 from effiseg.training.ship import ShipError, parse_config_key
 from effiseg.training.trainer import TrainConfig
 
-from _paths import KVASIR, needs_kvasir
+from _paths import copy_kvasir_subset, needs_kvasir
 
 WINNER = {
     "arm": "boundary_loss", "config": "tta=1,thr=0.60,minreg=0", "seeds": [0, 1, 2],
@@ -45,12 +44,7 @@ def _protocol(tmp_path):
                  "arms": {"baseline": [], "boundary_loss": ["loss.boundary_weight=2.0"]}},
         "arms": {"baseline": {}, "boundary_loss": {}}, "winner": WINNER,
         "baseline_spread": {"test_dice_per_seed": {"0": 0.90, "1": 0.88, "2": 0.91}}}))
-    data = tmp_path / "data"
-    for split in ("validation", "test"):
-        for sub in ("images", "masks"):
-            (data / split / sub).mkdir(parents=True)
-            for stem in ("0", "1"):
-                shutil.copy(KVASIR / split / sub / f"{stem}.jpg", data / split / sub / f"{stem}.jpg")
+    data = copy_kvasir_subset(tmp_path / "data")
     shipped = tmp_path / "weights" / "default"
     shipped.mkdir(parents=True)
     (shipped / "old-model.txt").write_text("the previous default")

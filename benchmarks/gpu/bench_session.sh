@@ -31,11 +31,7 @@ rm -rf "$RES"; mkdir -p "$RES"
 # Packed after every step: a call cut short still returns everything finished before it.
 pack() { tar czf "$OUT/bench_results.tgz.tmp" -C "$WORK" results && mv "$OUT/bench_results.tgz.tmp" "$OUT/bench_results.tgz"; }
 
-# effiseg without pip: a namespace folder whose parts point at the repo's folders.
-SITE=$WORK/site
-mkdir -p "$SITE/effiseg"
-for part in training export runtime benchmarks; do ln -sfn "$ROOT/$part" "$SITE/effiseg/$part"; done
-export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+. "$ROOT/benchmarks/gpu/effiseg_site.sh"
 
 DEV=cuda:0; BATCHES=1,8,32; ROUNDS=5; IMAGES=96; PROFILE_BATCHES=32,1; PROFILE_ITERS=20; HOST_THREADS=8
 EXTRA=(--min-time 0.4)

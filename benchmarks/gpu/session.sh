@@ -31,14 +31,10 @@ T0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - T0 )); }
 stamp() { echo "[$(elapsed)s] $*"; }
 
-# effiseg without pip: a namespace folder whose parts point at the repo's folders.
-SITE=$WORK/site
-mkdir -p "$SITE/effiseg"
-for part in training export runtime benchmarks; do ln -sfn "$ROOT/$part" "$SITE/effiseg/$part"; done
+. "$ROOT/benchmarks/gpu/effiseg_site.sh"
 if ls "$ROOT"/.carry/wheels/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$ROOT"/.carry/wheels/*.whl || exit 1
 fi
-export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 EXTRA=()
 if [ "${DRY:-0}" = 1 ]; then
   EXTRA=(--extra=--limit-train --extra=16 --extra=--limit-val --extra=4 --extra=--limit-test --extra=4
