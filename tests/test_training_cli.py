@@ -105,9 +105,10 @@ def test_score_predicted_masks_folder(tmp_path):
 
 
 @pytest.mark.gpu
-def test_resume_on_cuda(tmp_path):
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])  # cuda:N: the run pins its GPU (protocol --devices)
+def test_resume_on_cuda(tmp_path, device):
     """Resuming on the GPU restores the CPU-held random states (regression: they were mapped to CUDA)."""
-    args = [a if a != "cpu" else "cuda" for a in TINY] + ["--epochs", "2", "--no-test"]
+    args = [a if a != "cpu" else device for a in TINY] + ["--epochs", "2", "--no-test"]
     run = tmp_path / "run"
     _train(args + ["--output", str(run), "--stop-after-epochs", "1"])
     _train(["--resume", str(run), "--no-progress"])

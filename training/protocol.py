@@ -5,8 +5,10 @@
     python -m effiseg.training.protocol report   --out runs/protocol
     python -m effiseg.training.protocol ship     --out runs/protocol   # the winner becomes the default
 
-* ``train`` trains every (arm, seed) with the same epochs, several processes at once on one GPU
-  (small models at batch 8 leave most of a large GPU idle, so concurrent runs cost little).
+* ``train`` trains every (arm, seed) with the same epochs, several processes at once (small models
+  at batch 8 leave most of a large GPU idle, so concurrent runs cost little). ``--devices`` spreads
+  them over GPUs (default: every visible GPU; on a two-GPU machine both work), each run on one
+  GPU: the paper's batch of 8 is too small to split, so runs, not batches, are what get spread.
   ``--time-budget`` first measures the speed of concurrent runs and picks the epochs that fit.
 * ``evaluate`` scores each run's best-on-validation checkpoint on validation and test under the
   inference-time candidates (flip TTA, a threshold chosen on validation, removal of small regions)
@@ -48,35 +50,80 @@ def _train_cmd(data, out_dir: Path, variant, input_size, epochs, seed, overrides
     return cmd + list(extra)
 
 
-def _launch_all(jobs: list[tuple[str, list[str], Path]], parallel: int, log=print) -> dict[str, int]:
-    """Run (name, cmd, log_path) jobs, ``parallel`` at a time; returns exit codes."""
+def resolve_devices(spec: str) -> list[str]:
+    """``--devices`` -> the devices runs are spread over.
+
+    ``auto``: every visible CUDA GPU (a machine with two GPUs trains on both), else the CPU;
+    ``cpu``; ``0,1`` or ``cuda:0,cuda:1``. A device may be named twice to weight it.
+    """
+    import torch
+    spec = (spec or "auto").strip()
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if spec == "auto":
+        return [f"cuda:{i}" for i in range(n_gpus)] or ["cpu"]
+    devices = []
+    for item in (x.strip() for x in spec.split(",")):
+        if not item:
+            continue
+        if item == "cpu":
+            devices.append("cpu")
+            continue
+        index = item[len("cuda:"):] if item.startswith("cuda:") else item
+        if not index.isdigit():
+            raise click.BadParameter(f"{item!r} is not a device: use auto, cpu, N or cuda:N", param_hint="--devices")
+        if int(index) >= n_gpus:
+            raise click.BadParameter(f"{item!r}: this machine has {n_gpus} CUDA GPU(s) visible"
+                                     + (f" (cuda:0..cuda:{n_gpus - 1})" if n_gpus else ""), param_hint="--devices")
+        devices.append(f"cuda:{int(index)}")
+    if not devices:
+        raise click.BadParameter("no device given", param_hint="--devices")
+    return devices
+
+
+def _launch_all(jobs: list[tuple[str, list[str], Path]], parallel: int, log=print,
+                devices: list[str] | None = None, placed: dict[str, str] | None = None,
+                poll_s: float = 1.0) -> dict[str, int]:
+    """Run (name, cmd, log_path) jobs, ``parallel`` at a time; returns exit codes.
+
+    With ``devices``, each job gets ``--device D`` for the device running the fewest jobs at its
+    start (earliest in the list on a tie), so N GPUs share the work evenly however long each job
+    takes; ``placed`` receives name -> device.
+    """
     pending, running, codes = list(jobs), {}, {}
     while pending or running:
         while pending and len(running) < parallel:
             name, cmd, log_path = pending.pop(0)
+            device = None
+            if devices:
+                busy = [d for (_, _, _, d) in running.values()]
+                device = min(dict.fromkeys(devices), key=lambda d: busy.count(d) / devices.count(d))
+                cmd = [*cmd, "--device", device]
+                if placed is not None:
+                    placed[name] = device
             log_path.parent.mkdir(parents=True, exist_ok=True)
             fh = log_path.open("w")
-            running[name] = (subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT), fh, time.perf_counter())
-            log(f"started {name}")
-        for name, (proc, fh, t0) in list(running.items()):
+            running[name] = (subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT), fh, time.perf_counter(), device)
+            log(f"started {name}" + (f" on {device}" if device else ""))
+        for name, (proc, fh, t0, _) in list(running.items()):
             if proc.poll() is not None:
                 fh.close()
                 codes[name] = proc.returncode
                 log(f"finished {name} (exit {proc.returncode}, {time.perf_counter() - t0:.0f}s)")
                 del running[name]
-        time.sleep(1.0)
+        time.sleep(poll_s)
     return codes
 
 
-def calibrate(data, out: Path, variant, input_size, parallel: int, extra=(), log=print) -> dict:
-    """Seconds per full epoch when ``parallel`` runs share the machine."""
+def calibrate(data, out: Path, variant, input_size, parallel: int, extra=(), log=print,
+              devices: list[str] | None = None) -> dict:
+    """Seconds per full epoch when ``parallel`` runs share the machine (spread over ``devices``)."""
     jobs = []
     for i in range(parallel):
         d = out / "calibration" / f"c{i}"
         jobs.append((f"calibration-{i}", _train_cmd(data, d, variant, input_size, 2, 100 + i, [],
                                                    ["--limit-train", "160", "--no-test", *extra]), d / "train.log"))
     t0 = time.perf_counter()
-    codes = _launch_all(jobs, parallel, log)
+    codes = _launch_all(jobs, parallel, log, devices)
     wall = time.perf_counter() - t0
     if any(codes.values()):
         raise RuntimeError(f"calibration runs failed: {codes} (see {out / 'calibration'})")
@@ -111,9 +158,17 @@ def main():
 @click.option("--time-budget", type=float, default=None, help="Seconds for all training; picks --epochs.")
 @click.option("--min-epochs", type=int, default=10)
 @click.option("--max-epochs", type=int, default=100)
-@click.option("--parallel", type=int, default=4, help="Runs at once.")
+@click.option("--parallel", type=int, default=4, help="Runs at once, over all devices together.")
+@click.option("--devices", default="auto", show_default=True,
+              help="Where runs train: auto (every visible GPU, else the CPU), cpu, 0,1 or cuda:0,cuda:1. "
+                   "Each run starts on the device with the fewest runs at that moment.")
 @click.option("--extra", multiple=True, help="Extra effiseg-train arguments for every run.")
-def train_cmd(data, out, variant, input_size, arms, seeds, epochs, time_budget, min_epochs, max_epochs, parallel, extra):
+def train_cmd(data, out, variant, input_size, arms, seeds, epochs, time_budget, min_epochs, max_epochs, parallel,
+              devices, extra):
+    """Train every (arm, seed) with the same epochs, several runs at once."""
+    if any(e == "--device" or e.startswith("--device=") for e in extra):
+        raise click.UsageError("give devices with --devices, not --extra --device")
+    device_list = resolve_devices(devices)
     arm_names = [a for a in arms.split(",") if a]
     for a in arm_names:
         if a not in ARMS:
@@ -126,7 +181,7 @@ def train_cmd(data, out, variant, input_size, arms, seeds, epochs, time_budget, 
         if time_budget is None:
             raise click.UsageError("give --epochs or --time-budget")
         t0 = time.perf_counter()
-        cal = calibrate(data, out, variant, input_size, parallel, extra)
+        cal = calibrate(data, out, variant, input_size, parallel, extra, devices=device_list)
         left = time_budget - (time.perf_counter() - t0)
         waves = int(np.ceil(n_runs / parallel))
         startup_s = 25.0  # process start, data decode, model build, final test evaluation
@@ -134,7 +189,7 @@ def train_cmd(data, out, variant, input_size, arms, seeds, epochs, time_budget, 
         click.echo(f"calibration: {cal}; {left:.0f}s left for {waves} wave(s) -> {epochs} epochs")
         epochs = max(min_epochs, min(max_epochs, epochs))
     plan = {"variant": variant, "input_size": input_size, "arms": {a: ARMS[a] for a in arm_names},
-            "seeds": seed_list, "epochs": epochs, "parallel": parallel, "extra": list(extra)}
+            "seeds": seed_list, "epochs": epochs, "parallel": parallel, "devices": device_list, "extra": list(extra)}
     (out / "plan.json").write_text(json.dumps(plan, indent=2))
     jobs = []
     for seed in seed_list:          # seed-major order: every arm gets seed 0 first
@@ -143,8 +198,9 @@ def train_cmd(data, out, variant, input_size, arms, seeds, epochs, time_budget, 
             jobs.append((f"{arm}_s{seed}", _train_cmd(data, d, variant, input_size, epochs, seed, ARMS[arm], extra),
                          d / "train.log"))
     t0 = time.perf_counter()
-    codes = _launch_all(jobs, parallel)
-    plan.update(exit_codes=codes, train_wall_s=time.perf_counter() - t0)
+    placed: dict[str, str] = {}
+    codes = _launch_all(jobs, parallel, devices=device_list, placed=placed)
+    plan.update(exit_codes=codes, run_devices=placed, train_wall_s=time.perf_counter() - t0)
     (out / "plan.json").write_text(json.dumps(plan, indent=2))
     if any(codes.values()):
         click.echo(f"some runs failed: {codes}", err=True)
@@ -193,14 +249,17 @@ def evaluate_run(run_dir: Path, data, device: str, limit: int | None = None) -> 
 @main.command("evaluate")
 @click.option("--data", default="../shared/data/kvasir-seg")
 @click.option("--out", type=click.Path(path_type=Path, exists=True), required=True)
-@click.option("--device", default="auto")
-@click.option("--parallel", type=int, default=1, help="Runs evaluated at once (separate processes).")
+@click.option("--devices", "--device", "devices", default="auto", show_default=True,
+              help="auto (every visible GPU, else the CPU), cpu, 0,1 or cuda:0,cuda:1.")
+@click.option("--parallel", type=int, default=None,
+              help="Runs evaluated at once, as separate processes [default: one per device].")
 @click.option("--run", "only_run", default=None, help="Evaluate this one run folder name only.")
 @click.option("--limit", type=int, default=None, help="Only the first N images of each split (smoke tests).")
-def evaluate_cmd(data, out, device, parallel, only_run, limit):
-    import torch
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+def evaluate_cmd(data, out, devices, parallel, only_run, limit):
+    """Score each run's best checkpoint under every inference-time candidate."""
+    device_list = resolve_devices(devices)
+    if parallel is None:
+        parallel = len(device_list)
     dest = out / "evaluations"
     dest.mkdir(exist_ok=True)
     runs = [d for d in sorted((out / "runs").iterdir()) if (d / "best.safetensors").exists()]
@@ -210,17 +269,17 @@ def evaluate_cmd(data, out, device, parallel, only_run, limit):
             raise click.UsageError(f"no run {only_run!r} with a best checkpoint in {out / 'runs'}")
     if parallel > 1 and len(runs) > 1:
         jobs = [(f"eval-{d.name}", [sys.executable, "-m", "effiseg.training.protocol", "evaluate", "--data", str(data),
-                                    "--out", str(out), "--device", device, "--run", d.name,
+                                    "--out", str(out), "--run", d.name, "--parallel", "1",
                                     *(["--limit", str(limit)] if limit else [])],
                  dest / f"{d.name}.log") for d in runs]
-        codes = _launch_all(jobs, parallel)
+        codes = _launch_all(jobs, parallel, devices=device_list)
         if any(codes.values()):
             click.echo(f"some evaluations failed: {codes}", err=True)
             sys.exit(1)
         return
     for run_dir in runs:
         t0 = time.perf_counter()
-        res = evaluate_run(run_dir, data, device, limit)
+        res = evaluate_run(run_dir, data, device_list[0], limit)
         (dest / f"{run_dir.name}.json").write_text(json.dumps(res))
         click.echo(f"evaluated {run_dir.name} in {time.perf_counter() - t0:.0f}s")
 

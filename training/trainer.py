@@ -135,6 +135,10 @@ class Trainer:
         self.variant = get_variant(cfg.variant)
         self.size = int(cfg.input_size or self.variant.input_size)
         self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            # Device-less CUDA calls (in torch or a library) then land on this run's GPU, not on
+            # cuda:0: runs spread over two GPUs must not each hold a context on the first.
+            torch.cuda.set_device(self.device)
         self.amp_dtype = resolve_amp(cfg.amp, self.device)
 
     # ------------------------------------------------------------------ setup
@@ -175,7 +179,8 @@ class Trainer:
             "scheduler": self.sched.state_dict(),
             "shuffle_gen": self.shuffle_gen.get_state(), "aug_gen": self.aug_gen.get_state(),
             "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+            # This run's GPU only: the _all variant would open a context on every visible GPU.
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
         }
@@ -187,8 +192,11 @@ class Trainer:
         self.shuffle_gen.set_state(st["shuffle_gen"])
         self.aug_gen.set_state(st["aug_gen"])
         torch.set_rng_state(st["torch_rng"])
-        if st.get("cuda_rng") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all(st["cuda_rng"])
+        cuda_rng = st.get("cuda_rng")
+        if cuda_rng is not None and self.device.type == "cuda":
+            if isinstance(cuda_rng, (list, tuple)):  # older resume states hold one state per visible GPU
+                cuda_rng = cuda_rng[min(self.device.index or 0, len(cuda_rng) - 1)]
+            torch.cuda.set_rng_state(cuda_rng, self.device)
         np.random.set_state(st["numpy_rng"])
         random.setstate(st["python_rng"])
         if self.scaler and st.get("scaler"):

@@ -1,0 +1,99 @@
+"""The protocol's driver: runs spread over devices (a two-GPU machine uses both), and train ->
+evaluate -> report end to end on a few real images."""
+import json
+import sys
+
+import click
+import pytest
+import torch
+from click.testing import CliRunner
+
+from effiseg.training.protocol import _launch_all, main as protocol_main, resolve_devices
+
+from _paths import copy_kvasir_subset, needs_kvasir
+
+# Prints the device it was given, then sleeps argv[1] seconds.
+_SLEEPER = "import sys, time; print(sys.argv[-1], flush=True); time.sleep(float(sys.argv[1]))"
+
+
+def _job(tmp_path, name, seconds):
+    return name, [sys.executable, "-c", _SLEEPER, str(seconds)], tmp_path / f"{name}.log"
+
+
+def test_each_run_starts_on_the_least_busy_device(tmp_path):
+    jobs = [_job(tmp_path, "a", 1.5), _job(tmp_path, "b", 0), _job(tmp_path, "c", 1.5), _job(tmp_path, "d", 0)]
+    placed = {}
+    codes = _launch_all(jobs, parallel=3, log=lambda m: None, devices=["cuda:0", "cuda:1"], placed=placed, poll_s=0.05)
+    assert codes == {"a": 0, "b": 0, "c": 0, "d": 0}
+    # a, b, c start together: one each, then the tie goes to the first device; d starts when b
+    # has finished, on the device that then runs nothing.
+    assert placed == {"a": "cuda:0", "b": "cuda:1", "c": "cuda:0", "d": "cuda:1"}
+    for name, device in placed.items():  # the child really received it
+        assert (tmp_path / f"{name}.log").read_text().split() == [device]
+
+
+def test_a_device_named_twice_takes_twice_the_runs(tmp_path):
+    jobs = [_job(tmp_path, n, 0.5) for n in "abc"]
+    placed = {}
+    _launch_all(jobs, parallel=3, log=lambda m: None, devices=["cuda:0", "cuda:1", "cuda:0"], placed=placed, poll_s=0.05)
+    assert sorted(placed.values()) == ["cuda:0", "cuda:0", "cuda:1"]
+
+
+def test_without_devices_commands_are_left_alone(tmp_path):
+    codes = _launch_all([_job(tmp_path, "a", 0)], parallel=1, log=lambda m: None, poll_s=0.05)
+    assert codes == {"a": 0}
+    assert (tmp_path / "a.log").read_text().split() == ["0"]  # its own last argument, no --device
+
+
+def test_device_lists():
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert resolve_devices("auto") == ([f"cuda:{i}" for i in range(n)] or ["cpu"])
+    assert resolve_devices("cpu") == ["cpu"]
+    assert resolve_devices(" cpu, cpu ") == ["cpu", "cpu"]
+    with pytest.raises(click.BadParameter, match="'gpu1' is not a device"):
+        resolve_devices("gpu1")
+    with pytest.raises(click.BadParameter, match=f"has {n} CUDA GPU"):
+        resolve_devices(f"cuda:{n}")
+    with pytest.raises(click.BadParameter, match=f"has {n} CUDA GPU"):
+        resolve_devices(str(n + 1))
+    with pytest.raises(click.BadParameter, match="no device"):
+        resolve_devices(",")
+
+
+def test_device_cannot_also_come_through_extra(tmp_path):
+    res = CliRunner().invoke(protocol_main, ["train", "--out", str(tmp_path / "p"), "--epochs", "1",
+                                             "--extra=--device", "--extra=cuda:1"])
+    assert res.exit_code == 2 and "--devices" in res.output
+
+
+@needs_kvasir
+def test_train_evaluate_report_spread_over_devices(tmp_path):
+    data = copy_kvasir_subset(tmp_path / "kvasir", splits=("train", "validation", "test"), stems=("0", "1", "2", "3"))
+    proto = tmp_path / "protocol"
+    tiny = ["--extra=--variant", "--extra=effisegnet-lite0", "--extra=--no-pretrained", "--extra=--batch-size",
+            "--extra=2", "--extra=--no-test"]
+    res = CliRunner().invoke(protocol_main, ["train", "--data", str(data), "--out", str(proto), "--input-size", "64",
+                                             "--arms", "baseline,boundary_loss", "--seeds", "0", "--epochs", "1",
+                                             "--parallel", "2", "--devices", "cpu,cpu", *tiny])
+    assert res.exit_code == 0, res.output + "".join(p.read_text() for p in proto.glob("runs/*/train.log"))
+    plan = json.loads((proto / "plan.json").read_text())
+    assert plan["devices"] == ["cpu", "cpu"]
+    assert plan["run_devices"] == {"baseline_s0": "cpu", "boundary_loss_s0": "cpu"}
+    assert plan["exit_codes"] == {"baseline_s0": 0, "boundary_loss_s0": 0}
+    for run in ("baseline_s0", "boundary_loss_s0"):
+        cfg = json.loads((proto / "runs" / run / "run_config.json").read_text())
+        assert cfg["device"] == "cpu" and cfg["train"]["epochs"] == 1
+    boundary = json.loads((proto / "runs" / "boundary_loss_s0" / "run_config.json").read_text())
+    assert boundary["train"]["loss"]["boundary_weight"] == 2.0
+
+    # Evaluation: one process per listed device by default.
+    res = CliRunner().invoke(protocol_main, ["evaluate", "--data", str(data), "--out", str(proto),
+                                             "--devices", "cpu,cpu", "--limit", "2"])
+    assert res.exit_code == 0, res.output + "".join(p.read_text() for p in proto.glob("evaluations/*.log"))
+    for run in ("baseline_s0", "boundary_loss_s0"):
+        ev = json.loads((proto / "evaluations" / f"{run}.json").read_text())
+        assert ev["test_stems"] == ["0", "1"] and "tta=1,thr=0.50,minreg=0" in ev["val"]
+    res = CliRunner().invoke(protocol_main, ["report", "--out", str(proto), "--n-boot", "200"])
+    assert res.exit_code == 0, res.output
+    results = json.loads((proto / "protocol_results.json").read_text())
+    assert results["winner"]["arm"] in ("baseline", "boundary_loss")
