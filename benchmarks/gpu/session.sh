@@ -36,9 +36,11 @@ if ls "$ROOT"/.carry/wheels/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$ROOT"/.carry/wheels/*.whl || exit 1
 fi
 EXTRA=()
+DEVICES=${DEVICES:-auto}   # the protocol's --devices: auto = every visible GPU
 if [ "${DRY:-0}" = 1 ]; then
   EXTRA=(--extra=--limit-train --extra=16 --extra=--limit-val --extra=4 --extra=--limit-test --extra=4
-         --extra=--device --extra=cpu --extra=--input-size --extra=64 --extra=--variant --extra=effisegnet-lite0)
+         --extra=--input-size --extra=64 --extra=--variant --extra=effisegnet-lite0)
+  DEVICES=cpu
   TRAIN_BUDGET=${TRAIN_BUDGET_DRY:-40}; PARALLEL=2; SEEDS=0,1; ARMS=baseline,overlay_box
   [ -n "$EPOCHS" ] && EPOCHS=2
 fi
@@ -68,7 +70,7 @@ if has_phase train; then
   # best checkpoint so far (the log and plan.json say so), instead of losing the whole call.
   RESERVE=0; has_phase evaluate && RESERVE=75
   timeout $(( DEADLINE - RESERVE - $(elapsed) )) "$PY" -m effiseg.training.protocol train --data "$DATA" \
-    --out "$PROTO" --arms "$ARMS" --seeds "$SEEDS" --parallel "$PARALLEL" "${EPOCH_ARGS[@]}" "${EXTRA[@]}"
+    --out "$PROTO" --arms "$ARMS" --seeds "$SEEDS" --parallel "$PARALLEL" --devices "$DEVICES" "${EPOCH_ARGS[@]}" "${EXTRA[@]}"
   stamp "protocol: train exit $? (124: stopped at the deadline)"
   unset OMP_NUM_THREADS
 fi
@@ -77,7 +79,7 @@ if has_phase evaluate; then
   stamp "protocol: evaluate"
   LIMIT=(); [ "${DRY:-0}" = 1 ] && LIMIT=(--limit 6)
   timeout $(( DEADLINE - 15 - $(elapsed) )) "$PY" -m effiseg.training.protocol evaluate --data "$DATA" \
-    --out "$PROTO" --parallel 6 "${LIMIT[@]}"
+    --out "$PROTO" --parallel 6 --devices "$DEVICES" "${LIMIT[@]}"
   stamp "protocol: evaluate exit $?"
 fi
 if has_phase report; then
