@@ -27,6 +27,7 @@ import numpy as np
 from effiseg.runtime.images import IMAGE_EXTENSIONS, TEMP_SUFFIX, list_images, read_image
 from effiseg.runtime.model_info import ModelInfo
 from effiseg.runtime.postprocess import fill_host_row, logit_threshold, resize_rgb
+from .tensorrt_rules import tensorrt_uint8_problems
 
 EXPORT_INSTALL_MESSAGE = "effiseg-export needs torch, timm, onnx and onnxruntime: pip install 'effiseg[export]'"
 DEFAULT_OPSET = 17
@@ -243,6 +244,10 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
         info.extra["exporter"] = report["exporter"]
         report["metadata"] = info.to_metadata()
         _set_metadata(onnx, tmp, info)
+        # TensorRT cannot be installed everywhere effiseg is exported: check its uint8 rules here.
+        report["tensorrt_uint8_problems"] = tensorrt_uint8_problems(tmp)
+        for problem in report["tensorrt_uint8_problems"]:
+            log(f"warning: TensorRT's ONNX parser would refuse this graph: {problem}")
         report["parity"] = _verify(torch, ort, tmp, graph, reference, info, verify_dir, verify_count)
         report["verify_images"] = report["parity"].pop("source")
         if report["verify_images"].startswith("synthetic"):

@@ -57,9 +57,11 @@ class SegmentationGraph(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.input_format == "uint8-nhwc":
-            # Transpose the uint8 bytes first (4x less data to move than after the cast); the
-            # result is channels_last in memory, which is what the fast torch path wants anyway.
-            x = images.permute(0, 3, 1, 2).float()
+            # Cast first, then transpose: TensorRT (8.6 and 10.x) takes uint8 only as a network
+            # input or output, so a Transpose of the uint8 bytes would be refused by its ONNX parser
+            # (export/tensorrt_rules.py). In torch the permute is a view either way: the result is
+            # channels_last in memory, which is what the fast torch path wants.
+            x = images.float().permute(0, 3, 1, 2)
             x = (x / 255.0 - self.mean) / self.std
         else:
             x = images.float()
@@ -68,4 +70,5 @@ class SegmentationGraph(nn.Module):
             return logits
         if self.output_format == "probabilities":
             return torch.sigmoid(logits).to(torch.float16)
-        return (logits > self.logit_threshold).to(torch.uint8)
+        # bool -> float -> uint8: TensorRT 8.6 casts to uint8 only from float or half.
+        return (logits > self.logit_threshold).float().to(torch.uint8)

@@ -62,7 +62,9 @@ def make_tiny_onnx(path: Path, info: ModelInfo, seed: int = 0, static_batch: int
         inits.append(numpy_helper.from_array(np.array(info.threshold, np.float32), "threshold"))
         nodes += [helper.make_node("Sigmoid", ["logits_raw"], ["prob32"]),
                   helper.make_node("Greater", ["prob32", "threshold"], ["above"]),
-                  helper.make_node("Cast", ["above"], ["mask"], to=TensorProto.UINT8)]
+                  # bool -> float -> uint8, as effiseg's exporter does: TensorRT 8.6 casts to uint8 from float only.
+                  helper.make_node("Cast", ["above"], ["above_f"], to=TensorProto.FLOAT),
+                  helper.make_node("Cast", ["above_f"], ["mask"], to=TensorProto.UINT8)]
         out = helper.make_tensor_value_info("mask", TensorProto.UINT8, [batch, 1, h, w])
     graph = helper.make_graph(nodes, "tiny_effiseg", [inp], [out], initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
@@ -92,44 +94,18 @@ def onnxruntime_reference(path: Path, batch: np.ndarray) -> np.ndarray:
     return out.reshape(out.shape[0], out.shape[-2], out.shape[-1])
 
 
-def export_effisegnet_onnx(path: Path, variant: str = "effisegnet-lite0", size: int = 64) -> tuple[Path, ModelInfo]:
-    """A real (untrained, deterministic) EffiSegNet as an effiseg-style ONNX: uint8 NHWC in,
-    normalisation in the graph, (N,1,H,W) float32 logits out, dynamic batch. Uses the legacy
-    TorchScript exporter at opset 17 so TensorRT 8.6's parser reads it."""
-    import onnx
+def export_effisegnet_onnx(path: Path, variant: str = "effisegnet-lite0", size: int = 64,
+                           output_format: str = "logits") -> tuple[Path, ModelInfo]:
+    """A real (untrained, deterministic) EffiSegNet exported by effiseg's own exporter (the graph
+    effiseg-export writes: uint8 NHWC in, normalisation in the graph, dynamic batch)."""
     import torch
 
-    from effiseg.training.checkpoint import model_config
+    from effiseg.export.onnx_export import export_checkpoint
+    from effiseg.training.checkpoint import model_config, save_checkpoint
     from effiseg.training.model import build_model
 
     torch.manual_seed(0)
-    config = model_config(variant, input_size=size)
-    model = build_model(variant).eval()
-
-    class Uint8Input(torch.nn.Module):
-        def __init__(self, net, mean, std):
-            super().__init__()
-            self.net = net
-            self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
-            self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255)
-
-        def forward(self, images):
-            x = images.permute(0, 3, 1, 2).float()
-            return self.net((x - self.mean) / self.std)
-
-    wrapper = Uint8Input(model, config["mean"], config["std"]).eval()
-    example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
-    path = Path(path)
-    with torch.no_grad():
-        torch.onnx.export(wrapper, (example,), str(path), input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-                          opset_version=17, dynamo=False)
-    info = ModelInfo(path=path, variant=variant, input_height=size, input_width=size,
-                     mean=tuple(config["mean"]), std=tuple(config["std"]),
-                     input_name="images", output_name="logits")
-    proto = onnx.load(str(path))
-    for key, value in info.to_metadata().items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.save(proto, str(path))
-    return path, ModelInfo.from_onnx(path)
+    checkpoint = Path(path).with_suffix("")
+    save_checkpoint(checkpoint, build_model(variant).eval(), model_config(variant, input_size=size))
+    export_checkpoint(checkpoint, path, output_format=output_format, verify_count=1, log=lambda *a, **k: None)
+    return Path(path), ModelInfo.from_onnx(path)

@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 from effiseg.export.cli import export_command  # noqa: E402
 from effiseg.export.onnx_export import ExportError, bytes_per_image, export_checkpoint  # noqa: E402
 from effiseg.export.wrapper import SegmentationGraph  # noqa: E402
+from effiseg.export.tensorrt_rules import tensorrt_uint8_problems  # noqa: E402
 from effiseg.runtime.images import list_images, read_image  # noqa: E402
 from effiseg.runtime.model_info import ModelInfo, read_onnx_metadata  # noqa: E402
 from effiseg.runtime.postprocess import fill_host_row, resize_rgb  # noqa: E402
@@ -67,6 +68,7 @@ def test_default_export_matches_pytorch_and_carries_metadata(tiny_onnx, tiny_che
     assert report["parity"]["max_abs_error"] < 1e-3 and report["parity"]["min_mask_agreement"] == 1.0
     assert report["bytes_per_image"]["chosen_input"] == 64 * 64 * 3
     assert report["sha256"] and report["onnx_bytes"] == tiny_onnx.stat().st_size
+    assert report["tensorrt_uint8_problems"] == []
 
 
 def test_dynamic_hw_is_exact_at_sizes_not_divisible_by_32(tiny_onnx_dynamic, tiny_checkpoint, verify_images_dir):
@@ -104,6 +106,8 @@ def test_formats(input_format, output_format, size, tiny_checkpoint, verify_imag
             fill_host_row(row, rgb, info)
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"images": feed})[0]
     assert got.shape == (len(batch), size, size)
+    # Every format keeps to TensorRT's uint8 rules (a uint8 mask is cast from float, not from bool).
+    assert tensorrt_uint8_problems(out) == []
     cut = np.log(0.4 / 0.6)
     if output_format == "logits":
         assert got.dtype == np.float32
