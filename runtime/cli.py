@@ -12,6 +12,7 @@ interrupted with Ctrl-C (same: ``--resume``).
 """
 from __future__ import annotations
 
+import importlib.util
 import sys
 import warnings
 from pathlib import Path
@@ -93,6 +94,11 @@ def run_command(input_dir, output_dir, model_path, backend, devices, batch, prec
             raise CannotStart(f"the bundled model {DEFAULT_MODEL} is not installed in this copy of effiseg; "
                               "pass --model MODEL.onnx (make one with effiseg-export)")
         raise CannotStart(f"model not found: {model}")
+    if backend in ("auto", "tensorrt") and importlib.util.find_spec("tensorrt") is not None:
+        # The backend's own notes are printed once it is ready; a first engine build must not look
+        # like a hang.
+        _echo("preparing TensorRT: the first engine build for this model, GPU and batch can take several "
+              "minutes (it is cached for later runs) ...")
     try:
         # A TensorRT engine build can take minutes: Ctrl-C there is an interruption too, not a crash.
         segmenter = Segmenter.from_model(model, backend=backend, devices=devices, precision=precision,

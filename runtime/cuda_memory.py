@@ -300,10 +300,16 @@ class CudaPythonApi(CudaApi):
 
 class PyCudaApi(CudaApi):
     """pycuda works with driver-API contexts. TensorRT uses the runtime API, which works in the
-    device's *primary* context, so this retains that primary context and pushes it in each thread
-    that calls :meth:`activate` (once per thread: pushing on every call would grow the stack)."""
+    device's *primary* context, so this retains that primary context and makes it current in each
+    thread that calls :meth:`activate`.
+
+    A thread's context stack holds at most one context pushed from here: activating another GPU's
+    api in the same thread (two backends built one after the other in the main thread, say) pops
+    the previous one's context first, so each call runs on its own GPU and the stack never grows.
+    """
 
     binding = "pycuda"
+    _thread_top = threading.local()  # .api: the PyCudaApi whose context this thread pushed last
 
     def __init__(self, device_index: int):
         super().__init__(device_index)
@@ -318,7 +324,6 @@ class PyCudaApi(CudaApi):
             self.context = self.device.retain_primary_context()
         except drv.Error as e:
             raise CudaError(f"pycuda could not open CUDA device {device_index}: {e}") from e
-        self._pushed = threading.local()
 
     def _wrap(self, what: str, fn, *args):
         try:
@@ -327,10 +332,14 @@ class PyCudaApi(CudaApi):
             raise CudaError(f"{what} failed: {e}") from e
 
     def activate(self) -> None:
-        if getattr(self._pushed, "done", False):
+        top = getattr(self._thread_top, "api", None)
+        if top is self:
             return
+        if top is not None:
+            self._wrap("popping the previous GPU's context", self.drv.Context.pop)
+            self._thread_top.api = None
         self._wrap("pushing the primary context", self.context.push)
-        self._pushed.done = True
+        self._thread_top.api = self
 
     def device_count(self) -> int:
         return int(self._wrap("cuDeviceGetCount", self.drv.Device.count))
@@ -372,12 +381,12 @@ class PyCudaApi(CudaApi):
 
     def close(self) -> None:
         # Only the closing thread's push can be undone here; other threads' stacks end with them.
-        if getattr(self._pushed, "done", False):
+        if getattr(self._thread_top, "api", None) is self:
             try:
                 self.drv.Context.pop()
             except self.drv.Error:
                 pass
-            self._pushed.done = False
+            self._thread_top.api = None
 
 
 def open_cuda(device: str | int = "cuda:0", prefer: str | None = None) -> CudaApi:

@@ -339,7 +339,7 @@ def test_atomic_write_replaces_whole_file(tmp_path):
 def test_missing_tensorrt_raises_backend_unavailable(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` now raises ImportError
     info = tiny_info(16)
-    with pytest.raises(BackendUnavailable, match=r"pip install 'effiseg\[trt\]'.*8\.6.*Maxwell"):
+    with pytest.raises(BackendUnavailable, match=r"pip install 'effiseg\[trt\]'.*'effiseg\[trt86\]' for Maxwell"):
         TensorRTBackend(info, tmp_path / "missing.onnx", cache_dir=tmp_path)
 
 
@@ -432,6 +432,8 @@ def make_fake_trt(cuda: FakeCuda, version="8.6.1", fast_fp16=True, fp16_flag=Tru
     import onnx
     import onnxruntime as ort
 
+    from effiseg.export.tensorrt_rules import tensorrt_uint8_problems
+
     onnx_types = {onnx.TensorProto.UINT8: "UINT8", onnx.TensorProto.FLOAT: "FLOAT",
                   onnx.TensorProto.FLOAT16: "HALF", onnx.TensorProto.BOOL: "BOOL"}
     np_types = {"UINT8": np.uint8, "FLOAT": np.float32, "HALF": np.float16, "BOOL": np.bool_}
@@ -489,12 +491,20 @@ def make_fake_trt(cuda: FakeCuda, version="8.6.1", fast_fp16=True, fp16_flag=Tru
 
         def parse_from_file(self, path):
             model = onnx.load(path)
+            # Like the real parser, refuse uint8 intermediates and casts between uint8 and non-floats.
+            refused = tensorrt_uint8_problems(model)
+            if refused:
+                self.num_errors, self.errors = len(refused), refused
+                return False
             self.network.path = path
             for vi in model.graph.input:
                 self.network.inputs.append(Tensor(vi.name, dims(vi), onnx_types[vi.type.tensor_type.elem_type]))
             for vi in model.graph.output:
                 self.network.outputs.append(Tensor(vi.name, dims(vi), onnx_types[vi.type.tensor_type.elem_type]))
             return True
+
+        def get_error(self, i):
+            return f"ModelImporter.cpp: TensorRT does not support UINT8 types for intermediate tensors! ({self.errors[i]})"
 
     class Profile:
         def set_shape(self, name, lo, opt, hi):
@@ -851,3 +861,96 @@ def test_missing_onnx_file_is_named(env, tmp_path):
         FakeTensorRTBackend(info, tmp_path / "nowhere.onnx", fake_trt=trt, fake_cuda=cuda,
                             cache_dir=tmp_path / "cache")
     assert cuda.memory == {}
+
+
+def test_parser_refusal_of_an_old_uint8_graph_names_the_node_and_the_fix(env, tmp_path):
+    """ONNX files from before the exporter cast first (uint8 Transpose at node 0) are refused by
+    TensorRT's parser; the error says which node and how to re-export."""
+    onnx = pytest.importorskip("onnx")
+    info, onnx_path, cuda, trt, make = env()
+    model = onnx.load(str(onnx_path))
+    cast, transpose = model.graph.node[0], model.graph.node[1]
+    assert (cast.op_type, transpose.op_type) == ("Cast", "Transpose")
+    transpose.input[0], transpose.output[0] = "images", "nhwc_u8_t"   # transpose the bytes first...
+    cast.input[0], cast.output[0] = "nhwc_u8_t", "nchw"                # ...then cast them
+    model.graph.node.remove(cast)
+    model.graph.node.insert(1, cast)
+    old_style = tmp_path / "old-style.onnx"
+    onnx.save(model, str(old_style))
+    with pytest.raises(RuntimeError) as raised:
+        FakeTensorRTBackend(info, old_style, fake_trt=trt, fake_cuda=cuda, cache_dir=tmp_path / "cache")
+    message = str(raised.value)
+    assert "could not parse" in message and str(old_style) in message
+    assert "node 0 (Transpose" in message and "Re-export it with this version's effiseg-export" in message
+
+
+def test_pycuda_two_gpus_in_one_thread_each_runs_in_its_own_context(monkeypatch):
+    """With pycuda (the fallback binding), two backends on two GPUs used from one thread: each
+    activate() leaves exactly its own GPU's context current and the context stack never grows."""
+    import types
+
+    from effiseg.runtime.cuda_memory import PyCudaApi
+
+    per_thread = threading.local()  # the driver keeps one context stack per thread
+
+    def stack():
+        if not hasattr(per_thread, "contexts"):
+            per_thread.contexts = []
+        return per_thread.contexts
+
+    class Error(Exception):
+        pass
+
+    class Context:
+        def __init__(self, index):
+            self.index = index
+
+        def push(self):
+            stack().append(self)
+
+        @staticmethod
+        def pop():
+            if not stack():
+                raise Error("context stack is empty")
+            stack().pop()
+
+    class Device:
+        def __init__(self, index):
+            self.index = index
+
+        @staticmethod
+        def count():
+            return 2
+
+        def retain_primary_context(self):
+            return Context(self.index)
+
+    drv = types.ModuleType("pycuda.driver")
+    drv.Error, drv.Context, drv.Device, drv.init = Error, Context, Device, lambda: None
+    package = types.ModuleType("pycuda")
+    package.driver = drv
+    monkeypatch.setitem(sys.modules, "pycuda", package)
+    monkeypatch.setitem(sys.modules, "pycuda.driver", drv)
+
+    first, second = PyCudaApi(0), PyCudaApi(1)
+    for api in (first, second, first, first, second, first):
+        api.activate()
+        assert [c.index for c in stack()] == [api.device_index]
+    seen = []
+    worker = threading.Thread(target=lambda: (second.activate(), seen.append([c.index for c in stack()])))
+    worker.start()
+    worker.join()
+    assert seen == [[1]] and [c.index for c in stack()] == [0]  # the worker's own stack
+    second.close()                   # its context is not current in this thread: nothing popped
+    assert [c.index for c in stack()] == [0]
+    first.close()
+    assert stack() == []
+
+
+def test_a_last_batch_below_min_batch_is_padded(env):
+    info, onnx_path, cuda, trt, make = env()
+    batch = random_batch(info, 5)
+    with make(max_batch=4, min_batch=2) as backend:
+        out = backend.infer(batch)  # 4 + 1: the single image runs as a batch of 2
+    assert out.shape == (5, 16, 16)
+    np.testing.assert_allclose(out, onnxruntime_reference(onnx_path, batch), rtol=1e-6, atol=1e-6)

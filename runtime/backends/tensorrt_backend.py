@@ -45,10 +45,10 @@ from .base import Backend, BackendUnavailable
 log = logging.getLogger(__name__)
 
 TENSORRT_INSTALL_MESSAGE = (
-    "TensorRT is not installed: pip install 'effiseg[trt]' (TensorRT 8.6 for Maxwell/Pascal GPUs, "
-    "10.x+ for compute capability 7.5+). TensorRT wheels come from NVIDIA's index: "
-    "pip install tensorrt --extra-index-url https://pypi.nvidia.com (on Windows also the TensorRT "
-    "zip, with its lib folder on PATH)")
+    "TensorRT is not installed: pip install 'effiseg[trt]' for compute capability 7.5+ (TensorRT 10.x+), "
+    "'effiseg[trt86]' for Maxwell/Pascal/Volta GPUs (TensorRT 8.6), each with "
+    "--extra-index-url https://pypi.nvidia.com (on Windows also the TensorRT zip, with its lib folder "
+    "on PATH)")
 
 PRECISION_CHOICES = ("auto", "fp32", "fp16")
 DEFAULT_WORKSPACE_MB = 1024
@@ -57,6 +57,22 @@ DEFAULT_WORKSPACE_MB = 1024
 # =============================================================================================
 # Pure decisions (no TensorRT needed; unit-tested in tests/test_tensorrt_logic.py)
 # =============================================================================================
+
+def uint8_rule_hint(onnx_path) -> str:
+    """When TensorRT's parser refuses a file: which of its uint8 rules the graph breaks, and the fix
+    (effiseg's exporter once transposed the uint8 input before casting it). Empty when onnx is not
+    installed or the graph keeps to the rules: the parser's own errors then stand alone."""
+    try:
+        from effiseg.export.tensorrt_rules import tensorrt_uint8_problems
+        problems = tensorrt_uint8_problems(onnx_path)
+    except Exception:  # onnx missing, or a file onnx cannot read either
+        return ""
+    if not problems:
+        return ""
+    more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+    return (". The graph breaks TensorRT's uint8 rules: " + "; ".join(problems[:3]) + more
+            + ". Re-export it with this version's effiseg-export, which casts uint8 to float first")
+
 
 def parse_trt_version(version: str) -> tuple[int, int, int]:
     """``"8.6.1.post1"`` -> (8, 6, 1); ``"10.13.0.35"`` -> (10, 13, 0); unparsable -> (0, 0, 0)."""
@@ -457,8 +473,9 @@ class TensorRTBackend(Backend):
         """The tensorrt module (a hook: tests substitute a fake)."""
         try:
             import tensorrt
-        except (ImportError, OSError) as e:  # OSError: the wheel is there, its DLLs are not
-            raise BackendUnavailable(f"{TENSORRT_INSTALL_MESSAGE} [import failed: {e}]") from e
+        except Exception as e:  # ImportError; OSError/FileNotFoundError or others when the wheel is there
+            # but its DLLs are not on PATH (the Windows loaders raise assorted types): all mean "absent".
+            raise BackendUnavailable(f"{TENSORRT_INSTALL_MESSAGE} [import failed: {type(e).__name__}: {e}]") from e
         return tensorrt
 
     def _open_cuda(self, device_index: int) -> CudaApi:
@@ -546,7 +563,8 @@ class TensorRTBackend(Backend):
                 err = parser.get_error(i)
                 errors.append(err.desc() if hasattr(err, "desc") else str(err))
             raise RuntimeError(f"TensorRT could not parse {self.onnx_path}: "
-                               + ("; ".join(errors) or logger.take_errors() or "no reason given"))
+                               + ("; ".join(errors) or logger.take_errors() or "no reason given")
+                               + uint8_rule_hint(self.onnx_path))
         if int(network.num_inputs) != 1:
             raise ValueError(f"{self.onnx_path}: expected one input, the ONNX has {network.num_inputs}")
         tensor = network.get_input(0)
@@ -713,7 +731,9 @@ class TensorRTBackend(Backend):
         s = self._slot(slot)
         self._check_submit(slot, n, s.pending is not None)
         self._cuda.activate()  # this thread may never have touched the device
-        run = self.static_batch or n
+        # Below the profile's minimum (min_batch > 1) the batch is padded with the slot's stale rows,
+        # whose outputs are never returned: TensorRT refuses a shape outside the profile.
+        run = self.static_batch or max(n, self.min_batch)
         if run != s.bound_batch:
             self._io.set_input_shape(s.context, s.profile, self._in_name, (run,) + self._input_tail)
             s.bound_batch = run
