@@ -224,3 +224,31 @@ def test_second_gpu_when_present(gpu, tmp_path):
         batch = random_batch(info, 2)
         np.testing.assert_allclose(backend.infer(batch), onnxruntime_reference(path, batch), **FP32_TOL)
         assert backend.describe()["device"] == "cuda:1"
+
+
+def test_two_gpus_segment_one_folder(gpu, tmp_path):
+    """effiseg-run --devices 0,1: one engine per GPU, both fed from one queue by the pipeline's
+    threads; every mask matches ONNX Runtime's."""
+    try:
+        count = open_cuda(DEVICE).device_count()
+    except CudaError as e:
+        pytest.skip(str(e))
+    if count < 2:
+        pytest.skip("only one CUDA GPU: the two-GPU pipeline is not testable here")
+    from PIL import Image
+
+    from effiseg.runtime.segmenter import Segmenter
+    info, path = _tiny(tmp_path, size=32)
+    images = tmp_path / "in"
+    images.mkdir()
+    batch = random_batch(info, 24, seed=5)
+    for i, rgb in enumerate(batch):
+        Image.fromarray(rgb).save(images / f"{i:02d}.png")
+    with Segmenter.from_model(path, backend="tensorrt", devices="0,1", precision="fp32", max_batch=4) as seg:
+        assert sorted(b.device for b in seg.backends) == ["cuda:0", "cuda:1"]
+        summary = seg.run_folder(images, tmp_path / "out", progress=False)
+    assert summary["n_ok"] == 24 and summary["n_failed"] == 0
+    ref = onnxruntime_reference(path, batch) > 0  # logits; the tiny model's threshold is 0.5
+    for i in range(24):
+        mask = np.asarray(Image.open(tmp_path / "out" / f"{i:02d}.png")) > 0
+        assert (mask == ref[i]).mean() > 0.999
