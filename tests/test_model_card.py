@@ -37,3 +37,19 @@ def test_model_folder_card_matches_eval(tmp_path):
     assert measured["tta"] is True and measured["threshold"] == 0.4
     assert abs(measured["mean_dice"] - cfg["metrics"]["test"]["mean_dice"]) < 1e-9
     assert f"{measured['mean_dice']:.4f}" in card
+    assert card.splitlines()[9].startswith("# EffiSegNet (effisegnet-lite0) for polyp segmentation")
+    assert "default model" not in card.splitlines()[9]  # only a shipped default says so (--role)
+
+
+def test_a_failed_card_leaves_no_folder_and_a_file_is_not_overwritten(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(ckpt, build_model("effisegnet-lite0").eval(), model_config("effisegnet-lite0", input_size=64))
+    out = tmp_path / "hf"
+    res = CliRunner().invoke(model_card_command, [str(ckpt), "--output", str(out), "--data", str(tmp_path / "none"),
+                                                  "--device", "cpu"])
+    assert res.exit_code == 2 and "error:" in res.output
+    assert not out.exists()  # measured before anything is written
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    res = CliRunner().invoke(model_card_command, [str(ckpt), "--output", str(afile), "--device", "cpu"])
+    assert res.exit_code == 2 and afile.read_text() == "keep me"

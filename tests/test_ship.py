@@ -54,9 +54,9 @@ def _protocol(tmp_path):
     return proto, data, shipped, onnx
 
 
-def _ship(proto, data, shipped, onnx):
+def _ship(proto, data, shipped, onnx, *extra):
     return CliRunner().invoke(protocol_main, ["ship", "--out", str(proto), "--data", str(data), "--to", str(shipped),
-                                              "--onnx", str(onnx), "--device", "cpu"])
+                                              "--onnx", str(onnx), "--device", "cpu", *extra])
 
 
 @needs_kvasir
@@ -119,3 +119,23 @@ def test_a_swap_that_fails_half_way_puts_the_previous_model_back(tmp_path, monke
     assert [p.name for p in shipped.iterdir()] == ["old-model.txt"] and onnx.read_bytes() == b"previous onnx"
     assert not list(tmp_path.rglob(".effiseg-ship"))
     assert ship.WORK_NAME == ".effiseg-ship"
+
+
+@needs_kvasir
+def test_a_smoke_test_protocol_or_a_worse_model_is_not_shipped_without_force(tmp_path):
+    proto, data, shipped, onnx = _protocol(tmp_path)
+    (proto / "evaluations").mkdir()
+    (proto / "evaluations" / "boundary_loss_s1.json").write_text(json.dumps({"run": "boundary_loss_s1", "limit": 4}))
+    res = _ship(proto, data, shipped, onnx)
+    assert res.exit_code != 0 and "smoke test" in res.output and "first 4 images" in res.output
+    assert [p.name for p in shipped.iterdir()] == ["old-model.txt"] and onnx.read_bytes() == b"previous onnx"
+    (proto / "evaluations" / "boundary_loss_s1.json").unlink()
+
+    # The current default scores better on validation than this untrained winner can.
+    (shipped / "config.json").write_text(json.dumps({"metrics": {"validation": {"mean_dice": 0.99}}}))
+    res = _ship(proto, data, shipped, onnx)
+    assert res.exit_code != 0 and "below the current default's 0.9900" in res.output
+    assert onnx.read_bytes() == b"previous onnx" and (shipped / "old-model.txt").is_file()
+    res = _ship(proto, data, shipped, onnx, "--force")
+    assert res.exit_code == 0, res.output
+    assert json.loads((shipped / "config.json").read_text())["metrics"]["validation"]["mean_dice"] < 0.99

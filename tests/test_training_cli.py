@@ -1,5 +1,6 @@
 """End to end on a few real Kvasir-SEG images: train, evaluate, resume."""
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -7,7 +8,7 @@ from safetensors.torch import load_file
 
 from effiseg.training.cli import eval_command, train_command
 
-from _paths import KVASIR, needs_kvasir
+from _paths import KVASIR, REPO, copy_kvasir_subset, needs_kvasir
 
 pytestmark = needs_kvasir
 
@@ -113,3 +114,51 @@ def test_resume_on_cuda(tmp_path, device):
     _train(args + ["--output", str(run), "--stop-after-epochs", "1"])
     _train(["--resume", str(run), "--no-progress"])
     assert json.loads((run / "last.json").read_text())["epoch"] == 2
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--epochs", "0"], "--epochs"),
+    (["--batch-size", "1"], "--batch-size"),
+    (["--limit-train", "0"], "--limit-train"),
+    (["--set", "bogus.key=1"], "unknown setting 'bogus.key'"),
+    (["--set", "augment.nope=1"], "unknown setting 'augment.nope'"),
+    (["--set", "augment.overlay_box_p=abc"], "takes a number, not 'abc'"),
+    (["--set", "augment.scale=[0.5]"], "takes a list of 2 numbers"),
+    (["--set", "epochs=0"], "need epochs >= 1"),
+])
+def test_bad_training_settings_fail_before_a_run_folder_exists(tmp_path, args, message):
+    run = tmp_path / "run"
+    res = CliRunner().invoke(train_command, [a for a in TINY if a != "--no-progress"] + ["--epochs", "1"] + args
+                             + ["--output", str(run)])
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert not run.exists()
+
+
+def test_score_names_unreadable_masks_and_writes_into_an_output_folder(tmp_path):
+    from PIL import Image
+
+    from effiseg.training.cli import score_command
+    root = copy_kvasir_subset(tmp_path / "data", splits=("test",), stems=("0", "1"))
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    Image.open(root / "test" / "masks" / "0.jpg").save(pred / "0.png")
+    (pred / "1.png").write_text("not a png")
+    res = CliRunner().invoke(score_command, [str(pred), "--data", str(root), "--split", "test"])
+    assert res.exit_code == 2 and f"{pred / '1.png'}: unreadable mask" in res.output
+    Image.open(root / "test" / "masks" / "1.jpg").save(pred / "1.png")
+    out = tmp_path / "scores"
+    out.mkdir()
+    res = CliRunner().invoke(score_command, [str(pred), "--data", str(root), "--split", "test", "--output", str(out)])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "score-test.json").read_text())["mean_dice"] == pytest.approx(1.0)
+    assert (out / "score-test.csv").is_file()
+
+
+def test_results_of_a_packaged_model_go_to_the_working_folder(tmp_path):
+    from effiseg.training.cli import default_output_dir
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    assert default_output_dir(run, "eval", "test") == run / "eval-test"
+    assert default_output_dir(run / "best.safetensors", "analysis", "test") == run / "analysis-test"
+    shipped = REPO / "training" / "weights" / "default"
+    assert default_output_dir(shipped, "eval", "test") == Path("eval-default-test")

@@ -8,17 +8,31 @@ from pathlib import Path
 
 import click
 
-DEFAULT_DATA = "../shared/data/kvasir-seg"
+from .data import DEFAULT_DATA_ROOT as DEFAULT_DATA
+
+CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"]}
+PROBABILITY = click.FloatRange(0, 1, min_open=True, max_open=True)
 
 
-@click.command(context_settings={"show_default": True})
+def default_output_dir(checkpoint: Path, kind: str, split: str) -> Path:
+    """<run folder>/<kind>-<split> beside the checkpoint, except for a model shipped inside the
+    package (the bundled default): results never go into site-packages or the source tree's
+    weights, but into ./<kind>-<model>-<split>."""
+    folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+    package = Path(__file__).resolve().parent
+    if package in folder.resolve().parents:
+        return Path(f"{kind}-{folder.name}-{split}")
+    return folder / f"{kind}-{split}"
+
+
+@click.command(context_settings=CONTEXT)
 @click.option("--data", "data_root", default=DEFAULT_DATA, help="Kvasir-SEG root holding train/ validation/ test/.")
 @click.option("--variant", default="effisegnet-lite2", help="Model variant (see --list-variants).")
 @click.option("--input-size", type=int, default=None, help="Square input size (default: the variant's).")
-@click.option("--epochs", type=int, default=100)
-@click.option("--batch-size", type=int, default=8)
-@click.option("--lr", type=float, default=1e-4)
-@click.option("--min-lr", type=float, default=1e-5, help="Cosine decay floor.")
+@click.option("--epochs", type=click.IntRange(1), default=100)
+@click.option("--batch-size", type=click.IntRange(2), default=8, help="Images per step (BatchNorm needs two).")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-4)
+@click.option("--min-lr", type=click.FloatRange(0), default=1e-5, help="Cosine decay floor.")
 @click.option("--seed", type=int, default=0)
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--output", "out_dir", type=click.Path(path_type=Path), default=None,
@@ -31,12 +45,12 @@ DEFAULT_DATA = "../shared/data/kvasir-seg"
 @click.option("--deep-supervision", is_flag=True)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Any setting, e.g. --set augment.overlay_box_p=0.5 --set loss.boundary_weight=2.")
-@click.option("--limit-train", type=int, default=None, help="Use only the first N training images.")
-@click.option("--limit-val", type=int, default=None)
-@click.option("--limit-test", type=int, default=None)
+@click.option("--limit-train", type=click.IntRange(2), default=None, help="Use only the first N training images.")
+@click.option("--limit-val", type=click.IntRange(1), default=None)
+@click.option("--limit-test", type=click.IntRange(1), default=None)
 @click.option("--no-test", is_flag=True, help="Skip the test-split evaluation at the end.")
 @click.option("--no-progress", is_flag=True, help="One log line per epoch instead of a progress bar.")
-@click.option("--stop-after-epochs", type=int, default=None,
+@click.option("--stop-after-epochs", type=click.IntRange(1), default=None,
               help="End this session after N more epochs (continue later with --resume).")
 @click.option("--list-variants", is_flag=True, help="Print the known variants and exit.")
 def train_command(data_root, variant, input_size, epochs, batch_size, lr, min_lr, seed, device, out_dir, resume_dir,
@@ -62,6 +76,8 @@ def train_command(data_root, variant, input_size, epochs, batch_size, lr, min_lr
                               deep_supervision=deep_supervision, eval_test=not no_test, limit_train=limit_train,
                               limit_val=limit_val, limit_test=limit_test)
             cfg.apply_overrides(list(overrides))
+            if cfg.epochs < 1 or cfg.batch_size < 2:  # --set can reach what the options' ranges guard
+                raise ValueError(f"need epochs >= 1 and batch_size >= 2, got {cfg.epochs} and {cfg.batch_size}")
             get_variant(cfg.variant)
             out = out_dir or Path("runs") / f"{cfg.variant}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
             if (Path(out) / "resume_state.pt").exists():
@@ -74,18 +90,19 @@ def train_command(data_root, variant, input_size, epochs, batch_size, lr, min_lr
     click.echo(f"run folder: {out}")
 
 
-@click.command(context_settings={"show_default": True})
+@click.command(context_settings=CONTEXT)
 @click.argument("checkpoint", type=click.Path(path_type=Path, exists=True))
 @click.option("--data", "data_root", default=DEFAULT_DATA, help="Dataset root (with --split) or an images/+masks/ folder.")
 @click.option("--split", default="test", help="train, validation, test, or 'none' to read --data/images and --data/masks.")
 @click.option("--device", default="auto")
-@click.option("--batch-size", type=int, default=8)
-@click.option("--threshold", type=float, default=None, help="Probability threshold (default: the checkpoint's).")
+@click.option("--batch-size", type=click.IntRange(1), default=8)
+@click.option("--threshold", type=PROBABILITY, default=None, help="Probability threshold (default: the checkpoint's).")
 @click.option("--tta/--no-tta", default=None, help="Flip test-time augmentation (default: the checkpoint's setting).")
-@click.option("--min-region", type=int, default=None,
+@click.option("--min-region", type=click.IntRange(0), default=None,
               help="Remove predicted regions smaller than N pixels (default: the checkpoint's setting, else 0).")
-@click.option("--output", "out_dir", type=click.Path(path_type=Path), default=None,
-              help="Folder for metrics.json and per_image.csv (default: <checkpoint dir>/eval-<split>).")
+@click.option("--output", "out_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Folder for metrics.json and per_image.csv (default: <run folder>/eval-<split>; for a model "
+                   "inside the installed package, ./eval-<model>-<split>).")
 @click.option("--save-masks", is_flag=True, help="Also write predicted masks as PNG.")
 def eval_command(checkpoint, data_root, split, device, batch_size, threshold, tta, min_region, out_dir, save_masks):
     """Evaluate a checkpoint on a split: metrics JSON, per-image CSV, optional mask PNGs."""
@@ -106,7 +123,7 @@ def eval_command(checkpoint, data_root, split, device, batch_size, threshold, tt
         sys.exit(2)
     summary.update(checkpoint=str(checkpoint), variant=cfg["variant"], data=str(data_root), split=split,
                    device=str(dev), seconds=time.perf_counter() - t0)
-    out = out_dir or Path(checkpoint if Path(checkpoint).is_dir() else Path(checkpoint).parent) / f"eval-{split}"
+    out = out_dir or default_output_dir(checkpoint, "eval", split)
     write_json(out / "metrics.json", summary)
     write_rows_csv(out / "per_image.csv", rows)
     if save_masks:
@@ -117,20 +134,22 @@ def eval_command(checkpoint, data_root, split, device, batch_size, threshold, tt
     click.echo(f"wrote {out / 'metrics.json'} and {out / 'per_image.csv'}")
 
 
-@click.command(context_settings={"show_default": True})
+@click.command(context_settings=CONTEXT)
 @click.argument("checkpoint", type=click.Path(path_type=Path, exists=True))
-@click.option("--output", "out_dir", type=click.Path(path_type=Path), required=True,
+@click.option("--output", "out_dir", type=click.Path(path_type=Path, file_okay=False), required=True,
               help="Folder to write (config.json, model.safetensors, README.md).")
 @click.option("--data", "data_root", default=DEFAULT_DATA, help="Kvasir-SEG root; the card's metrics are measured on it.")
 @click.option("--provenance", type=click.Path(path_type=Path, exists=True), default=None,
               help="JSON of training facts for the card (data, recipe, epochs, seed, hardware, wall time).")
 @click.option("--protocol-summary", type=click.Path(path_type=Path, exists=True), default=None,
               help="A Markdown file summarising the multi-seed evidence.")
-@click.option("--threshold", type=float, default=None)
-@click.option("--tta/--no-tta", default=None)
-@click.option("--min-region", type=int, default=None)
+@click.option("--threshold", type=PROBABILITY, default=None, help="[default: the checkpoint's]")
+@click.option("--tta/--no-tta", default=None, help="[default: the checkpoint's]")
+@click.option("--min-region", type=click.IntRange(0), default=None, help="[default: the checkpoint's]")
 @click.option("--device", default="auto")
-def model_card_command(checkpoint, out_dir, data_root, provenance, protocol_summary, threshold, tta, min_region, device):
+@click.option("--role", default=None, help="Shown in the card's title, e.g. 'effiseg default model'.")
+def model_card_command(checkpoint, out_dir, data_root, provenance, protocol_summary, threshold, tta, min_region, device,
+                       role):
     """Write a publishable model folder (Hugging Face layout) with a measured model card."""
     from .model_card import make_model_folder
     from .trainer import resolve_device
@@ -138,22 +157,26 @@ def model_card_command(checkpoint, out_dir, data_root, provenance, protocol_summ
     prov = json.loads(Path(provenance).read_text()) if provenance else {}
     proto = {"summary": Path(protocol_summary).read_text()} if protocol_summary else None
     try:
-        out = make_model_folder(checkpoint, out_dir, data_root, prov, proto, settings, str(resolve_device(device)))
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+        out = make_model_folder(checkpoint, out_dir, data_root, prov, proto, settings, str(resolve_device(device)),
+                                role=role)
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, RuntimeError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     click.echo(f"wrote {out} (config.json, model.safetensors, README.md); upload with: huggingface-cli upload <repo> {out}")
 
 
-@click.command(context_settings={"show_default": True})
+@click.command(context_settings=CONTEXT)
 @click.argument("predictions", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--data", "data_root", default=DEFAULT_DATA, help="Dataset root (with --split) or an images/+masks/ folder.")
 @click.option("--split", default="test", help="train, validation, test, or 'none'.")
 @click.option("--output", "out_json", type=click.Path(path_type=Path), default=None,
-              help="Write metrics JSON here (default: PREDICTIONS/score-<split>.json).")
+              help="Metrics JSON file, with the per-image CSV beside it (same name, .csv); a folder gets "
+                   "score-<split>.json/.csv inside (default: PREDICTIONS/score-<split>.json).")
 def score_command(predictions, data_root, split, out_json):
     """Score a folder of predicted masks (<stem>.png, e.g. from effiseg-run) against the ground truth,
     with the same metrics as effiseg-eval."""
+    from PIL import UnidentifiedImageError
+
     from .data import DatasetError, load_split, read_mask
     from .evaluate import write_json, write_rows_csv
     from .metrics import image_scores, summarize
@@ -169,17 +192,24 @@ def score_command(predictions, data_root, split, out_json):
         if path is None:
             problems.append(f"{s.stem}: no predicted mask ({candidates[0].name}) in {predictions}")
             continue
-        pred = read_mask(path)
+        try:
+            pred = read_mask(path)
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            problems.append(f"{path}: unreadable mask ({type(e).__name__}: {e})")
+            continue
         if pred.shape != s.mask.shape:
             problems.append(f"{path}: size {pred.shape[::-1]} differs from the ground truth {s.mask.shape[::-1]}")
             continue
         rows.append({"stem": s.stem, **image_scores(pred, s.mask)})
     if problems:
-        click.echo("error: " + "\n  ".join([f"{len(problems)} problem(s):"] + problems[:20]), err=True)
+        more = [f"... and {len(problems) - 20} more"] if len(problems) > 20 else []
+        click.echo("error: " + "\n  ".join([f"{len(problems)} problem(s):"] + problems[:20] + more), err=True)
         sys.exit(2)
     summary = summarize(rows)
     summary.update(predictions=str(predictions), data=str(data_root), split=split)
     out_json = out_json or predictions / f"score-{split}.json"
+    if out_json.is_dir():
+        out_json = out_json / f"score-{split}.json"
     write_json(out_json, summary)
     write_rows_csv(out_json.with_suffix(".csv"), rows)
     click.echo(f"{split} ({summary['n_images']} images): mean Dice {summary['mean_dice']:.4f}  mIoU {summary['mean_iou']:.4f}  "

@@ -8,6 +8,7 @@ together in one :class:`DatasetError`, so a user fixes a folder in one pass.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,10 @@ from PIL import Image, UnidentifiedImageError
 
 from effiseg.runtime.images import to_rgb
 from effiseg.runtime.postprocess import resize_rgb as _runtime_resize_rgb
+
+# Where every command looks for Kvasir-SEG unless told: $EFFISEG_DATA, else the workplace layout
+# (the dataset beside the repository, ../shared/data/kvasir-seg from its root).
+DEFAULT_DATA_ROOT = os.environ.get("EFFISEG_DATA") or "../shared/data/kvasir-seg"
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 SPLITS = ("train", "validation", "test")

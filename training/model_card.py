@@ -17,7 +17,8 @@ def _fmt(v):
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def render_card(config: dict, test: dict, val: dict | None, provenance: dict, protocol: dict | None) -> str:
+def render_card(config: dict, test: dict, val: dict | None, provenance: dict, protocol: dict | None,
+                role: str | None = None) -> str:
     variant = config["variant"]
     lines = [
         "---",
@@ -29,7 +30,7 @@ def render_card(config: dict, test: dict, val: dict | None, provenance: dict, pr
         "metrics: [dice, iou, precision, recall]",
         "---",
         "",
-        f"# EffiSegNet ({variant}) for polyp segmentation — effiseg default model",
+        f"# EffiSegNet ({variant}) for polyp segmentation" + (f" — {role}" if role else ""),
         "",
         "Binary polyp segmentation of colonoscopy frames: one logit map per image, polyp where "
         f"sigmoid > {config.get('threshold', 0.5)}.",
@@ -50,6 +51,8 @@ def render_card(config: dict, test: dict, val: dict | None, provenance: dict, pr
     ]
     for k, v in provenance.items():
         lines.append(f"- {k}: {v}")
+    if not provenance:
+        lines.append("- Not recorded for this card (no provenance given); `config.json` holds the model's settings.")
     lines += ["", "## Results (Kvasir-SEG official split, metrics at the native 352x352 mask resolution)", "",
               "| split | images | mean Dice | mean IoU | mean precision | mean recall | F1 (pooled) |",
               "|---|---|---|---|---|---|---|"]
@@ -78,8 +81,12 @@ def render_card(config: dict, test: dict, val: dict | None, provenance: dict, pr
 
 
 def make_model_folder(checkpoint: str | Path, out: str | Path, data_root: str | Path | None, provenance: dict,
-                      protocol: dict | None = None, settings: dict | None = None, device: str = "cpu") -> Path:
-    """Copy a checkpoint into ``out`` in the HF layout, measure it, and write the card."""
+                      protocol: dict | None = None, settings: dict | None = None, device: str = "cpu",
+                      role: str | None = None) -> Path:
+    """Copy a checkpoint into ``out`` in the HF layout, measure it, and write the card. Everything
+    that can fail (reading the checkpoint and the data, measuring) happens before ``out`` is
+    touched, so a failure leaves no half-made folder. ``role`` (e.g. "effiseg default model")
+    goes into the card's title."""
     from .checkpoint import load_model
     from .data import load_split
     from .evaluate import evaluate_samples
@@ -87,11 +94,8 @@ def make_model_folder(checkpoint: str | Path, out: str | Path, data_root: str | 
     config = json.loads(cfg_path.read_text())
     config.update(settings or {})
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if weights.resolve() != (out / WEIGHTS_NAME).resolve():
-        tmp = out / (WEIGHTS_NAME + ".tmp")
-        shutil.copyfile(weights, tmp)
-        tmp.replace(out / WEIGHTS_NAME)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
     test = val = None
     if data_root:
         model, _ = load_model(checkpoint, device=device)  # the source checkpoint, never a stale config in out
@@ -100,8 +104,14 @@ def make_model_folder(checkpoint: str | Path, out: str | Path, data_root: str | 
         val, _, _ = evaluate_samples(model, config, load_split(data_root, "validation"), device, **kw)
         test, _, _ = evaluate_samples(model, config, load_split(data_root, "test"), device, **kw)
         config["metrics"] = {"validation": val, "test": test}
+    card = render_card(config, test, val, provenance, protocol, role)
+    out.mkdir(parents=True, exist_ok=True)
+    if weights.resolve() != (out / WEIGHTS_NAME).resolve():
+        tmp = out / (WEIGHTS_NAME + ".tmp")
+        shutil.copyfile(weights, tmp)
+        tmp.replace(out / WEIGHTS_NAME)
     _write_atomic(out / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
-    _write_atomic(out / "README.md", render_card(config, test, val, provenance, protocol))
+    _write_atomic(out / "README.md", card)
     return out
 
 

@@ -28,6 +28,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from .data import DEFAULT_DATA_ROOT
+
 # Training-time candidate fixes, each a config switch (``effiseg-train --set ...``).
 ARMS: dict[str, list[str]] = {
     "baseline": [],
@@ -142,18 +144,20 @@ def calibrate(data, out: Path, variant, input_size, parallel: int, extra=(), log
     return result
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main():
-    """The issue-5 improvement protocol (train / evaluate / report)."""
+    """The improvement protocol: train arms x seeds, evaluate inference-time candidates, report with
+    choices made on validation and paired bootstrap intervals, ship the winner as the default model."""
 
 
 @main.command("train")
-@click.option("--data", default="../shared/data/kvasir-seg")
+@click.option("--data", default=DEFAULT_DATA_ROOT, show_default=True, help="Kvasir-SEG root ($EFFISEG_DATA).")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--variant", default="effisegnet-lite2")
 @click.option("--input-size", type=int, default=None)
-@click.option("--arms", default=",".join(ARMS))
-@click.option("--seeds", default="0,1,2")
+@click.option("--arms", default=",".join(ARMS), show_default=True,
+              help="Training arms, comma-separated (each a set of effiseg-train --set switches).")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Seeds, comma-separated; every arm runs each.")
 @click.option("--epochs", type=int, default=None, help="Same for every run (or chosen by --time-budget).")
 @click.option("--time-budget", type=float, default=None, help="Seconds for all training; picks --epochs.")
 @click.option("--min-epochs", type=int, default=10)
@@ -173,7 +177,12 @@ def train_cmd(data, out, variant, input_size, arms, seeds, epochs, time_budget, 
     for a in arm_names:
         if a not in ARMS:
             raise click.UsageError(f"unknown arm {a!r}; known: {', '.join(ARMS)}")
-    seed_list = [int(s) for s in seeds.split(",")]
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected whole numbers separated by commas, got {seeds!r}", param_hint="--seeds") from None
+    if not arm_names or not seed_list:
+        raise click.UsageError("give at least one arm and one seed")
     out.mkdir(parents=True, exist_ok=True)
     n_runs = len(arm_names) * len(seed_list)
     parallel = max(1, min(parallel, n_runs))
@@ -229,7 +238,7 @@ def evaluate_run(run_dir: Path, data, device: str, limit: int | None = None) -> 
     dev = torch.device(device)
     model, cfg = load_model(run_dir / "best.safetensors", device=dev)
     amp = torch.bfloat16 if dev.type == "cuda" else None
-    out = {"run": run_dir.name, "val": {}, "test": {}}
+    out = {"run": run_dir.name, "limit": limit, "val": {}, "test": {}}
     for split in ("validation", "test"):
         samples = load_split(data, split, limit)
         out[f"{split}_stems"] = [s.stem for s in samples]
@@ -247,7 +256,7 @@ def evaluate_run(run_dir: Path, data, device: str, limit: int | None = None) -> 
 
 
 @main.command("evaluate")
-@click.option("--data", default="../shared/data/kvasir-seg")
+@click.option("--data", default=DEFAULT_DATA_ROOT, show_default=True, help="Kvasir-SEG root ($EFFISEG_DATA).")
 @click.option("--out", type=click.Path(path_type=Path, exists=True), required=True)
 @click.option("--devices", "--device", "devices", default="auto", show_default=True,
               help="auto (every visible GPU, else the CPU), cpu, 0,1 or cuda:0,cuda:1.")
@@ -286,7 +295,8 @@ def evaluate_cmd(data, out, devices, parallel, only_run, limit):
 
 @main.command("report")
 @click.option("--out", type=click.Path(path_type=Path, exists=True), required=True)
-@click.option("--n-boot", type=int, default=10000)
+@click.option("--n-boot", type=click.IntRange(100), default=10000, show_default=True,
+              help="Bootstrap resamples for the confidence intervals.")
 def report_cmd(out, n_boot):
     from .protocol_report import build_protocol_report
     path = build_protocol_report(out, n_boot=n_boot)
@@ -296,13 +306,16 @@ def report_cmd(out, n_boot):
 @main.command("ship")
 @click.option("--out", type=click.Path(path_type=Path, exists=True, file_okay=False), required=True,
               help="The protocol folder (protocol_results.json, runs/<winner>/best.safetensors).")
-@click.option("--data", default="../shared/data/kvasir-seg", help="Kvasir-SEG root: the card's metrics are measured on it.")
+@click.option("--data", default=DEFAULT_DATA_ROOT, show_default=True, help="Kvasir-SEG root: the card's metrics are measured on it.")
 @click.option("--to", "destination", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Model folder to replace [default: the package's training/weights/default].")
 @click.option("--onnx", "onnx_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="ONNX file to replace [default: the runtime's bundled effisegnet-default.onnx].")
 @click.option("--device", default="cpu", help="Where the card's metrics are measured (cpu reproduces effiseg-eval on a CPU).")
-def ship_cmd(out, data, destination, onnx_path, device):
+@click.option("--force", is_flag=True,
+              help="Ship even a smoke-test protocol (limited runs or evaluations) or a model whose validation "
+                   "Dice is below the current default's.")
+def ship_cmd(out, data, destination, onnx_path, device, force):
     """Make the protocol's winner the default model: card folder + bundled ONNX, swapped in only when both built."""
     from .ship import ShipError, ship_winner
     if destination is None:
@@ -311,7 +324,8 @@ def ship_cmd(out, data, destination, onnx_path, device):
         from effiseg.runtime.cli import DEFAULT_MODEL
         onnx_path = Path(DEFAULT_MODEL)
     try:
-        summary = ship_winner(out, destination, onnx_path, data, device, log=lambda m: click.echo(m, err=True))
+        summary = ship_winner(out, destination, onnx_path, data, device, log=lambda m: click.echo(m, err=True),
+                              force=force)
     except (ShipError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     (out / "shipped.json").write_text(json.dumps(summary, indent=2))

@@ -154,7 +154,7 @@ def render_markdown(r: dict) -> str:
     plan = r.get("plan", {})
     lines = ["# Improvement protocol results", ""]
     if plan:
-        lines += [f"Variant `{plan.get('variant')}`, {plan.get('epochs')} epochs per run, seeds {plan.get('seeds')}, "
+        lines += [f"Variant `{plan.get('variant')}`, {plan.get('epochs')} epoch{'' if plan.get('epochs') == 1 else 's'} per run, seeds {plan.get('seeds')}, "
                   f"{plan.get('parallel')} runs at a time. Choices made on validation; test read once for the report.", ""]
     lines += ["## Arms (test split; mean ± sd over seeds)", "",
               "ΔDice: mean per-image test Dice difference against the baseline's plain inference, with a bootstrap "

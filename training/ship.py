@@ -132,8 +132,28 @@ def provenance(results: dict, run_dir: Path, protocol_dir: Path) -> dict:
     return facts
 
 
+def smoke_test_signs(protocol_dir: Path, run_dir: Path) -> list[str]:
+    """Why a protocol folder looks like a smoke test rather than a result to ship: runs trained on
+    part of the data, evaluations on part of a split."""
+    signs = []
+    config_path = run_dir / "run_config.json"
+    if config_path.is_file():
+        train = json.loads(config_path.read_text()).get("train", {})
+        limits = {k: train[k] for k in ("limit_train", "limit_val", "limit_test") if train.get(k)}
+        if limits:
+            signs.append(f"{run_dir.name} was trained with {limits}")
+    for evaluation in sorted((protocol_dir / "evaluations").glob("*.json")):
+        limit = json.loads(evaluation.read_text()).get("limit")
+        if limit:
+            signs.append(f"{evaluation.name} scored only the first {limit} images of each split")
+    return signs
+
+
 def ship_winner(protocol_dir: str | Path, destination: str | Path, onnx_path: str | Path,
-                data_root: str | Path, device: str = "cpu", log: Callable[[str], None] = print) -> dict:
+                data_root: str | Path, device: str = "cpu", log: Callable[[str], None] = print,
+                force: bool = False) -> dict:
+    """``force`` ships even a smoke-test protocol or a model whose validation Dice is below the
+    current default's (both refused otherwise, with the reason)."""
     from effiseg.export.onnx_export import ExportError, export_checkpoint
 
     from .model_card import make_model_folder
@@ -154,6 +174,10 @@ def ship_winner(protocol_dir: str | Path, destination: str | Path, onnx_path: st
     if not checkpoint.is_file():
         raise ShipError(f"the winner's checkpoint {checkpoint} is missing (unpack checkpoints.tar.part-* there)")
     settings = parse_config_key(winner["config"])
+    signs = smoke_test_signs(protocol_dir, run_dir)
+    if signs and not force:
+        raise ShipError("this protocol looks like a smoke test, not a result to ship: " + "; ".join(signs[:3])
+                        + ("" if len(signs) <= 3 else f" (+{len(signs) - 3} more)") + ". Pass --force to ship it anyway")
 
     # Work areas next to what they replace (same file system, so the swap is renames). The staged
     # folder and file carry their final names, so the ONNX metadata and export report name them right.
@@ -170,8 +194,19 @@ def ship_winner(protocol_dir: str | Path, destination: str | Path, onnx_path: st
     try:
         log(f"model folder from {checkpoint} with {settings} (measuring validation and test) ...")
         make_model_folder(checkpoint, staged_dir, data_root, provenance(results, run_dir, protocol_dir),
-                          {"summary": evidence_markdown(results, protocol_dir)}, settings, device)
+                          {"summary": evidence_markdown(results, protocol_dir)}, settings, device,
+                          role="effiseg default model")
         config = json.loads((staged_dir / "config.json").read_text())
+        # Against the model it replaces, on validation (the split choices are made on).
+        current_path = destination / "config.json"
+        current = json.loads(current_path.read_text()).get("metrics", {}) if current_path.is_file() else {}
+        new_val = config["metrics"]["validation"]["mean_dice"]
+        old_val = current.get("validation", {}).get("mean_dice")
+        if old_val is not None:
+            log(f"validation Dice: {new_val:.4f} (new) against {old_val:.4f} (current default)")
+            if new_val < old_val and not force:
+                raise ShipError(f"the winner's validation Dice {new_val:.4f} is below the current default's "
+                                f"{old_val:.4f}; nothing was replaced (pass --force to ship it anyway)")
         verify = Path(data_root) / "validation" / "images"
         log("exporting the ONNX model ...")
         try:

@@ -8,6 +8,7 @@ at the end, ``test_metrics.json`` with per-image CSVs for both checkpoints.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import random
@@ -20,7 +21,7 @@ import torch
 
 from .augment import AugmentConfig, augment_batch
 from .checkpoint import effiseg_version, load_model, model_config, save_checkpoint
-from .data import load_split, stack_samples
+from .data import DEFAULT_DATA_ROOT, load_split, stack_samples
 from .evaluate import evaluate_samples, write_json, write_rows_csv
 from .losses import LossConfig, total_loss
 from .model import build_model
@@ -29,7 +30,7 @@ from .variants import get_variant
 
 @dataclass
 class TrainConfig:
-    data_root: str = "../shared/data/kvasir-seg"
+    data_root: str = DEFAULT_DATA_ROOT
     variant: str = "effisegnet-lite2"
     input_size: int | None = None
     epochs: int = 100
@@ -78,12 +79,37 @@ class TrainConfig:
             target = self
             parts = key.split(".")
             for p in parts[:-1]:
+                if not dataclasses.is_dataclass(getattr(target, p, None)):
+                    raise ValueError(f"unknown setting {key!r}: {p!r} is not a section "
+                                     f"(sections: augment, loss)")
                 target = getattr(target, p)
-            if not hasattr(target, parts[-1]):
+            if not dataclasses.is_dataclass(target) or parts[-1] not in {f.name for f in dataclasses.fields(target)}:
                 raise ValueError(f"unknown setting {key!r}")
-            if isinstance(getattr(target, parts[-1]), tuple) and isinstance(value, list):
-                value = tuple(value)
-            setattr(target, parts[-1], value)
+            setattr(target, parts[-1], _checked_value(key, getattr(target, parts[-1]), value))
+
+
+def _checked_value(key: str, current, value):
+    """``value`` for a setting whose default is ``current``, in the default's type; a ValueError
+    naming the setting when it does not fit, before any run folder exists."""
+    def fail(expected: str):
+        raise ValueError(f"setting {key!r} takes {expected}, not {value!r}")
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            fail("true or false")
+        return value
+    if isinstance(current, (int, float)) and not isinstance(current, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail("a number")
+        if isinstance(current, int) and not float(value).is_integer():
+            fail("a whole number")
+        return type(current)(value)
+    if isinstance(current, tuple):
+        if not isinstance(value, list) or len(value) != len(current):
+            fail(f"a list of {len(current)} numbers, e.g. {list(current)}")
+        return tuple(_checked_value(key, c, v) for c, v in zip(current, value))
+    if isinstance(current, str) and not isinstance(value, str):
+        fail("text")
+    return value  # None defaults (optional settings) take what JSON gave
 
 
 def resolve_device(name: str) -> torch.device:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-DEFAULT_DATA = "../shared/data/kvasir-seg"
+from ..data import DEFAULT_DATA_ROOT as DEFAULT_DATA
 
 
 def _progress(desc: str):
@@ -18,7 +18,7 @@ def _progress(desc: str):
     return wrap
 
 
-@click.command(context_settings={"show_default": True})
+@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.argument("checkpoint", type=click.Path(path_type=Path, exists=True), required=False)
 @click.option("--data", "data_root", default=DEFAULT_DATA,
               help="Dataset root (with --split) or an images/+masks/ folder (with --split none).")
@@ -37,17 +37,20 @@ def _progress(desc: str):
               help="Write the analysed images' probability maps (float16 .npz) for re-analysis elsewhere; the "
                    "sweep split's go beside it with a '-<split>' suffix.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
-@click.option("--batch-size", type=int, default=8)
-@click.option("--threshold", type=float, default=None,
+@click.option("--batch-size", type=click.IntRange(1), default=8)
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Probability threshold (default: the checkpoint's, else 0.5).")
-@click.option("--tta", is_flag=True, help="Flip test-time augmentation (average of 4 flips).")
-@click.option("--cases", "n_cases", type=int, default=8, help="Worst cases drawn as panels in the report.")
-@click.option("--boundary-px", type=float, default=5.0,
+@click.option("--tta/--no-tta", default=None,
+              help="Flip test-time augmentation, the average of 4 flips [default: the checkpoint's setting, "
+                   "which its threshold was chosen with].")
+@click.option("--cases", "n_cases", type=click.IntRange(0), default=8, help="Worst cases drawn as panels in the report.")
+@click.option("--boundary-px", type=click.FloatRange(0, min_open=True), default=5.0,
               help="Errors within this many pixels of the true boundary are boundary errors.")
-@click.option("--worst-fraction", type=float, default=0.1, help="Share of images (lowest Dice) compared with the rest.")
+@click.option("--worst-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1,
+              help="Share of images (lowest Dice) compared with the rest.")
 @click.option("--output", "out_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Report folder (default: <checkpoint dir>/analysis-<split>).")
-@click.option("--limit", type=int, default=None, help="Analyse only the first N images (and N sweep images).")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Analyse only the first N images (and N sweep images).")
 @click.option("--title", default=None, help="Report title.")
 @click.option("--no-report", is_flag=True, help="Write only the CSV/JSON tables, no Markdown or figures.")
 def analyze_command(checkpoint, data_root, split, sweep_split, prob_file, sweep_prob_file, save_prob_file, device,
@@ -67,8 +70,8 @@ def analyze_command(checkpoint, data_root, split, sweep_split, prob_file, sweep_
     if out_dir is None:
         if checkpoint is None:
             raise click.UsageError("--output is required with --probabilities")
-        base = checkpoint if checkpoint.is_dir() else checkpoint.parent
-        out_dir = base / f"analysis-{split}"
+        from ..cli import default_output_dir
+        out_dir = default_output_dir(checkpoint, "analysis", split)
     analysed_split = None if split == "none" else split
     sweep_name = None if sweep_split == "none" else sweep_split
     if analysed_split is None and sweep_name is not None and prob_file is None:
@@ -98,6 +101,7 @@ def analyze_command(checkpoint, data_root, split, sweep_split, prob_file, sweep_
             dev = resolve_device(device)
             model, cfg = load_model(checkpoint, device=dev)
             thr = float(cfg.get("threshold", 0.5) if threshold is None else threshold)
+            tta = bool(cfg.get("tta", False)) if tta is None else tta
             click.echo(f"predicting with {cfg['variant']} on {dev} (tta={tta})", err=True)
             probs = predict_probabilities(model, cfg, [s.image for s in samples], device=dev,
                                           batch_size=batch_size, tta=tta)
