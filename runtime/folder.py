@@ -64,6 +64,8 @@ def default_output_dir(input_dir: Path) -> Path:
 def check_folders(input_dir: Path, output_dir: Path, recursive: bool) -> tuple[Path, Path]:
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if not input_dir.is_dir():
+        if input_dir.exists():
+            raise FolderError(f"--input takes a folder of images; {input_dir} is a file")
         raise FolderError(f"input folder not found: {input_dir}")
     src, dst = input_dir.resolve(), output_dir.resolve()
     if src == dst:

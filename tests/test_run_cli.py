@@ -85,6 +85,8 @@ def test_folder_rules_and_startup_errors(tiny_onnx, tmp_path, monkeypatch):
     assert ok_inside.exit_code == 0, ok_inside.output
     missing_input = _run("--input", tmp_path / "nope", "--model", tiny_onnx)
     assert missing_input.exit_code == 3 and "input folder not found" in missing_input.output
+    a_file = _run("--input", tiny_onnx, "--model", tiny_onnx)
+    assert a_file.exit_code == 3 and f"{tiny_onnx} is a file" in a_file.output
     monkeypatch.setattr(run_cli, "DEFAULT_MODEL", tmp_path / "models" / "effisegnet-default.onnx")
     no_model = _run("--input", src, "--output", tmp_path / "o")
     assert no_model.exit_code == 3 and "bundled model" in no_model.output and "--model" in no_model.output

@@ -67,10 +67,13 @@ def _by_stem(folder: Path, problems: list[str]) -> dict[str, Path]:
     return files
 
 
-def pair_files(folder: str | Path) -> list[tuple[str, Path, Path]]:
-    """(stem, image_path, mask_path) for every image in ``folder/images`` with its mask."""
+def pair_files(folder: str | Path, problems: list[str] | None = None) -> list[tuple[str, Path, Path]]:
+    """(stem, image_path, mask_path) for every image in ``folder/images`` with its mask. Given a
+    ``problems`` list, pairing problems are added to it and the complete pairs returned (so that a
+    caller can report them with the problems it finds in the files); otherwise they raise."""
     folder = Path(folder)
-    problems: list[str] = []
+    collect = problems is not None
+    problems = problems if collect else []
     images = _by_stem(folder / "images", problems)
     masks = _by_stem(folder / "masks", problems)
     for stem in sorted(set(images) - set(masks)):
@@ -79,9 +82,9 @@ def pair_files(folder: str | Path) -> list[tuple[str, Path, Path]]:
         problems.append(f"{masks[stem]}: no image with stem '{stem}' in {folder / 'images'}")
     if not images and not masks:
         problems.append(f"{folder}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    if problems:
+    if problems and not collect:
         raise DatasetError(folder, problems)
-    return [(s, images[s], masks[s]) for s in sorted(images, key=_natural_key)]
+    return [(s, images[s], masks[s]) for s in sorted(set(images) & set(masks), key=_natural_key)]
 
 
 def _natural_key(stem: str):
@@ -106,7 +109,8 @@ def load_pairs(folder: str | Path, limit: int | None = None) -> list[Sample]:
     folder = Path(folder)
     problems: list[str] = []
     samples: list[Sample] = []
-    for stem, ip, mp in pair_files(folder)[:limit]:
+    # Pairing problems and unreadable or mismatched files, all in one report.
+    for stem, ip, mp in pair_files(folder, problems)[:limit]:
         try:
             image = read_rgb(ip)
         except (OSError, UnidentifiedImageError, ValueError) as e:

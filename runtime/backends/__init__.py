@@ -109,7 +109,10 @@ def open_onnx_backends(onnx_path, backend: str = "auto", devices=None, precision
             opened = _open_each(devs, lambda d: cls(info, onnx_path, device=d, precision=precision,
                                                           max_batch=max_batch, n_slots=n_slots))
         except BackendUnavailable as e:
-            notes.append(f"auto: skipped {name} on {','.join(devs)}: {e}")
+            # One line per skipped choice; the install hints come in full with --backend NAME (and
+            # below, when no backend can run at all).
+            notes.append(f"auto: skipped {name} on {','.join(devs)} ({str(e).split(':')[0]}; "
+                         f"--backend {name} says how to fix it)")
             errors.append(f"{name} on {','.join(devs)}: {e}")
             continue
         except Exception as e:  # installed but failed (e.g. engine build): say so, try the next one
