@@ -98,3 +98,14 @@ def headline(results: list[dict], baseline_label: str) -> list[dict]:
             "best_e2e_efficiency": best_e2e.get("pipeline_efficiency") if best_e2e else None,
         })
     return rows
+
+
+def unequal_work_note(results: list[dict]) -> str | None:
+    """A note when the results do not all run the same amount of work per image (each records the
+    TTA flag of the model its backend ran), since their speed-ups would then compare unlike things."""
+    tta = {r["key"]: r["tta"] for r in results if r.get("tta") is not None}
+    if len(set(tta.values())) < 2:
+        return None
+    with_tta = sorted(k for k, v in tta.items() if v)
+    return ("the backends do not all run the same model: flip TTA (4 network passes per image) in "
+            f"{', '.join(with_tta)} only, so their speed-ups compare unequal work")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .analysis import SCHEMA, attach_efficiency, attach_speedups, headline
+from .analysis import SCHEMA, attach_efficiency, attach_speedups, headline, unequal_work_note
 from .machine import load_average, machine_info
 from .report import (SchemaError, compare_results, format_comparison, format_report, load_result_file,
                      plot_throughput, write_json)
@@ -224,7 +224,10 @@ def bench_command(backends, batch_sizes, input_size, input_formats, rounds, warm
             from .e2e import EndToEnd
             from .imagesets import prepare_image_folder
             images_dir, warm_dir = work / "images", work / "warmup"
-            image_source = prepare_image_folder(images_dir, n_images, *sizes[0], source=images_from)
+            try:
+                image_source = prepare_image_folder(images_dir, n_images, *sizes[0], source=images_from)
+            except ValueError as e:  # no images, or unreadable ones (named): the user's to fix, not a crash
+                raise BenchError(str(e)) from None
             _log(f"  end-to-end folder: {n_images} images from {image_source['source']}")
             warm_dir.mkdir()
             for f in sorted(images_dir.iterdir())[:max(batches)]:
@@ -276,6 +279,9 @@ def bench_command(backends, batch_sizes, input_size, input_formats, rounds, warm
             if rounds_done < rounds:
                 data["notes"].append(f"{rounds_done} of {rounds} rounds were completed"
                                      + ("" if complete else " (the run did not finish)"))
+            unequal = unequal_work_note(results)
+            if unequal:
+                data["notes"].append(unequal)
             if not any(r["label"] == baseline_label and r.get("latency") for r in results):
                 data["notes"].append(f"the baseline {baseline_label} has no result: speed-ups are not available")
             return data

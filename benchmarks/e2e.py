@@ -16,6 +16,18 @@ from pathlib import Path
 from .runner import Measurement
 
 
+MAX_NAMED = 5  # failed files named in a result's error; the count says how many more
+
+
+def failed_files(summary: dict) -> str:
+    """"file: reason; ..." for the files a folder run failed on, each named whole (not cut at a
+    character count, which could leave a reason without its file); the copies in the benchmark's
+    folder keep their source's name after a running number (``imagesets``)."""
+    failed = [r for r in summary["files"] if r["error"]]
+    text = "; ".join(f"{r['file']}: {r['error']}" for r in failed[:MAX_NAMED])
+    return text + (f"; and {len(failed) - MAX_NAMED} more" if len(failed) > MAX_NAMED else "")
+
+
 class EndToEnd(Measurement):
     def __init__(self, config, pool, images_dir: Path, warmup_dir: Path, output_root: Path,
                  workers: int | None = None, writers: int | None = None):
@@ -48,8 +60,7 @@ class EndToEnd(Measurement):
             summary = self.segmenter.run_folder(self.warmup_dir, self.output_dir.with_name(self.output_dir.name + "_warmup"))
             n = summary["n_ok"]
             if summary["n_failed"]:
-                raise RuntimeError(f"warm-up run failed on {summary['n_failed']} image(s): "
-                                   + "; ".join(r["error"] for r in summary["files"] if r["error"])[:300])
+                raise RuntimeError(f"warm-up run failed on {summary['n_failed']} image(s): {failed_files(summary)}")
             warm.append((time.perf_counter() - t0) * 1000.0 * self.config.batch_size / max(1, n))
         return warm
 
@@ -58,8 +69,7 @@ class EndToEnd(Measurement):
         summary = self.segmenter.run_folder(self.images_dir, self.output_dir)
         wall = time.perf_counter() - t0
         if summary["n_ok"] != self.n_images:
-            errors = "; ".join(r["error"] for r in summary["files"] if r["error"])
-            raise RuntimeError(f"{summary['n_ok']} of {self.n_images} images segmented: {errors[:300]}")
+            raise RuntimeError(f"{summary['n_ok']} of {self.n_images} images segmented: {failed_files(summary)}")
         timing = dict(summary.get("timing") or {})
         timing["bench_wall_s"] = round(wall, 4)
         self.extra["pipeline_timing"].append(timing)

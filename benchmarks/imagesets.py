@@ -3,7 +3,10 @@
 Sources, first that exists: an explicit folder (``--images-from``), the Kvasir-SEG test split
 (``$EFFISEG_DATA/test/images``, else ``../shared/data/kvasir-seg/test/images`` beside the
 repository), images bundled with the runtime (``effiseg/runtime/samples``), else synthetic JPEGs.
-The folder gets exactly ``n`` files: sources are cycled when they are fewer than ``n``.
+The folder gets exactly ``n`` files: sources are cycled when they are fewer than ``n``. Each copy
+keeps its source's name after a running number, so a failure in the end-to-end run names the file,
+and every source file is decoded before it is copied, so an unreadable one stops the benchmark
+before any timing, with its name and the reason.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from pathlib import Path
 from .hostprep import synthetic_images
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+MAX_NAMED = 10  # unreadable files named in an error; the count says how many more
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -21,6 +25,18 @@ def _images_in(folder: Path) -> list[Path]:
         return []
     from effiseg.runtime.images import list_images
     return list_images(folder)
+
+
+def unreadable_images(files: list[Path]) -> list[tuple[Path, str]]:
+    """(file, reason) for each file the pipeline's own decoder refuses (the reasons are its messages)."""
+    from effiseg.runtime.images import ImageError, read_image
+    bad = []
+    for path in files:
+        try:
+            read_image(path)
+        except ImageError as e:
+            bad.append((path, str(e)))
+    return bad
 
 
 def candidate_sources(explicit: str | Path | None = None) -> list[tuple[str, Path]]:
@@ -56,10 +72,17 @@ def prepare_image_folder(dest: str | Path, n: int, height: int, width: int,
             if name == "given folder":
                 raise ValueError(f"--images-from {folder}: no image files there")
             continue
+        used = files[:n]
+        unreadable = unreadable_images(used)
+        if unreadable:
+            where = f"--images-from {folder}" if name == "given folder" else f"{name} {folder}"
+            listed = "; ".join(f"{path.name}: {reason}" for path, reason in unreadable[:MAX_NAMED])
+            more = f"; and {len(unreadable) - MAX_NAMED} more" if len(unreadable) > MAX_NAMED else ""
+            raise ValueError(f"{where}: {len(unreadable)} of {len(used)} image files cannot be read: {listed}{more}")
         for i in range(n):
             src = files[i % len(files)]
-            shutil.copyfile(src, dest / f"{i:06d}{src.suffix.lower()}")
-        return {"source": name, "folder": str(folder), "files": n, "distinct": min(n, len(files))}
+            shutil.copyfile(src, dest / f"{i:06d}_{src.stem}{src.suffix.lower()}")
+        return {"source": name, "folder": str(folder), "files": n, "distinct": len(used)}
     from PIL import Image
     for i, rgb in enumerate(synthetic_images(n, height, width, seed=1234)):
         Image.fromarray(rgb).save(dest / f"{i:06d}.jpg", quality=90)

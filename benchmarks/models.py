@@ -8,19 +8,24 @@ Resolution, in order:
    ``effiseg.export.onnx_export.export_checkpoint`` into the cache.
 2. ``--model FILE.onnx``, else the runtime's bundled default (``effiseg-run``'s DEFAULT_MODEL):
    ONNX backends run that file for its own input format and size; torch backends and the other
-   input format run an *architecture twin*: an untrained checkpoint of the same variant (timings
-   do not depend on weight values), exported the same way (same output format). Said in notes.
+   input format run a *twin*: an untrained checkpoint that reproduces every setting of the file's
+   metadata that changes the work or the output (variant, input size, flip TTA, threshold, output
+   format, normalisation; decoder channels where recorded), exported the same way. Only the weight
+   values differ, and timings do not depend on them. The notes say what the twin reproduces. With
+   ``--checkpoint`` as well, the file must agree with the checkpoint on those settings.
 3. Nothing at all: an untrained effisegnet-lite2 at 352x352 (the default model's architecture),
    with the note "untrained model: timings only".
 
 Exports and untrained checkpoints are cached under ``--cache-dir`` (default: the
-EFFISEG_BENCH_CACHE variable, else a per-user cache folder) by a digest of the checkpoint, format,
-size and effiseg version, so repeated runs skip the export (the first lite2 export with its
+EFFISEG_BENCH_CACHE variable, else a per-user cache folder) by a digest of the checkpoint (its
+config holds the TTA flag and threshold), format, size and effiseg version; the TTA setting is also
+in the file and folder names. Repeated runs skip the export (the first lite2 export with its
 parity check takes tens of seconds on a small CPU).
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -77,14 +82,29 @@ def effiseg_version() -> str:
 
 
 def untrained_checkpoint(cache_dir: Path, variant: str, input_size: int, decoder_channels: int | None = None,
-                         log: Callable[[str], None] = print) -> Path:
-    """An untrained checkpoint of ``variant`` (seeded, so every run times the same weights)."""
-    folder = Path(cache_dir) / f"untrained-{variant}-{input_size}-ch{decoder_channels or 'default'}"
+                         log: Callable[[str], None] = print, *, tta: bool = False, threshold: float = 0.5,
+                         mean: tuple | None = None, std: tuple | None = None) -> Path:
+    """An untrained checkpoint of ``variant`` (seeded, so every run times the same weights) whose
+    config carries the inference settings (``tta``, ``threshold``, ``mean``/``std``; default: the
+    variant's normalisation) that the torch backend and the exporter read from it."""
+    from effiseg.training.checkpoint import model_config
+    config = model_config(variant, input_size=input_size, decoder_channels=decoder_channels,
+                          threshold=threshold, tta=bool(tta), untrained=True)
+    if mean is not None:
+        config["mean"] = [float(v) for v in mean]
+    if std is not None:
+        config["std"] = [float(v) for v in std]
+    # Every setting is in the name, so a twin cached before a setting was carried (or with another
+    # value) is never taken for this one; the TTA flag is spelled out as the one that quadruples the work.
+    settings = {k: config[k] for k in ("decoder_channels", "threshold", "tta", "mean", "std")}
+    key = _digest(json.dumps(settings, sort_keys=True))
+    folder = Path(cache_dir) / (f"untrained-{variant}-{input_size}-ch{config['decoder_channels']}"
+                                f"-tta{int(config['tta'])}-{key}")
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         return folder
     log(f"  building an untrained {variant} checkpoint in {folder}")
     import torch
-    from effiseg.training.checkpoint import model_config, save_checkpoint
+    from effiseg.training.checkpoint import save_checkpoint
     from effiseg.training.model import build_model
     state = torch.random.get_rng_state()
     torch.manual_seed(0)
@@ -92,8 +112,7 @@ def untrained_checkpoint(cache_dir: Path, variant: str, input_size: int, decoder
         model = build_model(variant, pretrained=False, ch=decoder_channels)
     finally:
         torch.random.set_rng_state(state)
-    save_checkpoint(folder, model.eval(), model_config(variant, input_size=input_size,
-                                                      decoder_channels=decoder_channels, untrained=True))
+    save_checkpoint(folder, model.eval(), config)
     return folder
 
 
@@ -101,10 +120,16 @@ def export_cached(checkpoint: Path, cache_dir: Path, input_format: str, size: tu
                   output_format: str = "logits", log: Callable[[str], None] = print) -> Path:
     """The checkpoint exported to ONNX in ``input_format`` at ``size`` (cached by digest)."""
     from effiseg.export.onnx_export import export_checkpoint
+    from effiseg.training.checkpoint import load_config
     h, w = size
-    key = _digest(checkpoint_digest(checkpoint), input_format, output_format, h, w, effiseg_version())
+    # The exporter takes the TTA flag from the checkpoint's config; the config is in the digest
+    # already, and the flag is named on its own as well so that a cached file shows which it is.
+    tta = bool(load_config(checkpoint).get("tta", False))
+    key = _digest(checkpoint_digest(checkpoint), input_format, output_format, h, w, f"tta={int(tta)}",
+                  effiseg_version())
     short = "uint8" if input_format == "uint8-nhwc" else "float32"
-    path = Path(cache_dir) / "onnx" / f"{Path(checkpoint).name}-{short}-{h}x{w}-{output_format}-{key}.onnx"
+    path = Path(cache_dir) / "onnx" / (f"{Path(checkpoint).name}-{short}-{h}x{w}-{output_format}"
+                                       f"{'-tta' if tta else ''}-{key}.onnx")
     if path.is_file():
         return path
     if h != w:
@@ -113,6 +138,37 @@ def export_cached(checkpoint: Path, cache_dir: Path, input_format: str, size: tu
     export_checkpoint(checkpoint, path, input_format=input_format, output_format=output_format,
                       dynamic_hw=False, input_size=h, verify_count=1, log=lambda *a, **k: None)
     return path
+
+
+def work_settings(info) -> dict:
+    """The settings of a model (a ``ModelInfo``) that change the work per image or its output: what
+    a twin has to reproduce and what two files of one benchmark have to share."""
+    return {"variant": info.variant, "tta": bool(info.tta), "threshold": float(info.threshold),
+            "output_format": info.output_format, "mean": [float(v) for v in info.mean],
+            "std": [float(v) for v in info.std]}
+
+
+# Operators that an input format adds (the uint8 graph's Cast, Transpose, Sub and Div of its
+# preprocessing) or that the exporter adds for untrained weights (Identity: identical initialisers
+# shared); they say nothing about the network.
+FORMAT_OPERATORS = frozenset({"Cast", "Transpose", "Sub", "Div", "Identity", "Constant"})
+
+
+def onnx_operators(path: Path) -> set[str]:
+    import onnx
+    return {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node}
+
+
+def operator_difference(given: Path, exported: Path) -> tuple[list[str], list[str]]:
+    """(operators only in ``given``, only in ``exported``), the format's own left out."""
+    a, b = onnx_operators(given) - FORMAT_OPERATORS, onnx_operators(exported) - FORMAT_OPERATORS
+    return sorted(a - b), sorted(b - a)
+
+
+def _describe_settings(settings: dict) -> str:
+    passes = "flip TTA (4 network passes per image)" if settings["tta"] else "no TTA (1 network pass per image)"
+    return (f"{passes}, threshold {settings['threshold']:g}, {settings['output_format']} output, "
+            f"normalisation mean {settings['mean']} std {settings['std']}")
 
 
 @dataclass
@@ -127,6 +183,11 @@ class ModelSet:
     given_onnx: Path | None = None
     output_format: str = "logits"
     trained: bool = False
+    # Every backend runs the model with these (the torch backend and the exporter read them from
+    # the checkpoint's config): recorded so that the result file says how much work an image was.
+    tta: bool = False
+    threshold: float = 0.5
+    twin: dict | None = None                 # what an untrained twin of the given ONNX reproduces
     notes: list = field(default_factory=list)
     log: Callable[[str], None] = print
 
@@ -145,7 +206,26 @@ class ModelSet:
             raise RuntimeError(f"no checkpoint to export a {input_format} model at {size[0]}x{size[1]} from")
         path = export_cached(self.checkpoint, self.cache_dir, input_format, size, self.output_format, self.log)
         self.onnx[key] = path
+        if self.given_onnx is not None:
+            self._note_graph_drift(path)
         return path
+
+    def _note_graph_drift(self, exported: Path) -> None:
+        """The settings in the metadata can match while the network is exported differently: a file
+        made by another version of the code (an upsampling traced as Resize or as gathers, say) does
+        other work than this copy's exports and its torch backend. Said, with the operators, once."""
+        try:
+            given_only, exported_only = operator_difference(self.given_onnx, exported)
+        except ImportError:  # an export cached earlier, and no onnx package now to read graphs with
+            return
+        if not (given_only or exported_only):
+            return
+        note = (f"the network in {self.given_onnx.name} is not the one this copy of effiseg exports and runs in "
+                f"torch (operators only in {self.given_onnx.name}: {', '.join(given_only) or 'none'}; only in "
+                f"this copy's export: {', '.join(exported_only) or 'none'}): torch and exported configurations "
+                "may not do the same work as that file")
+        if note not in self.notes:
+            self.notes.append(note)
 
     def describe(self) -> dict:
         return {"variant": self.variant, "native_size": list(self.native_size), "source": self.source,
@@ -153,7 +233,27 @@ class ModelSet:
                 "given_onnx": str(self.given_onnx) if self.given_onnx else None,
                 "onnx": {f"{fmt}@{h}x{w}": str(p) for (fmt, (h, w)), p in self.onnx.items()},
                 "output_format": self.output_format, "trained": self.trained,
-                "note": "; ".join(self.notes) if self.notes else None}
+                "tta": self.tta, "network_passes_per_image": 4 if self.tta else 1, "threshold": self.threshold,
+                "twin": self.twin, "note": "; ".join(self.notes) if self.notes else None}
+
+
+def _check_onnx_matches_checkpoint(model: Path, checkpoint: Path, config: dict) -> None:
+    """``--model X.onnx`` with ``--checkpoint``: ONNX backends run X, torch backends the checkpoint,
+    so both must do the same work and compute the same output, or the speed-ups compare unlike things."""
+    from effiseg.runtime.model_info import ModelInfo
+    info = ModelInfo.from_onnx(model)
+    theirs = work_settings(info)
+    ours = work_settings(ModelInfo.from_checkpoint_config(config, output_format=info.output_format))
+    if info.output_format != "mask":
+        del theirs["threshold"], ours["threshold"]  # cut on the host: the graphs' work does not depend on it
+    recorded = info.extra.get("decoder_channels")
+    if recorded is not None:
+        theirs["decoder_channels"], ours["decoder_channels"] = int(recorded), int(config.get("decoder_channels", 0))
+    differ = [f"{k} ({theirs[k]} in {model.name}, {ours[k]} in the checkpoint)" for k in theirs if theirs[k] != ours[k]]
+    if differ:
+        raise ValueError(f"--model {model} and --checkpoint {checkpoint} differ in {'; '.join(differ)}: the ONNX "
+                         "and torch backends would not do the same work; export the ONNX file from the checkpoint "
+                         "with the same settings, or pass only one of them")
 
 
 def resolve_models(model: Path | None, checkpoint: Path | None, cache_dir: Path | None,
@@ -168,8 +268,14 @@ def resolve_models(model: Path | None, checkpoint: Path | None, cache_dir: Path 
         config = load_config(checkpoint)
         size = int(config.get("input_size", DEFAULT_SIZE))
         trained = not config.get("untrained", False)
+        output_format = "logits"
+        if model is not None:
+            from effiseg.runtime.model_info import ModelInfo
+            _check_onnx_matches_checkpoint(Path(model), checkpoint, config)
+            output_format = ModelInfo.from_onnx(model).output_format
         ms = ModelSet(config["variant"], (size, size), checkpoint, cache_dir, "checkpoint",
-                      given_onnx=Path(model) if model else None, trained=trained, log=log)
+                      given_onnx=Path(model) if model else None, output_format=output_format, trained=trained,
+                      tta=bool(config.get("tta", False)), threshold=float(config.get("threshold", 0.5)), log=log)
         if not trained:
             ms.notes.append(UNTRAINED_NOTE)
         return ms
@@ -183,17 +289,32 @@ def resolve_models(model: Path | None, checkpoint: Path | None, cache_dir: Path 
             ckpt = untrained_checkpoint(cache_dir, DEFAULT_VARIANT, DEFAULT_SIZE, log=log)
             ms = ModelSet(DEFAULT_VARIANT, (DEFAULT_SIZE, DEFAULT_SIZE), ckpt, cache_dir, "untrained", log=log)
             ms.notes.append(f"{UNTRAINED_NOTE} (bundled default {default.name} not found; "
-                            f"untrained {DEFAULT_VARIANT} at {DEFAULT_SIZE}x{DEFAULT_SIZE})")
+                            f"untrained {DEFAULT_VARIANT} at {DEFAULT_SIZE}x{DEFAULT_SIZE}, no TTA)")
             return ms
     from effiseg.runtime.model_info import ModelInfo
     model = Path(model)
     if not model.is_file():
         raise FileNotFoundError(f"model file not found: {model}")
     info = ModelInfo.from_onnx(model)
-    twin = untrained_checkpoint(cache_dir, info.variant, info.input_height, log=log)
+    settings = work_settings(info)
+    # Decoder channels are in the metadata of newer exports only; older files (the bundled default
+    # among them) use the variant's default, which is what an unrecorded value means.
+    recorded = info.extra.get("decoder_channels")
+    twin = untrained_checkpoint(cache_dir, info.variant, info.input_height,
+                                int(recorded) if recorded is not None else None, log=log, tta=info.tta,
+                                threshold=info.threshold, mean=info.mean, std=info.std)
+    from effiseg.training.checkpoint import load_config
+    channels = int(load_config(twin)["decoder_channels"])
     ms = ModelSet(info.variant, (info.input_height, info.input_width), twin, cache_dir, "onnx",
-                  given_onnx=model, output_format=info.output_format, trained=True, log=log)
-    ms.notes.append(f"torch backends and the {'float32' if info.input_format == 'uint8-nhwc' else 'uint8'} "
-                    f"input variant time an untrained {info.variant} twin of {model.name} "
-                    "(same architecture; timings do not depend on weights)")
+                  given_onnx=model, output_format=info.output_format, trained=True, tta=info.tta,
+                  threshold=info.threshold, log=log)
+    ms.twin = {**settings, "input_size": [info.input_height, info.input_width], "decoder_channels": channels,
+               "decoder_channels_recorded": recorded is not None, "weights": "untrained (seeded)"}
+    other = "float32" if info.input_format == "uint8-nhwc" else "uint8"
+    ms.notes.append(f"torch backends and the {other} input variant run an untrained twin of {model.name} that "
+                    f"reproduces its variant ({info.variant}), input size {info.input_height}x{info.input_width}, "
+                    f"{_describe_settings(settings)}, and decoder channels {channels} "
+                    + ("(recorded in the file)" if recorded is not None
+                       else "(the variant's default; the file does not record them)")
+                    + "; only the weights differ (timings do not depend on weight values)")
     return ms

@@ -208,7 +208,9 @@ def format_report(data: dict) -> str:
     parts.append(f"Machine: {m['cpu_model']}, {m['cpu_count'].get('usable')} usable CPU(s); GPU: {gpus}; "
                  f"load average before/after: {data.get('load_average_before')} / {data.get('load_average_after')}")
     model = data["model"]
-    parts.append(f"Model: {model.get('variant')} at {model.get('input_sizes')}"
+    # The passes per image belong beside the model: a TTA model does 4x the work of the plain network.
+    passes = {True: ", flip TTA (4 network passes per image)", False: ", no TTA"}.get(model.get("tta"), "")
+    parts.append(f"Model: {model.get('variant')} at {model.get('input_sizes')}{passes}"
                  + (f" -- {model['note']}" if model.get("note") else ""))
     for mode in ("model", "compute", "e2e"):
         table = results_table(data["results"], mode)

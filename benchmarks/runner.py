@@ -449,12 +449,16 @@ def _result(rec: _Record) -> dict:
     describe: dict = {}
     precision = cfg.target.spec.precision
     backend = m.backend
+    tta = None
     if backend is not None:
         try:
             describe = backend.describe()
             precision = describe.get("precision", precision)
         except Exception:
             pass
+        # Read from the model each backend actually runs: flip TTA is 4 network passes per image,
+        # so rows that differ in it do not compare the same work.
+        tta = getattr(getattr(backend, "info", None), "tta", None)
     built = m.built
     result = {
         "mode": cfg.mode,
@@ -467,6 +471,7 @@ def _result(rec: _Record) -> dict:
         "height": cfg.height,
         "width": cfg.width,
         "input_format": cfg.input_format,
+        "tta": tta,
         "timing": TIMING_NOTES[cfg.mode],
         "latency": None,
         "samples_ms": [round(x, 4) for x in rec.timed_ms],
