@@ -8,6 +8,14 @@ dynamic batch (and, with ``dynamic_hw``, dynamic height/width) is exact at every
 sizes that are not multiples of 32. Parity is checked at such a size whenever ``dynamic_hw`` is
 set. (pyproject pins torch < 2.15, where the TorchScript exporter is still shipped.)
 
+The decoder's nearest upsampling is the other size-dependent part. Traced as is, it becomes an ONNX
+``Resize``, which at some sizes picks a neighbouring row or column of a feature map where PyTorch
+does not (PyTorch rounds its index arithmetic to float32; at 369x341, for example, the default
+Lite2 model's logits differed by up to ~2.4 in whole rows and columns). Dynamic-size exports, and
+fixed sizes where that would happen, therefore trace the upsampling as gathers with PyTorch's own
+index arithmetic (``training.model.upsample_nearest_like``); fixed sizes where Resize agrees (every
+multiple of 32, the training size included) keep the faster Resize. The report says which.
+
 Nothing is written at ``output`` unless the exported graph passes ``onnx.checker`` and matches
 PyTorch in ONNX Runtime on real images: the file is built under a temporary name in the same
 folder and renamed at the end. ``<output>.export.json`` records what was exported and the parity
@@ -142,6 +150,36 @@ def _trace_to_onnx(torch, graph, example, path: Path, info: ModelInfo, opset: in
     return "torchscript"
 
 
+def _choose_upsampling(torch, model, height: int, width: int, dynamic_hw: bool) -> str | None:
+    """How the EffiSegNet decoder's nearest upsampling is traced (``EffiSegNet.onnx_upsampling``):
+    "gather" with dynamic height/width (exact at every size), else "resize" where an ONNX Resize
+    picks PyTorch's rows and columns for every feature map at ``height`` x ``width`` and "gather"
+    where it does not. None: the model has no EffiSegNet decoder."""
+    from effiseg.training.model import EffiSegNet, resize_matches_interpolate
+
+    nets = [m for m in model.modules() if isinstance(m, EffiSegNet)]
+    if not nets:
+        return None
+    if dynamic_hw:
+        return "gather"
+    with torch.no_grad():
+        feats = nets[0].encoder(torch.zeros(1, 3, height, width))
+    agree = all(resize_matches_interpolate(f.shape[-2], height) and resize_matches_interpolate(f.shape[-1], width)
+                for f in feats)
+    return "resize" if agree else "gather"
+
+
+def _set_upsampling(model, mode: str | None) -> None:
+    from effiseg.training.model import EffiSegNet
+
+    for m in model.modules():
+        if isinstance(m, EffiSegNet):
+            if mode is None:
+                m.__dict__.pop("onnx_upsampling", None)  # back to the class default
+            else:
+                m.onnx_upsampling = mode
+
+
 def _set_metadata(onnx, path: Path, info: ModelInfo) -> None:
     model = onnx.load(str(path))
     del model.metadata_props[:]
@@ -238,8 +276,13 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
               "bytes_per_image": bytes_per_image(h, w, input_format, output_format),
               "metadata": info.to_metadata(), "ok": False}
     try:
-        with torch.no_grad():
-            report["exporter"] = _trace_to_onnx(torch, graph, example, tmp, info, opset, dynamic_hw)
+        report["upsampling"] = _choose_upsampling(torch, model, h, w, dynamic_hw)
+        _set_upsampling(model, report["upsampling"])
+        try:
+            with torch.no_grad():
+                report["exporter"] = _trace_to_onnx(torch, graph, example, tmp, info, opset, dynamic_hw)
+        finally:
+            _set_upsampling(model, None)
         log(f"traced in {time.perf_counter() - started:.1f} s; checking and verifying against PyTorch")
         info.extra["exporter"] = report["exporter"]
         report["metadata"] = info.to_metadata()
@@ -294,7 +337,8 @@ def _verify(torch, ort, path: Path, graph, reference, info: ModelInfo, verify_di
     images, source = load_verify_images(verify_dir, verify_count, h, w)
     sizes = [(h, w)]
     if info.dynamic_hw:
-        # Odd sizes, not multiples of 32: timm's 'same' padding differs there from the traced size.
+        # Odd sizes, not multiples of 32: timm's 'same' padding differs there from the traced size,
+        # and at 352 + 17 = 369 a Resize would upsample some rows from a neighbouring one.
         sizes.append((max(33, h + 17), max(33, w - 11)))
     checks = []
     for size in sizes:

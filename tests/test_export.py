@@ -75,8 +75,10 @@ def test_dynamic_hw_is_exact_at_sizes_not_divisible_by_32(tiny_onnx_dynamic, tin
     info = ModelInfo.from_onnx(tiny_onnx_dynamic)
     assert info.dynamic_hw
     session = ort.InferenceSession(str(tiny_onnx_dynamic), providers=["CPUExecutionProvider"])
-    # Odd sizes change timm's 'same' padding of the stride-2 convolutions at several depths.
-    for h, w in [(64, 64), (77, 45), (33, 100), (128, 96)]:
+    # Odd sizes change timm's 'same' padding of the stride-2 convolutions at several depths; at
+    # 122 and 110 an ONNX Resize would upsample some rows/columns of the 16-, 8- and 4-row feature
+    # maps from a neighbouring one (see test_nearest_upsampling_traces_pytorchs_indices).
+    for h, w in [(64, 64), (77, 45), (33, 100), (128, 96), (122, 110)]:
         batch = _batch(verify_images_dir, h, w)
         got = session.run(None, {"images": batch})[0]
         ref = _torch_logits(tiny_checkpoint, batch)
@@ -84,6 +86,37 @@ def test_dynamic_hw_is_exact_at_sizes_not_divisible_by_32(tiny_onnx_dynamic, tin
         np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
     report = json.loads(tiny_onnx_dynamic.with_name(tiny_onnx_dynamic.name + ".export.json").read_text())
     assert any(c["size"][0] % 32 and c["size"][1] % 32 for c in report["parity"]["checks"])
+    assert report["upsampling"] == "gather"
+    assert "Resize" not in {n.op_type for n in onnx.load(str(tiny_onnx_dynamic)).graph.node}
+
+
+def test_nearest_upsampling_traces_pytorchs_indices(tiny_checkpoint, tiny_onnx, verify_images_dir, tmp_path):
+    """PyTorch's nearest interpolate computes its source row as floor(dst * float32(in / out)) in
+    float32, an ONNX Resize as floor(dst * in / out): at 369 rows PyTorch takes row 3 of the 12-row
+    map for output row 123 (3.9999998), Resize row 4, and the default Lite2 model exported with
+    --dynamic-hw was off by up to ~2.4 in whole rows of logits. 110 is the smallest size where this
+    happens for EffiSegNet (the 4-row map). Exports trace PyTorch's own index arithmetic as gathers
+    wherever Resize would differ (every dynamic-size export) and keep Resize where it agrees."""
+    import torch.nn.functional as F
+    from effiseg.training.model import resize_matches_interpolate, upsample_nearest_like
+
+    assert not resize_matches_interpolate(12, 369) and not resize_matches_interpolate(4, 110)
+    assert all(resize_matches_interpolate(352 >> k, 352) for k in range(1, 6))
+    # The gather form is F.interpolate value for value (it is what every dynamic export runs).
+    for i in range(1, 25):
+        x = torch.arange(i * (i + 2), dtype=torch.float32).view(1, 1, i, i + 2)
+        for o in range(i, 200, 3):
+            want = F.interpolate(x, size=(o, o + 7), mode="nearest")
+            assert torch.equal(upsample_nearest_like(x, torch.empty(1, 1, o, o + 7)), want), (i, o)
+
+    # A fixed size where Resize would differ: gathers, exact; 64 (a multiple of 32) keeps Resize.
+    report = json.loads(tiny_onnx.with_name(tiny_onnx.name + ".export.json").read_text())
+    assert report["upsampling"] == "resize"
+    out = export_tiny(tiny_checkpoint, tmp_path / "m110.onnx", verify_images_dir, input_size=110)
+    assert json.loads((tmp_path / "m110.onnx.export.json").read_text())["upsampling"] == "gather"
+    batch = _batch(verify_images_dir, 110, 110)
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"images": batch})[0]
+    np.testing.assert_allclose(got, _torch_logits(tiny_checkpoint, batch), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("input_format,output_format,size", [

@@ -16,6 +16,43 @@ from torch import nn
 from .variants import Variant, get_variant
 
 
+def _nearest_source_index(in_size: torch.Tensor, out_size: torch.Tensor) -> torch.Tensor:
+    """The source index of every output position under ``F.interpolate(mode="nearest")`` with a
+    ``size``: ATen's ``nearest_idx`` (CPU and CUDA alike), ``min(floor(dst * scale), in - 1)`` with
+    ``scale = float32(in) / float32(out)`` and the product rounded to float32. ``in_size`` and
+    ``out_size``: 0-d int64 tensors (traced as shape arithmetic, not frozen at the traced size)."""
+    dst = torch.arange(out_size, device=in_size.device)
+    scale = in_size.to(torch.float32) / out_size.to(torch.float32)
+    src = torch.floor(dst.to(torch.float32) * scale).to(torch.int64)
+    return torch.minimum(src, in_size - 1)
+
+
+def resize_matches_interpolate(in_size: int, out_size: int) -> bool:
+    """Whether an ONNX ``Resize`` (nearest, asymmetric, floor) from ``in_size`` to ``out_size``
+    picks the rows PyTorch's nearest interpolate picks. Resize is specified as
+    ``floor(dst / (out / in))``, that is ``floor(dst * in / out)`` in exact arithmetic (what ONNX
+    Runtime computes); PyTorch rounds ``in / out`` and the product to float32 first, which falls
+    just below a whole number at some rows: at 369 rows from 12, PyTorch takes source row 3 for
+    output row 123 (float32(12 / 369) * 123 = 3.9999998), Resize row 4. Power-of-two ratios (every
+    feature map at 352 = 11 * 32, the training size) agree."""
+    exact = torch.arange(out_size, dtype=torch.int64) * in_size // out_size
+    return bool(torch.equal(_nearest_source_index(torch.tensor(in_size), torch.tensor(out_size)), exact))
+
+
+def upsample_nearest_like(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``F.interpolate(x, size=like.shape[-2:], mode="nearest")``, value for value at every size,
+    as two gathers with PyTorch's index arithmetic written out: what ONNX export traces where an
+    ONNX ``Resize`` would round some indices differently (:func:`resize_matches_interpolate`)."""
+    in_hw = torch._shape_as_tensor(x)[-2:].to(x.device)
+    out_hw = torch._shape_as_tensor(like)[-2:].to(x.device)
+    rows = _nearest_source_index(in_hw[0], out_hw[0])
+    cols = _nearest_source_index(in_hw[1], out_hw[1])
+    # Columns first, on the small map; then the full-size gather along H copies whole rows of W
+    # contiguous values (the other order gathers element by element at full size: far slower in
+    # ONNX Runtime on a CPU).
+    return x.index_select(3, cols).index_select(2, rows)
+
+
 class GhostModule(nn.Module):
     """GhostNet's module: a cheap 1x1 'primary' convolution plus depthwise 'ghost' features."""
 
@@ -49,6 +86,13 @@ class ScaleBranch(nn.Module):
 
 
 class EffiSegNet(nn.Module):
+    # How ONNX export traces the decoder's nearest upsampling: "gather" (upsample_nearest_like:
+    # equal to PyTorch at every input size, needed for dynamic height/width) or "resize"
+    # (F.interpolate -> ONNX Resize: a faster kernel, equal to PyTorch only at sizes where
+    # resize_matches_interpolate holds for every feature map). effiseg-export chooses per export
+    # (export/onnx_export.py); PyTorch itself always runs F.interpolate.
+    onnx_upsampling = "gather"
+
     def __init__(self, encoder: nn.Module, encoder_channels: list[int], ch: int = 32,
                  deep_supervision: bool = False):
         super().__init__()
@@ -65,8 +109,12 @@ class EffiSegNet(nn.Module):
         size = x.shape[-2:]
         feats = self.encoder(x)
         # Nearest upsampling to the exact input size (not a fixed factor) keeps sizes that are not
-        # multiples of 32 working.
-        ups = [F.interpolate(b(f), size=size, mode="nearest") for b, f in zip(self.branches, feats)]
+        # multiples of 32 working. ONNX export may trace the same indices as explicit gathers: a
+        # Resize rounds some of them differently at sizes that are not multiples of 32.
+        if torch.onnx.is_in_onnx_export() and self.onnx_upsampling == "gather":
+            ups = [upsample_nearest_like(b(f), x) for b, f in zip(self.branches, feats)]
+        else:
+            ups = [F.interpolate(b(f), size=size, mode="nearest") for b, f in zip(self.branches, feats)]
         fused = ups[0]
         for u in ups[1:]:
             fused = fused + u
