@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from effiseg.runtime.images import IMAGE_EXTENSIONS, TEMP_SUFFIX, list_images, read_image
+from effiseg.runtime.images import IMAGE_EXTENSIONS, TEMP_SUFFIX, ImageError, list_images, read_image
 from effiseg.runtime.model_info import ModelInfo
 from effiseg.runtime.postprocess import fill_host_row, logit_threshold, resize_rgb
 from .tensorrt_rules import tensorrt_uint8_problems
@@ -92,23 +92,40 @@ def _synthetic_images(n: int, height: int, width: int) -> list[np.ndarray]:
     return images
 
 
-def load_verify_images(verify_dir: Path | None, count: int, height: int, width: int) -> tuple[list[np.ndarray], str]:
-    """(RGB images, where they came from). ``verify_dir`` None: the default Kvasir folders, else
-    synthetic images (said so in the report)."""
+def _read_readable(files: list[Path], count: int) -> tuple[list[np.ndarray], list[str]]:
+    """Up to ``count`` decoded images, skipping (and naming) the ones that cannot be read."""
+    images, skipped = [], []
+    for f in files:
+        if len(images) == count:
+            break
+        try:
+            images.append(read_image(f))
+        except ImageError as e:
+            skipped.append(f"{f}: {e}")
+    return images, skipped
+
+
+def load_verify_images(verify_dir: Path | None, count: int, height: int,
+                       width: int) -> tuple[list[np.ndarray], str, list[str]]:
+    """(RGB images, where they came from, unreadable files skipped). ``verify_dir`` None: the
+    default Kvasir folders, else synthetic images (said so in the report)."""
     if verify_dir is not None:
         verify_dir = Path(verify_dir)
         if not verify_dir.is_dir():
             raise ExportError(f"--verify-images folder not found: {verify_dir}")
-        files = list_images(verify_dir)[:count]
+        files = list_images(verify_dir)
         if not files:
             raise ExportError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {verify_dir}")
-        return [read_image(f) for f in files], str(verify_dir.resolve())
+        images, skipped = _read_readable(files, count)
+        if not images:
+            raise ExportError(f"no readable image in {verify_dir}: " + "; ".join(skipped[:5]))
+        return images, str(verify_dir.resolve()), skipped
     for candidate in default_verify_dirs():
         if candidate.is_dir():
-            files = list_images(candidate)[:count]
-            if files:
-                return [read_image(f) for f in files], str(candidate.resolve())
-    return _synthetic_images(count, height, width), "synthetic (no Kvasir-SEG validation images found)"
+            images, skipped = _read_readable(list_images(candidate), count)
+            if images:
+                return images, str(candidate.resolve()), skipped
+    return _synthetic_images(count, height, width), "synthetic (no Kvasir-SEG validation images found)", []
 
 
 def _import_export_stack():
@@ -242,7 +259,13 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
     started = time.perf_counter()
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    model, config = load_model(checkpoint, device="cpu")
+    stale_failure = output.with_name(output.name + ".export-failed.json")
+    if stale_failure.exists():  # from an earlier attempt: it must not be read as this one's
+        stale_failure.unlink()
+    try:
+        model, config = load_model(checkpoint, device="cpu")
+    except (FileNotFoundError, ValueError, KeyError, OSError) as e:
+        raise ExportError(f"cannot load the checkpoint {checkpoint}: {e}") from None
     if threshold is not None:
         config = dict(config, threshold=float(threshold))
     if tta is not None:
@@ -262,6 +285,10 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
     reference = SegmentationGraph(model, info.mean, info.std, "uint8-nhwc", "logits", info.threshold,
                                   tta=info.tta).eval()
     h, w = info.input_height, info.input_width
+    # Before tracing (tens of seconds): a wrong --verify-images folder fails at once.
+    verify_images, verify_source, verify_skipped = load_verify_images(verify_dir, verify_count, h, w)
+    for skipped in verify_skipped:
+        log(f"warning: parity check skips an unreadable image: {skipped}")
     if input_format == "uint8-nhwc":
         example = torch.randint(0, 256, (2, h, w, 3), dtype=torch.uint8)
     else:
@@ -291,8 +318,9 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
         report["tensorrt_uint8_problems"] = tensorrt_uint8_problems(tmp)
         for problem in report["tensorrt_uint8_problems"]:
             log(f"warning: TensorRT's ONNX parser would refuse this graph: {problem}")
-        report["parity"] = _verify(torch, ort, tmp, graph, reference, info, verify_dir, verify_count)
+        report["parity"] = _verify(torch, ort, tmp, graph, reference, info, verify_images, verify_source)
         report["verify_images"] = report["parity"].pop("source")
+        report["verify_images_skipped"] = verify_skipped
         if report["verify_images"].startswith("synthetic"):
             log("warning: no Kvasir-SEG validation images found; parity checked on synthetic images "
                 "(pass --verify-images DIR for real ones)")
@@ -330,11 +358,10 @@ def _write_report(path: Path, report: dict) -> None:
     os.replace(tmp, path)
 
 
-def _verify(torch, ort, path: Path, graph, reference, info: ModelInfo, verify_dir, verify_count: int) -> dict:
+def _verify(torch, ort, path: Path, graph, reference, info: ModelInfo, images: list[np.ndarray], source: str) -> dict:
     """Run the ONNX file in ONNX Runtime (CPU) and the PyTorch graph on the same resized images."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     h, w = info.input_height, info.input_width
-    images, source = load_verify_images(verify_dir, verify_count, h, w)
     sizes = [(h, w)]
     if info.dynamic_hw:
         # Odd sizes, not multiples of 32: timm's 'same' padding differs there from the traced size,

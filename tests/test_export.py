@@ -214,7 +214,7 @@ def test_cli(tiny_checkpoint, verify_images_dir, tmp_path):
     assert info.metrics == {"validation": {"mean_dice": 0.9123}}
     bad = CliRunner().invoke(export_command, [str(tiny_checkpoint), "-o", str(tmp_path / "x.onnx"),
                                               "--verify-images", str(tmp_path / "nope")])
-    assert bad.exit_code == 1 and "nothing written" in bad.output
+    assert bad.exit_code == 1 and "x.onnx was not written or changed" in bad.output
     assert not (tmp_path / "x.onnx").exists()
 
 
@@ -249,3 +249,28 @@ def test_flip_tta_in_the_graph_matches_evaluation(tmp_path):
     plain = np.stack(predict_logits(model, cfg, images, tta=False))
     assert np.abs(got - want).max() < 1e-3
     assert np.abs(got - plain).max() > 1e-3  # the flips really change the answer
+
+
+def test_cli_errors_name_the_file_and_unreadable_verify_images_are_skipped(tiny_checkpoint, verify_images_dir, tmp_path):
+    import shutil
+    not_a_checkpoint = tmp_path / "fake.onnx"
+    not_a_checkpoint.write_bytes(b"not a model")
+    res = CliRunner().invoke(export_command, [str(not_a_checkpoint), "-o", str(tmp_path / "q.onnx")])
+    assert res.exit_code == 1 and "cannot load the checkpoint" in res.output
+    assert isinstance(res.exception, SystemExit)  # a message, not a traceback
+    assert f"{tmp_path / 'q.onnx'} was not written" in res.output
+    missing = CliRunner().invoke(export_command, [str(tiny_checkpoint), "-o", str(tmp_path / "q.onnx"),
+                                                  "--verify-images", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 1 and "folder not found" in missing.output
+    assert "traced in" not in missing.output  # found out before the (slow) trace
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(verify_images_dir, mixed)
+    (mixed / "0000-broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    out = tmp_path / "ok.onnx"
+    res = CliRunner().invoke(export_command, [str(tiny_checkpoint), "-o", str(out), "--verify-images", str(mixed),
+                                              "--verify-count", "1"])
+    assert res.exit_code == 0, res.output
+    assert f"skips an unreadable image: {mixed / '0000-broken.jpg'}" in res.output
+    report = json.loads((tmp_path / "ok.onnx.export.json").read_text())
+    assert len(report["verify_images_skipped"]) == 1 and report["parity"]["n_images"] == 1
