@@ -111,7 +111,13 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         raise ImageError(f"not a readable image: PIL cannot identify the contents of this "
                          f"{path.suffix or 'extension-less'} file") from None
     except Image.DecompressionBombError as e:
-        raise ImageError(f"refused by PIL's decompression-bomb check: {e}") from None
+        # PIL refuses at twice its own limit before the header is handed over: same wording as ours.
+        pil_limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        if max_pixels < pil_limit:
+            raise ImageError(f"image is over the limit of {max_pixels / 1e6:.1f} megapixels (PIL: {e}); "
+                             "raise it with --max-pixels / max_pixels") from None
+        raise ImageError(f"image is over PIL's own limit of {pil_limit / 1e6:.1f} megapixels, which --max-pixels "
+                         f"cannot raise (PIL.Image.MAX_IMAGE_PIXELS): {e}") from None
     except OSError as e:
         # Truncated files land here ("image file is truncated (N bytes not processed)").
         raise ImageError(f"corrupt or truncated image: {e}") from None
