@@ -71,7 +71,9 @@ def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
     relative to ``folder``."""
     folder = Path(folder)
     candidates = folder.rglob("*") if recursive else folder.glob("*")
-    found = [p for p in candidates if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    # A broken symbolic link is listed too: it then fails with its reason instead of vanishing.
+    found = [p for p in candidates if p.suffix.lower() in IMAGE_EXTENSIONS
+             and (p.is_file() or (p.is_symlink() and not p.exists()))]
     return sorted(found, key=lambda p: natural_key(p.relative_to(folder).as_posix()))
 
 
@@ -92,6 +94,8 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
     try:
         size = path.stat().st_size
     except OSError as e:
+        if path.is_symlink():
+            raise ImageError(f"broken symbolic link: its target {os.readlink(path)} does not exist") from None
         raise ImageError(f"cannot read file: {e.strerror or e}") from e
     if size == 0:
         raise ImageError("empty file (0 bytes)")
