@@ -75,6 +75,11 @@ def check_folders(input_dir: Path, output_dir: Path, recursive: bool) -> tuple[P
                           f"({dst} is inside {src}): its masks would be read as input next time")
     if dst.exists() and not dst.is_dir():
         raise FolderError(f"the output path exists and is not a folder: {dst}")
+    # Before any model is loaded (an engine build can take minutes): the folder, or the nearest
+    # existing one above it, must be writable. The real writes still report their own errors.
+    existing = next((d for d in (dst, *dst.parents) if d.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise FolderError(f"cannot write the results to {dst}: {existing} is not writable")
     return src, dst
 
 

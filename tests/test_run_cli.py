@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -266,3 +268,18 @@ def test_cli_torch_fp16_on_cuda_reports_precision_and_timing(tiny_checkpoint, tm
     assert summary["backend"] == "torch" and summary["precision"] == "fp16" and summary["devices"] == ["cuda:0"]
     assert summary["backends"][0]["cuda_graphs"] is True
     assert summary["n_ok"] == 10 and summary["timing"]["batches"] == 3
+
+
+def test_an_unwritable_output_is_refused_before_the_model_loads(tmp_path, monkeypatch, tiny_onnx):
+    from effiseg.runtime import folder as folder_module
+    src = tmp_path / "in"
+    _make_images(src, 1)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    # Root (CI) may write anywhere, so the permission answer is simulated for that one folder.
+    real_access = os.access
+    monkeypatch.setattr(folder_module.os, "access",
+                        lambda p, mode: False if Path(p) == locked.resolve() else real_access(p, mode))
+    result = _run("--input", src, "--output", locked / "masks", "--model", tmp_path / "missing.onnx")
+    # Refused for the folder, not for the (missing) model: the folder check comes first.
+    assert result.exit_code == 3 and f"{locked.resolve()} is not writable" in result.output
