@@ -264,8 +264,8 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
         stale_failure.unlink()
     try:
         model, config = load_model(checkpoint, device="cpu")
-    except (FileNotFoundError, ValueError, KeyError, OSError) as e:
-        raise ExportError(f"cannot load the checkpoint {checkpoint}: {e}") from None
+    except Exception as e:  # missing files, a damaged safetensors file, weights of another variant...
+        raise ExportError(f"cannot load the checkpoint {checkpoint}: {type(e).__name__}: {e}") from None
     if threshold is not None:
         config = dict(config, threshold=float(threshold))
     if tta is not None:
@@ -315,8 +315,12 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
         report["metadata"] = info.to_metadata()
         _set_metadata(onnx, tmp, info)
         # TensorRT cannot be installed everywhere effiseg is exported: check its uint8 rules here.
-        report["tensorrt_uint8_problems"] = tensorrt_uint8_problems(tmp)
-        for problem in report["tensorrt_uint8_problems"]:
+        try:
+            report["tensorrt_uint8_problems"] = tensorrt_uint8_problems(tmp)
+        except Exception as e:  # advisory only: the export itself stands or falls on parity
+            report["tensorrt_uint8_problems"] = None
+            log(f"warning: could not check the graph against TensorRT's uint8 rules: {type(e).__name__}: {e}")
+        for problem in report["tensorrt_uint8_problems"] or []:
             log(f"warning: TensorRT's ONNX parser would refuse this graph: {problem}")
         report["parity"] = _verify(torch, ort, tmp, graph, reference, info, verify_images, verify_source)
         report["verify_images"] = report["parity"].pop("source")

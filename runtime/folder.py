@@ -20,8 +20,9 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import math
+import os
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -76,10 +77,18 @@ def check_folders(input_dir: Path, output_dir: Path, recursive: bool) -> tuple[P
     if dst.exists() and not dst.is_dir():
         raise FolderError(f"the output path exists and is not a folder: {dst}")
     # Before any model is loaded (an engine build can take minutes): the folder, or the nearest
-    # existing one above it, must be writable. The real writes still report their own errors.
+    # existing one above it, must take a file. Probed by creating one: os.access says yes to any
+    # folder on Windows. The real writes still report their own errors.
     existing = next((d for d in (dst, *dst.parents) if d.exists()), None)
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise FolderError(f"cannot write the results to {dst}: {existing} is not writable")
+    if existing is not None:
+        if not existing.is_dir():
+            raise FolderError(f"cannot write the results to {dst}: {existing} is a file")
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as e:
+            raise FolderError(f"cannot write the results to {dst}: {existing} is not writable "
+                              f"({e.strerror or e})") from None
     return src, dst
 
 

@@ -120,8 +120,9 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         if max_pixels < pil_limit:
             raise ImageError(f"image is over the limit of {max_pixels / 1e6:.1f} megapixels (PIL: {e}); "
                              "raise it with --max-pixels / max_pixels") from None
-        raise ImageError(f"image is over PIL's own limit of {pil_limit / 1e6:.1f} megapixels, which --max-pixels "
-                         f"cannot raise (PIL.Image.MAX_IMAGE_PIXELS): {e}") from None
+        raise ImageError(f"image is over PIL's process-wide limit of {pil_limit / 1e6:.1f} megapixels (PIL: {e}); "
+                         "effiseg-run raises it to --max-pixels, API callers with "
+                         "effiseg.runtime.images.allow_pixels(max_pixels)") from None
     except OSError as e:
         # Truncated files land here ("image file is truncated (N bytes not processed)").
         raise ImageError(f"corrupt or truncated image: {e}") from None

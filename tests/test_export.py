@@ -259,6 +259,12 @@ def test_cli_errors_name_the_file_and_unreadable_verify_images_are_skipped(tiny_
     assert res.exit_code == 1 and "cannot load the checkpoint" in res.output
     assert isinstance(res.exception, SystemExit)  # a message, not a traceback
     assert f"{tmp_path / 'q.onnx'} was not written" in res.output
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_checkpoint, damaged)
+    (damaged / "model.safetensors").write_bytes(b"\x00" * 64)
+    res = CliRunner().invoke(export_command, [str(damaged), "-o", str(tmp_path / "q.onnx")])
+    assert res.exit_code == 1 and "cannot load the checkpoint" in res.output
+    assert isinstance(res.exception, SystemExit)
     missing = CliRunner().invoke(export_command, [str(tiny_checkpoint), "-o", str(tmp_path / "q.onnx"),
                                                   "--verify-images", str(tmp_path / "nowhere")])
     assert missing.exit_code == 1 and "folder not found" in missing.output

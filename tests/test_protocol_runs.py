@@ -33,10 +33,10 @@ def test_each_run_starts_on_the_least_busy_device(tmp_path):
 
 
 def test_a_device_named_twice_takes_twice_the_runs(tmp_path):
-    jobs = [_job(tmp_path, n, 0.5) for n in "abc"]
+    jobs = [_job(tmp_path, n, 0.5) for n in "abcdef"]
     placed = {}
-    _launch_all(jobs, parallel=3, log=lambda m: None, devices=["cuda:0", "cuda:1", "cuda:0"], placed=placed, poll_s=0.05)
-    assert sorted(placed.values()) == ["cuda:0", "cuda:0", "cuda:1"]
+    _launch_all(jobs, parallel=6, log=lambda m: None, devices=["cuda:0", "cuda:1", "cuda:0"], placed=placed, poll_s=0.05)
+    assert sorted(placed.values()) == ["cuda:0"] * 4 + ["cuda:1"] * 2  # unweighted would be 3 and 3
 
 
 def test_without_devices_commands_are_left_alone(tmp_path):
@@ -49,6 +49,8 @@ def test_device_lists():
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     assert resolve_devices("auto") == ([f"cuda:{i}" for i in range(n)] or ["cpu"])
     assert resolve_devices("cpu") == ["cpu"]
+    if n:
+        assert resolve_devices("cuda") == ["cuda:0"]
     assert resolve_devices(" cpu, cpu ") == ["cpu", "cpu"]
     with pytest.raises(click.BadParameter, match="'gpu1' is not a device"):
         resolve_devices("gpu1")

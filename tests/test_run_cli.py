@@ -270,16 +270,27 @@ def test_cli_torch_fp16_on_cuda_reports_precision_and_timing(tiny_checkpoint, tm
     assert summary["n_ok"] == 10 and summary["timing"]["batches"] == 3
 
 
-def test_an_unwritable_output_is_refused_before_the_model_loads(tmp_path, monkeypatch, tiny_onnx):
+def test_an_unwritable_output_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    import tempfile
+
     from effiseg.runtime import folder as folder_module
     src = tmp_path / "in"
     _make_images(src, 1)
     locked = tmp_path / "locked"
     locked.mkdir()
-    # Root (CI) may write anywhere, so the permission answer is simulated for that one folder.
-    real_access = os.access
-    monkeypatch.setattr(folder_module.os, "access",
-                        lambda p, mode: False if Path(p) == locked.resolve() else real_access(p, mode))
+    # Root (CI) may write anywhere, so creating a file in that one folder is made to fail as a
+    # read-only folder makes it fail.
+    real = tempfile.TemporaryFile
+
+    def refuse(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == locked.resolve():
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+    monkeypatch.setattr(folder_module.tempfile, "TemporaryFile", refuse)
     result = _run("--input", src, "--output", locked / "masks", "--model", tmp_path / "missing.onnx")
     # Refused for the folder, not for the (missing) model: the folder check comes first.
-    assert result.exit_code == 3 and f"{locked.resolve()} is not writable" in result.output
+    assert result.exit_code == 3 and f"{locked.resolve()} is not writable (Permission denied)" in result.output
+    a_file = tmp_path / "a.txt"
+    a_file.write_text("x")
+    result = _run("--input", src, "--output", a_file / "masks", "--model", tmp_path / "missing.onnx")
+    assert result.exit_code == 3 and f"{a_file.resolve()} is a file" in result.output

@@ -129,6 +129,9 @@ def test_a_smoke_test_protocol_or_a_worse_model_is_not_shipped_without_force(tmp
     res = _ship(proto, data, shipped, onnx)
     assert res.exit_code != 0 and "smoke test" in res.output and "first 4 images" in res.output
     assert [p.name for p in shipped.iterdir()] == ["old-model.txt"] and onnx.read_bytes() == b"previous onnx"
+    (proto / "evaluations" / "boundary_loss_s1.json").write_text('{"run": "boundary_loss_s1", "val": {')  # cut short
+    res = _ship(proto, data, shipped, onnx)
+    assert res.exit_code != 0 and "cannot be read" in res.output and "Traceback" not in res.output
     (proto / "evaluations" / "boundary_loss_s1.json").unlink()
 
     # The current default scores better on validation than this untrained winner can.

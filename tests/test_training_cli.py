@@ -62,6 +62,19 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert [h["train_loss"] for h in ha] == [h["train_loss"] for h in hb]
 
 
+def test_resume_on_another_device_than_recorded(tmp_path):
+    """A protocol run pinned to a GPU this machine lacks resumes where --device says."""
+    run = tmp_path / "run"
+    _train(TINY + ["--epochs", "2", "--no-test", "--output", str(run), "--stop-after-epochs", "1"])
+    config = json.loads((run / "run_config.json").read_text())
+    config["train"]["device"] = "cuda:7"
+    (run / "run_config.json").write_text(json.dumps(config))
+    stuck = CliRunner().invoke(train_command, ["--resume", str(run), "--no-progress"])
+    assert stuck.exit_code != 0
+    _train(["--resume", str(run), "--no-progress", "--device", "cpu"])
+    assert json.loads((run / "last.json").read_text())["epoch"] == 2
+
+
 def test_existing_run_folder_is_not_overwritten(tmp_path):
     run = tmp_path / "run"
     _train(TINY + ["--epochs", "1", "--no-test", "--output", str(run)])
@@ -124,7 +137,10 @@ def test_resume_on_cuda(tmp_path, device):
     (["--set", "augment.nope=1"], "unknown setting 'augment.nope'"),
     (["--set", "augment.overlay_box_p=abc"], "takes a number, not 'abc'"),
     (["--set", "augment.scale=[0.5]"], "takes a list of 2 numbers"),
-    (["--set", "epochs=0"], "need epochs >= 1"),
+    (["--set", "epochs=0"], "epochs must be at least 1"),
+    (["--set", "limit_train=-5"], "limit_train must be at least 2"),
+    (["--set", "loss=1"], "'loss' is a section"),
+    (["--set", "decoder_channels=2.5"], "takes a whole number or null"),
 ])
 def test_bad_training_settings_fail_before_a_run_folder_exists(tmp_path, args, message):
     run = tmp_path / "run"

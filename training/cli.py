@@ -34,7 +34,8 @@ def default_output_dir(checkpoint: Path, kind: str, split: str) -> Path:
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-4)
 @click.option("--min-lr", type=click.FloatRange(0), default=1e-5, help="Cosine decay floor.")
 @click.option("--seed", type=int, default=0)
-@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+@click.option("--device", default="auto",
+              help="auto, cpu, cuda or cuda:N. With --resume, anything but auto replaces the run's recorded device.")
 @click.option("--output", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Run folder (default: runs/<variant>-s<seed>-<time>).")
 @click.option("--resume", "resume_dir", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
@@ -67,7 +68,8 @@ def train_command(data_root, variant, input_size, epochs, batch_size, lr, min_lr
     try:
         if resume_dir:
             trainer = Trainer(TrainConfig(), resume_dir, progress=not no_progress)
-            result = trainer.fit(resume=True, stop_after_epochs=stop_after_epochs)
+            result = trainer.fit(resume=True, stop_after_epochs=stop_after_epochs,
+                                 device=None if device == "auto" else device)
             out = resume_dir
         else:
             cfg = TrainConfig(data_root=str(data_root), variant=variant, input_size=input_size, epochs=epochs,
@@ -76,8 +78,7 @@ def train_command(data_root, variant, input_size, epochs, batch_size, lr, min_lr
                               deep_supervision=deep_supervision, eval_test=not no_test, limit_train=limit_train,
                               limit_val=limit_val, limit_test=limit_test)
             cfg.apply_overrides(list(overrides))
-            if cfg.epochs < 1 or cfg.batch_size < 2:  # --set can reach what the options' ranges guard
-                raise ValueError(f"need epochs >= 1 and batch_size >= 2, got {cfg.epochs} and {cfg.batch_size}")
+            cfg.check()  # --set can reach what the options' ranges guard
             get_variant(cfg.variant)
             out = out_dir or Path("runs") / f"{cfg.variant}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
             if (Path(out) / "resume_state.pt").exists():

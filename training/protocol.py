@@ -70,6 +70,8 @@ def resolve_devices(spec: str) -> list[str]:
         if item == "cpu":
             devices.append("cpu")
             continue
+        if item == "cuda":
+            item = "cuda:0"
         index = item[len("cuda:"):] if item.startswith("cuda:") else item
         if not index.isdigit():
             raise click.BadParameter(f"{item!r} is not a device: use auto, cpu, N or cuda:N", param_hint="--devices")
@@ -235,9 +237,12 @@ def evaluate_run(run_dir: Path, data, device: str, limit: int | None = None) -> 
     from .checkpoint import load_model
     from .data import load_split
     from .evaluate import predict_logits, score_logits
+    from .trainer import resolve_amp
     dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)  # as a training run does: nothing lands on cuda:0 by default
     model, cfg = load_model(run_dir / "best.safetensors", device=dev)
-    amp = torch.bfloat16 if dev.type == "cuda" else None
+    amp = resolve_amp("auto", dev)  # bf16/fp16 where the GPU has it, none on Maxwell/Pascal
     out = {"run": run_dir.name, "limit": limit, "val": {}, "test": {}}
     for split in ("validation", "test"):
         samples = load_split(data, split, limit)

@@ -135,15 +135,22 @@ def provenance(results: dict, run_dir: Path, protocol_dir: Path) -> dict:
 def smoke_test_signs(protocol_dir: Path, run_dir: Path) -> list[str]:
     """Why a protocol folder looks like a smoke test rather than a result to ship: runs trained on
     part of the data, evaluations on part of a split."""
-    signs = []
+    def read(path: Path) -> dict | None:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as e:  # e.g. cut short when an evaluation was stopped at a deadline
+            signs.append(f"{path} cannot be read ({type(e).__name__}: {e})")
+            return None
+
+    signs: list[str] = []
     config_path = run_dir / "run_config.json"
     if config_path.is_file():
-        train = json.loads(config_path.read_text()).get("train", {})
+        train = (read(config_path) or {}).get("train", {})
         limits = {k: train[k] for k in ("limit_train", "limit_val", "limit_test") if train.get(k)}
         if limits:
             signs.append(f"{run_dir.name} was trained with {limits}")
     for evaluation in sorted((protocol_dir / "evaluations").glob("*.json")):
-        limit = json.loads(evaluation.read_text()).get("limit")
+        limit = (read(evaluation) or {}).get("limit")
         if limit:
             signs.append(f"{evaluation.name} scored only the first {limit} images of each split")
     return signs

@@ -83,16 +83,46 @@ class TrainConfig:
                     raise ValueError(f"unknown setting {key!r}: {p!r} is not a section "
                                      f"(sections: augment, loss)")
                 target = getattr(target, p)
-            if not dataclasses.is_dataclass(target) or parts[-1] not in {f.name for f in dataclasses.fields(target)}:
+            fields = {f.name: f for f in dataclasses.fields(target)} if dataclasses.is_dataclass(target) else {}
+            if parts[-1] not in fields:
                 raise ValueError(f"unknown setting {key!r}")
-            setattr(target, parts[-1], _checked_value(key, getattr(target, parts[-1]), value))
+            current = getattr(target, parts[-1])
+            if dataclasses.is_dataclass(current):
+                raise ValueError(f"{key!r} is a section: set its settings one by one ({key}.NAME=VALUE)")
+            setattr(target, parts[-1], _checked_value(key, current, value, str(fields[parts[-1]].type)))
+
+    def check(self) -> None:
+        """The ranges the command-line options enforce, for values that came through ``--set`` or a
+        config file; a ValueError naming the setting."""
+        def need(ok: bool, what: str):
+            if not ok:
+                raise ValueError(what)
+        need(self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}")
+        need(self.batch_size >= 2, f"batch_size must be at least 2 (BatchNorm), got {self.batch_size}")
+        need(self.lr > 0 and self.min_lr >= 0, f"need lr > 0 and min_lr >= 0, got {self.lr} and {self.min_lr}")
+        need(self.input_size is None or self.input_size >= 32, f"input_size must be at least 32, got {self.input_size}")
+        for name, low in (("limit_train", 2), ("limit_val", 1), ("limit_test", 1)):
+            value = getattr(self, name)
+            need(value is None or value >= low, f"{name} must be at least {low} (or unset), got {value}")
 
 
-def _checked_value(key: str, current, value):
-    """``value`` for a setting whose default is ``current``, in the default's type; a ValueError
-    naming the setting when it does not fit, before any run folder exists."""
+def _checked_value(key: str, current, value, annotation: str = ""):
+    """``value`` for a setting whose default is ``current`` (declared as ``annotation``), in the
+    default's type; a ValueError naming the setting when it does not fit, before any run folder
+    exists."""
     def fail(expected: str):
         raise ValueError(f"setting {key!r} takes {expected}, not {value!r}")
+    if current is None:  # an optional setting: null, or a value of its declared type
+        if value is None:
+            return None
+        for name, kinds, expected in (("int", (int,), "a whole number or null"),
+                                      ("float", (int, float), "a number or null"),
+                                      ("str", (str,), "text or null")):
+            if name in annotation:
+                if isinstance(value, bool) or not isinstance(value, kinds):
+                    fail(expected)
+                return value
+        return value
     if isinstance(current, bool):
         if not isinstance(value, bool):
             fail("true or false")
@@ -109,7 +139,7 @@ def _checked_value(key: str, current, value):
         return tuple(_checked_value(key, c, v) for c, v in zip(current, value))
     if isinstance(current, str) and not isinstance(value, str):
         fail("text")
-    return value  # None defaults (optional settings) take what JSON gave
+    return value
 
 
 def resolve_device(name: str) -> torch.device:
@@ -272,9 +302,11 @@ class Trainer:
                                             batch_size=16, threshold=threshold, amp_dtype=self.amp_dtype)
         return summary, rows
 
-    def fit(self, resume: bool = False, stop_after_epochs: int | None = None) -> dict:
+    def fit(self, resume: bool = False, stop_after_epochs: int | None = None, device: str | None = None) -> dict:
         """Train to ``cfg.epochs``; ``stop_after_epochs`` ends this session early (resumable),
-        e.g. to split a long CPU training over several sittings."""
+        e.g. to split a long CPU training over several sittings. With ``resume``, ``device``
+        replaces the run's recorded device (a protocol run pinned to cuda:1, resumed on a machine
+        with one GPU)."""
         c = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         state_path = self.out / "resume_state.pt"
@@ -283,6 +315,8 @@ class Trainer:
             if not state_path.exists():
                 raise FileNotFoundError(f"--resume: {state_path} not found (nothing to resume in {self.out})")
             saved = json.loads(cfg_path.read_text())
+            if device is not None:
+                saved["train"]["device"] = device
             self._configure(TrainConfig.from_dict(saved["train"]))
             c = self.cfg
         seed_everything(c.seed, c.deterministic)

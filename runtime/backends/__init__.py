@@ -111,7 +111,7 @@ def open_onnx_backends(onnx_path, backend: str = "auto", devices=None, precision
         except BackendUnavailable as e:
             # One line per skipped choice; the install hints come in full with --backend NAME (and
             # below, when no backend can run at all).
-            notes.append(f"auto: skipped {name} on {','.join(devs)} ({str(e).split(':')[0]}; "
+            notes.append(f"auto: skipped {name} on {','.join(devs)} ({str(e).split(': ', 1)[0]}; "
                          f"--backend {name} says how to fix it)")
             errors.append(f"{name} on {','.join(devs)}: {e}")
             continue
