@@ -123,9 +123,9 @@ def analyze_command(checkpoint, data_root, split, sweep_split, prob_file, sweep_
             sweep_source = f"{sweep_name} split"
         else:
             sweep_source = f"the analysed images ({split})"
-            if split == "test":
-                click.echo("warning: the threshold sweep runs on the test images; do not pick a threshold from it",
-                           err=True)
+        if "test" in (sweep_name, split if sweep_probs is None else None):
+            click.echo("warning: the threshold sweep runs on the test images; do not pick a threshold from it",
+                       err=True)
         result = analyze_predictions(
             samples, probs, thr, sweep_probabilities=sweep_probs,
             sweep_masks=[s.mask for s in sweep_samples] if sweep_probs is not None else None,
