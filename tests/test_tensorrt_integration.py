@@ -210,13 +210,18 @@ def test_real_effisegnet_lite0(backend_factory, tmp_path, output_format):
     np.testing.assert_allclose(auto.infer(batch), ref, rtol=5e-2, atol=5e-2 * scale)
 
 
-def test_second_gpu_when_present(gpu, tmp_path):
+@pytest.fixture
+def two_gpus(gpu):
+    """Skips, with the reason, on a machine with fewer than two CUDA GPUs."""
     try:
         count = open_cuda(DEVICE).device_count()
     except CudaError as e:
         pytest.skip(str(e))
     if count < 2:
-        pytest.skip("only one CUDA GPU: device selection (cuda:1) not testable here")
+        pytest.skip("only one CUDA GPU: cuda:1 and the two-GPU pipeline are not testable here")
+
+
+def test_second_gpu_when_present(two_gpus, tmp_path):
     from effiseg.runtime.backends.tensorrt_backend import TensorRTBackend
     info, path = _tiny(tmp_path, size=32)
     with TensorRTBackend(info, path, device="cuda:1", precision="fp32", max_batch=2,
@@ -226,15 +231,9 @@ def test_second_gpu_when_present(gpu, tmp_path):
         assert backend.describe()["device"] == "cuda:1"
 
 
-def test_two_gpus_segment_one_folder(gpu, tmp_path):
+def test_two_gpus_segment_one_folder(two_gpus, tmp_path):
     """effiseg-run --devices 0,1: one engine per GPU, both fed from one queue by the pipeline's
     threads; every mask matches ONNX Runtime's."""
-    try:
-        count = open_cuda(DEVICE).device_count()
-    except CudaError as e:
-        pytest.skip(str(e))
-    if count < 2:
-        pytest.skip("only one CUDA GPU: the two-GPU pipeline is not testable here")
     from PIL import Image
 
     from effiseg.runtime.segmenter import Segmenter
