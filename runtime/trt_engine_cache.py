@@ -119,6 +119,27 @@ def timing_cache_path(cache_dir: Path, tensorrt_version: str, gpu_name: str,
                               f"-sm{compute_capability.replace('.', '')}.cache")
 
 
+def fast_fp16_answer_path(cache_dir: Path, tensorrt_version: str, gpu_name: str, compute_capability: str) -> Path:
+    """Where the builder's fast-FP16 answer for one GPU and TensorRT version is kept."""
+    return Path(cache_dir) / f"fast-fp16-{_slug(gpu_name)}-sm{_slug(compute_capability)}-trt{_slug(tensorrt_version)}.json"
+
+
+def read_fast_fp16_answer(path: Path) -> bool | None:
+    """The builder's answer recorded by an earlier run, or None (never asked, or unreadable)."""
+    try:
+        value = json.loads(Path(path).read_text()).get("platform_has_fast_fp16")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, bool) else None
+
+
+def write_fast_fp16_answer(path: Path, value: bool) -> None:
+    try:
+        atomic_write_bytes(path, json.dumps({"platform_has_fast_fp16": bool(value)}).encode())
+    except OSError:
+        pass  # only a start-up shortcut: the next run asks the builder again
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
     path = Path(path)

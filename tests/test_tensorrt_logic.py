@@ -547,7 +547,7 @@ def make_fake_trt(cuda: FakeCuda, version="8.6.1", fast_fp16=True, fp16_flag=Tru
 
     class Builder:
         def __init__(self, logger):
-            pass
+            trt.stats["builders"] = trt.stats.get("builders", 0) + 1
 
         def create_network(self, flags):
             trt.stats["network_flags"].append(flags)
@@ -954,3 +954,15 @@ def test_a_last_batch_below_min_batch_is_padded(env):
         out = backend.infer(batch)  # 4 + 1: the single image runs as a batch of 2
     assert out.shape == (5, 16, 16)
     np.testing.assert_allclose(out, onnxruntime_reference(onnx_path, batch), rtol=1e-6, atol=1e-6)
+
+
+def test_a_cached_engine_starts_without_a_builder(env):
+    """The fast-FP16 answer is asked of a Builder once per GPU and TensorRT version (creating one
+    loads TensorRT's builder library); with the engine cached, later starts need no Builder."""
+    info, onnx_path, cuda, trt, make = env(device=MAXWELL, fast_fp16=False)
+    with make(precision="auto") as first:
+        assert first.precision == "fp32"
+    assert trt.stats["builders"] == 1 and trt.stats["builds"] == 1
+    with make(precision="auto") as second:
+        assert second.precision == "fp32"  # the recorded answer: Maxwell has no fast FP16
+    assert trt.stats["builders"] == 1 and trt.stats["builds"] == 1

@@ -37,9 +37,9 @@ import numpy as np
 
 from ..cuda_memory import CudaApi, CudaError, CudaUnavailable, DeviceInfo, open_cuda, parse_cuda_device
 from ..model_info import ModelInfo
-from ..trt_engine_cache import (EngineKey, atomic_write_bytes, engine_path, file_sha256,
-                                load_or_build_engine, read_bytes_or_none, resolve_cache_dir,
-                                timing_cache_path)
+from ..trt_engine_cache import (EngineKey, atomic_write_bytes, engine_path, fast_fp16_answer_path, file_sha256,
+                                load_or_build_engine, read_bytes_or_none, read_fast_fp16_answer,
+                                resolve_cache_dir, timing_cache_path, write_fast_fp16_answer)
 from .base import Backend, BackendUnavailable
 
 log = logging.getLogger(__name__)
@@ -510,11 +510,19 @@ class TensorRTBackend(Backend):
 
         device_label = f"{self.gpu.name} (compute capability {self.gpu.cc_string})"
         fp16_flag = hasattr(getattr(trt, "BuilderFlag", None), "FP16")
+        self.cache_dir = resolve_cache_dir(cache_dir)
         builder = None
         fast = False
         if self.requested_precision != "fp32" and fp16_flag:
-            builder = trt.Builder(logger)
-            fast = platform_has_fast_fp16(builder, self.gpu.compute_capability)
+            # The builder's answer decides, but creating a Builder loads TensorRT's builder library
+            # (seconds on 8.6): it is asked once per GPU and TensorRT version, and the answer kept
+            # beside the engines, so a run whose engine is cached starts without a Builder.
+            answer_path = fast_fp16_answer_path(self.cache_dir, self.trt_version, self.gpu.name, self.gpu.cc_string)
+            fast = read_fast_fp16_answer(answer_path)
+            if fast is None:
+                builder = trt.Builder(logger)
+                fast = platform_has_fast_fp16(builder, self.gpu.compute_capability)
+                write_fast_fp16_answer(answer_path, fast)
         choice = choose_precision(self.requested_precision, fast, device_label, fp16_flag, self.trt_version)
         self.precision = choice.precision
         if choice.message:
@@ -525,7 +533,6 @@ class TensorRTBackend(Backend):
             onnx_sha256=file_sha256(self.onnx_path), tensorrt_version=self.trt_version,
             gpu_name=self.gpu.name, compute_capability=self.gpu.cc_string, precision=self.precision,
             profile=requested.as_key(self.info.input_name), n_profiles=self.n_slots)
-        self.cache_dir = resolve_cache_dir(cache_dir)
         path = engine_path(self.cache_dir, f"{self.info.variant}-{self.onnx_path.stem}", key)
         self._runtime = trt.Runtime(logger)
 
