@@ -966,3 +966,14 @@ def test_a_cached_engine_starts_without_a_builder(env):
     with make(precision="auto") as second:
         assert second.precision == "fp32"  # the recorded answer: Maxwell has no fast FP16
     assert trt.stats["builders"] == 1 and trt.stats["builds"] == 1
+
+
+def test_fixed_batch_with_dynamic_height_width_pads_the_last_batch(env):
+    info, onnx_path, cuda, trt, make = env(tiny_info(16, dynamic_hw=True), static_batch=2)
+    batch = random_batch(info, 3)
+    with make(max_batch=4) as backend:
+        assert backend.max_batch == 2
+        out = backend.infer(batch)  # 2 + 1: the single image runs padded to the fixed batch
+    ref = np.concatenate([onnxruntime_reference(onnx_path, batch[:2]),
+                          onnxruntime_reference(onnx_path, batch[[2, 2]])[:1]])  # ONNX Runtime takes only 2
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)

@@ -664,6 +664,8 @@ class TensorRTBackend(Backend):
                 self._note(f"engine profile allows batches up to {hi[0]}; max_batch lowered from "
                            f"{self.max_batch}", warning=True)
                 self.max_batch = hi[0]
+            if engine_shape[0] >= 0:  # a fixed batch with dynamic height/width: pad smaller batches
+                self.static_batch = engine_shape[0]
         else:
             max_shape = engine_shape
             self.static_batch = engine_shape[0]
