@@ -27,6 +27,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from .cli import parse_int_list
 from .machine import cpu_model, load_average
 
 
@@ -114,12 +115,7 @@ def _summary(runs: list[dict]) -> dict:
 @click.option("--child", is_flag=True, hidden=True)
 def main(checkpoint, onnx, images, batch_sizes, reps, rounds, threads, tunables, output, child):
     """Wall time and minor page faults per batch: PyTorch eager vs ONNX Runtime, under glibc settings."""
-    try:
-        sizes = [int(s) for s in batch_sizes.split(",") if s.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected whole numbers, got {batch_sizes!r}", param_hint="--batch-sizes") from None
-    if not sizes or min(sizes) < 1:
-        raise click.BadParameter("batch sizes must be positive", param_hint="--batch-sizes")
+    sizes = parse_int_list(batch_sizes, "--batch-sizes")
     if child:
         click.echo(json.dumps(_child(checkpoint, onnx, images, sizes, reps, threads)))
         return

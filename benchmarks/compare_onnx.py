@@ -17,6 +17,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from .cli import parse_int_list
+
 
 def compare(a: Path, b: Path, images: Path, batch_sizes: list[int], rounds: int, threads: int,
             log=print) -> dict:
@@ -77,12 +79,7 @@ def compare(a: Path, b: Path, images: Path, batch_sizes: list[int], rounds: int,
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="JSON to write.")
 def main(a, b, images, batch_sizes, rounds, threads, output):
     """Time ONNX files A and B side by side on ONNX Runtime (CPU)."""
-    try:
-        sizes = [int(s) for s in batch_sizes.split(",") if s.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected whole numbers, got {batch_sizes!r}", param_hint="--batch-sizes") from None
-    if not sizes or min(sizes) < 1:
-        raise click.BadParameter("batch sizes must be positive", param_hint="--batch-sizes")
+    sizes = parse_int_list(batch_sizes, "--batch-sizes")
     result = compare(a, b, images, sizes, rounds, threads, log=lambda m: click.echo(m, err=True))
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ import numpy as np
 from effiseg.runtime.images import IMAGE_EXTENSIONS, TEMP_SUFFIX, ImageError, list_images, read_image
 from effiseg.runtime.model_info import ModelInfo
 from effiseg.runtime.postprocess import fill_host_row, logit_threshold, resize_rgb
-from .tensorrt_rules import tensorrt_uint8_problems
+from effiseg.runtime.tensorrt_rules import tensorrt_uint8_problems
 
 EXPORT_INSTALL_MESSAGE = "effiseg-export needs torch, timm, onnx and onnxruntime: pip install 'effiseg[export]'"
 DEFAULT_OPSET = 17

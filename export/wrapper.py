@@ -59,7 +59,7 @@ class SegmentationGraph(nn.Module):
         if self.input_format == "uint8-nhwc":
             # Cast first, then transpose: TensorRT (8.6 and 10.x) takes uint8 only as a network
             # input or output, so a Transpose of the uint8 bytes would be refused by its ONNX parser
-            # (export/tensorrt_rules.py). In torch the permute is a view either way: the result is
+            # (runtime/tensorrt_rules.py). In torch the permute is a view either way: the result is
             # channels_last in memory, which is what the fast torch path wants.
             x = images.float().permute(0, 3, 1, 2)
             x = (x / 255.0 - self.mean) / self.std

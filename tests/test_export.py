@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 from effiseg.export.cli import export_command  # noqa: E402
 from effiseg.export.onnx_export import ExportError, bytes_per_image, export_checkpoint  # noqa: E402
 from effiseg.export.wrapper import SegmentationGraph  # noqa: E402
-from effiseg.export.tensorrt_rules import tensorrt_uint8_problems  # noqa: E402
+from effiseg.runtime.tensorrt_rules import tensorrt_uint8_problems  # noqa: E402
 from effiseg.runtime.images import list_images, read_image  # noqa: E402
 from effiseg.runtime.model_info import ModelInfo, read_onnx_metadata  # noqa: E402
 from effiseg.runtime.postprocess import fill_host_row, resize_rgb  # noqa: E402

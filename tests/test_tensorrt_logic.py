@@ -432,7 +432,7 @@ def make_fake_trt(cuda: FakeCuda, version="8.6.1", fast_fp16=True, fp16_flag=Tru
     import onnx
     import onnxruntime as ort
 
-    from effiseg.export.tensorrt_rules import tensorrt_uint8_problems
+    from effiseg.runtime.tensorrt_rules import tensorrt_uint8_problems
 
     onnx_types = {onnx.TensorProto.UINT8: "UINT8", onnx.TensorProto.FLOAT: "FLOAT",
                   onnx.TensorProto.FLOAT16: "HALF", onnx.TensorProto.BOOL: "BOOL"}

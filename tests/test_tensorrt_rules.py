@@ -5,7 +5,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
 
-from effiseg.export.tensorrt_rules import tensorrt_uint8_problems  # noqa: E402
+from effiseg.runtime.tensorrt_rules import tensorrt_uint8_problems  # noqa: E402
 from effiseg.runtime.cli import DEFAULT_MODEL  # noqa: E402
 
 

@@ -176,9 +176,7 @@ def model_card_command(checkpoint, out_dir, data_root, provenance, protocol_summ
 def score_command(predictions, data_root, split, out_json):
     """Score a folder of predicted masks (<stem>.png, e.g. from effiseg-run) against the ground truth,
     with the same metrics as effiseg-eval."""
-    from PIL import UnidentifiedImageError
-
-    from .data import DatasetError, load_split, read_mask
+    from .data import DatasetError, load_split, read_mask, read_or_note
     from .evaluate import write_json, write_rows_csv
     from .metrics import image_scores, summarize
     try:
@@ -193,10 +191,8 @@ def score_command(predictions, data_root, split, out_json):
         if path is None:
             problems.append(f"{s.stem}: no predicted mask ({candidates[0].name}) in {predictions}")
             continue
-        try:
-            pred = read_mask(path)
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            problems.append(f"{path}: unreadable mask ({type(e).__name__}: {e})")
+        pred = read_or_note(read_mask, path, "mask", problems)
+        if pred is None:
             continue
         if pred.shape != s.mask.shape:
             problems.append(f"{path}: size {pred.shape[::-1]} differs from the ground truth {s.mask.shape[::-1]}")

@@ -105,21 +105,26 @@ def read_mask(path: Path) -> np.ndarray:
         return np.asarray(im.convert("L"), dtype=np.uint8) > MASK_THRESHOLD
 
 
+def read_or_note(read, path: Path, what: str, problems: list[str]):
+    """``read(path)``, or None with "<path>: unreadable <what> (why)" added to ``problems``."""
+    try:
+        return read(path)
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        problems.append(f"{path}: unreadable {what} ({e.__class__.__name__}: {e})")
+        return None
+
+
 def load_pairs(folder: str | Path, limit: int | None = None) -> list[Sample]:
     folder = Path(folder)
     problems: list[str] = []
     samples: list[Sample] = []
     # Pairing problems and unreadable or mismatched files, all in one report.
     for stem, ip, mp in pair_files(folder, problems)[:limit]:
-        try:
-            image = read_rgb(ip)
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            problems.append(f"{ip}: unreadable image ({e.__class__.__name__}: {e})")
+        image = read_or_note(read_rgb, ip, "image", problems)
+        if image is None:
             continue
-        try:
-            mask = read_mask(mp)
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            problems.append(f"{mp}: unreadable mask ({e.__class__.__name__}: {e})")
+        mask = read_or_note(read_mask, mp, "mask", problems)
+        if mask is None:
             continue
         if image.shape[:2] != mask.shape:
             problems.append(f"{ip}: image size {image.shape[1]}x{image.shape[0]} differs from mask "

@@ -63,22 +63,20 @@ def resolve_devices(spec: str) -> list[str]:
     n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if spec == "auto":
         return [f"cuda:{i}" for i in range(n_gpus)] or ["cpu"]
+    from effiseg.runtime.backends import parse_devices  # effiseg-run's device syntax, one item at a time
     devices = []
     for item in (x.strip() for x in spec.split(",")):
         if not item:
             continue
-        if item == "cpu":
-            devices.append("cpu")
-            continue
-        if item == "cuda":
-            item = "cuda:0"
-        index = item[len("cuda:"):] if item.startswith("cuda:") else item
-        if not index.isdigit():
-            raise click.BadParameter(f"{item!r} is not a device: use auto, cpu, N or cuda:N", param_hint="--devices")
-        if int(index) >= n_gpus:
+        try:
+            (device,) = parse_devices(item)  # item by item: a device named twice is a weight here
+        except ValueError:
+            raise click.BadParameter(f"{item!r} is not a device: use auto, cpu, N or cuda:N",
+                                     param_hint="--devices") from None
+        if device != "cpu" and int(device[len("cuda:"):]) >= n_gpus:
             raise click.BadParameter(f"{item!r}: this machine has {n_gpus} CUDA GPU(s) visible"
                                      + (f" (cuda:0..cuda:{n_gpus - 1})" if n_gpus else ""), param_hint="--devices")
-        devices.append(f"cuda:{int(index)}")
+        devices.append(device)
     if not devices:
         raise click.BadParameter("no device given", param_hint="--devices")
     return devices

@@ -63,7 +63,7 @@ def uint8_rule_hint(onnx_path) -> str:
     (effiseg's exporter once transposed the uint8 input before casting it). Empty when onnx is not
     installed or the graph keeps to the rules: the parser's own errors then stand alone."""
     try:
-        from effiseg.export.tensorrt_rules import tensorrt_uint8_problems
+        from effiseg.runtime.tensorrt_rules import tensorrt_uint8_problems
         problems = tensorrt_uint8_problems(onnx_path)
     except Exception:  # onnx missing, or a file onnx cannot read either
         return ""

@@ -12,7 +12,8 @@ strict. The rules below are those of the onnx-tensorrt parser that TensorRT 8.6 
 
 No TensorRT can be installed where effiseg is developed, so every export is checked against these
 rules here (``effiseg-export`` records the result) and the TensorRT backend quotes them when its
-parser fails. Only the uint8 rules are covered: TensorRT may refuse other things.
+parser fails. Only the uint8 rules are covered: TensorRT may refuse other things. It lives in the
+runtime (it needs only onnx) because both use it, and the runtime never imports the export package.
 """
 from __future__ import annotations
 
