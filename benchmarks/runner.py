@@ -329,9 +329,10 @@ def run_rounds(measurements: list[Measurement], rounds: int, warmup: int, plan: 
 
     ``worker_thread``: build, warm up and time on one long-lived worker thread (each round's
     samples are one task, so the hand-over is outside the timed region), as the pipeline's runner
-    thread calls the backend. It matters on CPUs: torch's OpenMP team behaves differently when
-    called from the main thread, and on a shared 2-core machine main-thread torch eager measured
-    several times slower than the same calls from a worker thread."""
+    thread calls the backend, so the figures describe the calls the pipeline makes. (An earlier
+    session saw main-thread torch eager run several times slower than worker-thread calls on a
+    shared 2-core machine; a later fresh-process probe, ``alloc_probe``, found no difference in
+    wall time, CPU time or page faults, so that observation is not relied on.)"""
     if rounds < 1:
         raise ValueError("rounds must be >= 1")
     if worker_thread:
