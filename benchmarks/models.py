@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from effiseg.runtime.version import effiseg_version
+
 DEFAULT_VARIANT = "effisegnet-lite2"
 DEFAULT_SIZE = 352
 UNTRAINED_NOTE = "untrained model: timings only"
@@ -71,14 +73,6 @@ def checkpoint_digest(checkpoint: Path) -> str:
     from effiseg.training.checkpoint import resolve_checkpoint
     weights, config = resolve_checkpoint(checkpoint)
     return _digest(file_sha256(weights), config.read_text(encoding="utf-8"))
-
-
-def effiseg_version() -> str:
-    try:
-        from importlib.metadata import version
-        return version("effiseg")
-    except Exception:
-        return "unknown"
 
 
 def untrained_checkpoint(cache_dir: Path, variant: str, input_size: int, decoder_channels: int | None = None,

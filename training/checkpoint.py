@@ -10,19 +10,13 @@ from pathlib import Path
 
 import torch
 
+from effiseg.runtime.version import effiseg_version  # noqa: F401  (re-exported for callers)
+
 from .model import EffiSegNet, build_model
 from .variants import get_variant
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-
-def effiseg_version() -> str:
-    try:
-        from importlib.metadata import version
-        return version("effiseg")
-    except Exception:
-        return "unknown"
 
 
 def model_config(variant: str, input_size: int | None = None, decoder_channels: int | None = None,
