@@ -2,6 +2,8 @@
 pipeline's efficiency (end-to-end images/s over model-only images/s)."""
 from __future__ import annotations
 
+from effiseg.runtime.model_info import describe_tta
+
 from .stats import ratio, speedup
 
 SCHEMA = "effiseg-bench/1"
@@ -102,10 +104,12 @@ def headline(results: list[dict], baseline_label: str) -> list[dict]:
 
 def unequal_work_note(results: list[dict]) -> str | None:
     """A note when the results do not all run the same amount of work per image (each records the
-    TTA flag of the model its backend ran), since their speed-ups would then compare unlike things."""
-    tta = {r["key"]: r["tta"] for r in results if r.get("tta") is not None}
-    if len(set(tta.values())) < 2:
+    TTA settings of the model its backend ran), since their speed-ups would then compare unlike things."""
+    work = {r["key"]: (bool(r["tta"]), tuple(r.get("tta_sizes") or ())) for r in results if r.get("tta") is not None}
+    if len(set(work.values())) < 2:
         return None
-    with_tta = sorted(k for k, v in tta.items() if v)
-    return ("the backends do not all run the same model: flip TTA (4 network passes per image) in "
-            f"{', '.join(with_tta)} only, so their speed-ups compare unequal work")
+    groups: dict[tuple, list[str]] = {}
+    for key, setting in sorted(work.items()):
+        groups.setdefault(setting, []).append(key)
+    described = "; ".join(f"{describe_tta(*setting)} in {', '.join(keys)}" for setting, keys in groups.items())
+    return f"the backends do not all run the same model ({described}), so their speed-ups compare unequal work"

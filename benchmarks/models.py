@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from effiseg.runtime.model_info import describe_tta, network_passes, parse_tta_sizes
 from effiseg.runtime.version import effiseg_version
 
 DEFAULT_VARIANT = "effisegnet-lite2"
@@ -77,10 +78,10 @@ def checkpoint_digest(checkpoint: Path) -> str:
 
 def untrained_checkpoint(cache_dir: Path, variant: str, input_size: int, decoder_channels: int | None = None,
                          log: Callable[[str], None] = print, *, tta: bool = False, threshold: float = 0.5,
-                         mean: tuple | None = None, std: tuple | None = None) -> Path:
+                         mean: tuple | None = None, std: tuple | None = None, tta_sizes=()) -> Path:
     """An untrained checkpoint of ``variant`` (seeded, so every run times the same weights) whose
-    config carries the inference settings (``tta``, ``threshold``, ``mean``/``std``; default: the
-    variant's normalisation) that the torch backend and the exporter read from it."""
+    config carries the inference settings (``tta``, ``tta_sizes``, ``threshold``, ``mean``/``std``;
+    default: the variant's normalisation) that the torch backend and the exporter read from it."""
     from effiseg.training.checkpoint import model_config
     config = model_config(variant, input_size=input_size, decoder_channels=decoder_channels,
                           threshold=threshold, tta=bool(tta), untrained=True)
@@ -88,12 +89,16 @@ def untrained_checkpoint(cache_dir: Path, variant: str, input_size: int, decoder
         config["mean"] = [float(v) for v in mean]
     if std is not None:
         config["std"] = [float(v) for v in std]
+    if tta_sizes:
+        config["tta_sizes"] = [int(s) for s in tta_sizes]
     # Every setting is in the name, so a twin cached before a setting was carried (or with another
     # value) is never taken for this one; the TTA flag is spelled out as the one that quadruples the work.
-    settings = {k: config[k] for k in ("decoder_channels", "threshold", "tta", "mean", "std")}
+    settings = {k: config[k] for k in ("decoder_channels", "threshold", "tta", "mean", "std", "tta_sizes")
+                if k in config}
     key = _digest(json.dumps(settings, sort_keys=True))
+    sizes = "".join(f"-s{s}" for s in config.get("tta_sizes", ()))
     folder = Path(cache_dir) / (f"untrained-{variant}-{input_size}-ch{config['decoder_channels']}"
-                                f"-tta{int(config['tta'])}-{key}")
+                                f"-tta{int(config['tta'])}{sizes}-{key}")
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         return folder
     log(f"  building an untrained {variant} checkpoint in {folder}")
@@ -118,12 +123,13 @@ def export_cached(checkpoint: Path, cache_dir: Path, input_format: str, size: tu
     h, w = size
     # The exporter takes the TTA flag from the checkpoint's config; the config is in the digest
     # already, and the flag is named on its own as well so that a cached file shows which it is.
-    tta = bool(load_config(checkpoint).get("tta", False))
+    config = load_config(checkpoint)
+    tta, sizes = bool(config.get("tta", False)), parse_tta_sizes(config.get("tta_sizes"))
     key = _digest(checkpoint_digest(checkpoint), input_format, output_format, h, w, f"tta={int(tta)}",
-                  effiseg_version())
+                  f"sizes={sizes}", effiseg_version())
     short = "uint8" if input_format == "uint8-nhwc" else "float32"
     path = Path(cache_dir) / "onnx" / (f"{Path(checkpoint).name}-{short}-{h}x{w}-{output_format}"
-                                       f"{'-tta' if tta else ''}-{key}.onnx")
+                                       f"{'-tta' if tta else ''}{''.join(f'-s{s}' for s in sizes)}-{key}.onnx")
     if path.is_file():
         return path
     if h != w:
@@ -137,7 +143,8 @@ def export_cached(checkpoint: Path, cache_dir: Path, input_format: str, size: tu
 def work_settings(info) -> dict:
     """The settings of a model (a ``ModelInfo``) that change the work per image or its output: what
     a twin has to reproduce and what two files of one benchmark have to share."""
-    return {"variant": info.variant, "tta": bool(info.tta), "threshold": float(info.threshold),
+    return {"variant": info.variant, "tta": bool(info.tta), "tta_sizes": list(info.tta_sizes),
+            "threshold": float(info.threshold),
             "output_format": info.output_format, "mean": [float(v) for v in info.mean],
             "std": [float(v) for v in info.std]}
 
@@ -160,7 +167,7 @@ def operator_difference(given: Path, exported: Path) -> tuple[list[str], list[st
 
 
 def _describe_settings(settings: dict) -> str:
-    passes = "flip TTA (4 network passes per image)" if settings["tta"] else "no TTA (1 network pass per image)"
+    passes = describe_tta(settings["tta"], settings.get("tta_sizes", ()))
     return (f"{passes}, threshold {settings['threshold']:g}, {settings['output_format']} output, "
             f"normalisation mean {settings['mean']} std {settings['std']}")
 
@@ -180,6 +187,7 @@ class ModelSet:
     # Every backend runs the model with these (the torch backend and the exporter read them from
     # the checkpoint's config): recorded so that the result file says how much work an image was.
     tta: bool = False
+    tta_sizes: tuple = ()
     threshold: float = 0.5
     twin: dict | None = None                 # what an untrained twin of the given ONNX reproduces
     notes: list = field(default_factory=list)
@@ -227,7 +235,8 @@ class ModelSet:
                 "given_onnx": str(self.given_onnx) if self.given_onnx else None,
                 "onnx": {f"{fmt}@{h}x{w}": str(p) for (fmt, (h, w)), p in self.onnx.items()},
                 "output_format": self.output_format, "trained": self.trained,
-                "tta": self.tta, "network_passes_per_image": 4 if self.tta else 1, "threshold": self.threshold,
+                "tta": self.tta, "tta_sizes": list(self.tta_sizes),
+                "network_passes_per_image": network_passes(self.tta, self.tta_sizes), "threshold": self.threshold,
                 "twin": self.twin, "note": "; ".join(self.notes) if self.notes else None}
 
 
@@ -269,7 +278,8 @@ def resolve_models(model: Path | None, checkpoint: Path | None, cache_dir: Path 
             output_format = ModelInfo.from_onnx(model).output_format
         ms = ModelSet(config["variant"], (size, size), checkpoint, cache_dir, "checkpoint",
                       given_onnx=Path(model) if model else None, output_format=output_format, trained=trained,
-                      tta=bool(config.get("tta", False)), threshold=float(config.get("threshold", 0.5)), log=log)
+                      tta=bool(config.get("tta", False)), tta_sizes=parse_tta_sizes(config.get("tta_sizes")),
+                      threshold=float(config.get("threshold", 0.5)), log=log)
         if not trained:
             ms.notes.append(UNTRAINED_NOTE)
         return ms
@@ -296,12 +306,12 @@ def resolve_models(model: Path | None, checkpoint: Path | None, cache_dir: Path 
     recorded = info.extra.get("decoder_channels")
     twin = untrained_checkpoint(cache_dir, info.variant, info.input_height,
                                 int(recorded) if recorded is not None else None, log=log, tta=info.tta,
-                                threshold=info.threshold, mean=info.mean, std=info.std)
+                                threshold=info.threshold, mean=info.mean, std=info.std, tta_sizes=info.tta_sizes)
     from effiseg.training.checkpoint import load_config
     channels = int(load_config(twin)["decoder_channels"])
     ms = ModelSet(info.variant, (info.input_height, info.input_width), twin, cache_dir, "onnx",
                   given_onnx=model, output_format=info.output_format, trained=True, tta=info.tta,
-                  threshold=info.threshold, log=log)
+                  tta_sizes=info.tta_sizes, threshold=info.threshold, log=log)
     ms.twin = {**settings, "input_size": [info.input_height, info.input_width], "decoder_channels": channels,
                "decoder_channels_recorded": recorded is not None, "weights": "untrained (seeded)"}
     other = "float32" if info.input_format == "uint8-nhwc" else "uint8"

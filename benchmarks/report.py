@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from effiseg.runtime.model_info import describe_tta
+
 from .analysis import SCHEMA
 from .stats import geometric_mean, ratio
 
@@ -209,7 +211,7 @@ def format_report(data: dict) -> str:
                  f"load average before/after: {data.get('load_average_before')} / {data.get('load_average_after')}")
     model = data["model"]
     # The passes per image belong beside the model: a TTA model does 4x the work of the plain network.
-    passes = {True: ", flip TTA (4 network passes per image)", False: ", no TTA"}.get(model.get("tta"), "")
+    passes = ", " + describe_tta(model["tta"], model.get("tta_sizes") or ()) if model.get("tta") is not None else ""
     parts.append(f"Model: {model.get('variant')} at {model.get('input_sizes')}{passes}"
                  + (f" -- {model['note']}" if model.get("note") else ""))
     for mode in ("model", "compute", "e2e"):

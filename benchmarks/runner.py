@@ -451,6 +451,7 @@ def _result(rec: _Record) -> dict:
     precision = cfg.target.spec.precision
     backend = m.backend
     tta = None
+    tta_sizes = None
     if backend is not None:
         try:
             describe = backend.describe()
@@ -459,7 +460,9 @@ def _result(rec: _Record) -> dict:
             pass
         # Read from the model each backend actually runs: flip TTA is 4 network passes per image,
         # so rows that differ in it do not compare the same work.
-        tta = getattr(getattr(backend, "info", None), "tta", None)
+        info = getattr(backend, "info", None)
+        tta = getattr(info, "tta", None)
+        tta_sizes = list(getattr(info, "tta_sizes", ()) or ()) if info is not None else None
     built = m.built
     result = {
         "mode": cfg.mode,
@@ -473,6 +476,7 @@ def _result(rec: _Record) -> dict:
         "width": cfg.width,
         "input_format": cfg.input_format,
         "tta": tta,
+        "tta_sizes": tta_sizes,
         "timing": TIMING_NOTES[cfg.mode],
         "latency": None,
         "samples_ms": [round(x, 4) for x in rec.timed_ms],

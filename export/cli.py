@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from effiseg.runtime.cli import tta_sizes_option
 from effiseg.runtime.model_info import INPUT_FORMATS, OUTPUT_FORMATS
 
 
@@ -34,12 +35,15 @@ def _fmt_bytes(n: int) -> str:
               help="Threshold stored in the metadata (and baked into mask outputs) [default: the checkpoint's].")
 @click.option("--tta/--no-tta", default=None,
               help="Flip test-time augmentation inside the graph (4x compute) [default: the checkpoint's setting].")
+@click.option("--tta-sizes", default=None, callback=tta_sizes_option, metavar="SIZES",
+              help="Multi-scale TTA inside the graph: square sizes the network also runs at, e.g. 352,416 "
+                   "(multiples of 32; 'none' for the input size only) [default: the checkpoint's setting].")
 @click.option("--opset", type=click.IntRange(17), default=17)
 @click.option("--verify-images", type=click.Path(path_type=Path), default=None,
               help="Folder of images for the parity check [default: Kvasir-SEG validation images].")
 @click.option("--verify-count", type=click.IntRange(1, 64), default=4, help="Images used for the parity check.")
-def export_command(checkpoint, output, input_format, output_format, dynamic_hw, input_size, threshold, tta, opset,
-                   verify_images, verify_count):
+def export_command(checkpoint, output, input_format, output_format, dynamic_hw, input_size, threshold, tta, tta_sizes,
+                   opset, verify_images, verify_count):
     """Export CHECKPOINT (folder, config.json or .safetensors) to ONNX with effiseg metadata, check it with
     onnx.checker and compare it with PyTorch in ONNX Runtime; writes OUTPUT and OUTPUT.export.json."""
     from .onnx_export import ExportError, export_checkpoint
@@ -51,6 +55,7 @@ def export_command(checkpoint, output, input_format, output_format, dynamic_hw, 
     try:
         report = export_checkpoint(checkpoint, output, input_format=input_format, output_format=output_format,
                                    dynamic_hw=dynamic_hw, input_size=input_size, opset=opset, threshold=threshold, tta=tta,
+                                   tta_sizes=tta_sizes,
                                    verify_dir=verify_images, verify_count=verify_count,
                                    log=lambda message: click.echo(message, err=True))
     except ExportError as e:

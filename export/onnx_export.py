@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from effiseg.runtime.images import IMAGE_EXTENSIONS, TEMP_SUFFIX, ImageError, list_images, read_image
-from effiseg.runtime.model_info import ModelInfo
+from effiseg.runtime.model_info import ModelInfo, parse_tta_sizes
 from effiseg.runtime.postprocess import fill_host_row, logit_threshold, resize_rgb
 from effiseg.runtime.tensorrt_rules import tensorrt_uint8_problems
 
@@ -249,10 +249,12 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
                       dynamic_hw: bool = False, input_size: int | tuple[int, int] | None = None,
                       opset: int = DEFAULT_OPSET,
                       threshold: float | None = None, verify_dir: Path | None = None, verify_count: int = 4,
-                      tta: bool | None = None, log=print) -> dict:
+                      tta: bool | None = None, tta_sizes=None, log=print) -> dict:
     """Export, check and verify; returns the report (also written as ``<output>.export.json``).
     Raises :class:`ExportError` when anything fails (nothing is left at ``output``). ``input_size``:
-    one side or (height, width) [default: the checkpoint's]. ``log`` receives progress lines."""
+    one side or (height, width) [default: the checkpoint's]. ``tta``/``tta_sizes`` (flips,
+    multi-scale sizes; "none" or () for none) [default: the checkpoint's]. ``log`` receives
+    progress lines."""
     if opset < 17:
         raise ExportError(f"opset {opset} is too old; effiseg exports opset 17 or newer")
     torch, onnx, ort, load_model, effiseg_version, SegmentationGraph = _import_export_stack()
@@ -270,6 +272,16 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
         config = dict(config, threshold=float(threshold))
     if tta is not None:
         config = dict(config, tta=bool(tta))
+    try:
+        if tta_sizes is not None:
+            config = dict(config, tta_sizes=list(parse_tta_sizes(tta_sizes)))
+        sizes = parse_tta_sizes(config.get("tta_sizes"))
+    except ValueError as e:
+        raise ExportError(f"multi-scale TTA: {e}") from None
+    if sizes and dynamic_hw:
+        raise ExportError(f"multi-scale TTA (sizes {', '.join(map(str, sizes))}) needs a fixed input size: the sizes "
+                          "are squares chosen for the model's input size; export without --dynamic-hw, "
+                          "or with --tta-sizes none")
     if int(config.get("min_region_px", 0) or 0) > 0:
         # The runtime thresholds the graph's output and does not remove small regions, so the ONNX
         # model would not reproduce the checkpoint's evaluated setting: say so rather than differ silently.
@@ -281,9 +293,9 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
     info.extra = {"output_layout": "NHW", "opset": opset, "checkpoint": Path(checkpoint).name,
                   "torch": torch.__version__, "encoder": config.get("encoder", "")}
     graph = SegmentationGraph(model, info.mean, info.std, input_format, output_format, info.threshold,
-                              tta=info.tta).eval()
+                              tta=info.tta, tta_sizes=info.tta_sizes).eval()
     reference = SegmentationGraph(model, info.mean, info.std, "uint8-nhwc", "logits", info.threshold,
-                                  tta=info.tta).eval()
+                                  tta=info.tta, tta_sizes=info.tta_sizes).eval()
     h, w = info.input_height, info.input_width
     # Before tracing (tens of seconds): a wrong --verify-images folder fails at once.
     verify_images, verify_source, verify_skipped = load_verify_images(verify_dir, verify_count, h, w)
@@ -300,6 +312,7 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
               "output_format": output_format, "input_size": [h, w], "dynamic_hw": dynamic_hw,
               "dynamic_axes": ["batch"] + (["height", "width"] if dynamic_hw else []),
               "output_shape": "(N, H, W)", "threshold": info.threshold, "tta": info.tta,
+              "tta_sizes": list(info.tta_sizes),
               "bytes_per_image": bytes_per_image(h, w, input_format, output_format),
               "metadata": info.to_metadata(), "ok": False}
     try:

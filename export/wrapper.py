@@ -16,12 +16,14 @@ import math
 import torch
 from torch import nn
 
-from effiseg.runtime.model_info import INPUT_FORMATS, OUTPUT_FORMATS
+from effiseg.runtime.model_info import INPUT_FORMATS, OUTPUT_FORMATS, parse_tta_sizes
+from effiseg.training.tta import tta_logits
 
 
 class SegmentationGraph(nn.Module):
     def __init__(self, model: nn.Module, mean, std, input_format: str = "uint8-nhwc",
-                 output_format: str = "logits", threshold: float = 0.5, tta: bool = False):
+                 output_format: str = "logits", threshold: float = 0.5, tta: bool = False,
+                 tta_sizes=()):
         super().__init__()
         if input_format not in INPUT_FORMATS:
             raise ValueError(f"input format must be one of {INPUT_FORMATS}, not {input_format!r}")
@@ -34,6 +36,7 @@ class SegmentationGraph(nn.Module):
         self.output_format = output_format
         self.threshold = float(threshold)
         self.tta = bool(tta)
+        self.tta_sizes = parse_tta_sizes(tta_sizes)
         self.logit_threshold = math.log(threshold / (1.0 - threshold))
         # The network's own dtype (float16 in the torch backend's fast mode); preprocessing runs in
         # float32 either way, like evaluation's normalize_batch.
@@ -42,18 +45,10 @@ class SegmentationGraph(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
     def _network(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, H, W) float32 logits; with ``tta`` the mean over the four flips, run as one batch of
-        4N (one launch sequence, better GPU use than four calls)."""
-        if not self.tta:
-            out = self.model(x)
-            out = out[0] if isinstance(out, (tuple, list)) else out
-            return out[:, 0].float()
-        n = x.shape[0]
-        batch = torch.cat([x, torch.flip(x, dims=(3,)), torch.flip(x, dims=(2,)), torch.flip(x, dims=(2, 3))], dim=0)
-        out = self.model(batch)
-        out = (out[0] if isinstance(out, (tuple, list)) else out)[:, 0].float()
-        a, b, c, d = out[:n], out[n:2 * n], out[2 * n:3 * n], out[3 * n:]
-        return (a + torch.flip(b, dims=(2,)) + torch.flip(c, dims=(1,)) + torch.flip(d, dims=(1, 2))) / 4.0
+        """(N, H, W) float32 logits, averaged over flips (``tta``, run as one batch of 4N: one
+        launch sequence, better GPU use than four calls) and ``tta_sizes`` (training/tta.py, the
+        code evaluation runs)."""
+        return tta_logits(self.model, x, self.tta, self.tta_sizes)[:, 0]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.input_format == "uint8-nhwc":

@@ -21,12 +21,24 @@ import click
 
 from .backends import BACKEND_CHOICES
 from .images import DEFAULT_MAX_PIXELS
+from .model_info import parse_tta_sizes
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "effisegnet-default.onnx"
 EXIT_FAILED_FILES = 1
 EXIT_CANNOT_START = 3
 EXIT_RUN_STOPPED = 4
 EXIT_INTERRUPTED = 130
+
+
+def tta_sizes_option(ctx, param, value):
+    """click callback shared by the commands that take ``--tta-sizes`` ("352,416", or "none");
+    None (option not given) stays None: the model's own setting applies."""
+    if value is None:
+        return None
+    try:
+        return parse_tta_sizes(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
 
 
 class RunStopped(click.ClickException):

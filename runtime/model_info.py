@@ -19,6 +19,55 @@ META_PREFIX = "effiseg."
 INPUT_FORMATS = ("uint8-nhwc", "float32-nchw")
 OUTPUT_FORMATS = ("logits", "probabilities", "mask")
 
+# Multi-scale test-time augmentation: square sizes the network also runs at (multiples of the
+# encoder's stride 32, so every decoder stage upsamples by exact factors of 2).
+TTA_SIZE_STEP = 32
+TTA_SIZE_RANGE = (64, 2048)
+
+
+def parse_tta_sizes(value) -> tuple[int, ...]:
+    """Multi-scale TTA sizes from a config value, metadata string or CLI text ("352,416"; "",
+    "none" or None = none) as a sorted tuple without repeats; a bad value raises ValueError
+    saying which size and why."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("", "none", "off"):
+            return ()
+        items = [part.strip() for part in text.split(",")]
+    else:
+        items = list(value)
+    sizes = set()
+    for item in items:
+        try:
+            size = int(item)
+            if isinstance(item, float) and item != size:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise ValueError(f"TTA size {item!r} is not a whole number of pixels") from None
+        low, high = TTA_SIZE_RANGE
+        if size % TTA_SIZE_STEP or not low <= size <= high:
+            raise ValueError(f"TTA size {size} must be a multiple of {TTA_SIZE_STEP} between {low} and {high}")
+        sizes.add(size)
+    return tuple(sorted(sizes))
+
+
+def network_passes(tta: bool, tta_sizes=()) -> int:
+    """Network passes per image: one per size (the input size when no sizes are set), times four
+    with flip TTA."""
+    return (4 if tta else 1) * max(1, len(tta_sizes or ()))
+
+
+def describe_tta(tta: bool, tta_sizes=()) -> str:
+    """"flip TTA at 352+416 (8 network passes per image)" and the like, for logs and reports."""
+    passes = network_passes(tta, tta_sizes)
+    sizes = "+".join(str(s) for s in tta_sizes or ())
+    if not tta and not sizes:
+        return "no TTA (1 network pass per image)"
+    what = "flip TTA" if tta else "no flips"
+    return f"{what}{' at sizes ' + sizes if sizes else ''} ({passes} network passes per image)"
+
 
 @dataclass
 class ModelInfo:
@@ -34,6 +83,9 @@ class ModelInfo:
     # Flip test-time augmentation inside the graph: the logits are the mean over the image and its
     # horizontal, vertical and double flips (4x the compute; chosen on validation for the default).
     tta: bool = False
+    # Multi-scale TTA: the network also runs at these square sizes (the input resized in the
+    # graph) and the logits, resized back, are averaged; () = the input size only.
+    tta_sizes: tuple[int, ...] = ()
     dynamic_hw: bool = False
     input_name: str = "images"
     output_name: str = "logits"
@@ -54,6 +106,7 @@ class ModelInfo:
             META_PREFIX + "threshold": repr(float(self.threshold)),
             META_PREFIX + "dynamic_hw": "1" if self.dynamic_hw else "0",
             META_PREFIX + "tta": "1" if self.tta else "0",
+            META_PREFIX + "tta_sizes": ",".join(str(s) for s in self.tta_sizes),
             META_PREFIX + "input_name": self.input_name,
             META_PREFIX + "output_name": self.output_name,
             META_PREFIX + "metrics": json.dumps(self.metrics, sort_keys=True),
@@ -78,7 +131,7 @@ class ModelInfo:
             mean=tuple(json.loads(get("mean", "[0.5, 0.5, 0.5]"))),
             std=tuple(json.loads(get("std", "[0.5, 0.5, 0.5]"))),
             threshold=float(get("threshold", "0.5")), dynamic_hw=get("dynamic_hw", "0") == "1",
-            tta=get("tta", "0") == "1",
+            tta=get("tta", "0") == "1", tta_sizes=parse_tta_sizes(get("tta_sizes", "")),
             input_name=get("input_name", "images"), output_name=get("output_name", "logits"),
             metrics=json.loads(get("metrics", "{}")), version=get("version", "unknown"),
             extra=json.loads(get("extra", "{}")),
@@ -99,7 +152,8 @@ class ModelInfo:
             mean=tuple(float(v) for v in config.get("mean", (0.5, 0.5, 0.5))),
             std=tuple(float(v) for v in config.get("std", (0.5, 0.5, 0.5))),
             threshold=float(config.get("threshold", 0.5)), dynamic_hw=bool(dynamic_hw),
-            tta=bool(config.get("tta", False)), output_name=output_format, metrics=dict(config.get("metrics") or {}),
+            tta=bool(config.get("tta", False)), tta_sizes=parse_tta_sizes(config.get("tta_sizes")),
+            output_name=output_format, metrics=dict(config.get("metrics") or {}),
             version=str(config.get("effiseg_version", "unknown")),
         )
 

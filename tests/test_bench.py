@@ -517,8 +517,14 @@ def test_results_that_differ_in_tta_are_said_to_compare_unequal_work():
     assert unequal_work_note([_result("model", "ort-cpu@cpu", 1, 350.0)]) is None  # files from before the field
     mixed = same + [dict(_result("model", "ort-cpu@cpu", 1, 100.0, fmt="float32-nchw"), tta=False)]
     note = unequal_work_note(mixed)
-    assert "unequal work" in note and "model|ort-cpu@cpu|uint8-nhwc|b1|352x352" in note
-    assert "float32" not in note
+    assert "unequal work" in note
+    # Each group of rows is named with the work it did.
+    assert "flip TTA (4 network passes per image) in model|ort-cpu@cpu|uint8-nhwc|b1|352x352" in note
+    assert "no TTA (1 network pass per image) in model|ort-cpu@cpu|float32-nchw|b1|352x352" in note
+    # Same flips, different multi-scale sizes: unequal too (8 passes against 4).
+    multiscale = same[:1] + [dict(same[1], tta_sizes=[352, 416])]
+    note = unequal_work_note(multiscale)
+    assert note and "sizes 352+416 (8 network passes per image) in model|ort-cpu@cpu" in note
 
 
 def test_a_run_on_a_tta_onnx_times_four_passes_in_every_backend(tta_onnx, bench_cache, tmp_path):

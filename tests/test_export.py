@@ -251,6 +251,54 @@ def test_flip_tta_in_the_graph_matches_evaluation(tmp_path):
     assert np.abs(got - plain).max() > 1e-3  # the flips really change the answer
 
 
+def test_multiscale_tta_in_the_graph_matches_evaluation(tmp_path):
+    """--tta-sizes bakes the multi-scale average into the graph (the input resized in the graph, the
+    logits resized back): ONNX Runtime, the torch backend's graph and training.evaluate agree."""
+    from PIL import Image
+    from effiseg.training.checkpoint import model_config, save_checkpoint
+    from effiseg.training.evaluate import predict_logits
+    from effiseg.training.model import build_model
+    torch.manual_seed(0)
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(ckpt, build_model("effisegnet-lite0").eval(), model_config("effisegnet-lite0", input_size=64))
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(img_dir / f"{i}.png")
+    onnx_path = tmp_path / "ms.onnx"
+    report = export_checkpoint(ckpt, onnx_path, tta=True, tta_sizes="96,64", verify_dir=img_dir, verify_count=3,
+                               log=lambda *a: None)
+    assert report["ok"] and report["tta_sizes"] == [64, 96]
+    info = ModelInfo.from_onnx(onnx_path)
+    assert info.tta is True and info.tta_sizes == (64, 96)
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: np.stack(images)})[0]
+    model, cfg = load_model(ckpt)
+    want = np.stack(predict_logits(model, cfg, images, tta=True, tta_sizes=(64, 96)))
+    flips_only = np.stack(predict_logits(model, cfg, images, tta=True))
+    assert got.shape == (3, 64, 64)
+    assert np.abs(got - want).max() < 1e-3
+    assert np.abs(got - flips_only).max() > 1e-3  # the second size really changes the answer
+    graph = SegmentationGraph(model, info.mean, info.std, tta=True, tta_sizes=info.tta_sizes).eval()
+    with torch.no_grad():
+        torch_out = graph(torch.from_numpy(np.stack(images))).numpy()
+    assert np.abs(torch_out - want).max() < 1e-4
+
+
+def test_multiscale_tta_needs_a_fixed_size_and_valid_sizes(tiny_checkpoint, tmp_path):
+    with pytest.raises(ExportError, match="needs a fixed input size"):
+        export_checkpoint(tiny_checkpoint, tmp_path / "d.onnx", dynamic_hw=True, tta_sizes=[64, 96],
+                          log=lambda *a: None)
+    with pytest.raises(ExportError, match="multiple of 32"):
+        export_checkpoint(tiny_checkpoint, tmp_path / "b.onnx", tta_sizes="64,100", log=lambda *a: None)
+    assert not (tmp_path / "d.onnx").exists() and not (tmp_path / "b.onnx").exists()
+    res = CliRunner().invoke(export_command, [str(tiny_checkpoint), "-o", str(tmp_path / "c.onnx"),
+                                              "--tta-sizes", "64,abc"])
+    assert res.exit_code == 2 and "'abc' is not a whole number" in res.output
+
+
 def test_cli_errors_name_the_file_and_unreadable_verify_images_are_skipped(tiny_checkpoint, verify_images_dir, tmp_path):
     import shutil
     not_a_checkpoint = tmp_path / "fake.onnx"

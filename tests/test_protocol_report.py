@@ -43,3 +43,40 @@ def test_winner_is_chosen_on_validation_and_gain_is_paired(tmp_path):
     assert res["arms"]["baseline"]["plain"]["config"] == PLAIN
     assert res["baseline_spread"]["seed_pair"] == [0, 1]
     assert "Winner (chosen on validation)" in md and "per seed" in md
+
+
+def test_multiscale_candidate_is_reported_when_evaluated_and_can_win(tmp_path):
+    ms = (64, 128)
+    ev = tmp_path / "evaluations"
+    ev.mkdir()
+    for seed in (0, 1, 2):
+        _write_eval(ev, f"baseline_s{seed}", lambda t, th, m: 0.80 + 0.01 * t, lambda t, th, m: 0.80 + 0.001 * seed)
+        # Evaluations made by this version also hold multi-scale keys: best on validation here.
+        data = json.loads((ev / f"baseline_s{seed}.json").read_text())
+        for thr, mr in inference_configs():
+            key = config_key(True, thr, mr, ms)
+            data["val"][key] = 0.85 if (thr == 0.45 and mr == 0) else 0.70
+            d = [0.83 + 0.001 * seed + 0.001 * (i % 3) for i in range(20)]
+            data["test"][key] = {"dice": d, "iou": d, "precision": d, "recall": d}
+        (ev / f"baseline_s{seed}.json").write_text(json.dumps(data))
+    (tmp_path / "plan.json").write_text(json.dumps({"variant": "x", "epochs": 1, "seeds": [0, 1, 2], "parallel": 1}))
+    md = build_protocol_report(tmp_path, n_boot=200).read_text()
+    res = json.loads((tmp_path / "protocol_results.json").read_text())
+    single = res["inference_candidates_on_baseline"]["multi-scale + flip TTA"]
+    assert single["config"] == config_key(True, 0.5, 0, ms)  # its own row: the default threshold only
+    assert res["inference_candidates_on_baseline"]["flip TTA"]["config"] == config_key(True, 0.5, 0)
+    assert res["winner"]["config"] == config_key(True, 0.45, 0, ms)  # chosen on validation
+    assert np.allclose(res["winner"]["gain_vs_baseline"]["per_seed_diff"], [0.03, 0.03, 0.03])
+    assert "sizes=64+128" in md
+
+
+def test_evaluations_without_multiscale_keys_report_as_before(tmp_path):
+    ev = tmp_path / "evaluations"
+    ev.mkdir()
+    for seed in (0, 1):
+        _write_eval(ev, f"baseline_s{seed}", lambda t, th, m: 0.80 + 0.01 * t, lambda t, th, m: 0.80)
+    (tmp_path / "plan.json").write_text(json.dumps({"variant": "x", "epochs": 1, "seeds": [0, 1], "parallel": 1}))
+    build_protocol_report(tmp_path, n_boot=100)
+    res = json.loads((tmp_path / "protocol_results.json").read_text())
+    assert "multi-scale + flip TTA" not in res["inference_candidates_on_baseline"]
+    assert "flip TTA" in res["inference_candidates_on_baseline"]

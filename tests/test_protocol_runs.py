@@ -95,6 +95,7 @@ def test_train_evaluate_report_spread_over_devices(tmp_path):
     for run in ("baseline_s0", "boundary_loss_s0"):
         ev = json.loads((proto / "evaluations" / f"{run}.json").read_text())
         assert ev["test_stems"] == ["0", "1"] and "tta=1,thr=0.50,minreg=0" in ev["val"]
+        assert "tta=1,thr=0.50,minreg=0,sizes=64+128" in ev["val"]  # the multi-scale candidate (64 + 64 px)
     res = CliRunner().invoke(protocol_main, ["report", "--out", str(proto), "--n-boot", "200"])
     assert res.exit_code == 0, res.output
     results = json.loads((proto / "protocol_results.json").read_text())

@@ -8,6 +8,7 @@ from click.testing import CliRunner
 from effiseg.runtime.model_info import ModelInfo
 from effiseg.training.checkpoint import model_config, save_checkpoint
 from effiseg.training.model import build_model
+from effiseg.training.protocol import config_key
 from effiseg.training.protocol import main as protocol_main
 from effiseg.training.ship import ShipError, parse_config_key
 from effiseg.training.trainer import TrainConfig
@@ -25,9 +26,15 @@ WINNER = {
 
 
 def test_config_keys_parse_into_checkpoint_settings():
-    assert parse_config_key("tta=1,thr=0.60,minreg=64") == {"tta": True, "threshold": 0.6, "min_region_px": 64}
-    with pytest.raises(ShipError, match="cannot read"):
-        parse_config_key("tta=1,thr=high")
+    assert parse_config_key("tta=1,thr=0.60,minreg=64") == {"tta": True, "threshold": 0.6, "min_region_px": 64,
+                                                            "tta_sizes": []}
+    assert parse_config_key("tta=1,thr=0.40,minreg=0,sizes=416+352") == {
+        "tta": True, "threshold": 0.4, "min_region_px": 0, "tta_sizes": [352, 416]}
+    assert config_key(True, 0.4, 0, (352, 416)) == "tta=1,thr=0.40,minreg=0,sizes=352+416"
+    assert config_key(True, 0.4, 0) == "tta=1,thr=0.40,minreg=0"  # keys of older evaluations unchanged
+    for bad in ("tta=1,thr=high", "tta=1,thr=0.5,minreg=0,sizes=350"):
+        with pytest.raises(ShipError, match="cannot read"):
+            parse_config_key(bad)
 
 
 def _protocol(tmp_path):

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import click
 
+from effiseg.runtime.cli import tta_sizes_option
+from effiseg.runtime.model_info import parse_tta_sizes
+
 from .data import DEFAULT_DATA_ROOT as DEFAULT_DATA
 
 CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"]}
@@ -99,13 +102,17 @@ def train_command(data_root, variant, input_size, epochs, batch_size, lr, min_lr
 @click.option("--batch-size", type=click.IntRange(1), default=8)
 @click.option("--threshold", type=PROBABILITY, default=None, help="Probability threshold (default: the checkpoint's).")
 @click.option("--tta/--no-tta", default=None, help="Flip test-time augmentation (default: the checkpoint's setting).")
+@click.option("--tta-sizes", default=None, callback=tta_sizes_option, metavar="SIZES",
+              help="Multi-scale TTA: square sizes the network also runs at, e.g. 352,416 ('none': the input "
+                   "size only) [default: the checkpoint's setting].")
 @click.option("--min-region", type=click.IntRange(0), default=None,
               help="Remove predicted regions smaller than N pixels (default: the checkpoint's setting, else 0).")
 @click.option("--output", "out_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Folder for metrics.json and per_image.csv (default: <run folder>/eval-<split>; for a model "
                    "inside the installed package, ./eval-<model>-<split>).")
 @click.option("--save-masks", is_flag=True, help="Also write predicted masks as PNG.")
-def eval_command(checkpoint, data_root, split, device, batch_size, threshold, tta, min_region, out_dir, save_masks):
+def eval_command(checkpoint, data_root, split, device, batch_size, threshold, tta, tta_sizes, min_region, out_dir,
+                 save_masks):
     """Evaluate a checkpoint on a split: metrics JSON, per-image CSV, optional mask PNGs."""
     from .checkpoint import load_model
     from .data import DatasetError, load_split
@@ -116,9 +123,11 @@ def eval_command(checkpoint, data_root, split, device, batch_size, threshold, tt
         model, cfg = load_model(checkpoint, device=dev)
         samples = load_split(data_root, None if split == "none" else split)
         tta = bool(cfg.get("tta", False)) if tta is None else tta
+        tta_sizes = parse_tta_sizes(cfg.get("tta_sizes")) if tta_sizes is None else tta_sizes
         min_region = int(cfg.get("min_region_px", 0)) if min_region is None else min_region
         t0 = time.perf_counter()
-        summary, rows, logits = evaluate_samples(model, cfg, samples, dev, batch_size, threshold, tta, min_region)
+        summary, rows, logits = evaluate_samples(model, cfg, samples, dev, batch_size, threshold, tta, min_region,
+                                                 tta_sizes=tta_sizes)
     except (FileNotFoundError, DatasetError, ValueError, KeyError, RuntimeError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
@@ -146,15 +155,18 @@ def eval_command(checkpoint, data_root, split, device, batch_size, threshold, tt
               help="A Markdown file summarising the multi-seed evidence.")
 @click.option("--threshold", type=PROBABILITY, default=None, help="[default: the checkpoint's]")
 @click.option("--tta/--no-tta", default=None, help="[default: the checkpoint's]")
+@click.option("--tta-sizes", default=None, callback=tta_sizes_option, metavar="SIZES",
+              help="Multi-scale TTA sizes, e.g. 352,416, or 'none' [default: the checkpoint's]")
 @click.option("--min-region", type=click.IntRange(0), default=None, help="[default: the checkpoint's]")
 @click.option("--device", default="auto")
 @click.option("--role", default=None, help="Shown in the card's title, e.g. 'effiseg default model'.")
-def model_card_command(checkpoint, out_dir, data_root, provenance, protocol_summary, threshold, tta, min_region, device,
-                       role):
+def model_card_command(checkpoint, out_dir, data_root, provenance, protocol_summary, threshold, tta, tta_sizes,
+                       min_region, device, role):
     """Write a publishable model folder (Hugging Face layout) with a measured model card."""
     from .model_card import make_model_folder
     from .trainer import resolve_device
-    settings = {k: v for k, v in (("threshold", threshold), ("tta", tta), ("min_region_px", min_region)) if v is not None}
+    settings = {k: v for k, v in (("threshold", threshold), ("tta", tta), ("min_region_px", min_region),
+                                  ("tta_sizes", None if tta_sizes is None else list(tta_sizes))) if v is not None}
     prov = json.loads(Path(provenance).read_text()) if provenance else {}
     proto = {"summary": Path(protocol_summary).read_text()} if protocol_summary else None
     try:

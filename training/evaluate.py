@@ -19,6 +19,7 @@ from effiseg.runtime.postprocess import logit_threshold  # noqa: F401  (re-expor
 
 from .data import Sample, resize_rgb
 from .metrics import image_scores, summarize
+from .tta import tta_logits
 
 
 def normalize_batch(images_u8: torch.Tensor, mean, std) -> torch.Tensor:
@@ -28,26 +29,11 @@ def normalize_batch(images_u8: torch.Tensor, mean, std) -> torch.Tensor:
     return (images_u8.float() / 255.0 - m) / s
 
 
-def _forward(model, x: torch.Tensor, tta: bool) -> torch.Tensor:
-    out = model(x)
-    if isinstance(out, tuple):
-        out = out[0]
-    if not tta:
-        return out.float()
-    # Flip test-time augmentation: average the logits of the image and its h/v flips.
-    acc = out.float()
-    for dims in ((3,), (2,), (2, 3)):
-        o = model(torch.flip(x, dims))
-        if isinstance(o, tuple):
-            o = o[0]
-        acc = acc + torch.flip(o.float(), dims)
-    return acc / 4
-
-
 @torch.no_grad()
 def predict_logits(model, config: dict, images: list[np.ndarray], device="cpu", batch_size: int = 8,
-                   tta: bool = False, amp_dtype: torch.dtype | None = None) -> list[np.ndarray]:
-    """Logits (float32, H x W) at each image's native resolution."""
+                   tta: bool = False, amp_dtype: torch.dtype | None = None, tta_sizes=()) -> list[np.ndarray]:
+    """Logits (float32, H x W) at each image's native resolution; ``tta`` (flips) and ``tta_sizes``
+    (multi-scale) as in training/tta.py."""
     size = int(config["input_size"])
     model.eval()
     device = torch.device(device)
@@ -59,7 +45,7 @@ def predict_logits(model, config: dict, images: list[np.ndarray], device="cpu", 
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            logits = _forward(model, x, tta)
+            logits = tta_logits(model, x, tta, tuple(tta_sizes or ()))
         for im, lg in zip(chunk, logits):
             h, w = im.shape[:2]
             if (h, w) != tuple(lg.shape[-2:]):
@@ -69,8 +55,8 @@ def predict_logits(model, config: dict, images: list[np.ndarray], device="cpu", 
 
 
 def predict_probabilities(model, config: dict, images: list[np.ndarray], device="cpu", batch_size: int = 8,
-                          tta: bool = False, amp_dtype: torch.dtype | None = None) -> list[np.ndarray]:
-    logits = predict_logits(model, config, images, device, batch_size, tta, amp_dtype)
+                          tta: bool = False, amp_dtype: torch.dtype | None = None, tta_sizes=()) -> list[np.ndarray]:
+    logits = predict_logits(model, config, images, device, batch_size, tta, amp_dtype, tta_sizes)
     return [1.0 / (1.0 + np.exp(-lg)) for lg in logits]
 
 
@@ -90,13 +76,15 @@ def score_logits(samples: list[Sample], logits: list[np.ndarray], threshold: flo
 
 def evaluate_samples(model, config: dict, samples: list[Sample], device="cpu", batch_size: int = 8,
                      threshold: float | None = None, tta: bool = False, min_region_px: int = 0,
-                     amp_dtype: torch.dtype | None = None) -> tuple[dict, list[dict], list[np.ndarray]]:
+                     amp_dtype: torch.dtype | None = None, tta_sizes=()) -> tuple[dict, list[dict], list[np.ndarray]]:
     """(summary, per-image rows, logits) for a list of samples."""
     threshold = float(config.get("threshold", 0.5) if threshold is None else threshold)
-    logits = predict_logits(model, config, [s.image for s in samples], device, batch_size, tta, amp_dtype)
+    logits = predict_logits(model, config, [s.image for s in samples], device, batch_size, tta, amp_dtype, tta_sizes)
     rows = score_logits(samples, logits, threshold, min_region_px)
     summary = summarize(rows)
     summary.update(threshold=threshold, tta=tta, min_region_px=min_region_px)
+    if tta_sizes:
+        summary["tta_sizes"] = list(tta_sizes)
     return summary, rows, logits
 
 

@@ -10,6 +10,8 @@ import json
 import shutil
 from pathlib import Path
 
+from effiseg.runtime.model_info import parse_tta_sizes
+
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, resolve_checkpoint
 
 
@@ -45,6 +47,8 @@ def render_card(config: dict, test: dict, val: dict | None, provenance: dict, pr
         f"std {config['std']}; output logits are resized back to the image's size before thresholding.",
         f"- Inference settings: threshold {config.get('threshold', 0.5)}"
         + (f", flip TTA {'on' if config.get('tta') else 'off'}" if 'tta' in config else "")
+        + (f", multi-scale TTA at {' + '.join(f'{s}x{s}' for s in parse_tta_sizes(config.get('tta_sizes')))} "
+           "(logits averaged at the input size)" if parse_tta_sizes(config.get('tta_sizes')) else "")
         + (f", small regions below {config['min_region_px']} px removed" if config.get('min_region_px') else "") + ".",
         "",
         "## Training",
@@ -61,7 +65,7 @@ def render_card(config: dict, test: dict, val: dict | None, provenance: dict, pr
             lines.append(f"| {name} | {m['n_images']} | {_fmt(m['mean_dice'])} | {_fmt(m['mean_iou'])} | "
                          f"{_fmt(m['mean_precision'])} | {_fmt(m['mean_recall'])} | {_fmt(m['f1_pooled'])} |")
     lines += ["", "Reproduce: `effiseg-eval <this folder> --data <kvasir-seg root> --split test` (the threshold and "
-              "TTA setting are read from config.json)."]
+              "TTA settings are read from config.json)."]
     if protocol:
         lines += ["", "## Evidence for the recipe and the inference settings", "", protocol.get("summary", "").strip()]
     lines += ["", "## Intended use and limitations",
@@ -100,7 +104,7 @@ def make_model_folder(checkpoint: str | Path, out: str | Path, data_root: str | 
     if data_root:
         model, _ = load_model(checkpoint, device=device)  # the source checkpoint, never a stale config in out
         kw = dict(threshold=config.get("threshold", 0.5), tta=bool(config.get("tta", False)),
-                  min_region_px=int(config.get("min_region_px", 0)))
+                  min_region_px=int(config.get("min_region_px", 0)), tta_sizes=parse_tta_sizes(config.get("tta_sizes")))
         val, _, _ = evaluate_samples(model, config, load_split(data_root, "validation"), device, **kw)
         test, _, _ = evaluate_samples(model, config, load_split(data_root, "test"), device, **kw)
         config["metrics"] = {"validation": val, "test": test}

@@ -28,6 +28,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from effiseg.runtime.model_info import parse_tta_sizes
+
 from .data import DEFAULT_DATA_ROOT
 
 # Training-time candidate fixes, each a config switch (``effiseg-train --set ...``).
@@ -222,8 +224,29 @@ def inference_configs() -> list[tuple[float, int]]:
     return [(t, 0) for t in THRESHOLDS] + [(0.5, m) for m in MIN_REGIONS if m > 0]
 
 
-def config_key(tta: bool, threshold: float, min_region: int) -> str:
-    return f"tta={int(tta)},thr={threshold:.2f},minreg={min_region}"
+def config_key(tta: bool, threshold: float, min_region: int, tta_sizes=()) -> str:
+    """``tta=1,thr=0.45,minreg=0`` (``,sizes=352+416`` with multi-scale TTA): one inference setting."""
+    key = f"tta={int(tta)},thr={threshold:.2f},minreg={min_region}"
+    return key + (f",sizes={'+'.join(str(s) for s in tta_sizes)}" if tta_sizes else "")
+
+
+def parse_config_key(key: str) -> dict:
+    """A :func:`config_key` back to the checkpoint settings it stands for (``tta``, ``threshold``,
+    ``min_region_px``, ``tta_sizes``); ValueError when it is not one."""
+    try:
+        parts = dict(item.split("=", 1) for item in key.split(","))
+        return {"tta": bool(int(parts["tta"])), "threshold": float(parts["thr"]),
+                "min_region_px": int(parts["minreg"]),
+                "tta_sizes": list(parse_tta_sizes(parts.get("sizes", "").replace("+", ",")))}
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"cannot read the inference settings {key!r}: {e}") from None
+
+
+def multiscale_sizes(input_size: int) -> tuple[int, ...]:
+    """The multi-scale candidate evaluated for every run: the input size and 64 px more (352 ->
+    352+416, the set chosen on one model's validation images before any run of the protocol used
+    it: training/reports/multiscale-tta-validation)."""
+    return parse_tta_sizes([input_size, input_size + 64])
 
 
 PLAIN = config_key(False, 0.5, 0)
@@ -245,11 +268,11 @@ def evaluate_run(run_dir: Path, data, device: str, limit: int | None = None) -> 
     for split in ("validation", "test"):
         samples = load_split(data, split, limit)
         out[f"{split}_stems"] = [s.stem for s in samples]
-        for tta in (False, True):
-            logits = predict_logits(model, cfg, [s.image for s in samples], dev, 16, tta, amp)
+        for tta, sizes in ((False, ()), (True, ()), (True, multiscale_sizes(int(cfg["input_size"])))):
+            logits = predict_logits(model, cfg, [s.image for s in samples], dev, 16, tta, amp, sizes)
             for thr, mr in inference_configs():
                 rows = score_logits(samples, logits, thr, mr)
-                key = config_key(tta, thr, mr)
+                key = config_key(tta, thr, mr, sizes)
                 entry = {k: [r[k] for r in rows] for k in ("dice", "iou", "precision", "recall")}
                 if split == "validation":
                     out["val"][key] = float(np.mean(entry["dice"]))

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .analysis.stats import paired_bootstrap_ci, seeded_paired_bootstrap_ci
-from .protocol import PLAIN
+from .protocol import PLAIN, parse_config_key
 
 METRICS = ("dice", "iou", "precision", "recall")
 
@@ -66,7 +66,8 @@ def best_config_on_val(runs: dict[int, dict], allowed=None) -> str:
 
 
 def _parse(key: str) -> dict:
-    return {k: float(v) for k, v in (part.split("=") for part in key.split(","))}
+    s = parse_config_key(key)
+    return {"tta": int(s["tta"]), "thr": s["threshold"], "minreg": s["min_region_px"], "sizes": s["tta_sizes"]}
 
 
 def build_protocol_report(out: Path, n_boot: int = 10000, baseline: str = "baseline") -> Path:
@@ -102,11 +103,17 @@ def build_protocol_report(out: Path, n_boot: int = 10000, baseline: str = "basel
                                                              for s in sorted(runs)}}
     # Each inference-time candidate alone on the baseline, its setting chosen on validation.
     singles = {
-        "flip TTA": lambda k: _parse(k)["thr"] == 0.5 and _parse(k)["minreg"] == 0,
-        "threshold chosen on validation": lambda k: _parse(k)["tta"] == 0 and _parse(k)["minreg"] == 0,
-        "small-region removal": lambda k: _parse(k)["tta"] == 0 and _parse(k)["thr"] == 0.5,
+        "flip TTA": lambda k: _parse(k)["thr"] == 0.5 and _parse(k)["minreg"] == 0 and not _parse(k)["sizes"],
+        "multi-scale + flip TTA": lambda k: (_parse(k)["thr"] == 0.5 and _parse(k)["minreg"] == 0
+                                             and bool(_parse(k)["sizes"])),
+        "threshold chosen on validation": lambda k: (_parse(k)["tta"] == 0 and _parse(k)["minreg"] == 0
+                                                     and not _parse(k)["sizes"]),
+        "small-region removal": lambda k: _parse(k)["tta"] == 0 and _parse(k)["thr"] == 0.5 and not _parse(k)["sizes"],
     }
+    evaluated = next(iter(base_runs.values()))["val"]
     for name, allowed in singles.items():
+        if not any(allowed(k) for k in evaluated):
+            continue  # evaluations made before this candidate existed (no multi-scale keys)
         key = best_config_on_val(base_runs, allowed)
         results["inference_candidates_on_baseline"][name] = {**summarize_arm(base_runs, key),
                                                              "gain_vs_baseline": gain(base_runs, key)}

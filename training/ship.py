@@ -64,12 +64,11 @@ def _swap(folder: Path, new_folder: Path, folder_previous: Path, files: list[tup
 
 def parse_config_key(key: str) -> dict:
     """``"tta=1,thr=0.60,minreg=0"`` -> the checkpoint settings it stands for."""
+    from .protocol import parse_config_key as parse_key
     try:
-        parts = dict(item.split("=", 1) for item in key.split(","))
-        return {"tta": bool(int(parts["tta"])), "threshold": float(parts["thr"]),
-                "min_region_px": int(parts["minreg"])}
-    except (KeyError, ValueError) as e:
-        raise ShipError(f"cannot read the inference settings {key!r}: {e}") from None
+        return parse_key(key)
+    except ValueError as e:
+        raise ShipError(str(e)) from None
 
 
 def _mean_sd(stat: dict) -> str:
@@ -218,6 +217,7 @@ def ship_winner(protocol_dir: str | Path, destination: str | Path, onnx_path: st
         log("exporting the ONNX model ...")
         try:
             report = export_checkpoint(staged_dir, staged_onnx, tta=settings["tta"], threshold=settings["threshold"],
+                                       tta_sizes=settings.get("tta_sizes", ()),
                                        verify_dir=verify if verify.is_dir() else None, log=log)
         except ExportError as e:
             raise ShipError(f"ONNX export failed, nothing was replaced: {e}") from None

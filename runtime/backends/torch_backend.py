@@ -77,7 +77,7 @@ class TorchBackend(Backend):
         self.precision = "fp16" if fast else "fp32"
         self.cuda_graphs = bool(fast and (cuda_graphs is None or cuda_graphs))
         self.graph = SegmentationGraph(model, info.mean, info.std, "uint8-nhwc", output_format, info.threshold,
-                                       tta=info.tta).eval()
+                                       tta=info.tta, tta_sizes=info.tta_sizes).eval()
         self._pending: list[int | None] = [None] * n_slots
         h, w = info.input_height, info.input_width
         out_dtype = torch.uint8 if output_format == "mask" else torch.float32

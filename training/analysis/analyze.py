@@ -459,7 +459,7 @@ def match_probabilities(samples, probs_by_stem: dict[str, np.ndarray], source: s
 
 def analyze_checkpoint(checkpoint: str | Path, samples, *, device: str = "cpu", batch_size: int = 8,
                        tta: bool = False, threshold: float | None = None, sweep_samples=None,
-                       sweep_source: str | None = None, **kwargs) -> tuple[AnalysisResult, list[np.ndarray]]:
+                       sweep_source: str | None = None, tta_sizes=(), **kwargs) -> tuple[AnalysisResult, list[np.ndarray]]:
     """Predict with a checkpoint, then :func:`analyze_predictions`; returns (result, probabilities).
 
     ``threshold`` defaults to the checkpoint config's. ``sweep_samples`` (the validation split)
@@ -470,14 +470,16 @@ def analyze_checkpoint(checkpoint: str | Path, samples, *, device: str = "cpu", 
     model, config = load_model(checkpoint, device=device)
     thr = float(config.get("threshold", 0.5) if threshold is None else threshold)
     probs = predict_probabilities(model, config, [s.image for s in samples], device=device,
-                                  batch_size=batch_size, tta=tta)
+                                  batch_size=batch_size, tta=tta, tta_sizes=tta_sizes)
     sweep_probs = sweep_masks = None
     if sweep_samples is not None:
         sweep_probs = predict_probabilities(model, config, [s.image for s in sweep_samples], device=device,
-                                            batch_size=batch_size, tta=tta)
+                                            batch_size=batch_size, tta=tta, tta_sizes=tta_sizes)
         sweep_masks = [s.mask for s in sweep_samples]
     meta = {"checkpoint": str(checkpoint), "variant": config.get("variant"),
             "input_size": config.get("input_size"), "tta": tta, **kwargs.pop("meta", {})}
+    if tta_sizes:
+        meta["tta_sizes"] = list(tta_sizes)
     result = analyze_predictions(samples, probs, thr, sweep_probabilities=sweep_probs, sweep_masks=sweep_masks,
                                  sweep_source=sweep_source, meta=meta, **kwargs)
     return result, probs

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import click
 
+from effiseg.runtime.cli import tta_sizes_option
+from effiseg.runtime.model_info import describe_tta, parse_tta_sizes
+
 from ..data import DEFAULT_DATA_ROOT as DEFAULT_DATA
 
 
@@ -43,6 +46,8 @@ def _progress(desc: str):
 @click.option("--tta/--no-tta", default=None,
               help="Flip test-time augmentation, the average of 4 flips [default: the checkpoint's setting, "
                    "which its threshold was chosen with].")
+@click.option("--tta-sizes", default=None, callback=tta_sizes_option, metavar="SIZES",
+              help="Multi-scale TTA sizes, e.g. 352,416, or 'none' [default: the checkpoint's setting].")
 @click.option("--cases", "n_cases", type=click.IntRange(0), default=8, help="Worst cases drawn as panels in the report.")
 @click.option("--boundary-px", type=click.FloatRange(0, min_open=True), default=5.0,
               help="Errors within this many pixels of the true boundary are boundary errors.")
@@ -54,7 +59,7 @@ def _progress(desc: str):
 @click.option("--title", default=None, help="Report title.")
 @click.option("--no-report", is_flag=True, help="Write only the CSV/JSON tables, no Markdown or figures.")
 def analyze_command(checkpoint, data_root, split, sweep_split, prob_file, sweep_prob_file, save_prob_file, device,
-                    batch_size, threshold, tta, n_cases, boundary_px, worst_fraction, out_dir, limit, title, no_report):
+                    batch_size, threshold, tta, tta_sizes, n_cases, boundary_px, worst_fraction, out_dir, limit, title, no_report):
     """Failure analysis of CHECKPOINT on a split: per-image metrics and attributes (CSV/JSON), Dice by
     attribute bucket, worst cases vs the rest, threshold sweep, calibration, and a Markdown report."""
     from ..data import DatasetError, load_split
@@ -102,14 +107,17 @@ def analyze_command(checkpoint, data_root, split, sweep_split, prob_file, sweep_
             model, cfg = load_model(checkpoint, device=dev)
             thr = float(cfg.get("threshold", 0.5) if threshold is None else threshold)
             tta = bool(cfg.get("tta", False)) if tta is None else tta
-            click.echo(f"predicting with {cfg['variant']} on {dev} (tta={tta})", err=True)
+            tta_sizes = parse_tta_sizes(cfg.get("tta_sizes")) if tta_sizes is None else tta_sizes
+            click.echo(f"predicting with {cfg['variant']} on {dev} ({describe_tta(tta, tta_sizes)})", err=True)
             probs = predict_probabilities(model, cfg, [s.image for s in samples], device=dev,
-                                          batch_size=batch_size, tta=tta)
+                                          batch_size=batch_size, tta=tta, tta_sizes=tta_sizes)
             if sweep_samples is not None:
                 sweep_probs = predict_probabilities(model, cfg, [s.image for s in sweep_samples], device=dev,
-                                                    batch_size=batch_size, tta=tta)
+                                                    batch_size=batch_size, tta=tta, tta_sizes=tta_sizes)
             meta.update(checkpoint=str(checkpoint), variant=cfg["variant"], input_size=cfg.get("input_size"),
                         tta=tta, device=str(dev))
+            if tta_sizes:
+                meta["tta_sizes"] = list(tta_sizes)
         if save_prob_file is not None:
             save_probabilities(save_prob_file, [s.stem for s in samples], probs)
             click.echo(f"wrote {save_prob_file}", err=True)

@@ -228,7 +228,7 @@ def render_markdown(result: AnalysisResult, figures: dict[str, str], title: str)
     meta = result.meta
     lines = [f"# {title}", ""]
     about = [f"{s['n_images']} images", f"threshold {result.threshold:g}"]
-    for key in ("split", "data", "checkpoint", "variant", "tta"):
+    for key in ("split", "data", "checkpoint", "variant", "tta", "tta_sizes"):
         if key in meta and meta[key] not in (None, ""):
             about.append(f"{key} `{meta[key]}`")
     lines += ["Setup: " + ", ".join(about) + ".", "",
