@@ -48,7 +48,7 @@ class SegmentationGraph(nn.Module):
         """(N, H, W) float32 logits, averaged over flips (``tta``, run as one batch of 4N: one
         launch sequence, better GPU use than four calls) and ``tta_sizes`` (training/tta.py, the
         code evaluation runs)."""
-        return tta_logits(self.model, x, self.tta, self.tta_sizes)[:, 0]
+        return tta_logits(self.model, x, self.tta, self.tta_sizes, batch_flips=True)[:, 0]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.input_format == "uint8-nhwc":

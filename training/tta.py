@@ -22,18 +22,33 @@ def _logits(model, x: torch.Tensor) -> torch.Tensor:
     return out.float()
 
 
-def _flip_mean(model, x: torch.Tensor) -> torch.Tensor:
+FLIP_DIMS = ((3,), (2,), (2, 3))
+
+
+def _flip_mean(model, x: torch.Tensor, batched: bool) -> torch.Tensor:
+    if not batched:
+        acc = _logits(model, x)
+        for dims in FLIP_DIMS:
+            acc = acc + torch.flip(_logits(model, torch.flip(x, dims)), dims)
+        return acc / 4.0
     n = x.shape[0]
-    batch = torch.cat([x, torch.flip(x, dims=(3,)), torch.flip(x, dims=(2,)), torch.flip(x, dims=(2, 3))], dim=0)
+    batch = torch.cat([x, *(torch.flip(x, dims) for dims in FLIP_DIMS)], dim=0)
     out = _logits(model, batch)
-    a, b, c, d = out[:n], out[n:2 * n], out[2 * n:3 * n], out[3 * n:]
-    return (a + torch.flip(b, dims=(3,)) + torch.flip(c, dims=(2,)) + torch.flip(d, dims=(2, 3))) / 4.0
+    acc = out[:n]
+    for k, dims in enumerate(FLIP_DIMS, 1):
+        acc = acc + torch.flip(out[k * n:(k + 1) * n], dims)
+    return acc / 4.0
 
 
-def tta_logits(model, x: torch.Tensor, flips: bool = False, sizes=()) -> torch.Tensor:
+def tta_logits(model, x: torch.Tensor, flips: bool = False, sizes=(), batch_flips: bool | None = None) -> torch.Tensor:
     """(N, 1, H, W) float32 logits of ``model`` on normalised ``x`` (N, 3, H, W), averaged over
-    the flips (``flips``) and the square ``sizes`` (empty: H x W only)."""
-    run = _flip_mean if flips else _logits
+    the flips (``flips``) and the square ``sizes`` (empty: H x W only).
+
+    ``batch_flips``: run the four flips as one batch of 4N (one launch sequence: what a GPU and
+    the exported graph want) or one after another (what a CPU wants: a batch 4x larger falls out of
+    its caches; measured 2x slower on the 2-core EPYC). Default: batched on CUDA only."""
+    batched = x.is_cuda if batch_flips is None else bool(batch_flips)
+    run = (lambda m, t: _flip_mean(m, t, batched)) if flips else _logits
     if not sizes:
         return run(model, x)
     h, w = x.shape[-2:]

@@ -68,7 +68,9 @@ if has_phase train; then
   fi
   # Killed at the deadline if slower than planned: then evaluate/report/pack still run, on each run's
   # best checkpoint so far (the log and plan.json say so), instead of losing the whole call.
-  RESERVE=0; has_phase evaluate && RESERVE=75
+  # 120 s: evaluating every run took ~40 s for 12 runs with plain + flip inference on the H100; the
+  # multi-scale candidate (352+416 with flips) adds ~1.9x those passes.
+  RESERVE=0; has_phase evaluate && RESERVE=120
   timeout $(( DEADLINE - RESERVE - $(elapsed) )) "$PY" -m effiseg.training.protocol train --data "$DATA" \
     --out "$PROTO" --arms "$ARMS" --seeds "$SEEDS" --parallel "$PARALLEL" --devices "$DEVICES" "${EPOCH_ARGS[@]}" "${EXTRA[@]}"
   stamp "protocol: train exit $? (124: stopped at the deadline)"
