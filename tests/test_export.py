@@ -218,27 +218,28 @@ def test_cli(tiny_checkpoint, verify_images_dir, tmp_path):
     assert not (tmp_path / "x.onnx").exists()
 
 
-def test_flip_tta_in_the_graph_matches_evaluation(tmp_path):
-    """--tta bakes the 4-flip average into the graph; it equals training.evaluate's TTA logits."""
-    import numpy as np
-    import onnxruntime as ort
-    from effiseg.export.onnx_export import export_checkpoint
-    from effiseg.runtime.model_info import ModelInfo
-    from effiseg.training.checkpoint import load_model, model_config, save_checkpoint
-    from effiseg.training.evaluate import predict_logits
+def _lite0_with_noise_images(tmp_path, seed: int):
+    """An untrained lite0 checkpoint at 64x64 and three noise images (arrays and a folder of PNGs)."""
+    from PIL import Image
+    from effiseg.training.checkpoint import model_config, save_checkpoint
     from effiseg.training.model import build_model
-    import torch
     torch.manual_seed(0)
     ckpt = tmp_path / "ckpt"
     save_checkpoint(ckpt, build_model("effisegnet-lite0").eval(), model_config("effisegnet-lite0", input_size=64))
-    onnx_path = tmp_path / "tta.onnx"
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
     img_dir = tmp_path / "imgs"
     img_dir.mkdir()
-    from PIL import Image
     for i, im in enumerate(images):
         Image.fromarray(im).save(img_dir / f"{i}.png")
+    return ckpt, images, img_dir
+
+
+def test_flip_tta_in_the_graph_matches_evaluation(tmp_path):
+    """--tta bakes the 4-flip average into the graph; it equals training.evaluate's TTA logits."""
+    from effiseg.training.evaluate import predict_logits
+    ckpt, images, img_dir = _lite0_with_noise_images(tmp_path, seed=0)
+    onnx_path = tmp_path / "tta.onnx"
     report = export_checkpoint(ckpt, onnx_path, tta=True, verify_dir=img_dir, verify_count=3, log=lambda *a: None)
     assert report["tta"] is True
     assert ModelInfo.from_onnx(onnx_path).tta is True
@@ -254,19 +255,8 @@ def test_flip_tta_in_the_graph_matches_evaluation(tmp_path):
 def test_multiscale_tta_in_the_graph_matches_evaluation(tmp_path):
     """--tta-sizes bakes the multi-scale average into the graph (the input resized in the graph, the
     logits resized back): ONNX Runtime, the torch backend's graph and training.evaluate agree."""
-    from PIL import Image
-    from effiseg.training.checkpoint import model_config, save_checkpoint
     from effiseg.training.evaluate import predict_logits
-    from effiseg.training.model import build_model
-    torch.manual_seed(0)
-    ckpt = tmp_path / "ckpt"
-    save_checkpoint(ckpt, build_model("effisegnet-lite0").eval(), model_config("effisegnet-lite0", input_size=64))
-    rng = np.random.default_rng(1)
-    images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
-    img_dir = tmp_path / "imgs"
-    img_dir.mkdir()
-    for i, im in enumerate(images):
-        Image.fromarray(im).save(img_dir / f"{i}.png")
+    ckpt, images, img_dir = _lite0_with_noise_images(tmp_path, seed=1)
     onnx_path = tmp_path / "ms.onnx"
     report = export_checkpoint(ckpt, onnx_path, tta=True, tta_sizes="96,64", verify_dir=img_dir, verify_count=3,
                                log=lambda *a: None)
