@@ -287,13 +287,18 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
         # model would not reproduce the checkpoint's evaluated setting: say so rather than differ silently.
         log(f"warning: the checkpoint removes predicted regions below {config['min_region_px']} px at evaluation; "
             "the exported model and effiseg-run do not, so their masks can differ from effiseg-eval's")
-    info = ModelInfo.from_checkpoint_config(config, path=output, input_format=input_format,
-                                            output_format=output_format, dynamic_hw=dynamic_hw, input_size=input_size)
+    try:
+        info = ModelInfo.from_checkpoint_config(config, path=output, input_format=input_format,
+                                                output_format=output_format, dynamic_hw=dynamic_hw,
+                                                input_size=input_size)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
     info.version = effiseg_version()
     info.extra = {"output_layout": "NHW", "opset": opset, "checkpoint": Path(checkpoint).name,
                   "torch": torch.__version__, "encoder": config.get("encoder", "")}
+    # Traced on the CPU, so the flips' batching is said explicitly: one batch of 4N in the graph.
     graph = SegmentationGraph(model, info.mean, info.std, input_format, output_format, info.threshold,
-                              tta=info.tta, tta_sizes=info.tta_sizes).eval()
+                              tta=info.tta, tta_sizes=info.tta_sizes, batch_flips=True).eval()
     reference = SegmentationGraph(model, info.mean, info.std, "uint8-nhwc", "logits", info.threshold,
                                   tta=info.tta, tta_sizes=info.tta_sizes).eval()
     h, w = info.input_height, info.input_width

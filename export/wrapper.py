@@ -23,7 +23,7 @@ from effiseg.training.tta import tta_logits
 class SegmentationGraph(nn.Module):
     def __init__(self, model: nn.Module, mean, std, input_format: str = "uint8-nhwc",
                  output_format: str = "logits", threshold: float = 0.5, tta: bool = False,
-                 tta_sizes=()):
+                 tta_sizes=(), batch_flips: bool | None = None):
         super().__init__()
         if input_format not in INPUT_FORMATS:
             raise ValueError(f"input format must be one of {INPUT_FORMATS}, not {input_format!r}")
@@ -37,18 +37,21 @@ class SegmentationGraph(nn.Module):
         self.threshold = float(threshold)
         self.tta = bool(tta)
         self.tta_sizes = parse_tta_sizes(tta_sizes)
+        # Flips as one batch of 4N (what a GPU and an exported graph want) or one after another
+        # (faster on CPUs); None: decided by the input's device. The exporter passes True.
+        self.batch_flips = batch_flips
         self.logit_threshold = math.log(threshold / (1.0 - threshold))
         # The network's own dtype (float16 in the torch backend's fast mode); preprocessing runs in
-        # float32 either way, like evaluation's normalize_batch.
+        # float32 either way, like evaluation's normalize_batch (the multi-scale resizes of the
+        # normalised input belong to the network and run in its dtype).
         self.compute_dtype = torch.float32
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
     def _network(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, H, W) float32 logits, averaged over flips (``tta``, run as one batch of 4N: one
-        launch sequence, better GPU use than four calls) and ``tta_sizes`` (training/tta.py, the
-        code evaluation runs)."""
-        return tta_logits(self.model, x, self.tta, self.tta_sizes, batch_flips=True)[:, 0]
+        """(N, H, W) float32 logits, averaged over flips (``tta``) and ``tta_sizes``
+        (training/tta.py, the code evaluation runs)."""
+        return tta_logits(self.model, x, self.tta, self.tta_sizes, batch_flips=self.batch_flips)[:, 0]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.input_format == "uint8-nhwc":

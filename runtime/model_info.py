@@ -36,6 +36,8 @@ def parse_tta_sizes(value) -> tuple[int, ...]:
         if text in ("", "none", "off"):
             return ()
         items = [part.strip() for part in text.split(",")]
+    elif isinstance(value, (int, float)):
+        items = [value]
     else:
         items = list(value)
     sizes = set()
@@ -146,13 +148,21 @@ class ModelInfo:
             raise ValueError(f"unknown input/output format {input_format!r}/{output_format!r}")
         size = config.get("input_size", 352) if input_size is None else input_size
         height, width = (size, size) if isinstance(size, int) else size
+        tta_sizes = parse_tta_sizes(config.get("tta_sizes"))
+        native = int(config.get("input_size", 352))
+        if tta_sizes and (int(height), int(width)) != (native, native):
+            # The sizes are absolute squares chosen (on validation) for this input size: at another
+            # size the graph would never run at the requested one, a computation nobody evaluated.
+            raise ValueError(f"multi-scale TTA sizes {'+'.join(map(str, tta_sizes))} were chosen for the "
+                             f"model's input size {native}x{native}, not {height}x{width}; use the model's "
+                             "size, or drop the sizes (--tta-sizes none where the command has it)")
         return cls(
             path=path, variant=config["variant"], input_height=int(height), input_width=int(width),
             input_format=input_format, output_format=output_format,
             mean=tuple(float(v) for v in config.get("mean", (0.5, 0.5, 0.5))),
             std=tuple(float(v) for v in config.get("std", (0.5, 0.5, 0.5))),
             threshold=float(config.get("threshold", 0.5)), dynamic_hw=bool(dynamic_hw),
-            tta=bool(config.get("tta", False)), tta_sizes=parse_tta_sizes(config.get("tta_sizes")),
+            tta=bool(config.get("tta", False)), tta_sizes=tta_sizes,
             output_name=output_format, metrics=dict(config.get("metrics") or {}),
             version=str(config.get("effiseg_version", "unknown")),
         )

@@ -272,9 +272,12 @@ def test_multiscale_tta_in_the_graph_matches_evaluation(tmp_path):
     assert np.abs(got - want).max() < 1e-3
     assert np.abs(got - flips_only).max() > 1e-3  # the second size really changes the answer
     graph = SegmentationGraph(model, info.mean, info.std, tta=True, tta_sizes=info.tta_sizes).eval()
+    batched = SegmentationGraph(model, info.mean, info.std, tta=True, tta_sizes=info.tta_sizes, batch_flips=True).eval()
     with torch.no_grad():
-        torch_out = graph(torch.from_numpy(np.stack(images))).numpy()
+        torch_out = graph(torch.from_numpy(np.stack(images))).numpy()  # CPU: flips one after another
+        batched_out = batched(torch.from_numpy(np.stack(images))).numpy()  # as in the exported graph
     assert np.abs(torch_out - want).max() < 1e-4
+    assert np.abs(torch_out - batched_out).max() < 1e-4
 
 
 def test_multiscale_tta_needs_a_fixed_size_and_valid_sizes(tiny_checkpoint, tmp_path):
@@ -287,6 +290,8 @@ def test_multiscale_tta_needs_a_fixed_size_and_valid_sizes(tiny_checkpoint, tmp_
     res = CliRunner().invoke(export_command, [str(tiny_checkpoint), "-o", str(tmp_path / "c.onnx"),
                                               "--tta-sizes", "64,abc"])
     assert res.exit_code == 2 and "'abc' is not a whole number" in res.output
+    with pytest.raises(ExportError, match="chosen for the model's input size 64x64, not 96x96"):
+        export_checkpoint(tiny_checkpoint, tmp_path / "s.onnx", tta_sizes=[64, 96], input_size=96, log=lambda *a: None)
 
 
 def test_cli_errors_name_the_file_and_unreadable_verify_images_are_skipped(tiny_checkpoint, verify_images_dir, tmp_path):

@@ -80,3 +80,23 @@ def test_evaluations_without_multiscale_keys_report_as_before(tmp_path):
     res = json.loads((tmp_path / "protocol_results.json").read_text())
     assert "multi-scale + flip TTA" not in res["inference_candidates_on_baseline"]
     assert "flip TTA" in res["inference_candidates_on_baseline"]
+
+
+def test_runs_evaluated_by_different_versions_are_compared_on_shared_settings(tmp_path):
+    """Seed 0 re-evaluated with the multi-scale candidate, seed 1 not: no KeyError, and the
+    multi-scale settings are left out (and said to be) rather than compared unequally."""
+    ev = tmp_path / "evaluations"
+    ev.mkdir()
+    for seed in (0, 1):
+        _write_eval(ev, f"baseline_s{seed}", lambda t, th, m: 0.80 + 0.01 * t, lambda t, th, m: 0.80)
+        _write_eval(ev, f"cand_s{seed}", lambda t, th, m: 0.81, lambda t, th, m: 0.81)
+    data = json.loads((ev / "cand_s0.json").read_text())
+    key = config_key(True, 0.5, 0, (64, 128))
+    data["val"][key] = 0.99
+    data["test"][key] = {m: [0.9] * 20 for m in ("dice", "iou", "precision", "recall")}
+    (ev / "cand_s0.json").write_text(json.dumps(data))
+    (tmp_path / "plan.json").write_text(json.dumps({"variant": "x", "epochs": 1, "seeds": [0, 1], "parallel": 1}))
+    md = build_protocol_report(tmp_path, n_boot=100).read_text()
+    res = json.loads((tmp_path / "protocol_results.json").read_text())
+    assert res["settings_not_scored_for_every_run"] == [key]
+    assert "sizes" not in res["winner"]["config"] and "Left out because" in md

@@ -35,3 +35,14 @@ def test_sizes_survive_the_metadata_round_trip_and_old_files_have_none():
     assert ModelInfo.from_metadata(meta).tta_sizes == ()
     config = {"variant": "effisegnet-lite2", "input_size": 352, "tta": True, "tta_sizes": [416, 352]}
     assert ModelInfo.from_checkpoint_config(config).tta_sizes == (352, 416)
+
+
+def test_multiscale_settings_refuse_another_input_size():
+    config = {"variant": "effisegnet-lite2", "input_size": 352, "tta": True, "tta_sizes": [352, 416]}
+    assert ModelInfo.from_checkpoint_config(config, input_size=352).input_height == 352
+    for other in (512, (352, 416)):
+        with pytest.raises(ValueError, match="chosen for the model's input size 352x352"):
+            ModelInfo.from_checkpoint_config(config, input_size=other)
+    plain = dict(config, tta_sizes=[])
+    assert ModelInfo.from_checkpoint_config(plain, input_size=512).input_height == 512  # no sizes: any size
+    assert parse_tta_sizes(416) == (416,)  # a single number in a hand-edited config

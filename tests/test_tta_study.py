@@ -71,3 +71,7 @@ def test_cli_writes_its_tables_plot_and_report(tiny_checkpoint, tmp_path):
     bad = CliRunner().invoke(main, [str(tiny_checkpoint), "--data", str(tmp_path / "data"), "--sizes", "70",
                                     "--out", str(tmp_path / "s3")])
     assert bad.exit_code == 2 and "multiple of 32" in bad.output
+    too_dear = CliRunner().invoke(main, [str(tiny_checkpoint), "--data", str(tmp_path / "data"), "--sizes", "128",
+                                         "--max-cost", "2", "--out", str(tmp_path / "s4")])
+    assert too_dear.exit_code == 2 and "no candidate size costs at most" in too_dear.output  # before any pass
+    assert not (tmp_path / "s4").exists()

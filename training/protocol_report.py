@@ -60,8 +60,17 @@ def summarize_arm(runs: dict[int, dict], key: str) -> dict:
     return out
 
 
-def best_config_on_val(runs: dict[int, dict], allowed=None) -> str:
-    keys = [k for k in next(iter(runs.values()))["val"] if allowed is None or allowed(k)]
+def shared_keys(*arm_runs: dict[int, dict]) -> list[str]:
+    """Inference settings scored for every run of the given arms, in the first run's order:
+    evaluation files made by different versions (one seed re-evaluated after the multi-scale
+    candidate was added, say) are compared on what they all hold."""
+    all_runs = [r for runs in arm_runs for r in runs.values()]
+    common = set(all_runs[0]["val"]).intersection(*(r["val"] for r in all_runs[1:]))
+    return [k for k in all_runs[0]["val"] if k in common]
+
+
+def best_config_on_val(runs: dict[int, dict], allowed=None, keys=None) -> str:
+    keys = [k for k in (keys if keys is not None else shared_keys(runs)) if allowed is None or allowed(k)]
     return max(keys, key=lambda k: (np.mean([runs[s]["val"][k] for s in runs]), k == PLAIN))
 
 
@@ -92,9 +101,14 @@ def build_protocol_report(out: Path, n_boot: int = 10000, baseline: str = "basel
         return out
 
     results = {"plan": plan, "arms": {}, "inference_candidates_on_baseline": {}}
+    # Every arm is tuned and compared over the same inference settings: those all runs were scored on.
+    keys = shared_keys(*arms.values())
+    dropped = sorted({k for runs in arms.values() for r in runs.values() for k in r["val"]} - set(keys))
+    if dropped:
+        results["settings_not_scored_for_every_run"] = dropped
     for arm, runs in sorted(arms.items()):
         plain = summarize_arm(runs, PLAIN)
-        tuned_key = best_config_on_val(runs)
+        tuned_key = best_config_on_val(runs, keys=keys)
         tuned = summarize_arm(runs, tuned_key)
         results["arms"][arm] = {"plain": plain, "tuned": tuned,
                                 "gain_plain_vs_baseline": gain(runs, PLAIN) if arm != baseline else None,
@@ -110,16 +124,15 @@ def build_protocol_report(out: Path, n_boot: int = 10000, baseline: str = "basel
                                                      and not _parse(k)["sizes"]),
         "small-region removal": lambda k: _parse(k)["tta"] == 0 and _parse(k)["thr"] == 0.5 and not _parse(k)["sizes"],
     }
-    evaluated = next(iter(base_runs.values()))["val"]
     for name, allowed in singles.items():
-        if not any(allowed(k) for k in evaluated):
+        if not any(allowed(k) for k in keys):
             continue  # evaluations made before this candidate existed (no multi-scale keys)
-        key = best_config_on_val(base_runs, allowed)
+        key = best_config_on_val(base_runs, allowed, keys=keys)
         results["inference_candidates_on_baseline"][name] = {**summarize_arm(base_runs, key),
                                                              "gain_vs_baseline": gain(base_runs, key)}
     # Winner: best mean validation Dice over every arm and inference configuration.
     cand = [(np.mean([runs[s]["val"][k] for s in runs]), arm, k)
-            for arm, runs in arms.items() for k in next(iter(runs.values()))["val"]]
+            for arm, runs in arms.items() for k in keys]
     _, win_arm, win_key = max(cand, key=lambda t: (t[0], t[2] == PLAIN))
     win_runs = arms[win_arm]
     ship_seed = max(win_runs, key=lambda s: win_runs[s]["val"][win_key])
@@ -163,6 +176,9 @@ def render_markdown(r: dict) -> str:
     if plan:
         lines += [f"Variant `{plan.get('variant')}`, {plan.get('epochs')} epoch{'' if plan.get('epochs') == 1 else 's'} per run, seeds {plan.get('seeds')}, "
                   f"{plan.get('parallel')} runs at a time. Choices made on validation; test read once for the report.", ""]
+    if r.get("settings_not_scored_for_every_run"):
+        lines += [f"Left out because not every run was scored with them (evaluation files of different versions): "
+                  f"{', '.join(f'`{k}`' for k in r['settings_not_scored_for_every_run'])}.", ""]
     lines += ["## Arms (test split; mean ± sd over seeds)", "",
               "ΔDice: mean per-image test Dice difference against the baseline's plain inference, with a bootstrap "
               "95% interval resampling seeds (paired: run k of each arm shares seed k) and images together, "

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from effiseg.runtime.model_info import parse_tta_sizes
+
 
 def _logits(model, x: torch.Tensor) -> torch.Tensor:
     out = model(x)
@@ -49,6 +51,7 @@ def tta_logits(model, x: torch.Tensor, flips: bool = False, sizes=(), batch_flip
     its caches; measured 2x slower on the 2-core EPYC). Default: batched on CUDA only."""
     batched = x.is_cuda if batch_flips is None else bool(batch_flips)
     run = (lambda m, t: _flip_mean(m, t, batched)) if flips else _logits
+    sizes = parse_tta_sizes(sizes)  # validated, sorted, each size once
     if not sizes:
         return run(model, x)
     h, w = x.shape[-2:]

@@ -164,6 +164,9 @@ def main(checkpoint, data_root, split, candidates, max_sizes, max_cost, flips, d
         click.echo("warning: choosing on the test split; the choice should be made on validation", err=True)
     base = int(cfg["input_size"])
     sizes = sizes or default_candidates(base)
+    if min(relative_cost((s,), base) for s in sizes) > max_cost + 1e-9:
+        click.echo(f"error: no candidate size costs at most --max-cost {max_cost:g} passes at {base}x{base}", err=True)
+        sys.exit(2)
     flips = bool(cfg.get("tta", False)) if flips is None else flips
     t0 = time.perf_counter()
     logits = {}
@@ -173,6 +176,7 @@ def main(checkpoint, data_root, split, candidates, max_sizes, max_cost, flips, d
         logits[size] = predict_logits(model, cfg, [s.image for s in samples], dev, batch_size, flips, tta_sizes=(size,))
     masks = [s.mask for s in samples]
     rows = score_combinations(logits, masks, base, max_sizes)
+    # The checkpoint's sizes and threshold, with the flips as run here (--flips/--no-flips).
     current_sizes = list(parse_tta_sizes(cfg.get("tta_sizes"))) or [base]
     reference_rows = score_combinations({s: logits[s] if s in logits else predict_logits(
         model, cfg, [x.image for x in samples], dev, batch_size, flips, tta_sizes=(s,)) for s in current_sizes},
