@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from effiseg.runtime.cli import tta_sizes_option
+from effiseg.runtime.cli import TTA_SIZES_OPTION
 from effiseg.runtime.model_info import INPUT_FORMATS, OUTPUT_FORMATS
 
 
@@ -35,9 +35,7 @@ def _fmt_bytes(n: int) -> str:
               help="Threshold stored in the metadata (and baked into mask outputs) [default: the checkpoint's].")
 @click.option("--tta/--no-tta", default=None,
               help="Flip test-time augmentation inside the graph (4x compute) [default: the checkpoint's setting].")
-@click.option("--tta-sizes", default=None, callback=tta_sizes_option, metavar="SIZES",
-              help="Multi-scale TTA inside the graph: square sizes the network also runs at, e.g. 352,416 "
-                   "(multiples of 32; 'none' for the input size only) [default: the checkpoint's setting].")
+@TTA_SIZES_OPTION
 @click.option("--opset", type=click.IntRange(17), default=17)
 @click.option("--verify-images", type=click.Path(path_type=Path), default=None,
               help="Folder of images for the parity check [default: Kvasir-SEG validation images].")

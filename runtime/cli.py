@@ -41,6 +41,13 @@ def tta_sizes_option(ctx, param, value):
         raise click.BadParameter(str(e), ctx=ctx, param=param) from None
 
 
+# ``--tta-sizes`` as effiseg-export, -eval, -analyze and -model-card take it (one definition).
+TTA_SIZES_OPTION = click.option(
+    "--tta-sizes", default=None, callback=tta_sizes_option, metavar="SIZES",
+    help="Multi-scale TTA: square sizes the network also runs at, e.g. 352,416 (multiples of 32; 'none': "
+         "the input size only) [default: the model's setting].")
+
+
 class RunStopped(click.ClickException):
     exit_code = EXIT_RUN_STOPPED
 

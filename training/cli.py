@@ -8,8 +8,7 @@ from pathlib import Path
 
 import click
 
-from effiseg.runtime.cli import tta_sizes_option
-from effiseg.runtime.model_info import parse_tta_sizes
+from effiseg.runtime.cli import TTA_SIZES_OPTION
 
 from .data import DEFAULT_DATA_ROOT as DEFAULT_DATA
 
@@ -102,9 +101,7 @@ def train_command(data_root, variant, input_size, epochs, batch_size, lr, min_lr
 @click.option("--batch-size", type=click.IntRange(1), default=8)
 @click.option("--threshold", type=PROBABILITY, default=None, help="Probability threshold (default: the checkpoint's).")
 @click.option("--tta/--no-tta", default=None, help="Flip test-time augmentation (default: the checkpoint's setting).")
-@click.option("--tta-sizes", default=None, callback=tta_sizes_option, metavar="SIZES",
-              help="Multi-scale TTA: square sizes the network also runs at, e.g. 352,416 ('none': the input "
-                   "size only) [default: the checkpoint's setting].")
+@TTA_SIZES_OPTION
 @click.option("--min-region", type=click.IntRange(0), default=None,
               help="Remove predicted regions smaller than N pixels (default: the checkpoint's setting, else 0).")
 @click.option("--output", "out_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
@@ -117,13 +114,13 @@ def eval_command(checkpoint, data_root, split, device, batch_size, threshold, tt
     from .checkpoint import load_model
     from .data import DatasetError, load_split
     from .evaluate import evaluate_samples, write_json, write_mask_pngs, write_rows_csv
+    from .tta import resolve_tta
     from .trainer import resolve_device
     try:
         dev = resolve_device(device)
         model, cfg = load_model(checkpoint, device=dev)
         samples = load_split(data_root, None if split == "none" else split)
-        tta = bool(cfg.get("tta", False)) if tta is None else tta
-        tta_sizes = parse_tta_sizes(cfg.get("tta_sizes")) if tta_sizes is None else tta_sizes
+        tta, tta_sizes = resolve_tta(cfg, tta, tta_sizes)
         min_region = int(cfg.get("min_region_px", 0)) if min_region is None else min_region
         t0 = time.perf_counter()
         summary, rows, logits = evaluate_samples(model, cfg, samples, dev, batch_size, threshold, tta, min_region,
@@ -155,8 +152,7 @@ def eval_command(checkpoint, data_root, split, device, batch_size, threshold, tt
               help="A Markdown file summarising the multi-seed evidence.")
 @click.option("--threshold", type=PROBABILITY, default=None, help="[default: the checkpoint's]")
 @click.option("--tta/--no-tta", default=None, help="[default: the checkpoint's]")
-@click.option("--tta-sizes", default=None, callback=tta_sizes_option, metavar="SIZES",
-              help="Multi-scale TTA sizes, e.g. 352,416, or 'none' [default: the checkpoint's]")
+@TTA_SIZES_OPTION
 @click.option("--min-region", type=click.IntRange(0), default=None, help="[default: the checkpoint's]")
 @click.option("--device", default="auto")
 @click.option("--role", default=None, help="Shown in the card's title, e.g. 'effiseg default model'.")

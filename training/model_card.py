@@ -22,6 +22,7 @@ def _fmt(v):
 def render_card(config: dict, test: dict, val: dict | None, provenance: dict, protocol: dict | None,
                 role: str | None = None) -> str:
     variant = config["variant"]
+    tta_sizes = parse_tta_sizes(config.get("tta_sizes"))
     lines = [
         "---",
         "license: other",
@@ -47,8 +48,8 @@ def render_card(config: dict, test: dict, val: dict | None, provenance: dict, pr
         f"std {config['std']}; output logits are resized back to the image's size before thresholding.",
         f"- Inference settings: threshold {config.get('threshold', 0.5)}"
         + (f", flip TTA {'on' if config.get('tta') else 'off'}" if 'tta' in config else "")
-        + (f", multi-scale TTA at {' + '.join(f'{s}x{s}' for s in parse_tta_sizes(config.get('tta_sizes')))} "
-           "(logits averaged at the input size)" if parse_tta_sizes(config.get('tta_sizes')) else "")
+        + (f", multi-scale TTA at {' + '.join(f'{s}x{s}' for s in tta_sizes)} (logits averaged at the input size)"
+           if tta_sizes else "")
         + (f", small regions below {config['min_region_px']} px removed" if config.get('min_region_px') else "") + ".",
         "",
         "## Training",
@@ -94,6 +95,7 @@ def make_model_folder(checkpoint: str | Path, out: str | Path, data_root: str | 
     from .checkpoint import load_model
     from .data import load_split
     from .evaluate import evaluate_samples
+    from .tta import resolve_tta
     weights, cfg_path = resolve_checkpoint(checkpoint)
     config = json.loads(cfg_path.read_text())
     config.update(settings or {})
@@ -103,8 +105,9 @@ def make_model_folder(checkpoint: str | Path, out: str | Path, data_root: str | 
     test = val = None
     if data_root:
         model, _ = load_model(checkpoint, device=device)  # the source checkpoint, never a stale config in out
-        kw = dict(threshold=config.get("threshold", 0.5), tta=bool(config.get("tta", False)),
-                  min_region_px=int(config.get("min_region_px", 0)), tta_sizes=parse_tta_sizes(config.get("tta_sizes")))
+        flips, sizes = resolve_tta(config)
+        kw = dict(threshold=config.get("threshold", 0.5), tta=flips, tta_sizes=sizes,
+                  min_region_px=int(config.get("min_region_px", 0)))
         val, _, _ = evaluate_samples(model, config, load_split(data_root, "validation"), device, **kw)
         test, _, _ = evaluate_samples(model, config, load_split(data_root, "test"), device, **kw)
         config["metrics"] = {"validation": val, "test": test}

@@ -42,6 +42,12 @@ def _flip_mean(model, x: torch.Tensor, batched: bool) -> torch.Tensor:
     return acc / 4.0
 
 
+def resolve_tta(config: dict, tta: bool | None = None, tta_sizes=None) -> tuple[bool, tuple[int, ...]]:
+    """(flips, sizes): the checkpoint config's TTA settings, each replaced where given (not None)."""
+    flips = bool(config.get("tta", False)) if tta is None else bool(tta)
+    return flips, parse_tta_sizes(config.get("tta_sizes") if tta_sizes is None else tta_sizes)
+
+
 def tta_logits(model, x: torch.Tensor, flips: bool = False, sizes=(), batch_flips: bool | None = None) -> torch.Tensor:
     """(N, 1, H, W) float32 logits of ``model`` on normalised ``x`` (N, 3, H, W), averaged over
     the flips (``flips``) and the square ``sizes`` (empty: H x W only).

@@ -26,10 +26,10 @@ import click
 import numpy as np
 
 from effiseg.runtime.model_info import TTA_SIZE_STEP, network_passes, parse_tta_sizes
+from effiseg.runtime.postprocess import logit_threshold
 
 from .data import DEFAULT_DATA_ROOT
-
-THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.30, 0.701, 0.05))
+from .protocol import THRESHOLDS  # the protocol's grid, so the study and the protocol choose alike
 
 
 def default_candidates(input_size: int) -> tuple[int, ...]:
@@ -51,7 +51,7 @@ def score_combinations(logits_by_size: dict[int, list[np.ndarray]], masks: list[
         for combo in itertools.combinations(sizes, k):
             mean_logits = [np.mean([logits_by_size[s][i] for s in combo], axis=0) for i in range(len(masks))]
             for thr in thresholds:
-                cut = float(np.log(thr / (1.0 - thr)))
+                cut = logit_threshold(thr)
                 dice = [image_scores(lg > cut, m)["dice"] for lg, m in zip(mean_logits, masks)]
                 rows.append({"sizes": list(combo), "threshold": float(thr), "mean_dice": float(np.mean(dice)),
                              "cost": relative_cost(combo, input_size), "dice": [round(float(d), 6) for d in dice]})
@@ -176,12 +176,16 @@ def main(checkpoint, data_root, split, candidates, max_sizes, max_cost, flips, d
         logits[size] = predict_logits(model, cfg, [s.image for s in samples], dev, batch_size, flips, tta_sizes=(size,))
     masks = [s.mask for s in samples]
     rows = score_combinations(logits, masks, base, max_sizes)
-    # The checkpoint's sizes and threshold, with the flips as run here (--flips/--no-flips).
+    # The checkpoint's sizes and threshold, with the flips as run here (--flips/--no-flips); a size
+    # that is not a candidate is run now, after the candidates' rows are scored.
     current_sizes = list(parse_tta_sizes(cfg.get("tta_sizes"))) or [base]
-    reference_rows = score_combinations({s: logits[s] if s in logits else predict_logits(
-        model, cfg, [x.image for x in samples], dev, batch_size, flips, tta_sizes=(s,)) for s in current_sizes},
-        masks, base, len(current_sizes), thresholds=(float(cfg.get("threshold", 0.5)),))
-    reference = next(r for r in reference_rows if r["sizes"] == current_sizes)
+    for size in current_sizes:
+        if size not in logits:
+            logits[size] = predict_logits(model, cfg, [s.image for s in samples], dev, batch_size, flips,
+                                          tta_sizes=(size,))
+    # The last row is the combination of all the current sizes (at the one threshold given).
+    reference = score_combinations({s: logits[s] for s in current_sizes}, masks, base, len(current_sizes),
+                                   thresholds=(float(cfg.get("threshold", 0.5)),))[-1]
     chosen = choose(rows, max_cost)
     gain = paired_bootstrap_ci(np.asarray(reference["dice"]), np.asarray(chosen["dice"]))
     meta = {"checkpoint": str(checkpoint), "variant": cfg["variant"], "input_size": base, "data": str(data_root),

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from effiseg.runtime.cli import tta_sizes_option
-from effiseg.runtime.model_info import describe_tta, parse_tta_sizes
+from effiseg.runtime.cli import TTA_SIZES_OPTION
+from effiseg.runtime.model_info import describe_tta
 
 from ..data import DEFAULT_DATA_ROOT as DEFAULT_DATA
 
@@ -46,8 +46,7 @@ def _progress(desc: str):
 @click.option("--tta/--no-tta", default=None,
               help="Flip test-time augmentation, the average of 4 flips [default: the checkpoint's setting, "
                    "which its threshold was chosen with].")
-@click.option("--tta-sizes", default=None, callback=tta_sizes_option, metavar="SIZES",
-              help="Multi-scale TTA sizes, e.g. 352,416, or 'none' [default: the checkpoint's setting].")
+@TTA_SIZES_OPTION
 @click.option("--cases", "n_cases", type=click.IntRange(0), default=8, help="Worst cases drawn as panels in the report.")
 @click.option("--boundary-px", type=click.FloatRange(0, min_open=True), default=5.0,
               help="Errors within this many pixels of the true boundary are boundary errors.")
@@ -102,12 +101,12 @@ def analyze_command(checkpoint, data_root, split, sweep_split, prob_file, sweep_
         else:
             from ..checkpoint import load_model
             from ..evaluate import predict_probabilities
+            from ..tta import resolve_tta
             from ..trainer import resolve_device
             dev = resolve_device(device)
             model, cfg = load_model(checkpoint, device=dev)
             thr = float(cfg.get("threshold", 0.5) if threshold is None else threshold)
-            tta = bool(cfg.get("tta", False)) if tta is None else tta
-            tta_sizes = parse_tta_sizes(cfg.get("tta_sizes")) if tta_sizes is None else tta_sizes
+            tta, tta_sizes = resolve_tta(cfg, tta, tta_sizes)
             click.echo(f"predicting with {cfg['variant']} on {dev} ({describe_tta(tta, tta_sizes)})", err=True)
             probs = predict_probabilities(model, cfg, [s.image for s in samples], device=dev,
                                           batch_size=batch_size, tta=tta, tta_sizes=tta_sizes)
