@@ -7,7 +7,11 @@ import json
 from click.testing import CliRunner
 from conftest import write_noise_images
 
-from effiseg.benchmarks.host_profile import main
+import numpy as np
+import pytest
+
+from effiseg.benchmarks.host_profile import InstantBackend, main
+from effiseg.runtime.model_info import ModelInfo
 
 STAGES = {"decode", "resize_into_slot", "mask_from_logits", "count_regions", "png_write"}
 
@@ -26,3 +30,23 @@ def test_host_profile_times_every_stage_and_its_thread_scaling(tmp_path):
         assert stage["images_per_s_1_thread"] > 0 and stage["images_per_s_2_threads"] > 0
         assert stage["scaling"] == stage["images_per_s_2_threads"] / stage["images_per_s_1_thread"]
     assert "scaling" in res.output
+    ceiling = data["pipeline_ceiling"]
+    assert ceiling["images"] == 3 and set(ceiling["threads"]) == {"1", "2"}
+    for k, run in ceiling["threads"].items():
+        assert len(run["images_per_s_runs"]) == 3 and run["images_per_s"] == max(run["images_per_s_runs"]) > 0
+        assert run["timing"]["images"] == 3 and run["timing"]["workers"] == int(k)
+    assert "pipeline ceiling" in res.output
+
+
+def test_instant_backend_hands_back_the_prepared_maps_in_turn():
+    info = ModelInfo(path=None, variant="t", input_height=4, input_width=5)
+    maps = np.arange(3 * 4 * 5, dtype=np.float32).reshape(3, 4, 5)
+    backend = InstantBackend(info, maps, max_batch=2)
+    assert backend.host_input(1).shape == (2, 4, 5, 3) and backend.host_input(1).dtype == np.uint8
+    backend.submit(0, 2)
+    backend.submit(1, 2)
+    np.testing.assert_array_equal(backend.collect(0), maps[[0, 1]])
+    np.testing.assert_array_equal(backend.collect(1), maps[[2, 0]])
+    backend.submit(0, 1)
+    with pytest.raises(RuntimeError, match="in flight"):
+        backend.submit(0, 1)
