@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 from conftest import write_noise_images
 
@@ -58,3 +59,33 @@ def test_resume_refuses_other_settings_and_redoes_missing_overlays(tiny_onnx, tm
     with Segmenter.from_onnx(tiny_onnx, max_batch=2, threshold=0.3) as seg:
         with pytest.raises(FolderError, match="threshold: 0.5 then, 0.3 now"):
             seg.run_folder(src, out, resume=True, progress=False)
+
+
+def test_mask_png_reads_back_as_the_mask_in_every_reader_mode(tmp_path):
+    import io
+    import zlib
+
+    from effiseg.runtime.images import encode_mask_png, png_is_complete, write_mask_png
+    rng = np.random.default_rng(0)
+    cases = [rng.random((37, 53)) < 0.4, np.ones((1, 1), bool), np.zeros((3, 700), bool),
+             (rng.random((300, 2)) < 0.5).astype(np.uint8) * 255,  # 0/255 uint8 counts as a mask too
+             rng.random((64, 64)) - 0.5]                           # and so does any nonzero value
+    for i, mask in enumerate(cases):
+        data = encode_mask_png(mask)
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # PIL checks every chunk's CRC and the zlib stream while loading
+            assert (im.mode, im.size) == ("L", (mask.shape[1], mask.shape[0]))
+            np.testing.assert_array_equal(np.asarray(im), np.where(mask != 0, 255, 0))
+        path = tmp_path / f"{i}.png"
+        write_mask_png(path, mask)
+        assert path.read_bytes() == data and png_is_complete(path)
+    # 8-bit grayscale, one IDAT, no filtering: what any PNG reader takes.
+    data = encode_mask_png(cases[0])
+    assert data[12:16] == b"IHDR" and data[24:29] == bytes([8, 0, 0, 0, 0])
+    idat_len = int.from_bytes(data[33:37], "big")
+    assert data[37:41] == b"IDAT"
+    rows = np.frombuffer(zlib.decompress(data[41:41 + idat_len]), np.uint8).reshape(37, 54)
+    assert (rows[:, 0] == 0).all()
+    for bad in (np.ones((2, 2, 2), bool), np.zeros((0, 5), bool)):
+        with pytest.raises(ValueError, match="2-D"):
+            encode_mask_png(bad)

@@ -282,27 +282,54 @@ def test_early_stop_releases_threads():
 
 
 # -- numerics -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("use_scipy", [False, True], ids=["numpy-union-find", "scipy-fast-path"])
-def test_count_regions_matches_scipy(use_scipy, monkeypatch):
-    ndimage = pytest.importorskip("scipy.ndimage")
-    from effiseg.runtime import postprocess
-    if not use_scipy:  # the runtime's own labelling, used where SciPy is not installed
-        monkeypatch.setattr(postprocess, "_ndimage_label", None)
-    else:
-        assert postprocess._ndimage_label is not None
-    rng = np.random.default_rng(0)
-    for density in (0.05, 0.3, 0.5, 0.7):
-        for shape in [(1, 1), (1, 30), (30, 1), (40, 53), (120, 90)]:
-            mask = rng.random(shape) < density
-            expected = ndimage.label(mask, structure=np.ones((3, 3)))[1]
-            assert count_regions(mask) == expected, (density, shape)
+def _spiral(n: int) -> np.ndarray:
+    """A 1-pixel-wide square spiral, arms one pixel apart: a single region whose runs chain
+    through the rows back and forth (a long path for the labelling's hooking rounds)."""
+    mask = np.zeros((n, n), bool)
+    r = c = 0
+    mask[0, 0] = True
+    lengths = [n - 1, n - 1, n - 1] + [k for m in range(n - 3, 0, -2) for k in (m, m)]
+    for i, length in enumerate(lengths):
+        dr, dc = ((0, 1), (1, 0), (0, -1), (-1, 0))[i % 4]
+        for _ in range(length):
+            r, c = r + dr, c + dc
+            mask[r, c] = True
+    return mask
+
+
+def test_count_regions_known_answers():
     assert count_regions(np.zeros((5, 5), bool)) == 0
     assert count_regions(np.ones((5, 5), bool)) == 1
+    assert count_regions(np.ones((1, 1), bool)) == 1
     diag = np.eye(6, dtype=bool)  # 8-connectivity: one diagonal line is one region
-    assert count_regions(diag) == 1
+    assert count_regions(diag) == 1 and count_regions(diag[::-1]) == 1
     u = np.zeros((5, 7), bool)
     u[:, 0] = u[:, 6] = u[4, :] = True  # a U shape: two arms that merge at the bottom
     assert count_regions(u) == 1
+    comb = np.zeros((9, 21), bool)
+    comb[:8, ::2] = True  # eleven teeth...
+    assert count_regions(comb) == 11
+    comb[8, :] = True     # ...joined by a spine at the bottom: one region
+    assert count_regions(comb) == 1
+    dots = np.zeros((6, 6), bool)
+    dots[::3, ::3] = True  # pixels two apart do not touch
+    assert count_regions(dots) == 4
+    assert count_regions(np.array([[1, 0, 1]], bool)) == 2 and count_regions(np.array([[1], [0], [1]], bool)) == 2
+    with pytest.raises(ValueError, match="2-D"):
+        count_regions(np.ones((2, 2, 2), bool))
+
+
+def test_count_regions_matches_scipy():
+    ndimage = pytest.importorskip("scipy.ndimage")
+    eight = np.ones((3, 3))
+    rng = np.random.default_rng(0)
+    masks = [rng.random(shape) < density for density in (0.05, 0.3, 0.5, 0.7)
+             for shape in [(1, 1), (1, 30), (30, 1), (40, 53), (120, 90)]]
+    # Smooth blobs like a network's masks, at a model's size; spirals and their complements.
+    masks += [np.kron(rng.standard_normal((22, 22)), np.ones((16, 16))) > t for t in (-1.0, 0.0, 1.0, 2.0)]
+    masks += [_spiral(n) for n in (5, 17, 64)] + [~_spiral(n) for n in (17, 64)]
+    for mask in masks:
+        assert count_regions(mask) == ndimage.label(mask, structure=eight)[1], mask.shape
 
 
 def test_resize_bilinear_is_evaluations_interpolate():
