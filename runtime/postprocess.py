@@ -119,16 +119,37 @@ def output_to_probabilities(output: np.ndarray, output_format: str, height: int,
     raise ValueError("a mask-output model has no probabilities; export with --output-format logits")
 
 
+try:  # optional: never a dependency of the runtime
+    from scipy.ndimage import label as _ndimage_label
+    _EIGHT = np.ones((3, 3), dtype=bool)
+except ImportError:  # pragma: no cover - depends on the install
+    _ndimage_label = None
+
+
 def count_regions(mask: np.ndarray) -> int:
     """Number of 8-connected foreground regions of a 2-D boolean mask.
+
+    The writer threads call this once per image, so its cost under the GIL bounds the pipeline
+    on many-core GPU hosts (benchmarks/RESULTS.md, "Host-side cost of the pipeline"). Where SciPy
+    happens to be installed (it is not required), its compiled labelling is used: it releases the
+    GIL and scales across threads. Otherwise :func:`count_regions_numpy`, which is faster on one
+    thread but holds the GIL between its array operations.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 2:
+        raise ValueError("count_regions takes a 2-D mask")
+    if _ndimage_label is not None:
+        return int(_ndimage_label(mask, structure=_EIGHT)[1]) if mask.any() else 0
+    return count_regions_numpy(mask)
+
+
+def count_regions_numpy(mask: np.ndarray) -> int:
+    """:func:`count_regions` with numpy only.
 
     Runs of foreground pixels are found per row; runs in consecutive rows that touch (overlap or
     meet diagonally) are edges of a graph whose connected components are the regions. The
     components are found with array operations only (min-label hooking and pointer jumping, each
-    round at least halving the labels left per component), so no Python loop runs per run or
-    pixel: the writer threads call this once per image, and a per-run loop under the GIL was the
-    largest host cost of the pipeline (benchmarks/RESULTS.md). It is also about twice as fast as
-    ``scipy.ndimage.label`` on Kvasir-SEG masks, which the tests check it against.
+    round at least halving the roots left per component), so no Python loop runs per run or pixel.
     """
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 2:
@@ -144,16 +165,13 @@ def count_regions(mask: np.ndarray) -> int:
     start_keys, end_keys = flips[0::2], flips[1::2]  # flat positions; ends are exclusive
     n_runs = len(start_keys)
     rows = start_keys // stride
-    starts = start_keys - rows * stride
-    ends = end_keys - rows * stride
-    # Run b (row r+1, [s_b, e_b)) touches run a (row r, [s_a, e_a)) with 8-connectivity when
-    # s_a <= e_b and e_a >= s_b. Runs of a row are sorted and disjoint, so the runs of row r that
-    # touch b form one contiguous range [lo, hi) of the global run order.
-    prev = rows - 1
-    lo = np.searchsorted(end_keys, prev * stride + starts, side="left")
-    hi = np.searchsorted(start_keys, prev * stride + ends, side="right")
-    lo = np.maximum(lo, np.searchsorted(rows, prev, side="left"))
-    hi = np.minimum(hi, np.searchsorted(rows, prev, side="right"))
+    # Run b (row r, [s_b, e_b)) touches run a (row r-1, [s_a, e_a)) with 8-connectivity when
+    # e_a >= s_b and s_a <= e_b. In flat positions those runs form one contiguous range [lo, hi)
+    # of the run order, and the padding keeps the range inside row r-1: a run of row r-2 ends
+    # before (r-1) * stride + 1 and a run of row r starts after (r-1) * stride + w + 1.
+    row_above = (rows - 1) * stride
+    lo = np.searchsorted(end_keys, row_above + (start_keys - rows * stride), side="left")
+    hi = np.searchsorted(start_keys, row_above + (end_keys - rows * stride), side="right")
     counts = np.maximum(hi - lo, 0)
     n_edges = int(counts.sum())
     if n_edges == 0:

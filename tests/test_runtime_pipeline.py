@@ -297,7 +297,19 @@ def _spiral(n: int) -> np.ndarray:
     return mask
 
 
-def test_count_regions_known_answers():
+@pytest.fixture(params=["numpy", "scipy"])
+def count_regions_path(request, monkeypatch):
+    """count_regions along each of its paths: numpy only (no SciPy installed) and SciPy's."""
+    from effiseg.runtime import postprocess
+    if request.param == "numpy":
+        monkeypatch.setattr(postprocess, "_ndimage_label", None)
+    elif postprocess._ndimage_label is None:
+        pytest.skip("SciPy is not installed: count_regions has only its numpy path here")
+    return postprocess.count_regions
+
+
+def test_count_regions_known_answers(count_regions_path):
+    count_regions = count_regions_path
     assert count_regions(np.zeros((5, 5), bool)) == 0
     assert count_regions(np.ones((5, 5), bool)) == 1
     assert count_regions(np.ones((1, 1), bool)) == 1
@@ -319,8 +331,9 @@ def test_count_regions_known_answers():
         count_regions(np.ones((2, 2, 2), bool))
 
 
-def test_count_regions_matches_scipy():
+def test_count_regions_numpy_matches_scipy():
     ndimage = pytest.importorskip("scipy.ndimage")
+    from effiseg.runtime.postprocess import count_regions_numpy
     eight = np.ones((3, 3))
     rng = np.random.default_rng(0)
     masks = [rng.random(shape) < density for density in (0.05, 0.3, 0.5, 0.7)
@@ -329,7 +342,7 @@ def test_count_regions_matches_scipy():
     masks += [np.kron(rng.standard_normal((22, 22)), np.ones((16, 16))) > t for t in (-1.0, 0.0, 1.0, 2.0)]
     masks += [_spiral(n) for n in (5, 17, 64)] + [~_spiral(n) for n in (17, 64)]
     for mask in masks:
-        assert count_regions(mask) == ndimage.label(mask, structure=eight)[1], mask.shape
+        assert count_regions_numpy(mask) == ndimage.label(mask, structure=eight)[1], mask.shape
 
 
 def test_resize_bilinear_is_evaluations_interpolate():
