@@ -13,7 +13,7 @@ import pytest
 from effiseg.benchmarks.host_profile import InstantBackend, main
 from effiseg.runtime.model_info import ModelInfo
 
-STAGES = {"decode", "resize_into_slot", "mask_from_logits", "count_regions", "png_write"}
+STAGES = {"decode", "resize_into_slot", "mask_from_logits", "count_regions", "png_encode", "file_write"}
 
 
 def test_host_profile_times_every_stage_and_its_thread_scaling(tmp_path):
