@@ -5,7 +5,8 @@
 #      with a time budget; the JSON is rewritten after every round, so a limit keeps finished rounds;
 #   2. the operator profile (benchmarks/op_profile.py) at batch 32 and 1: why the fast mode gains
 #      what it gains (TF32 in the baseline, per-category device time, launch-bound fraction);
-#   3. the host-side pipeline profile on this machine's CPU and the GPU-marked tests;
+#   3. the host-side pipeline profile on this machine's CPU (per stage, 1 vs 8 threads, and the
+#      pipeline ceiling: run_folder with a backend that costs nothing) and the GPU-marked tests;
 #   4. everything in $OUT/bench_results.tgz (re-packed after every step) plus the log.
 # Needs torch with CUDA, timm, safetensors, scipy, pillow, click, matplotlib (optional: plot), and
 # the Kvasir-SEG test images under .carry/ (see benchmarks/gpu/README.md). DRY=1: a tiny CPU run
