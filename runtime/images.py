@@ -29,6 +29,7 @@ DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default Image.MAX_IMAGE_PIXELS
 TEMP_SUFFIX = ".effiseg-tmp"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+_IDAT_MAX = 1 << 30  # bytes of the deflate stream per IDAT chunk (the format allows 2**31 - 1)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _temp_counter = count()
 _pil_limit_lock = threading.Lock()
@@ -165,8 +166,8 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
     image: PIL's encoder runs a Python loop over chunks under the GIL, while numpy's copy and
     zlib's deflate and CRC release it, so this path is both faster on one thread and parallel
     across them (benchmarks/RESULTS.md, "Host-side cost of the pipeline"). The format is the
-    plain one every reader takes: one IDAT, filter type 0 on every row, deflate level 1 (masks
-    compress well at any level; level 6 costs several times the CPU).
+    plain one every reader takes: filter type 0 on every row, deflate level 1 (masks compress well
+    at any level; level 6 costs several times the CPU), IDAT chunks of at most 1 GiB.
     """
     mask = np.asarray(mask)
     if mask.ndim != 2 or mask.size == 0:
@@ -176,8 +177,10 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
     scanlines[:, 0] = 0  # each row starts with its filter type: 0, none
     np.multiply(mask.astype(bool, copy=False), np.uint8(255), out=scanlines[:, 1:])
     header = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)  # 8-bit, grayscale, deflate, no interlace
-    return (_PNG_SIGNATURE + _png_chunk(b"IHDR", header)
-            + _png_chunk(b"IDAT", zlib.compress(scanlines.tobytes(), 1)) + _PNG_IEND)
+    stream = zlib.compress(scanlines.data, 1)  # the array's own buffer: no copy
+    # A chunk holds at most 2**31 - 1 bytes; split the stream (only gigapixel masks come near that).
+    idats = [_png_chunk(b"IDAT", stream[i:i + _IDAT_MAX]) for i in range(0, len(stream), _IDAT_MAX)]
+    return b"".join([_PNG_SIGNATURE, _png_chunk(b"IHDR", header), *idats, _PNG_IEND])
 
 
 def write_mask_png(path: Path, mask: np.ndarray) -> None:

@@ -89,3 +89,16 @@ def test_mask_png_reads_back_as_the_mask_in_every_reader_mode(tmp_path):
     for bad in (np.ones((2, 2, 2), bool), np.zeros((0, 5), bool)):
         with pytest.raises(ValueError, match="2-D"):
             encode_mask_png(bad)
+
+
+def test_mask_png_splits_a_long_stream_over_idat_chunks(monkeypatch):
+    import io
+
+    from effiseg.runtime import images
+    mask = np.random.default_rng(1).random((40, 30)) < 0.5
+    monkeypatch.setattr(images, "_IDAT_MAX", 64)  # stands in for the format's 2**31 - 1 bytes
+    data = images.encode_mask_png(mask)
+    assert data.count(b"IDAT") > 3
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        np.testing.assert_array_equal(np.asarray(im), np.where(mask, 255, 0))
