@@ -108,3 +108,11 @@ def kvasir_sample_paths() -> list[Path]:
     """Up to six Kvasir-SEG validation images (an empty list without the data set)."""
     folder = KVASIR / "validation" / "images"
     return sorted(folder.glob("*.jpg"))[:6] if folder.is_dir() else []
+
+
+def fast_precision_of_gpu0() -> str:
+    """What the fast mode computes in on cuda:0: fp16, or fp32 on a GPU without fast FP16 (Maxwell)."""
+    import torch
+
+    from effiseg.runtime.backends.gpu_precision import fast_fp16_from_compute_capability
+    return "fp16" if fast_fp16_from_compute_capability(*torch.cuda.get_device_capability(0)) else "fp32"

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import export_tiny
+from conftest import export_tiny, fast_precision_of_gpu0
 from PIL import Image
 
 pytest.importorskip("onnxruntime")
@@ -265,7 +265,8 @@ def test_cli_torch_fp16_on_cuda_reports_precision_and_timing(tiny_checkpoint, tm
                   "--precision", "fp16", "--devices", "0", "--batch", "4")
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "o" / "effiseg_summary.json").read_text())
-    assert summary["backend"] == "torch" and summary["precision"] == "fp16" and summary["devices"] == ["cuda:0"]
+    assert summary["backend"] == "torch" and summary["devices"] == ["cuda:0"]
+    assert summary["precision"] == fast_precision_of_gpu0()  # fp32 on a Maxwell GPU, with a warning
     assert summary["backends"][0]["cuda_graphs"] is True
     assert summary["n_ok"] == 10 and summary["timing"]["batches"] == 3
 

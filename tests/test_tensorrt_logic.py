@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 
 from effiseg.runtime.backends.base import BackendUnavailable
+from effiseg.runtime.backends.gpu_precision import fast_fp16_from_compute_capability
 from effiseg.runtime.backends.tensorrt_backend import (
-    TensorRTBackend, choose_precision, fast_fp16_from_compute_capability, network_creation_flags,
+    TensorRTBackend, choose_precision, network_creation_flags,
     parse_trt_version, platform_has_fast_fp16, profile_shapes, select_io_api, squeeze_output_shape)
 from effiseg.runtime.cuda_memory import (CudaApi, CudaError, DeviceBuffer, DeviceInfo, Event,
                                           HostBuffer, Stream, check_cuda_result, parse_cuda_device)
@@ -96,13 +97,6 @@ def test_engine_and_timing_cache_names(tmp_path):
     assert p.parent == tmp_path and p.suffix == ".engine" and "fp32" in p.name and " " not in p.name
     t = timing_cache_path(tmp_path, "8.6.1", "Quadro M6000", "5.2")
     assert t.parent == tmp_path and "sm52" in t.name and "8.6.1" in t.name
-
-
-@pytest.mark.parametrize("cc,fast", [((5, 0), False), ((5, 2), False), ((5, 3), True), ((6, 0), True),
-                                     ((6, 1), False), ((6, 2), True), ((7, 0), True), ((7, 5), True),
-                                     ((8, 6), True), ((9, 0), True), ((12, 0), True)])
-def test_fast_fp16_from_compute_capability(cc, fast):
-    assert fast_fp16_from_compute_capability(*cc) is fast
 
 
 def test_platform_has_fast_fp16_prefers_builder_then_compute_capability():

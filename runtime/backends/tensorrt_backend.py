@@ -41,6 +41,7 @@ from ..trt_engine_cache import (EngineKey, atomic_write_bytes, engine_path, fast
                                 load_or_build_engine, read_bytes_or_none, read_fast_fp16_answer,
                                 resolve_cache_dir, timing_cache_path, write_fast_fp16_answer)
 from .base import Backend, BackendUnavailable
+from .gpu_precision import fast_fp16_from_compute_capability
 
 log = logging.getLogger(__name__)
 
@@ -114,20 +115,6 @@ def network_creation_flags(trt) -> int:
     if major < 10 and flag_enum is not None and hasattr(flag_enum, "EXPLICIT_BATCH"):
         return 1 << int(flag_enum.EXPLICIT_BATCH)
     return 0
-
-
-def fast_fp16_from_compute_capability(major: int, minor: int) -> bool:
-    """Whether the GPU runs FP16 at least at the FP32 rate (what TensorRT calls "fast FP16").
-
-    Maxwell desktop parts (5.0, 5.2, e.g. the Quadro M6000) have no FP16 arithmetic; 5.3 (Jetson
-    TX1/Nano) has it at twice the FP32 rate. Pascal 6.0 (P100) and 6.2 (Jetson TX2) have it, 6.1
-    (GTX 10xx, P4/P40) runs FP16 at 1/64 rate. Volta 7.0 and everything newer have it.
-    """
-    if major >= 7:
-        return True
-    if major == 6:
-        return minor != 1
-    return (major, minor) == (5, 3)
 
 
 def platform_has_fast_fp16(builder, compute_capability: tuple[int, int]) -> bool:

@@ -10,7 +10,10 @@ Modes:
   cuDNN autotuning and one CUDA graph per slot captured at ``max_batch`` (a partial last batch is
   run padded: its tail rows hold stale data and their outputs are ignored; this keeps one graph
   and one fixed block of memory per slot). Users without TensorRT get most of its speed this way.
-* ``auto``: fp16 on CUDA, fp32 on the CPU. On the CPU fp16 falls back to fp32 with a message.
+  On a GPU without fast FP16 (Maxwell, e.g. the Quadro M6000) it runs in FP32, keeping the rest,
+  and warns (``gpu_precision.choose_torch_mode``).
+* ``auto``: the fast mode on CUDA (FP16 where the GPU has fast FP16), fp32 eager on the CPU. On the
+  CPU fp16 falls back to fp32 with a message.
 
 Slots on CUDA: each slot has a pinned host input, a device input, a pinned host output, its own
 stream and event; ``submit`` enqueues H2D copy, the network and D2H copy on the slot's stream and
@@ -19,12 +22,16 @@ a backend is constructed.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from ..model_info import ModelInfo
 from .base import Backend, BackendUnavailable
+from .gpu_precision import TORCH_PRECISIONS, choose_torch_mode
+
+log = logging.getLogger(__name__)
 
 TORCH_INSTALL_MESSAGE = "the torch backend needs PyTorch and timm: pip install 'effiseg[train]'"
 
@@ -47,7 +54,7 @@ class TorchBackend(Backend):
     def __init__(self, checkpoint, device: str = "cpu", precision: str = "auto", max_batch: int = 8,
                  n_slots: int = 2, output_format: str = "logits", cuda_graphs: bool | None = None,
                  input_size: int | tuple[int, int] | None = None):
-        if precision not in ("auto", "fp32", "fp16"):
+        if precision not in TORCH_PRECISIONS:
             raise ValueError(f"precision must be auto, fp32 or fp16, not {precision!r}")
         torch = import_torch()
         try:
@@ -71,10 +78,15 @@ class TorchBackend(Backend):
             raise ValueError(f"the torch backend runs on cpu or cuda:N, not {device!r}")
         if on_cuda and self.torch_device.index is None:
             self.torch_device = torch.device("cuda", 0)
-        fast = on_cuda and precision in ("auto", "fp16")
-        if precision == "fp16" and not on_cuda:
-            self.messages.append("fp16 fast mode needs a CUDA GPU; running fp32 eager on the CPU")
-        self.precision = "fp16" if fast else "fp32"
+        mode = choose_torch_mode(precision, on_cuda,
+                                 torch.cuda.get_device_capability(self.torch_device) if on_cuda else None,
+                                 torch.cuda.get_device_name(self.torch_device) if on_cuda else "the CPU")
+        if mode.message:
+            self.messages.append(mode.message)
+            if mode.warning:
+                log.warning("%s", mode.message)
+        fast = mode.fast
+        self.precision = mode.precision
         self.cuda_graphs = bool(fast and (cuda_graphs is None or cuda_graphs))
         self.graph = SegmentationGraph(model, info.mean, info.std, "uint8-nhwc", output_format, info.threshold,
                                        tta=info.tta, tta_sizes=info.tta_sizes).eval()
@@ -90,8 +102,10 @@ class TorchBackend(Backend):
         with torch.cuda.device(dev):
             self.graph.to(dev)
             if fast:
-                self.graph.model.half().to(memory_format=torch.channels_last)
-                self.graph.compute_dtype = torch.float16
+                if self.precision == "fp16":
+                    self.graph.model.half()
+                    self.graph.compute_dtype = torch.float16
+                self.graph.model.to(memory_format=torch.channels_last)
                 torch.backends.cudnn.benchmark = True  # process-wide; fixed shapes make it pay off
             self._pinned_in = [torch.empty((max_batch, h, w, 3), dtype=torch.uint8).pin_memory() for _ in range(n_slots)]
             self._host_in = [t.numpy() for t in self._pinned_in]
@@ -105,8 +119,9 @@ class TorchBackend(Backend):
             if self.cuda_graphs:
                 for s in range(n_slots):
                     self._capture(s)
-        mode = ("fp16 + channels_last" + (" + CUDA graphs" if self.cuda_graphs else "")) if fast else "fp32 eager"
-        self.messages.append(f"torch {torch.__version__}: {mode} on {dev} ({torch.cuda.get_device_name(dev)})")
+        described = (f"{self.precision} + channels_last" + (" + CUDA graphs" if self.cuda_graphs else "")
+                     if fast else "fp32 eager")
+        self.messages.append(f"torch {torch.__version__}: {described} on {dev} ({torch.cuda.get_device_name(dev)})")
 
     def _capture(self, slot: int) -> None:
         """Warm up (cuDNN picks its kernels) on a side stream, then capture one graph per slot; each
