@@ -157,7 +157,9 @@ class _Variant:
                 eager_wall_ms = (time.perf_counter() - t0) * 1000.0 / iters
             tf32 = bool(self.torch.backends.cudnn.allow_tf32)
         median = float(np.median(timed))
-        return {"variant": self.name, "backend": self.target.label, "batch_size": self.batch,
+        # The precision that ran: "fp16-fast" computes in FP32 on a GPU without fast FP16 (Maxwell).
+        return {"variant": self.name, "backend": self.target.label, "precision": self.measurement.backend.precision,
+                "batch_size": self.batch,
                 "input_size": list(self.size), "timing": self.measurement.extra.get("compute_timer"),
                 "ms_per_batch_p50": median, "ms_per_batch_samples": [round(t, 4) for t in timed],
                 "images_per_s": self.batch * 1000.0 / median, "eager_wall_ms_per_batch": eager_wall_ms,

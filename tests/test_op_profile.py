@@ -55,7 +55,7 @@ def test_cpu_profile_writes_json_and_table_and_skips_the_cuda_variants(tiny_chec
     data = json.loads((out / "op_profile_b2.json").read_text())
     by_name = {v["variant"]: v for v in data["variants"]}
     eager = by_name["fp32-eager"]
-    assert eager["backend"] == "torch-eager@cpu" and eager["batch_size"] == 2 and eager["input_size"] == [64, 64]
+    assert eager["backend"] == "torch-eager@cpu" and eager["batch_size"] == 2 and eager["precision"] == "fp32" and eager["input_size"] == [64, 64]
     assert len(eager["ms_per_batch_samples"]) == 2
     assert eager["by_category_ms_per_batch"]["convolution"] > 0
     assert sum(eager["by_category_ms_per_batch"].values()) == pytest.approx(eager["total_ms_per_batch"])
