@@ -22,7 +22,6 @@ a backend is constructed.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +29,6 @@ import numpy as np
 from ..model_info import ModelInfo
 from .base import Backend, BackendUnavailable
 from .gpu_precision import TORCH_PRECISIONS, choose_torch_mode
-
-log = logging.getLogger(__name__)
 
 TORCH_INSTALL_MESSAGE = "the torch backend needs PyTorch and timm: pip install 'effiseg[train]'"
 
@@ -82,9 +79,7 @@ class TorchBackend(Backend):
                                  torch.cuda.get_device_capability(self.torch_device) if on_cuda else None,
                                  torch.cuda.get_device_name(self.torch_device) if on_cuda else "the CPU")
         if mode.message:
-            self.messages.append(mode.message)
-            if mode.warning:
-                log.warning("%s", mode.message)
+            self.messages.append(mode.message)  # effiseg-run prints every message
         fast = mode.fast
         self.precision = mode.precision
         self.cuda_graphs = bool(fast and (cuda_graphs is None or cuda_graphs))
