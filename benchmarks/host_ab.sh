@@ -14,10 +14,14 @@ set -eu
 [ $# -ge 3 ] || { echo "usage: bash benchmarks/host_ab.sh BASE IMAGES_DIR OUT_DIR [ROUNDS]" >&2; exit 2; }
 BASE=$1; IMAGES=$(cd "$2" && pwd); OUT=$3; ROUNDS=${4:-5}; THREADS=${THREADS:-2}
 PY=${PYTHON:-python}
-ROOT=$(git rev-parse --show-toplevel)
+[ "$THREADS" -ge 2 ] || { echo "THREADS must be 2 or more (1 thread is always measured)" >&2; exit 2; }
+ROOT=$(cd "$(dirname "$0")" && git rev-parse --show-toplevel)
+# Both sides must have the pipeline ceiling (a97d860 and later), or the summary has nothing to pair.
+git -C "$ROOT" show "$BASE:benchmarks/host_profile.py" 2>/dev/null | grep -q "def pipeline_ceiling" || {
+  echo "BASE $BASE has no benchmarks/host_profile.py with the pipeline ceiling (added in a97d860)" >&2; exit 2; }
 WORK=$(mktemp -d)
+trap 'git -C "$ROOT" worktree remove --force "$WORK/base" 2>/dev/null; rm -rf "$WORK"' EXIT
 git -C "$ROOT" worktree add -q --detach "$WORK/base" "$BASE"
-trap 'git -C "$ROOT" worktree remove --force "$WORK/base"; rm -rf "$WORK"' EXIT
 # effiseg from each tree through PYTHONPATH (a namespace folder of symlinks, as the GPU scripts do).
 for side in base head; do
   src=$ROOT; [ "$side" = base ] && src=$WORK/base
@@ -25,7 +29,7 @@ for side in base head; do
   for part in training export runtime benchmarks; do ln -sfn "$src/$part" "$WORK/site_$side/effiseg/$part"; done
 done
 mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
-"$PY" - "$OUT/meta.json" "$(git -C "$ROOT" rev-parse "$BASE")" "$(git -C "$ROOT" rev-parse HEAD)" \
+PYTHONPATH="$WORK/site_head" "$PY" - "$OUT/meta.json" "$(git -C "$ROOT" rev-parse "$BASE")" "$(git -C "$ROOT" rev-parse HEAD)" \
   "$(git -C "$ROOT" status --porcelain | wc -l)" "$ROUNDS" "$THREADS" <<'EOF'
 import json, os, platform, sys
 from effiseg.benchmarks.machine import cpu_model, load_average

@@ -148,8 +148,9 @@ def count_regions_numpy(mask: np.ndarray) -> int:
 
     Runs of foreground pixels are found per row; runs in consecutive rows that touch (overlap or
     meet diagonally) are edges of a graph whose connected components are the regions. The
-    components are found with array operations only (min-label hooking and pointer jumping, each
-    round at least halving the roots left per component), so no Python loop runs per run or pixel.
+    components are found with array operations only (min-label hooking and pointer jumping; the
+    roots left two rounds on are at most those hooked in between, so the rounds grow with the log of
+    the runs), so no Python loop runs per run or pixel.
     """
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 2:

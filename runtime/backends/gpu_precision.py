@@ -1,14 +1,14 @@
-"""Which precision a GPU should run in: the one rule every backend follows.
+"""Which precision a GPU runs in: the one rule the TensorRT and PyTorch backends follow.
 
-The project's rule: FP16 where the GPU has fast FP16, FP32 elsewhere; a request for FP16 on a GPU
-without it (Maxwell, e.g. the Quadro M6000) runs FP32 and says so, never fails and never reports
-FP16 it did not run. Pure functions of the compute capability, so they are tested without a GPU.
+FP16 where the GPU has fast FP16, FP32 elsewhere; a request for FP16 on a GPU without it (Maxwell,
+e.g. the Quadro M6000) runs FP32 and says so, never fails and never reports FP16 it did not run.
+Pure functions of the request and the compute capability, so they are tested without a GPU.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-TORCH_PRECISIONS = ("auto", "fp32", "fp16")
+PRECISION_CHOICES = ("auto", "fp32", "fp16")
 
 
 def fast_fp16_from_compute_capability(major: int, minor: int) -> bool:
@@ -26,34 +26,31 @@ def fast_fp16_from_compute_capability(major: int, minor: int) -> bool:
 
 
 @dataclass(frozen=True)
-class TorchMode:
-    precision: str          # what the network computes in: "fp16" or "fp32"
-    fast: bool              # the fast mode's other parts: channels_last, cuDNN autotuning, CUDA graphs
+class PrecisionChoice:
+    precision: str          # what the GPU computes in: "fp32" / "fp16"
     message: str | None     # for Backend.messages
     warning: bool = False   # the user asked for something they do not get
 
 
-def choose_torch_mode(requested: str, on_cuda: bool, capability: tuple[int, int] | None = None,
-                      device_label: str = "this GPU") -> TorchMode:
-    """The torch backend's mode. ``fp32``: eager float32, the benchmark's baseline. ``auto`` and
-    ``fp16`` on CUDA: the fast mode, in FP16 where the GPU has fast FP16 and in FP32 otherwise
-    (channels_last and CUDA graphs still pay off there). On the CPU: eager float32."""
-    if requested not in TORCH_PRECISIONS:
-        raise ValueError(f"precision must be {', '.join(TORCH_PRECISIONS)}, not {requested!r}")
+def validate_precision_request(requested: str, backend: str) -> str:
+    """``requested`` lower-cased, or a ValueError naming the choices (INT8 with its reason)."""
+    value = str(requested).lower()
+    if value == "int8":
+        raise ValueError(f"INT8 is not supported by the effiseg {backend} backend (it needs a "
+                         "calibration set); use precision 'fp16', 'fp32' or 'auto'")
+    if value not in PRECISION_CHOICES:
+        raise ValueError(f"unknown precision {requested!r}; choose one of {', '.join(PRECISION_CHOICES)}")
+    return value
+
+
+def choose_gpu_precision(requested: str, fast_fp16: bool, device_label: str, fallback: str) -> PrecisionChoice:
+    """``auto`` -> fp16 when the GPU has fast FP16, else fp32; ``fp16`` on a GPU without fast FP16
+    falls back to fp32 with a warning that ends with ``fallback`` (what the backend does instead)."""
+    requested = validate_precision_request(requested, "GPU")
     if requested == "fp32":
-        return TorchMode("fp32", False, None)
-    if not on_cuda:
-        if requested == "fp16":
-            return TorchMode("fp32", False, "fp16 fast mode needs a CUDA GPU; running fp32 eager on the CPU",
-                             warning=True)
-        return TorchMode("fp32", False, None)
-    if capability is None:
-        raise ValueError("a CUDA device needs its compute capability to choose the precision")
-    if fast_fp16_from_compute_capability(*capability):
-        return TorchMode("fp16", True, None)
-    gpu = f"{device_label} (compute capability {capability[0]}.{capability[1]})"
+        return PrecisionChoice("fp32", None)
+    if fast_fp16:
+        return PrecisionChoice("fp16", "precision auto: fp16 (the GPU has fast FP16)" if requested == "auto" else None)
     if requested == "fp16":
-        return TorchMode("fp32", True, f"FP16 requested, but {gpu} has no fast FP16: running FP32 with "
-                         "channels_last and CUDA graphs instead", warning=True)
-    return TorchMode("fp32", True, f"precision auto: fp32 with channels_last and CUDA graphs, because {gpu} "
-                     "has no fast FP16")
+        return PrecisionChoice("fp32", f"FP16 requested, but {device_label} has no fast FP16; {fallback}", warning=True)
+    return PrecisionChoice("fp32", f"precision auto: fp32, because {device_label} has no fast FP16")

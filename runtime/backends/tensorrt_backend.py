@@ -41,7 +41,8 @@ from ..trt_engine_cache import (EngineKey, atomic_write_bytes, engine_path, fast
                                 load_or_build_engine, read_bytes_or_none, read_fast_fp16_answer,
                                 resolve_cache_dir, timing_cache_path, write_fast_fp16_answer)
 from .base import Backend, BackendUnavailable
-from .gpu_precision import fast_fp16_from_compute_capability
+from .gpu_precision import PrecisionChoice, choose_gpu_precision, fast_fp16_from_compute_capability
+from .gpu_precision import validate_precision_request as _validate_precision
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,6 @@ TENSORRT_INSTALL_MESSAGE = (
     "--extra-index-url https://pypi.nvidia.com (on Windows also the TensorRT zip, with its lib folder "
     "on PATH)")
 
-PRECISION_CHOICES = ("auto", "fp32", "fp16")
 DEFAULT_WORKSPACE_MB = 1024
 
 
@@ -130,27 +130,14 @@ def platform_has_fast_fp16(builder, compute_capability: tuple[int, int]) -> bool
     return fast_fp16_from_compute_capability(*compute_capability)
 
 
-@dataclass(frozen=True)
-class PrecisionChoice:
-    precision: str          # what the engine is built with: "fp32" / "fp16"
-    message: str | None     # for Backend.messages
-    warning: bool = False   # the user asked for something they do not get
-
-
 def validate_precision_request(requested: str) -> str:
-    value = str(requested).lower()
-    if value == "int8":
-        raise ValueError("INT8 is not supported by the effiseg TensorRT backend (it needs a "
-                         "calibration set); use precision 'fp16', 'fp32' or 'auto'")
-    if value not in PRECISION_CHOICES:
-        raise ValueError(f"unknown precision {requested!r}; choose one of {', '.join(PRECISION_CHOICES)}")
-    return value
+    return _validate_precision(requested, "TensorRT")
 
 
 def choose_precision(requested: str, fast_fp16: bool, device_label: str,
                      fp16_flag_available: bool = True, trt_version: str = "") -> PrecisionChoice:
-    """``auto`` -> fp16 when the GPU has fast FP16, else fp32; ``fp16`` on a GPU without fast FP16
-    (Maxwell 5.2) falls back to fp32 with a warning, never silently."""
+    """The project's rule (``gpu_precision.choose_gpu_precision``), and TensorRT's own case: a release
+    without the FP16 builder flag computes in the ONNX file's types."""
     requested = validate_precision_request(requested)
     if requested == "fp32":
         return PrecisionChoice("fp32", None)
@@ -158,13 +145,7 @@ def choose_precision(requested: str, fast_fp16: bool, device_label: str,
         text = (f"TensorRT {trt_version} builds strongly typed networks only (no FP16 builder flag): "
                 "the engine computes in the ONNX file's own types (fp32 for a float32 export)")
         return PrecisionChoice("fp32", text, warning=requested == "fp16")
-    if fast_fp16:
-        return PrecisionChoice("fp16", "precision auto: fp16 (the GPU has fast FP16)"
-                               if requested == "auto" else None)
-    if requested == "fp16":
-        return PrecisionChoice("fp32", f"FP16 requested, but {device_label} has no fast FP16 in "
-                               "TensorRT; building an FP32 engine instead", warning=True)
-    return PrecisionChoice("fp32", f"precision auto: fp32, because {device_label} has no fast FP16")
+    return choose_gpu_precision(requested, fast_fp16, device_label, "building an FP32 engine instead")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ Modes:
   run padded: its tail rows hold stale data and their outputs are ignored; this keeps one graph
   and one fixed block of memory per slot). Users without TensorRT get most of its speed this way.
   On a GPU without fast FP16 (Maxwell, e.g. the Quadro M6000) it runs in FP32, keeping the rest,
-  and warns (``gpu_precision.choose_torch_mode``).
+  and says so (:func:`choose_torch_mode`).
 * ``auto``: the fast mode on CUDA (FP16 where the GPU has fast FP16), fp32 eager on the CPU. On the
   CPU fp16 falls back to fp32 with a message.
 
@@ -28,7 +28,8 @@ import numpy as np
 
 from ..model_info import ModelInfo
 from .base import Backend, BackendUnavailable
-from .gpu_precision import TORCH_PRECISIONS, choose_torch_mode
+from .gpu_precision import (PrecisionChoice, choose_gpu_precision, fast_fp16_from_compute_capability,
+                            validate_precision_request)
 
 TORCH_INSTALL_MESSAGE = "the torch backend needs PyTorch and timm: pip install 'effiseg[train]'"
 
@@ -41,6 +42,27 @@ def import_torch():
     return torch
 
 
+def choose_torch_mode(requested: str, on_cuda: bool, capability: tuple[int, int] | None = None,
+                      device_label: str = "this GPU") -> tuple[PrecisionChoice, bool]:
+    """(precision, whether the fast mode runs). ``fp32``: eager float32, the benchmark's baseline.
+    ``auto`` and ``fp16`` on CUDA: the fast mode (channels_last, cuDNN autotuning, CUDA graphs) in
+    the precision of the project's rule (``gpu_precision``): FP32 on a GPU without fast FP16, where
+    the rest still pays off. On the CPU: eager float32."""
+    requested = validate_precision_request(requested, "PyTorch")
+    if not on_cuda:
+        if requested == "fp16":
+            return PrecisionChoice("fp32", "fp16 fast mode needs a CUDA GPU; running fp32 eager on the CPU",
+                                   warning=True), False
+        return PrecisionChoice("fp32", None), False
+    if requested == "fp32":
+        return PrecisionChoice("fp32", None), False
+    if capability is None:
+        raise ValueError("a CUDA device needs its compute capability to choose the precision")
+    gpu = f"{device_label} (compute capability {capability[0]}.{capability[1]})"
+    return choose_gpu_precision(requested, fast_fp16_from_compute_capability(*capability), gpu,
+                                "the fast mode runs in FP32 instead"), True
+
+
 class TorchBackend(Backend):
     """``TorchBackend(checkpoint, device="cpu", precision="auto", max_batch=8, n_slots=2,
     output_format="logits", cuda_graphs=None, input_size=None)``; ``checkpoint`` is anything
@@ -51,8 +73,7 @@ class TorchBackend(Backend):
     def __init__(self, checkpoint, device: str = "cpu", precision: str = "auto", max_batch: int = 8,
                  n_slots: int = 2, output_format: str = "logits", cuda_graphs: bool | None = None,
                  input_size: int | tuple[int, int] | None = None):
-        if precision not in TORCH_PRECISIONS:
-            raise ValueError(f"precision must be auto, fp32 or fp16, not {precision!r}")
+        precision = validate_precision_request(precision, "PyTorch")  # before torch is imported
         torch = import_torch()
         try:
             from effiseg.export.wrapper import SegmentationGraph
@@ -75,13 +96,16 @@ class TorchBackend(Backend):
             raise ValueError(f"the torch backend runs on cpu or cuda:N, not {device!r}")
         if on_cuda and self.torch_device.index is None:
             self.torch_device = torch.device("cuda", 0)
-        mode = choose_torch_mode(precision, on_cuda,
-                                 torch.cuda.get_device_capability(self.torch_device) if on_cuda else None,
-                                 torch.cuda.get_device_name(self.torch_device) if on_cuda else "the CPU")
-        if mode.message:
-            self.messages.append(mode.message)  # effiseg-run prints every message
-        fast = mode.fast
-        self.precision = mode.precision
+        if on_cuda and self.torch_device.index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise BackendUnavailable(f"there is no {self.torch_device}: torch sees {count} CUDA GPU(s)"
+                                     + (f" (cuda:0..cuda:{count - 1})" if count else ""))
+        choice, fast = choose_torch_mode(precision, on_cuda,
+                                         torch.cuda.get_device_capability(self.torch_device) if on_cuda else None,
+                                         torch.cuda.get_device_name(self.torch_device) if on_cuda else "the CPU")
+        if choice.message:
+            self.messages.append(choice.message)  # effiseg-run prints every message
+        self.precision = choice.precision
         self.cuda_graphs = bool(fast and (cuda_graphs is None or cuda_graphs))
         self.graph = SegmentationGraph(model, info.mean, info.std, "uint8-nhwc", output_format, info.threshold,
                                        tta=info.tta, tta_sizes=info.tta_sizes).eval()
