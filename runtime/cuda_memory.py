@@ -54,6 +54,24 @@ def parse_cuda_device(device: str | int) -> int:
     return index
 
 
+def driver_device_count() -> int | None:
+    """How many GPUs the NVIDIA driver shows this process (``CUDA_VISIBLE_DEVICES`` applies), asked
+    of the driver library itself (``nvcuda.dll`` / ``libcuda.so.1``) so that no CUDA binding, torch or
+    TensorRT is needed; None when no driver library can be loaded."""
+    import os
+    names = ("nvcuda.dll",) if os.name == "nt" else ("libcuda.so.1", "libcuda.so")
+    for name in names:
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        count = ctypes.c_int(0)
+        if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0  # a driver without a usable GPU (or a CUDA error): none to use
+        return int(count.value)
+    return None
+
+
 @dataclass(frozen=True)
 class DeviceInfo:
     index: int

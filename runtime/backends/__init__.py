@@ -3,7 +3,9 @@
 Backends are imported lazily by name, so importing this package needs neither TensorRT, ONNX
 Runtime nor torch. ``auto`` (ONNX models) tries, in order: TensorRT on each requested GPU, ONNX
 Runtime with a GPU provider, ONNX Runtime on the CPU; every skipped choice is recorded with its
-reason in ``selection_notes`` so the caller can say why it ended where it did.
+reason in ``selection_notes`` so the caller can say why it ended where it did. Without ``devices``
+the GPU backends run on every GPU the driver shows (one backend per GPU, fed from one queue), and
+a GPU that fails to open is left out with a note as long as another one runs.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ BACKENDS = {
 BACKEND_CHOICES = ("auto",) + tuple(BACKENDS)
 
 __all__ = ["Backend", "BackendUnavailable", "BACKENDS", "BACKEND_CHOICES", "backend_class",
-           "parse_devices", "open_onnx_backends", "open_checkpoint_backends"]
+           "parse_devices", "default_gpu_devices", "open_onnx_backends", "open_checkpoint_backends"]
 
 
 def backend_class(name: str) -> type[Backend]:
@@ -65,14 +67,36 @@ def _close_all(backends: list[Backend]) -> None:
             pass
 
 
-def _open_each(devices: list[str], make) -> list[Backend]:
+def default_gpu_devices() -> list[str]:
+    """Every GPU the driver shows (a two-GPU machine runs on both by default), or ``["cuda:0"]``
+    when that cannot be told: the backend then says why it cannot run there."""
+    from ..cuda_memory import driver_device_count
+    count = driver_device_count()
+    return [f"cuda:{i}" for i in range(count)] if count else ["cuda:0"]
+
+
+def _open_each(devices: list[str], make, notes: list[str] | None = None, tolerant: bool = False) -> list[Backend]:
+    """One backend per device. ``tolerant`` (devices chosen by default, not named by the user): a
+    device that fails is left out with a note while another one opens; all failing raises the first
+    error. Devices the user named must all open."""
     opened: list[Backend] = []
+    failed: list[tuple[str, Exception]] = []
     try:
         for device in devices:
-            opened.append(make(device))
+            try:
+                opened.append(make(device))
+            except Exception as e:
+                if not tolerant:
+                    raise
+                failed.append((device, e))
     except BaseException:
         _close_all(opened)
         raise
+    if failed and not opened:
+        raise failed[0][1]
+    for device, error in failed:
+        if notes is not None:
+            notes.append(f"left out {device}: {type(error).__name__}: {error}")
     return opened
 
 
@@ -89,14 +113,15 @@ def open_onnx_backends(onnx_path, backend: str = "auto", devices=None, precision
                          "folder (Segmenter.from_checkpoint / effiseg-run --model CHECKPOINT)")
     if backend in ("tensorrt", "onnxruntime"):
         cls = backend_class(backend)
-        devs = device_list or (["cuda:0"] if backend == "tensorrt" else ["cpu"])
+        devs = device_list or (default_gpu_devices() if backend == "tensorrt" else ["cpu"])
         return _open_each(devs, lambda d: cls(info, onnx_path, device=d, precision=precision,
-                                                       max_batch=max_batch, n_slots=n_slots, **options))
+                                              max_batch=max_batch, n_slots=n_slots, **options),
+                          notes, tolerant=device_list is None)
     if backend != "auto":
         backend_class(backend)  # raises the unknown-backend error
     if options:
         raise ValueError(f"backend options {sorted(options)} need an explicit backend, not auto")
-    gpu_devices = [d for d in (device_list or ["cuda:0"]) if d != "cpu"]
+    gpu_devices = [d for d in (device_list or default_gpu_devices()) if d != "cpu"]
     attempts = []
     if gpu_devices:
         attempts += [("tensorrt", gpu_devices), ("onnxruntime", gpu_devices)]
@@ -107,7 +132,8 @@ def open_onnx_backends(onnx_path, backend: str = "auto", devices=None, precision
         try:
             cls = backend_class(name)
             opened = _open_each(devs, lambda d: cls(info, onnx_path, device=d, precision=precision,
-                                                          max_batch=max_batch, n_slots=n_slots))
+                                                    max_batch=max_batch, n_slots=n_slots),
+                                notes, tolerant=device_list is None)
         except BackendUnavailable as e:
             # One line per skipped choice; the install hints come in full with --backend NAME (and
             # below, when no backend can run at all).
@@ -119,7 +145,7 @@ def open_onnx_backends(onnx_path, backend: str = "auto", devices=None, precision
             notes.append(f"auto: {name} on {','.join(devs)} failed ({type(e).__name__}: {e}); trying the next backend")
             errors.append(f"{name} on {','.join(devs)}: {type(e).__name__}: {e}")
             continue
-        notes.append(f"auto: chose {name} on {','.join(devs)}")
+        notes.append(f"auto: chose {name} on {','.join(b.device for b in opened)}")
         return opened
     raise BackendUnavailable("no backend can run this model here:\n  " + "\n  ".join(errors))
 
@@ -127,14 +153,18 @@ def open_onnx_backends(onnx_path, backend: str = "auto", devices=None, precision
 def open_checkpoint_backends(checkpoint, devices=None, precision: str = "auto", max_batch: int = 8,
                              n_slots: int = 2, selection_notes: list[str] | None = None,
                              **options) -> list[Backend]:
-    """Torch backends for a training checkpoint: on the given devices, else cuda:0 if torch sees a
-    GPU, else the CPU."""
+    """Torch backends for a training checkpoint: on the given devices, else on every GPU torch
+    sees, else on the CPU."""
     cls = backend_class("torch")
-    device_list = parse_devices(devices)
+    named = parse_devices(devices)
+    device_list = named
     if device_list is None:
         torch = importlib.import_module("effiseg.runtime.backends.torch_backend").import_torch()
-        device_list = ["cuda:0"] if torch.cuda.is_available() else ["cpu"]
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        device_list = [f"cuda:{i}" for i in range(count)] or ["cpu"]
+    opened = _open_each(device_list, lambda d: cls(checkpoint, device=d, precision=precision,
+                                                   max_batch=max_batch, n_slots=n_slots, **options),
+                        selection_notes, tolerant=named is None)
     if selection_notes is not None:
-        selection_notes.append(f"torch backend on {','.join(device_list)}")
-    return _open_each(device_list, lambda d: cls(checkpoint, device=d, precision=precision,
-                                                          max_batch=max_batch, n_slots=n_slots, **options))
+        selection_notes.append(f"torch backend on {','.join(b.device for b in opened)}")
+    return opened

@@ -1,0 +1,146 @@
+"""Which devices a run uses when none are named: every GPU the driver shows (the user's two Quadro
+M6000 both work without --devices), a GPU that fails to open left out with a note while another
+runs; devices the user named must all open."""
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+
+from effiseg.runtime import backends as registry
+from effiseg.runtime.backends import BackendUnavailable, open_onnx_backends
+from effiseg.runtime.cuda_memory import driver_device_count
+from effiseg.runtime.model_info import ModelInfo
+
+INFO = ModelInfo(path=None, variant="t", input_height=8, input_width=8)
+
+
+class FakeDriver:
+    def __init__(self, count, init_status=0):
+        self.count, self.init_status = count, init_status
+
+    def cuInit(self, flags):
+        return self.init_status
+
+    def cuDeviceGetCount(self, ref):
+        ctypes.cast(ref, ctypes.POINTER(ctypes.c_int)).contents.value = self.count
+        return 0
+
+
+def test_driver_device_count_asks_the_driver_library(monkeypatch):
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeDriver(2))
+    assert driver_device_count() == 2
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeDriver(2, init_status=100))  # CUDA_ERROR_NO_DEVICE
+    assert driver_device_count() == 0
+
+    def no_library(name):
+        raise OSError(f"{name}: cannot open shared object file")
+    monkeypatch.setattr(ctypes, "CDLL", no_library)
+    assert driver_device_count() is None
+
+
+def test_default_gpu_devices_are_every_gpu_or_cuda0(monkeypatch):
+    import effiseg.runtime.cuda_memory as cuda_memory
+    monkeypatch.setattr(cuda_memory, "driver_device_count", lambda: 2)
+    assert registry.default_gpu_devices() == ["cuda:0", "cuda:1"]
+    for unknown in (0, None):
+        monkeypatch.setattr(cuda_memory, "driver_device_count", lambda: unknown)
+        assert registry.default_gpu_devices() == ["cuda:0"]
+
+
+def fake_backends(monkeypatch, broken: dict[str, set[str]], gpus=("cuda:0", "cuda:1")):
+    """The registry with TensorRT/ONNX Runtime stand-ins; ``broken[name]`` lists the devices on which
+    that backend fails to open (an engine that does not build, a GPU out of memory...)."""
+    opened = []
+
+    def make_class(name):
+        class Fake:
+            def __init__(self, info, path, device, precision, max_batch, n_slots, **options):
+                if device in broken.get(name, set()):
+                    raise RuntimeError(f"{name} cannot open on {device}")
+                self.name, self.device = name, device
+                opened.append(self)
+
+            def close(self):
+                pass
+        return Fake
+
+    monkeypatch.setattr(registry, "backend_class", make_class)
+    monkeypatch.setattr(registry, "default_gpu_devices", lambda: list(gpus))
+    return opened
+
+
+def test_auto_uses_both_gpus_by_default(monkeypatch, tmp_path):
+    fake_backends(monkeypatch, broken={})
+    notes = []
+    backends = open_onnx_backends(tmp_path / "m.onnx", "auto", None, info=INFO, selection_notes=notes)
+    assert [(b.name, b.device) for b in backends] == [("tensorrt", "cuda:0"), ("tensorrt", "cuda:1")]
+    assert notes == ["auto: chose tensorrt on cuda:0,cuda:1"]
+
+
+def test_a_default_gpu_that_fails_is_left_out_and_said(monkeypatch, tmp_path):
+    fake_backends(monkeypatch, broken={"tensorrt": {"cuda:1"}})
+    notes = []
+    backends = open_onnx_backends(tmp_path / "m.onnx", "auto", None, info=INFO, selection_notes=notes)
+    assert [(b.name, b.device) for b in backends] == [("tensorrt", "cuda:0")]
+    assert notes[0] == "left out cuda:1: RuntimeError: tensorrt cannot open on cuda:1"
+    assert notes[-1] == "auto: chose tensorrt on cuda:0"
+    notes = []
+    backends = open_onnx_backends(tmp_path / "m.onnx", "tensorrt", None, info=INFO, selection_notes=notes)
+    assert [b.device for b in backends] == ["cuda:0"] and "left out cuda:1" in notes[0]
+
+
+def test_named_devices_must_all_open(monkeypatch, tmp_path):
+    fake_backends(monkeypatch, broken={"tensorrt": {"cuda:1"}})
+    with pytest.raises(RuntimeError, match="tensorrt cannot open on cuda:1"):
+        open_onnx_backends(tmp_path / "m.onnx", "tensorrt", "0,1", info=INFO)
+    notes = []  # auto moves on to the next backend rather than run on fewer GPUs than named
+    backends = open_onnx_backends(tmp_path / "m.onnx", "auto", "0,1", info=INFO, selection_notes=notes)
+    assert [(b.name, b.device) for b in backends] == [("onnxruntime", "cuda:0"), ("onnxruntime", "cuda:1")]
+
+
+def test_every_gpu_failing_moves_auto_to_the_next_backend(monkeypatch, tmp_path):
+    fake_backends(monkeypatch, broken={"tensorrt": {"cuda:0", "cuda:1"}, "onnxruntime": {"cuda:0", "cuda:1"}})
+    notes = []
+    backends = open_onnx_backends(tmp_path / "m.onnx", "auto", None, info=INFO, selection_notes=notes)
+    assert [(b.name, b.device) for b in backends] == [("onnxruntime", "cpu")]
+    assert any("tensorrt on cuda:0,cuda:1 failed" in n for n in notes)
+
+
+def test_unavailable_backend_is_not_a_device_failure(monkeypatch, tmp_path):
+    def make_class(name):
+        class Missing:
+            def __init__(self, *args, **kwargs):
+                raise BackendUnavailable(f"{name} is not installed: pip install something")
+        return Missing
+    monkeypatch.setattr(registry, "backend_class", make_class)
+    monkeypatch.setattr(registry, "default_gpu_devices", lambda: ["cuda:0", "cuda:1"])
+    with pytest.raises(BackendUnavailable, match="tensorrt is not installed"):
+        open_onnx_backends(tmp_path / "m.onnx", "tensorrt", None, info=INFO)
+
+
+def test_torch_checkpoints_run_on_every_gpu_torch_sees(monkeypatch, tmp_path):
+    torch = pytest.importorskip("torch")
+    from effiseg.runtime.backends import open_checkpoint_backends
+
+    class FakeTorchBackend:
+        def __init__(self, checkpoint, device, precision, max_batch, n_slots, **options):
+            if device == "cuda:1" and broken:
+                raise RuntimeError("CUDA out of memory")
+            self.device = device
+
+        def close(self):
+            pass
+    monkeypatch.setattr(registry, "backend_class", lambda name: FakeTorchBackend)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    broken = False
+    notes = []
+    assert [b.device for b in open_checkpoint_backends(tmp_path, selection_notes=notes)] == ["cuda:0", "cuda:1"]
+    assert notes == ["torch backend on cuda:0,cuda:1"]
+    broken = True
+    notes = []
+    assert [b.device for b in open_checkpoint_backends(tmp_path, selection_notes=notes)] == ["cuda:0"]
+    assert notes == ["left out cuda:1: RuntimeError: CUDA out of memory", "torch backend on cuda:0"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert [b.device for b in open_checkpoint_backends(tmp_path)] == ["cpu"]
