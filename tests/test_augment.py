@@ -1,4 +1,5 @@
 """Augmentation moves image and mask together."""
+import pytest
 import torch
 
 from effiseg.training.augment import AugmentConfig, augment_batch, paint_overlay_box
@@ -68,3 +69,23 @@ def test_overlay_box_lower_left_and_mask_cleared():
         assert xs.min() == 0 and ys.max() == 49            # touches the lower-left corner
         assert 10 <= xs.max() + 1 <= 18 and 10 <= 50 - ys.min() <= 15
         assert torch.equal(out_m[i, 0] == 0, box)
+
+
+@pytest.mark.gpu
+def test_augmentation_never_makes_the_cpu_wait_for_the_gpu():
+    """Every step of training augments a batch; a host-to-device copy of a small constant or an error
+    check there would stall the CPU until the GPU drains its queue, several times a step. After the
+    first call (which makes the per-device constants), a step must not synchronise at all."""
+    images = torch.rand(4, 3, 64, 80, device="cuda")
+    masks = (torch.rand(4, 1, 64, 80, device="cuda") > 0.5).float()
+    cfg = AugmentConfig(color_p=1.0, affine_p=1.0, elastic_p=1.0, overlay_box_p=1.0)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    augment_batch(images, masks, cfg, generator=generator)  # warm-up: constants, kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            augment_batch(images, masks, cfg, generator=generator)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()

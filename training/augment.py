@@ -19,6 +19,7 @@ image as the real box does, and clears the mask under it.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -61,6 +62,23 @@ class AugmentConfig:
         return cls(hflip_p=0, vflip_p=0, color_p=0, affine_p=0, elastic_p=0, overlay_box_p=0)
 
 
+# Small constant tensors are made once per device: building one from Python values copies it from
+# pageable host memory, and such a copy (like linalg.inv's error check) makes the CPU wait for the
+# GPU to finish everything queued, several times a step. Callers must not modify them in place.
+@functools.lru_cache(maxsize=32)
+def _yiq_matrices(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+                          device=device, dtype=dtype)
+    return to_yiq, torch.linalg.inv(to_yiq)
+
+
+@functools.lru_cache(maxsize=32)
+def _grid_constants(device: torch.device, h: int, w: int, elastic_alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(half sizes D for the affine map, elastic displacement scale in normalised units)."""
+    return (torch.tensor([w / 2, h / 2], device=device),
+            torch.tensor([2.0 / w, 2.0 / h], device=device) * elastic_alpha)
+
+
 def _uniform(n: int, low: float, high: float, device, generator=None) -> torch.Tensor:
     return torch.rand(n, device=device, generator=generator) * (high - low) + low
 
@@ -101,12 +119,11 @@ def color_jitter(images: torch.Tensor, cfg: AugmentConfig, generator=None) -> to
     # Hue: a rotation of the chroma plane in YIQ space (exact for small shifts, cheap on a batch).
     angle = hue * 2 * math.pi
     cos, sin = torch.cos(angle), torch.sin(angle)
-    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                          device=dev, dtype=x.dtype)
+    to_yiq, from_yiq = _yiq_matrices(dev, x.dtype)
     rot = torch.zeros(b, 3, 3, device=dev, dtype=x.dtype)
     rot[:, 0, 0] = one
     rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
-    mat = torch.linalg.inv(to_yiq) @ rot @ to_yiq
+    mat = from_yiq @ rot @ to_yiq
     x = torch.einsum("bij,bjhw->bihw", mat, x)
     x = x.clamp(0.0, 1.0)
     return torch.where(chosen, x, images)
@@ -126,7 +143,7 @@ def geometric_grid(b: int, h: int, w: int, cfg: AugmentConfig, device, generator
     # normalised coordinates: p_in_n = D^-1 (1/s) R^T (D p_out_n - t), D = diag(W/2, H/2).
     cos, sin = torch.cos(angle), torch.sin(angle)
     inv = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2) / scale.view(b, 1, 1)
-    d = torch.tensor([w / 2, h / 2], device=device)
+    d, elastic_scale = _grid_constants(torch.device(device), h, w, float(cfg.elastic_alpha))
     lin = inv * d.view(1, 1, 2) / d.view(1, 2, 1)
     t_pix = torch.stack([tx * w, ty * h], -1)
     offset = -(inv @ t_pix.unsqueeze(-1)).squeeze(-1) / d
@@ -142,8 +159,7 @@ def geometric_grid(b: int, h: int, w: int, cfg: AugmentConfig, device, generator
         g = max(2, int(cfg.elastic_grid))
         coarse = torch.rand(b, 2, g, g, device=device, generator=generator) * 2 - 1
         field = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
-        scale_px = torch.tensor([2.0 / w, 2.0 / h], device=device) * cfg.elastic_alpha
-        grid = grid + field * scale_px * el
+        grid = grid + field * elastic_scale * el
     return grid
 
 

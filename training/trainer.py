@@ -265,6 +265,9 @@ class Trainer:
         n = self.train_images.shape[0]
         order = torch.randperm(n, generator=self.shuffle_gen).to(self.device)
         total, steps = torch.zeros((), device=self.device), 0
+        # Made once: a tensor built from Python values each step would make the CPU wait for the GPU.
+        mean = torch.tensor(self.variant.mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.variant.std, device=self.device).view(1, 3, 1, 1)
         t0 = time.perf_counter()
         for start in range(0, n, c.batch_size):
             idx = order[start:start + c.batch_size]
@@ -273,8 +276,6 @@ class Trainer:
             images = self.train_images[idx].float().div_(255.0)
             masks = self.train_masks[idx].float()
             images, masks = augment_batch(images, masks, c.augment, generator=self.aug_gen)
-            mean = torch.tensor(self.variant.mean, device=self.device).view(1, 3, 1, 1)
-            std = torch.tensor(self.variant.std, device=self.device).view(1, 3, 1, 1)
             x = (images - mean) / std
             if self.device.type == "cuda" and c.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
