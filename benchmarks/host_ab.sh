@@ -20,7 +20,7 @@ ROOT=$(cd "$(dirname "$0")" && git rev-parse --show-toplevel)
 git -C "$ROOT" show "$BASE:benchmarks/host_profile.py" 2>/dev/null | grep -q "def pipeline_ceiling" || {
   echo "BASE $BASE has no benchmarks/host_profile.py with the pipeline ceiling (added in a97d860)" >&2; exit 2; }
 WORK=$(mktemp -d)
-trap 'git -C "$ROOT" worktree remove --force "$WORK/base" 2>/dev/null; rm -rf "$WORK"' EXIT
+trap 'git -C "$ROOT" worktree remove --force "$WORK/base" 2>/dev/null || true; rm -rf "$WORK"' EXIT
 git -C "$ROOT" worktree add -q --detach "$WORK/base" "$BASE"
 # effiseg from each tree through PYTHONPATH (a namespace folder of symlinks, as the GPU scripts do).
 for side in base head; do

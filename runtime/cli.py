@@ -72,8 +72,9 @@ def _echo(message: str) -> None:
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto",
               help="auto: TensorRT, else ONNX Runtime on the GPU, else ONNX Runtime on the CPU.")
 @click.option("--devices", default=None,
-              help="cpu, a GPU index, or several (0,1: one backend per GPU) [default: every GPU the driver "
-                   "shows for GPU backends, else the CPU].")
+              help="cpu, a GPU index, or several (0,1: one backend per GPU) [default: auto and tensorrt: "
+                   "every GPU like the first one (same model); torch: the same among the GPUs torch sees; "
+                   "onnxruntime, or no GPU: the CPU].")
 @click.option("--batch", type=click.IntRange(1, 1024), default=8, help="Images per batch (max batch size).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16"]), default="auto",
               help="auto: fp16 where the backend and GPU run it fast, else fp32. The precision used is reported.")

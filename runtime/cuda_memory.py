@@ -54,10 +54,11 @@ def parse_cuda_device(device: str | int) -> int:
     return index
 
 
-def driver_device_count() -> int | None:
-    """How many GPUs the NVIDIA driver shows this process (``CUDA_VISIBLE_DEVICES`` applies), asked
-    of the driver library itself (``nvcuda.dll`` / ``libcuda.so.1``) so that no CUDA binding, torch or
-    TensorRT is needed; None when no driver library can be loaded."""
+def driver_devices() -> list[tuple[str, tuple[int, int]]] | None:
+    """(name, compute capability) of every GPU the NVIDIA driver shows this process
+    (``CUDA_VISIBLE_DEVICES`` applies), asked of the driver library itself (``nvcuda.dll`` /
+    ``libcuda.so.1``) so that no CUDA binding, torch or TensorRT is needed; None when no driver
+    library can be loaded or it does not answer."""
     import os
     names = ("nvcuda.dll",) if os.name == "nt" else ("libcuda.so.1", "libcuda.so")
     for name in names:
@@ -65,10 +66,23 @@ def driver_device_count() -> int | None:
             lib = ctypes.CDLL(name)
         except OSError:
             continue
-        count = ctypes.c_int(0)
-        if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
-            return 0  # a driver without a usable GPU (or a CUDA error): none to use
-        return int(count.value)
+        try:
+            count = ctypes.c_int(0)
+            if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+                return []  # a driver without a usable GPU (CUDA_VISIBLE_DEVICES="", no device...)
+            devices = []
+            for ordinal in range(count.value):
+                handle, major, minor = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(0)
+                text = ctypes.create_string_buffer(256)
+                if (lib.cuDeviceGet(ctypes.byref(handle), ordinal) != 0
+                        or lib.cuDeviceGetName(text, 256, handle) != 0
+                        or lib.cuDeviceGetAttribute(ctypes.byref(major), 75, handle) != 0    # CC major
+                        or lib.cuDeviceGetAttribute(ctypes.byref(minor), 76, handle) != 0):  # CC minor
+                    return None
+                devices.append((text.value.decode(errors="replace").strip(), (major.value, minor.value)))
+            return devices
+        except (AttributeError, OSError, ValueError):  # not the driver library we know
+            return None
     return None
 
 

@@ -81,7 +81,8 @@ class Segmenter:
                   slots: int = 2, threshold: float | None = None, workers: int | None = None,
                   writers: int | None = None, input_size: int | tuple[int, int] | None = None,
                   **backend_options) -> "Segmenter":
-        """An effiseg ONNX file (its metadata says everything else) on ``backend``."""
+        """An effiseg ONNX file (its metadata says everything else) on ``backend``. ``devices=None``:
+        every GPU like the first for GPU backends (see ``open_onnx_backends``)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
@@ -102,7 +103,8 @@ class Segmenter:
     def from_checkpoint(cls, path, devices=None, precision: str = "auto", max_batch: int = 8, slots: int = 2,
                         threshold: float | None = None, workers: int | None = None, writers: int | None = None,
                         input_size: int | tuple[int, int] | None = None, **backend_options) -> "Segmenter":
-        """A training checkpoint on the torch backend (needs the train extra)."""
+        """A training checkpoint on the torch backend (needs the train extra). ``devices=None``: every
+        GPU torch sees that is like the first, else the CPU."""
         notes: list[str] = []
         backends = open_checkpoint_backends(path, devices, precision, max_batch, slots, selection_notes=notes,
                                             input_size=input_size, **backend_options)

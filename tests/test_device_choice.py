@@ -9,43 +9,89 @@ import pytest
 
 from effiseg.runtime import backends as registry
 from effiseg.runtime.backends import BackendUnavailable, open_onnx_backends
-from effiseg.runtime.cuda_memory import driver_device_count
+from effiseg.runtime.cuda_memory import driver_devices
 from effiseg.runtime.model_info import ModelInfo
 
 INFO = ModelInfo(path=None, variant="t", input_height=8, input_width=8)
 
 
 class FakeDriver:
-    def __init__(self, count, init_status=0):
-        self.count, self.init_status = count, init_status
+    """The CUDA driver API calls driver_devices makes, for a list of (name, (major, minor))."""
+
+    def __init__(self, gpus, init_status=0):
+        self.gpus, self.init_status = gpus, init_status
+
+    @staticmethod
+    def _set(ref, value):
+        ctypes.cast(ref, ctypes.POINTER(ctypes.c_int)).contents.value = value
 
     def cuInit(self, flags):
         return self.init_status
 
     def cuDeviceGetCount(self, ref):
-        ctypes.cast(ref, ctypes.POINTER(ctypes.c_int)).contents.value = self.count
+        self._set(ref, len(self.gpus))
+        return 0
+
+    def cuDeviceGet(self, ref, ordinal):
+        self._set(ref, ordinal)
+        return 0
+
+    def cuDeviceGetName(self, buffer, length, handle):
+        buffer.value = self.gpus[handle.value][0].encode()
+        return 0
+
+    def cuDeviceGetAttribute(self, ref, attribute, handle):
+        major, minor = self.gpus[handle.value][1]
+        self._set(ref, {75: major, 76: minor}[attribute])
         return 0
 
 
-def test_driver_device_count_asks_the_driver_library(monkeypatch):
-    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeDriver(2))
-    assert driver_device_count() == 2
-    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeDriver(2, init_status=100))  # CUDA_ERROR_NO_DEVICE
-    assert driver_device_count() == 0
+M6000 = ("Quadro M6000", (5, 2))
+
+
+def test_driver_devices_asks_the_driver_library(monkeypatch):
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeDriver([M6000, M6000]))
+    assert driver_devices() == [M6000, M6000]
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeDriver([M6000], init_status=100))  # no device
+    assert driver_devices() == []
+
+    class OldDriver:  # loads, but without the calls we make: no traceback, just "unknown"
+        def cuInit(self, flags):
+            return 0
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: OldDriver())
+    assert driver_devices() is None
 
     def no_library(name):
         raise OSError(f"{name}: cannot open shared object file")
     monkeypatch.setattr(ctypes, "CDLL", no_library)
-    assert driver_device_count() is None
+    assert driver_devices() is None
 
 
-def test_default_gpu_devices_are_every_gpu_or_cuda0(monkeypatch):
+def test_default_gpu_devices_are_the_gpus_like_the_first(monkeypatch):
     import effiseg.runtime.cuda_memory as cuda_memory
-    monkeypatch.setattr(cuda_memory, "driver_device_count", lambda: 2)
-    assert registry.default_gpu_devices() == ["cuda:0", "cuda:1"]
-    for unknown in (0, None):
-        monkeypatch.setattr(cuda_memory, "driver_device_count", lambda: unknown)
+    monkeypatch.setattr(cuda_memory, "driver_devices", lambda: [M6000, M6000])
+    notes = []
+    assert registry.default_gpu_devices(notes) == ["cuda:0", "cuda:1"] and notes == []
+    monkeypatch.setattr(cuda_memory, "driver_devices", lambda: [M6000, ("NVIDIA GeForce GT 710", (3, 5)), M6000])
+    assert registry.default_gpu_devices(notes) == ["cuda:0", "cuda:2"]
+    assert notes == ["by default only GPUs like cuda:0 (Quadro M6000, 5.2) are used; not cuda:1 "
+                     "(NVIDIA GeForce GT 710, 3.5): name them with --devices"]
+    for unknown in ([], None):
+        monkeypatch.setattr(cuda_memory, "driver_devices", lambda: unknown)
         assert registry.default_gpu_devices() == ["cuda:0"]
+
+
+def test_a_cpu_only_install_never_initialises_the_cuda_driver(monkeypatch, tmp_path):
+    import effiseg.runtime.cuda_memory as cuda_memory
+
+    def must_not_run():
+        raise AssertionError("the CUDA driver was initialised although no GPU backend is installed")
+    monkeypatch.setattr(cuda_memory, "driver_devices", must_not_run)
+    monkeypatch.setattr(registry, "_gpu_backend_installed", lambda: False)
+    fake_backends(monkeypatch, broken={"tensorrt": {"cuda:0"}, "onnxruntime": {"cuda:0"}}, gpus=None)
+    notes = []
+    backends = open_onnx_backends(tmp_path / "m.onnx", "auto", None, info=INFO, selection_notes=notes)
+    assert [(b.name, b.device) for b in backends] == [("onnxruntime", "cpu")]
 
 
 def fake_backends(monkeypatch, broken: dict[str, set[str]], gpus=("cuda:0", "cuda:1")):
@@ -66,7 +112,9 @@ def fake_backends(monkeypatch, broken: dict[str, set[str]], gpus=("cuda:0", "cud
         return Fake
 
     monkeypatch.setattr(registry, "backend_class", make_class)
-    monkeypatch.setattr(registry, "default_gpu_devices", lambda: list(gpus))
+    if gpus is not None:
+        monkeypatch.setattr(registry, "default_gpu_devices", lambda notes=None: list(gpus))
+        monkeypatch.setattr(registry, "_gpu_backend_installed", lambda: True)
     return opened
 
 
@@ -114,7 +162,7 @@ def test_unavailable_backend_is_not_a_device_failure(monkeypatch, tmp_path):
                 raise BackendUnavailable(f"{name} is not installed: pip install something")
         return Missing
     monkeypatch.setattr(registry, "backend_class", make_class)
-    monkeypatch.setattr(registry, "default_gpu_devices", lambda: ["cuda:0", "cuda:1"])
+    monkeypatch.setattr(registry, "default_gpu_devices", lambda notes=None: ["cuda:0", "cuda:1"])
     with pytest.raises(BackendUnavailable, match="tensorrt is not installed"):
         open_onnx_backends(tmp_path / "m.onnx", "tensorrt", None, info=INFO)
 
@@ -134,6 +182,8 @@ def test_torch_checkpoints_run_on_every_gpu_torch_sees(monkeypatch, tmp_path):
     monkeypatch.setattr(registry, "backend_class", lambda name: FakeTorchBackend)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "Quadro M6000")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (5, 2))
     broken = False
     notes = []
     assert [b.device for b in open_checkpoint_backends(tmp_path, selection_notes=notes)] == ["cuda:0", "cuda:1"]

@@ -143,7 +143,10 @@ def geometric_grid(b: int, h: int, w: int, cfg: AugmentConfig, device, generator
     # normalised coordinates: p_in_n = D^-1 (1/s) R^T (D p_out_n - t), D = diag(W/2, H/2).
     cos, sin = torch.cos(angle), torch.sin(angle)
     inv = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2) / scale.view(b, 1, 1)
-    d, elastic_scale = _grid_constants(torch.device(device), h, w, float(cfg.elastic_alpha))
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # one cache entry per GPU, on that GPU
+        device = torch.device("cuda", torch.cuda.current_device())
+    d, elastic_scale = _grid_constants(device, h, w, float(cfg.elastic_alpha))
     lin = inv * d.view(1, 1, 2) / d.view(1, 2, 1)
     t_pix = torch.stack([tx * w, ty * h], -1)
     offset = -(inv @ t_pix.unsqueeze(-1)).squeeze(-1) / d

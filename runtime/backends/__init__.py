@@ -3,13 +3,16 @@
 Backends are imported lazily by name, so importing this package needs neither TensorRT, ONNX
 Runtime nor torch. ``auto`` (ONNX models) tries, in order: TensorRT on each requested GPU, ONNX
 Runtime with a GPU provider, ONNX Runtime on the CPU; every skipped choice is recorded with its
-reason in ``selection_notes`` so the caller can say why it ended where it did. Without ``devices``
-the GPU backends run on every GPU the driver shows (one backend per GPU, fed from one queue), and
-a GPU that fails to open is left out with a note as long as another one runs.
+reason in ``selection_notes`` so the caller can say why it ended where it did. Without ``devices``,
+``auto`` and ``tensorrt`` run on every GPU the driver shows that is like the first one (same name
+and compute capability), and ``torch`` on every such GPU torch sees, one backend per GPU fed from
+one queue; a GPU that fails to open is left out with a note as long as another one runs.
+``onnxruntime`` without ``devices`` runs on the CPU.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from pathlib import Path
 
 from ..model_info import ModelInfo
@@ -67,12 +70,38 @@ def _close_all(backends: list[Backend]) -> None:
             pass
 
 
-def default_gpu_devices() -> list[str]:
-    """Every GPU the driver shows (a two-GPU machine runs on both by default), or ``["cuda:0"]``
-    when that cannot be told: the backend then says why it cannot run there."""
-    from ..cuda_memory import driver_device_count
-    count = driver_device_count()
-    return [f"cuda:{i}" for i in range(count)] if count else ["cuda:0"]
+def same_kind_as_first(devices: list[tuple[str, tuple[int, int]]], notes: list[str] | None = None) -> list[str]:
+    """``cuda:i`` for every GPU like the first one (same name and compute capability), so that a
+    default run never mixes precisions or waits on a slower card; the others are named in a note."""
+    if not devices:
+        return []
+    first = devices[0]
+    chosen = [f"cuda:{i}" for i, d in enumerate(devices) if d == first]
+    others = [f"cuda:{i} ({d[0]}, {d[1][0]}.{d[1][1]})" for i, d in enumerate(devices) if d != first]
+    if others and notes is not None:
+        notes.append(f"by default only GPUs like cuda:0 ({first[0]}, {first[1][0]}.{first[1][1]}) are used; "
+                     f"not {', '.join(others)}: name them with --devices")
+    return chosen
+
+
+def default_gpu_devices(notes: list[str] | None = None) -> list[str]:
+    """Every GPU the driver shows that is like the first (a two-GPU machine runs on both by
+    default), or ``["cuda:0"]`` when that cannot be told: the backend then says why it cannot run
+    there. Only called where a GPU backend is installed, so that a CPU-only install never
+    initialises the CUDA driver."""
+    from ..cuda_memory import driver_devices
+    return same_kind_as_first(driver_devices() or [], notes) or ["cuda:0"]
+
+
+def _gpu_backend_installed() -> bool:
+    """Whether TensorRT or an ONNX Runtime with a GPU provider is importable (checked without
+    initialising CUDA)."""
+    if importlib.util.find_spec("tensorrt") is not None:
+        return True
+    if importlib.util.find_spec("onnxruntime") is None:
+        return False
+    import onnxruntime
+    return bool({"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(onnxruntime.get_available_providers()))
 
 
 def _open_each(devices: list[str], make, notes: list[str] | None = None, tolerant: bool = False) -> list[Backend]:
@@ -113,7 +142,7 @@ def open_onnx_backends(onnx_path, backend: str = "auto", devices=None, precision
                          "folder (Segmenter.from_checkpoint / effiseg-run --model CHECKPOINT)")
     if backend in ("tensorrt", "onnxruntime"):
         cls = backend_class(backend)
-        devs = device_list or (default_gpu_devices() if backend == "tensorrt" else ["cpu"])
+        devs = device_list or (default_gpu_devices(notes) if backend == "tensorrt" else ["cpu"])
         return _open_each(devs, lambda d: cls(info, onnx_path, device=d, precision=precision,
                                               max_batch=max_batch, n_slots=n_slots, **options),
                           notes, tolerant=device_list is None)
@@ -121,7 +150,10 @@ def open_onnx_backends(onnx_path, backend: str = "auto", devices=None, precision
         backend_class(backend)  # raises the unknown-backend error
     if options:
         raise ValueError(f"backend options {sorted(options)} need an explicit backend, not auto")
-    gpu_devices = [d for d in (device_list or default_gpu_devices()) if d != "cpu"]
+    if device_list is None:
+        gpu_devices = default_gpu_devices(notes) if _gpu_backend_installed() else ["cuda:0"]
+    else:
+        gpu_devices = [d for d in device_list if d != "cpu"]
     attempts = []
     if gpu_devices:
         attempts += [("tensorrt", gpu_devices), ("onnxruntime", gpu_devices)]
@@ -161,7 +193,8 @@ def open_checkpoint_backends(checkpoint, devices=None, precision: str = "auto", 
     if device_list is None:
         torch = importlib.import_module("effiseg.runtime.backends.torch_backend").import_torch()
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        device_list = [f"cuda:{i}" for i in range(count)] or ["cpu"]
+        gpus = [(torch.cuda.get_device_name(i), tuple(torch.cuda.get_device_capability(i))) for i in range(count)]
+        device_list = same_kind_as_first(gpus, selection_notes) or ["cpu"]
     opened = _open_each(device_list, lambda d: cls(checkpoint, device=d, precision=precision,
                                                    max_batch=max_batch, n_slots=n_slots, **options),
                         selection_notes, tolerant=named is None)
