@@ -282,6 +282,9 @@ def run_folder(segmenter, input_dir, output_dir=None, *, recursive: bool = False
                 bar.close()
     wall = time.perf_counter() - started
     segmenter.last_stats = pipe.stats
+    for device, why in pipe.lost.items():
+        say(f"gave up on {device} part-way: {why}; the other device(s) finished the run, and the images it "
+            "still held are listed as failed (--resume redoes them)")
 
     ordered = [rows[job.index] for job in jobs]
     n_ok = sum(r["status"] == "ok" for r in ordered)
@@ -299,7 +302,7 @@ def run_folder(segmenter, input_dir, output_dir=None, *, recursive: bool = False
         "n_images": len(jobs), "n_ok": n_ok, "n_failed": n_failed, "n_skipped": n_skipped,
         "n_processed": len(todo), "wall_s": round(wall, 4),
         "images_per_s": round(len(todo) / wall, 3) if wall > 0 and todo else 0.0,
-        "timing": pipe.timing(),
+        "timing": pipe.timing(), "devices_given_up": dict(pipe.lost),
         "selection": desc["selection"], "backends": desc["backends"], "model_info": desc["model_info"],
         "files": ordered,
     }

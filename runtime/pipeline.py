@@ -16,8 +16,11 @@ Threads and what bounds them:
 
 A batch the backend fails on fails its images (per-file errors, the run goes on: one bad batch, e.g.
 an out-of-memory at an odd size, should not cost the folder). ``max_failed_batches`` failures in a
-row on one backend mean the backend or its device is gone: the run stops with ``BackendLost``
-instead of marking every remaining file failed.
+row on one backend mean the backend or its device is gone. With other backends still running, it
+is given up for the rest of the run (``lost``): its slots leave circulation, the batches it still
+held fail their images (``--resume`` redoes them), and the others take the remaining work. The
+last backend standing stops the run with ``BackendLost`` instead of marking every remaining file
+failed.
 
 Several backends (devices=[0, 1]) share one free-slot queue: whichever device frees a slot first
 gets the next batch. Results come back keyed by job, in completion order.
@@ -93,6 +96,10 @@ class BackendLost(RuntimeError):
     """A backend failed ``max_failed_batches`` batches in a row: it (or its device) is not coming back."""
 
 
+class _GivenUp(Exception):
+    """Raised in a runner whose backend is lost while other backends run on."""
+
+
 class Pipeline:
     """Run ``jobs`` through ``backends``.
 
@@ -115,6 +122,7 @@ class Pipeline:
         self.workers = max(1, workers or default_workers())
         self.writers = max(1, writers or self.workers)
         self.stats = PipelineStats()
+        self.lost: dict[str, str] = {}  # device -> why it was given up (last run)
 
     def timing(self) -> dict:
         """The stats plus two derived figures for checking overlap: ``serial_estimate_s`` is the
@@ -132,6 +140,8 @@ class Pipeline:
     # ------------------------------------------------------------------------------------------
     def run(self, jobs: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
         self.stats = PipelineStats()
+        self.lost = {}
+        self._lost_indices: set[int] = set()
         self._jobs = iter(jobs)
         self._jobs_lock = threading.Lock()
         self._abort = threading.Event()
@@ -270,7 +280,8 @@ class Pipeline:
                 raise
             backend = self.backends[b_index]
             with self._cond:
-                self._current = _Batch(b_index, slot, backend.host_input(slot), [None] * backend.max_batch)
+                if b_index not in self._lost_indices:  # a given-up backend's slot leaves circulation
+                    self._current = _Batch(b_index, slot, backend.host_input(slot), [None] * backend.max_batch)
                 self._fetching = False
                 self._cond.notify_all()
 
@@ -341,6 +352,8 @@ class Pipeline:
                         continue
                     self.stats.add(infer_s=time.perf_counter() - t0, batches=1)
                     in_flight.append(batch)
+        except _GivenUp as given_up:
+            self._drain(backend, ready, in_flight, given_up)
         finally:
             # On abort, leave no batch pending on the backend so that it can be reused or closed.
             for batch in in_flight:
@@ -348,6 +361,23 @@ class Pipeline:
                     backend.collect(batch.slot)
                 except Exception:
                     pass
+
+    def _drain(self, backend: Backend, ready: queue.Queue, in_flight: deque, given_up: _GivenUp) -> None:
+        """A given-up backend's runner until the end of the run: the batches it had in flight and
+        those still sealed on its slots fail their images, so that every job gets a result."""
+        error = BackendLost(f"{backend.device} was given up: {given_up}")
+        while in_flight:
+            batch = in_flight.popleft()
+            try:
+                backend.collect(batch.slot)
+            except Exception:
+                pass
+            self._fail_batch(batch, error, give_back=False)
+        while True:
+            batch = self._get(ready)
+            if batch is None:
+                return
+            self._fail_batch(batch, error, give_back=False)
 
     def _complete(self, backend: Backend, batch: _Batch) -> None:
         t0 = time.perf_counter()
@@ -372,20 +402,30 @@ class Pipeline:
             self._writer_pool.submit(self._write, job, meta, output)
 
     def _backend_failed(self, batch: _Batch, error: Exception) -> None:
-        """Fail the batch's images; after ``max_failed_batches`` in a row, stop the run."""
-        self._fail_batch(batch, error)
+        """Fail the batch's images; after ``max_failed_batches`` in a row, give the backend up
+        while others run, else stop the run."""
         b = batch.backend_index
+        backend = self.backends[b]
+        # With several devices, each failed file says which one failed it.
+        self._fail_batch(batch, RuntimeError(f"on {backend.device}: {type(error).__name__}: {error}")
+                         if len(self.backends) > 1 else error)
         self._failed_in_a_row[b] += 1
         if self._failed_in_a_row[b] >= self.max_failed_batches:
-            backend = self.backends[b]
-            raise BackendLost(f"{backend.name} on {backend.device} failed {self._failed_in_a_row[b]} batches in a "
-                              f"row (last: {type(error).__name__}: {error})")
+            reason = (f"{backend.name} on {backend.device} failed {self._failed_in_a_row[b]} batches in a row "
+                      f"(last: {type(error).__name__}: {error})")
+            with self._cond:
+                if any(i != b and i not in self._lost_indices for i in range(len(self.backends))):
+                    self._lost_indices.add(b)
+                    self.lost[backend.device] = reason
+                    raise _GivenUp(reason)
+            raise BackendLost(reason)
 
-    def _fail_batch(self, batch: _Batch, error: Exception) -> None:
+    def _fail_batch(self, batch: _Batch, error: Exception, give_back: bool = True) -> None:
         for job, meta in batch.entries[:batch.claimed]:
             if meta is not _FILL_FAILED:
                 self._results.put((job, self.fail(job, error, "inference")))
-        self._free.put((batch.backend_index, batch.slot))
+        if give_back:
+            self._free.put((batch.backend_index, batch.slot))
 
     def _write(self, job, meta, output) -> None:
         t0 = time.perf_counter()

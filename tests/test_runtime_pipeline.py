@@ -416,3 +416,58 @@ def test_a_broken_failure_handler_stops_the_run_instead_of_losing_a_job():
     pipe = seg.pipeline(lambda i: (seg.prepare(images[i]), None), finish, fail)
     with pytest.raises(Boom, match="disk full"):
         list(pipe.run(range(3)))
+
+
+def test_a_lost_gpu_is_given_up_and_the_others_finish_the_run():
+    """Two devices, one of which fails every batch from its third on: it is given up after three
+    failures in a row, the batches it still held fail their images, and the other device takes all the
+    remaining work; every job gets exactly one result."""
+    good = MeanBackend(_fake_info(), max_batch=2, n_slots=2, delay=0.002)
+    bad = MeanBackend(_fake_info(), max_batch=2, n_slots=2, fail_on=set(range(3, 10_000)))
+    good.device, bad.device = "cuda:0", "cuda:1"
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (20, 20, 3), dtype=np.uint8) for _ in range(60)]
+    seg = Segmenter([good, bad], workers=2)
+    pipe = seg.pipeline(lambda i: (seg.prepare(images[i]), None), lambda i, meta, out: "ok",
+                        lambda i, err, stage: f"error: {err}")
+    results = {}
+    for i, r in pipe.run(range(60)):
+        assert i not in results
+        results[i] = r
+    assert sorted(results) == list(range(60))
+    errors = [r for r in results.values() if r != "ok"]
+    assert 0 < len(errors) <= 2 * (3 + 2 + 1)  # the failed batches + at most its slots' batches
+    assert list(pipe.lost) == ["cuda:1"] and "failed 3 batches in a row" in pipe.lost["cuda:1"]
+    assert 5 <= bad.calls <= 7  # two good batches, three failures in a row (two successes may reset
+    # the count once each), then nothing more went to it: not the 30 batches of the folder
+    assert sum(r == "ok" for r in results.values()) == 60 - len(errors)
+
+
+def test_when_every_device_is_lost_the_run_stops():
+    first = MeanBackend(_fake_info(), max_batch=2, n_slots=1, fail_on=set(range(1, 10_000)))
+    second = MeanBackend(_fake_info(), max_batch=2, n_slots=1, fail_on=set(range(1, 10_000)))
+    first.device, second.device = "cuda:0", "cuda:1"
+    images = [np.zeros((20, 20, 3), np.uint8) for _ in range(80)]
+    seg = Segmenter([first, second], workers=1)
+    pipe = seg.pipeline(lambda i: (seg.prepare(images[i]), None), lambda i, meta, out: "ok",
+                        lambda i, err, stage: "error")
+    with pytest.raises(BackendLost, match="failed 3 batches in a row"):
+        for _ in pipe.run(range(80)):
+            pass
+    assert len(pipe.lost) == 1  # the first was given up; the second, the last one running, stopped the run
+
+
+def test_a_folder_run_says_which_device_it_gave_up(tmp_path):
+    from conftest import write_noise_images
+    good = MeanBackend(_fake_info(), max_batch=2, n_slots=2, delay=0.002)
+    bad = MeanBackend(_fake_info(), max_batch=2, n_slots=2, fail_on=set(range(1, 10_000)))
+    good.device, bad.device = "cuda:0", "cuda:1"
+    src = write_noise_images(tmp_path / "in", 30, shape=(20, 24))
+    said = []
+    summary = Segmenter([good, bad], workers=2).run_folder(src, tmp_path / "out", log=said.append)
+    assert summary["n_ok"] + summary["n_failed"] == 30 and 0 < summary["n_failed"] < 30
+    assert list(summary["devices_given_up"]) == ["cuda:1"]
+    assert any(line.startswith("gave up on cuda:1 part-way") for line in said)
+    failed = [r for r in summary["files"] if r["status"] == "error"]
+    assert all("cuda:1" in r["error"] for r in failed)
+    assert len(list((tmp_path / "out").glob("*.png"))) == summary["n_ok"]
