@@ -353,7 +353,8 @@ class Pipeline:
                     self.stats.add(infer_s=time.perf_counter() - t0, batches=1)
                     in_flight.append(batch)
         except _GivenUp as given_up:
-            self._drain(backend, ready, in_flight, given_up)
+            # After the end-of-input marker (``finished``) nothing more can arrive on ``ready``.
+            self._drain(backend, ready, in_flight, given_up, wait_for_end=not finished)
         finally:
             # On abort, leave no batch pending on the backend so that it can be reused or closed.
             for batch in in_flight:
@@ -362,18 +363,22 @@ class Pipeline:
                 except Exception:
                     pass
 
-    def _drain(self, backend: Backend, ready: queue.Queue, in_flight: deque, given_up: _GivenUp) -> None:
-        """A given-up backend's runner until the end of the run: the batches it had in flight and
-        those still sealed on its slots fail their images, so that every job gets a result."""
-        error = BackendLost(f"{backend.device} was given up: {given_up}")
+    def _drain(self, backend: Backend, ready: queue.Queue, in_flight: deque, given_up: _GivenUp,
+               wait_for_end: bool) -> None:
+        """A given-up backend's runner until the end of the run, so that every job gets a result:
+        a batch it had in flight is written if it still comes back, else failed; batches sealed on
+        its slots afterwards fail their images. Its slots are never given back."""
+        error = BackendLost(f"given up part-way: {given_up}")
         while in_flight:
             batch = in_flight.popleft()
             try:
-                backend.collect(batch.slot)
+                out = backend.collect(batch.slot)
+                rows = [np.array(out[i], copy=True) for i in range(batch.claimed)]
             except Exception:
-                pass
-            self._fail_batch(batch, error, give_back=False)
-        while True:
+                self._fail_batch(batch, error, give_back=False)
+                continue
+            self._deliver(batch, rows)
+        while wait_for_end:
             batch = self._get(ready)
             if batch is None:
                 return
@@ -390,9 +395,12 @@ class Pipeline:
             return
         self.stats.add(infer_s=time.perf_counter() - t0)
         self._failed_in_a_row[batch.backend_index] = 0
-        entries = batch.entries[:batch.claimed]
         self._free.put((batch.backend_index, batch.slot))  # outputs copied: the slot may refill
-        for (job, meta), output in zip(entries, rows):
+        self._deliver(batch, rows)
+
+    def _deliver(self, batch: _Batch, rows: list[np.ndarray]) -> None:
+        """Hand a computed batch's outputs to the writers (rows already copied out of the slot)."""
+        for (job, meta), output in zip(batch.entries[:batch.claimed], rows):
             if meta is _FILL_FAILED:
                 continue  # already reported
             t1 = time.perf_counter()
@@ -406,19 +414,37 @@ class Pipeline:
         while others run, else stop the run."""
         b = batch.backend_index
         backend = self.backends[b]
-        # With several devices, each failed file says which one failed it.
-        self._fail_batch(batch, RuntimeError(f"on {backend.device}: {type(error).__name__}: {error}")
-                         if len(self.backends) > 1 else error)
+        failure = error
+        if len(self.backends) > 1:  # each failed file says which device failed it
+            failure = RuntimeError(f"on {backend.device}: {type(error).__name__}: {error}")
+            failure.__cause__ = error
         self._failed_in_a_row[b] += 1
-        if self._failed_in_a_row[b] >= self.max_failed_batches:
-            reason = (f"{backend.name} on {backend.device} failed {self._failed_in_a_row[b]} batches in a row "
-                      f"(last: {type(error).__name__}: {error})")
-            with self._cond:
-                if any(i != b and i not in self._lost_indices for i in range(len(self.backends))):
-                    self._lost_indices.add(b)
-                    self.lost[backend.device] = reason
-                    raise _GivenUp(reason)
-            raise BackendLost(reason)
+        if self._failed_in_a_row[b] < self.max_failed_batches:
+            self._fail_batch(batch, failure)
+            return
+        reason = (f"{backend.name} on {backend.device} failed {self._failed_in_a_row[b]} batches in a row "
+                  f"(last: {type(error).__name__}: {error})")
+        sealed_now = None
+        with self._cond:
+            give_up = any(i != b and i not in self._lost_indices for i in range(len(self.backends)))
+            if give_up:
+                self._lost_indices.add(b)
+                self.lost[backend.device] = reason
+                # No more rows on its slot being filled: seal it; it is drained with the others
+                # (now if every claimed row is in, else when the last one is, by _row_done).
+                cur = self._current
+                if cur is not None and cur.backend_index == b:
+                    self._current = None
+                    cur.sealed = True
+                    if cur.claimed and cur.done == cur.claimed:
+                        sealed_now = cur
+        self._fail_batch(batch, failure, give_back=not give_up)
+        if give_up:
+            if sealed_now is not None:
+                self._ready[b].put(sealed_now)
+            raise _GivenUp(reason)
+        earlier = "".join(f"; given up earlier: {device}: {why}" for device, why in self.lost.items())
+        raise BackendLost(reason + earlier)
 
     def _fail_batch(self, batch: _Batch, error: Exception, give_back: bool = True) -> None:
         for job, meta in batch.entries[:batch.claimed]:

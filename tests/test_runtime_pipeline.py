@@ -175,11 +175,12 @@ class MeanBackend(Backend):
     """Output = per-pixel channel mean - 128 ("logits"); optionally fails some batches."""
     name = "fake"
 
-    def __init__(self, info, max_batch=4, n_slots=2, fail_on=(), delay=0.0):
+    def __init__(self, info, max_batch=4, n_slots=2, fail_on=(), delay=0.0, fail_collect=False):
         super().__init__(info, "cpu", "fp32", max_batch, n_slots)
         self.buffers = [np.zeros((max_batch, info.input_height, info.input_width, 3), np.uint8) for _ in range(n_slots)]
         self.pending = [None] * n_slots
         self.fail_on, self.delay, self.calls = set(fail_on), delay, 0
+        self.fail_collect, self.collected = fail_collect, 0  # collected: images handed back
 
     def host_input(self, slot):
         return self.buffers[slot]
@@ -193,6 +194,9 @@ class MeanBackend(Backend):
 
     def collect(self, slot):
         out, self.pending[slot] = self.pending[slot], None
+        if self.fail_collect:  # how a real GPU usually fails: at the stream sync
+            raise RuntimeError("device lost")
+        self.collected += len(out)
         return out
 
 
@@ -471,3 +475,51 @@ def test_a_folder_run_says_which_device_it_gave_up(tmp_path):
     failed = [r for r in summary["files"] if r["status"] == "error"]
     assert all("cuda:1" in r["error"] for r in failed)
     assert len(list((tmp_path / "out").glob("*.png"))) == summary["n_ok"]
+
+
+def _run_with_timeout(pipe, jobs, seconds=20.0):
+    """All results of ``pipe.run(jobs)`` from a thread; fails the test rather than hang it."""
+    results, errors = {}, []
+
+    def consume():
+        try:
+            for i, r in pipe.run(jobs):
+                assert i not in results
+                results[i] = r
+        except BaseException as e:
+            errors.append(e)
+    worker = threading.Thread(target=consume, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), "the pipeline hung"
+    return results, errors
+
+
+def test_a_device_lost_in_its_last_collects_does_not_hang_the_run():
+    """Found by a stress test: the runner had already taken the end-of-input marker when its last
+    collects failed; giving it up then waited for that marker forever."""
+    for slots, jobs in ((1, 1), (3, 3), (2, 7)):
+        good = MeanBackend(_fake_info(), max_batch=2, n_slots=slots)
+        bad = MeanBackend(_fake_info(), max_batch=2, n_slots=slots, fail_collect=True, delay=0.01)
+        good.device, bad.device = "cuda:0", "cuda:1"
+        pipe = Pipeline([bad, good], lambda i: (np.zeros((16, 16, 3), np.uint8), None),
+                        lambda row, rgb: row.__setitem__(Ellipsis, rgb), lambda i, meta, out: "ok",
+                        lambda i, err, stage: f"error: {err}", workers=1, max_failed_batches=1)
+        results, errors = _run_with_timeout(pipe, range(jobs))
+        assert not errors and sorted(results) == list(range(jobs)) and list(pipe.lost) == ["cuda:1"]
+
+
+def test_a_given_up_device_still_writes_what_it_computed():
+    """A batch already on the device when the device is given up (a later submit failed) is written
+    if its output comes back; only what the device did not compute fails."""
+    good = MeanBackend(_fake_info(), max_batch=1, n_slots=2)
+    bad = MeanBackend(_fake_info(), max_batch=1, n_slots=2, fail_on=set(range(2, 10_000)), delay=0.02)
+    good.device, bad.device = "cuda:0", "cuda:1"
+    pipe = Pipeline([bad, good], lambda i: (np.zeros((16, 16, 3), np.uint8), None),
+                    lambda row, rgb: row.__setitem__(Ellipsis, rgb), lambda i, meta, out: "ok",
+                    lambda i, err, stage: f"error: {err}", workers=2, max_failed_batches=1)
+    results, errors = _run_with_timeout(pipe, range(20))
+    assert not errors and sorted(results) == list(range(20))
+    oks = sum(r == "ok" for r in results.values())
+    assert bad.collected >= 1 and oks == good.collected + bad.collected  # nothing computed was thrown away
+    assert any("on cuda:1: RuntimeError: device lost" in r for r in results.values())
