@@ -20,6 +20,7 @@ on a machine without CUDA.
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 from dataclasses import dataclass
 
@@ -59,7 +60,6 @@ def driver_devices() -> list[tuple[str, tuple[int, int]]] | None:
     (``CUDA_VISIBLE_DEVICES`` applies), asked of the driver library itself (``nvcuda.dll`` /
     ``libcuda.so.1``) so that no CUDA binding, torch or TensorRT is needed; None when no driver
     library can be loaded or it does not answer."""
-    import os
     names = ("nvcuda.dll",) if os.name == "nt" else ("libcuda.so.1", "libcuda.so")
     for name in names:
         try:

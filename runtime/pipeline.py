@@ -17,8 +17,9 @@ Threads and what bounds them:
 A batch the backend fails on fails its images (per-file errors, the run goes on: one bad batch, e.g.
 an out-of-memory at an odd size, should not cost the folder). ``max_failed_batches`` failures in a
 row on one backend mean the backend or its device is gone. With other backends still running, it
-is given up for the rest of the run (``lost``): its slots leave circulation, the batches it still
-held fail their images (``--resume`` redoes them), and the others take the remaining work. The
+is given up for the rest of the run (``lost``): its slots leave circulation, a batch it still
+computes is written, the images waiting on its slots fail (``--resume`` redoes them), and the others
+take the remaining work. The
 last backend standing stops the run with ``BackendLost`` instead of marking every remaining file
 failed.
 
@@ -372,8 +373,7 @@ class Pipeline:
         while in_flight:
             batch = in_flight.popleft()
             try:
-                out = backend.collect(batch.slot)
-                rows = [np.array(out[i], copy=True) for i in range(batch.claimed)]
+                rows = self._collect_rows(backend, batch)
             except Exception:
                 self._fail_batch(batch, error, give_back=False)
                 continue
@@ -384,11 +384,16 @@ class Pipeline:
                 return
             self._fail_batch(batch, error, give_back=False)
 
+    @staticmethod
+    def _collect_rows(backend: Backend, batch: _Batch) -> list[np.ndarray]:
+        """Wait for ``batch`` and copy its outputs out of the slot, one array per claimed row."""
+        out = backend.collect(batch.slot)
+        return [np.array(out[i], copy=True) for i in range(batch.claimed)]
+
     def _complete(self, backend: Backend, batch: _Batch) -> None:
         t0 = time.perf_counter()
         try:
-            out = backend.collect(batch.slot)
-            rows = [np.array(out[i], copy=True) for i in range(batch.claimed)]
+            rows = self._collect_rows(backend, batch)
         except Exception as e:
             self.stats.add(infer_s=time.perf_counter() - t0)
             self._backend_failed(batch, e)
