@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sys
 import threading
 from pathlib import Path
@@ -971,3 +972,59 @@ def test_fixed_batch_with_dynamic_height_width_pads_the_last_batch(env):
     ref = np.concatenate([onnxruntime_reference(onnx_path, batch[:2]),
                           onnxruntime_reference(onnx_path, batch[[2, 2]])[:1]])  # ONNX Runtime takes only 2
     np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_effiseg_run_prints_the_maxwell_fp16_fallback_once(tiny_onnx, tmp_path, monkeypatch):
+    """effiseg-run on a Maxwell GPU with --precision fp16, through the real CLI: the fallback is
+    stated once (the backend both logs it and lists it in its messages), the masks are written and
+    the summary records the precision that ran."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from effiseg.runtime.backends.tensorrt_backend import TensorRTBackend
+    from effiseg.runtime.cli import run_command
+
+    cuda = FakeCuda(MAXWELL)
+    trt = make_fake_trt(cuda, fast_fp16=False)
+
+    def open_fake_cuda(self, device_index):
+        cuda.device_index = device_index
+        return cuda
+
+    monkeypatch.setattr(TensorRTBackend, "_import_tensorrt", lambda self: trt)
+    monkeypatch.setattr(TensorRTBackend, "_open_cuda", open_fake_cuda)
+    monkeypatch.setenv(CACHE_ENV_VAR, str(tmp_path / "cache"))
+    # As on a command line: no handler on the root logger (pytest installs its own), so Python's
+    # last-resort handler prints any warning that no effiseg handler takes.
+    monkeypatch.setattr(logging.root, "handlers", [])
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((40, 48, 3), 60 * i, np.uint8)).save(frames / f"{i}.png")
+    result = CliRunner().invoke(run_command, ["--input", str(frames), "--model", str(tiny_onnx), "--backend",
+                                              "tensorrt", "--devices", "0", "--precision", "fp16",
+                                              "--batch", "2", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    fallback = [line for line in result.output.splitlines() if "Quadro M6000" in line and "FP32" in line]
+    assert len(fallback) == 1, result.output
+    assert fallback[0].startswith("tensorrt [cuda:0]: ")
+    summary = json.loads((tmp_path / "frames_masks" / "effiseg_summary.json").read_text())
+    assert summary["precision"] == "fp32" and summary["n_ok"] == 3
+
+
+def test_effiseg_run_still_prints_other_warnings_once(monkeypatch, capsys):
+    """Only the backend messages are left out: any other effiseg warning (e.g. TensorRT's own
+    errors, forwarded by its logger) still reaches stderr, once."""
+    from effiseg.runtime.backends.base import BACKEND_MESSAGE
+    from effiseg.runtime.cli import _warnings_to_stderr_once
+
+    monkeypatch.setattr(logging.root, "handlers", [])
+    log = logging.getLogger("effiseg.runtime.backends.tensorrt_backend")
+    handlers_before = list(logging.getLogger("effiseg").handlers)
+    with _warnings_to_stderr_once():
+        log.warning("TensorRT: an error of its own")
+        log.warning("a decision also kept in messages", extra={BACKEND_MESSAGE: True})
+    err = capsys.readouterr().err
+    assert err.count("TensorRT: an error of its own") == 1
+    assert "a decision also kept in messages" not in err
+    assert logging.getLogger("effiseg").handlers == handlers_before  # removed again

@@ -21,6 +21,11 @@ import numpy as np
 from ..model_info import ModelInfo
 
 
+# Set on the log records of decisions a backend also keeps in ``Backend.messages``: a front end that
+# prints the messages (effiseg-run) leaves these records out.
+BACKEND_MESSAGE = "effiseg_backend_message"
+
+
 class BackendUnavailable(RuntimeError):
     """The backend cannot run here; the message says what to install (which extra) or why."""
 

@@ -40,7 +40,7 @@ from ..model_info import ModelInfo
 from ..trt_engine_cache import (EngineKey, atomic_write_bytes, engine_path, fast_fp16_answer_path, file_sha256,
                                 load_or_build_engine, read_bytes_or_none, read_fast_fp16_answer,
                                 resolve_cache_dir, timing_cache_path, write_fast_fp16_answer)
-from .base import Backend, BackendUnavailable
+from .base import BACKEND_MESSAGE, Backend, BackendUnavailable
 from .gpu_precision import PrecisionChoice, choose_gpu_precision, fast_fp16_from_compute_capability
 from .gpu_precision import validate_precision_request as _validate_precision
 
@@ -455,7 +455,7 @@ class TensorRTBackend(Backend):
 
     def _note(self, message: str, warning: bool = False) -> None:
         self.messages.append(message)
-        (log.warning if warning else log.info)("%s", message)
+        (log.warning if warning else log.info)("%s", message, extra={BACKEND_MESSAGE: True})
 
     def _open(self, cache_dir) -> None:
         trt = self._import_tensorrt()
