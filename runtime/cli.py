@@ -12,9 +12,7 @@ interrupted with Ctrl-C (same: ``--resume``).
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import logging
 import sys
 import warnings
 from pathlib import Path
@@ -22,7 +20,7 @@ from pathlib import Path
 import click
 
 from .backends import BACKEND_CHOICES
-from .backends.base import BACKEND_MESSAGE
+from .backends.base import print_warnings_except_backend_messages
 from .images import DEFAULT_MAX_PIXELS
 from .model_info import parse_tta_sizes
 
@@ -95,38 +93,11 @@ def _echo(message: str) -> None:
 @click.option("--input-size", type=int, default=None,
               help="Run a --dynamic-hw model at this square input size instead of its export size.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def run_command(**options):
+@print_warnings_except_backend_messages()
+def run_command(input_dir, output_dir, model_path, backend, devices, batch, precision, threshold, overlay,
+                recursive, resume, slots, workers, max_pixels, input_size, no_progress):
     """Segment every image of INPUT into 0/255 PNG masks at each image's own size, with a summary
     CSV/JSON (area fraction, regions, maximum probability, errors, throughput)."""
-    with _warnings_to_stderr_once():
-        _run(**options)
-
-
-class _NotABackendMessage(logging.Filter):
-    """Backends log their decisions (``Backend.messages``) and this command prints those lists:
-    the logged copy would print each warning twice."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not getattr(record, BACKEND_MESSAGE, False)
-
-
-@contextlib.contextmanager
-def _warnings_to_stderr_once():
-    """effiseg's logged warnings to stderr (as Python's last-resort handler would print them without
-    a handler), except the backend messages this command prints itself."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setLevel(logging.WARNING)
-    handler.addFilter(_NotABackendMessage())
-    logger = logging.getLogger("effiseg")
-    logger.addHandler(handler)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-
-
-def _run(input_dir, output_dir, model_path, backend, devices, batch, precision, threshold, overlay,
-         recursive, resume, slots, workers, max_pixels, input_size, no_progress):
     from .backends import BackendUnavailable
     from .folder import FolderError, check_folders, default_output_dir
     from .segmenter import Segmenter

@@ -1012,16 +1012,15 @@ def test_effiseg_run_prints_the_maxwell_fp16_fallback_once(tiny_onnx, tmp_path, 
     assert summary["precision"] == "fp32" and summary["n_ok"] == 3
 
 
-def test_effiseg_run_still_prints_other_warnings_once(monkeypatch, capsys):
+def test_commands_still_print_other_warnings_once(monkeypatch, capsys):
     """Only the backend messages are left out: any other effiseg warning (e.g. TensorRT's own
     errors, forwarded by its logger) still reaches stderr, once."""
-    from effiseg.runtime.backends.base import BACKEND_MESSAGE
-    from effiseg.runtime.cli import _warnings_to_stderr_once
-
+    from effiseg.runtime.backends.base import BACKEND_MESSAGE, print_warnings_except_backend_messages
+    
     monkeypatch.setattr(logging.root, "handlers", [])
     log = logging.getLogger("effiseg.runtime.backends.tensorrt_backend")
     handlers_before = list(logging.getLogger("effiseg").handlers)
-    with _warnings_to_stderr_once():
+    with print_warnings_except_backend_messages():
         log.warning("TensorRT: an error of its own")
         log.warning("a decision also kept in messages", extra={BACKEND_MESSAGE: True})
     err = capsys.readouterr().err
