@@ -149,7 +149,8 @@ def main(checkpoint, onnx, images, batch_sizes, reps, rounds, threads, tunables,
             "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "load_average_after": load_average(),
                         "libc": "-".join(platform.libc_ver()), "python": platform.python_version()},
             "checkpoint": str(checkpoint), "onnx": str(onnx) if onnx else None, "images": str(images),
-            "threads": threads, "reps": reps, "rounds": rounds, "summary": summary, "runs": runs}, indent=2))
+            "threads": threads, "reps": reps, "rounds": rounds, "summary": summary, "runs": runs}, indent=2),
+            encoding="utf-8")
         click.echo(f"wrote {output}", err=True)
 
 

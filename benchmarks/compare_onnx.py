@@ -83,7 +83,7 @@ def main(a, b, images, batch_sizes, rounds, threads, output):
     result = compare(a, b, images, sizes, rounds, threads, log=lambda m: click.echo(m, err=True))
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(result, indent=2))
+        output.write_text(json.dumps(result, indent=2), encoding="utf-8")
         click.echo(f"wrote {output}", err=True)
 
 

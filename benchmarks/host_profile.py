@@ -224,7 +224,7 @@ def main(folder, limit, threads, output):
         result = {"per_image_ms": result, "thread_scaling": scaling, "threads": threads,
                   "pipeline_ceiling": ceiling}
     if output:
-        output.write_text(json.dumps(result, indent=2))
+        output.write_text(json.dumps(result, indent=2), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def fast_fp16_answer_path(cache_dir: Path, tensorrt_version: str, gpu_name: str,
 def read_fast_fp16_answer(path: Path) -> bool | None:
     """The builder's answer recorded by an earlier run, or None (never asked, or unreadable)."""
     try:
-        value = json.loads(Path(path).read_text()).get("platform_has_fast_fp16")
+        value = json.loads(Path(path).read_text(encoding="utf-8")).get("platform_has_fast_fp16")
     except (OSError, ValueError, AttributeError):
         return None
     return value if isinstance(value, bool) else None

@@ -67,21 +67,21 @@ def save_checkpoint(directory: str | Path, model: EffiSegNet, config: dict, stem
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     tmp_w, tmp_c = weights.with_suffix(".tmp"), cfg_path.with_suffix(".jtmp")
     save_file(state, str(tmp_w), metadata={"format": "pt", "variant": config["variant"]})
-    tmp_c.write_text(json.dumps(config, indent=2, sort_keys=True))
+    tmp_c.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
     tmp_w.replace(weights)
     tmp_c.replace(cfg_path)
     return weights
 
 
 def load_config(path: str | Path) -> dict:
-    return json.loads(resolve_checkpoint(path)[1].read_text())
+    return json.loads(resolve_checkpoint(path)[1].read_text(encoding="utf-8"))
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[EffiSegNet, dict]:
     """Rebuild the network from its JSON config and load its weights (eval mode)."""
     from safetensors.torch import load_file
     weights, cfg_path = resolve_checkpoint(path)
-    config = json.loads(cfg_path.read_text())
+    config = json.loads(cfg_path.read_text(encoding="utf-8"))
     model = build_model(config["variant"], pretrained=False, ch=config.get("decoder_channels"),
                         deep_supervision=config.get("deep_supervision", False))
     model.load_state_dict(load_file(str(weights)), strict=True)

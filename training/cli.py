@@ -163,8 +163,8 @@ def model_card_command(checkpoint, out_dir, data_root, provenance, protocol_summ
     from .trainer import resolve_device
     settings = {k: v for k, v in (("threshold", threshold), ("tta", tta), ("min_region_px", min_region),
                                   ("tta_sizes", None if tta_sizes is None else list(tta_sizes))) if v is not None}
-    prov = json.loads(Path(provenance).read_text()) if provenance else {}
-    proto = {"summary": Path(protocol_summary).read_text()} if protocol_summary else None
+    prov = json.loads(Path(provenance).read_text(encoding="utf-8")) if provenance else {}
+    proto = {"summary": Path(protocol_summary).read_text(encoding="utf-8")} if protocol_summary else None
     try:
         out = make_model_folder(checkpoint, out_dir, data_root, prov, proto, settings, str(resolve_device(device)),
                                 role=role)

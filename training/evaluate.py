@@ -91,9 +91,9 @@ def evaluate_samples(model, config: dict, samples: list[Sample], device="cpu", b
 def write_rows_csv(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not rows:
-        path.write_text("")
+        path.write_text("", encoding="utf-8")
         return
-    with path.open("w", newline="") as f:
+    with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
@@ -102,7 +102,7 @@ def write_rows_csv(path: Path, rows: list[dict]) -> None:
 def write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True), encoding="utf-8")
     tmp.replace(path)
 
 

@@ -97,7 +97,7 @@ def make_model_folder(checkpoint: str | Path, out: str | Path, data_root: str | 
     from .evaluate import evaluate_samples
     from .tta import resolve_tta
     weights, cfg_path = resolve_checkpoint(checkpoint)
-    config = json.loads(cfg_path.read_text())
+    config = json.loads(cfg_path.read_text(encoding="utf-8"))
     config.update(settings or {})
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -124,5 +124,5 @@ def make_model_folder(checkpoint: str | Path, out: str | Path, data_root: str | 
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -105,8 +106,12 @@ def _launch_all(jobs: list[tuple[str, list[str], Path]], parallel: int, log=prin
                 if placed is not None:
                     placed[name] = device
             log_path.parent.mkdir(parents=True, exist_ok=True)
-            fh = log_path.open("w")
-            running[name] = (subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT), fh, time.perf_counter(), device)
+            fh = log_path.open("w", encoding="utf-8")
+            # The child writes its log in UTF-8 on every system: on Windows a redirected stdout would
+            # otherwise use the ANSI code page, which cannot print every path or symbol.
+            child_env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+            running[name] = (subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=child_env), fh,
+                             time.perf_counter(), device)
             log(f"started {name}" + (f" on {device}" if device else ""))
         for name, (proc, fh, t0, _) in list(running.items()):
             if proc.poll() is not None:
@@ -133,7 +138,7 @@ def calibrate(data, out: Path, variant, input_size, parallel: int, extra=(), log
         raise RuntimeError(f"calibration runs failed: {codes} (see {out / 'calibration'})")
     ips, val_s = [], []
     for i in range(parallel):
-        hist = json.loads((out / "calibration" / f"c{i}" / "metrics.json").read_text())
+        hist = json.loads((out / "calibration" / f"c{i}" / "metrics.json").read_text(encoding="utf-8"))
         last = hist[-1]  # the second epoch: after cudnn autotuning
         ips.append(last["train_images_per_s"])
         val_s.append(max(0.0, last["epoch_seconds"] - last.get("train_images", 160) / last["train_images_per_s"]))
@@ -142,7 +147,7 @@ def calibrate(data, out: Path, variant, input_size, parallel: int, extra=(), log
     result = {"parallel": parallel, "images_per_s_per_run": float(np.median(ips)),
               "aggregate_images_per_s": float(np.sum(ips)), "val_seconds": float(np.median(val_s)),
               "seconds_per_epoch": epoch_s, "calibration_wall_s": wall}
-    (out / "calibration.json").write_text(json.dumps(result, indent=2))
+    (out / "calibration.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     return result
 
 
@@ -201,7 +206,7 @@ def train_cmd(data, out, variant, input_size, arms, seeds, epochs, time_budget, 
         epochs = max(min_epochs, min(max_epochs, epochs))
     plan = {"variant": variant, "input_size": input_size, "arms": {a: ARMS[a] for a in arm_names},
             "seeds": seed_list, "epochs": epochs, "parallel": parallel, "devices": device_list, "extra": list(extra)}
-    (out / "plan.json").write_text(json.dumps(plan, indent=2))
+    (out / "plan.json").write_text(json.dumps(plan, indent=2), encoding="utf-8")
     jobs = []
     for seed in seed_list:          # seed-major order: every arm gets seed 0 first
         for arm in arm_names:
@@ -212,7 +217,7 @@ def train_cmd(data, out, variant, input_size, arms, seeds, epochs, time_budget, 
     placed: dict[str, str] = {}
     codes = _launch_all(jobs, parallel, devices=device_list, placed=placed)
     plan.update(exit_codes=codes, run_devices=placed, train_wall_s=time.perf_counter() - t0)
-    (out / "plan.json").write_text(json.dumps(plan, indent=2))
+    (out / "plan.json").write_text(json.dumps(plan, indent=2), encoding="utf-8")
     if any(codes.values()):
         click.echo(f"some runs failed: {codes}", err=True)
         sys.exit(1)
@@ -315,7 +320,7 @@ def evaluate_cmd(data, out, devices, parallel, only_run, limit):
     for run_dir in runs:
         t0 = time.perf_counter()
         res = evaluate_run(run_dir, data, device_list[0], limit)
-        (dest / f"{run_dir.name}.json").write_text(json.dumps(res))
+        (dest / f"{run_dir.name}.json").write_text(json.dumps(res), encoding="utf-8")
         click.echo(f"evaluated {run_dir.name} in {time.perf_counter() - t0:.0f}s")
 
 
@@ -354,7 +359,7 @@ def ship_cmd(out, data, destination, onnx_path, device, force):
                               force=force)
     except (ShipError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
-    (out / "shipped.json").write_text(json.dumps(summary, indent=2))
+    (out / "shipped.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     click.echo(json.dumps(summary, indent=2))
 
 

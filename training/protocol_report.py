@@ -33,7 +33,7 @@ def _arm_seed(run_name: str) -> tuple[str, int]:
 def load_evaluations(out: Path) -> dict[str, dict[int, dict]]:
     arms: dict[str, dict[int, dict]] = {}
     for f in sorted((out / "evaluations").glob("*.json")):
-        ev = json.loads(f.read_text())
+        ev = json.loads(f.read_text(encoding="utf-8"))
         arm, seed = _arm_seed(ev["run"])
         arms.setdefault(arm, {})[seed] = ev
     if not arms:
@@ -84,7 +84,7 @@ def build_protocol_report(out: Path, n_boot: int = 10000, baseline: str = "basel
     arms = load_evaluations(out)
     if baseline not in arms:
         raise ValueError(f"no '{baseline}' arm in {out}")
-    plan = json.loads((out / "plan.json").read_text()) if (out / "plan.json").exists() else {}
+    plan = json.loads((out / "plan.json").read_text(encoding="utf-8")) if (out / "plan.json").exists() else {}
     stems_ok = {tuple(ev["test_stems"]) for runs in arms.values() for ev in runs.values()}
     if len(stems_ok) != 1:
         raise ValueError("runs were evaluated on different test images; cannot pair them")
@@ -150,10 +150,10 @@ def build_protocol_report(out: Path, n_boot: int = 10000, baseline: str = "basel
         vals = list(spread["test_dice_per_seed"].values())
         spread["range"] = float(max(vals) - min(vals))
     results["baseline_spread"] = spread
-    (out / "protocol_results.json").write_text(json.dumps(results, indent=2))
+    (out / "protocol_results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
     md = render_markdown(results)
     path = out / "PROTOCOL.md"
-    path.write_text(md)
+    path.write_text(md, encoding="utf-8")
     return path
 
 

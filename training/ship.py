@@ -101,12 +101,17 @@ def evidence_markdown(results: dict, protocol_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def _read_json(path: Path, default):
+    """The JSON file's content, or ``default`` when there is no such file."""
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else default
+
+
 def provenance(results: dict, run_dir: Path, protocol_dir: Path) -> dict:
     """Training facts for the card, read from the shipped run's own files."""
-    run_config = json.loads((run_dir / "run_config.json").read_text())
+    run_config = json.loads((run_dir / "run_config.json").read_text(encoding="utf-8"))
     train = run_config["train"]
-    history = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else []
-    best = json.loads((run_dir / "best.json").read_text()) if (run_dir / "best.json").is_file() else {}
+    history = _read_json(run_dir / "metrics.json", default=[])
+    best = _read_json(run_dir / "best.json", default={})
     plan = results.get("plan", {})
     w = results["winner"]
     overrides = (plan.get("arms") or {}).get(w["arm"])
@@ -136,7 +141,7 @@ def smoke_test_signs(protocol_dir: Path, run_dir: Path) -> list[str]:
     part of the data, evaluations on part of a split."""
     def read(path: Path) -> dict | None:
         try:
-            return json.loads(path.read_text())
+            return json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:  # e.g. cut short when an evaluation was stopped at a deadline
             signs.append(f"{path} cannot be read ({type(e).__name__}: {e})")
             return None
@@ -171,7 +176,7 @@ def ship_winner(protocol_dir: str | Path, destination: str | Path, onnx_path: st
     results_path = protocol_dir / "protocol_results.json"
     if not results_path.is_file():
         raise ShipError(f"{results_path} not found: run `protocol report` first")
-    results = json.loads(results_path.read_text())
+    results = json.loads(results_path.read_text(encoding="utf-8"))
     winner = results.get("winner")
     if not winner or "ship_run" not in winner:
         raise ShipError(f"{results_path} names no winner to ship")
@@ -202,10 +207,10 @@ def ship_winner(protocol_dir: str | Path, destination: str | Path, onnx_path: st
         make_model_folder(checkpoint, staged_dir, data_root, provenance(results, run_dir, protocol_dir),
                           {"summary": evidence_markdown(results, protocol_dir)}, settings, device,
                           role="effiseg default model")
-        config = json.loads((staged_dir / "config.json").read_text())
+        config = json.loads((staged_dir / "config.json").read_text(encoding="utf-8"))
         # Against the model it replaces, on validation (the split choices are made on).
         current_path = destination / "config.json"
-        current = json.loads(current_path.read_text()).get("metrics", {}) if current_path.is_file() else {}
+        current = _read_json(current_path, default={}).get("metrics", {})
         new_val = config["metrics"]["validation"]["mean_dice"]
         old_val = current.get("validation", {}).get("mean_dice")
         if old_val is not None:

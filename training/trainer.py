@@ -315,7 +315,7 @@ class Trainer:
         if resume:
             if not state_path.exists():
                 raise FileNotFoundError(f"--resume: {state_path} not found (nothing to resume in {self.out})")
-            saved = json.loads(cfg_path.read_text())
+            saved = json.loads(cfg_path.read_text(encoding="utf-8"))
             if device is not None:
                 saved["train"]["device"] = device
             self._configure(TrainConfig.from_dict(saved["train"]))
@@ -381,7 +381,7 @@ class Trainer:
 
     def _write_history(self, history: list[dict]) -> None:
         write_json(self.out / "metrics.json", history)
-        with (self.out / "metrics.csv").open("w", newline="") as f:
+        with (self.out / "metrics.csv").open("w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=list(history[0]))
             w.writeheader()
             w.writerows(history)

@@ -197,15 +197,15 @@ def main(checkpoint, data_root, split, candidates, max_sizes, max_cost, flips, d
     (out / "study.json").write_text(json.dumps({"meta": meta, "chosen": summary,
                                                 "reference": {k: v for k, v in reference.items() if k != "dice"},
                                                 "gain_vs_reference": gain, "rows": rows,
-                                                "stems": [s.stem for s in samples]}, indent=1))
-    with (out / "study.csv").open("w", newline="") as fh:
+                                                "stems": [s.stem for s in samples]}, indent=1), encoding="utf-8")
+    with (out / "study.csv").open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["sizes", "threshold", "cost", "passes_per_image", "mean_dice"])
         for r in rows:
             w.writerow(["+".join(map(str, r["sizes"])), r["threshold"], round(r["cost"], 4),
                         network_passes(flips, r["sizes"]), round(r["mean_dice"], 6)])
     _plot(rows, chosen, reference, max_cost, out / "dice_vs_cost.png")
-    (out / "STUDY.md").write_text(_markdown(meta, rows, chosen, reference, gain))
+    (out / "STUDY.md").write_text(_markdown(meta, rows, chosen, reference, gain), encoding="utf-8")
     click.echo(f"chosen: sizes {'+'.join(map(str, chosen['sizes']))}, threshold {chosen['threshold']:.2f}: "
                f"mean Dice {chosen['mean_dice']:.4f} (current {reference['mean_dice']:.4f}; "
                f"difference {gain['mean_diff']:+.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}]), cost "
