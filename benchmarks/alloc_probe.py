@@ -27,6 +27,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from effiseg.runtime.console import Command
+
 from .cli import parse_int_list
 from .machine import cpu_model, load_average
 
@@ -99,7 +101,7 @@ def _summary(runs: list[dict]) -> dict:
     return out
 
 
-@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.option("--checkpoint", type=click.Path(exists=True, path_type=Path), required=True,
               help="Checkpoint run by the torch FP32 eager backend.")
 @click.option("--onnx", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,

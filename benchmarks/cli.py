@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from effiseg.runtime.backends.base import print_warnings_except_backend_messages
+from effiseg.runtime.console import Command, print_warnings_except_backend_messages
 
 from .analysis import SCHEMA, attach_efficiency, attach_speedups, headline, unequal_work_note
 from .machine import load_average, machine_info
@@ -96,7 +96,7 @@ def run_compare(paths: tuple[Path, Path], output: Path | None) -> None:
         _log(f"wrote {target}")
 
 
-@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.option("--backends", default="all",
               help=f"Comma-separated: {', '.join(TARGETS)}, or all (those that can run here). "
                    f"{BASELINE} is the baseline and is always added when torch is installed.")

@@ -17,6 +17,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from effiseg.runtime.console import Command
+
 from .cli import parse_int_list
 
 
@@ -68,7 +70,7 @@ def compare(a: Path, b: Path, images: Path, batch_sizes: list[int], rounds: int,
     return result
 
 
-@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.argument("a", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("b", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,

@@ -23,6 +23,7 @@ import click
 import numpy as np
 
 from effiseg.runtime.backends.base import Backend
+from effiseg.runtime.console import Command
 
 
 def smooth_logits(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -195,7 +196,7 @@ def pipeline_ceiling(images: list[Path], thread_counts: list[int], size: int = 3
     return {"batch": batch, "images": len(images), "threads": result}
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--images", "folder", type=click.Path(path_type=Path, exists=True, file_okay=False), required=True)
 @click.option("--limit", type=int, default=50)
 @click.option("--threads", type=click.IntRange(2, 256), default=None,

@@ -33,6 +33,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from effiseg.runtime.console import Command
+
 # Operator name (aten::...) -> category. First match wins; anything else is "other".
 CATEGORIES: tuple[tuple[str, str], ...] = (
     ("convolution", r"conv|cudnn_convolution|mkldnn_convolution|thnn_conv|slow_conv"),
@@ -302,7 +304,7 @@ def _write(data: dict, output: Path) -> Path:
     return stem
 
 
-@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.option("--checkpoint", type=click.Path(path_type=Path, exists=True), required=True,
               help="A training checkpoint folder or .safetensors file.")
 @click.option("--device", default="cuda:0", help="cuda:N, or cpu (fp32-eager only).")

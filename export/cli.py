@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from effiseg.runtime.cli import TTA_SIZES_OPTION
+from effiseg.runtime.console import Command
 from effiseg.runtime.model_info import INPUT_FORMATS, OUTPUT_FORMATS
 
 
@@ -19,7 +20,7 @@ def _fmt_bytes(n: int) -> str:
     return f"{n:,} B"
 
 
-@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="ONNX file to write [default: model.onnx beside the checkpoint].")

@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 
 from .backends import BACKEND_CHOICES
-from .backends.base import print_warnings_except_backend_messages
+from .console import Command, print_warnings_except_backend_messages
 from .images import DEFAULT_MAX_PIXELS
 from .model_info import parse_tta_sizes
 
@@ -61,7 +61,7 @@ def _echo(message: str) -> None:
     click.echo(message, err=True)
 
 
-@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.option("--input", "-i", "input_dir", required=True, type=click.Path(path_type=Path),
               help="Folder of images (jpg, jpeg, png, bmp, tif, tiff).")
 @click.option("--output", "-o", "output_dir", type=click.Path(path_type=Path), default=None,

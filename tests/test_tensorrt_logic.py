@@ -1015,7 +1015,8 @@ def test_effiseg_run_prints_the_maxwell_fp16_fallback_once(tiny_onnx, tmp_path, 
 def test_commands_still_print_other_warnings_once(monkeypatch, capsys):
     """Only the backend messages are left out: any other effiseg warning (e.g. TensorRT's own
     errors, forwarded by its logger) still reaches stderr, once."""
-    from effiseg.runtime.backends.base import BACKEND_MESSAGE, print_warnings_except_backend_messages
+    from effiseg.runtime.backends.base import BACKEND_MESSAGE
+    from effiseg.runtime.console import print_warnings_except_backend_messages
     
     monkeypatch.setattr(logging.root, "handlers", [])
     log = logging.getLogger("effiseg.runtime.backends.tensorrt_backend")

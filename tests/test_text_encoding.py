@@ -1,4 +1,4 @@
-"""Text files are UTF-8 on every system.
+"""Text files are UTF-8 on every system, and console output never fails a command.
 
 Python opens text files in the locale's encoding unless told (until 3.15): on Windows that is the
 ANSI code page (cp1252 and the like), which has no "Δ", so writing the protocol report (ΔDice,
@@ -16,6 +16,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,3 +90,26 @@ def test_every_text_file_effiseg_reads_or_writes_names_its_encoding():
              for folder in SOURCE_FOLDERS for path in sorted((ROOT / folder).rglob("*.py"))
              for line, call in _text_file_calls_without_encoding(path)]
     assert not found, "text files opened without encoding='utf-8':\n" + "\n".join(found)
+
+
+def test_a_finished_run_survives_a_console_that_cannot_show_its_paths(tiny_onnx, tmp_path):
+    """stdout piped in Windows' ANSI code page (cp1252 has no "Δ"): effiseg-run prints the mask and
+    summary paths after the work is done. Before, that raised UnicodeEncodeError and a run whose
+    every image succeeded exited 1 ("some files failed")."""
+    pytest.importorskip("onnxruntime")
+    from PIL import Image
+
+    frames = tmp_path / "framesΔ"
+    frames.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((40, 48, 3), 90 * i, np.uint8)).save(frames / f"{i}.png")
+    env = {**os.environ, "PYTHONIOENCODING": "cp1252"}
+    env.pop("PYTHONUTF8", None)
+    done = subprocess.run([sys.executable, "-m", "effiseg.runtime.cli", "--input", str(frames), "--model",
+                           str(tiny_onnx), "--no-progress", "--workers", "1"],
+                          env=env, capture_output=True, cwd=tmp_path)
+    stdout = done.stdout.decode("cp1252")
+    assert done.returncode == 0, stdout + done.stderr.decode("cp1252", errors="replace")
+    assert "2 image(s): 2 ok, 0 failed" in stdout
+    assert "framesΔ_masks".replace("Δ", "\\u0394") in stdout  # escaped, not fatal
+    assert sorted(p.name for p in (tmp_path / "framesΔ_masks").glob("*.png")) == ["0.png", "1.png"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from effiseg.runtime.cli import TTA_SIZES_OPTION
+from effiseg.runtime.console import Command
 
 from .data import DEFAULT_DATA_ROOT as DEFAULT_DATA
 
@@ -27,7 +28,7 @@ def default_output_dir(checkpoint: Path, kind: str, split: str) -> Path:
     return folder / f"{kind}-{split}"
 
 
-@click.command(context_settings=CONTEXT)
+@click.command(cls=Command, context_settings=CONTEXT)
 @click.option("--data", "data_root", default=DEFAULT_DATA, help="Kvasir-SEG root holding train/ validation/ test/.")
 @click.option("--variant", default="effisegnet-lite2", help="Model variant (see --list-variants).")
 @click.option("--input-size", type=int, default=None, help="Square input size (default: the variant's).")
@@ -93,7 +94,7 @@ def train_command(data_root, variant, input_size, epochs, batch_size, lr, min_lr
     click.echo(f"run folder: {out}")
 
 
-@click.command(context_settings=CONTEXT)
+@click.command(cls=Command, context_settings=CONTEXT)
 @click.argument("checkpoint", type=click.Path(path_type=Path, exists=True))
 @click.option("--data", "data_root", default=DEFAULT_DATA, help="Dataset root (with --split) or an images/+masks/ folder.")
 @click.option("--split", default="test", help="train, validation, test, or 'none' to read --data/images and --data/masks.")
@@ -141,7 +142,7 @@ def eval_command(checkpoint, data_root, split, device, batch_size, threshold, tt
     click.echo(f"wrote {out / 'metrics.json'} and {out / 'per_image.csv'}")
 
 
-@click.command(context_settings=CONTEXT)
+@click.command(cls=Command, context_settings=CONTEXT)
 @click.argument("checkpoint", type=click.Path(path_type=Path, exists=True))
 @click.option("--output", "out_dir", type=click.Path(path_type=Path, file_okay=False), required=True,
               help="Folder to write (config.json, model.safetensors, README.md).")
@@ -174,7 +175,7 @@ def model_card_command(checkpoint, out_dir, data_root, provenance, protocol_summ
     click.echo(f"wrote {out} (config.json, model.safetensors, README.md); upload with: huggingface-cli upload <repo> {out}")
 
 
-@click.command(context_settings=CONTEXT)
+@click.command(cls=Command, context_settings=CONTEXT)
 @click.argument("predictions", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--data", "data_root", default=DEFAULT_DATA, help="Dataset root (with --split) or an images/+masks/ folder.")
 @click.option("--split", default="test", help="train, validation, test, or 'none'.")

@@ -29,6 +29,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from effiseg.runtime.console import Group
 from effiseg.runtime.model_info import parse_tta_sizes
 
 from .data import DEFAULT_DATA_ROOT
@@ -151,7 +152,7 @@ def calibrate(data, out: Path, variant, input_size, parallel: int, extra=(), log
     return result
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """The improvement protocol: train arms x seeds, evaluate inference-time candidates, report with
     choices made on validation and paired bootstrap intervals, ship the winner as the default model."""

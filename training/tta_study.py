@@ -25,6 +25,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from effiseg.runtime.console import Command
 from effiseg.runtime.model_info import TTA_SIZE_STEP, network_passes, parse_tta_sizes
 from effiseg.runtime.postprocess import logit_threshold
 
@@ -132,7 +133,7 @@ def _markdown(meta: dict, rows: list[dict], chosen: dict, reference: dict, gain:
     return "\n".join(lines) + "\n"
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("checkpoint", type=click.Path(path_type=Path, exists=True))
 @click.option("--data", "data_root", default=DEFAULT_DATA_ROOT, show_default=True, help="Kvasir-SEG root ($EFFISEG_DATA).")
 @click.option("--split", default="validation", show_default=True, help="Split to choose on (validation; not test).")

@@ -15,9 +15,6 @@ Life of a batch on slot ``s``:
 from __future__ import annotations
 
 import abc
-import contextlib
-import logging
-import sys
 
 import numpy as np
 
@@ -31,27 +28,6 @@ BACKEND_MESSAGE = "effiseg_backend_message"
 
 class BackendUnavailable(RuntimeError):
     """The backend cannot run here; the message says what to install (which extra) or why."""
-
-
-class _NotABackendMessage(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not getattr(record, BACKEND_MESSAGE, False)
-
-
-@contextlib.contextmanager
-def print_warnings_except_backend_messages():
-    """For commands that print every backend's ``messages`` themselves (effiseg-run, effiseg-bench;
-    also a decorator): effiseg's logged warnings go to stderr, as Python's last-resort handler
-    would print them, except the records of those messages, which would otherwise print twice."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setLevel(logging.WARNING)
-    handler.addFilter(_NotABackendMessage())
-    logger = logging.getLogger("effiseg")
-    logger.addHandler(handler)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
 
 
 class Backend(abc.ABC):

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from effiseg.runtime.cli import TTA_SIZES_OPTION
+from effiseg.runtime.console import Command
 from effiseg.runtime.model_info import describe_tta
 
 from ..data import DEFAULT_DATA_ROOT as DEFAULT_DATA
@@ -21,7 +22,7 @@ def _progress(desc: str):
     return wrap
 
 
-@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.argument("checkpoint", type=click.Path(path_type=Path, exists=True), required=False)
 @click.option("--data", "data_root", default=DEFAULT_DATA,
               help="Dataset root (with --split) or an images/+masks/ folder (with --split none).")
