@@ -34,6 +34,7 @@ import click
 import numpy as np
 
 from effiseg.runtime.console import Command
+from effiseg.runtime.replace_file import replace_with_retry
 
 # Operator name (aten::...) -> category. First match wins; anything else is "other".
 CATEGORIES: tuple[tuple[str, str], ...] = (
@@ -299,7 +300,7 @@ def _write(data: dict, output: Path) -> Path:
     stem = output / f"op_profile_b{data['batch_size']}"
     tmp = stem.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(_clean(data), indent=1), encoding="utf-8")
-    tmp.replace(stem.with_suffix(".json"))
+    replace_with_retry(tmp, stem.with_suffix(".json"))
     stem.with_suffix(".txt").write_text(format_profile(data) + "\n", encoding="utf-8")
     return stem
 

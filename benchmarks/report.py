@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from effiseg.runtime.model_info import describe_tta
+from effiseg.runtime.replace_file import replace_with_retry
 
 from .analysis import SCHEMA
 from .stats import geometric_mean, ratio
@@ -109,7 +110,7 @@ def write_json(data: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(_clean(data), indent=1, sort_keys=False, default=str), encoding="utf-8")
-    tmp.replace(path)
+    replace_with_retry(tmp, path)
     return path
 
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from effiseg.runtime.images import IMAGE_EXTENSIONS, TEMP_SUFFIX, ImageError, list_images, read_image
 from effiseg.runtime.model_info import ModelInfo, parse_tta_sizes
+from effiseg.runtime.replace_file import replace_with_retry
 from effiseg.runtime.postprocess import fill_host_row, logit_threshold, resize_rgb
 from effiseg.runtime.tensorrt_rules import tensorrt_uint8_problems
 
@@ -354,7 +355,7 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
         data = tmp.read_bytes()
         report["onnx_bytes"] = len(data)
         report["sha256"] = hashlib.sha256(data).hexdigest()
-        os.replace(tmp, output)
+        replace_with_retry(tmp, output)
     except BaseException as e:
         try:
             tmp.unlink()
@@ -377,7 +378,7 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
 def _write_report(path: Path, report: dict) -> None:
     tmp = path.with_name(path.name + TEMP_SUFFIX)
     tmp.write_text(json.dumps(report, indent=2, sort_keys=True, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    replace_with_retry(tmp, path)
 
 
 def _verify(torch, ort, path: Path, graph, reference, info: ModelInfo, images: list[np.ndarray], source: str) -> dict:

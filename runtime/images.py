@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .replace_file import replace_with_retry
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default Image.MAX_IMAGE_PIXELS
 TEMP_SUFFIX = ".effiseg-tmp"
@@ -146,7 +148,7 @@ def atomic_write(path: Path, write) -> None:
     try:
         with open(tmp, "wb") as f:
             write(f)
-        os.replace(tmp, path)
+        replace_with_retry(tmp, path)
     except BaseException:
         try:
             tmp.unlink()

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .replace_file import replace_with_retry
+
 CACHE_ENV_VAR = "EFFISEG_TRT_CACHE"
 # Bump when the way engines are built changes (flags, profile layout, ...): old files are ignored.
 ENGINE_SCHEMA = 1
@@ -150,26 +152,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        _replace(tmp, path)
+        replace_with_retry(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
         except OSError:
             pass
         raise
-
-
-def _replace(src: str, dst: Path, attempts: int = 10) -> None:
-    # On Windows os.replace fails while another process has the target open (e.g. reading the
-    # engine); that lasts milliseconds, so retry briefly before giving up.
-    for attempt in range(attempts):
-        try:
-            os.replace(src, dst)
-            return
-        except PermissionError:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.05 * (attempt + 1))
 
 
 def read_bytes_or_none(path: str | os.PathLike) -> bytes | None:

@@ -178,3 +178,27 @@ def test_results_of_a_packaged_model_go_to_the_working_folder(tmp_path):
     assert default_output_dir(run / "best.safetensors", "analysis", "test") == run / "analysis-test"
     shipped = REPO / "training" / "weights" / "default"
     assert default_output_dir(shipped, "eval", "test") == Path("eval-default-test")
+
+
+def test_a_metrics_csv_held_open_does_not_stop_training(tmp_path, monkeypatch):
+    """Windows: Excel keeps a CSV it shows locked, so replacing metrics.csv fails for as long as the
+    user looks at it. The run warns and goes on (metrics.json has the same rows); the other files,
+    checkpoints included, are still written."""
+    import os
+
+    from effiseg.runtime import replace_file
+
+    real_replace = os.replace
+
+    def excel_holds_metrics_csv(src, dst):
+        if Path(dst).name == "metrics.csv":
+            raise PermissionError(13, "The process cannot access the file because it is being used by another process")
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", excel_holds_metrics_csv)
+    monkeypatch.setattr(replace_file.time, "sleep", lambda s: None)
+    run = tmp_path / "run"
+    result = _train(TINY + ["--epochs", "2", "--output", str(run)])
+    assert result.output.count("could not update") == 2 and "metrics.json has the same rows" in result.output
+    assert len(json.loads((run / "metrics.json").read_text())) == 2
+    assert (run / "best.safetensors").is_file() and (run / "last.safetensors").is_file()
+    assert not (run / "metrics.csv").exists() and not list(run.glob(".*effiseg-tmp"))

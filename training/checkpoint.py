@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from effiseg.runtime.replace_file import replace_with_retry
 from effiseg.runtime.version import effiseg_version  # noqa: F401  (re-exported for callers)
 
 from .model import EffiSegNet, build_model
@@ -68,8 +69,8 @@ def save_checkpoint(directory: str | Path, model: EffiSegNet, config: dict, stem
     tmp_w, tmp_c = weights.with_suffix(".tmp"), cfg_path.with_suffix(".jtmp")
     save_file(state, str(tmp_w), metadata={"format": "pt", "variant": config["variant"]})
     tmp_c.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
-    tmp_w.replace(weights)
-    tmp_c.replace(cfg_path)
+    replace_with_retry(tmp_w, weights)
+    replace_with_retry(tmp_c, cfg_path)
     return weights
 
 

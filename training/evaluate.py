@@ -8,6 +8,7 @@ and a 352 model the two coincide.)
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from effiseg.runtime.images import atomic_write
 from effiseg.runtime.postprocess import logit_threshold  # noqa: F401  (re-exported for callers)
 
 from .data import Sample, resize_rgb
@@ -89,21 +91,20 @@ def evaluate_samples(model, config: dict, samples: list[Sample], device="cpu", b
 
 
 def write_rows_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not rows:
-        path.write_text("", encoding="utf-8")
-        return
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    """Rows as a UTF-8 CSV, replaced whole (a reader never sees half a file)."""
+    text = io.StringIO(newline="")
+    if rows:
+        w = csv.DictWriter(text, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+    data = text.getvalue().encode("utf-8")
+    atomic_write(path, lambda f: f.write(data))
 
 
 def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True), encoding="utf-8")
-    tmp.replace(path)
+    """``obj`` as JSON, replaced whole (a reader never sees half a file)."""
+    data = json.dumps(obj, indent=2, sort_keys=True).encode("utf-8")
+    atomic_write(path, lambda f: f.write(data))
 
 
 def write_mask_pngs(folder: Path, samples: list[Sample], logits: list[np.ndarray], threshold: float) -> None:

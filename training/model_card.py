@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 from effiseg.runtime.model_info import parse_tta_sizes
+from effiseg.runtime.replace_file import replace_with_retry
 
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, resolve_checkpoint
 
@@ -116,7 +117,7 @@ def make_model_folder(checkpoint: str | Path, out: str | Path, data_root: str | 
     if weights.resolve() != (out / WEIGHTS_NAME).resolve():
         tmp = out / (WEIGHTS_NAME + ".tmp")
         shutil.copyfile(weights, tmp)
-        tmp.replace(out / WEIGHTS_NAME)
+        replace_with_retry(tmp, out / WEIGHTS_NAME)
     _write_atomic(out / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
     _write_atomic(out / "README.md", card)
     return out
@@ -125,4 +126,4 @@ def make_model_folder(checkpoint: str | Path, out: str | Path, data_root: str | 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    replace_with_retry(tmp, path)

@@ -7,7 +7,6 @@ at the end, ``test_metrics.json`` with per-image CSVs for both checkpoints.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import os
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from effiseg.runtime.replace_file import replace_with_retry
 
 from .augment import AugmentConfig, augment_batch
 from .checkpoint import effiseg_version, load_model, model_config, save_checkpoint
@@ -359,7 +360,7 @@ class Trainer:
             # Resume state last: a crash before this line repeats the epoch, it never skips one.
             tmp = state_path.with_suffix(".tmp")
             torch.save(self._state(epoch + 1, best, best_epoch, history), tmp)
-            tmp.replace(state_path)
+            replace_with_retry(tmp, state_path)
             if bar:
                 bar.set_postfix(loss=f"{loss:.4f}", val_dice=f"{val['mean_dice']:.4f}", best=f"{best:.4f}", img_s=f"{ips:.0f}")
                 bar.update(1)
@@ -381,10 +382,14 @@ class Trainer:
 
     def _write_history(self, history: list[dict]) -> None:
         write_json(self.out / "metrics.json", history)
-        with (self.out / "metrics.csv").open("w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=list(history[0]))
-            w.writeheader()
-            w.writerows(history)
+        csv_path = self.out / "metrics.csv"
+        try:
+            write_rows_csv(csv_path, history)
+        except PermissionError as e:
+            # Windows: a CSV open in Excel cannot be replaced while it stays open. The same rows are in
+            # metrics.json and the next epoch rewrites the CSV, so a training run must not die of it.
+            self.log(f"could not update {csv_path} (open in another program?): {e}; training goes on, "
+                     "metrics.json has the same rows")
 
     def evaluate_checkpoints(self) -> dict:
         out = {}

@@ -1,0 +1,54 @@
+"""Renames that ride out Windows' short-lived locks (antivirus, indexer, a viewer)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from effiseg.runtime import replace_file
+from effiseg.runtime.images import atomic_write
+
+
+def _locked_for(n_attempts: int, monkeypatch):
+    """os.replace fails like a locked file on Windows for the first ``n_attempts`` calls."""
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) <= n_attempts:
+            raise PermissionError(13, "Access is denied")
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(replace_file.time, "sleep", lambda s: None)
+    return calls
+
+
+def test_a_brief_lock_is_waited_out(tmp_path, monkeypatch):
+    target = tmp_path / "mask.png"
+    target.write_bytes(b"old")
+    calls = _locked_for(3, monkeypatch)
+    atomic_write(target, lambda f: f.write(b"new"))
+    assert target.read_bytes() == b"new" and len(calls) == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["mask.png"]  # no temporary file left
+
+
+def test_a_lasting_lock_is_reported_and_leaves_the_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "metrics.csv"
+    target.write_bytes(b"old")
+    calls = _locked_for(1000, monkeypatch)
+    with pytest.raises(PermissionError):
+        atomic_write(target, lambda f: f.write(b"new"))
+    assert target.read_bytes() == b"old" and len(calls) == 10
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]
+
+
+def test_other_errors_are_not_retried(tmp_path, monkeypatch):
+    calls = []
+
+    def replace(src, dst):
+        calls.append(dst)
+        raise FileNotFoundError(2, "No such file or directory")
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(FileNotFoundError):
+        replace_file.replace_with_retry(tmp_path / "a", tmp_path / "b")
+    assert len(calls) == 1
