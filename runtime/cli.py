@@ -106,8 +106,8 @@ def run_command(input_dir, output_dir, model_path, backend, devices, batch, prec
     from PIL import Image
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
-    out = output_dir if output_dir is not None else default_output_dir(input_dir)
     try:
+        out = output_dir if output_dir is not None else default_output_dir(input_dir)
         check_folders(input_dir, out, recursive)
     except FolderError as e:
         raise CannotStart(str(e)) from None

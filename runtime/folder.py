@@ -59,6 +59,8 @@ class FileJob:
 
 def default_output_dir(input_dir: Path) -> Path:
     input_dir = Path(input_dir).resolve()
+    if not input_dir.name:  # C:\, \\server\share\ or /: no sibling folder to put the masks in
+        raise FolderError(f"{input_dir} is the root of a drive or share: name the mask folder with --output")
     return input_dir.with_name(input_dir.name + "_masks")
 
 
@@ -76,20 +78,45 @@ def check_folders(input_dir: Path, output_dir: Path, recursive: bool) -> tuple[P
                           f"({dst} is inside {src}): its masks would be read as input next time")
     if dst.exists() and not dst.is_dir():
         raise FolderError(f"the output path exists and is not a folder: {dst}")
-    # Before any model is loaded (an engine build can take minutes): the folder, or the nearest
-    # existing one above it, must take a file. Probed by creating one: os.access says yes to any
-    # folder on Windows. The real writes still report their own errors.
+    _probe_writable(dst)
+    return src, dst
+
+
+def _probe_writable(dst: Path) -> None:
+    """Before any model is loaded (an engine build can take minutes): ``dst`` must take a file.
+
+    Probed by doing it: os.access says yes to any folder on Windows. A missing ``dst`` is created
+    for the probe and removed again, because a folder may allow new folders but not new files:
+    on Windows a user may create C:\\frames_masks but no file directly in C:\\. The real writes
+    still report their own errors.
+    """
     existing = next((d for d in (dst, *dst.parents) if d.exists()), None)
-    if existing is not None:
-        if not existing.is_dir():
-            raise FolderError(f"cannot write the results to {dst}: {existing} is a file")
+    if existing is not None and not existing.is_dir():
+        raise FolderError(f"cannot write the results to {dst}: {existing} is a file")
+    missing = [d for d in (dst, *dst.parents) if not d.exists()]
+    created: list[Path] = []
+    try:
+        for folder in reversed(missing):
+            try:
+                folder.mkdir()
+            except FileExistsError:  # made meanwhile by someone else: fine, not ours to remove
+                continue
+            except OSError as e:
+                raise FolderError(f"cannot write the results to {dst}: cannot create {folder} "
+                                  f"({e.strerror or e})") from None
+            created.append(folder)
         try:
-            with tempfile.TemporaryFile(dir=existing):
+            with tempfile.TemporaryFile(dir=dst):
                 pass
         except OSError as e:
-            raise FolderError(f"cannot write the results to {dst}: {existing} is not writable "
-                              f"({e.strerror or e})") from None
-    return src, dst
+            raise FolderError(f"cannot write the results to {dst}: {existing if dst == existing else dst} "
+                              f"is not writable ({e.strerror or e})") from None
+    finally:
+        for folder in reversed(created):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
 
 
 def plan_jobs(input_dir: Path, output_dir: Path, files: list[Path], overlay: bool) -> list[FileJob]:

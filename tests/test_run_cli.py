@@ -288,10 +288,36 @@ def test_an_unwritable_output_is_refused_before_the_model_loads(tmp_path, monkey
             raise PermissionError(13, "Permission denied")
         return real(*args, dir=dir, **kwargs)
     monkeypatch.setattr(folder_module.tempfile, "TemporaryFile", refuse)
-    result = _run("--input", src, "--output", locked / "masks", "--model", tmp_path / "missing.onnx")
+    result = _run("--input", src, "--output", locked, "--model", tmp_path / "missing.onnx")
     # Refused for the folder, not for the (missing) model: the folder check comes first.
     assert result.exit_code == 3 and f"{locked.resolve()} is not writable (Permission denied)" in result.output
+    # A folder that takes no file may still take a folder (Windows' C:\ for a user): the missing
+    # output folder is created to be probed, and removed again when the run cannot start.
+    result = _run("--input", src, "--output", locked / "masks", "--model", tmp_path / "missing.onnx")
+    assert result.exit_code == 3 and "model not found" in result.output and not (locked / "masks").exists()
+    # ... and a folder that takes neither is refused, naming the folder that could not be created.
+    real_mkdir = Path.mkdir
+
+    def refuse_mkdir(self, *args, **kwargs):
+        if self.parent == locked.resolve():
+            raise PermissionError(13, "Permission denied")
+        return real_mkdir(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "mkdir", refuse_mkdir)
+    result = _run("--input", src, "--output", locked / "masks" / "deeper", "--model", tmp_path / "missing.onnx")
+    assert result.exit_code == 3 and f"cannot create {(locked / 'masks').resolve()} (Permission denied)" in result.output
+    monkeypatch.setattr(Path, "mkdir", real_mkdir)
     a_file = tmp_path / "a.txt"
     a_file.write_text("x")
     result = _run("--input", src, "--output", a_file / "masks", "--model", tmp_path / "missing.onnx")
     assert result.exit_code == 3 and f"{a_file.resolve()} is a file" in result.output
+
+
+def test_a_drive_root_input_needs_an_output_folder(tmp_path, monkeypatch):
+    """E:\\ (a card reader) or / has no sibling for the default INPUT_masks: a clear refusal, not a
+    traceback. Simulated with the filesystem root, which the run never writes to."""
+    from effiseg.runtime import folder as folder_module
+    root = Path(tmp_path.anchor)
+    with pytest.raises(folder_module.FolderError, match="root of a drive or share: name the mask folder"):
+        folder_module.default_output_dir(root)
+    result = _run("--input", root, "--model", tmp_path / "missing.onnx")
+    assert result.exit_code == 3 and "--output" in result.output and "Traceback" not in result.output
