@@ -10,6 +10,7 @@ Run: .venv/bin/python -m pytest tests/test_tensorrt_logic.py -q
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import logging
@@ -467,7 +468,7 @@ def make_fake_trt(cuda: FakeCuda, version="8.6.1", fast_fp16=True, fp16_flag=Tru
     class Network:
         def __init__(self, flags):
             self.flags = flags
-            self.inputs, self.outputs, self.path = [], [], None
+            self.inputs, self.outputs, self.model = [], [], None
 
         @property
         def num_inputs(self):
@@ -485,13 +486,22 @@ def make_fake_trt(cuda: FakeCuda, version="8.6.1", fast_fp16=True, fp16_flag=Tru
             self.num_errors = 0
 
         def parse_from_file(self, path):
-            model = onnx.load(path)
+            # As on Windows: the native code opens the path in the ANSI code page.
+            if not str(path).isascii():
+                self.num_errors, self.errors = 1, [f"Failed to open file: {path}"]
+                return False
+            return self.parse(Path(path).read_bytes(), str(path))
+
+        def parse(self, data, path=None):
+            model = onnx.load_from_string(bytes(data))
             # Like the real parser, refuse uint8 intermediates and casts between uint8 and non-floats.
             refused = tensorrt_uint8_problems(model)
             if refused:
-                self.num_errors, self.errors = len(refused), refused
+                self.num_errors = len(refused)
+                self.errors = [f"ModelImporter.cpp: TensorRT does not support UINT8 types for intermediate tensors! "
+                               f"({r})" for r in refused]
                 return False
-            self.network.path = path
+            self.network.model = bytes(data)
             for vi in model.graph.input:
                 self.network.inputs.append(Tensor(vi.name, dims(vi), onnx_types[vi.type.tensor_type.elem_type]))
             for vi in model.graph.output:
@@ -499,7 +509,7 @@ def make_fake_trt(cuda: FakeCuda, version="8.6.1", fast_fp16=True, fp16_flag=Tru
             return True
 
         def get_error(self, i):
-            return f"ModelImporter.cpp: TensorRT does not support UINT8 types for intermediate tensors! ({self.errors[i]})"
+            return self.errors[i]
 
     class Profile:
         def set_shape(self, name, lo, opt, hi):
@@ -558,7 +568,7 @@ def make_fake_trt(cuda: FakeCuda, version="8.6.1", fast_fp16=True, fp16_flag=Tru
             trt.stats["builds"] += 1
             fp16 = "FP16" in config.flags
             trt.stats["fp16_builds"] += fp16
-            spec = {"path": network.path, "fp16": fp16, "profiles": config.profiles,
+            spec = {"model": base64.b64encode(network.model).decode(), "fp16": fp16, "profiles": config.profiles,
                     "inputs": [[t.name, list(t.shape), t.dtype] for t in network.inputs],
                     "outputs": [[t.name, list(t.shape), t.dtype] for t in network.outputs]}
             return memoryview(b"FAKETRT1" + json.dumps(spec).encode())
@@ -569,7 +579,7 @@ def make_fake_trt(cuda: FakeCuda, version="8.6.1", fast_fp16=True, fp16_flag=Tru
     class Engine:
         def __init__(self, spec):
             self.spec = spec
-            self.session = ort.InferenceSession(spec["path"], providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(base64.b64decode(spec["model"]), providers=["CPUExecutionProvider"])
             self.tensors = {n: (tuple(s), d, "INPUT") for n, s, d in spec["inputs"]}
             self.tensors.update({n: (tuple(s), d, "OUTPUT") for n, s, d in spec["outputs"]})
             self.names = list(self.tensors)
@@ -1028,3 +1038,17 @@ def test_commands_still_print_other_warnings_once(monkeypatch, capsys):
     assert err.count("TensorRT: an error of its own") == 1
     assert "a decision also kept in messages" not in err
     assert logging.getLogger("effiseg").handlers == handlers_before  # removed again
+
+
+def test_a_model_under_a_non_ascii_path_builds(env, tmp_path):
+    """Windows: TensorRT's parse_from_file opens paths in the ANSI code page (the fake does the same),
+    so a model under C:\\Users\\Jörg\\ was not found; the backend hands TensorRT the bytes."""
+    info, onnx_path, cuda, trt, make = env()
+    moved = tmp_path / "Jörg Δ" / "model.onnx"
+    moved.parent.mkdir()
+    moved.write_bytes(onnx_path.read_bytes())
+    batch = random_batch(info, 3)
+    with FakeTensorRTBackend(info, moved, fake_trt=trt, fake_cuda=cuda, cache_dir=tmp_path / "cache",
+                             max_batch=4) as backend:
+        out = backend.infer(batch)
+    np.testing.assert_allclose(out, onnxruntime_reference(onnx_path, batch), rtol=1e-6, atol=1e-6)

@@ -532,14 +532,22 @@ class TensorRTBackend(Backend):
     def _build(self, trt, logger, builder, path: Path) -> bytes:
         network = builder.create_network(network_creation_flags(trt))
         parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(self.onnx_path)):
+        # The bytes, read by Python, rather than parse_from_file: TensorRT's native code opens a path
+        # in the ANSI code page on Windows, so a model under C:\\Users\\Jörg\\ was "not found". The
+        # path is only needed for weights stored beside the model (effiseg exports have none), and
+        # only given where TensorRT can open it.
+        path_for_external_weights = str(self.onnx_path) if str(self.onnx_path).isascii() else None
+        if not parser.parse(self.onnx_path.read_bytes(), path_for_external_weights):
             errors = []
             for i in range(int(parser.num_errors)):
                 err = parser.get_error(i)
                 errors.append(err.desc() if hasattr(err, "desc") else str(err))
             raise RuntimeError(f"TensorRT could not parse {self.onnx_path}: "
                                + ("; ".join(errors) or logger.take_errors() or "no reason given")
-                               + uint8_rule_hint(self.onnx_path))
+                               + uint8_rule_hint(self.onnx_path)
+                               + ("" if path_for_external_weights else
+                                  " (if its weights are stored in separate files: TensorRT cannot open them "
+                                  "under a path with non-ASCII characters; move the model)"))
         if int(network.num_inputs) != 1:
             raise ValueError(f"{self.onnx_path}: expected one input, the ONNX has {network.num_inputs}")
         tensor = network.get_input(0)
