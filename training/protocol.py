@@ -66,6 +66,9 @@ def resolve_devices(spec: str) -> list[str]:
     spec = (spec or "auto").strip()
     n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if spec == "auto":
+        if not n_gpus:
+            from .trainer import warn_if_gpus_go_unused
+            warn_if_gpus_go_unused()
         return [f"cuda:{i}" for i in range(n_gpus)] or ["cpu"]
     from effiseg.runtime.backends import parse_devices  # effiseg-run's device syntax, one item at a time
     devices = []

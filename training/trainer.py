@@ -8,7 +8,9 @@ at the end, ``test_metrics.json`` with per-image CSVs for both checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import logging
 import os
 import random
 import time
@@ -27,6 +29,8 @@ from .evaluate import evaluate_samples, write_json, write_rows_csv
 from .losses import LossConfig, total_loss
 from .model import build_model
 from .variants import get_variant
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -145,11 +149,39 @@ def _checked_value(key: str, current, value, annotation: str = ""):
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        warn_if_gpus_go_unused()
+        return torch.device("cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
     return dev
+
+
+def unused_gpus_note() -> str | None:
+    """Why ``auto`` falls back to the CPU on a machine whose NVIDIA driver shows GPUs, or None.
+
+    The usual cause on Windows: PyPI's torch for Windows is a CPU-only build. Training would then
+    run for days on the CPU without a word."""
+    from effiseg.runtime.cuda_memory import driver_devices
+    gpus = driver_devices()
+    if not gpus:
+        return None
+    names = ", ".join(name for name, _ in gpus)
+    if torch.version.cuda is None:
+        return (f"the NVIDIA driver shows {len(gpus)} GPU(s) ({names}), but torch {torch.__version__} is a "
+                "CPU-only build, so this runs on the CPU: install a CUDA build of PyTorch (README, "
+                "'PyTorch with CUDA'), or pass --device cpu to silence this")
+    return (f"the NVIDIA driver shows {len(gpus)} GPU(s) ({names}), but torch {torch.__version__} (CUDA "
+            f"{torch.version.cuda}) cannot use them (driver older than that CUDA?), so this runs on the CPU")
+
+
+@functools.lru_cache(maxsize=1)
+def warn_if_gpus_go_unused() -> None:
+    note = unused_gpus_note()
+    if note:
+        log.warning("%s", note)
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
