@@ -143,18 +143,35 @@ def atomic_write(path: Path, write) -> None:
     A process killed at any moment leaves either the old file, no file, or the complete new one;
     never a partial ``path`` (a stray ``*.effiseg-tmp`` at most, which the next run deletes).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{next(_temp_counter)}{TEMP_SUFFIX}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             write(f)
         replace_with_retry(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             tmp.unlink()
         except OSError:
             pass
+        too_long = _over_windows_path_limit(tmp) if isinstance(e, OSError) else None
+        if too_long:
+            raise OSError(e.errno, too_long) from e
         raise
+
+
+_ON_WINDOWS = os.name == "nt"
+WINDOWS_MAX_PATH = 260  # MAX_PATH, in force unless long paths are enabled (Windows 10 default: not)
+
+
+def _over_windows_path_limit(path: Path) -> str | None:
+    """The reason a write under ``path`` failed, when it is Windows' path-length limit (which says
+    only "No such file or directory"); None elsewhere."""
+    length = len(str(Path(path).absolute()))
+    if not _ON_WINDOWS or length < WINDOWS_MAX_PATH:
+        return None
+    return (f"{path} is {length} characters long, over Windows' {WINDOWS_MAX_PATH}-character path limit: "
+            "choose a shorter --output folder, or enable long paths in Windows (LongPathsEnabled)")
 
 
 def _png_chunk(tag: bytes, data: bytes) -> bytes:

@@ -56,6 +56,15 @@ def test_all_problems_reported_together(tmp_path):
         pair_files(tmp_path)  # on its own, pairing problems raise
 
 
+def test_stems_that_differ_only_by_case_are_duplicates(tmp_path):
+    """IMG.jpg beside img.png: on Windows and macOS their masks (IMG.png, img.png) are one file."""
+    _pair_folder(tmp_path, ["img", "other"])
+    _write(tmp_path / "images", "IMG.jpg", np.zeros((16, 20, 3), np.uint8))
+    with pytest.raises(DatasetError) as err:
+        pair_files(tmp_path)
+    assert "duplicate stem" in str(err.value) and "IMG.jpg" in str(err.value) and "img.png" in str(err.value)
+
+
 def test_masks_binarised_at_127(tmp_path):
     m = np.array([[0, 126, 127, 128, 255]], np.uint8)
     _write(tmp_path, "m.png", m)

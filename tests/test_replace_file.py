@@ -52,3 +52,24 @@ def test_other_errors_are_not_retried(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError):
         replace_file.replace_with_retry(tmp_path / "a", tmp_path / "b")
     assert len(calls) == 1
+
+
+def test_a_write_past_windows_path_limit_says_so(tmp_path, monkeypatch):
+    """Windows without long paths fails such a write with a bare "No such file or directory"; the
+    error names the limit and what to do (simulated: the limit is only in force on Windows)."""
+    from effiseg.runtime import images
+
+    deep = tmp_path / ("d" * 120) / ("e" * 120) / "mask.png"
+    real_open = open
+
+    def windows_open(file, *args, **kwargs):
+        if len(str(file)) >= images.WINDOWS_MAX_PATH:
+            raise FileNotFoundError(2, "No such file or directory")
+        return real_open(file, *args, **kwargs)
+    monkeypatch.setattr(images, "open", windows_open, raising=False)
+    monkeypatch.setattr(images, "_ON_WINDOWS", True)
+    with pytest.raises(OSError, match=r"over Windows' 260-character path limit: choose a shorter --output"):
+        atomic_write(deep, lambda f: f.write(b"png"))
+    monkeypatch.setattr(images, "_ON_WINDOWS", False)  # elsewhere the error is left as it is
+    with pytest.raises(FileNotFoundError, match="No such file or directory"):
+        atomic_write(deep, lambda f: f.write(b"png"))

@@ -57,13 +57,15 @@ def split_dir(root: str | Path, split: str | None) -> Path:
 
 def _by_stem(folder: Path, problems: list[str]) -> dict[str, Path]:
     files: dict[str, Path] = {}
+    # Compared case-folded: IMG.jpg and img.png would write one mask file on Windows and macOS.
+    seen: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
         if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES:
             continue
-        if p.stem in files:
-            problems.append(f"{p}: duplicate stem '{p.stem}' (also {files[p.stem].name})")
+        if p.stem.casefold() in seen:
+            problems.append(f"{p}: duplicate stem '{p.stem}' (also {seen[p.stem.casefold()].name})")
             continue
-        files[p.stem] = p
+        seen[p.stem.casefold()] = files[p.stem] = p
     return files
 
 
