@@ -5,6 +5,8 @@
   errors='strict': a file or folder name outside it, printed after a finished run, raised
   UnicodeEncodeError and turned a successful run into exit 1. The commands' files are UTF-8
   whatever the console (``encoding="utf-8"`` everywhere).
+* A file it may not write (read-only, or held open by Excel on Windows) ends the command with a
+  one-line error saying so, not a traceback.
 * effiseg's logged warnings are printed once: backends log their decisions and also keep them in
   ``Backend.messages``, which effiseg-run and effiseg-bench print themselves.
 
@@ -56,12 +58,26 @@ def print_warnings_except_backend_messages():
         logger.removeHandler(handler)
 
 
+def describe_permission_error(error: PermissionError) -> str:
+    paths = " -> ".join(str(p) for p in (error.filename, error.filename2) if p)
+    return (f"permission denied{': ' + paths if paths else ''} ({error.strerror or error}). If a file there is "
+            "open in another program (on Windows, a CSV in Excel or an image in a viewer cannot be replaced "
+            "while it stays open), close it and run the command again")
+
+
 class Command(click.Command):
-    """A click command that makes the console safe first (see the module's docstring)."""
+    """A click command that makes the console safe first (see the module's docstring), and turns a
+    file it may not write into a one-line error instead of a traceback."""
 
     def main(self, *args, **kwargs):
         escape_unencodable_output()
         return super().main(*args, **kwargs)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except PermissionError as e:
+            raise click.ClickException(describe_permission_error(e)) from e
 
 
 class Group(click.Group):
