@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from importlib import metadata
+from pathlib import Path
 
 LIBRARIES = ("effiseg", "numpy", "torch", "onnxruntime", "onnxruntime-gpu", "onnx", "tensorrt",
              "timm", "pillow", "cuda-python", "pycuda")
@@ -34,7 +35,33 @@ def cpu_model() -> str:
                 return out.stdout.strip()
         except (OSError, subprocess.SubprocessError):
             pass
+    elif sys.platform == "win32":
+        # platform.processor() there is "Intel64 Family 6 Model 79 ..."; the name is in the registry.
+        try:
+            import winreg
+            key = winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, r"HARDWARE\DESCRIPTION\System\CentralProcessor\0")
+            with key:
+                name, _ = winreg.QueryValueEx(key, "ProcessorNameString")
+            if str(name).strip():
+                return str(name).strip()
+        except (ImportError, OSError):
+            pass
     return platform.processor() or platform.machine() or "unknown"
+
+
+def find_nvidia_smi() -> str | None:
+    """nvidia-smi on PATH, else where Windows drivers install it (older ones: Program Files\\NVSMI,
+    which is not on PATH; newer ones: System32)."""
+    exe = shutil.which("nvidia-smi")
+    if exe or sys.platform != "win32":
+        return exe
+    for root, *parts in ((os.environ.get("ProgramW6432") or os.environ.get("ProgramFiles"),
+                          "NVIDIA Corporation", "NVSMI"), (os.environ.get("SystemRoot"), "System32")):
+        if root:
+            candidate = Path(root, *parts, "nvidia-smi.exe")
+            if candidate.is_file():
+                return str(candidate)
+    return None
 
 
 def cpu_counts() -> dict:
@@ -92,7 +119,7 @@ def library_versions() -> dict:
 
 
 def _nvidia_smi() -> list[dict]:
-    exe = shutil.which("nvidia-smi")
+    exe = find_nvidia_smi()
     if not exe:
         return []
     try:

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
 import subprocess
 import sys
 import threading
+
+from .machine import find_nvidia_smi
 
 MB = 1024.0 * 1024.0
 
@@ -119,7 +120,7 @@ class GpuMemoryProbe:
             return
         except Exception:
             pass
-        exe = shutil.which("nvidia-smi")
+        exe = find_nvidia_smi()
         if exe:
             def read_smi() -> int:
                 out = subprocess.run([exe, f"--id={index}", "--query-gpu=memory.used",

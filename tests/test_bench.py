@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -592,3 +593,35 @@ def test_a_failed_end_to_end_run_names_its_files():
     text = failed_files({"files": rows})
     assert text.startswith("000000_img0.jpg: corrupt or truncated image: #0; 000002_img2.jpg: ")
     assert "000008_img8.jpg" in text and "000010_img10.jpg" not in text and text.endswith("; and 5 more")
+
+
+def test_machine_info_on_windows_finds_the_cpu_name_and_nvidia_smi(tmp_path, monkeypatch):
+    """Windows: the CPU's name is in the registry (platform.processor() says "Intel64 Family 6 ..."),
+    and older drivers keep nvidia-smi.exe in Program Files\\NVIDIA Corporation\\NVSMI, off PATH."""
+    import types
+
+    from effiseg.benchmarks import machine
+
+    fake_winreg = types.SimpleNamespace(HKEY_LOCAL_MACHINE="HKLM")
+
+    class Key:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+    fake_winreg.OpenKey = lambda root, path: Key()
+    fake_winreg.QueryValueEx = lambda key, name: ("Intel(R) Xeon(R) CPU E5-2690 v4 @ 2.60GHz  ", 1)
+    monkeypatch.setitem(sys.modules, "winreg", fake_winreg)
+    monkeypatch.setattr(machine.sys, "platform", "win32")
+    assert machine.cpu_model() == "Intel(R) Xeon(R) CPU E5-2690 v4 @ 2.60GHz"
+
+    smi = tmp_path / "NVIDIA Corporation" / "NVSMI" / "nvidia-smi.exe"
+    smi.parent.mkdir(parents=True)
+    smi.write_bytes(b"")
+    monkeypatch.setattr(machine.shutil, "which", lambda name: None)
+    monkeypatch.setenv("ProgramW6432", str(tmp_path))
+    monkeypatch.setenv("SystemRoot", str(tmp_path / "Windows"))
+    assert machine.find_nvidia_smi() == str(smi)
+    smi.unlink()
+    assert machine.find_nvidia_smi() is None
