@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from effiseg.runtime.console import Command, print_warnings_except_backend_messages
+from effiseg.runtime.console import Command, print_backend_notes_live
 
 from .analysis import SCHEMA, attach_efficiency, attach_speedups, headline, unequal_work_note
 from .machine import load_average, machine_info
@@ -158,7 +158,7 @@ def run_compare(paths: tuple[Path, Path], output: Path | None) -> None:
 @click.option("--no-plot", is_flag=True, help="Do not write the PNG plot.")
 @click.option("--compare", "compare", nargs=2, type=click.Path(path_type=Path, dir_okay=False, exists=True),
               default=None, help="Compare two result files A.json B.json (ratios B/A per configuration) and exit.")
-@print_warnings_except_backend_messages()
+@print_backend_notes_live()
 def bench_command(backends, batch_sizes, input_size, input_formats, rounds, warmup, iters, min_time, mode,
                   compute, n_images, images_from, workers, output, model, checkpoint, devices, threads,
                   settle, cache_dir, main_thread, time_budget, no_plot, compare):

@@ -34,6 +34,8 @@ from typing import Callable
 
 import numpy as np
 
+from effiseg.runtime.console import printed_live
+
 from .hostprep import fill_host_input, synthetic_images
 from .memory import GpuMemoryProbe, PeakSampler, current_rss_mb, torch_cuda_peak_mb, torch_cuda_peak_reset
 from .stats import summarize_latencies
@@ -126,8 +128,10 @@ class BackendPool:
             if (info.input_height, info.input_width) != (cfg.height, cfg.width):
                 raise RuntimeError(f"backend runs at {info.input_height}x{info.input_width}, "
                                    f"{cfg.height}x{cfg.width} was asked for")
+            label = getattr(entry.backend, "label", "")
             for message in getattr(entry.backend, "messages", []):
-                self.log(f"    {message}")
+                if not printed_live(label, message):
+                    self.log(f"    {message}")
         except Exception as e:
             entry.error = describe_error(e)
             self.log(f"    cannot build it: {entry.error}")

@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 
 from .backends import BACKEND_CHOICES
-from .console import Command, print_warnings_except_backend_messages
+from .console import Command, print_backend_notes_live, printed_live
 from .images import DEFAULT_MAX_PIXELS
 from .model_info import parse_tta_sizes
 
@@ -93,7 +93,7 @@ def _echo(message: str) -> None:
 @click.option("--input-size", type=int, default=None,
               help="Run a --dynamic-hw model at this square input size instead of its export size.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-@print_warnings_except_backend_messages()
+@print_backend_notes_live()
 def run_command(input_dir, output_dir, model_path, backend, devices, batch, precision, threshold, overlay,
                 recursive, resume, slots, workers, max_pixels, input_size, no_progress):
     """Segment every image of INPUT into 0/255 PNG masks at each image's own size, with a summary
@@ -137,7 +137,8 @@ def run_command(input_dir, output_dir, model_path, backend, devices, batch, prec
             _echo(note)
         for b in segmenter.backends:
             for message in b.messages:
-                _echo(f"{b.name} [{b.device}]: {message}")
+                if not printed_live(b.label, message):
+                    _echo(f"{b.label}: {message}")
         _echo(f"model {model} ({segmenter.info.variant}, {segmenter.info.input_height}x"
               f"{segmenter.info.input_width}, {segmenter.info.output_format}); backend {segmenter.backend_name} "
               f"on {','.join(b.device for b in segmenter.backends)}, {segmenter.precision}, batch {batch}, "
@@ -165,7 +166,7 @@ def run_command(input_dir, output_dir, model_path, backend, devices, batch, prec
     if len(failed) > 10:
         click.echo(f"  ... and {len(failed) - 10} more (see the summary)")
     click.echo(f"masks: {summary['output_dir']}")
-    click.echo(f"summary: {summary['summary_csv']} and {summary['summary_json']}")
+    click.echo("summary: " + " and ".join(p for p in (summary["summary_csv"], summary["summary_json"]) if p))
     if failed:
         sys.exit(EXIT_FAILED_FILES)
 

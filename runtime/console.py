@@ -7,8 +7,7 @@
   whatever the console (``encoding="utf-8"`` everywhere).
 * A file it may not write (read-only, or held open by Excel on Windows) ends the command with a
   one-line error saying so, not a traceback.
-* effiseg's logged warnings are printed once: backends log their decisions and also keep them in
-  ``Backend.messages``, which effiseg-run and effiseg-bench print themselves.
+* Backend decisions (``Backend.note``) print as they happen, once; effiseg's warnings print once.
 
 The console scripts get this through :class:`Command` / :class:`Group` (``@click.command(cls=Command)``).
 """
@@ -37,25 +36,61 @@ def escape_unencodable_output() -> None:
             pass
 
 
-class _NotABackendMessage(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not getattr(record, BACKEND_MESSAGE, False)
+class _ConsoleHandler(logging.Handler):
+    """Prints backend decisions as they happen, labelled ("tensorrt [cuda:0]: ..."), and effiseg's
+    other warnings; remembers which decisions it printed."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.printed: set[tuple[str, str]] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        source = getattr(record, BACKEND_MESSAGE, None)
+        if source is None and record.levelno < logging.WARNING:
+            return  # effiseg's other INFO records stay quiet, as without this handler
+        try:
+            message = record.getMessage()
+            text = f"{source}: {message}" if source else message
+            if source:
+                self.printed.add((source, message))
+            stream = sys.stderr
+            if stream is not None:
+                stream.write(text + "\n")
+                stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
+_live: list[_ConsoleHandler] = []  # the handlers of the commands running now (nested: a test runner)
+
+
+def printed_live(source: str, message: str) -> bool:
+    """Whether a running command's console handler already printed this backend decision."""
+    return any((source, message) in handler.printed for handler in _live)
 
 
 @contextlib.contextmanager
-def print_warnings_except_backend_messages():
-    """For commands that print every backend's ``messages`` themselves (effiseg-run, effiseg-bench;
-    also a decorator): effiseg's logged warnings go to stderr, as Python's last-resort handler
-    would print them, except the records of those messages, which would otherwise print twice."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setLevel(logging.WARNING)
-    handler.addFilter(_NotABackendMessage())
+def print_backend_notes_live():
+    """For commands that report what their backends decided (effiseg-run, effiseg-bench; also a
+    decorator): backend decisions print as they happen, so a failed start still shows the ones made
+    before it, and effiseg's warnings print once. A program that configured logging itself (handlers
+    on the root logger) keeps its own configuration; the command then prints the messages after."""
+    if logging.getLogger().handlers:
+        yield
+        return
+    handler = _ConsoleHandler()
     logger = logging.getLogger("effiseg")
+    level = logger.level
     logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)  # backend decisions are INFO records
+    _live.append(handler)
     try:
         yield
     finally:
+        _live.remove(handler)
         logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def describe_permission_error(error: PermissionError) -> str:

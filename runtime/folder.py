@@ -65,7 +65,14 @@ def default_output_dir(input_dir: Path) -> Path:
 
 
 def check_folders(input_dir: Path, output_dir: Path, recursive: bool) -> tuple[Path, Path]:
-    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    """The input and output folders, resolved, if a run can use them; else FolderError saying why."""
+    try:
+        return _check_folders(Path(input_dir), Path(output_dir), recursive)
+    except OSError as e:  # e.g. a folder this user may not list (is_dir() raises on Python 3.11)
+        raise FolderError(f"cannot use {e.filename or input_dir}: {e.strerror or e}") from None
+
+
+def _check_folders(input_dir: Path, output_dir: Path, recursive: bool) -> tuple[Path, Path]:
     if not input_dir.is_dir():
         if input_dir.exists():
             raise FolderError(f"--input takes a folder of images; {input_dir} is a file")
@@ -239,7 +246,12 @@ def run_folder(segmenter, input_dir, output_dir=None, *, recursive: bool = False
     # A summary left by an earlier run would contradict this one if this one stops part-way (it is
     # written only at the end); the journal keeps every finished row, so nothing is lost.
     for suffix in (".json", ".csv"):
-        (output_dir / f"{SUMMARY_STEM}{suffix}").unlink(missing_ok=True)
+        earlier_summary = output_dir / f"{SUMMARY_STEM}{suffix}"
+        try:
+            earlier_summary.unlink(missing_ok=True)
+        except PermissionError as e:  # Windows: open in Excel; nothing of this run is done yet
+            raise FolderError(f"cannot replace {earlier_summary} ({e.strerror or e}): if it is open in another "
+                              "program (Excel), close it and run again") from None
     journal_path = output_dir / JOURNAL_NAME
     earlier = _read_journal(journal_path) if resume else {}
     rows: dict[int, dict] = {}
@@ -334,9 +346,15 @@ def run_folder(segmenter, input_dir, output_dir=None, *, recursive: bool = False
         "files": ordered,
     }
     _write_json(output_dir / f"{SUMMARY_STEM}.json", _finite(summary))
-    _write_csv(output_dir / f"{SUMMARY_STEM}.csv", ordered)
     summary["summary_json"] = str(output_dir / f"{SUMMARY_STEM}.json")
-    summary["summary_csv"] = str(output_dir / f"{SUMMARY_STEM}.csv")
+    csv_path = output_dir / f"{SUMMARY_STEM}.csv"
+    try:
+        _write_csv(csv_path, ordered)
+        summary["summary_csv"] = str(csv_path)
+    except PermissionError as e:  # opened meanwhile (Excel on Windows): the masks and the JSON are done
+        summary["summary_csv"] = None
+        say(f"could not write {csv_path} ({e.strerror or e}; open in another program?): "
+            f"{SUMMARY_STEM}.json has the same rows")
     return summary
 
 

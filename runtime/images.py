@@ -154,9 +154,10 @@ def atomic_write(path: Path, write) -> None:
             tmp.unlink()
         except OSError:
             pass
-        too_long = _over_windows_path_limit(tmp) if isinstance(e, OSError) else None
+        # Windows' path limit shows up as a bare "not found"; any other error is left as it is.
+        too_long = _over_windows_path_limit(path, tmp) if isinstance(e, FileNotFoundError) else None
         if too_long:
-            raise OSError(e.errno, too_long) from e
+            raise FileNotFoundError(e.errno, too_long, str(path)) from e
         raise
 
 
@@ -164,14 +165,15 @@ _ON_WINDOWS = os.name == "nt"
 WINDOWS_MAX_PATH = 260  # MAX_PATH, in force unless long paths are enabled (Windows 10 default: not)
 
 
-def _over_windows_path_limit(path: Path) -> str | None:
-    """The reason a write under ``path`` failed, when it is Windows' path-length limit (which says
-    only "No such file or directory"); None elsewhere."""
-    length = len(str(Path(path).absolute()))
+def _over_windows_path_limit(path: Path, tmp: Path) -> str | None:
+    """Why writing ``path`` (through ``tmp``, its longer temporary name) was "not found", when it is
+    Windows' path-length limit; None elsewhere."""
+    length = len(str(Path(tmp).absolute()))
     if not _ON_WINDOWS or length < WINDOWS_MAX_PATH:
         return None
-    return (f"{path} is {length} characters long, over Windows' {WINDOWS_MAX_PATH}-character path limit: "
-            "choose a shorter --output folder, or enable long paths in Windows (LongPathsEnabled)")
+    return (f"the path is too long for Windows ({length} characters with the temporary name, limit "
+            f"{WINDOWS_MAX_PATH - 1}) unless long paths are enabled (LongPathsEnabled): choose a shorter "
+            "--output folder")
 
 
 def _png_chunk(tag: bytes, data: bytes) -> bytes:

@@ -68,8 +68,16 @@ def test_a_write_past_windows_path_limit_says_so(tmp_path, monkeypatch):
         return real_open(file, *args, **kwargs)
     monkeypatch.setattr(images, "open", windows_open, raising=False)
     monkeypatch.setattr(images, "_ON_WINDOWS", True)
-    with pytest.raises(OSError, match=r"over Windows' 260-character path limit: choose a shorter --output"):
+    with pytest.raises(FileNotFoundError, match=r"too long for Windows .* choose a shorter --output") as err:
         atomic_write(deep, lambda f: f.write(b"png"))
+    assert err.value.filename == str(deep)  # the mask, not its temporary name
+    # Other errors at such a path are not relabelled (a disk full, a locked file).
+    def disk_full(file, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(images, "open", disk_full, raising=False)
+    with pytest.raises(OSError, match="No space left on device"):
+        atomic_write(deep, lambda f: f.write(b"png"))
+    monkeypatch.setattr(images, "open", windows_open, raising=False)
     monkeypatch.setattr(images, "_ON_WINDOWS", False)  # elsewhere the error is left as it is
     with pytest.raises(FileNotFoundError, match="No such file or directory"):
         atomic_write(deep, lambda f: f.write(b"png"))

@@ -321,3 +321,52 @@ def test_a_drive_root_input_needs_an_output_folder(tmp_path, monkeypatch):
         folder_module.default_output_dir(root)
     result = _run("--input", root, "--model", tmp_path / "missing.onnx")
     assert result.exit_code == 3 and "--output" in result.output and "Traceback" not in result.output
+
+
+def test_a_summary_csv_held_open_is_handled_before_and_after_the_run(tiny_onnx, tmp_path, monkeypatch):
+    """Windows: a summary CSV open in Excel can be neither deleted nor replaced. Left by an earlier
+    run, it stops the new run before any work, saying what to do (exit 3); opened during the run,
+    it costs only the CSV: the masks and the JSON (same rows) are written and the run succeeds."""
+    from effiseg.runtime import replace_file
+
+    src = tmp_path / "frames"
+    _make_images(src, 3)
+    out = tmp_path / "masks"
+    real_unlink, real_replace = Path.unlink, os.replace
+
+    def excel_holds_unlink(self, *args, **kwargs):
+        if self.name == "effiseg_summary.csv":
+            raise PermissionError(13, "The process cannot access the file", str(self))
+        return real_unlink(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "unlink", excel_holds_unlink)
+    result = _run("--input", src, "--output", out, "--model", tiny_onnx)
+    assert result.exit_code == 3 and "effiseg_summary.csv" in result.output and "close it" in result.output
+    assert not list(out.glob("*.png"))
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+
+    def excel_holds_replace(src_path, dst_path):
+        if Path(dst_path).name == "effiseg_summary.csv":
+            raise PermissionError(13, "The process cannot access the file", str(src_path), None, str(dst_path))
+        return real_replace(src_path, dst_path)
+    monkeypatch.setattr(os, "replace", excel_holds_replace)
+    monkeypatch.setattr(replace_file.time, "sleep", lambda s: None)
+    result = _run("--input", src, "--output", out, "--model", tiny_onnx)
+    assert result.exit_code == 0, result.output
+    assert "could not write" in result.output and "effiseg_summary.json has the same rows" in result.output
+    assert json.loads((out / "effiseg_summary.json").read_text())["n_ok"] == 3
+    assert sorted(p.name for p in out.glob("*.png")) == ["0.png", "1.png", "2.png"]
+
+
+def test_a_folder_this_user_may_not_read_is_a_folder_error(tmp_path, monkeypatch):
+    """Checking a folder can itself be refused (is_dir() raises PermissionError on Python 3.11 for
+    a path under a folder the user may not list): exit 3 (bad folders), naming it."""
+    src = tmp_path / "private" / "frames"
+    real_is_dir = Path.is_dir
+
+    def refused(self):
+        if "private" in self.parts:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_is_dir(self)
+    monkeypatch.setattr(Path, "is_dir", refused)
+    result = _run("--input", src, "--model", tmp_path / "missing.onnx")
+    assert result.exit_code == 3 and f"cannot use {src}: Permission denied" in result.output

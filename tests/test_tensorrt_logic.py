@@ -984,10 +984,8 @@ def test_fixed_batch_with_dynamic_height_width_pads_the_last_batch(env):
     np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
 
 
-def test_effiseg_run_prints_the_maxwell_fp16_fallback_once(tiny_onnx, tmp_path, monkeypatch):
-    """effiseg-run on a Maxwell GPU with --precision fp16, through the real CLI: the fallback is
-    stated once (the backend both logs it and lists it in its messages), the masks are written and
-    the summary records the precision that ran."""
+def _effiseg_run_on_a_fake_maxwell(tiny_onnx, tmp_path, monkeypatch, *options, build_fails=False):
+    """effiseg-run through the real CLI with --backend tensorrt on a simulated Quadro M6000."""
     from click.testing import CliRunner
     from PIL import Image
 
@@ -996,6 +994,8 @@ def test_effiseg_run_prints_the_maxwell_fp16_fallback_once(tiny_onnx, tmp_path, 
 
     cuda = FakeCuda(MAXWELL)
     trt = make_fake_trt(cuda, fast_fp16=False)
+    if build_fails:  # TensorRT returns no engine (out of memory, an unsupported layer, ...)
+        trt.Builder.build_serialized_network = lambda self, network, config: None
 
     def open_fake_cuda(self, device_index):
         cuda.device_index = device_index
@@ -1004,40 +1004,69 @@ def test_effiseg_run_prints_the_maxwell_fp16_fallback_once(tiny_onnx, tmp_path, 
     monkeypatch.setattr(TensorRTBackend, "_import_tensorrt", lambda self: trt)
     monkeypatch.setattr(TensorRTBackend, "_open_cuda", open_fake_cuda)
     monkeypatch.setenv(CACHE_ENV_VAR, str(tmp_path / "cache"))
-    # As on a command line: no handler on the root logger (pytest installs its own), so Python's
-    # last-resort handler prints any warning that no effiseg handler takes.
+    # As on a command line: no handler on the root logger (pytest installs its own).
     monkeypatch.setattr(logging.root, "handlers", [])
     frames = tmp_path / "frames"
-    frames.mkdir()
+    frames.mkdir(exist_ok=True)
     for i in range(3):
         Image.fromarray(np.full((40, 48, 3), 60 * i, np.uint8)).save(frames / f"{i}.png")
-    result = CliRunner().invoke(run_command, ["--input", str(frames), "--model", str(tiny_onnx), "--backend",
-                                              "tensorrt", "--devices", "0", "--precision", "fp16",
-                                              "--batch", "2", "--no-progress"])
+    return trt, CliRunner().invoke(run_command, ["--input", str(frames), "--model", str(tiny_onnx), "--backend",
+                                                 "tensorrt", "--devices", "0", "--batch", "2", "--no-progress",
+                                                 *options])
+
+
+def test_effiseg_run_prints_each_backend_decision_once(tiny_onnx, tmp_path, monkeypatch):
+    """The Maxwell fallback (a warning), the engine build and its result (information): each printed
+    once, labelled with backend and device, although the backend both logs them and keeps them in
+    its messages; the summary records the precision that ran."""
+    trt, result = _effiseg_run_on_a_fake_maxwell(tiny_onnx, tmp_path, monkeypatch, "--precision", "fp16")
     assert result.exit_code == 0, result.output
-    fallback = [line for line in result.output.splitlines() if "Quadro M6000" in line and "FP32" in line]
-    assert len(fallback) == 1, result.output
-    assert fallback[0].startswith("tensorrt [cuda:0]: ")
+    lines = result.output.splitlines()
+    for needle in ("has no fast FP16; building an FP32 engine instead", "building a TensorRT fp32 engine",
+                   "built TensorRT engine"):
+        found = [line for line in lines if needle in line]
+        assert len(found) == 1 and found[0].startswith("tensorrt [cuda:0]: "), (needle, result.output)
     summary = json.loads((tmp_path / "frames_masks" / "effiseg_summary.json").read_text())
     assert summary["precision"] == "fp32" and summary["n_ok"] == 3
 
 
-def test_commands_still_print_other_warnings_once(monkeypatch, capsys):
-    """Only the backend messages are left out: any other effiseg warning (e.g. TensorRT's own
-    errors, forwarded by its logger) still reaches stderr, once."""
+def test_decisions_made_before_a_failed_start_are_still_shown(tiny_onnx, tmp_path, monkeypatch):
+    """The engine build fails after the FP16 fallback was decided: the user still sees the fallback
+    (the decision explains the engine that was being built), then the reason the run cannot start."""
+    trt, result = _effiseg_run_on_a_fake_maxwell(tiny_onnx, tmp_path, monkeypatch, "--precision", "fp16",
+                                                 build_fails=True)
+    assert result.exit_code == 3, result.output
+    assert "tensorrt [cuda:0]: FP16 requested, but Quadro M6000" in result.output
+    assert "cannot start" in result.output
+
+
+def test_console_handler_rules(monkeypatch, capsys):
+    """Backend decisions print live and labelled, other effiseg warnings once, other INFO records
+    not at all; the handler and the logger level are put back; a program with its own logging
+    configuration (root handlers) keeps it."""
     from effiseg.runtime.backends.base import BACKEND_MESSAGE
-    from effiseg.runtime.console import print_warnings_except_backend_messages
-    
+    from effiseg.runtime.console import print_backend_notes_live, printed_live
+
     monkeypatch.setattr(logging.root, "handlers", [])
     log = logging.getLogger("effiseg.runtime.backends.tensorrt_backend")
-    handlers_before = list(logging.getLogger("effiseg").handlers)
-    with print_warnings_except_backend_messages():
+    effiseg_logger = logging.getLogger("effiseg")
+    before = (list(effiseg_logger.handlers), effiseg_logger.level)
+    with print_backend_notes_live():
         log.warning("TensorRT: an error of its own")
-        log.warning("a decision also kept in messages", extra={BACKEND_MESSAGE: True})
+        log.info("building an engine", extra={BACKEND_MESSAGE: "tensorrt [cuda:1]"})
+        log.info("an internal detail")
+        assert printed_live("tensorrt [cuda:1]", "building an engine")
+        assert not printed_live("tensorrt [cuda:0]", "building an engine")
     err = capsys.readouterr().err
     assert err.count("TensorRT: an error of its own") == 1
-    assert "a decision also kept in messages" not in err
-    assert logging.getLogger("effiseg").handlers == handlers_before  # removed again
+    assert err.count("tensorrt [cuda:1]: building an engine") == 1 and "an internal detail" not in err
+    assert (list(effiseg_logger.handlers), effiseg_logger.level) == before
+    assert not printed_live("tensorrt [cuda:1]", "building an engine")  # only while the command runs
+
+    root_handler = logging.StreamHandler()
+    monkeypatch.setattr(logging.root, "handlers", [root_handler])
+    with print_backend_notes_live():
+        assert list(effiseg_logger.handlers) == before[0]  # nothing added beside the program's own
 
 
 def test_a_model_under_a_non_ascii_path_builds(env, tmp_path):

@@ -15,15 +15,18 @@ Life of a batch on slot ``s``:
 from __future__ import annotations
 
 import abc
+import logging
 
 import numpy as np
 
 from ..model_info import ModelInfo
 
 
-# Set on the log records of decisions a backend also keeps in ``Backend.messages``: a front end that
-# prints the messages (effiseg-run) leaves these records out.
-BACKEND_MESSAGE = "effiseg_backend_message"
+# The LogRecord attribute that marks a backend's decision (``Backend.note``); its value names the
+# backend and device ("tensorrt [cuda:0]"). A front end prints these as they happen and then does not
+# print them again from ``Backend.messages`` (runtime/console.py).
+BACKEND_MESSAGE = "effiseg_backend"
+log = logging.getLogger(__name__)
 
 
 class BackendUnavailable(RuntimeError):
@@ -44,6 +47,16 @@ class Backend(abc.ABC):
         self.max_batch = max_batch
         self.n_slots = n_slots
         self.messages: list[str] = []  # decisions worth telling the user (fallbacks, chosen providers)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} [{self.device}]"
+
+    def note(self, message: str, warning: bool = False) -> None:
+        """A decision worth telling the user: kept in ``messages`` (``describe()``, run summaries) and
+        logged as it happens (a TensorRT engine build can take minutes; its notes must not wait)."""
+        self.messages.append(message)
+        log.log(logging.WARNING if warning else logging.INFO, "%s", message, extra={BACKEND_MESSAGE: self.label})
 
     # -- double-buffered API -------------------------------------------------------------
     @abc.abstractmethod

@@ -97,9 +97,8 @@ class OnnxRuntimeBackend(Backend):
         if self.provider == "TensorrtExecutionProvider" and precision in ("auto", "fp16"):
             self.precision = "fp16"
         elif precision == "fp16":
-            self.messages.append(f"fp16 needs ONNX Runtime's TensorRT provider; {self.provider} runs the "
-                                 "fp32 graph")
-        self.messages.append(f"ONNX Runtime {ort.__version__}: {self.provider} on {device}")
+            self.note(f"fp16 needs ONNX Runtime's TensorRT provider; {self.provider} runs the fp32 graph")
+        self.note(f"ONNX Runtime {ort.__version__}: {self.provider} on {device}")
         self.ort_version = ort.__version__
         self._check_io()
         self._host_inputs = [np.zeros(self._input_shape(max_batch), self._in_dtype) for _ in range(n_slots)]

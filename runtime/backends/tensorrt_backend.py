@@ -40,7 +40,7 @@ from ..model_info import ModelInfo
 from ..trt_engine_cache import (EngineKey, atomic_write_bytes, engine_path, fast_fp16_answer_path, file_sha256,
                                 load_or_build_engine, read_bytes_or_none, read_fast_fp16_answer,
                                 resolve_cache_dir, timing_cache_path, write_fast_fp16_answer)
-from .base import BACKEND_MESSAGE, Backend, BackendUnavailable
+from .base import Backend, BackendUnavailable
 from .gpu_precision import PrecisionChoice, choose_gpu_precision, fast_fp16_from_compute_capability
 from .gpu_precision import validate_precision_request as _validate_precision
 
@@ -453,10 +453,6 @@ class TensorRTBackend(Backend):
         except CudaUnavailable as e:
             raise BackendUnavailable(f"the TensorRT backend needs a CUDA binding: {e}") from e
 
-    def _note(self, message: str, warning: bool = False) -> None:
-        self.messages.append(message)
-        (log.warning if warning else log.info)("%s", message, extra={BACKEND_MESSAGE: True})
-
     def _open(self, cache_dir) -> None:
         trt = self._import_tensorrt()
         self._trt = trt
@@ -494,7 +490,7 @@ class TensorRTBackend(Backend):
         choice = choose_precision(self.requested_precision, fast, device_label, fp16_flag, self.trt_version)
         self.precision = choice.precision
         if choice.message:
-            self._note(choice.message, warning=choice.warning)
+            self.note(choice.message, warning=choice.warning)
 
         requested = profile_shapes(None, self.info, self.min_batch, self.opt_batch, self.max_batch)
         key = EngineKey(
@@ -517,16 +513,16 @@ class TensorRTBackend(Backend):
         metadata = dict(key.components(), onnx_path=str(self.onnx_path), variant=self.info.variant,
                         requested_precision=self.requested_precision)
         result = load_or_build_engine(path, deserialize, build,
-                                      report=lambda m: self._note(m, warning=True), metadata=metadata)
+                                      report=lambda m: self.note(m, warning=True), metadata=metadata)
         self._engine = result.engine
         self.engine_path = result.path
         self.engine_built = result.built
         self.build_seconds = result.build_seconds
         if result.built:
-            self._note(f"built TensorRT engine {path.name} in {result.build_seconds:.1f} s "
+            self.note(f"built TensorRT engine {path.name} in {result.build_seconds:.1f} s "
                        f"({self.precision}, cached in {self.cache_dir})")
         else:
-            self._note(f"loaded cached TensorRT engine {path}")
+            self.note(f"loaded cached TensorRT engine {path}")
         self._make_slots(trt)
 
     def _build(self, trt, logger, builder, path: Path) -> bytes:
@@ -568,7 +564,7 @@ class TensorRTBackend(Backend):
         timing_path = timing_cache_path(self.cache_dir, self.trt_version, self.gpu.name,
                                         self.gpu.cc_string)
         self._attach_timing_cache(config, timing_path)
-        self._note(f"building a TensorRT {self.precision} engine for {self.onnx_path.name} on "
+        self.note(f"building a TensorRT {self.precision} engine for {self.onnx_path.name} on "
                    f"{self.gpu.name} (batch {shapes.min[0]}..{shapes.max[0]}); this takes from "
                    "seconds to several minutes and is done once per GPU and TensorRT version")
         serialized = builder.build_serialized_network(network, config)
@@ -581,7 +577,7 @@ class TensorRTBackend(Backend):
             if timing is not None:
                 atomic_write_bytes(timing_path, _to_bytes(timing.serialize()))
         except Exception as e:  # the engine is fine without a saved timing cache
-            self._note(f"could not save the TensorRT timing cache {timing_path}: {e}", warning=True)
+            self.note(f"could not save the TensorRT timing cache {timing_path}: {e}", warning=True)
         return _to_bytes(serialized)
 
     def _attach_timing_cache(self, config, timing_path: Path) -> None:
@@ -595,7 +591,7 @@ class TensorRTBackend(Backend):
             cache = None
         if cache is None or not config.set_timing_cache(cache, False):
             if data:
-                self._note(f"TensorRT timing cache {timing_path} is unusable; starting a new one",
+                self.note(f"TensorRT timing cache {timing_path} is unusable; starting a new one",
                            warning=True)
             config.set_timing_cache(config.create_timing_cache(b""), False)
 
@@ -637,7 +633,7 @@ class TensorRTBackend(Backend):
             _, _, hi = io.profile_shape(in_name, 0)
             max_shape = hi
             if hi[0] < self.max_batch:
-                self._note(f"engine profile allows batches up to {hi[0]}; max_batch lowered from "
+                self.note(f"engine profile allows batches up to {hi[0]}; max_batch lowered from "
                            f"{self.max_batch}", warning=True)
                 self.max_batch = hi[0]
             if engine_shape[0] >= 0:  # a fixed batch with dynamic height/width: pad smaller batches
@@ -646,7 +642,7 @@ class TensorRTBackend(Backend):
             max_shape = engine_shape
             self.static_batch = engine_shape[0]
             if self.static_batch != self.max_batch:
-                self._note(f"{self.onnx_path.name} has a fixed batch of {self.static_batch}; "
+                self.note(f"{self.onnx_path.name} has a fixed batch of {self.static_batch}; "
                            f"max_batch set to {self.static_batch} (smaller batches are padded)",
                            warning=self.static_batch < self.max_batch)
                 self.max_batch = self.static_batch

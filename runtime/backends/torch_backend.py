@@ -104,7 +104,7 @@ class TorchBackend(Backend):
                                          torch.cuda.get_device_capability(self.torch_device) if on_cuda else None,
                                          torch.cuda.get_device_name(self.torch_device) if on_cuda else "the CPU")
         if choice.message:
-            self.messages.append(choice.message)  # effiseg-run prints every message
+            self.note(choice.message, warning=choice.warning)
         self.precision = choice.precision
         self.cuda_graphs = bool(fast and (cuda_graphs is None or cuda_graphs))
         self.graph = SegmentationGraph(model, info.mean, info.std, "uint8-nhwc", output_format, info.threshold,
@@ -115,7 +115,7 @@ class TorchBackend(Backend):
         if not on_cuda:
             self._host_in = [np.zeros((max_batch, h, w, 3), np.uint8) for _ in range(n_slots)]
             self._cpu_out: list[np.ndarray | None] = [None] * n_slots
-            self.messages.append(f"torch {torch.__version__}: fp32 eager on the CPU")
+            self.note(f"torch {torch.__version__}: fp32 eager on the CPU")
             return
         dev = self.torch_device
         with torch.cuda.device(dev):
@@ -140,7 +140,7 @@ class TorchBackend(Backend):
                     self._capture(s)
         described = (f"{self.precision} + channels_last" + (" + CUDA graphs" if self.cuda_graphs else "")
                      if fast else "fp32 eager")
-        self.messages.append(f"torch {torch.__version__}: {described} on {dev} ({torch.cuda.get_device_name(dev)})")
+        self.note(f"torch {torch.__version__}: {described} on {dev} ({torch.cuda.get_device_name(dev)})")
 
     def _capture(self, slot: int) -> None:
         """Warm up (cuDNN picks its kernels) on a side stream, then capture one graph per slot; each
