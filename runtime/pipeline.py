@@ -18,8 +18,9 @@ A batch the backend fails on fails its images (per-file errors, the run goes on:
 an out-of-memory at an odd size, should not cost the folder). ``max_failed_batches`` failures in a
 row on one backend mean the backend or its device is gone. With other backends still running, it
 is given up for the rest of the run (``lost``): its slots leave circulation, a batch it still
-computes is written, the images waiting on its slots fail (``--resume`` redoes them), and the others
-take the remaining work. The
+computes is written, the batches waiting on its slots (decoded, not yet submitted) are copied into
+the others' free slots, and the others take the remaining work. So that a batch moved at the end
+still runs, a runner that has read its end-of-input marker stops only once every runner has. The
 last backend standing stops the run with ``BackendLost`` instead of marking every remaining file
 failed.
 
@@ -153,6 +154,10 @@ class Pipeline:
             for slot in range(backend.n_slots):
                 self._free.put((b_index, slot))
         self._ready = [queue.Queue() for _ in self.backends]
+        # Moving a given-up backend's waiting batches: runners that have not yet read their
+        # end-of-input marker (only they can still move a batch), and runners that have stopped.
+        self._readers_left = len(self.backends)
+        self._stopped: set[int] = set()
         self._failed_in_a_row = [0] * len(self.backends)  # each touched by its own runner thread only
         self._cond = threading.Condition()
         self._current: _Batch | None = None
@@ -319,19 +324,16 @@ class Pipeline:
         ready = self._ready[b_index]
         in_flight: deque[_Batch] = deque()
         nothing_ready = object()
-        finished = False
+        finished = False  # the end-of-input marker is read; only batches moved here can still come
         try:
             while True:
                 self._check_abort()
-                if finished:
-                    if not in_flight:
-                        return
-                    self._complete(backend, in_flight.popleft())
-                    continue
                 if not in_flight:
                     t0 = time.perf_counter()
-                    batch = self._get(ready)
+                    batch = self._next_moved(b_index) if finished else self._get(ready)
                     self.stats.add(runner_idle_s=time.perf_counter() - t0)
+                    if batch is None and finished:
+                        return  # nothing on the device, and no runner can move a batch here any more
                 else:
                     # Something is on the device: submit the next batch behind it if one is ready
                     # (its copies overlap the running compute), otherwise wait for the oldest.
@@ -341,6 +343,7 @@ class Pipeline:
                         batch = nothing_ready
                 if batch is None:
                     finished = True
+                    self._end_read()
                 elif batch is nothing_ready:
                     self._complete(backend, in_flight.popleft())
                 else:
@@ -354,9 +357,10 @@ class Pipeline:
                     self.stats.add(infer_s=time.perf_counter() - t0, batches=1)
                     in_flight.append(batch)
         except _GivenUp as given_up:
-            # After the end-of-input marker (``finished``) nothing more can arrive on ``ready``.
-            self._drain(backend, ready, in_flight, given_up, wait_for_end=not finished)
+            self._drain(b_index, in_flight, given_up, finished)
         finally:
+            with self._cond:
+                self._stopped.add(b_index)  # no batch may be moved here any more
             # On abort, leave no batch pending on the backend so that it can be reused or closed.
             for batch in in_flight:
                 try:
@@ -364,11 +368,35 @@ class Pipeline:
                 except Exception:
                     pass
 
-    def _drain(self, backend: Backend, ready: queue.Queue, in_flight: deque, given_up: _GivenUp,
-               wait_for_end: bool) -> None:
+    def _end_read(self) -> None:
+        """A runner read its end-of-input marker: every batch queued before it is handled, so this
+        runner can no longer move a waiting batch to another."""
+        with self._cond:
+            self._readers_left -= 1
+            self._cond.notify_all()
+
+    def _next_moved(self, b_index: int) -> _Batch | None:
+        """After the end-of-input marker: the next batch moved here from a given-up backend, or None
+        once no runner can move one any more (every runner has read its marker)."""
+        ready = self._ready[b_index]
+        with self._cond:
+            while True:
+                self._check_abort()
+                try:
+                    return ready.get_nowait()
+                except queue.Empty:
+                    pass
+                if self._readers_left == 0:
+                    self._stopped.add(b_index)
+                    return None
+                self._cond.wait(_POLL_S)
+
+    def _drain(self, b_index: int, in_flight: deque, given_up: _GivenUp, finished: bool) -> None:
         """A given-up backend's runner until the end of the run, so that every job gets a result:
-        a batch it had in flight is written if it still comes back, else failed; batches sealed on
-        its slots afterwards fail their images. Its slots are never given back."""
+        a batch it had in flight is written if it still comes back, else failed; every batch that
+        reaches its queue (decoded onto its slots, or moved to it before it was given up) moves to
+        a backend that runs on, and fails only where none can take it. Its slots are never given back."""
+        backend = self.backends[b_index]
         error = BackendLost(f"given up part-way: {given_up}")
         while in_flight:
             batch = in_flight.popleft()
@@ -378,11 +406,51 @@ class Pipeline:
                 self._fail_batch(batch, error, give_back=False)
                 continue
             self._deliver(batch, rows)
-        while wait_for_end:
-            batch = self._get(ready)
+        while True:
+            batch = self._next_moved(b_index) if finished else self._get(self._ready[b_index])
             if batch is None:
-                return
-            self._fail_batch(batch, error, give_back=False)
+                if finished:
+                    return
+                finished = True
+                self._end_read()
+                continue
+            if not self._move(batch):
+                self._fail_batch(batch, error, give_back=False)
+
+    def _move(self, batch: _Batch) -> bool:
+        """Copy a waiting batch's rows (host memory) into a free slot of a backend that runs on and
+        queue it there; False when none is left, or its slot cannot hold the rows."""
+        n = batch.claimed
+        while True:
+            self._check_abort()
+            with self._cond:
+                taken = self._lost_indices | self._stopped
+                if len(taken) == len(self.backends):
+                    return False
+            try:
+                b_index, slot = self._free.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
+            if b_index in taken:
+                continue  # a given-up or stopped backend's slot leaves circulation
+            try:
+                rows = self.backends[b_index].host_input(slot)
+                fits = (rows.shape[1:] == batch.rows.shape[1:] and rows.dtype == batch.rows.dtype
+                        and len(rows) >= n)
+                if fits:
+                    rows[:n] = batch.rows[:n]
+            except Exception:  # a buffer that cannot be read or written any more
+                fits = False
+            with self._cond:
+                if b_index in self._lost_indices or b_index in self._stopped:
+                    continue  # given up or stopped while the rows were copied: try another
+                if not fits:
+                    self._free.put((b_index, slot))
+                    return False
+                entries = batch.entries[:n] + [None] * (len(rows) - n)
+                self._ready[b_index].put(_Batch(b_index, slot, rows, entries, claimed=n, done=n, sealed=True))
+                self._cond.notify_all()
+            return True
 
     @staticmethod
     def _collect_rows(backend: Backend, batch: _Batch) -> list[np.ndarray]:
