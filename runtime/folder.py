@@ -322,8 +322,8 @@ def run_folder(segmenter, input_dir, output_dir=None, *, recursive: bool = False
     wall = time.perf_counter() - started
     segmenter.last_stats = pipe.stats
     for device, why in pipe.lost.items():
-        say(f"gave up on {device} part-way: {why}; the other device(s) finished the run, and the images it "
-            "still held are listed as failed (--resume redoes them)")
+        say(f"gave up on {device} part-way: {why}; the other device(s) finished the run, including the images "
+            "waiting for it; the images of the batches it failed are listed as failed (--resume redoes them)")
 
     ordered = [rows[job.index] for job in jobs]
     n_ok = sum(r["status"] == "ok" for r in ordered)
