@@ -19,10 +19,11 @@ an out-of-memory at an odd size, should not cost the folder). ``max_failed_batch
 row on one backend mean the backend or its device is gone. With other backends still running, it
 is given up for the rest of the run (``lost``): its slots leave circulation, a batch it still
 computes is written, the batches waiting on its slots (decoded, not yet submitted) are copied into
-the others' free slots, and the others take the remaining work. So that a batch moved at the end
-still runs, a runner that has read its end-of-input marker stops only once every runner has. The
-last backend standing stops the run with ``BackendLost`` instead of marking every remaining file
-failed.
+the others' free slots (split where their batches are smaller; moved on again if that backend is
+given up too), and the others take the remaining work. So that a batch moved at the end still runs,
+a runner that has read its end-of-input marker stops only once every runner has and no moved batch
+is unsettled. The last backend standing stops the run with ``BackendLost`` instead of marking every
+remaining file failed.
 
 Several backends (devices=[0, 1]) share one free-slot queue: whichever device frees a slot first
 gets the next batch. Results come back keyed by job, in completion order.
@@ -88,6 +89,7 @@ class _Batch:
     claimed: int = 0
     done: int = 0
     sealed: bool = False
+    moved: bool = False                   # copied here from a given-up backend (counted in _moves_pending)
 
 
 class PipelineAborted(RuntimeError):
@@ -157,6 +159,7 @@ class Pipeline:
         # Moving a given-up backend's waiting batches: runners that have not yet read their
         # end-of-input marker (only they can still move a batch), and runners that have stopped.
         self._readers_left = len(self.backends)
+        self._moves_pending = 0  # moved batches not yet written, failed or moved on
         self._stopped: set[int] = set()
         self._failed_in_a_row = [0] * len(self.backends)  # each touched by its own runner thread only
         self._cond = threading.Condition()
@@ -328,12 +331,15 @@ class Pipeline:
         try:
             while True:
                 self._check_abort()
-                if not in_flight:
+                if not in_flight and finished:
+                    # Waiting for the other runners, not for decoding: not counted as idle.
+                    batch = self._next_moved(b_index)
+                    if batch is None:
+                        return  # nothing on the device, and no batch can be moved here any more
+                elif not in_flight:
                     t0 = time.perf_counter()
-                    batch = self._next_moved(b_index) if finished else self._get(ready)
+                    batch = self._get(ready)
                     self.stats.add(runner_idle_s=time.perf_counter() - t0)
-                    if batch is None and finished:
-                        return  # nothing on the device, and no runner can move a batch here any more
                 else:
                     # Something is on the device: submit the next batch behind it if one is ready
                     # (its copies overlap the running compute), otherwise wait for the oldest.
@@ -369,15 +375,22 @@ class Pipeline:
                     pass
 
     def _end_read(self) -> None:
-        """A runner read its end-of-input marker: every batch queued before it is handled, so this
-        runner can no longer move a waiting batch to another."""
+        """A runner read its end-of-input marker: every batch decoded onto its slots has reached it.
+        (Batches moved to it may still come, and be moved on if it is given up.)"""
         with self._cond:
             self._readers_left -= 1
             self._cond.notify_all()
 
+    def _settle_move(self) -> None:
+        """A moved batch was written, failed or moved on."""
+        with self._cond:
+            self._moves_pending -= 1
+            self._cond.notify_all()
+
     def _next_moved(self, b_index: int) -> _Batch | None:
         """After the end-of-input marker: the next batch moved here from a given-up backend, or None
-        once no runner can move one any more (every runner has read its marker)."""
+        once none can come: every runner has read its marker and no moved batch is unsettled (one
+        could still fail its backend and be moved on, here)."""
         ready = self._ready[b_index]
         with self._cond:
             while True:
@@ -386,7 +399,7 @@ class Pipeline:
                     return ready.get_nowait()
                 except queue.Empty:
                     pass
-                if self._readers_left == 0:
+                if self._readers_left == 0 and self._moves_pending == 0:
                     self._stopped.add(b_index)
                     return None
                 self._cond.wait(_POLL_S)
@@ -414,43 +427,55 @@ class Pipeline:
                 finished = True
                 self._end_read()
                 continue
-            if not self._move(batch):
-                self._fail_batch(batch, error, give_back=False)
+            self._move(batch, error)
 
-    def _move(self, batch: _Batch) -> bool:
-        """Copy a waiting batch's rows (host memory) into a free slot of a backend that runs on and
-        queue it there; False when none is left, or its slot cannot hold the rows."""
-        n = batch.claimed
-        while True:
+    def _move(self, batch: _Batch, error: Exception) -> None:
+        """Copy a waiting batch's rows (host memory) into free slots of backends that run on, as many
+        rows per slot as each takes, and queue them there. Rows that no running backend can take
+        (none left, or none with this input layout) fail."""
+        entries = batch.entries[:batch.claimed]
+        unfit: set[int] = set()  # backends whose slots cannot hold these rows (another input layout)
+        start = 0
+        while start < len(entries):
             self._check_abort()
             with self._cond:
-                taken = self._lost_indices | self._stopped
+                taken = self._lost_indices | self._stopped | unfit
                 if len(taken) == len(self.backends):
-                    return False
+                    break
             try:
                 b_index, slot = self._free.get(timeout=_POLL_S)
             except queue.Empty:
                 continue
-            if b_index in taken:
+            if b_index in self._lost_indices or b_index in self._stopped:
                 continue  # a given-up or stopped backend's slot leaves circulation
+            target = self.backends[b_index]
+            k = min(len(entries) - start, target.max_batch)
             try:
-                rows = self.backends[b_index].host_input(slot)
-                fits = (rows.shape[1:] == batch.rows.shape[1:] and rows.dtype == batch.rows.dtype
-                        and len(rows) >= n)
+                rows = target.host_input(slot)
+                fits = rows.shape[1:] == batch.rows.shape[1:] and rows.dtype == batch.rows.dtype and len(rows) >= k
                 if fits:
-                    rows[:n] = batch.rows[:n]
+                    rows[:k] = batch.rows[start:start + k]
             except Exception:  # a buffer that cannot be read or written any more
                 fits = False
             with self._cond:
                 if b_index in self._lost_indices or b_index in self._stopped:
                     continue  # given up or stopped while the rows were copied: try another
                 if not fits:
+                    unfit.add(b_index)
                     self._free.put((b_index, slot))
-                    return False
-                entries = batch.entries[:n] + [None] * (len(rows) - n)
-                self._ready[b_index].put(_Batch(b_index, slot, rows, entries, claimed=n, done=n, sealed=True))
+                    continue
+                chunk = entries[start:start + k] + [None] * (len(rows) - k)
+                self._ready[b_index].put(_Batch(b_index, slot, rows, chunk, claimed=k, done=k, sealed=True,
+                                                moved=True))
+                self._moves_pending += 1
                 self._cond.notify_all()
-            return True
+            start += k
+        if start < len(entries):
+            rest = entries[start:]
+            self._fail_batch(_Batch(batch.backend_index, batch.slot, batch.rows, rest, claimed=len(rest)), error,
+                             give_back=False)
+        if batch.moved:
+            self._settle_move()
 
     @staticmethod
     def _collect_rows(backend: Backend, batch: _Batch) -> list[np.ndarray]:
@@ -481,6 +506,8 @@ class Pipeline:
                 self._check_abort()
             self.stats.add(wait_for_writer_s=time.perf_counter() - t1)
             self._writer_pool.submit(self._write, job, meta, output)
+        if batch.moved:
+            self._settle_move()
 
     def _backend_failed(self, batch: _Batch, error: Exception) -> None:
         """Fail the batch's images; after ``max_failed_batches`` in a row, give the backend up
@@ -525,6 +552,8 @@ class Pipeline:
                 self._results.put((job, self.fail(job, error, "inference")))
         if give_back:
             self._free.put((batch.backend_index, batch.slot))
+        if batch.moved:
+            self._settle_move()
 
     def _write(self, job, meta, output) -> None:
         t0 = time.perf_counter()

@@ -554,3 +554,71 @@ def test_batches_waiting_on_a_given_up_device_move_to_the_others_with_their_pixe
             if not isinstance(r, str):
                 assert abs(r - expected[i]) < 1e-4, (slots, batch, workers, i)
         assert list(pipe.lost) == [bad.device]
+
+
+class _ValueBackend(Backend):
+    """Output = each row's first pixel value; ``on_submit(values)`` may sleep or raise."""
+    name = "fake"
+
+    def __init__(self, device, max_batch, n_slots, on_submit=None):
+        super().__init__(_fake_info(4), device, "fp32", max_batch, n_slots)
+        self.buffers = [np.zeros((max_batch, 4, 4, 3), np.uint8) for _ in range(n_slots)]
+        self.pending = [None] * n_slots
+        self.on_submit, self.submitted = on_submit, []
+
+    def host_input(self, slot):
+        return self.buffers[slot]
+
+    def submit(self, slot, n):
+        values = [int(v) for v in self.buffers[slot][:n, 0, 0, 0]]
+        self.submitted.append(values)
+        if self.on_submit:
+            self.on_submit(values)
+        self.pending[slot] = np.ones((n, 4, 4), np.float32) * np.array(values, np.float32)[:, None, None]
+
+    def collect(self, slot):
+        out, self.pending[slot] = self.pending[slot], None
+        return out
+
+
+def _value_pipeline(backends, jobs):
+    pipe = Pipeline(backends, lambda i: (i, None), lambda row, v: row.__setitem__(Ellipsis, v),
+                    lambda i, meta, out: float(out[0, 0]), lambda i, err, stage: f"error: {err}",
+                    workers=1, writers=1, max_failed_batches=1)
+    results, errors = _run_with_timeout(pipe, range(jobs))
+    assert not errors and sorted(results) == list(range(jobs))
+    return pipe, results
+
+
+def test_a_waiting_batch_is_split_over_gpus_with_smaller_batches():
+    """GPUs may take different batch sizes (a TensorRT profile or fixed batch lowers max_batch): a
+    waiting batch of 4 moves as 2 + 2 rather than failing at the first slot too small for it."""
+    def gone(values):
+        time.sleep(0.2)
+        raise RuntimeError("device lost")
+    lost = _ValueBackend("cuda:0", 4, 2, on_submit=gone)
+    small, large = _ValueBackend("cuda:1", 2, 1), _ValueBackend("cuda:2", 4, 1)
+    pipe, results = _value_pipeline([lost, small, large], 8)
+    failed = sorted(i for i, r in results.items() if isinstance(r, str))
+    assert failed == [0, 1, 2, 3]  # the batch it failed; the waiting batch 4..7 was moved
+    assert all(results[i] == float(i) for i in range(4, 8))
+    assert all(len(values) <= 2 for values in small.submitted)
+
+
+def test_a_batch_moved_at_the_end_moves_on_when_its_new_gpu_fails_too():
+    """Three GPUs: cuda:0 fails after every runner read its end marker and moves its waiting batches
+    to cuda:1, which then fails too: they move on to cuda:2, which must not have stopped meanwhile."""
+    def first_gone(values):
+        time.sleep(0.3)
+        raise RuntimeError("device 0 lost")
+
+    def second_gone(values):
+        time.sleep(0.6)
+        raise RuntimeError("device 1 lost")
+    backends = [_ValueBackend("cuda:0", 1, 3, on_submit=first_gone),
+                _ValueBackend("cuda:1", 1, 2, on_submit=second_gone), _ValueBackend("cuda:2", 1, 1)]
+    pipe, results = _value_pipeline(backends, 3)
+    assert sorted(pipe.lost) == ["cuda:0", "cuda:1"]
+    failed = [i for i, r in results.items() if isinstance(r, str)]
+    assert len(failed) == 2 and all(results[i] == float(i) for i in set(range(3)) - set(failed))
+    assert backends[2].submitted  # the healthy GPU computed what the two lost ones could not
