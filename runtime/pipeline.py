@@ -435,6 +435,7 @@ class Pipeline:
         (none left, or none with this input layout) fail."""
         entries = batch.entries[:batch.claimed]
         unfit: set[int] = set()  # backends whose slots cannot hold these rows (another input layout)
+        held: list[tuple[int, int]] = []  # their free slots, kept aside until this move is done
         start = 0
         while start < len(entries):
             self._check_abort()
@@ -448,6 +449,9 @@ class Pipeline:
                 continue
             if b_index in self._lost_indices or b_index in self._stopped:
                 continue  # a given-up or stopped backend's slot leaves circulation
+            if b_index in unfit:
+                held.append((b_index, slot))
+                continue
             target = self.backends[b_index]
             k = min(len(entries) - start, target.max_batch)
             try:
@@ -462,7 +466,7 @@ class Pipeline:
                     continue  # given up or stopped while the rows were copied: try another
                 if not fits:
                     unfit.add(b_index)
-                    self._free.put((b_index, slot))
+                    held.append((b_index, slot))
                     continue
                 chunk = entries[start:start + k] + [None] * (len(rows) - k)
                 self._ready[b_index].put(_Batch(b_index, slot, rows, chunk, claimed=k, done=k, sealed=True,
@@ -470,6 +474,8 @@ class Pipeline:
                 self._moves_pending += 1
                 self._cond.notify_all()
             start += k
+        for free_slot in held:
+            self._free.put(free_slot)
         if start < len(entries):
             rest = entries[start:]
             self._fail_batch(_Batch(batch.backend_index, batch.slot, batch.rows, rest, claimed=len(rest)), error,

@@ -560,9 +560,9 @@ class _ValueBackend(Backend):
     """Output = each row's first pixel value; ``on_submit(values)`` may sleep or raise."""
     name = "fake"
 
-    def __init__(self, device, max_batch, n_slots, on_submit=None):
+    def __init__(self, device, max_batch, n_slots, on_submit=None, dtype=np.uint8):
         super().__init__(_fake_info(4), device, "fp32", max_batch, n_slots)
-        self.buffers = [np.zeros((max_batch, 4, 4, 3), np.uint8) for _ in range(n_slots)]
+        self.buffers = [np.zeros((max_batch, 4, 4, 3), dtype) for _ in range(n_slots)]
         self.pending = [None] * n_slots
         self.on_submit, self.submitted = on_submit, []
 
@@ -622,3 +622,22 @@ def test_a_batch_moved_at_the_end_moves_on_when_its_new_gpu_fails_too():
     failed = [i for i, r in results.items() if isinstance(r, str)]
     assert len(failed) == 2 and all(results[i] == float(i) for i in set(range(3)) - set(failed))
     assert backends[2].submitted  # the healthy GPU computed what the two lost ones could not
+
+
+def test_waiting_rows_go_only_where_their_layout_fits():
+    """A backend whose host buffers take another layout (here float32) cannot take the rows: they go
+    to one that can, and fail (no hang, no spin on its free slots) where none can."""
+    def gone(values):
+        time.sleep(0.2)
+        raise RuntimeError("device lost")
+    for with_a_fitting_gpu in (True, False):
+        others = [_ValueBackend("cuda:1", 2, 2, dtype=np.float32)]
+        if with_a_fitting_gpu:
+            others.append(_ValueBackend("cuda:2", 2, 1))
+        lost = _ValueBackend("cuda:0", 2, 3, on_submit=gone)
+        pipe, results = _value_pipeline([lost, *others], 6)
+        failed = sorted(i for i, r in results.items() if isinstance(r, str))
+        moved = [v for values in others[-1].submitted for v in values] if with_a_fitting_gpu else []
+        assert set(failed).isdisjoint(moved) and all(results[i] == float(i) for i in moved)
+        if with_a_fitting_gpu:
+            assert len(failed) == 2  # only the batch it failed
