@@ -97,7 +97,7 @@ def describe_permission_error(error: PermissionError) -> str:
     paths = " -> ".join(str(p) for p in (error.filename, error.filename2) if p)
     return (f"permission denied{': ' + paths if paths else ''} ({error.strerror or error}). If a file there is "
             "open in another program (on Windows, a CSV in Excel or an image in a viewer cannot be replaced "
-            "while it stays open), close it and run the command again")
+            "while it stays open), close it and run the command again (a training run: with --resume)")
 
 
 class Command(click.Command):

@@ -120,10 +120,12 @@ def _probe_writable(dst: Path) -> None:
                               f"is not writable ({e.strerror or e})") from None
     finally:
         for folder in reversed(created):
-            try:
-                folder.rmdir()
-            except OSError:
-                pass
+            for attempt in range(5):  # Windows: a scanner may still hold the probe file's folder
+                try:
+                    folder.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.02 * (attempt + 1))
 
 
 def plan_jobs(input_dir: Path, output_dir: Path, files: list[Path], overlay: bool) -> list[FileJob]:
