@@ -34,7 +34,7 @@ import click
 import numpy as np
 
 from effiseg.runtime.console import Command
-from effiseg.runtime.replace_file import replace_with_retry
+from effiseg.runtime.images import atomic_write_text
 
 # Operator name (aten::...) -> category. First match wins; anything else is "other".
 CATEGORIES: tuple[tuple[str, str], ...] = (
@@ -298,9 +298,7 @@ def _write(data: dict, output: Path) -> Path:
     from .report import _clean  # JSON has no NaN/inf
     output.mkdir(parents=True, exist_ok=True)
     stem = output / f"op_profile_b{data['batch_size']}"
-    tmp = stem.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_clean(data), indent=1), encoding="utf-8")
-    replace_with_retry(tmp, stem.with_suffix(".json"))
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(_clean(data), indent=1))
     stem.with_suffix(".txt").write_text(format_profile(data) + "\n", encoding="utf-8")
     return stem
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from effiseg.runtime.model_info import describe_tta
-from effiseg.runtime.replace_file import replace_with_retry
+from effiseg.runtime.images import atomic_write_text
 
 from .analysis import SCHEMA
 from .stats import geometric_mean, ratio
@@ -107,10 +107,7 @@ def _clean(value):
 
 def write_json(data: dict, path: Path) -> Path:
     validate_result_file(data)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_clean(data), indent=1, sort_keys=False, default=str), encoding="utf-8")
-    replace_with_retry(tmp, path)
+    atomic_write_text(path, json.dumps(_clean(data), indent=1, sort_keys=False, default=str))
     return path
 
 

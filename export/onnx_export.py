@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from effiseg.runtime.images import IMAGE_EXTENSIONS, TEMP_SUFFIX, ImageError, list_images, read_image
+from effiseg.runtime.images import (IMAGE_EXTENSIONS, TEMP_SUFFIX, ImageError, atomic_write_text, list_images,
+                                    read_image)
 from effiseg.runtime.model_info import ModelInfo, parse_tta_sizes
 from effiseg.runtime.replace_file import replace_with_retry
 from effiseg.runtime.postprocess import fill_host_row, logit_threshold, resize_rgb
@@ -376,9 +377,7 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
 
 
 def _write_report(path: Path, report: dict) -> None:
-    tmp = path.with_name(path.name + TEMP_SUFFIX)
-    tmp.write_text(json.dumps(report, indent=2, sort_keys=True, default=str), encoding="utf-8")
-    replace_with_retry(tmp, path)
+    atomic_write_text(path, json.dumps(report, indent=2, sort_keys=True, default=str))
 
 
 def _verify(torch, ort, path: Path, graph, reference, info: ModelInfo, images: list[np.ndarray], source: str) -> dict:

@@ -100,13 +100,15 @@ def describe_permission_error(error: PermissionError) -> str:
             "while it stays open), close it and run the command again (a training run: with --resume)")
 
 
-class Command(click.Command):
-    """A click command that makes the console safe first (see the module's docstring), and turns a
-    file it may not write into a one-line error instead of a traceback."""
-
+class _SafeConsole:
     def main(self, *args, **kwargs):
         escape_unencodable_output()
         return super().main(*args, **kwargs)
+
+
+class Command(_SafeConsole, click.Command):
+    """A click command that makes the console safe first (see the module's docstring), and turns a
+    file it may not write into a one-line error instead of a traceback."""
 
     def invoke(self, ctx):
         try:
@@ -115,11 +117,7 @@ class Command(click.Command):
             raise click.ClickException(describe_permission_error(e)) from e
 
 
-class Group(click.Group):
+class Group(_SafeConsole, click.Group):
     """As :class:`Command`, for command groups (``python -m effiseg.training.protocol``)."""
 
     command_class = Command
-
-    def main(self, *args, **kwargs):
-        escape_unencodable_output()
-        return super().main(*args, **kwargs)

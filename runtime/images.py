@@ -161,6 +161,12 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """``text`` as a UTF-8 file, replaced whole (see :func:`atomic_write`)."""
+    data = text.encode("utf-8")
+    atomic_write(Path(path), lambda f: f.write(data))
+
+
 _ON_WINDOWS = os.name == "nt"
 WINDOWS_MAX_PATH = 260  # MAX_PATH, in force unless long paths are enabled (Windows 10 default: not)
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from effiseg.runtime.images import atomic_write
+from effiseg.runtime.images import atomic_write_text
 from effiseg.runtime.postprocess import logit_threshold  # noqa: F401  (re-exported for callers)
 
 from .data import Sample, resize_rgb
@@ -97,14 +97,12 @@ def write_rows_csv(path: Path, rows: list[dict]) -> None:
         w = csv.DictWriter(text, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    data = text.getvalue().encode("utf-8")
-    atomic_write(path, lambda f: f.write(data))
+    atomic_write_text(path, text.getvalue())
 
 
 def write_json(path: Path, obj) -> None:
     """``obj`` as JSON, replaced whole (a reader never sees half a file)."""
-    data = json.dumps(obj, indent=2, sort_keys=True).encode("utf-8")
-    atomic_write(path, lambda f: f.write(data))
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def write_mask_pngs(folder: Path, samples: list[Sample], logits: list[np.ndarray], threshold: float) -> None:

@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+from effiseg.runtime.images import atomic_write_text
 from effiseg.runtime.model_info import parse_tta_sizes
 from effiseg.runtime.replace_file import replace_with_retry
 
@@ -118,12 +119,6 @@ def make_model_folder(checkpoint: str | Path, out: str | Path, data_root: str | 
         tmp = out / (WEIGHTS_NAME + ".tmp")
         shutil.copyfile(weights, tmp)
         replace_with_retry(tmp, out / WEIGHTS_NAME)
-    _write_atomic(out / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
-    _write_atomic(out / "README.md", card)
+    atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
+    atomic_write_text(out / "README.md", card)
     return out
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    replace_with_retry(tmp, path)
