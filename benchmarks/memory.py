@@ -11,6 +11,8 @@ RSS before) is the figure that belongs to the configuration alone.
 Device: torch.cuda.max_memory_allocated for the torch backends (the caching allocator's view,
 reset per configuration); otherwise the GPU's used memory from NVML (pynvml, when installed) or
 nvidia-smi, sampled like RSS — a device-wide figure that includes other processes; else None.
+The card is found by its PCI bus id, so ``CUDA_VISIBLE_DEVICES`` or mixed GPUs do not make the
+probe read another card than the one measured.
 """
 from __future__ import annotations
 
@@ -105,16 +107,26 @@ def current_rss_mb() -> float | None:
 
 class GpuMemoryProbe:
     """Used memory of one GPU in bytes, from NVML or nvidia-smi; ``read()`` returns None when
-    neither works. Device-wide: other processes' memory is included."""
+    neither works. Device-wide: other processes' memory is included.
+
+    ``index`` is the CUDA device index of this process ("cuda:1" -> 1). NVML and nvidia-smi number
+    GPUs their own way (PCI order, blind to ``CUDA_VISIBLE_DEVICES``), so the probe names the card
+    by its PCI bus id, asked of the CUDA driver; without one it falls back to the same index and
+    says so in ``card``."""
 
     def __init__(self, index: int = 0):
+        from effiseg.runtime.cuda_memory import driver_pci_bus_id
+
         self.index = index
         self.source = "unavailable"
         self._read = None
+        bus_id = driver_pci_bus_id(index)
+        self.card = f"PCI {bus_id}" if bus_id else f"NVML index {index} (assumed to be cuda:{index})"
         try:
             import pynvml
             pynvml.nvmlInit()
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            handle = (pynvml.nvmlDeviceGetHandleByPciBusId(bus_id.encode()) if bus_id
+                      else pynvml.nvmlDeviceGetHandleByIndex(index))
             self._read = lambda: int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
             self.source = "nvml"
             return
@@ -122,8 +134,10 @@ class GpuMemoryProbe:
             pass
         exe = find_nvidia_smi()
         if exe:
+            card_id = bus_id or str(index)  # --id takes an index or a PCI bus id
+
             def read_smi() -> int:
-                out = subprocess.run([exe, f"--id={index}", "--query-gpu=memory.used",
+                out = subprocess.run([exe, f"--id={card_id}", "--query-gpu=memory.used",
                                       "--format=csv,noheader,nounits"], capture_output=True, text=True,
                                      timeout=10)
                 return int(float(out.stdout.strip().splitlines()[0])) * 1024 * 1024

@@ -426,7 +426,7 @@ def _run_rounds(measurements, rounds, warmup, plan, settle_s, log, sample_memory
                     rec.device_source = "torch.cuda.max_memory_allocated"
             elif sampler and sampler.peak_gpu_mb is not None:
                 rec.device_peak_mb = max(rec.device_peak_mb or 0.0, sampler.peak_gpu_mb)
-                rec.device_source = f"{sampler.gpu_probe.source} (device-wide used memory)"
+                rec.device_source = f"{sampler.gpu_probe.source} (device-wide used memory, {sampler.gpu_probe.card})"
             if round_ms:
                 rec.round_p50_ms.append(float(np.median(round_ms)))
                 rec.round_mean_ms.append(float(np.mean(round_ms)))

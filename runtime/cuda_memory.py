@@ -55,11 +55,10 @@ def parse_cuda_device(device: str | int) -> int:
     return index
 
 
-def driver_devices() -> list[tuple[str, tuple[int, int]]] | None:
-    """(name, compute capability) of every GPU the NVIDIA driver shows this process
-    (``CUDA_VISIBLE_DEVICES`` applies), asked of the driver library itself (``nvcuda.dll`` /
-    ``libcuda.so.1``) so that no CUDA binding, torch or TensorRT is needed; None when no driver
-    library can be loaded or it does not answer."""
+def _driver_library():
+    """The NVIDIA driver library (``nvcuda.dll`` / ``libcuda.so.1``) and this process's GPU count
+    after ``cuInit`` (``CUDA_VISIBLE_DEVICES`` applies): (library, count); (None, 0) when the driver
+    says there is no usable GPU; None when no driver library loads or it does not answer."""
     names = ("nvcuda.dll",) if os.name == "nt" else ("libcuda.so.1", "libcuda.so")
     for name in names:
         try:
@@ -69,21 +68,55 @@ def driver_devices() -> list[tuple[str, tuple[int, int]]] | None:
         try:
             count = ctypes.c_int(0)
             if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
-                return []  # a driver without a usable GPU (CUDA_VISIBLE_DEVICES="", no device...)
-            devices = []
-            for ordinal in range(count.value):
-                handle, major, minor = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(0)
-                text = ctypes.create_string_buffer(256)
-                if (lib.cuDeviceGet(ctypes.byref(handle), ordinal) != 0
-                        or lib.cuDeviceGetName(text, 256, handle) != 0
-                        or lib.cuDeviceGetAttribute(ctypes.byref(major), 75, handle) != 0    # CC major
-                        or lib.cuDeviceGetAttribute(ctypes.byref(minor), 76, handle) != 0):  # CC minor
-                    return None
-                devices.append((text.value.decode(errors="replace").strip(), (major.value, minor.value)))
-            return devices
+                return None, 0  # a driver without a usable GPU (CUDA_VISIBLE_DEVICES="", no device...)
+            return lib, count.value
         except (AttributeError, OSError, ValueError):  # not the driver library we know
             return None
     return None
+
+
+def driver_devices() -> list[tuple[str, tuple[int, int]]] | None:
+    """(name, compute capability) of every GPU the NVIDIA driver shows this process
+    (``CUDA_VISIBLE_DEVICES`` applies), asked of the driver library itself (``nvcuda.dll`` /
+    ``libcuda.so.1``) so that no CUDA binding, torch or TensorRT is needed; None when no driver
+    library can be loaded or it does not answer."""
+    found = _driver_library()
+    if found is None:
+        return None
+    lib, count = found
+    try:
+        devices = []
+        for ordinal in range(count):
+            handle, major, minor = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(0)
+            text = ctypes.create_string_buffer(256)
+            if (lib.cuDeviceGet(ctypes.byref(handle), ordinal) != 0
+                    or lib.cuDeviceGetName(text, 256, handle) != 0
+                    or lib.cuDeviceGetAttribute(ctypes.byref(major), 75, handle) != 0    # CC major
+                    or lib.cuDeviceGetAttribute(ctypes.byref(minor), 76, handle) != 0):  # CC minor
+                return None
+            devices.append((text.value.decode(errors="replace").strip(), (major.value, minor.value)))
+        return devices
+    except (AttributeError, OSError, ValueError):  # not the driver library we know
+        return None
+
+
+def driver_pci_bus_id(index: int) -> str | None:
+    """PCI bus id (``"0000:3b:00.0"``) of CUDA device ``index`` as this process numbers it, or None
+    when the driver cannot say. Tools outside the process (NVML, nvidia-smi) number GPUs in PCI
+    order and ignore ``CUDA_VISIBLE_DEVICES``, so "cuda:0" there can be another card; the bus id
+    names the same card in both."""
+    found = _driver_library()
+    if found is None or not 0 <= index < found[1]:
+        return None
+    lib = found[0]
+    try:
+        handle = ctypes.c_int(0)
+        text = ctypes.create_string_buffer(64)
+        if lib.cuDeviceGet(ctypes.byref(handle), index) != 0 or lib.cuDeviceGetPCIBusId(text, 64, handle) != 0:
+            return None
+        return text.value.decode(errors="replace").strip() or None
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)

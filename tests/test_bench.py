@@ -625,3 +625,44 @@ def test_machine_info_on_windows_finds_the_cpu_name_and_nvidia_smi(tmp_path, mon
     assert machine.find_nvidia_smi() == str(smi)
     smi.unlink()
     assert machine.find_nvidia_smi() is None
+
+
+def test_the_gpu_memory_probe_reads_the_card_that_runs_not_the_one_with_the_same_index(tmp_path, monkeypatch):
+    """With CUDA_VISIBLE_DEVICES=1 (or mixed cards) "cuda:0" is not NVML's or nvidia-smi's GPU 0:
+    the probe finds the card by its PCI bus id. Without a bus id it falls back to the index and
+    says so."""
+    import types
+
+    from effiseg.benchmarks import memory
+    from effiseg.runtime import cuda_memory
+
+    used = {"0000:03:00.0": 100, "0000:82:00.0": 5000}  # MiB in use: GPU 0 idle, GPU 1 busy
+    order = list(used)  # NVML's numbering: PCI order
+    fake_nvml = types.SimpleNamespace(
+        nvmlInit=lambda: None,
+        nvmlDeviceGetHandleByIndex=lambda i: order[i],
+        nvmlDeviceGetHandleByPciBusId=lambda bus: bus.decode(),
+        nvmlDeviceGetMemoryInfo=lambda handle: types.SimpleNamespace(used=used[handle] * 1024 * 1024))
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml)
+    monkeypatch.setattr(cuda_memory, "driver_pci_bus_id", lambda index: ["0000:82:00.0"][index])
+    probe = memory.GpuMemoryProbe(0)
+    assert (probe.source, probe.card, probe.read()) == ("nvml", "PCI 0000:82:00.0", 5000 * 1024 * 1024)
+
+    monkeypatch.setattr(cuda_memory, "driver_pci_bus_id", lambda index: None)
+    probe = memory.GpuMemoryProbe(0)
+    assert probe.read() == 100 * 1024 * 1024 and "assumed" in probe.card
+
+    # no pynvml: nvidia-smi, asked for the same card by its bus id
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    monkeypatch.setattr(cuda_memory, "driver_pci_bus_id", lambda index: ["0000:82:00.0"][index])
+    monkeypatch.setattr(memory, "find_nvidia_smi", lambda: "nvidia-smi")
+    asked = []
+
+    def fake_smi(args, **kwargs):
+        card = args[1].partition("=")[2]
+        asked.append(card)
+        return types.SimpleNamespace(stdout=f"{used[card]}\n")
+    monkeypatch.setattr(memory.subprocess, "run", fake_smi)
+    probe = memory.GpuMemoryProbe(0)
+    assert (probe.source, probe.read()) == ("nvidia-smi", 5000 * 1024 * 1024)
+    assert set(asked) == {"0000:82:00.0"}

@@ -9,7 +9,7 @@ import pytest
 
 from effiseg.runtime import backends as registry
 from effiseg.runtime.backends import BackendUnavailable, open_onnx_backends
-from effiseg.runtime.cuda_memory import driver_devices
+from effiseg.runtime.cuda_memory import driver_devices, driver_pci_bus_id
 from effiseg.runtime.model_info import ModelInfo
 
 INFO = ModelInfo(path=None, variant="t", input_height=8, input_width=8)
@@ -18,8 +18,8 @@ INFO = ModelInfo(path=None, variant="t", input_height=8, input_width=8)
 class FakeDriver:
     """The CUDA driver API calls driver_devices makes, for a list of (name, (major, minor))."""
 
-    def __init__(self, gpus, init_status=0):
-        self.gpus, self.init_status = gpus, init_status
+    def __init__(self, gpus, init_status=0, bus_ids=()):
+        self.gpus, self.init_status, self.bus_ids = gpus, init_status, list(bus_ids)
 
     @staticmethod
     def _set(ref, value):
@@ -45,6 +45,10 @@ class FakeDriver:
         self._set(ref, {75: major, 76: minor}[attribute])
         return 0
 
+    def cuDeviceGetPCIBusId(self, buffer, length, handle):
+        buffer.value = self.bus_ids[handle.value].encode()
+        return 0
+
 
 M6000 = ("Quadro M6000", (5, 2))
 
@@ -65,6 +69,21 @@ def test_driver_devices_asks_the_driver_library(monkeypatch):
         raise OSError(f"{name}: cannot open shared object file")
     monkeypatch.setattr(ctypes, "CDLL", no_library)
     assert driver_devices() is None
+
+
+def test_the_pci_bus_id_names_the_card_behind_a_cuda_index(monkeypatch):
+    """With CUDA_VISIBLE_DEVICES=1 the driver numbers the second card cuda:0; its bus id is what
+    NVML and nvidia-smi know it by."""
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeDriver([M6000], bus_ids=["0000:82:00.0"]))
+    assert driver_pci_bus_id(0) == "0000:82:00.0"
+    assert driver_pci_bus_id(1) is None  # no such device in this process
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeDriver([M6000], init_status=100))
+    assert driver_pci_bus_id(0) is None
+
+    class OldDriver(FakeDriver):  # answers the rest, but has no cuDeviceGetPCIBusId
+        cuDeviceGetPCIBusId = property(lambda self: (_ for _ in ()).throw(AttributeError("no such symbol")))
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: OldDriver([M6000]))
+    assert driver_pci_bus_id(0) is None
 
 
 def test_default_gpu_devices_are_the_gpus_like_the_first(monkeypatch):
