@@ -21,6 +21,8 @@ import numpy as np
 
 from ..model_info import ModelInfo
 from .base import Backend, BackendUnavailable
+from .gpu_precision import (PrecisionChoice, choose_gpu_precision, fast_fp16_from_compute_capability,
+                            validate_precision_request)
 
 ORT_INSTALL_MESSAGE = ("ONNX Runtime is not installed: pip install 'effiseg[ort]' (CPU) or "
                        "pip install 'effiseg[ort-gpu]' (NVIDIA GPUs)")
@@ -55,14 +57,36 @@ def _trt_cache_dir() -> Path:
     return Path(root) / "effiseg" / "onnxruntime-trt"
 
 
+def tensorrt_ep_precision(requested: str, device_id: int) -> PrecisionChoice:
+    """What ONNX Runtime's TensorRT EP computes in on ``cuda:device_id``: fp16 only where the GPU has
+    fast FP16, as for effiseg's own TensorRT backend. The compute capability is asked of the CUDA
+    driver; the TensorRT EP cannot be asked before it builds, and some ONNX Runtime releases set
+    FP16 whether or not the GPU has it, so "fp16" would be reported for fp32 arithmetic on Maxwell."""
+    from ..cuda_memory import driver_devices
+
+    devices = driver_devices() or []
+    label = f"cuda:{device_id}"
+    if device_id < len(devices):
+        name, (major, minor) = devices[device_id]
+        label = f"{label} ({name}, compute capability {major}.{minor})"
+        fast = fast_fp16_from_compute_capability(major, minor)
+    else:  # the driver did not answer: claim nothing the GPU may not do
+        requested = validate_precision_request(requested, "ONNX Runtime")
+        if requested == "fp32":
+            return PrecisionChoice("fp32", None)
+        return PrecisionChoice("fp32", f"precision {requested}: fp32, because the CUDA driver did not say "
+                                       f"whether {label} has fast FP16", warning=requested == "fp16")
+    return choose_gpu_precision(requested, fast, label, "the TensorRT EP builds fp32")
+
+
 class OnnxRuntimeBackend(Backend):
     """``OnnxRuntimeBackend(info, onnx_path, device="cpu", precision="auto", max_batch=8,
     n_slots=2, provider="auto", intra_op_threads=None)``
 
     ``provider``: "auto" (TensorRT EP if this ONNX Runtime has it and the device is a GPU, else
     CUDA EP on GPUs, else CPU), or "cpu" / "cuda" / "tensorrt" to insist. Precision: the graph is
-    float32; fp16 is available only through the TensorRT EP (``trt_fp16_enable``); asking for fp16
-    elsewhere runs fp32 and says so.
+    float32; fp16 is available only through the TensorRT EP (``trt_fp16_enable``), and only on a GPU
+    with fast FP16 (the rule of gpu_precision.py); asking for fp16 elsewhere runs fp32 and says so.
     """
 
     name = "onnxruntime"
@@ -79,6 +103,7 @@ class OnnxRuntimeBackend(Backend):
         self.onnx_path = Path(onnx_path)
         self.device_id = _device_index(device)
         available = ort.get_available_providers()
+        self._trt_precision: PrecisionChoice | None = None  # set when the TensorRT EP is asked for
         providers = self._provider_list(provider, precision, available)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -94,8 +119,10 @@ class OnnxRuntimeBackend(Backend):
             raise BackendUnavailable(
                 f"ONNX Runtime could not start {providers[0]} on {device} (it would run on the CPU); "
                 "check the CUDA/cuDNN libraries that onnxruntime-gpu needs")
-        if self.provider == "TensorrtExecutionProvider" and precision in ("auto", "fp16"):
-            self.precision = "fp16"
+        if self.provider == "TensorrtExecutionProvider" and self._trt_precision is not None:
+            self.precision = self._trt_precision.precision
+            if self._trt_precision.message:
+                self.note(self._trt_precision.message, warning=self._trt_precision.warning)
         elif precision == "fp16":
             self.note(f"fp16 needs ONNX Runtime's TensorRT provider; {self.provider} runs the fp32 graph")
         self.note(f"ONNX Runtime {ort.__version__}: {self.provider} on {device}")
@@ -128,9 +155,10 @@ class OnnxRuntimeBackend(Backend):
             raise BackendUnavailable("this ONNX Runtime has no TensorRT provider")
         if provider in ("auto", "tensorrt") and has_trt:
             cache = _trt_cache_dir()
+            self._trt_precision = tensorrt_ep_precision(precision, self.device_id)
             trt_options = {"device_id": self.device_id, "trt_engine_cache_enable": True,
                            "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": True,
-                           "trt_fp16_enable": precision in ("auto", "fp16")}
+                           "trt_fp16_enable": self._trt_precision.precision == "fp16"}
             try:
                 cache.mkdir(parents=True, exist_ok=True)
             except OSError:
