@@ -1,9 +1,8 @@
-"""The precision rule the TensorRT, PyTorch and ONNX Runtime (TensorRT EP) backends follow: FP16 where the GPU has fast FP16, FP32
+"""The precision rule the TensorRT and PyTorch backends follow (ONNX Runtime's TensorRT EP: in
+test_onnxruntime_gpu.py): FP16 where the GPU has fast FP16, FP32
 elsewhere, and an FP16 request on a GPU without it (the Quadro M6000, compute capability 5.2) runs FP32
 and says so."""
 from __future__ import annotations
-
-import types
 
 import pytest
 
@@ -74,63 +73,3 @@ def test_torch_backend_names_a_gpu_that_is_not_there(tiny_checkpoint, monkeypatc
     with pytest.raises(BackendUnavailable, match=r"there is no cuda:3: torch sees 1 CUDA GPU\(s\) \(cuda:0..cuda:0\)"):
         TorchBackend(tiny_checkpoint, device="cuda:3")
 
-
-class FakeOrtSession:
-    """What OnnxRuntimeBackend asks of an InferenceSession, recording the providers it was given."""
-
-    def __init__(self, path, sess_options=None, providers=()):
-        self.providers_asked = list(providers)
-        FakeOrt.sessions.append(self)
-
-    def get_providers(self):
-        return [p[0] if isinstance(p, tuple) else p for p in self.providers_asked]
-
-    def get_inputs(self):
-        return [types.SimpleNamespace(name="images", shape=["n", 8, 8, 3])]
-
-    def get_outputs(self):
-        return [types.SimpleNamespace(name="logits", shape=["n", 8, 8])]
-
-
-class FakeOrt:
-    """onnxruntime-gpu with the TensorRT EP, on a machine without a GPU."""
-    __version__ = "1.17.0-fake"
-    sessions: list = []
-    InferenceSession = FakeOrtSession
-    SessionOptions = types.SimpleNamespace
-    GraphOptimizationLevel = types.SimpleNamespace(ORT_ENABLE_ALL=99)
-
-    @staticmethod
-    def get_available_providers():
-        return ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-
-
-@pytest.mark.parametrize("gpus,requested,precision,fp16_flag,warned", [
-    ([("Quadro M6000", (5, 2))] * 2, "auto", "fp32", False, False),
-    ([("Quadro M6000", (5, 2))] * 2, "fp16", "fp32", False, True),
-    ([("NVIDIA GeForce RTX 2080", (7, 5))] * 2, "auto", "fp16", True, False),
-    ([("NVIDIA GeForce RTX 2080", (7, 5))] * 2, "fp32", "fp32", False, False),
-    (None, "fp16", "fp32", False, True),   # the driver did not answer
-])
-def test_onnxruntime_tensorrt_ep_asks_for_fp16_only_where_the_gpu_has_it(
-        gpus, requested, precision, fp16_flag, warned, tmp_path, monkeypatch):
-    """ONNX Runtime's TensorRT EP on the Quadro M6000: no FP16 flag and no "fp16" in the run's
-    report; a request for fp16 there says it runs fp32 (the device is cuda:1, the second card)."""
-    from effiseg.runtime import cuda_memory
-    from effiseg.runtime.backends import onnxruntime_backend
-    from effiseg.runtime.model_info import ModelInfo
-
-    monkeypatch.setattr(onnxruntime_backend, "import_onnxruntime", lambda: FakeOrt)
-    monkeypatch.setattr(cuda_memory, "driver_devices", lambda: gpus)
-    monkeypatch.setenv("EFFISEG_TRT_CACHE", str(tmp_path))
-    FakeOrt.sessions = []
-    backend = onnxruntime_backend.OnnxRuntimeBackend(
-        ModelInfo(path=None, variant="t", input_height=8, input_width=8), tmp_path / "m.onnx",
-        device="cuda:1", precision=requested, io_binding=False)
-    trt_name, trt_options = FakeOrt.sessions[0].providers_asked[0]
-    assert trt_name == "TensorrtExecutionProvider" and trt_options["device_id"] == 1
-    assert trt_options["trt_fp16_enable"] is fp16_flag
-    assert backend.precision == precision and backend.describe()["precision"] == precision
-    fp32_told = [m for m in backend.messages if "fp32" in m]
-    assert bool(fp32_told) is (precision == "fp32" and requested != "fp32")
-    assert any("FP16 requested" in m or "precision fp16" in m for m in fp32_told) is warned

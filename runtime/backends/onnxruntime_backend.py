@@ -14,7 +14,10 @@ batch and the output is copied to the host once.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +40,34 @@ def import_onnxruntime():
     except ImportError as e:
         raise BackendUnavailable(f"{ORT_INSTALL_MESSAGE} [import failed: {e}]") from e
     return onnxruntime
+
+
+_preload_lock = threading.Lock()
+_preload_said: list[str] | None = None  # what onnxruntime.preload_dlls printed; None: not run yet
+
+
+def preload_cuda_libraries(ort) -> list[str]:
+    """Let onnxruntime-gpu (1.21+) load the CUDA and cuDNN libraries it needs from pip's
+    ``nvidia-*`` packages (``pip install "onnxruntime-gpu[cuda,cudnn]"``) or a compatible PyTorch,
+    once per process, before the first GPU session. On Windows those DLLs are otherwise found only
+    on PATH, and a missing cuDNN makes the CUDA provider fail to load. What preload_dlls prints
+    (it reports by print) is kept, not shown, and returned, so that a provider that still fails can
+    say why. ``EFFISEG_ORT_PRELOAD=0`` turns it off (for libraries placed on PATH by hand)."""
+    global _preload_said
+    with _preload_lock:
+        if _preload_said is None:
+            _preload_said = []
+            if os.environ.get("EFFISEG_ORT_PRELOAD", "1") != "0" and hasattr(ort, "preload_dlls"):
+                printed = io.StringIO()
+                try:
+                    with contextlib.redirect_stdout(printed):
+                        ort.preload_dlls()
+                except Exception as e:  # a failed preload only loses the help; the session says the rest
+                    printed.write(f"preload_dlls failed: {e}\n")
+                # drop the terminal colour codes some messages carry
+                text = printed.getvalue().replace("\033[33m", "").replace("\033[0m", "")
+                _preload_said = [line.strip() for line in text.splitlines() if line.strip()]
+        return list(_preload_said)
 
 
 def _device_index(device: str) -> int | None:
@@ -79,6 +110,16 @@ def tensorrt_ep_precision(requested: str, device_id: int) -> PrecisionChoice:
     return choose_gpu_precision(requested, fast, label, "the TensorRT EP builds fp32")
 
 
+def built_for(ort) -> str:
+    """" 12.x" when this onnxruntime says which CUDA it was built with, else ""."""
+    version = getattr(ort, "cuda_version", "") or ""
+    return f" {version}" if version else ""
+
+
+def _provider_name(provider) -> str:
+    return provider[0] if isinstance(provider, tuple) else provider
+
+
 class OnnxRuntimeBackend(Backend):
     """``OnnxRuntimeBackend(info, onnx_path, device="cpu", precision="auto", max_batch=8,
     n_slots=2, provider="auto", intra_op_threads=None)``
@@ -105,6 +146,7 @@ class OnnxRuntimeBackend(Backend):
         available = ort.get_available_providers()
         self._trt_precision: PrecisionChoice | None = None  # set when the TensorRT EP is asked for
         providers = self._provider_list(provider, precision, available)
+        preload_said = preload_cuda_libraries(ort) if self.device_id is not None else []
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads:
@@ -116,9 +158,12 @@ class OnnxRuntimeBackend(Backend):
         self.providers = self.session.get_providers()
         self.provider = self.providers[0]
         if self.device_id is not None and self.provider == "CPUExecutionProvider":
+            said = f"; onnxruntime.preload_dlls said: {' '.join(preload_said)}" if preload_said else ""
             raise BackendUnavailable(
-                f"ONNX Runtime could not start {providers[0]} on {device} (it would run on the CPU); "
-                "check the CUDA/cuDNN libraries that onnxruntime-gpu needs")
+                f"ONNX Runtime could not start {_provider_name(providers[0])} on {device} (it would run on "
+                f"the CPU); onnxruntime-gpu {ort.__version__} needs the CUDA{built_for(ort)} and cuDNN "
+                "libraries it was built with: pip install \"onnxruntime-gpu[cuda,cudnn]\" brings them "
+                f"(ONNX Runtime 1.21+), or put them on PATH{said}")
         if self.provider == "TensorrtExecutionProvider" and self._trt_precision is not None:
             self.precision = self._trt_precision.precision
             if self._trt_precision.message:
