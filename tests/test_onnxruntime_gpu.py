@@ -122,3 +122,35 @@ def test_no_preload_for_the_cpu_or_when_turned_off(fake_ort, monkeypatch):
     monkeypatch.setenv("EFFISEG_ORT_PRELOAD", "0")
     backend = open_backend("cuda:0", provider="cuda")
     assert fake_ort.preloads == 0 and backend.provider == "CUDAExecutionProvider"
+
+
+def test_the_tensorrt_ep_cache_folder_is_handed_over_in_a_form_windows_can_open():
+    """ONNX Runtime opens the TensorRT EP's cache with a code-page path on Windows: a folder under
+    C:\\Users\\José\\AppData\\Local goes over by its 8.3 short name, or the cache is off."""
+    from pathlib import PureWindowsPath
+
+    from effiseg.runtime.backends.onnxruntime_backend import cache_path_for_tensorrt_ep
+
+    jose = PureWindowsPath(r"C:\Users\José\AppData\Local\effiseg\onnxruntime-trt")
+    short = r"C:\Users\JOS~1\AppData\Local\effiseg\ONNXRU~1"
+    assert cache_path_for_tensorrt_ep(jose, on_windows=True, short_path=lambda f: short) == short
+    assert cache_path_for_tensorrt_ep(jose, on_windows=True, short_path=lambda f: None) is None
+    assert cache_path_for_tensorrt_ep(jose, on_windows=True, short_path=lambda f: str(jose)) is None
+    assert cache_path_for_tensorrt_ep(jose, on_windows=False) == str(jose)  # Linux paths are bytes: fine
+    ascii_folder = PureWindowsPath(r"D:\trt-cache")
+    assert cache_path_for_tensorrt_ep(ascii_folder, on_windows=True, short_path=None) == r"D:\trt-cache"
+
+
+def test_without_a_usable_cache_path_the_tensorrt_ep_runs_uncached_and_says_so(fake_ort, tmp_path, monkeypatch):
+    from effiseg.runtime import cuda_memory
+    from effiseg.runtime.backends import onnxruntime_backend
+
+    real = onnxruntime_backend.cache_path_for_tensorrt_ep
+    monkeypatch.setattr(onnxruntime_backend, "cache_path_for_tensorrt_ep",
+                        lambda folder: real(folder, on_windows=True, short_path=lambda f: None))
+    monkeypatch.setattr(cuda_memory, "driver_devices", lambda: [("Quadro M6000", (5, 2))])
+    monkeypatch.setenv("EFFISEG_TRT_CACHE", str(tmp_path / "José"))
+    backend = open_backend("cuda:0")
+    _, trt_options = fake_ort.sessions[0].providers_asked[0]
+    assert trt_options["trt_engine_cache_enable"] is False and trt_options["trt_timing_cache_enable"] is False
+    assert any("engine cache off" in m and "EFFISEG_TRT_CACHE" in m for m in backend.messages)

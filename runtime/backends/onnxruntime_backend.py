@@ -116,6 +116,29 @@ def built_for(ort) -> str:
     return f" {version}" if version else ""
 
 
+def _windows_short_path(folder: Path) -> str | None:
+    """The 8.3 form of an existing folder (ASCII on volumes that keep short names), else None."""
+    import ctypes
+
+    buffer = ctypes.create_unicode_buffer(32768)
+    length = ctypes.windll.kernel32.GetShortPathNameW(str(folder), buffer, len(buffer))
+    return buffer.value if 0 < length < len(buffer) else None
+
+
+def cache_path_for_tensorrt_ep(folder: Path, on_windows: bool | None = None, short_path=None) -> str | None:
+    """The TensorRT EP's cache folder as ONNX Runtime can open it, or None where it cannot.
+
+    The EP takes the folder as a narrow string and opens files with it; on Windows that is read in
+    the ANSI code page, so a user profile with a name such as "José" in it (the default cache lives
+    under %LOCALAPPDATA%) names a folder that does not exist. The folder's 8.3 short name is ASCII
+    and names the same folder; volumes without short names leave no safe form (None)."""
+    text = str(folder)
+    if text.isascii() or not (os.name == "nt" if on_windows is None else on_windows):
+        return text
+    short = (short_path or _windows_short_path)(folder)
+    return short if short and short.isascii() else None
+
+
 def _provider_name(provider) -> str:
     return provider[0] if isinstance(provider, tuple) else provider
 
@@ -208,6 +231,16 @@ class OnnxRuntimeBackend(Backend):
                 cache.mkdir(parents=True, exist_ok=True)
             except OSError:
                 trt_options["trt_engine_cache_enable"] = False
+            else:
+                usable = cache_path_for_tensorrt_ep(cache)
+                if usable is None:
+                    trt_options["trt_engine_cache_enable"] = False
+                    trt_options["trt_timing_cache_enable"] = False
+                    self.note(f"TensorRT EP engine cache off: {cache} is not an ASCII path, which ONNX Runtime "
+                              "opens in the Windows code page; engines are rebuilt each run. Set "
+                              "EFFISEG_TRT_CACHE to an ASCII folder to keep them", warning=True)
+                else:
+                    trt_options["trt_engine_cache_path"] = usable
             return [("TensorrtExecutionProvider", trt_options), cuda, "CPUExecutionProvider"]
         return [cuda, "CPUExecutionProvider"]
 
