@@ -1,7 +1,6 @@
-"""The precision rule the TensorRT and PyTorch backends follow (ONNX Runtime's TensorRT EP: in
-test_onnxruntime_gpu.py): FP16 where the GPU has fast FP16, FP32
+"""The precision rule the TensorRT and PyTorch backends follow: FP16 where the GPU has fast FP16, FP32
 elsewhere, and an FP16 request on a GPU without it (the Quadro M6000, compute capability 5.2) runs FP32
-and says so."""
+and says so. ONNX Runtime's TensorRT EP follows it too: tests/test_onnxruntime_gpu.py."""
 from __future__ import annotations
 
 import pytest
@@ -72,4 +71,3 @@ def test_torch_backend_names_a_gpu_that_is_not_there(tiny_checkpoint, monkeypatc
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(BackendUnavailable, match=r"there is no cuda:3: torch sees 1 CUDA GPU\(s\) \(cuda:0..cuda:0\)"):
         TorchBackend(tiny_checkpoint, device="cuda:3")
-
