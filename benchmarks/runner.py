@@ -34,7 +34,7 @@ from typing import Callable
 
 import numpy as np
 
-from effiseg.runtime.console import printed_live
+from effiseg.runtime.console import unprinted_messages
 
 from .hostprep import fill_host_input, synthetic_images
 from .memory import GpuMemoryProbe, PeakSampler, current_rss_mb, torch_cuda_peak_mb, torch_cuda_peak_reset
@@ -128,10 +128,8 @@ class BackendPool:
             if (info.input_height, info.input_width) != (cfg.height, cfg.width):
                 raise RuntimeError(f"backend runs at {info.input_height}x{info.input_width}, "
                                    f"{cfg.height}x{cfg.width} was asked for")
-            label = getattr(entry.backend, "label", "")
-            for message in getattr(entry.backend, "messages", []):
-                if not printed_live(label, message):
-                    self.log(f"    {message}")
+            for message in unprinted_messages(entry.backend):
+                self.log(f"    {message}")
         except Exception as e:
             entry.error = describe_error(e)
             self.log(f"    cannot build it: {entry.error}")

@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 
 from .backends import BACKEND_CHOICES
-from .console import Command, print_backend_notes_live, printed_live
+from .console import Command, print_backend_notes_live, unprinted_messages
 from .images import DEFAULT_MAX_PIXELS
 from .model_info import parse_tta_sizes
 
@@ -136,9 +136,8 @@ def run_command(input_dir, output_dir, model_path, backend, devices, batch, prec
         for note in segmenter.selection_notes:
             _echo(note)
         for b in segmenter.backends:
-            for message in b.messages:
-                if not printed_live(b.label, message):
-                    _echo(f"{b.label}: {message}")
+            for message in unprinted_messages(b):
+                _echo(f"{b.label}: {message}")
         _echo(f"model {model} ({segmenter.info.variant}, {segmenter.info.input_height}x"
               f"{segmenter.info.input_width}, {segmenter.info.output_format}); backend {segmenter.backend_name} "
               f"on {','.join(b.device for b in segmenter.backends)}, {segmenter.precision}, batch {batch}, "

@@ -69,6 +69,13 @@ def printed_live(source: str, message: str) -> bool:
     return any((source, message) in handler.printed for handler in _live)
 
 
+def unprinted_messages(backend) -> list[str]:
+    """The backend's decisions that no running command's console handler printed as they happened
+    (made before the command started, or with live printing off): for the front end to print."""
+    label = getattr(backend, "label", "")
+    return [m for m in getattr(backend, "messages", []) if not printed_live(label, m)]
+
+
 @contextlib.contextmanager
 def print_backend_notes_live():
     """For commands that report what their backends decided (effiseg-run, effiseg-bench; also a

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .images import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, allow_pixels, atomic_write, list_images, overlay_image,
+from .images import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, allow_pixels, atomic_write_text, list_images, overlay_image,
                      png_is_complete, read_image, remove_stale_temp_files, write_jpeg, write_mask_png)
 from .postprocess import count_regions, output_to_mask
 
@@ -188,13 +188,11 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     writer.writeheader()
     for row in rows:
         writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in ROW_FIELDS})
-    data = text.getvalue().encode("utf-8")
-    atomic_write(path, lambda f: f.write(data))
+    atomic_write_text(path, text.getvalue())
 
 
 def _write_json(path: Path, obj) -> None:
-    data = json.dumps(obj, indent=2, default=str, allow_nan=False).encode("utf-8")
-    atomic_write(path, lambda f: f.write(data))
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str, allow_nan=False))
 
 
 def _run_settings(segmenter) -> dict:

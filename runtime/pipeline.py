@@ -400,6 +400,8 @@ class Pipeline:
                 except queue.Empty:
                     pass
                 if self._readers_left == 0 and self._moves_pending == 0:
+                    # Marked under the lock that made the decision, so that no move chooses this
+                    # runner between here and the runner's finally (which marks it again).
                     self._stopped.add(b_index)
                     return None
                 self._cond.wait(_POLL_S)

@@ -110,7 +110,7 @@ def tensorrt_ep_precision(requested: str, device_id: int) -> PrecisionChoice:
     return choose_gpu_precision(requested, fast, label, "the TensorRT EP builds fp32")
 
 
-def built_for(ort) -> str:
+def _built_for(ort) -> str:
     """" 12.x" when this onnxruntime says which CUDA it was built with, else ""."""
     version = getattr(ort, "cuda_version", "") or ""
     return f" {version}" if version else ""
@@ -184,7 +184,7 @@ class OnnxRuntimeBackend(Backend):
             said = f"; onnxruntime.preload_dlls said: {' '.join(preload_said)}" if preload_said else ""
             raise BackendUnavailable(
                 f"ONNX Runtime could not start {_provider_name(providers[0])} on {device} (it would run on "
-                f"the CPU); onnxruntime-gpu {ort.__version__} needs the CUDA{built_for(ort)} and cuDNN "
+                f"the CPU); onnxruntime-gpu {ort.__version__} needs the CUDA{_built_for(ort)} and cuDNN "
                 "libraries it was built with: pip install \"onnxruntime-gpu[cuda,cudnn]\" brings them "
                 f"(ONNX Runtime 1.21+), or put them on PATH{said}")
         if self.provider == "TensorrtExecutionProvider" and self._trt_precision is not None:
