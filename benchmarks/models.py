@@ -25,6 +25,7 @@ parity check takes tens of seconds on a small CPU).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import sys
@@ -38,6 +39,16 @@ from effiseg.runtime.version import effiseg_version
 DEFAULT_VARIANT = "effisegnet-lite2"
 DEFAULT_SIZE = 352
 UNTRAINED_NOTE = "untrained model: timings only"
+# What building models needs beyond the inference install: an untrained checkpoint (a twin) and the
+# torch backends need torch and timm (effiseg[train]); an ONNX file exported from a checkpoint needs
+# onnx as well (effiseg[export]).
+TORCH_MODULES = ("torch", "timm")
+EXPORT_MODULES = ("torch", "timm", "onnx")
+
+
+def missing_modules(names) -> list[str]:
+    """Those of ``names`` that are not installed (checked without importing them)."""
+    return [n for n in names if importlib.util.find_spec(n) is None]
 
 
 def default_cache_dir() -> Path:
@@ -229,6 +240,25 @@ class ModelSet:
         if note not in self.notes:
             self.notes.append(note)
 
+    def onnx_formats(self, wanted: list[str]) -> tuple[list[str], str | None]:
+        """The input formats of ``wanted`` that ONNX backends can run here, and why the others cannot
+        (None when all can): a format other than the given file's is exported from the checkpoint,
+        which needs a checkpoint and the export stack."""
+        given = None
+        if self.given_onnx is not None:
+            from effiseg.runtime.model_info import ModelInfo
+            given = ModelInfo.from_onnx(self.given_onnx).input_format
+        if self.checkpoint is None:
+            why = f"there is no checkpoint to export them from (only {self.given_onnx.name} runs)"
+        else:
+            missing = missing_modules(EXPORT_MODULES)
+            if not missing:
+                return list(wanted), None
+            why = (f"exporting them needs {' and '.join(missing)} (pip install 'effiseg[export]')")
+        runnable = [f for f in wanted if f == given]
+        dropped = [f for f in wanted if f != given]
+        return runnable, (f"input format(s) {', '.join(dropped)} not timed: {why}" if dropped else None)
+
     def describe(self) -> dict:
         return {"variant": self.variant, "native_size": list(self.native_size), "source": self.source,
                 "checkpoint": str(self.checkpoint) if self.checkpoint else None,
@@ -266,6 +296,11 @@ def resolve_models(model: Path | None, checkpoint: Path | None, cache_dir: Path 
     if model is not None and checkpoint is None and not str(model).lower().endswith(".onnx"):
         checkpoint, model = model, None  # --model pointing at a checkpoint
     if checkpoint is not None:
+        missing = missing_modules(TORCH_MODULES)
+        if missing:
+            raise ValueError(f"a checkpoint ({checkpoint}) needs {' and '.join(missing)}, which "
+                             f"{'is' if len(missing) == 1 else 'are'} not installed: pip install 'effiseg[export]' "
+                             "(torch backends and ONNX exports), or pass an ONNX file with --model")
         from effiseg.training.checkpoint import load_config
         checkpoint = Path(checkpoint)
         config = load_config(checkpoint)
@@ -288,6 +323,12 @@ def resolve_models(model: Path | None, checkpoint: Path | None, cache_dir: Path 
         if default.is_file():
             model = default
         else:
+            missing = missing_modules(TORCH_MODULES)
+            if missing:
+                raise ValueError(f"the bundled default model {default} is not in this copy of effiseg, and "
+                                 f"{' and '.join(missing)} (needed to build an untrained one) "
+                                 f"{'is' if len(missing) == 1 else 'are'} not installed: pass an ONNX file "
+                                 "with --model, or pip install 'effiseg[train]'")
             log(f"  the bundled default model {default} is not in this copy of effiseg: "
                 f"timing an untrained {DEFAULT_VARIANT} at {DEFAULT_SIZE}x{DEFAULT_SIZE} instead")
             ckpt = untrained_checkpoint(cache_dir, DEFAULT_VARIANT, DEFAULT_SIZE, log=log)
@@ -301,6 +342,19 @@ def resolve_models(model: Path | None, checkpoint: Path | None, cache_dir: Path 
         raise FileNotFoundError(f"model file not found: {model}")
     info = ModelInfo.from_onnx(model)
     settings = work_settings(info)
+    missing = missing_modules(TORCH_MODULES)
+    if missing:
+        # An inference install (effiseg[ort]): no twin, so no torch backend, no PyTorch baseline and
+        # no other input format; the ONNX backends still run the file as it is.
+        ms = ModelSet(info.variant, (info.input_height, info.input_width), None, cache_dir, "onnx",
+                      given_onnx=model, output_format=info.output_format, trained=True, tta=info.tta,
+                      tta_sizes=info.tta_sizes, threshold=info.threshold, log=log)
+        ms.notes.append(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed: only the "
+                        f"ONNX backends run, on {model.name} as it is ({info.input_format} input); no PyTorch "
+                        "baseline, so no speed-ups (pip install 'effiseg[export]' adds the torch backends, the "
+                        "baseline and the other input format)")
+        log(f"  {ms.notes[-1]}")
+        return ms
     # Decoder channels are in the metadata of newer exports only; older files (the bundled default
     # among them) use the variant's default, which is what an unrecorded value means.
     recorded = info.extra.get("decoder_channels")

@@ -666,3 +666,68 @@ def test_the_gpu_memory_probe_reads_the_card_that_runs_not_the_one_with_the_same
     probe = memory.GpuMemoryProbe(0)
     assert (probe.source, probe.read()) == ("nvidia-smi", 5000 * 1024 * 1024)
     assert set(asked) == {"0000:82:00.0"}
+
+
+# -- an inference install: no torch, timm, onnx or matplotlib ------------------------------------------
+
+NOT_INSTALLED_SCRIPT = r"""
+import sys
+from pathlib import Path
+# None in sys.modules: importing raises ImportError and importlib.util.find_spec answers None, as for
+# a package that is not installed (an 'effiseg[ort]' install).
+for name in ("torch", "timm", "torchvision", "safetensors", "onnx", "onnxscript", "matplotlib", "scipy"):
+    sys.modules[name] = None
+import effiseg.benchmarks.models as models
+from effiseg.benchmarks.cli import bench_command
+if sys.argv[1] == "no-bundled-model":
+    models.bundled_default_model = lambda: Path("not-in-this-copy.onnx")
+bench_command.main(sys.argv[2:], prog_name="effiseg-bench")
+"""
+
+
+@pytest.fixture(scope="module")
+def plain_onnx(tiny_checkpoint, verify_images_dir, tmp_path_factory):
+    from conftest import export_tiny
+    return export_tiny(tiny_checkpoint, tmp_path_factory.mktemp("plain_onnx") / "plain.onnx", verify_images_dir)
+
+
+def _bench_without_torch(tmp_path, mode: str, *args: str):
+    import subprocess
+    script = tmp_path / "no_torch_bench.py"
+    script.write_text(NOT_INSTALLED_SCRIPT, encoding="utf-8")
+    return subprocess.run([sys.executable, str(script), mode, *args], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+
+
+def test_without_torch_the_onnx_backends_run_and_the_missing_baseline_is_explained(plain_onnx, tmp_path):
+    out = tmp_path / "out"
+    proc = _bench_without_torch(tmp_path, "given", "--model", str(plain_onnx), "--batch-sizes", "1,2",
+                                "--rounds", "1", "--warmup", "1", "--iters", "2", "--mode", "both",
+                                "--images", "3", "--settle", "0", "--output", str(out),
+                                "--cache-dir", str(tmp_path / "cache"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads((out / "effiseg_bench.json").read_text(encoding="utf-8"))
+    validate_result_file(data)
+    # The file as it is (uint8), model-only and end to end; the float32 variant needs an export.
+    assert {(r["mode"], r["backend"], r["input_format"], r["batch_size"]) for r in data["results"]} == {
+        (m, "ort-cpu", "uint8-nhwc", b) for m in ("model", "e2e") for b in (1, 2)}
+    assert all(r["error"] is None and r["speedup_vs_baseline"] is None for r in data["results"])
+    skipped = {s["backend"]: s["reason"] for s in data["skipped"]}
+    assert "effiseg[train]" in skipped["torch-eager"]
+    notes = " | ".join(data["notes"])
+    assert "no PyTorch baseline" in notes and "float32-nchw not timed" in notes
+    assert "speed-ups are not available" in notes
+    assert not (out / "effiseg_bench.png").exists()
+    assert "matplotlib is not installed" in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+def test_without_torch_a_missing_bundled_model_or_a_checkpoint_is_a_clear_error(tiny_checkpoint, tmp_path):
+    common = ["--rounds", "1", "--output", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
+    proc = _bench_without_torch(tmp_path, "no-bundled-model", *common)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "not-in-this-copy.onnx" in proc.stderr and "--model" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _bench_without_torch(tmp_path, "given", "--checkpoint", str(tiny_checkpoint), *common)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert str(tiny_checkpoint) in proc.stderr and "effiseg[export]" in proc.stderr
+    assert "Traceback" not in proc.stderr
