@@ -8,6 +8,8 @@
 * A file it may not write (read-only, or held open by Excel on Windows) ends the command with a
   one-line error saying so, not a traceback.
 * Backend decisions (``Backend.note``) print as they happen, once; effiseg's warnings print once.
+* A package that the command needs and this install lacks (``effiseg-train`` on an inference install)
+  is named with the extra that brings it, in one line.
 
 The console scripts get this through :class:`Command` / :class:`Group` (``@click.command(cls=Command)``).
 """
@@ -107,6 +109,21 @@ def describe_permission_error(error: PermissionError) -> str:
             "while it stays open), close it and run the command again (a training run: with --resume)")
 
 
+# The effiseg extra (pyproject.toml) that installs each optional package a command may import.
+EXTRA_OF_MODULE = {"torch": "train", "timm": "train", "torchvision": "train", "safetensors": "train",
+                   "scipy": "train", "matplotlib": "train", "onnx": "export", "onnxscript": "export",
+                   "onnxruntime": "ort", "tensorrt": "trt", "cuda": "trt"}
+
+
+def describe_missing_module(error: ModuleNotFoundError, command: str) -> str | None:
+    """'<command> needs <package> ...: pip install ...' for an optional package, else None."""
+    package = (error.name or "").split(".")[0]
+    extra = EXTRA_OF_MODULE.get(package)
+    if extra is None:
+        return None
+    return f"{command} needs {package}, which is not installed here: pip install 'effiseg[{extra}]'"
+
+
 class _SafeConsole:
     def main(self, *args, **kwargs):
         escape_unencodable_output()
@@ -115,13 +132,19 @@ class _SafeConsole:
 
 class Command(_SafeConsole, click.Command):
     """A click command that makes the console safe first (see the module's docstring), and turns a
-    file it may not write into a one-line error instead of a traceback."""
+    file it may not write, or an optional package this install lacks, into a one-line error instead
+    of a traceback."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except PermissionError as e:
             raise click.ClickException(describe_permission_error(e)) from e
+        except ModuleNotFoundError as e:
+            message = describe_missing_module(e, ctx.command_path or "this command")
+            if message is None:
+                raise
+            raise click.ClickException(message) from e
 
 
 class Group(_SafeConsole, click.Group):

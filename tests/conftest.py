@@ -116,3 +116,25 @@ def fast_precision_of_gpu0() -> str:
 
     from effiseg.runtime.backends.gpu_precision import fast_fp16_from_compute_capability
     return "fp16" if fast_fp16_from_compute_capability(*torch.cuda.get_device_capability(0)) else "fp32"
+
+
+# None in sys.modules: importing raises ModuleNotFoundError and importlib.util.find_spec answers None,
+# as for a package that is not installed.
+INFERENCE_INSTALL_PREAMBLE = """
+import sys
+for name in ("torch", "timm", "torchvision", "safetensors", "onnx", "onnxscript", "matplotlib", "scipy"):
+    sys.modules[name] = None
+"""
+
+
+def run_as_inference_install(tmp_path: Path, code: str, *args: str, timeout: float = 300):
+    """Run ``code`` (with ``args`` in sys.argv[1:]) in a Python process that sees what an
+    ``effiseg[ort]`` install has: no torch, timm, onnx, matplotlib or scipy."""
+    import subprocess
+    import sys
+    import textwrap
+    script = tmp_path / "as_inference_install.py"
+    script.write_text(INFERENCE_INSTALL_PREAMBLE + textwrap.dedent(code), encoding="utf-8")
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=tmp_path)
+

@@ -670,13 +670,8 @@ def test_the_gpu_memory_probe_reads_the_card_that_runs_not_the_one_with_the_same
 
 # -- an inference install: no torch, timm, onnx or matplotlib ------------------------------------------
 
-NOT_INSTALLED_SCRIPT = r"""
-import sys
+BENCH_SCRIPT = """
 from pathlib import Path
-# None in sys.modules: importing raises ImportError and importlib.util.find_spec answers None, as for
-# a package that is not installed (an 'effiseg[ort]' install).
-for name in ("torch", "timm", "torchvision", "safetensors", "onnx", "onnxscript", "matplotlib", "scipy"):
-    sys.modules[name] = None
 import effiseg.benchmarks.models as models
 from effiseg.benchmarks.cli import bench_command
 if sys.argv[1] == "no-bundled-model":
@@ -692,11 +687,8 @@ def plain_onnx(tiny_checkpoint, verify_images_dir, tmp_path_factory):
 
 
 def _bench_without_torch(tmp_path, mode: str, *args: str):
-    import subprocess
-    script = tmp_path / "no_torch_bench.py"
-    script.write_text(NOT_INSTALLED_SCRIPT, encoding="utf-8")
-    return subprocess.run([sys.executable, str(script), mode, *args], capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path)
+    from conftest import run_as_inference_install
+    return run_as_inference_install(tmp_path, BENCH_SCRIPT, mode, *args)
 
 
 def test_without_torch_the_onnx_backends_run_and_the_missing_baseline_is_explained(plain_onnx, tmp_path):

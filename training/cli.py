@@ -114,7 +114,8 @@ def eval_command(checkpoint, data_root, split, device, batch_size, threshold, tt
     """Evaluate a checkpoint on a split: metrics JSON, per-image CSV, optional mask PNGs."""
     from .checkpoint import load_model
     from .data import DatasetError, load_split
-    from .evaluate import evaluate_samples, write_json, write_mask_pngs, write_rows_csv
+    from .evaluate import evaluate_samples, write_mask_pngs
+    from .result_files import write_json, write_rows_csv
     from .tta import resolve_tta
     from .trainer import resolve_device
     try:
@@ -186,8 +187,8 @@ def score_command(predictions, data_root, split, out_json):
     """Score a folder of predicted masks (<stem>.png, e.g. from effiseg-run) against the ground truth,
     with the same metrics as effiseg-eval."""
     from .data import DatasetError, load_split, read_mask, read_or_note
-    from .evaluate import write_json, write_rows_csv
     from .metrics import image_scores, summarize
+    from .result_files import write_json, write_rows_csv
     try:
         samples = load_split(data_root, None if split == "none" else split)
     except (FileNotFoundError, DatasetError) as e:

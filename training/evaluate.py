@@ -7,16 +7,12 @@ and a 352 model the two coincide.)
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from effiseg.runtime.images import atomic_write_text
 from effiseg.runtime.postprocess import logit_threshold  # noqa: F401  (re-exported for callers)
 
 from .data import Sample, resize_rgb
@@ -88,21 +84,6 @@ def evaluate_samples(model, config: dict, samples: list[Sample], device="cpu", b
     if tta_sizes:
         summary["tta_sizes"] = list(tta_sizes)
     return summary, rows, logits
-
-
-def write_rows_csv(path: Path, rows: list[dict]) -> None:
-    """Rows as a UTF-8 CSV, replaced whole (a reader never sees half a file)."""
-    text = io.StringIO(newline="")
-    if rows:
-        w = csv.DictWriter(text, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    atomic_write_text(path, text.getvalue())
-
-
-def write_json(path: Path, obj) -> None:
-    """``obj`` as JSON, replaced whole (a reader never sees half a file)."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def write_mask_pngs(folder: Path, samples: list[Sample], logits: list[np.ndarray], threshold: float) -> None:

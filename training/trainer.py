@@ -25,7 +25,8 @@ from effiseg.runtime.replace_file import replace_with_retry
 from .augment import AugmentConfig, augment_batch
 from .checkpoint import effiseg_version, load_model, model_config, save_checkpoint
 from .data import DEFAULT_DATA_ROOT, load_split, stack_samples
-from .evaluate import evaluate_samples, write_json, write_rows_csv
+from .evaluate import evaluate_samples
+from .result_files import write_json, write_rows_csv
 from .losses import LossConfig, total_loss
 from .model import build_model
 from .variants import get_variant
