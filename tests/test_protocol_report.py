@@ -100,3 +100,47 @@ def test_runs_evaluated_by_different_versions_are_compared_on_shared_settings(tm
     res = json.loads((tmp_path / "protocol_results.json").read_text())
     assert res["settings_not_scored_for_every_run"] == [key]
     assert "sizes" not in res["winner"]["config"] and "Left out because" in md
+
+
+def _write_run(out, run, planned, completed, best_epoch):
+    folder = out / "runs" / run
+    folder.mkdir(parents=True)
+    (folder / "run_config.json").write_text(json.dumps({"train": {"epochs": planned}}))
+    (folder / "metrics.json").write_text(json.dumps([{"epoch": e} for e in range(1, completed + 1)]))
+    (folder / "best.json").write_text(json.dumps({"best_epoch": best_epoch}))
+
+
+def test_runs_stopped_before_their_planned_epochs_are_reported_as_cut_short(tmp_path):
+    """A session's deadline can stop training part-way: the report and the shipped card must say how
+    far the runs got, not the planned epochs alone."""
+    from effiseg.training.protocol_report import describe_cut_short
+    from effiseg.training.ship import evidence_markdown, provenance
+    ev = tmp_path / "evaluations"
+    ev.mkdir()
+    for seed in (0, 1):
+        for arm in ("baseline", "cand"):
+            _write_eval(ev, f"{arm}_s{seed}", lambda t, th, m: 0.8, lambda t, th, m: 0.8)
+            _write_run(tmp_path, f"{arm}_s{seed}", 32, 32, 30)
+    (tmp_path / "plan.json").write_text(json.dumps({"variant": "x", "epochs": 32, "seeds": [0, 1], "parallel": 4}))
+    md = build_protocol_report(tmp_path, n_boot=200).read_text(encoding="utf-8")
+    res = json.loads((tmp_path / "protocol_results.json").read_text())
+    assert res["training"]["cut_short"] == [] and "cut short" not in md
+    assert res["training"]["runs"]["cand_s1"] == {"planned": 32, "completed": 32, "best_epoch": 30}
+
+    for run, done in (("baseline_s1", 27), ("cand_s0", 28)):
+        (tmp_path / "runs" / run / "metrics.json").write_text(json.dumps([{"epoch": e} for e in range(1, done + 1)]))
+        (tmp_path / "runs" / run / "best.json").write_text(json.dumps({"best_epoch": done - 2}))
+    md = build_protocol_report(tmp_path, n_boot=200).read_text(encoding="utf-8")
+    res = json.loads((tmp_path / "protocol_results.json").read_text())
+    assert res["training"]["cut_short"] == ["baseline_s1", "cand_s0"]
+    sentence = describe_cut_short(res["training"])
+    assert "2 of 4 runs stopped before their planned 32 epochs, after 27-28" in sentence
+    assert f"**Training was cut short:** {sentence}." in md
+    assert "Training was cut short" in evidence_markdown(res, tmp_path)
+    run_dir = tmp_path / "runs" / "cand_s0"
+    (run_dir / "run_config.json").write_text(json.dumps({
+        "train": {"epochs": 32, "lr": 1e-4, "weight_decay": 1e-3, "min_lr": 1e-5, "batch_size": 8, "seed": 0},
+        "model": {"input_size": 352}, "device_name": "Test GPU", "torch": "test"}))
+    facts = provenance(res, run_dir, tmp_path)
+    assert facts["Epochs"].startswith("28 of the planned 32 (stopped early")
+    assert facts["Epochs"].endswith("(best validation Dice at epoch 26)")

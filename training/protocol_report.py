@@ -41,6 +41,49 @@ def load_evaluations(out: Path) -> dict[str, dict[int, dict]]:
     return arms
 
 
+def _read(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def run_training_extent(run_dir: Path) -> dict | None:
+    """Epochs planned and completed, and the best epoch, from a run folder's own files (None when
+    they are missing): a run stopped early (a session's deadline) has fewer completed than planned."""
+    config, history, best = (_read(run_dir / n) for n in ("run_config.json", "metrics.json", "best.json"))
+    if not config or not isinstance(history, list):
+        return None
+    completed = max((int(h.get("epoch", 0)) for h in history), default=0)
+    return {"planned": int(config.get("train", {}).get("epochs", 0)), "completed": completed,
+            "best_epoch": (best or {}).get("best_epoch")}
+
+
+def training_extent(out: Path, arms: dict[str, dict[int, dict]]) -> dict:
+    """Per evaluated run: epochs planned and completed; 'cut_short' lists the runs that stopped early."""
+    runs = {}
+    for arm, by_seed in arms.items():
+        for seed in by_seed:
+            extent = run_training_extent(out / "runs" / f"{arm}_s{seed}")
+            if extent is not None:
+                runs[f"{arm}_s{seed}"] = extent
+    cut = sorted(r for r, e in runs.items() if e["completed"] < e["planned"])
+    return {"runs": runs, "cut_short": cut}
+
+
+def describe_cut_short(training: dict) -> str | None:
+    """One sentence for reports and cards when runs stopped before their planned epochs."""
+    cut = training.get("cut_short") or []
+    if not cut:
+        return None
+    runs = training["runs"]
+    done = [runs[r]["completed"] for r in cut]
+    planned = sorted({runs[r]["planned"] for r in cut})
+    return (f"{len(cut)} of {len(runs)} runs stopped before their planned {'/'.join(map(str, planned))} epochs, "
+            f"after {min(done)}{'' if min(done) == max(done) else f'-{max(done)}'} (e.g. at a session's deadline): their learning-rate schedule did not "
+            "finish, and each was evaluated at its best validation checkpoint so far")
+
+
 def _per_image(runs: dict[int, dict], key: str, metric: str = "dice") -> np.ndarray:
     """seeds x images matrix of a test metric for one inference config."""
     seeds = sorted(runs)
@@ -100,7 +143,8 @@ def build_protocol_report(out: Path, n_boot: int = 10000, baseline: str = "basel
         out["per_seed_diff"] = [float(d) for d in (other - base_mat).mean(axis=1)]
         return out
 
-    results = {"plan": plan, "arms": {}, "inference_candidates_on_baseline": {}}
+    results = {"plan": plan, "training": training_extent(out, arms), "arms": {},
+               "inference_candidates_on_baseline": {}}
     # Every arm is tuned and compared over the same inference settings: those all runs were scored on.
     keys = shared_keys(*arms.values())
     dropped = sorted({k for runs in arms.values() for r in runs.values() for k in r["val"]} - set(keys))
@@ -176,6 +220,9 @@ def render_markdown(r: dict) -> str:
     if plan:
         lines += [f"Variant `{plan.get('variant')}`, {plan.get('epochs')} epoch{'' if plan.get('epochs') == 1 else 's'} per run, seeds {plan.get('seeds')}, "
                   f"{plan.get('parallel')} runs at a time. Choices made on validation; test read once for the report.", ""]
+    cut = describe_cut_short(r.get("training") or {})
+    if cut:
+        lines += [f"**Training was cut short:** {cut}.", ""]
     if r.get("settings_not_scored_for_every_run"):
         lines += [f"Left out because not every run was scored with them (evaluation files of different versions): "
                   f"{', '.join(f'`{k}`' for k in r['settings_not_scored_for_every_run'])}.", ""]

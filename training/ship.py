@@ -20,6 +20,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from .protocol_report import describe_cut_short, run_training_extent
+
 
 WORK_NAME = ".effiseg-ship"
 
@@ -93,6 +95,9 @@ def evidence_markdown(results: dict, protocol_dir: Path) -> str:
         + (f"; per seed {', '.join(f'{d:+.4f}' for d in g['per_seed_diff'])}" if g.get("per_seed_diff") else "")
         + ".",
     ]
+    cut = describe_cut_short(results.get("training") or {})
+    if cut:
+        lines.append(f"- Training was cut short: {cut}.")
     if spread:
         values = list(spread.values())
         lines.append(f"- Run-to-run spread of the baseline itself: test Dice "
@@ -104,6 +109,13 @@ def evidence_markdown(results: dict, protocol_dir: Path) -> str:
 def _read_json(path: Path, default):
     """The JSON file's content, or ``default`` when there is no such file."""
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else default
+
+
+def _epochs_fact(planned: int, completed: int, best: dict) -> str:
+    text = (f"{planned}" if completed >= planned else
+            f"{completed} of the planned {planned} (stopped early, e.g. at a session's deadline: the "
+            "learning-rate schedule did not finish)")
+    return text + (f" (best validation Dice at epoch {best['best_epoch']})" if best.get("best_epoch") else "")
 
 
 def provenance(results: dict, run_dir: Path, protocol_dir: Path) -> dict:
@@ -123,8 +135,8 @@ def provenance(results: dict, run_dir: Path, protocol_dir: Path) -> dict:
                    f"{train['weight_decay']}, cosine to {train['min_lr']}, batch {train['batch_size']}, "
                    f"{run_config['model'].get('input_size')}x{run_config['model'].get('input_size')}; arm "
                    f"`{w['arm']}`: " + (", ".join(overrides) if overrides else "no changes")),
-        "Epochs": f"{train['epochs']}" + (f" (best validation Dice at epoch {best['best_epoch']})"
-                                          if best.get("best_epoch") else ""),
+        "Epochs": _epochs_fact(train["epochs"], (run_training_extent(run_dir) or {}).get("completed", train["epochs"]),
+                               best),
         "Seed": str(train["seed"]),
         "Hardware": f"{run_config.get('device_name', run_config.get('device'))} (torch {run_config.get('torch')}), "
                     f"{plan.get('parallel', '?')} runs at once",
