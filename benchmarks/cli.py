@@ -15,7 +15,7 @@ from effiseg.runtime.console import Command, print_backend_notes_live
 
 from .analysis import SCHEMA, attach_efficiency, attach_speedups, headline, unequal_work_note
 from .machine import load_average, machine_info
-from .report import (SchemaError, compare_results, format_comparison, format_report, load_result_file,
+from .report import (NoPlot, SchemaError, compare_results, format_comparison, format_report, load_result_file,
                      plot_throughput, write_json)
 from .targets import BASELINE, TARGETS, default_devices, parse_names, resolve_targets
 
@@ -205,7 +205,7 @@ def bench_command(backends, batch_sizes, input_size, input_formats, rounds, warm
             torch.set_num_threads(threads)
         except ImportError:
             pass
-    from .models import missing_modules, resolve_models
+    from .models import resolve_models
     from .factory import make_factory
     from .runner import ComputeOnly, Config, IterationPlan, BackendPool, ModelOnly, run_rounds
     _log("effiseg-bench: preparing models")
@@ -213,20 +213,22 @@ def bench_command(backends, batch_sizes, input_size, input_formats, rounds, warm
         models = resolve_models(model, checkpoint, cache_dir, log=_log)
     except (OSError, ValueError, KeyError) as e:
         raise BenchError(f"cannot prepare the model: {e}") from None
+    sizes = parse_sizes(input_size) or [models.native_size]
     # An inference install (no torch, timm or onnx) runs what it can and says what it left out.
-    onnx_formats, formats_note = models.onnx_formats(formats)
-    if formats_note:
-        models.notes.append(formats_note)
-        _log(f"  {formats_note}")
-    left_out = [(t, formats_note) for t in targets if t.spec.source == "onnx" and not onnx_formats]
-    left_out += [(t, "no checkpoint to run: building one needs torch and timm (pip install 'effiseg[train]')")
+    onnx_runnable, onnx_note = set(), None
+    if any(t.spec.source == "onnx" for t in targets):
+        onnx_runnable, onnx_note = models.onnx_configs(formats, sizes)
+        if onnx_note:
+            models.notes.append(onnx_note)
+            _log(f"  {onnx_note}")
+    left_out = [(t, onnx_note) for t in targets if t.spec.source == "onnx" and not onnx_runnable]
+    left_out += [(t, "no checkpoint to run: building one needs torch and timm (pip install \"effiseg[train]\")")
                  for t in targets if t.spec.source == "checkpoint" and models.checkpoint is None]
     for t, reason in left_out:
         skipped.append({"backend": t.name, "device": t.device, "reason": reason, "explicit": explicit})
         targets.remove(t)
     if not targets:
         raise BenchError("no backend can run here: " + "; ".join(f"{s['backend']}: {s['reason']}" for s in skipped))
-    sizes = parse_sizes(input_size) or [models.native_size]
     baseline_label = f"{BASELINE}@{device_list[0]}"
 
     output = output or Path("effiseg-bench")
@@ -251,7 +253,10 @@ def bench_command(backends, batch_sizes, input_size, input_formats, rounds, warm
         for size in sizes:
             for batch in batches:
                 for target in targets:
-                    fmts = ["uint8-nhwc"] if target.spec.source == "checkpoint" else onnx_formats
+                    fmts = (["uint8-nhwc"] if target.spec.source == "checkpoint"
+                            else [f for f in formats if (f, size) in onnx_runnable])
+                    if not fmts:
+                        continue
                     if "model" in modes:
                         measurements += [ModelOnly(Config("model", target, batch, *size, f), pool) for f in fmts]
                     if "compute" in modes and target.spec.source == "checkpoint":
@@ -335,13 +340,10 @@ def bench_command(backends, batch_sizes, input_size, input_formats, rounds, warm
     click.echo(text)
     _log(f"wrote {json_path}, {output / TEXT_NAME}")
     if not no_plot:
-        plot = plot_throughput(data, output / PLOT_NAME, baseline_label)
-        if plot:
-            _log(f"wrote {plot}")
-        elif missing_modules(["matplotlib"]):
-            _log("no plot: matplotlib is not installed (pip install matplotlib; effiseg[train] has it)")
-        else:
-            _log("no plot: nothing was measured")
+        try:
+            _log(f"wrote {plot_throughput(data, output / PLOT_NAME, baseline_label)}")
+        except NoPlot as e:
+            _log(f"no plot: {e}")
     failed = [r for r in results if r.get("error")]
     if failed:
         raise BenchError(f"{len(failed)} configuration(s) failed: "

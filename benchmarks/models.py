@@ -25,7 +25,6 @@ parity check takes tens of seconds on a small CPU).
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import sys
@@ -36,6 +35,8 @@ from typing import Callable
 from effiseg.runtime.model_info import describe_tta, network_passes, parse_tta_sizes
 from effiseg.runtime.version import effiseg_version
 
+from .targets import missing_modules, not_installed
+
 DEFAULT_VARIANT = "effisegnet-lite2"
 DEFAULT_SIZE = 352
 UNTRAINED_NOTE = "untrained model: timings only"
@@ -44,11 +45,6 @@ UNTRAINED_NOTE = "untrained model: timings only"
 # onnx as well (effiseg[export]).
 TORCH_MODULES = ("torch", "timm")
 EXPORT_MODULES = ("torch", "timm", "onnx")
-
-
-def missing_modules(names) -> list[str]:
-    """Those of ``names`` that are not installed (checked without importing them)."""
-    return [n for n in names if importlib.util.find_spec(n) is None]
 
 
 def default_cache_dir() -> Path:
@@ -240,24 +236,30 @@ class ModelSet:
         if note not in self.notes:
             self.notes.append(note)
 
-    def onnx_formats(self, wanted: list[str]) -> tuple[list[str], str | None]:
-        """The input formats of ``wanted`` that ONNX backends can run here, and why the others cannot
-        (None when all can): a format other than the given file's is exported from the checkpoint,
-        which needs a checkpoint and the export stack."""
-        given = None
-        if self.given_onnx is not None:
-            from effiseg.runtime.model_info import ModelInfo
-            given = ModelInfo.from_onnx(self.given_onnx).input_format
-        if self.checkpoint is None:
-            why = f"there is no checkpoint to export them from (only {self.given_onnx.name} runs)"
-        else:
+    def onnx_configs(self, formats: list[str], sizes: list[tuple[int, int]]) -> tuple[set, str | None]:
+        """The (input format, size) pairs that ONNX backends can run here, and why the others cannot
+        (None when all can). The given file runs in its own format at its size (any size if dynamic);
+        every other pair is exported from the checkpoint, which needs one and the export stack."""
+        wanted = {(f, tuple(size)) for f in formats for size in sizes}
+        if self.checkpoint is not None:
             missing = missing_modules(EXPORT_MODULES)
             if not missing:
-                return list(wanted), None
-            why = (f"exporting them needs {' and '.join(missing)} (pip install 'effiseg[export]')")
-        runnable = [f for f in wanted if f == given]
-        dropped = [f for f in wanted if f != given]
-        return runnable, (f"input format(s) {', '.join(dropped)} not timed: {why}" if dropped else None)
+                return wanted, None
+            why = f"exporting them needs {' and '.join(missing)} (pip install \"effiseg[export]\")"
+        else:
+            why = "there is no checkpoint to export them from" + (
+                f" (only {self.given_onnx.name} as it is)" if self.given_onnx is not None else "")
+        runnable = set()
+        if self.given_onnx is not None:
+            from effiseg.runtime.model_info import ModelInfo
+            info = ModelInfo.from_onnx(self.given_onnx)
+            runnable = {(f, s) for f, s in wanted if f == info.input_format
+                        and (info.dynamic_hw or s == (info.input_height, info.input_width))}
+        dropped = sorted(wanted - runnable)
+        if not dropped:
+            return runnable, None
+        return runnable, ("not timed on ONNX backends: " + ", ".join(f"{f} at {h}x{w}" for f, (h, w) in dropped)
+                          + f"; {why}")
 
     def describe(self) -> dict:
         return {"variant": self.variant, "native_size": list(self.native_size), "source": self.source,
@@ -298,9 +300,9 @@ def resolve_models(model: Path | None, checkpoint: Path | None, cache_dir: Path 
     if checkpoint is not None:
         missing = missing_modules(TORCH_MODULES)
         if missing:
-            raise ValueError(f"a checkpoint ({checkpoint}) needs {' and '.join(missing)}, which "
-                             f"{'is' if len(missing) == 1 else 'are'} not installed: pip install 'effiseg[export]' "
-                             "(torch backends and ONNX exports), or pass an ONNX file with --model")
+            raise ValueError(f"a checkpoint ({checkpoint}) needs {' and '.join(missing)}: {not_installed(missing)} "
+                             "here; pip install \"effiseg[export]\" (torch backends and ONNX exports), or pass an "
+                             "ONNX file with --model")
         from effiseg.training.checkpoint import load_config
         checkpoint = Path(checkpoint)
         config = load_config(checkpoint)
@@ -326,9 +328,8 @@ def resolve_models(model: Path | None, checkpoint: Path | None, cache_dir: Path 
             missing = missing_modules(TORCH_MODULES)
             if missing:
                 raise ValueError(f"the bundled default model {default} is not in this copy of effiseg, and "
-                                 f"{' and '.join(missing)} (needed to build an untrained one) "
-                                 f"{'is' if len(missing) == 1 else 'are'} not installed: pass an ONNX file "
-                                 "with --model, or pip install 'effiseg[train]'")
+                                 f"building an untrained one needs {' and '.join(missing)}: {not_installed(missing)} "
+                                 "here; pass an ONNX file with --model, or pip install \"effiseg[train]\"")
             log(f"  the bundled default model {default} is not in this copy of effiseg: "
                 f"timing an untrained {DEFAULT_VARIANT} at {DEFAULT_SIZE}x{DEFAULT_SIZE} instead")
             ckpt = untrained_checkpoint(cache_dir, DEFAULT_VARIANT, DEFAULT_SIZE, log=log)
@@ -343,29 +344,28 @@ def resolve_models(model: Path | None, checkpoint: Path | None, cache_dir: Path 
     info = ModelInfo.from_onnx(model)
     settings = work_settings(info)
     missing = missing_modules(TORCH_MODULES)
-    if missing:
-        # An inference install (effiseg[ort]): no twin, so no torch backend, no PyTorch baseline and
-        # no other input format; the ONNX backends still run the file as it is.
-        ms = ModelSet(info.variant, (info.input_height, info.input_width), None, cache_dir, "onnx",
-                      given_onnx=model, output_format=info.output_format, trained=True, tta=info.tta,
-                      tta_sizes=info.tta_sizes, threshold=info.threshold, log=log)
-        ms.notes.append(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed: only the "
-                        f"ONNX backends run, on {model.name} as it is ({info.input_format} input); no PyTorch "
-                        "baseline, so no speed-ups (pip install 'effiseg[export]' adds the torch backends, the "
-                        "baseline and the other input format)")
-        log(f"  {ms.notes[-1]}")
-        return ms
-    # Decoder channels are in the metadata of newer exports only; older files (the bundled default
-    # among them) use the variant's default, which is what an unrecorded value means.
-    recorded = info.extra.get("decoder_channels")
-    twin = untrained_checkpoint(cache_dir, info.variant, info.input_height,
-                                int(recorded) if recorded is not None else None, log=log, tta=info.tta,
-                                threshold=info.threshold, mean=info.mean, std=info.std, tta_sizes=info.tta_sizes)
-    from effiseg.training.checkpoint import load_config
-    channels = int(load_config(twin)["decoder_channels"])
+    twin = None
+    if not missing:
+        # Decoder channels are in the metadata of newer exports only; older files (the bundled default
+        # among them) use the variant's default, which is what an unrecorded value means.
+        recorded = info.extra.get("decoder_channels")
+        twin = untrained_checkpoint(cache_dir, info.variant, info.input_height,
+                                    int(recorded) if recorded is not None else None, log=log, tta=info.tta,
+                                    threshold=info.threshold, mean=info.mean, std=info.std,
+                                    tta_sizes=info.tta_sizes)
     ms = ModelSet(info.variant, (info.input_height, info.input_width), twin, cache_dir, "onnx",
                   given_onnx=model, output_format=info.output_format, trained=True, tta=info.tta,
                   tta_sizes=info.tta_sizes, threshold=info.threshold, log=log)
+    if twin is None:
+        # An inference install (effiseg[ort]): no torch backend, no PyTorch baseline and no other
+        # input format; the ONNX backends still run the file as it is.
+        ms.notes.append(f"{not_installed(missing)}: only the ONNX backends run, on {model.name} as it is "
+                        f"({info.input_format} input); no PyTorch baseline, so no speed-ups (pip install "
+                        "\"effiseg[export]\" adds the torch backends, the baseline and the other input format)")
+        log(f"  {ms.notes[-1]}")
+        return ms
+    from effiseg.training.checkpoint import load_config
+    channels = int(load_config(twin)["decoder_channels"])
     ms.twin = {**settings, "input_size": [info.input_height, info.input_width], "decoder_channels": channels,
                "decoder_channels_recorded": recorded is not None, "weights": "untrained (seeded)"}
     other = "float32" if info.input_format == "uint8-nhwc" else "uint8"

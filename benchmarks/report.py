@@ -234,18 +234,25 @@ def format_report(data: dict) -> str:
 MODE_NAMES = {"model": "model-only", "compute": "compute", "e2e": "end-to-end"}
 LINE_STYLES = {"model": "-", "compute": ":", "e2e": "--"}
 
-def plot_throughput(data: dict, path: Path, baseline_label: str | None) -> Path | None:
+class NoPlot(Exception):
+    """Why no plot was written (said to the user; the table and JSON stand without it)."""
+
+
+def plot_throughput(data: dict, path: Path, baseline_label: str | None) -> Path:
     """Throughput (images/s, log scale) against batch size, one line per backend and input
-    format; model-only solid, compute dotted, end-to-end dashed; the baseline thick black."""
+    format; model-only solid, compute dotted, end-to-end dashed; the baseline thick black.
+    Raises NoPlot, with the reason, when there is nothing to plot or no matplotlib to plot with."""
     try:
         import matplotlib
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    except ImportError as e:
+        reason = ("matplotlib is not installed" if e.name == "matplotlib"
+                  else f"matplotlib cannot be imported ({e})")
+        raise NoPlot(f"{reason}: pip install matplotlib (\"effiseg[train]\" has it)") from e
     results = [r for r in data["results"] if r.get("latency")]
     if not results:
-        return None
+        raise NoPlot("nothing was measured")
     sizes = sorted({(r["height"], r["width"]) for r in results})
     fig, axes = plt.subplots(1, len(sizes), figsize=(7 * len(sizes), 5), squeeze=False)
     for ax, (h, w) in zip(axes[0], sizes):

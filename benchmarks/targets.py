@@ -63,6 +63,16 @@ def parse_names(text: str | None) -> list[str]:
     return names
 
 
+def missing_modules(names) -> list[str]:
+    """Those of ``names`` that are not installed (checked without importing them)."""
+    return [n for n in names if importlib.util.find_spec(n) is None]
+
+
+def not_installed(missing: list[str]) -> str:
+    """'torch is not installed' / 'torch and timm are not installed'."""
+    return f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed"
+
+
 def cuda_available() -> bool:
     """Whether torch sees a CUDA GPU (torch is imported only when installed)."""
     if importlib.util.find_spec("torch") is None:
@@ -84,8 +94,8 @@ def default_devices() -> list[str]:
 
 def unavailable_reason(spec: TargetSpec, device: str) -> str | None:
     """Why ``spec`` cannot run on ``device`` here, or None when it can be tried."""
-    if importlib.util.find_spec(spec.module) is None:
-        return f"{spec.module} is not installed (pip install 'effiseg[{spec.extra}]')"
+    if missing_modules([spec.module]):
+        return f"{not_installed([spec.module])} (pip install \"effiseg[{spec.extra}]\")"
     is_cuda = device.startswith("cuda")
     if spec.devices == "cpu" and is_cuda or spec.devices == "cuda" and not is_cuda:
         return f"runs on {spec.devices} only"
@@ -95,7 +105,7 @@ def unavailable_reason(spec: TargetSpec, device: str) -> str | None:
         return ("the fast mode (fp16 + channels_last + CUDA graphs) needs a CUDA GPU; on the CPU the "
                 "torch backend runs fp32 eager, which is the baseline")
     if spec.name == "ort-cuda" and "CUDAExecutionProvider" not in ort_providers():
-        return "onnxruntime has no CUDAExecutionProvider (pip install 'effiseg[ort-gpu]')"
+        return "onnxruntime has no CUDAExecutionProvider (pip install \"effiseg[ort-gpu]\")"
     if spec.name == "ort-trt" and "TensorrtExecutionProvider" not in ort_providers():
         return "onnxruntime has no TensorrtExecutionProvider (onnxruntime-gpu built with TensorRT)"
     return None

@@ -39,7 +39,7 @@ from effiseg.runtime.replace_file import replace_with_retry
 from effiseg.runtime.postprocess import fill_host_row, logit_threshold, resize_rgb
 from effiseg.runtime.tensorrt_rules import tensorrt_uint8_problems
 
-EXPORT_INSTALL_MESSAGE = "effiseg-export needs torch, timm, onnx and onnxruntime: pip install 'effiseg[export]'"
+EXPORT_INSTALL_MESSAGE = "effiseg-export needs torch, timm, onnx and onnxruntime: pip install \"effiseg[export]\""
 DEFAULT_OPSET = 17
 INPUT_NAME = "images"
 # Parity tolerances: float32 logits may differ by accumulated rounding, relative to their scale;

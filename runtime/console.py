@@ -16,6 +16,7 @@ The console scripts get this through :class:`Command` / :class:`Group` (``@click
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import sys
 
@@ -119,9 +120,10 @@ def describe_missing_module(error: ModuleNotFoundError, command: str) -> str | N
     """'<command> needs <package> ...: pip install ...' for an optional package, else None."""
     package = (error.name or "").split(".")[0]
     extra = EXTRA_OF_MODULE.get(package)
-    if extra is None:
+    # Installed but broken (a submodule missing from an old or damaged version) is not "not installed".
+    if extra is None or importlib.util.find_spec(package) is not None:
         return None
-    return f"{command} needs {package}, which is not installed here: pip install 'effiseg[{extra}]'"
+    return f"{command} needs {package}, which is not installed here: pip install \"effiseg[{extra}]\""
 
 
 class _SafeConsole:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-INSTALL_HINT = ("pip install 'effiseg[trt]' (installs cuda-python; use cuda-python>=12,<13 for "
+INSTALL_HINT = ("pip install \"effiseg[trt]\" (installs cuda-python; use cuda-python>=12,<13 for "
                 "Maxwell/Pascal/Volta GPUs and drivers older than CUDA 13), or install pycuda")
 
 

@@ -137,4 +137,3 @@ def run_as_inference_install(tmp_path: Path, code: str, *args: str, timeout: flo
     script.write_text(INFERENCE_INSTALL_PREAMBLE + textwrap.dedent(code), encoding="utf-8")
     return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
                           timeout=timeout, cwd=tmp_path)
-

@@ -707,7 +707,7 @@ def test_without_torch_the_onnx_backends_run_and_the_missing_baseline_is_explain
     skipped = {s["backend"]: s["reason"] for s in data["skipped"]}
     assert "effiseg[train]" in skipped["torch-eager"]
     notes = " | ".join(data["notes"])
-    assert "no PyTorch baseline" in notes and "float32-nchw not timed" in notes
+    assert "no PyTorch baseline" in notes and "not timed on ONNX backends: float32-nchw at 64x64" in notes
     assert "speed-ups are not available" in notes
     assert not (out / "effiseg_bench.png").exists()
     assert "matplotlib is not installed" in proc.stderr + proc.stdout
@@ -723,3 +723,18 @@ def test_without_torch_a_missing_bundled_model_or_a_checkpoint_is_a_clear_error(
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert str(tiny_checkpoint) in proc.stderr and "effiseg[export]" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_without_torch_sizes_the_file_cannot_run_are_left_out_with_the_reason(plain_onnx, tmp_path):
+    """A fixed-size file runs at its own size only when no other can be exported."""
+    out = tmp_path / "out"
+    common = ["--model", str(plain_onnx), "--batch-sizes", "1", "--rounds", "1", "--warmup", "1", "--iters", "1",
+              "--mode", "model", "--settle", "0", "--no-plot", "--output", str(out), "--cache-dir", str(tmp_path / "c")]
+    proc = _bench_without_torch(tmp_path, "given", *common, "--input-size", "64,48")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads((out / "effiseg_bench.json").read_text(encoding="utf-8"))
+    assert {(r["input_format"], r["height"]) for r in data["results"]} == {("uint8-nhwc", 64)}
+    assert any("uint8-nhwc at 48x48" in n and "no checkpoint to export them from" in n for n in data["notes"])
+    proc = _bench_without_torch(tmp_path, "given", *common, "--input-size", "48")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    assert "no backend can run here" in proc.stderr and "uint8-nhwc at 48x48" in proc.stderr

@@ -135,8 +135,9 @@ def test_runs_stopped_before_their_planned_epochs_are_reported_as_cut_short(tmp_
     assert res["training"]["cut_short"] == ["baseline_s1", "cand_s0"]
     sentence = describe_cut_short(res["training"])
     assert "2 of 4 runs stopped before their planned 32 epochs, after 27-28" in sentence
-    assert f"**Training was cut short:** {sentence}." in md
-    assert "Training was cut short" in evidence_markdown(res, tmp_path)
+    assert f"**Training was cut short:** {sentence}." in md and "32 epochs planned per run" in md
+    evidence = evidence_markdown(res, tmp_path)
+    assert "Training was cut short" in evidence and "32 epochs planned each" in evidence
     run_dir = tmp_path / "runs" / "cand_s0"
     (run_dir / "run_config.json").write_text(json.dumps({
         "train": {"epochs": 32, "lr": 1e-4, "weight_decay": 1e-3, "min_lr": 1e-5, "batch_size": 8, "seed": 0},

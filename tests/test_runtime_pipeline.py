@@ -380,7 +380,7 @@ def test_torch_fast_mode_matches_fp32_on_cuda(tiny_checkpoint, images):
 @pytest.mark.gpu
 def test_onnxruntime_cuda_provider_when_installed(tiny_onnx, images, direct):
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        pytest.skip("this onnxruntime has no CUDA provider (pip install 'effiseg[ort-gpu]')")
+        pytest.skip("this onnxruntime has no CUDA provider (pip install \"effiseg[ort-gpu]\")")
     with Segmenter.from_onnx(tiny_onnx, backend="onnxruntime", devices=0, max_batch=4, provider="cuda") as seg:
         b = seg.backends[0]
         assert b.provider == "CUDAExecutionProvider" and b.io_binding

@@ -39,7 +39,7 @@ FP16_TOL = dict(rtol=2e-2, atol=2e-2)
 def gpu():
     # The tests build their models with onnx and compare with ONNX Runtime on the CPU.
     pytest.importorskip("onnx", reason="the TensorRT tests build ONNX models: pip install onnx")
-    pytest.importorskip("onnxruntime", reason="the TensorRT tests compare with ONNX Runtime: pip install 'effiseg[ort]'")
+    pytest.importorskip("onnxruntime", reason="the TensorRT tests compare with ONNX Runtime: pip install \"effiseg[ort]\"")
     try:
         import tensorrt
     except Exception as e:  # ImportError, or OSError when the TensorRT libraries are missing
@@ -192,8 +192,8 @@ def test_bundled_default_model(backend_factory):
 
 @pytest.mark.parametrize("output_format", ["logits", "mask"])
 def test_real_effisegnet_lite0(backend_factory, tmp_path, output_format):
-    pytest.importorskip("torch", reason="exporting EffiSegNet needs torch (pip install 'effiseg[export]')")
-    pytest.importorskip("timm", reason="exporting EffiSegNet needs timm (pip install 'effiseg[export]')")
+    pytest.importorskip("torch", reason="exporting EffiSegNet needs torch (pip install \"effiseg[export]\")")
+    pytest.importorskip("timm", reason="exporting EffiSegNet needs timm (pip install \"effiseg[export]\")")
     path, info = export_effisegnet_onnx(tmp_path / "effisegnet-lite0-64.onnx", size=64, output_format=output_format)
     batch = random_batch(info, 3)
     if output_format == "mask":

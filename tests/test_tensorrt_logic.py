@@ -335,7 +335,7 @@ def test_atomic_write_replaces_whole_file(tmp_path):
 def test_missing_tensorrt_raises_backend_unavailable(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` now raises ImportError
     info = tiny_info(16)
-    with pytest.raises(BackendUnavailable, match=r"pip install 'effiseg\[trt\]'.*'effiseg\[trt86\]' for Maxwell"):
+    with pytest.raises(BackendUnavailable, match=r'pip install "effiseg\[trt\]".*"effiseg\[trt86\]" for Maxwell'):
         TensorRTBackend(info, tmp_path / "missing.onnx", cache_dir=tmp_path)
 
 

@@ -128,7 +128,7 @@ def build_encoder(variant: Variant, pretrained: bool = False) -> tuple[nn.Module
     try:
         import timm
     except ImportError as e:  # pragma: no cover - depends on the install
-        raise ImportError("timm is missing: pip install 'effiseg[train]'") from e
+        raise ImportError("timm is missing: pip install \"effiseg[train]\"") from e
     encoder = timm.create_model(variant.encoder, pretrained=False, features_only=True,
                                 out_indices=(0, 1, 2, 3, 4))
     if pretrained:

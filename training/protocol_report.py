@@ -216,11 +216,12 @@ def _ci(g: dict | None) -> str:
 
 def render_markdown(r: dict) -> str:
     plan = r.get("plan", {})
+    cut = describe_cut_short(r.get("training") or {})
     lines = ["# Improvement protocol results", ""]
     if plan:
-        lines += [f"Variant `{plan.get('variant')}`, {plan.get('epochs')} epoch{'' if plan.get('epochs') == 1 else 's'} per run, seeds {plan.get('seeds')}, "
+        lines += [f"Variant `{plan.get('variant')}`, {plan.get('epochs')} epoch{'' if plan.get('epochs') == 1 else 's'} "
+                  f"{'planned ' if cut else ''}per run, seeds {plan.get('seeds')}, "
                   f"{plan.get('parallel')} runs at a time. Choices made on validation; test read once for the report.", ""]
-    cut = describe_cut_short(r.get("training") or {})
     if cut:
         lines += [f"**Training was cut short:** {cut}.", ""]
     if r.get("settings_not_scored_for_every_run"):

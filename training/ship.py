@@ -82,10 +82,11 @@ def evidence_markdown(results: dict, protocol_dir: Path) -> str:
     w, plan = results["winner"], results.get("plan", {})
     g = w["gain_vs_baseline"]
     spread = results.get("baseline_spread", {}).get("test_dice_per_seed", {})
+    cut = describe_cut_short(results.get("training") or {})
     lines = [
         f"Multi-seed protocol (`{protocol_dir.name}/PROTOCOL.md`): {len(results.get('arms', {}))} training arms x "
-        f"{len(plan.get('seeds', w['seeds']))} seeds, {plan.get('epochs', '?')} epochs each; every choice made on "
-        "the validation split, the test split read once at the end.",
+        f"{len(plan.get('seeds', w['seeds']))} seeds, {plan.get('epochs', '?')} epochs {'planned ' if cut else ''}each; "
+        "every choice made on the validation split, the test split read once at the end.",
         "",
         f"- Winner: arm `{w['arm']}` with inference settings `{w['config']}`.",
         f"- Test Dice over its seeds {_mean_sd(w['test_dice'])}; IoU {_mean_sd(w['test_iou'])}; precision "
@@ -95,7 +96,6 @@ def evidence_markdown(results: dict, protocol_dir: Path) -> str:
         + (f"; per seed {', '.join(f'{d:+.4f}' for d in g['per_seed_diff'])}" if g.get("per_seed_diff") else "")
         + ".",
     ]
-    cut = describe_cut_short(results.get("training") or {})
     if cut:
         lines.append(f"- Training was cut short: {cut}.")
     if spread:

@@ -27,8 +27,8 @@ from .base import Backend, BackendUnavailable
 from .gpu_precision import (PrecisionChoice, choose_gpu_precision, fast_fp16_from_compute_capability,
                             validate_precision_request)
 
-ORT_INSTALL_MESSAGE = ("ONNX Runtime is not installed: pip install 'effiseg[ort]' (CPU) or "
-                       "pip install 'effiseg[ort-gpu]' (NVIDIA GPUs)")
+ORT_INSTALL_MESSAGE = ("ONNX Runtime is not installed: pip install \"effiseg[ort]\" (CPU) or "
+                       "pip install \"effiseg[ort-gpu]\" (NVIDIA GPUs)")
 PROVIDER_CHOICES = ("auto", "cpu", "cuda", "tensorrt")
 _ELEMENT_TYPES = {"uint8-nhwc": np.uint8, "float32-nchw": np.float32}
 _OUTPUT_TYPES = {"logits": np.float32, "probabilities": np.float16, "mask": np.uint8}
@@ -217,7 +217,7 @@ class OnnxRuntimeBackend(Backend):
             raise BackendUnavailable(f"provider 'cpu' cannot run on {self.device!r}")
         if not has_cuda:
             raise BackendUnavailable(f"this ONNX Runtime has no CUDA provider (it has {', '.join(available)}): "
-                                     "pip install 'effiseg[ort-gpu]' (and uninstall the CPU-only onnxruntime)")
+                                     "pip install \"effiseg[ort-gpu]\" (and uninstall the CPU-only onnxruntime)")
         cuda = ("CUDAExecutionProvider", {"device_id": self.device_id})
         if provider == "tensorrt" and not has_trt:
             raise BackendUnavailable("this ONNX Runtime has no TensorRT provider")

@@ -47,8 +47,8 @@ from .gpu_precision import validate_precision_request as _validate_precision
 log = logging.getLogger(__name__)
 
 TENSORRT_INSTALL_MESSAGE = (
-    "TensorRT is not installed: pip install 'effiseg[trt]' for compute capability 7.5+ (TensorRT 10.x+), "
-    "'effiseg[trt86]' for Maxwell/Pascal/Volta GPUs (TensorRT 8.6), each with "
+    "TensorRT is not installed: pip install \"effiseg[trt]\" for compute capability 7.5+ (TensorRT 10.x+), "
+    "\"effiseg[trt86]\" for Maxwell/Pascal/Volta GPUs (TensorRT 8.6), each with "
     "--extra-index-url https://pypi.nvidia.com (on Windows also the TensorRT zip, with its lib folder "
     "on PATH)")
 

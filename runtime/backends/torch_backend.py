@@ -31,7 +31,7 @@ from .base import Backend, BackendUnavailable
 from .gpu_precision import (PrecisionChoice, choose_gpu_precision, fast_fp16_from_compute_capability,
                             validate_precision_request)
 
-TORCH_INSTALL_MESSAGE = "the torch backend needs PyTorch and timm: pip install 'effiseg[train]'"
+TORCH_INSTALL_MESSAGE = "the torch backend needs PyTorch and timm: pip install \"effiseg[train]\""
 
 
 def import_torch():

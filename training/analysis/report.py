@@ -35,7 +35,7 @@ def _pyplot():
         matplotlib.use("Agg", force=True)
         import matplotlib.pyplot as plt
     except ImportError as e:  # pragma: no cover - depends on the install
-        raise ImportError("matplotlib is needed for the report: pip install 'effiseg[train]'") from e
+        raise ImportError("matplotlib is needed for the report: pip install \"effiseg[train]\"") from e
     return plt
 
 
