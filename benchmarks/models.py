@@ -300,9 +300,9 @@ def resolve_models(model: Path | None, checkpoint: Path | None, cache_dir: Path 
     if checkpoint is not None:
         missing = missing_modules(TORCH_MODULES)
         if missing:
-            raise ValueError(f"a checkpoint ({checkpoint}) needs {' and '.join(missing)}: {not_installed(missing)} "
-                             "here; pip install \"effiseg[export]\" (torch backends and ONNX exports), or pass an "
-                             "ONNX file with --model")
+            raise ValueError(f"a checkpoint ({checkpoint}) needs torch and timm, and {not_installed(missing)} here: "
+                             "pip install \"effiseg[export]\" (torch backends and ONNX exports), or pass an ONNX "
+                             "file with --model")
         from effiseg.training.checkpoint import load_config
         checkpoint = Path(checkpoint)
         config = load_config(checkpoint)
@@ -328,8 +328,8 @@ def resolve_models(model: Path | None, checkpoint: Path | None, cache_dir: Path 
             missing = missing_modules(TORCH_MODULES)
             if missing:
                 raise ValueError(f"the bundled default model {default} is not in this copy of effiseg, and "
-                                 f"building an untrained one needs {' and '.join(missing)}: {not_installed(missing)} "
-                                 "here; pass an ONNX file with --model, or pip install \"effiseg[train]\"")
+                                 f"building an untrained one needs torch and timm, but {not_installed(missing)} "
+                                 "here: pass an ONNX file with --model, or pip install \"effiseg[train]\"")
             log(f"  the bundled default model {default} is not in this copy of effiseg: "
                 f"timing an untrained {DEFAULT_VARIANT} at {DEFAULT_SIZE}x{DEFAULT_SIZE} instead")
             ckpt = untrained_checkpoint(cache_dir, DEFAULT_VARIANT, DEFAULT_SIZE, log=log)

@@ -75,14 +75,14 @@ def not_installed(missing: list[str]) -> str:
 
 def cuda_available() -> bool:
     """Whether torch sees a CUDA GPU (torch is imported only when installed)."""
-    if importlib.util.find_spec("torch") is None:
+    if missing_modules(["torch"]):
         return False
     import torch
     return bool(torch.cuda.is_available())
 
 
 def ort_providers() -> list[str]:
-    if importlib.util.find_spec("onnxruntime") is None:
+    if missing_modules(["onnxruntime"]):
         return []
     import onnxruntime
     return list(onnxruntime.get_available_providers())

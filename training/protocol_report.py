@@ -79,9 +79,10 @@ def describe_cut_short(training: dict) -> str | None:
     runs = training["runs"]
     done = [runs[r]["completed"] for r in cut]
     planned = sorted({runs[r]["planned"] for r in cut})
+    after = f"{min(done)}" if min(done) == max(done) else f"{min(done)}-{max(done)}"
     return (f"{len(cut)} of {len(runs)} runs stopped before their planned {'/'.join(map(str, planned))} epochs, "
-            f"after {min(done)}{'' if min(done) == max(done) else f'-{max(done)}'} (e.g. at a session's deadline): their learning-rate schedule did not "
-            "finish, and each was evaluated at its best validation checkpoint so far")
+            f"after {after} (e.g. at a session's deadline): their learning-rate schedule did not finish, and "
+            "each was evaluated at its best validation checkpoint so far")
 
 
 def _per_image(runs: dict[int, dict], key: str, metric: str = "dice") -> np.ndarray:
