@@ -26,9 +26,9 @@ from .augment import AugmentConfig, augment_batch
 from .checkpoint import effiseg_version, load_model, model_config, save_checkpoint
 from .data import DEFAULT_DATA_ROOT, load_split, stack_samples
 from .evaluate import evaluate_samples
-from .result_files import write_json, write_rows_csv
 from .losses import LossConfig, total_loss
 from .model import build_model
+from .result_files import write_json, write_rows_csv
 from .variants import get_variant
 
 log = logging.getLogger(__name__)
