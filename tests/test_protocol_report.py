@@ -20,6 +20,10 @@ def _write_eval(folder, run, val, test, n_images=20):
     (folder / f"{run}.json").write_text(json.dumps(ev))
 
 
+def _parse_tta(key):
+    return dict(part.split("=") for part in key.split(","))["tta"] == "1"
+
+
 def test_winner_is_chosen_on_validation_and_gain_is_paired(tmp_path):
     ev = tmp_path / "evaluations"
     ev.mkdir()
@@ -41,6 +45,10 @@ def test_winner_is_chosen_on_validation_and_gain_is_paired(tmp_path):
     assert np.allclose(g["per_seed_diff"], [-0.05, -0.049, -0.048])
     assert g["paired_seeds"] and g["high"] < 0 and abs(g["mean_diff"] - np.mean(g["per_seed_diff"])) < 1e-12
     assert res["arms"]["baseline"]["plain"]["config"] == PLAIN
+    # The training change alone: against the baseline's own best inference (TTA, 0.81 + 0.001 s on test).
+    t = win["gain_vs_tuned_baseline"]
+    assert _parse_tta(t["baseline_config"]) and np.allclose(t["per_seed_diff"], [-0.06, -0.059, -0.058])
+    assert "beyond inference" in md
     assert res["baseline_spread"]["seed_pair"] == [0, 1]
     assert "Winner (chosen on validation)" in md and "per seed" in md
 
@@ -67,6 +75,7 @@ def test_multiscale_candidate_is_reported_when_evaluated_and_can_win(tmp_path):
     assert res["inference_candidates_on_baseline"]["flip TTA"]["config"] == config_key(True, 0.5, 0)
     assert res["winner"]["config"] == config_key(True, 0.45, 0, ms)  # chosen on validation
     assert np.allclose(res["winner"]["gain_vs_baseline"]["per_seed_diff"], [0.03, 0.03, 0.03])
+    assert "gain_vs_tuned_baseline" not in res["winner"]  # the winner is the baseline arm itself
     assert "sizes=64+128" in md
 
 
