@@ -149,3 +149,18 @@ def test_a_smoke_test_protocol_or_a_worse_model_is_not_shipped_without_force(tmp
     res = _ship(proto, data, shipped, onnx, "--force")
     assert res.exit_code == 0, res.output
     assert json.loads((shipped / "config.json").read_text())["metrics"]["validation"]["mean_dice"] < 0.99
+
+
+def test_the_card_shows_the_training_change_against_the_baseline_with_its_own_inference():
+    from pathlib import Path
+
+    from effiseg.training.ship import evidence_markdown
+    results = {"plan": {"seeds": [0, 1, 2], "epochs": 32}, "arms": {"baseline": {}, "boundary_loss": {}},
+               "winner": {**WINNER, "gain_vs_tuned_baseline": {
+                   "baseline_config": "tta=1,thr=0.55,minreg=0", "mean_diff": 0.0017, "low": -0.0046,
+                   "high": 0.0071, "per_seed_diff": [0.0011, 0.002, 0.0021]}}}
+    card = evidence_markdown(results, Path("protocol"))
+    assert ("against the baseline with its own best inference (`tta=1,thr=0.55,minreg=0`, chosen on validation) "
+            "+0.0017, 95% interval [-0.0046, +0.0071]; per seed +0.0011, +0.0020, +0.0021.") in card
+    # Without that comparison (the winner is the baseline arm, or an older report) the line is left out.
+    assert "beyond inference" not in evidence_markdown({"plan": {}, "winner": WINNER}, Path("protocol"))

@@ -96,6 +96,13 @@ def evidence_markdown(results: dict, protocol_dir: Path) -> str:
         + (f"; per seed {', '.join(f'{d:+.4f}' for d in g['per_seed_diff'])}" if g.get("per_seed_diff") else "")
         + ".",
     ]
+    t = w.get("gain_vs_tuned_baseline")
+    if t:
+        lines.append(f"- What the training change adds beyond inference: against the baseline with its own best "
+                     f"inference (`{t['baseline_config']}`, chosen on validation) {t['mean_diff']:+.4f}, 95% interval "
+                     f"[{t['low']:+.4f}, {t['high']:+.4f}]"
+                     + (f"; per seed {', '.join(f'{d:+.4f}' for d in t['per_seed_diff'])}" if t.get("per_seed_diff") else "")
+                     + ".")
     if cut:
         lines.append(f"- Training was cut short: {cut}.")
     if spread:
