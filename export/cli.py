@@ -37,12 +37,15 @@ def _fmt_bytes(n: int) -> str:
 @click.option("--tta/--no-tta", default=None,
               help="Flip test-time augmentation inside the graph (4x compute) [default: the checkpoint's setting].")
 @TTA_SIZES_OPTION
+@click.option("--fold/--no-fold", default=True,
+              help="Trace the network rewritten for inference (BatchNorm folded into convolutions, the decoder's sum "
+                   "and first pointwise layers at half resolution; same output up to float rounding, checked).")
 @click.option("--opset", type=click.IntRange(17), default=17)
 @click.option("--verify-images", type=click.Path(path_type=Path), default=None,
               help="Folder of images for the parity check [default: Kvasir-SEG validation images].")
 @click.option("--verify-count", type=click.IntRange(1, 64), default=4, help="Images used for the parity check.")
 def export_command(checkpoint, output, input_format, output_format, dynamic_hw, input_size, threshold, tta, tta_sizes,
-                   opset, verify_images, verify_count):
+                   fold, opset, verify_images, verify_count):
     """Export CHECKPOINT (folder, config.json or .safetensors) to ONNX with effiseg metadata, check it with
     onnx.checker and compare it with PyTorch in ONNX Runtime; writes OUTPUT and OUTPUT.export.json."""
     from .onnx_export import ExportError, export_checkpoint
@@ -54,7 +57,7 @@ def export_command(checkpoint, output, input_format, output_format, dynamic_hw, 
     try:
         report = export_checkpoint(checkpoint, output, input_format=input_format, output_format=output_format,
                                    dynamic_hw=dynamic_hw, input_size=input_size, opset=opset, threshold=threshold, tta=tta,
-                                   tta_sizes=tta_sizes,
+                                   tta_sizes=tta_sizes, fold=fold,
                                    verify_dir=verify_images, verify_count=verify_count,
                                    log=lambda message: click.echo(message, err=True))
     except ExportError as e:

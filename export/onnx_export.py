@@ -174,9 +174,9 @@ def _choose_upsampling(torch, model, height: int, width: int, dynamic_hw: bool) 
     "gather" with dynamic height/width (exact at every size), else "resize" where an ONNX Resize
     picks PyTorch's rows and columns for every feature map at ``height`` x ``width`` and "gather"
     where it does not. None: the model has no EffiSegNet decoder."""
-    from effiseg.training.model import EffiSegNet, resize_matches_interpolate
+    from effiseg.training.model import resize_matches_interpolate
 
-    nets = [m for m in model.modules() if isinstance(m, EffiSegNet)]
+    nets = _decoders(model)
     if not nets:
         return None
     if dynamic_hw:
@@ -188,15 +188,20 @@ def _choose_upsampling(torch, model, height: int, width: int, dynamic_hw: bool) 
     return "resize" if agree else "gather"
 
 
-def _set_upsampling(model, mode: str | None) -> None:
+def _decoders(model) -> list:
+    """The EffiSegNet networks (original or folded for inference) inside ``model``."""
+    from effiseg.training.inference_model import FoldedEffiSegNet
     from effiseg.training.model import EffiSegNet
 
-    for m in model.modules():
-        if isinstance(m, EffiSegNet):
-            if mode is None:
-                m.__dict__.pop("onnx_upsampling", None)  # back to the class default
-            else:
-                m.onnx_upsampling = mode
+    return [m for m in model.modules() if isinstance(m, (EffiSegNet, FoldedEffiSegNet))]
+
+
+def _set_upsampling(model, mode: str | None) -> None:
+    for m in _decoders(model):
+        if mode is None:
+            m.__dict__.pop("onnx_upsampling", None)  # back to the class default
+        else:
+            m.onnx_upsampling = mode
 
 
 def _set_metadata(onnx, path: Path, info: ModelInfo) -> None:
@@ -251,12 +256,14 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
                       dynamic_hw: bool = False, input_size: int | tuple[int, int] | None = None,
                       opset: int = DEFAULT_OPSET,
                       threshold: float | None = None, verify_dir: Path | None = None, verify_count: int = 4,
-                      tta: bool | None = None, tta_sizes=None, log=print) -> dict:
+                      tta: bool | None = None, tta_sizes=None, fold: bool = True, log=print) -> dict:
     """Export, check and verify; returns the report (also written as ``<output>.export.json``).
     Raises :class:`ExportError` when anything fails (nothing is left at ``output``). ``input_size``:
     one side or (height, width) [default: the checkpoint's]. ``tta``/``tta_sizes`` (flips,
-    multi-scale sizes; "none" or () for none) [default: the checkpoint's]. ``log`` receives
-    progress lines."""
+    multi-scale sizes; "none" or () for none) [default: the checkpoint's]. ``fold``: trace the
+    network rewritten for inference (``training.inference_model``: BatchNorm folded, the decoder's
+    sum and first pointwise layers at half resolution), checked against the original network like
+    everything else. ``log`` receives progress lines."""
     if opset < 17:
         raise ExportError(f"opset {opset} is too old; effiseg exports opset 17 or newer")
     torch, onnx, ort, load_model, effiseg_version, SegmentationGraph = _import_export_stack()
@@ -298,12 +305,25 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
     info.version = effiseg_version()
     info.extra = {"output_layout": "NHW", "opset": opset, "checkpoint": Path(checkpoint).name,
                   "torch": torch.__version__, "encoder": config.get("encoder", "")}
+    h, w = info.input_height, info.input_width
+    traced_model = model
+    if fold:
+        from effiseg.training.inference_model import FoldError, fold_for_inference
+        try:
+            traced_model = fold_for_inference(model, probe_size=(h, w))
+        except FoldError as e:
+            raise ExportError(f"folding the network for inference failed (export with --no-fold): {e}") from None
+        if dynamic_hw and traced_model is not model:
+            # The half-resolution sum is exact only at multiples of 32: a graph for every size
+            # must not freeze the traced size's choice.
+            traced_model.merge = "direct"
+    info.extra["folded_for_inference"] = traced_model is not model
     # Traced on the CPU, so the flips' batching is said explicitly: one batch of 4N in the graph.
-    graph = SegmentationGraph(model, info.mean, info.std, input_format, output_format, info.threshold,
+    # The parity reference is always the network as trained, so a fold is verified end to end.
+    graph = SegmentationGraph(traced_model, info.mean, info.std, input_format, output_format, info.threshold,
                               tta=info.tta, tta_sizes=info.tta_sizes, batch_flips=True).eval()
     reference = SegmentationGraph(model, info.mean, info.std, "uint8-nhwc", "logits", info.threshold,
                                   tta=info.tta, tta_sizes=info.tta_sizes).eval()
-    h, w = info.input_height, info.input_width
     # Before tracing (tens of seconds): a wrong --verify-images folder fails at once.
     verify_images, verify_source, verify_skipped = load_verify_images(verify_dir, verify_count, h, w)
     for skipped in verify_skipped:
@@ -321,15 +341,17 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
               "output_shape": "(N, H, W)", "threshold": info.threshold, "tta": info.tta,
               "tta_sizes": list(info.tta_sizes),
               "bytes_per_image": bytes_per_image(h, w, input_format, output_format),
-              "metadata": info.to_metadata(), "ok": False}
+              "metadata": info.to_metadata(), "ok": False,
+              "folded": traced_model is not model,
+              "decoder_merge": getattr(traced_model, "merge", None) if traced_model is not model else None}
     try:
-        report["upsampling"] = _choose_upsampling(torch, model, h, w, dynamic_hw)
-        _set_upsampling(model, report["upsampling"])
+        report["upsampling"] = _choose_upsampling(torch, traced_model, h, w, dynamic_hw)
+        _set_upsampling(traced_model, report["upsampling"])
         try:
             with torch.no_grad():
                 report["exporter"] = _trace_to_onnx(torch, graph, example, tmp, info, opset, dynamic_hw)
         finally:
-            _set_upsampling(model, None)
+            _set_upsampling(traced_model, None)
         log(f"traced in {time.perf_counter() - started:.1f} s; checking and verifying against PyTorch")
         info.extra["exporter"] = report["exporter"]
         report["metadata"] = info.to_metadata()

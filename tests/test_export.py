@@ -119,6 +119,27 @@ def test_nearest_upsampling_traces_pytorchs_indices(tiny_checkpoint, tiny_onnx, 
     np.testing.assert_allclose(got, _torch_logits(tiny_checkpoint, batch), atol=1e-4, rtol=1e-4)
 
 
+def test_the_network_is_folded_for_inference_unless_asked_not_to(tiny_checkpoint, tiny_onnx, tiny_onnx_dynamic,
+                                                                 verify_images_dir, tmp_path):
+    """Default exports trace training/inference_model.py's rewrite (checked against the trained
+    network by the parity step); a dynamic-size export keeps the full-resolution sum, which is
+    exact at every size; --no-fold traces the network as trained. All agree with PyTorch."""
+    fixed = json.loads(tiny_onnx.with_name(tiny_onnx.name + ".export.json").read_text())
+    assert fixed["folded"] and fixed["decoder_merge"] == "auto"
+    assert ModelInfo.from_onnx(tiny_onnx).extra["folded_for_inference"] is True
+    dynamic = json.loads(tiny_onnx_dynamic.with_name(tiny_onnx_dynamic.name + ".export.json").read_text())
+    assert dynamic["folded"] and dynamic["decoder_merge"] == "direct"
+    plain = export_tiny(tiny_checkpoint, tmp_path / "plain.onnx", verify_images_dir, fold=False)
+    report = json.loads((tmp_path / "plain.onnx.export.json").read_text())
+    assert not report["folded"] and report["decoder_merge"] is None
+    assert ModelInfo.from_onnx(plain).extra["folded_for_inference"] is False
+    batch = _batch(verify_images_dir, 64, 64)
+    outs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"images": batch})[0]
+            for p in (tiny_onnx, plain)]
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(outs[0], _torch_logits(tiny_checkpoint, batch), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("input_format,output_format,size", [
     ("float32-nchw", "logits", 64), ("uint8-nhwc", "probabilities", 64), ("uint8-nhwc", "mask", 64),
     ("float32-nchw", "mask", 72),  # a fixed size that is not a multiple of 32

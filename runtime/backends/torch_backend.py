@@ -6,8 +6,10 @@ and TensorRT's up to floating-point rounding.
 
 Modes:
 * ``fp32`` (the baseline): eager float32.
-* ``fp16`` (the fast mode, CUDA only): half-precision weights, channels_last memory layout,
-  cuDNN autotuning and one CUDA graph per slot captured at ``max_batch`` (a partial last batch is
+* ``fp16`` (the fast mode, CUDA only): the network rewritten for inference
+  (``effiseg.training.inference_model``: BatchNorm folded into the convolutions, the decoder's sum
+  and first pointwise layers at half resolution; checked against the original when built),
+  half-precision weights, channels_last memory layout, cuDNN autotuning and one CUDA graph per slot captured at ``max_batch`` (a partial last batch is
   run padded: its tail rows hold stale data and their outputs are ignored; this keeps one graph
   and one fixed block of memory per slot). Users without TensorRT get most of its speed this way.
   On a GPU without fast FP16 (Maxwell, e.g. the Quadro M6000) it runs in FP32, keeping the rest,
@@ -107,6 +109,9 @@ class TorchBackend(Backend):
             self.note(choice.message, warning=choice.warning)
         self.precision = choice.precision
         self.cuda_graphs = bool(fast and (cuda_graphs is None or cuda_graphs))
+        self.folded = False
+        if fast:
+            model = self._fold(model, (info.input_height, info.input_width))
         self.graph = SegmentationGraph(model, info.mean, info.std, "uint8-nhwc", output_format, info.threshold,
                                        tta=info.tta, tta_sizes=info.tta_sizes).eval()
         self._pending: list[int | None] = [None] * n_slots
@@ -138,9 +143,21 @@ class TorchBackend(Backend):
             if self.cuda_graphs:
                 for s in range(n_slots):
                     self._capture(s)
-        described = (f"{self.precision} + channels_last" + (" + CUDA graphs" if self.cuda_graphs else "")
-                     if fast else "fp32 eager")
+        described = (f"{'folded, ' if self.folded else ''}{self.precision} + channels_last"
+                     + (" + CUDA graphs" if self.cuda_graphs else "") if fast else "fp32 eager")
         self.note(f"torch {torch.__version__}: {described} on {dev} ({torch.cuda.get_device_name(dev)})")
+
+    def _fold(self, model, size: tuple[int, int]):
+        """The fast mode's network: rewritten for inference and checked on the CPU against the
+        original; where the check fails, the original runs and the backend says so."""
+        from effiseg.training.inference_model import FoldError, fold_for_inference
+        try:
+            folded = fold_for_inference(model, probe_size=size)
+        except FoldError as e:
+            self.note(f"the fast mode runs the network unfolded: {e}", warning=True)
+            return model
+        self.folded = folded is not model
+        return folded
 
     def _capture(self, slot: int) -> None:
         """Warm up (cuDNN picks its kernels) on a side stream, then capture one graph per slot; each
