@@ -8,20 +8,24 @@ time is summed into categories (convolutions, elementwise, upsampling, normalisa
 layout changes, ...). The speed-up of the fast mode over the baseline is then the ratio of two sums,
 and the categories that shrink least are the ones that cap it.
 
-Variants (the two the bench compares, plus one that isolates a factor):
+Variants (the two the bench compares, plus two that isolate a factor each):
 
 * ``fp32-eager``: the bench's baseline, PyTorch as it comes. Note that PyTorch lets cuDNN use TF32
   tensor cores for FP32 convolutions by default (``torch.backends.cudnn.allow_tf32``) on Ampere and
   newer GPUs, so this "FP32" baseline already runs its convolutions on tensor cores there;
 * ``fp32-eager-no-tf32``: the same with TF32 off, i.e. true FP32 convolutions -- the difference
   between the two is what TF32 gives the baseline;
-* ``fp16-fast``: the fast mode (half precision, channels_last, cuDNN autotuning; the trace is taken
-  from eager calls of the same module, the timing from CUDA-graph replay as the backend runs it).
+* ``fp32-folded``: the baseline's precision and execution with the network rewritten for inference
+  (``training/inference_model.py``: BatchNorm folded, the decoder's sum at half resolution), which
+  isolates what the rewrite gives from what half precision and CUDA graphs give; runs on CPUs too;
+* ``fp16-fast``: the fast mode (the rewritten network, half precision, channels_last, cuDNN
+  autotuning; the trace is taken from eager calls of the same module, the timing from CUDA-graph
+  replay as the backend runs it).
 
     python -m effiseg.benchmarks.op_profile --checkpoint training/weights/default --batch-sizes 32,1
 
-On a CPU-only machine it profiles the CPU (``fp32-eager`` only; the CUDA variants are skipped with
-the reason), which is what its test exercises.
+On a CPU-only machine it profiles the CPU (``fp32-eager`` and ``fp32-folded``; the CUDA variants are
+skipped with the reason), which is what its test exercises.
 """
 from __future__ import annotations
 
@@ -47,7 +51,10 @@ CATEGORIES: tuple[tuple[str, str], ...] = (
     ("copy / layout / dtype", r"copy_|::to$|_to_copy|contiguous|clone|::flip|permute|transpose|cat$|::cat|stack"),
     ("reduction", r"::mean|::sum|::amax|::max|::min|::argmax|::softmax"),
 )
-VARIANTS = ("fp32-eager", "fp32-eager-no-tf32", "fp16-fast")
+VARIANTS = ("fp32-eager", "fp32-eager-no-tf32", "fp32-folded", "fp16-fast")
+CPU_VARIANTS = ("fp32-eager", "fp32-folded")
+# (baseline, faster variant) pairs compared category by category where both ran.
+COMPARISONS = (("fp32-eager", "fp32-folded"), ("fp32-eager", "fp16-fast"), ("fp32-eager-no-tf32", "fp16-fast"))
 
 
 def categorise(op_name: str) -> str:
@@ -147,6 +154,12 @@ class _Variant:
     def open_and_time(self, warmup: int, iters: int) -> dict:
         with self.flags():
             self.measurement.open(warmup)
+            if self.name == "fp32-folded":
+                from effiseg.training.inference_model import fold_for_inference
+                graph = self.measurement.module
+                graph.model = fold_for_inference(graph.model, probe_size=self.size)
+                for _ in range(max(1, warmup)):
+                    self.measurement.sample()
             timed = [self.measurement.sample()[1] for _ in range(iters)]
             # Eager wall time without a profiler (the denominator of the busy fraction).
             module, x = self.measurement.module, self.measurement.x
@@ -226,7 +239,7 @@ def run_profile(checkpoint: Path, device: str, batch: int, iters: int, warmup: i
     entries: dict[str, dict] = {}
     try:
         for name in variants:
-            if not on_cuda and name != "fp32-eager":
+            if not on_cuda and name not in CPU_VARIANTS:
                 entries[name] = {"variant": name, "error": "CUDA variants only (TF32 and the fast mode's "
                                  "fp16 + CUDA graphs exist on GPUs)"}
                 data["variants"] = [entries[n] for n in variants if n in entries]
@@ -260,10 +273,10 @@ def run_profile(checkpoint: Path, device: str, batch: int, iters: int, warmup: i
         for v in opened.values():
             v.close()
     done = {n: e for n, e in entries.items() if not e.get("error") and "total_ms_per_batch" in e}
-    for base in ("fp32-eager", "fp32-eager-no-tf32"):
-        if base in done and "fp16-fast" in done:
-            b, f = done[base], done["fp16-fast"]
-            data["comparisons"].append({"baseline": base, "fast": "fp16-fast",
+    for base, fast in COMPARISONS:
+        if base in done and fast in done:
+            b, f = done[base], done[fast]
+            data["comparisons"].append({"baseline": base, "fast": fast,
                                         "speedup": b["ms_per_batch_p50"] / f["ms_per_batch_p50"],
                                         "categories": compare_categories(b, f)})
     save(data)

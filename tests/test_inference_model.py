@@ -137,3 +137,21 @@ def test_folded_model_runs_in_half_precision_and_channels_last(model):
         got = folded.to(torch.bfloat16)(x.to(torch.bfloat16)).float()  # CPU half: bfloat16 is what runs
     assert got.shape == want.shape
     assert float((want - got).abs().max()) < 0.1 * max(1.0, float(want.abs().max()))
+
+
+def test_torch_backend_folds_only_its_fast_mode_and_says_when_it_cannot(tiny_checkpoint, monkeypatch):
+    from effiseg.runtime.backends.torch_backend import TorchBackend
+
+    backend = TorchBackend(tiny_checkpoint, device="cpu", max_batch=1, n_slots=1)
+    # On the CPU the torch backend is the benchmark's baseline: the network as trained.
+    assert not backend.folded and not isinstance(backend.graph.model, FoldedEffiSegNet)
+    trained = backend.graph.model
+    assert isinstance(backend._fold(trained, (64, 64)), FoldedEffiSegNet) and backend.folded
+
+    def refuse(*args, **kwargs):
+        raise FoldError("the folded model differs from the original by 1 (logit scale 5) at 64x64")
+
+    monkeypatch.setattr(inference_model, "fold_for_inference", refuse)
+    backend.folded = False
+    assert backend._fold(trained, (64, 64)) is trained and not backend.folded
+    assert "runs the network unfolded" in backend.messages[-1] and "differs" in backend.messages[-1]

@@ -60,7 +60,13 @@ def test_cpu_profile_writes_json_and_table_and_skips_the_cuda_variants(tiny_chec
     assert eager["by_category_ms_per_batch"]["convolution"] > 0
     assert sum(eager["by_category_ms_per_batch"].values()) == pytest.approx(eager["total_ms_per_batch"])
     assert "CUDA variants only" in by_name["fp16-fast"]["error"]
-    assert data["comparisons"] == []
+    assert "CUDA variants only" in by_name["fp32-eager-no-tf32"]["error"]
+    # The rewritten network runs on CPUs too, and is compared with the baseline category by category.
+    folded = by_name["fp32-folded"]
+    assert folded["precision"] == "fp32" and folded["by_category_ms_per_batch"]["convolution"] > 0
+    (pair,) = data["comparisons"]
+    assert (pair["baseline"], pair["fast"]) == ("fp32-eager", "fp32-folded")
+    assert pair["speedup"] == pytest.approx(eager["ms_per_batch_p50"] / folded["ms_per_batch_p50"])
     assert eager["eager_wall_ms_per_batch"] > 0 and eager["eager_device_busy_fraction"] > 0
     assert "fp32-eager" in (out / "op_profile_b2.txt").read_text()
     assert json.loads((out / "op_profile_b1.json").read_text())["batch_size"] == 1
@@ -82,5 +88,5 @@ def test_a_failing_variant_is_recorded_and_the_finished_ones_are_saved(tiny_chec
     res = CliRunner().invoke(main, ["--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--batch-sizes", "1",
                                     "--iters", "1", "--warmup", "1", "--output", str(tmp_path / "out"),
                                     "--cache-dir", str(tmp_path / "cache")])
-    assert res.exit_code != 0 and "1 variant(s) failed" in res.output
+    assert res.exit_code != 0 and "2 variant(s) failed" in res.output  # both CPU variants
     assert "simulated" in (tmp_path / "out" / "op_profile_b1.json").read_text()

@@ -369,7 +369,7 @@ def test_torch_fast_mode_matches_fp32_on_cuda(tiny_checkpoint, images):
         ref = seg.segment(images, output="probabilities")
     with Segmenter.from_checkpoint(tiny_checkpoint, devices=0, precision="fp16", max_batch=4, slots=2) as seg:
         b = seg.backends[0]
-        assert b.precision == fast_precision_of_gpu0() and b.cuda_graphs
+        assert b.precision == fast_precision_of_gpu0() and b.cuda_graphs and b.folded
         fast = seg.segment(images, output="probabilities")  # 11 images: the last batch is partial
         again = seg.segment(images[:1], output="probabilities")
     for a, r in zip(fast, ref):

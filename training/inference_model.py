@@ -180,25 +180,28 @@ class FoldedEffiSegNet(nn.Module):
 
 def fold_for_inference(net: nn.Module, probe_size: int | tuple[int, int] = 352,
                        check: bool = True) -> nn.Module:
-    """An inference copy of ``net`` with the rewrites above; ``net`` is left untouched. Anything
-    but an :class:`EffiSegNet` is returned as is. With ``check``, both run on a random float32
-    probe batch at ``probe_size`` (on the CPU) and :class:`FoldError` is raised unless they agree
-    within ``FOLD_CHECK_RTOL``."""
+    """An inference copy of ``net`` with the rewrites above (on ``net``'s device and dtype); ``net``
+    is left untouched. Anything but an :class:`EffiSegNet` is returned as is. With ``check``, both
+    run in float32 on the CPU (where no TF32 or half precision blurs the comparison) on a random
+    probe batch at ``probe_size``, and :class:`FoldError` is raised unless they agree within
+    ``FOLD_CHECK_RTOL`` of the logits' scale."""
     if not isinstance(net, EffiSegNet):
         return net
     folded = FoldedEffiSegNet(net)
     if check:
         h, w = (probe_size, probe_size) if isinstance(probe_size, int) else probe_size
-        device = next(net.parameters()).device
-        gen = torch.Generator().manual_seed(0)
-        probe = torch.randn(2, 3, h, w, generator=gen).to(device)
-        was_training = net.training
-        net.eval()
+        param = next(net.parameters())
+        on_cpu_fp32 = param.device.type == "cpu" and param.dtype == torch.float32
+        reference = net if on_cpu_fp32 else copy.deepcopy(net).cpu().float()
+        candidate = folded if on_cpu_fp32 else copy.deepcopy(folded).cpu().float()
+        probe = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
+        was_training = reference.training
+        reference.eval()
         try:
             with torch.no_grad():
-                want, got = net(probe), folded(probe)
+                want, got = reference(probe), candidate(probe)
         finally:
-            net.train(was_training)
+            reference.train(was_training)
         err = float((want - got).abs().max())
         scale = max(1.0, float(want.abs().max()))
         if not err <= FOLD_CHECK_RTOL * scale:
