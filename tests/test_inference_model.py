@@ -15,11 +15,11 @@ from effiseg.training.inference_model import (FoldedEffiSegNet, FoldError, fold_
 from effiseg.training.model import build_model  # noqa: E402
 
 
-def _model_with_batchnorm_statistics(seed: int = 0, **kwargs) -> nn.Module:
+def _model_with_batchnorm_statistics(seed: int = 0, variant: str = "effisegnet-lite0", **kwargs) -> nn.Module:
     """An untrained Lite0 EffiSegNet whose every BatchNorm has non-trivial statistics and affine
     parameters: with the defaults (mean 0, var 1, weight 1, bias 0) a fold could be wrong unseen."""
     torch.manual_seed(seed)
-    model = build_model("effisegnet-lite0", **kwargs)
+    model = build_model(variant, **kwargs)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for m in model.modules():
@@ -46,6 +46,17 @@ def test_folded_model_matches_the_original(model, size):
         want, got = model(x), folded(x)
     assert got.shape == want.shape == (3, 1, *size)
     assert float((want - got).abs().max()) <= 1e-4 * max(1.0, float(want.abs().max()))
+
+
+def test_the_papers_encoders_fold_too():
+    # efficientnet_b* (the paper's B4/B5 family): plain padded convolutions and squeeze-excitation
+    # blocks, where the tf_efficientnet_lite* encoders have "same" padding and none.
+    net = _model_with_batchnorm_statistics(seed=4, variant="effisegnet-b0")
+    folded = fold_for_inference(net, probe_size=64)
+    assert folded.encoder_folds > 0 and not any(isinstance(m, nn.BatchNorm2d) for m in folded.encoder.modules())
+    x = torch.randn(2, 3, 96, 64)
+    with torch.no_grad():
+        assert torch.allclose(net(x), folded(x), atol=1e-4, rtol=0)
 
 
 def test_direct_merge_matches_too(model):

@@ -138,8 +138,6 @@ class FoldedEffiSegNet(nn.Module):
 
     def __init__(self, net: EffiSegNet):
         super().__init__()
-        if net.deep_supervision and net.training:
-            raise FoldError("fold a model in eval mode")
         net = copy.deepcopy(net).eval()
         self.encoder = net.encoder
         self.encoder_folds = fold_conv_batchnorm(self.encoder)
