@@ -166,3 +166,14 @@ def test_torch_backend_folds_only_its_fast_mode_and_says_when_it_cannot(tiny_che
     backend.folded = False
     assert backend._fold(trained, (64, 64)) is trained and not backend.folded
     assert "runs the network unfolded" in backend.messages[-1] and "differs" in backend.messages[-1]
+
+
+def test_folded_model_keeps_the_networks_dtype(model):
+    # The op profile folds a network already moved to its device and precision: every layer of
+    # the folded copy must follow it (a float64 network stands in for a CUDA one here).
+    net = _model_with_batchnorm_statistics(seed=5).double()
+    folded = fold_for_inference(net, probe_size=64)
+    assert {p.dtype for p in folded.parameters()} == {torch.float64}
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(net(x), folded(x), atol=1e-8, rtol=0)

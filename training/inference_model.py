@@ -89,8 +89,9 @@ def _fold_affine_into_pointwise(bn_before: nn.BatchNorm2d, conv: nn.Conv2d) -> n
     scale = bn_before.weight / torch.sqrt(bn_before.running_var + bn_before.eps)
     shift = bn_before.bias - bn_before.running_mean * scale
     w = conv.weight  # (out, in, 1, 1)
-    bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels, dtype=w.dtype)
-    out = nn.Conv2d(conv.in_channels, conv.out_channels, 1, bias=True)
+    bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels, dtype=w.dtype, device=w.device)
+    # On the network's device and in its dtype, like every other layer of the copy.
+    out = nn.Conv2d(conv.in_channels, conv.out_channels, 1, bias=True, device=w.device, dtype=w.dtype)
     with torch.no_grad():
         out.weight.copy_(w * scale.view(1, -1, 1, 1))
         out.bias.copy_(bias + (w[:, :, 0, 0] * shift.view(1, -1)).sum(dim=1))
