@@ -27,7 +27,8 @@ TARGETS: dict[str, TargetSpec] = {t.name: t for t in (
     TargetSpec("torch-eager", "checkpoint", "any", "fp32", "torch", "train",
                "PyTorch FP32 eager (the baseline)"),
     TargetSpec("torch-fast", "checkpoint", "any", "fp16", "torch", "train",
-               "PyTorch fast mode (fp16 + channels_last + CUDA graphs on GPUs)"),
+               "PyTorch fast mode (the network rewritten for inference; on GPUs also fp16 + channels_last + "
+               "CUDA graphs)"),
     TargetSpec("ort-cpu", "onnx", "cpu", "fp32", "onnxruntime", "ort",
                "ONNX Runtime, CPU execution provider"),
     TargetSpec("ort-cuda", "onnx", "cuda", "fp32", "onnxruntime", "ort-gpu",
@@ -101,9 +102,6 @@ def unavailable_reason(spec: TargetSpec, device: str) -> str | None:
         return f"runs on {spec.devices} only"
     if is_cuda and spec.module == "torch" and not cuda_available():
         return "torch sees no CUDA GPU"
-    if spec.name == "torch-fast" and not is_cuda:
-        return ("the fast mode (fp16 + channels_last + CUDA graphs) needs a CUDA GPU; on the CPU the "
-                "torch backend runs fp32 eager, which is the baseline")
     if spec.name == "ort-cuda" and "CUDAExecutionProvider" not in ort_providers():
         return "onnxruntime has no CUDAExecutionProvider (pip install \"effiseg[ort-gpu]\")"
     if spec.name == "ort-trt" and "TensorrtExecutionProvider" not in ort_providers():

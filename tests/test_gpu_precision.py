@@ -44,14 +44,18 @@ def test_torch_on_maxwell_runs_the_fast_mode_in_fp32_and_says_so():
     assert choose_torch_mode("fp16", on_cuda=True, capability=(6, 1))[0].precision == "fp32"  # GTX 10xx: 1/64 rate
 
 
-def test_torch_fp32_is_the_eager_baseline_and_the_cpu_runs_eager():
+def test_torch_fp32_is_the_eager_baseline_and_the_cpu_fast_mode_is_fp32():
     for cc in ((5, 2), (9, 0)):
         choice, fast = choose_torch_mode("fp32", on_cuda=True, capability=cc)
         assert (choice.precision, fast, choice.message) == ("fp32", False, None)
-    assert choose_torch_mode("auto", on_cuda=False) == choose_torch_mode("fp32", on_cuda=False)
+    # On the CPU: fp32 is the baseline (the network as trained); auto is the fast mode, which there
+    # is the rewritten network in fp32; fp16 gets the same, and says why.
+    assert choose_torch_mode("fp32", on_cuda=False) == (choose_torch_mode("fp32", on_cuda=False)[0], False)
+    auto, fast = choose_torch_mode("auto", on_cuda=False)
+    assert (auto.precision, fast, auto.message) == ("fp32", True, None)
     cpu_fp16, fast = choose_torch_mode("fp16", on_cuda=False)
-    assert (cpu_fp16.precision, fast, cpu_fp16.warning) == ("fp32", False, True)
-    assert "needs a CUDA GPU" in cpu_fp16.message
+    assert (cpu_fp16.precision, fast, cpu_fp16.warning) == ("fp32", True, True)
+    assert "needs a CUDA GPU" in cpu_fp16.message and "fp32" in cpu_fp16.message
 
 
 def test_torch_mode_refuses_what_it_cannot_decide():

@@ -7,6 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
 
+import numpy as np  # noqa: E402
 from torch import nn  # noqa: E402
 
 from effiseg.training import inference_model  # noqa: E402
@@ -153,9 +154,21 @@ def test_folded_model_runs_in_half_precision_and_channels_last(model):
 def test_torch_backend_folds_only_its_fast_mode_and_says_when_it_cannot(tiny_checkpoint, monkeypatch):
     from effiseg.runtime.backends.torch_backend import TorchBackend
 
-    backend = TorchBackend(tiny_checkpoint, device="cpu", max_batch=1, n_slots=1)
-    # On the CPU the torch backend is the benchmark's baseline: the network as trained.
+    backend = TorchBackend(tiny_checkpoint, device="cpu", precision="fp32", max_batch=1, n_slots=1)
+    # fp32 is the benchmark's baseline: the network as trained.
     assert not backend.folded and not isinstance(backend.graph.model, FoldedEffiSegNet)
+    assert "the network as trained" in backend.messages[-1]
+    # auto is the fast mode: on the CPU, the rewritten network in fp32, no CUDA graphs.
+    fast = TorchBackend(tiny_checkpoint, device="cpu", precision="auto", max_batch=1, n_slots=1)
+    assert fast.folded and isinstance(fast.graph.model, FoldedEffiSegNet)
+    assert (fast.precision, fast.cuda_graphs) == ("fp32", False) and "rewritten" in fast.messages[-1]
+    x = np.random.default_rng(0).integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)
+    outs = []
+    for b in (backend, fast):
+        b.host_input(0)[:1] = x
+        b.submit(0, 1)
+        outs.append(b.collect(0).copy())
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-4)
     trained = backend.graph.model
     assert isinstance(backend._fold(trained, (64, 64)), FoldedEffiSegNet) and backend.folded
 

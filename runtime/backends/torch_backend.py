@@ -14,8 +14,9 @@ Modes:
   and one fixed block of memory per slot). Users without TensorRT get most of its speed this way.
   On a GPU without fast FP16 (Maxwell, e.g. the Quadro M6000) it runs in FP32, keeping the rest,
   and says so (:func:`choose_torch_mode`).
-* ``auto``: the fast mode on CUDA (FP16 where the GPU has fast FP16), fp32 eager on the CPU. On the
-  CPU fp16 falls back to fp32 with a message.
+* ``auto``: the fast mode. On CUDA: FP16 where the GPU has fast FP16. On the CPU the fast mode is
+  the rewritten network in fp32 eager (no half precision, layout change or graphs there); a request
+  for fp16 on the CPU gets that, with a message.
 
 Slots on CUDA: each slot has a pinned host input, a device input, a pinned host output, its own
 stream and event; ``submit`` enqueues H2D copy, the network and D2H copy on the slot's stream and
@@ -46,16 +47,17 @@ def import_torch():
 
 def choose_torch_mode(requested: str, on_cuda: bool, capability: tuple[int, int] | None = None,
                       device_label: str = "this GPU") -> tuple[PrecisionChoice, bool]:
-    """(precision, whether the fast mode runs). ``fp32``: eager float32, the benchmark's baseline.
-    ``auto`` and ``fp16`` on CUDA: the fast mode (channels_last, cuDNN autotuning, CUDA graphs) in
-    the precision of the project's rule (``gpu_precision``): FP32 on a GPU without fast FP16, where
-    the rest still pays off. On the CPU: eager float32."""
+    """(precision, whether the fast mode runs). ``fp32``: eager float32 as trained, the benchmark's
+    baseline. ``auto`` and ``fp16``: the fast mode, the network rewritten for inference; on CUDA also
+    channels_last, cuDNN autotuning and CUDA graphs, in the precision of the project's rule
+    (``gpu_precision``): FP32 on a GPU without fast FP16, where the rest still pays off. On the CPU the
+    fast mode is the rewritten network in float32."""
     requested = validate_precision_request(requested, "PyTorch")
     if not on_cuda:
         if requested == "fp16":
-            return PrecisionChoice("fp32", "fp16 fast mode needs a CUDA GPU; running fp32 eager on the CPU",
-                                   warning=True), False
-        return PrecisionChoice("fp32", None), False
+            return PrecisionChoice("fp32", "fp16 needs a CUDA GPU; the fast mode runs the rewritten network in fp32 "
+                                   "on the CPU", warning=True), True
+        return PrecisionChoice("fp32", None), requested == "auto"
     if requested == "fp32":
         return PrecisionChoice("fp32", None), False
     if capability is None:
@@ -108,7 +110,7 @@ class TorchBackend(Backend):
         if choice.message:
             self.note(choice.message, warning=choice.warning)
         self.precision = choice.precision
-        self.cuda_graphs = bool(fast and (cuda_graphs is None or cuda_graphs))
+        self.cuda_graphs = bool(fast and on_cuda and (cuda_graphs is None or cuda_graphs))
         self.folded = False
         if fast:
             model = self._fold(model, (info.input_height, info.input_width))
@@ -120,7 +122,9 @@ class TorchBackend(Backend):
         if not on_cuda:
             self._host_in = [np.zeros((max_batch, h, w, 3), np.uint8) for _ in range(n_slots)]
             self._cpu_out: list[np.ndarray | None] = [None] * n_slots
-            self.note(f"torch {torch.__version__}: fp32 eager on the CPU")
+            self.note(f"torch {torch.__version__}: fp32 eager on the CPU"
+                      + (", the network rewritten for inference (the fast mode)" if self.folded else
+                         ", the network as trained"))
             return
         dev = self.torch_device
         with torch.cuda.device(dev):
