@@ -5,18 +5,17 @@ preprocessing (``effiseg.export.wrapper.SegmentationGraph``), so its masks match
 and TensorRT's up to floating-point rounding.
 
 Modes:
-* ``fp32`` (the baseline): eager float32.
-* ``fp16`` (the fast mode, CUDA only): the network rewritten for inference
+* ``fp32`` (the baseline): eager float32, the network as trained.
+* ``fp16`` (the fast mode): the network rewritten for inference
   (``effiseg.training.inference_model``: BatchNorm folded into the convolutions, the decoder's sum
-  and first pointwise layers at half resolution; checked against the original when built),
-  half-precision weights, channels_last memory layout, cuDNN autotuning and one CUDA graph per slot captured at ``max_batch`` (a partial last batch is
-  run padded: its tail rows hold stale data and their outputs are ignored; this keeps one graph
-  and one fixed block of memory per slot). Users without TensorRT get most of its speed this way.
-  On a GPU without fast FP16 (Maxwell, e.g. the Quadro M6000) it runs in FP32, keeping the rest,
-  and says so (:func:`choose_torch_mode`).
-* ``auto``: the fast mode. On CUDA: FP16 where the GPU has fast FP16. On the CPU the fast mode is
-  the rewritten network in fp32 eager (no half precision, layout change or graphs there); a request
-  for fp16 on the CPU gets that, with a message.
+  and first pointwise layers at half resolution; checked against the original when built). On
+  CUDA also half-precision weights, channels_last memory layout, cuDNN autotuning and one CUDA
+  graph per slot captured at ``max_batch`` (a partial last batch is run padded: its tail rows hold
+  stale data and their outputs are ignored; this keeps one graph and one fixed block of memory per
+  slot). Users without TensorRT get most of its speed this way. On a GPU without fast FP16
+  (Maxwell, e.g. the Quadro M6000) it runs in FP32, keeping the rest, and says so
+  (:func:`choose_torch_mode`). On the CPU it runs the rewritten network in fp32, and says so.
+* ``auto``: the fast mode, FP16 where the GPU has fast FP16, else FP32 (the CPU included).
 
 Slots on CUDA: each slot has a pinned host input, a device input, a pinned host output, its own
 stream and event; ``submit`` enqueues H2D copy, the network and D2H copy on the slot's stream and
