@@ -308,16 +308,17 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
     h, w = info.input_height, info.input_width
     traced_model = model
     if fold:
-        from effiseg.training.inference_model import FoldError, fold_for_inference
+        from effiseg.training.inference_model import FoldedEffiSegNet, FoldError, fold_for_inference
         try:
             traced_model = fold_for_inference(model, probe_size=(h, w))
         except FoldError as e:
             raise ExportError(f"folding the network for inference failed (export with --no-fold): {e}") from None
-        if dynamic_hw and traced_model is not model:
+        if dynamic_hw and isinstance(traced_model, FoldedEffiSegNet):
             # The half-resolution sum is exact only at multiples of 32: a graph for every size
             # must not freeze the traced size's choice.
             traced_model.merge = "direct"
-    info.extra["folded_for_inference"] = traced_model is not model
+    folded = traced_model is not model
+    info.extra["folded_for_inference"] = folded
     # Traced on the CPU, so the flips' batching is said explicitly: one batch of 4N in the graph.
     # The parity reference is always the network as trained, so a fold is verified end to end.
     graph = SegmentationGraph(traced_model, info.mean, info.std, input_format, output_format, info.threshold,
@@ -342,8 +343,7 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
               "tta_sizes": list(info.tta_sizes),
               "bytes_per_image": bytes_per_image(h, w, input_format, output_format),
               "metadata": info.to_metadata(), "ok": False,
-              "folded": traced_model is not model,
-              "decoder_merge": getattr(traced_model, "merge", None) if traced_model is not model else None}
+              "folded": folded, "decoder_merge": traced_model.merge if folded else None}
     try:
         report["upsampling"] = _choose_upsampling(torch, traced_model, h, w, dynamic_hw)
         _set_upsampling(traced_model, report["upsampling"])
