@@ -17,6 +17,10 @@ from .runner import Measurement
 
 
 MAX_NAMED = 5  # failed files named in a result's error; the count says how many more
+# Warm-up runs over the warm-up folder, whatever --warmup says (which counts batches): the backend
+# is already built and warm, so two runs start the threads and codecs; ten (the GPU default) cost
+# minutes when the baseline is slow end to end (about 130 ms per image on the H200).
+E2E_WARMUP_RUNS = 2
 
 
 def failed_files(summary: dict) -> str:
@@ -26,6 +30,19 @@ def failed_files(summary: dict) -> str:
     failed = [r for r in summary["files"] if r["error"]]
     text = "; ".join(f"{r['file']}: {r['error']}" for r in failed[:MAX_NAMED])
     return text + (f"; and {len(failed) - MAX_NAMED} more" if len(failed) > MAX_NAMED else "")
+
+
+def describe_pipeline_timing(timing: dict | None) -> str | None:
+    """One line from a run's ``PipelineStats`` timing: wall time, then each stage's time summed over
+    its threads (decoders, the runner(s), writers), so a stage that takes the wall time shows."""
+    if not timing or not timing.get("wall_s"):
+        return None
+    parts = [f"{label} {timing[key]:.3f} s" for key, label in (
+        ("decode_s", "decode"), ("wait_for_slot_s", "decoders waiting for a slot"),
+        ("infer_s", "runner in submit/collect"), ("runner_idle_s", "runner waiting for a batch"),
+        ("write_s", "write")) if timing.get(key) is not None]
+    threads = f"{timing.get('workers', '?')} decoder(s), {timing.get('writers', '?')} writer(s)"
+    return f"pipeline, last warm-up run ({threads}): wall {timing['wall_s']:.3f} s; " + ", ".join(parts)
 
 
 class EndToEnd(Measurement):
@@ -54,7 +71,7 @@ class EndToEnd(Measurement):
         self.extra.update({"images": self.n_images, "workers": self.segmenter.workers,
                            "writers": self.segmenter.writers, "slots": self.backend.n_slots})
         warm = []
-        for _ in range(max(1, warmup)):
+        for _ in range(max(1, min(warmup, E2E_WARMUP_RUNS))):
             # A short run over a few images: threads, PIL codecs and the backend's slots warm up.
             t0 = time.perf_counter()
             summary = self.segmenter.run_folder(self.warmup_dir, self.output_dir.with_name(self.output_dir.name + "_warmup"))
@@ -62,7 +79,13 @@ class EndToEnd(Measurement):
             if summary["n_failed"]:
                 raise RuntimeError(f"warm-up run failed on {summary['n_failed']} image(s): {failed_files(summary)}")
             warm.append((time.perf_counter() - t0) * 1000.0 * self.config.batch_size / max(1, n))
+            self.extra["warmup_pipeline_timing"] = dict(summary.get("timing") or {})
         return warm
+
+    def warm_note(self) -> str | None:
+        """Where the last warm-up run's time went, so that a log cut short before the first round
+        still says which stage a slow end-to-end figure comes from."""
+        return describe_pipeline_timing(self.extra.get("warmup_pipeline_timing"))
 
     def sample(self) -> tuple[float, float]:
         t0 = time.perf_counter()

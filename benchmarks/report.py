@@ -12,6 +12,7 @@ from effiseg.runtime.model_info import describe_tta
 from effiseg.runtime.images import atomic_write_text
 
 from .analysis import SCHEMA
+from .runner import was_left_out_for_time
 from .stats import geometric_mean, ratio
 
 # Required keys of a result file and of each result entry, with their types (None allowed where
@@ -160,7 +161,9 @@ def results_table(results: list[dict], mode: str) -> str:
         else:
             line += f" {_fmt(mem.get('device_peak_mb'), '.0f'):>8}"
         if r.get("error"):
-            line += f"  ERROR: {r['error'][:80]}"
+            # A configuration the time budget left out is not an error of the backend.
+            line += ("  not opened: time budget" if was_left_out_for_time(r)
+                     else f"  ERROR: {r['error'][:80]}")
         lines.append(line)
     return "\n".join(lines)
 

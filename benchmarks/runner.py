@@ -204,6 +204,11 @@ class Measurement:
     def after_round(self) -> None:
         """Called after each round's samples (outside the timed region)."""
 
+    def warm_note(self) -> str | None:
+        """One line for the log after warm-up, where the measurement has more to say than its
+        warm-up latency (end to end: where the pipeline's time went)."""
+        return None
+
     def close(self) -> None:
         pass
 
@@ -314,11 +319,20 @@ class _Record:
     error: str | None = None
 
 
+NOT_OPENED = "not opened"  # the start of a result's error when the time budget left it out
+
+
+def was_left_out_for_time(result: dict) -> bool:
+    """A configuration the time budget left unopened: reported, but not a failure."""
+    return str(result.get("error") or "").startswith(NOT_OPENED + ":")
+
+
 def run_rounds(measurements: list[Measurement], rounds: int, warmup: int, plan: IterationPlan,
                settle_s: float = 0.0, log: Callable[[str], None] = print,
                sample_memory: bool = True, plan_for: Callable[[Config], IterationPlan] | None = None,
                worker_thread: bool = True, deadline: float | None = None,
-               on_round: Callable[[list[dict], int], None] | None = None) -> list[dict]:
+               on_round: Callable[[list[dict], int], None] | None = None,
+               open_deadline: float | None = None) -> list[dict]:
     """Open every measurement, run the interleaved rounds, return one result dict each.
     ``plan_for(config)`` may give a mode its own iteration plan (e2e: one run per round).
 
@@ -328,6 +342,12 @@ def run_rounds(measurements: list[Measurement], rounds: int, warmup: int, plan: 
     when the last one's duration would carry it past the deadline; the first round always runs
     (without it there is nothing to report), and rounds are never cut in the middle, because an
     incomplete round would compare configurations measured at different times.
+
+    ``open_deadline`` (same clock): no configuration is opened after it; the ones left are
+    reported with an error that says so, and the rounds run with those opened (the first is
+    always opened). Opening means building and warming up, which on a GPU can take minutes for
+    many configurations; without this a budgeted run could spend its whole budget there and
+    save nothing.
 
     ``worker_thread``: build, warm up and time on one long-lived worker thread (each round's
     samples are one task, so the hand-over is outside the timed region), as the pipeline's runner
@@ -341,7 +361,7 @@ def run_rounds(measurements: list[Measurement], rounds: int, warmup: int, plan: 
         executor = ThreadPoolExecutor(1, thread_name_prefix="effiseg-bench-timing")
         try:
             results = _run_rounds(measurements, rounds, warmup, plan, settle_s, log, sample_memory, plan_for,
-                                  lambda fn: executor.submit(fn).result(), deadline, on_round)
+                                  lambda fn: executor.submit(fn).result(), deadline, on_round, open_deadline)
         except BaseException:
             # Ctrl-C: do not wait here for the worker's current task (a whole round of one configuration).
             executor.shutdown(wait=False, cancel_futures=True)
@@ -349,16 +369,21 @@ def run_rounds(measurements: list[Measurement], rounds: int, warmup: int, plan: 
         executor.shutdown(wait=True)
         return results
     return _run_rounds(measurements, rounds, warmup, plan, settle_s, log, sample_memory, plan_for,
-                       lambda fn: fn(), deadline, on_round)
+                       lambda fn: fn(), deadline, on_round, open_deadline)
 
 
 def _run_rounds(measurements, rounds, warmup, plan, settle_s, log, sample_memory, plan_for, call,
-                deadline=None, on_round=None) -> list[dict]:
+                deadline=None, on_round=None, open_deadline=None) -> list[dict]:
     records = [_Record(m) for m in measurements]
     gpu_probes: dict[str, GpuMemoryProbe] = {}
 
-    for rec in records:
+    for i, rec in enumerate(records):
         m, cfg = rec.measurement, rec.measurement.config
+        if i > 0 and open_deadline is not None and time.perf_counter() > open_deadline:
+            rec.error = (f"{NOT_OPENED}: the time budget ran out before its turn to be built and warmed up "
+                         f"(give a larger --time-budget, or fewer backends / batch sizes)")
+            log(f"  skipping {cfg.key}: {rec.error}")
+            continue
         log(f"  opening {cfg.key}")
         try:
             def open_it(m=m, cfg=cfg):
@@ -373,6 +398,9 @@ def _run_rounds(measurements, rounds, warmup, plan, settle_s, log, sample_memory
         reference = float(np.median(warm[1:])) if len(warm) > 1 else warm[0]
         rec.iters = (plan_for(cfg) if plan_for else plan).for_latency(reference / 1000.0)
         log(f"    first batch {warm[0]:.1f} ms, warm {reference:.1f} ms -> {rec.iters} sample(s) per round")
+        note = m.warm_note()
+        if note:
+            log(f"    {note}")
         if sample_memory and cfg.target.device.startswith("cuda") and cfg.target.spec.module != "torch":
             index = int(cfg.target.device.partition(":")[2] or 0)
             if cfg.target.device not in gpu_probes:

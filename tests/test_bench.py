@@ -276,6 +276,49 @@ def test_every_finished_round_is_handed_out_and_a_deadline_stops_between_rounds(
     assert any("stopping after round 1 of 3" in m for m in messages)
 
 
+def test_no_configuration_is_opened_after_the_opening_deadline_and_the_opened_ones_still_run():
+    info = ModelInfo(path=None, variant="test", input_height=8, input_width=8)
+    calls: list[str] = []
+    pool = BackendPool(lambda target, fmt, batch, size: RecordingBackend(info, batch, calls, f"{target.name}/b{batch}"),
+                       log=lambda m: None)
+    configs = [Config("model", t, b, 8, 8, "uint8-nhwc") for b in (1, 2) for t in _targets()]
+    messages, saved = [], []
+    results = run_rounds([ModelOnly(c, pool) for c in configs], rounds=2, warmup=1, plan=IterationPlan(iters=2),
+                         log=messages.append, open_deadline=0.0, on_round=lambda res, done: saved.append(done))
+    pool.close()
+    first, rest = results[0], results[1:]
+    assert first["error"] is None and len(first["samples_ms"]) == 4  # the first is always opened, and runs
+    assert set(calls) == {"torch-eager/b1"}  # no other backend was even built
+    for r in rest:
+        assert r["samples_ms"] == [] and r["latency"] is None
+        assert r["error"].startswith("not opened: the time budget ran out")
+    assert saved == [1, 2]
+    assert sum("skipping" in m for m in messages) == 3
+
+
+def test_end_to_end_warms_up_in_two_folder_runs_and_logs_where_the_time_went(tmp_path):
+    from PIL import Image
+    from effiseg.benchmarks.e2e import E2E_WARMUP_RUNS, EndToEnd
+    info = ModelInfo(path=None, variant="test", input_height=8, input_width=8)
+    calls: list[str] = []
+    pool = BackendPool(lambda target, fmt, batch, size: RecordingBackend(info, batch, calls, "b"), log=lambda m: None)
+    images, warm = tmp_path / "images", tmp_path / "warm"
+    images.mkdir(), warm.mkdir()
+    for i in range(4):
+        Image.new("RGB", (12, 10), (i * 40, 90, 30)).save(images / f"{i}.png")
+    for i in range(2):
+        Image.new("RGB", (12, 10), (i * 40, 90, 30)).save(warm / f"{i}.png")
+    m = EndToEnd(Config("e2e", _targets()[0], 2, 8, 8, "uint8-nhwc"), pool, images, warm, tmp_path / "masks",
+                 workers=1, writers=1)
+    messages = []
+    results = run_rounds([m], rounds=1, warmup=10, plan=IterationPlan(iters=1), log=messages.append)
+    pool.close()
+    assert E2E_WARMUP_RUNS == 2 and len(calls) == 2 + 2  # two warm-up runs of one batch, then 4 images
+    assert results[0]["error"] is None and results[0]["warmup_pipeline_timing"]["images"] == 2
+    note = [x for x in messages if "pipeline, last warm-up run" in x]
+    assert len(note) == 1 and "1 decoder(s), 1 writer(s)" in note[0] and "runner in submit/collect" in note[0]
+
+
 def test_a_failing_backend_is_reported_and_the_others_go_on():
     info = ModelInfo(path=None, variant="test", input_height=8, input_width=8)
 
@@ -378,8 +421,13 @@ def test_time_budget_keeps_the_finished_rounds_and_says_so(tiny_checkpoint, tmp_
     assert data["complete"] is True and data["rounds_completed"] == 1
     assert data["settings"]["time_budget_s"] == 0.01
     assert any("1 of 4 rounds" in n for n in data["notes"])
-    assert {r["backend"] for r in data["results"]} == {"torch-eager", "ort-cpu"}
-    assert all(len(r["samples_ms"]) == 2 for r in data["results"])
+    by_backend = {r["backend"]: r for r in data["results"]}
+    assert set(by_backend) == {"torch-eager", "ort-cpu"}
+    # The budget was spent opening the baseline: ONNX Runtime is listed, not opened, and says why.
+    assert len(by_backend["torch-eager"]["samples_ms"]) == 2 and by_backend["torch-eager"]["error"] is None
+    assert by_backend["ort-cpu"]["samples_ms"] == [] and "time budget" in by_backend["ort-cpu"]["error"]
+    assert "not opened" in res.output  # said, and noted in the file; a budget's cut is not a failure (exit 0)
+    assert any("1 configuration(s) were not opened" in n and "model|ort-cpu@cpu" in n for n in data["notes"])
 
 
 def test_ctrl_c_keeps_the_finished_rounds_and_exits_130(tiny_checkpoint, tmp_path, monkeypatch):

@@ -38,7 +38,7 @@ DEV=cuda:0; BATCHES=1,8,32; ROUNDS=5; IMAGES=96; PROFILE_BATCHES=32,1; PROFILE_I
 EXTRA=(--min-time 0.4)
 if [ "${DRY:-0}" = 1 ]; then
   DEV=cpu; BATCHES=1; ROUNDS=2; IMAGES=2; PROFILE_BATCHES=1; PROFILE_ITERS=1; HOST_THREADS=2
-  BENCH_BUDGET=${BENCH_BUDGET_DRY:-5}
+  BENCH_BUDGET=${BENCH_BUDGET_DRY:-60}  # enough to open every configuration on a 2-core CPU
   EXTRA=(--iters 1 --warmup 1 --devices cpu --threads 1 --no-compute)
 fi
 
