@@ -99,4 +99,8 @@ class EndToEnd(Measurement):
         return 0.0, wall * 1000.0 * self.config.batch_size / self.n_images
 
     def close(self) -> None:
+        if self.segmenter is not None:
+            # Its device thread ends here; the backend is the pool's to close.
+            for t in self.segmenter.runner_threads:
+                t.close()
         self.segmenter = None

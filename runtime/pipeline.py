@@ -7,10 +7,13 @@ Threads and what bounds them:
   (``backend.host_input(slot)``, pinned memory on GPU backends). A failed decode claims no row, so
   batches have no holes. Decoders block while no slot is free: that is the back-pressure that
   keeps memory bounded whatever the number of files.
-* One runner thread per backend (per device) submits full batches as soon as they are ready and
+* One runner per backend (per device) submits full batches as soon as they are ready and
   keeps up to ``n_slots`` batches in flight, so with two or more slots the host fills one slot
   while the device copies and computes another. It copies each image's output row out of the
-  slot, returns the slot to the shared free list and hands the rows to the writers.
+  slot, returns the slot to the shared free list and hands the rows to the writers. The runner
+  runs on the backend's ``DeviceThread`` (``runner_threads``), the same thread run after run where
+  the caller keeps them (``Segmenter`` does): PyTorch's cuDNN plans are cached per thread
+  (``device_thread.py``).
 * ``writers`` threads resize outputs to each image's size, threshold and write (``finish``). The
   runner blocks when ``2 * writers`` outputs are waiting, so slow disks also push back.
 
@@ -48,6 +51,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from .backends.base import Backend
+from .device_thread import DeviceThread
 
 _POLL_S = 0.1  # how often blocked threads look at the abort flag
 _FILL_FAILED = object()  # the meta of a claimed row whose image could not be written into it
@@ -111,15 +115,20 @@ class Pipeline:
     fail that job); ``fill(row, model_input_rgb)`` writes it into one host-buffer row;
     ``finish(job, meta, output_row) -> result`` post-processes one output; ``fail(job, exc, stage)
     -> result`` turns an exception into that job's result. ``run`` yields ``(job, result)``.
+    ``runner_threads``: one ``DeviceThread`` per backend, kept by the caller from run to run; without
+    them each run starts its own and closes them at its end.
     """
 
     def __init__(self, backends: list[Backend], load: Callable, fill: Callable, finish: Callable,
                  fail: Callable, workers: int | None = None, writers: int | None = None,
-                 max_failed_batches: int = 3):
+                 max_failed_batches: int = 3, runner_threads: list[DeviceThread] | None = None):
         if not backends:
             raise ValueError("the pipeline needs at least one backend")
         if max_failed_batches < 1:
             raise ValueError("max_failed_batches must be >= 1")
+        if runner_threads is not None and len(runner_threads) != len(backends):
+            raise ValueError(f"one runner thread per backend: {len(runner_threads)} for {len(backends)} backend(s)")
+        self.runner_threads = runner_threads
         self.backends = backends
         self.max_failed_batches = max_failed_batches
         self.load, self.fill, self.finish, self.fail = load, fill, finish, fail
@@ -197,21 +206,34 @@ class Pipeline:
     def _coordinate(self) -> None:
         decoders = [threading.Thread(target=self._guard, args=(self._decode_loop,),
                                      name=f"effiseg-decode-{i}", daemon=True) for i in range(self.workers)]
-        runners = [threading.Thread(target=self._guard, args=(self._runner_loop, i),
-                                    name=f"effiseg-run-{b.device}", daemon=True)
-                   for i, b in enumerate(self.backends)]
+        owned = self.runner_threads is None
+        threads = ([DeviceThread(f"effiseg-run-{b.device}") for b in self.backends] if owned
+                   else self.runner_threads)
+        runners = []
         try:
-            for t in decoders + runners:
+            for t in decoders:
                 t.start()
+            for i, t in enumerate(threads):
+                # _guard keeps every exception in _fatal, so these futures always end with a result.
+                runners.append(t.submit(self._guard, self._runner_loop, i))
             for t in decoders:
                 t.join()
             if not self._abort.is_set():
                 self._flush_partial()
             for q in self._ready:
                 q.put(None)
-            for t in runners:
-                t.join()
+        except BaseException as e:  # e.g. a closed runner thread: stop everything, report it from run()
+            self._fatal.append(e)
+            self._abort.set()
+            for t in decoders:
+                if t.is_alive():
+                    t.join()
         finally:
+            for r in runners:
+                r.result()
+            if owned:
+                for t in threads:
+                    t.close()
             self._writer_pool.shutdown(wait=True)
             self._results.put(self._end)
 

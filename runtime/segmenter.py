@@ -17,6 +17,7 @@ import numpy as np
 from .backends import BackendUnavailable, open_checkpoint_backends, open_onnx_backends
 from .backends.base import Backend
 from .model_info import ModelInfo
+from .device_thread import DeviceThread
 from .pipeline import Pipeline, default_workers
 from .postprocess import fill_host_row, output_to_mask, output_to_probabilities, resize_rgb
 
@@ -74,6 +75,9 @@ class Segmenter:
         self.workers = workers or default_workers()
         self.writers = writers or self.workers
         self.last_stats = None
+        # One device thread per backend for the Segmenter's life: every run calls each backend from
+        # the same thread, so per-thread caches (PyTorch's cuDNN plans) are built once, not per run.
+        self.runner_threads = [DeviceThread(f"effiseg-run-{b.device}") for b in backends]
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -135,7 +139,7 @@ class Segmenter:
     def pipeline(self, load, finish, fail) -> Pipeline:
         info = self.info
         return Pipeline(self.backends, load, lambda row, rgb: fill_host_row(row, rgb, info), finish, fail,
-                        workers=self.workers, writers=self.writers)
+                        workers=self.workers, writers=self.writers, runner_threads=self.runner_threads)
 
     def prepare(self, rgb: np.ndarray) -> np.ndarray:
         """An RGB image resized to the model's input (what a host-buffer row receives)."""
@@ -187,6 +191,8 @@ class Segmenter:
                 "model_info": {k: v for k, v in dataclasses.asdict(self.info).items() if k != "path"}}
 
     def close(self) -> None:
+        for t in self.runner_threads:
+            t.close()
         for b in self.backends:
             b.close()
 

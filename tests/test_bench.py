@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -301,7 +302,14 @@ def test_end_to_end_warms_up_in_two_folder_runs_and_logs_where_the_time_went(tmp
     from effiseg.benchmarks.e2e import E2E_WARMUP_RUNS, EndToEnd
     info = ModelInfo(path=None, variant="test", input_height=8, input_width=8)
     calls: list[str] = []
-    pool = BackendPool(lambda target, fmt, batch, size: RecordingBackend(info, batch, calls, "b"), log=lambda m: None)
+    runner_idents: set[int] = set()
+
+    class ThreadNotingBackend(RecordingBackend):
+        def submit(self, slot, n):
+            runner_idents.add(threading.get_ident())
+            super().submit(slot, n)
+
+    pool = BackendPool(lambda target, fmt, batch, size: ThreadNotingBackend(info, batch, calls, "b"), log=lambda m: None)
     images, warm = tmp_path / "images", tmp_path / "warm"
     images.mkdir(), warm.mkdir()
     for i in range(4):
@@ -317,6 +325,9 @@ def test_end_to_end_warms_up_in_two_folder_runs_and_logs_where_the_time_went(tmp
     assert results[0]["error"] is None and results[0]["warmup_pipeline_timing"]["images"] == 2
     note = [x for x in messages if "pipeline, last warm-up run" in x]
     assert len(note) == 1 and "1 decoder(s), 1 writer(s)" in note[0] and "runner in submit/collect" in note[0]
+    # Every run drove the backend from the segmenter's one device thread, which ends with the measurement.
+    assert len(runner_idents) == 1
+    assert not any(t.ident in runner_idents for t in threading.enumerate())
 
 
 def test_a_failing_backend_is_reported_and_the_others_go_on():
