@@ -179,16 +179,16 @@ def pipeline_ceiling(images: list[Path], thread_counts: list[int], size: int = 3
         for i, path in enumerate(images):  # copies: a folder of exactly these images, on any OS
             shutil.copyfile(path, folder / f"{i:05d}{path.suffix.lower()}")
         for k in thread_counts:
-            segmenter = Segmenter([InstantBackend(info, outputs, batch)], workers=k, writers=k)
             runs = []
-            for r in range(repeats + 1):
-                summary = segmenter.run_folder(folder, Path(tmp) / f"masks_{k}_{r}")
-                if summary["n_failed"]:
-                    raise RuntimeError(f"the ceiling run failed on {summary['n_failed']} image(s): "
-                                       + "; ".join(f"{row['file']}: {row['error']}" for row in summary["files"]
-                                                   if row["error"])[:500])
-                if r:  # run 0 warms threads and codecs up
-                    runs.append(summary)
+            with Segmenter([InstantBackend(info, outputs, batch)], workers=k, writers=k) as segmenter:
+                for r in range(repeats + 1):
+                    summary = segmenter.run_folder(folder, Path(tmp) / f"masks_{k}_{r}")
+                    if summary["n_failed"]:
+                        raise RuntimeError(f"the ceiling run failed on {summary['n_failed']} image(s): "
+                                           + "; ".join(f"{row['file']}: {row['error']}" for row in summary["files"]
+                                                       if row["error"])[:500])
+                    if r:  # run 0 warms threads and codecs up
+                        runs.append(summary)
             best = max(runs, key=lambda s: s["images_per_s"])
             result[str(k)] = {"images_per_s": best["images_per_s"],
                               "images_per_s_runs": [s["images_per_s"] for s in runs],

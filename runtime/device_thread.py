@@ -5,23 +5,28 @@ Why not a fresh thread per run: PyTorch keeps its cuDNN execution plans in a *th
 not guaranteed to be thread safe across all engines"). A thread that has never run a convolution
 of a given shape builds the plan again (with ``cudnn.benchmark``, times every candidate again).
 Eager PyTorch on a GPU therefore paid that search at the start of every ``run_folder`` or
-``segment`` call when each run started its own runner thread: on the H200 about 4 s per run for
-the two-size default model (5.5 s for the very first batch), on the H100 about 2 s for the
-flip-only model, whatever the number of images (benchmarks/RESULTS.md). CUDA-graph replay, ONNX
+``segment`` call when each run started its own runner thread: by the logged benchmark figures,
+about 4 s per run on the H200 for the two-size default model (4-5.5 s for a first batch), about
+2 s on the H100 for the flip-only model, whatever the number of images (benchmarks/RESULTS.md). CUDA-graph replay, ONNX
 Runtime and TensorRT do not go through that cache, but gain nothing from a new thread either, so
 every backend gets one device thread for the life of its ``Segmenter``.
 
 A daemon thread, not a ``ThreadPoolExecutor``: the interpreter joins executor threads at exit, so
 a device call that never returns (a hung GPU) would keep the process from exiting after Ctrl-C.
+The thread holds nothing of a call once it is done (so a dropped Segmenter can be freed; its
+finalizer closes the thread), and a forked child that uses the object starts a thread of its own.
 """
 from __future__ import annotations
 
+import os
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from typing import Any, Callable
 
 _STOP = object()
+_JOIN_STEP_S = 0.1  # joins wait in steps: on Windows an untimed join cannot be interrupted by Ctrl-C
 
 
 class DeviceThread:
@@ -32,18 +37,22 @@ class DeviceThread:
         self.name = name
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
         self._lock = threading.Lock()
         self._closed = False
 
     @property
-    def ident(self) -> int | None:
-        """The thread's identifier once started (tests and diagnostics)."""
-        return self._thread.ident if self._thread is not None else None
+    def thread(self) -> threading.Thread | None:
+        """The thread once started (tests and diagnostics)."""
+        return self._thread
 
     def submit(self, fn: Callable, *args: Any) -> Future:
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"{self.name} is closed: its Segmenter was closed, so it runs no more batches")
+            if self._pid != os.getpid():
+                # A forked child inherits this object but not its thread: start afresh there.
+                self._calls, self._thread, self._pid = queue.SimpleQueue(), None, os.getpid()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
                 self._thread.start()
@@ -52,29 +61,40 @@ class DeviceThread:
         return future
 
     def _loop(self) -> None:
+        calls = self._calls
         while True:
-            item = self._calls.get()
+            item = calls.get()
             if item is _STOP:
                 return
             future, fn, args = item
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                result = fn(*args)
-            except BaseException as e:  # handed to whoever waits on the future, never lost here
-                future.set_exception(e)
-            else:
-                future.set_result(result)
+            result = None
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = fn(*args)
+                except BaseException as e:  # handed to whoever waits on the future, never lost here
+                    future.set_exception(e)
+                else:
+                    future.set_result(result)
+            # Drop the finished call before waiting for the next: held here, the last call (a
+            # pipeline, and through it the Segmenter and its backends) could never be freed.
+            item = future = fn = args = result = None
 
     def close(self, timeout: float | None = None) -> None:
         """Stop after the calls already submitted; waits up to ``timeout`` seconds (None: until they
-        are done) for the thread to end. Closing twice is harmless."""
+        are done) for the thread to end, in short steps so that Ctrl-C gets through. Closing twice
+        is harmless."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            thread = self._thread
+            thread = self._thread if self._pid == os.getpid() else None
             if thread is not None:
                 self._calls.put(_STOP)
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
+        if thread is None or thread is threading.current_thread():
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while thread.is_alive():
+            step = _JOIN_STEP_S if deadline is None else min(_JOIN_STEP_S, deadline - time.monotonic())
+            if step <= 0:
+                return  # a call that does not return (a hung device): the daemon thread is left behind
+            thread.join(step)

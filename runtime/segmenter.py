@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,8 @@ class Segmenter:
         # One device thread per backend for the Segmenter's life: every run calls each backend from
         # the same thread, so per-thread caches (PyTorch's cuDNN plans) are built once, not per run.
         self.runner_threads = [DeviceThread(f"effiseg-run-{b.device}") for b in backends]
+        # A Segmenter dropped without close() still ends its threads (without waiting for them).
+        self._finalizer = weakref.finalize(self, _stop_threads, list(self.runner_threads))
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -191,8 +194,11 @@ class Segmenter:
                 "model_info": {k: v for k, v in dataclasses.asdict(self.info).items() if k != "path"}}
 
     def close(self) -> None:
+        # Between runs the threads are idle and end at once; a device call that never returns is
+        # waited for a bounded time, then left to its daemon thread.
         for t in self.runner_threads:
-            t.close()
+            t.close(timeout=_CLOSE_WAIT_S)
+        self._finalizer.detach()
         for b in self.backends:
             b.close()
 
@@ -201,6 +207,14 @@ class Segmenter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+_CLOSE_WAIT_S = 5.0
+
+
+def _stop_threads(threads: list[DeviceThread]) -> None:
+    for t in threads:
+        t.close(timeout=0)
 
 
 @dataclasses.dataclass

@@ -302,11 +302,11 @@ def test_end_to_end_warms_up_in_two_folder_runs_and_logs_where_the_time_went(tmp
     from effiseg.benchmarks.e2e import E2E_WARMUP_RUNS, EndToEnd
     info = ModelInfo(path=None, variant="test", input_height=8, input_width=8)
     calls: list[str] = []
-    runner_idents: set[int] = set()
+    runner_threads: set[threading.Thread] = set()
 
     class ThreadNotingBackend(RecordingBackend):
         def submit(self, slot, n):
-            runner_idents.add(threading.get_ident())
+            runner_threads.add(threading.current_thread())
             super().submit(slot, n)
 
     pool = BackendPool(lambda target, fmt, batch, size: ThreadNotingBackend(info, batch, calls, "b"), log=lambda m: None)
@@ -326,8 +326,8 @@ def test_end_to_end_warms_up_in_two_folder_runs_and_logs_where_the_time_went(tmp
     note = [x for x in messages if "pipeline, last warm-up run" in x]
     assert len(note) == 1 and "1 decoder(s), 1 writer(s)" in note[0] and "runner in submit/collect" in note[0]
     # Every run drove the backend from the segmenter's one device thread, which ends with the measurement.
-    assert len(runner_idents) == 1
-    assert not any(t.ident in runner_idents for t in threading.enumerate())
+    (runner,) = runner_threads
+    assert not runner.is_alive()
 
 
 def test_a_failing_backend_is_reported_and_the_others_go_on():

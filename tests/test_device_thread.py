@@ -25,18 +25,18 @@ class ThreadRecordingBackend(Backend):
         self.delay = delay
         self.buffers = [np.zeros((max_batch, 8, 8, 3), np.uint8) for _ in range(self.n_slots)]
         self.pending = [None] * self.n_slots
-        self.threads: list[int] = []
+        self.threads: list[threading.Thread] = []  # objects, not idents: idents are reused
 
     def host_input(self, slot):
         return self.buffers[slot]
 
     def submit(self, slot, n):
-        self.threads.append(threading.get_ident())
+        self.threads.append(threading.current_thread())
         time.sleep(self.delay)  # a busy device: the other backend gets the next batches
         self.pending[slot] = self.buffers[slot][:n].mean(axis=3).astype(np.float32) - 128
 
     def collect(self, slot):
-        self.threads.append(threading.get_ident())
+        self.threads.append(threading.current_thread())
         out, self.pending[slot] = self.pending[slot], None
         return out
 
@@ -53,18 +53,50 @@ def test_every_run_calls_a_backend_from_the_same_thread_and_each_backend_has_its
     ran_first = {x.device: set(x.threads) for x in (a, b)}
     second = seg.segment(_images(12))
     assert all(np.array_equal(x, y) for x, y in zip(first, second))
-    for x in (a, b):
+    for x, runner in zip((a, b), seg.runner_threads):
         assert ran_first[x.device], f"{x.device} got no batch in the first run"
-        assert len(set(x.threads)) == 1  # both runs, submit and collect: one thread
-        assert threading.get_ident() not in x.threads  # never the caller's thread
-    assert set(a.threads) != set(b.threads)
-    assert sorted(t.name for t in seg.runner_threads) == ["effiseg-run-cuda:0", "effiseg-run-cuda:1"]
-    threads = [t for t in threading.enumerate() if t.name.startswith("effiseg-run-cuda")]
-    assert len(threads) == 2
+        assert set(x.threads) == {runner.thread}  # both runs, submit and collect: its one thread
+        assert threading.current_thread() not in x.threads  # never the caller's thread
+    assert a.threads[0] is not b.threads[0]
+    assert [t.name for t in seg.runner_threads] == ["effiseg-run-cuda:0", "effiseg-run-cuda:1"]
+    threads = [t.thread for t in seg.runner_threads]
     seg.close()
-    for t in threads:
-        t.join(5)
-        assert not t.is_alive()  # closing the Segmenter ends its device threads
+    assert not any(t.is_alive() for t in threads)  # closing the Segmenter ends its device threads
+
+
+def test_a_segmenter_dropped_without_close_is_freed_and_its_thread_ends():
+    import gc
+    import weakref
+    backend = ThreadRecordingBackend()
+    seg = Segmenter([backend], workers=1)
+    seg.segment(_images(3))
+    thread = seg.runner_threads[0].thread
+    seg_ref, backend_ref = weakref.ref(seg), weakref.ref(backend)
+    del seg, backend
+    gc.collect()
+    assert seg_ref() is None and backend_ref() is None  # the idle thread holds nothing of them
+    thread.join(5)
+    assert not thread.is_alive()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork on this OS (Windows)")
+def test_a_forked_child_runs_its_segmenter_on_a_thread_of_its_own():
+    import os
+    seg = Segmenter([ThreadRecordingBackend()], workers=1)
+    expected = seg.segment(_images(2))
+    pid = os.fork()
+    if pid == 0:  # the child: its copy of the device thread object has no thread behind it
+        code = 1
+        try:
+            import signal
+            signal.alarm(20)  # a hang fails the test instead of blocking it
+            got = seg.segment(_images(2))
+            code = 0 if all(np.array_equal(x, y) for x, y in zip(got, expected)) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    seg.close()
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
 
 
 def test_a_folder_run_uses_the_segmenters_device_thread(tmp_path):
@@ -78,7 +110,7 @@ def test_a_folder_run_uses_the_segmenters_device_thread(tmp_path):
         seg.segment(_images(2))
         summary = seg.run_folder(src, tmp_path / "out")
         assert summary["n_ok"] == 3
-        assert len(set(backend.threads)) == 1 and backend.threads[0] == seg.runner_threads[0].ident
+        assert set(backend.threads) == {seg.runner_threads[0].thread}
 
 
 def test_a_closed_segmenter_refuses_to_run_instead_of_hanging():
@@ -91,23 +123,22 @@ def test_a_closed_segmenter_refuses_to_run_instead_of_hanging():
 
 def test_a_pipeline_without_runner_threads_starts_and_ends_its_own():
     backend = ThreadRecordingBackend()
-    before = {t.ident for t in threading.enumerate()}
+    before = set(threading.enumerate())
     pipe = Pipeline([backend], lambda i: (np.zeros((8, 8, 3), np.uint8), i), lambda row, rgb: row.__setitem__(Ellipsis, rgb),
                     lambda i, meta, out: i, lambda i, e, stage: pytest.fail(f"{stage}: {e}"), workers=1)
     assert sorted(i for _, i in pipe.run(range(5))) == list(range(5))
     runner = set(backend.threads)
     assert len(runner) == 1 and not runner & before
-    deadline = time.time() + 5
-    while any(t.ident in runner for t in threading.enumerate()) and time.time() < deadline:
-        time.sleep(0.02)
-    assert not any(t.ident in runner for t in threading.enumerate())
+    (thread,) = runner
+    thread.join(5)
+    assert not thread.is_alive()
     with pytest.raises(ValueError, match="one runner thread per backend"):
         Pipeline([backend], None, None, None, None, runner_threads=[])
 
 
 def test_device_thread_runs_calls_in_order_and_hands_back_results_and_errors():
     t = DeviceThread("effiseg-test-device")
-    assert t.ident is None  # started by the first call, not before
+    assert t.thread is None  # started by the first call, not before
     seen = []
     futures = [t.submit(seen.append, i) for i in range(20)]
     boom = t.submit(lambda: 1 / 0)
@@ -115,10 +146,11 @@ def test_device_thread_runs_calls_in_order_and_hands_back_results_and_errors():
     assert answer.result(5) == 42 and seen == list(range(20)) and all(f.result() is None for f in futures)
     with pytest.raises(ZeroDivisionError):
         boom.result()
-    ident = t.submit(threading.get_ident).result(5)
-    assert ident == t.ident != threading.get_ident()
+    assert t.thread is not None
+    ran_on = t.submit(threading.current_thread).result(5)
+    assert ran_on is t.thread and ran_on is not threading.current_thread()
     t.close(timeout=5)
     t.close()  # twice is harmless
-    assert not any(x.ident == ident for x in threading.enumerate())
+    assert not ran_on.is_alive()
     with pytest.raises(RuntimeError, match="is closed"):
         t.submit(print)
