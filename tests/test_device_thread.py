@@ -154,3 +154,29 @@ def test_device_thread_runs_calls_in_order_and_hands_back_results_and_errors():
     assert not ran_on.is_alive()
     with pytest.raises(RuntimeError, match="is closed"):
         t.submit(print)
+
+
+def test_the_thread_probe_runs_its_four_measurements_and_writes_them(tiny_checkpoint, tmp_path):
+    """benchmarks/thread_probe.py: a fresh thread against the device thread (no timing assertions)."""
+    import json
+
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from effiseg.benchmarks.thread_probe import main
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, im in enumerate(_images(3)):
+        Image.fromarray(im).save(folder / f"{i}.png")
+    out = tmp_path / "probe.json"
+    res = CliRunner().invoke(main, ["--checkpoint", str(tiny_checkpoint), "--images", str(folder), "--batch", "2",
+                                    "--rounds", "2", "--threads", "1", "--output", str(out)])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    data = json.loads(out.read_text())
+    assert data["batch"] == 2 and data["images_per_run"] == 3 and data["device"] == "cpu"
+    assert {k: len(v) for k, v in data["samples"].items()} == {
+        "batch_fresh_thread_s": 2, "batch_device_thread_s": 2, "run_fresh_thread_s": 2, "run_device_thread_s": 2}
+    assert all(v > 0 for v in data["fresh_over_device_thread"].values())
+    assert "fresh/device" in res.output and "segment() of 3 images" in res.output
+    # The probe's temporary runner threads are gone; only what was running before may remain.
+    assert not [t for t in threading.enumerate() if t.name in ("effiseg-probe-run", "effiseg-probe-fresh")]

@@ -5,9 +5,11 @@
 #      with a time budget; the JSON is rewritten after every round, so a limit keeps finished rounds;
 #   2. the operator profile (benchmarks/op_profile.py) at batch 32 and 1: why the fast mode gains
 #      what it gains (TF32 in the baseline, per-category device time, launch-bound fraction);
-#   3. the host-side pipeline profile on this machine's CPU (per stage, 1 vs 8 threads, and the
+#   3. the thread probe (benchmarks/thread_probe.py): what a fresh thread costs eager PyTorch on the
+#      GPU, against the backend's long-lived device thread;
+#   4. the host-side pipeline profile on this machine's CPU (per stage, 1 vs 8 threads, and the
 #      pipeline ceiling: run_folder with a backend that costs nothing) and the GPU-marked tests;
-#   4. everything in $OUT/bench_results.tgz (re-packed after every step) plus the log.
+#   5. everything in $OUT/bench_results.tgz (re-packed after every step) plus the log.
 # Needs torch with CUDA, timm, safetensors, scipy, pillow, click, matplotlib (optional: plot), and
 # the Kvasir-SEG test images under .carry/ (see benchmarks/gpu/README.md). DRY=1: a tiny CPU run
 # of the same steps, to check the script before spending device time.
@@ -35,9 +37,11 @@ pack() { tar czf "$OUT/bench_results.tgz.tmp" -C "$WORK" results && mv "$OUT/ben
 . "$ROOT/benchmarks/gpu/effiseg_site.sh"
 
 DEV=cuda:0; BATCHES=1,8,32; ROUNDS=5; IMAGES=96; PROFILE_BATCHES=32,1; PROFILE_ITERS=20; HOST_THREADS=8
+PROBE_IMAGES=32; PROBE_BATCH=8; PROBE_ROUNDS=3
 EXTRA=(--min-time 0.4)
 if [ "${DRY:-0}" = 1 ]; then
   DEV=cpu; BATCHES=1; ROUNDS=2; IMAGES=2; PROFILE_BATCHES=1; PROFILE_ITERS=1; HOST_THREADS=2
+  PROBE_IMAGES=2; PROBE_BATCH=2; PROBE_ROUNDS=1
   BENCH_BUDGET=${BENCH_BUDGET_DRY:-60}  # enough to open every configuration on a 2-core CPU
   EXTRA=(--iters 1 --warmup 1 --devices cpu --threads 1 --no-compute)
 fi
@@ -60,6 +64,17 @@ if [ "$(left)" -gt 40 ]; then
   timeout $(( $(left) - 30 )) "$PY" -m effiseg.benchmarks.op_profile --checkpoint "$CKPT" --device "$DEV" \
     --batch-sizes "$PROFILE_BATCHES" --iters "$PROFILE_ITERS" --output "$RES/op_profile" --cache-dir "$WORK/bench-cache"
   stamp "operator profile exit $?"
+  pack
+fi
+
+if [ "$(left)" -gt 70 ]; then
+  # A fresh thread against the backend's device thread (runtime/device_thread.py): eager PyTorch on
+  # the GPU, one batch of 8 and one 32-image segment() run each way, 3 interleaved rounds (~40 s).
+  stamp "thread probe (eager fp32, batch 8)"
+  timeout $(( $(left) - 30 )) "$PY" -m effiseg.benchmarks.thread_probe --checkpoint "$CKPT" --device "$DEV" \
+    --precision fp32 --images "$DATA/test/images" --limit "$PROBE_IMAGES" --batch "$PROBE_BATCH" \
+    --rounds "$PROBE_ROUNDS" --output "$RES/thread_probe.json"
+  stamp "thread probe exit $?"
   pack
 fi
 
