@@ -30,32 +30,54 @@ from effiseg.runtime.console import Command
 from effiseg.runtime.images import atomic_write_text
 
 
+def minor_faults(scope: str) -> int | None:
+    """Minor page faults so far of the calling thread (``thread``) or the process (``process``);
+    None where the OS does not count them per thread (RUSAGE_THREAD is Linux-only) or at all."""
+    try:
+        import resource
+        who = resource.RUSAGE_THREAD if scope == "thread" else resource.RUSAGE_SELF
+        return int(resource.getrusage(who).ru_minflt)
+    except (ImportError, AttributeError, OSError):
+        return None
+
+
+def _timed(fn):
+    """(result, seconds, minor page faults of this thread during fn or None)."""
+    f0, t0 = minor_faults("thread"), time.perf_counter()
+    result = fn()
+    s, f1 = time.perf_counter() - t0, minor_faults("thread")
+    return result, s, (f1 - f0 if f0 is not None and f1 is not None else None)
+
+
 def _in_fresh_thread(fn):
-    """fn() on a brand-new thread; returns (result, seconds)."""
+    """_timed(fn) on a brand-new thread."""
     box: dict = {}
 
     def target():
-        t0 = time.perf_counter()
         try:
-            box["result"] = fn()
+            box["value"] = _timed(fn)
         except BaseException as e:  # re-raised in the caller
             box["error"] = e
-        box["s"] = time.perf_counter() - t0
 
     t = threading.Thread(target=target, name="effiseg-probe-fresh", daemon=True)
     t.start()
     t.join()
     if "error" in box:
         raise box["error"]
-    return box["result"], box["s"]
+    return box["value"]
 
 
 def _on_device_thread(segmenter, fn):
-    def timed():
-        t0 = time.perf_counter()
-        result = fn()
-        return result, time.perf_counter() - t0
-    return segmenter.runner_threads[0].submit(timed).result()
+    return segmenter.runner_threads[0].submit(_timed, fn).result()
+
+
+def _timed_run(fn):
+    """(seconds, minor page faults of the whole process) for a pipeline run, which spreads its
+    work over decoder, runner and writer threads."""
+    f0, t0 = minor_faults("process"), time.perf_counter()
+    fn()
+    s, f1 = time.perf_counter() - t0, minor_faults("process")
+    return s, (f1 - f0 if f0 is not None and f1 is not None else None)
 
 
 def probe(segmenter, images: list[np.ndarray], rounds: int) -> dict:
@@ -74,39 +96,46 @@ def probe(segmenter, images: list[np.ndarray], rounds: int) -> dict:
         own = segmenter.runner_threads
         segmenter.runner_threads = [DeviceThread("effiseg-probe-run")]  # a new runner thread for this run
         try:
-            t0 = time.perf_counter()
-            segmenter.segment(images)
-            return time.perf_counter() - t0
+            return _timed_run(lambda: segmenter.segment(images))
         finally:
             segmenter.runner_threads[0].close()
             segmenter.runner_threads = own
 
     def device_thread_run():
-        t0 = time.perf_counter()
-        segmenter.segment(images)
-        return time.perf_counter() - t0
+        return _timed_run(lambda: segmenter.segment(images))
 
     # Warm the device thread (its first batch is a fresh thread's too) and the pipeline's codecs.
-    reference, _ = _on_device_thread(segmenter, one_batch)
+    reference = _on_device_thread(segmenter, one_batch)[0]
     device_thread_run()
-    samples: dict[str, list[float]] = {"batch_fresh_thread_s": [], "batch_device_thread_s": [],
-                                       "run_fresh_thread_s": [], "run_device_thread_s": []}
+    keys = ("batch_fresh_thread", "batch_device_thread", "run_fresh_thread", "run_device_thread")
+    seconds: dict[str, list[float]] = {k: [] for k in keys}
+    faults: dict[str, list] = {k: [] for k in keys}
+
+    def note(key, s, f):
+        seconds[key].append(s)
+        faults[key].append(f)
+
     for _ in range(rounds):
-        out, s = _in_fresh_thread(one_batch)
+        out, s, f = _in_fresh_thread(one_batch)
         if not np.allclose(out, reference, rtol=1e-3, atol=1e-3):
             raise RuntimeError("a batch computed on a fresh thread differs from the device thread's")
-        samples["batch_fresh_thread_s"].append(s)
-        samples["batch_device_thread_s"].append(_on_device_thread(segmenter, one_batch)[1])
-        samples["run_fresh_thread_s"].append(fresh_run())
-        samples["run_device_thread_s"].append(device_thread_run())
-    medians = {k: float(np.median(v)) for k, v in samples.items()}
+        note("batch_fresh_thread", s, f)
+        note("batch_device_thread", *_on_device_thread(segmenter, one_batch)[1:])
+        note("run_fresh_thread", *fresh_run())
+        note("run_device_thread", *device_thread_run())
+    medians = {k: float(np.median(v)) for k, v in seconds.items()}
     return {
         "batch": n, "images_per_run": len(images), "rounds": rounds,
-        "samples": {k: [round(x, 5) for x in v] for k, v in samples.items()},
-        "median_s": {k: round(v, 5) for k, v in medians.items()},
+        "samples": {f"{k}_s": [round(x, 5) for x in v] for k, v in seconds.items()},
+        "median_s": {f"{k}_s": round(v, 5) for k, v in medians.items()},
+        # Minor page faults per sample: of the thread that ran the batch, of the whole process for a
+        # run; None where the OS does not count them.
+        "minor_page_faults": faults,
+        "median_minor_page_faults": {k: (int(np.median(v)) if v and None not in v else None)
+                                     for k, v in faults.items()},
         "fresh_over_device_thread": {
-            "batch": round(medians["batch_fresh_thread_s"] / medians["batch_device_thread_s"], 3),
-            "run": round(medians["run_fresh_thread_s"] / medians["run_device_thread_s"], 3)},
+            "batch": round(medians["batch_fresh_thread"] / medians["batch_device_thread"], 3),
+            "run": round(medians["run_fresh_thread"] / medians["run_device_thread"], 3)},
     }
 
 
@@ -140,14 +169,16 @@ def main(checkpoint, device, precision, folder, limit, batch, rounds, threads, o
         result = probe(seg, images, rounds)
         result.update(checkpoint=str(checkpoint), device=device, precision=seg.precision,
                       backend=seg.backends[0].describe(), machine=machine_info())
-    m, r = result["median_s"], result["fresh_over_device_thread"]
-    batch_label = f"one batch of {result['batch']}"
-    run_label = f"segment() of {len(images)} images"
-    click.echo(f"{'median seconds':<30} {'fresh thread':>13} {'device thread':>14} {'fresh/device':>13}")
-    click.echo(f"{batch_label:<30} {m['batch_fresh_thread_s']:>13.4f} "
-               f"{m['batch_device_thread_s']:>14.4f} {r['batch']:>12.2f}x")
-    click.echo(f"{run_label:<30} {m['run_fresh_thread_s']:>13.4f} "
-               f"{m['run_device_thread_s']:>14.4f} {r['run']:>12.2f}x")
+    m, r, pf = result["median_s"], result["fresh_over_device_thread"], result["median_minor_page_faults"]
+
+    def faults(key):
+        return "-" if pf[key] is None else str(pf[key])
+
+    click.echo(f"{'median':<30} {'fresh thread':>13} {'device thread':>14} {'fresh/device':>13} "
+               f"{'minor page faults fresh / device':>34}")
+    for label, key in ((f"one batch of {result['batch']}", "batch"), (f"segment() of {len(images)} images", "run")):
+        click.echo(f"{label:<30} {m[f'{key}_fresh_thread_s']:>12.4f}s {m[f'{key}_device_thread_s']:>13.4f}s "
+                   f"{r[key]:>12.2f}x {faults(f'{key}_fresh_thread') + ' / ' + faults(f'{key}_device_thread'):>34}")
     if output:
         atomic_write_text(output, json.dumps(result, indent=1) + "\n")
         click.echo(f"wrote {output}")

@@ -3,6 +3,7 @@ PyTorch caches cuDNN plans per thread, so a new runner thread per run made eager
 them every time (seconds per run_folder/segment call)."""
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -177,6 +178,10 @@ def test_the_thread_probe_runs_its_four_measurements_and_writes_them(tiny_checkp
     assert {k: len(v) for k, v in data["samples"].items()} == {
         "batch_fresh_thread_s": 2, "batch_device_thread_s": 2, "run_fresh_thread_s": 2, "run_device_thread_s": 2}
     assert all(v > 0 for v in data["fresh_over_device_thread"].values())
+    faults = data["minor_page_faults"]
+    assert set(faults) == {"batch_fresh_thread", "batch_device_thread", "run_fresh_thread", "run_device_thread"}
+    if sys.platform.startswith("linux"):  # counted per thread there
+        assert all(len(v) == 2 and all(isinstance(x, int) and x >= 0 for x in v) for v in faults.values())
     assert "fresh/device" in res.output and "segment() of 3 images" in res.output
     # The probe's temporary runner threads are gone; only what was running before may remain.
     assert not [t for t in threading.enumerate() if t.name in ("effiseg-probe-run", "effiseg-probe-fresh")]
