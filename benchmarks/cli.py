@@ -150,7 +150,7 @@ def run_compare(paths: tuple[Path, Path], output: Path | None) -> None:
               help="Exported ONNX files and untrained checkpoints [default: $EFFISEG_BENCH_CACHE or the "
                    "per-user cache folder].")
 @click.option("--main-thread", is_flag=True,
-              help="Time in the main thread instead of a worker thread like the pipeline's runner "
+              help="Time in the main thread instead of one thread per backend like the pipeline's runners "
                    "(a diagnosis: torch's CPU threading differs between the two).")
 @click.option("--time-budget", type=click.FloatRange(0, None, min_open=True), default=None,
               help="Seconds for the whole run: no configuration is opened (built and warmed up) after "
@@ -275,7 +275,7 @@ def bench_command(backends, batch_sizes, input_size, input_formats, rounds, warm
                     "batch_sizes": batches, "input_sizes": [list(s) for s in sizes],
                     "input_formats": formats, "modes": modes, "rounds": rounds, "warmup": warmup,
                     "iters": iters, "min_time_s": min_time, "settle_s": settle,
-                    "timing_thread": "main" if main_thread else "worker", "images": n_images,
+                    "timing_thread": "main" if main_thread else "per-backend", "images": n_images,
                     "image_source": image_source, "workers": workers, "threads": threads,
                     "devices": device_list, "time_budget_s": time_budget}
 

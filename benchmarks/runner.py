@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
@@ -35,6 +35,7 @@ from typing import Callable
 import numpy as np
 
 from effiseg.runtime.console import unprinted_messages
+from effiseg.runtime.device_thread import DeviceThread
 
 from .hostprep import fill_host_input, synthetic_images
 from .memory import GpuMemoryProbe, PeakSampler, current_rss_mb, torch_cuda_peak_mb, torch_cuda_peak_reset
@@ -349,27 +350,53 @@ def run_rounds(measurements: list[Measurement], rounds: int, warmup: int, plan: 
     many configurations; without this a budgeted run could spend its whole budget there and
     save nothing.
 
-    ``worker_thread``: build, warm up and time on one long-lived worker thread (each round's
-    samples are one task, so the hand-over is outside the timed region), as the pipeline's runner
-    thread calls the backend, so the figures describe the calls the pipeline makes. (An earlier
-    session saw main-thread torch eager run several times slower than worker-thread calls on a
-    shared 2-core machine; a later fresh-process probe, ``alloc_probe``, found no difference in
-    wall time, CPU time or page faults, so that observation is not relied on.)"""
+    ``worker_thread``: build, warm up and time each backend on a long-lived thread of its own (each
+    round's samples are one task, so the hand-over is outside the timed region), the way the
+    runtime drives every backend from one device thread (``runtime/device_thread.py``), so the
+    figures describe the calls the pipeline makes. Measurements of one backend (model-only,
+    compute) share its thread; an end-to-end measurement's pipeline runs the backend on its
+    segmenter's device thread. One thread per backend rather than one for all: on the CPU eager
+    PyTorch pays page faults for memory its thread has not used before, which other backends
+    timed on the same thread would churn (benchmarks/RESULTS.md, the thread-probe section).
+    ``worker_thread=False`` times everything on the calling thread (a diagnosis)."""
     if rounds < 1:
         raise ValueError("rounds must be >= 1")
-    if worker_thread:
-        executor = ThreadPoolExecutor(1, thread_name_prefix="effiseg-bench-timing")
+    if not worker_thread:
+        return _run_rounds(measurements, rounds, warmup, plan, settle_s, log, sample_memory, plan_for,
+                           lambda fn, cfg: fn(), deadline, on_round, open_deadline)
+    threads: dict[tuple, DeviceThread] = {}
+
+    def call(fn, cfg: Config):
+        thread = threads.get(cfg.backend_key)
+        if thread is None:
+            thread = threads[cfg.backend_key] = DeviceThread(
+                f"effiseg-bench-{cfg.target.label}-{cfg.input_format}-b{cfg.batch_size}")
+        return _wait(thread.submit(fn))
+
+    try:
+        results = _run_rounds(measurements, rounds, warmup, plan, settle_s, log, sample_memory, plan_for,
+                              call, deadline, on_round, open_deadline)
+    except BaseException:
+        # Ctrl-C: do not wait here for a thread's current task (a whole round of one configuration).
+        for t in threads.values():
+            t.close(timeout=0)
+        raise
+    for t in threads.values():
+        t.close(timeout=_CLOSE_WAIT_S)
+    return results
+
+
+_POLL_S = 0.1
+_CLOSE_WAIT_S = 5.0
+
+
+def _wait(future):
+    """future.result() in short steps: on Windows an untimed wait cannot be interrupted by Ctrl-C."""
+    while True:
         try:
-            results = _run_rounds(measurements, rounds, warmup, plan, settle_s, log, sample_memory, plan_for,
-                                  lambda fn: executor.submit(fn).result(), deadline, on_round, open_deadline)
-        except BaseException:
-            # Ctrl-C: do not wait here for the worker's current task (a whole round of one configuration).
-            executor.shutdown(wait=False, cancel_futures=True)
-            raise
-        executor.shutdown(wait=True)
-        return results
-    return _run_rounds(measurements, rounds, warmup, plan, settle_s, log, sample_memory, plan_for,
-                       lambda fn: fn(), deadline, on_round, open_deadline)
+            return future.result(timeout=_POLL_S)
+        except FutureTimeout:
+            continue
 
 
 def _run_rounds(measurements, rounds, warmup, plan, settle_s, log, sample_memory, plan_for, call,
@@ -389,7 +416,7 @@ def _run_rounds(measurements, rounds, warmup, plan, settle_s, log, sample_memory
             def open_it(m=m, cfg=cfg):
                 with torch_flags(cfg):
                     return m.open(warmup)
-            warm = call(open_it)
+            warm = call(open_it, cfg)
         except Exception as e:  # one configuration that cannot run does not stop the others
             rec.error = describe_error(e)
             log(f"    failed: {rec.error}")
@@ -431,7 +458,7 @@ def _run_rounds(measurements, rounds, warmup, plan, settle_s, log, sample_memory
                             rec.prep_ms.append(prep)
                             rec.timed_ms.append(timed)
                             round_ms.append(timed)
-                call(one_round)
+                call(one_round, cfg)
             except Exception as e:
                 rec.error = describe_error(e)
                 log(f"    {cfg.key} failed: {rec.error}")
@@ -468,7 +495,7 @@ def _run_rounds(measurements, rounds, warmup, plan, settle_s, log, sample_memory
     results = [_result(rec) for rec in records]
     for rec in records:
         try:
-            call(rec.measurement.close)
+            call(rec.measurement.close, rec.measurement.config)
         except Exception:
             pass
     return results

@@ -255,6 +255,34 @@ def test_rounds_interleave_configurations_and_count_samples():
         assert res["latency_with_host_prep"]["p50_ms"] >= res["latency"]["p50_ms"] * 0.999
 
 
+def test_each_backend_is_built_and_timed_on_a_thread_of_its_own():
+    """As the runtime drives each backend from its own device thread; measurements that share a
+    backend (model-only, compute) share its thread."""
+    info = ModelInfo(path=None, variant="test", input_height=8, input_width=8)
+    seen: dict[str, set] = {}
+
+    class ThreadNotingBackend(RecordingBackend):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.setdefault(self.tag, set()).add(threading.current_thread())  # built here
+
+        def submit(self, slot, n):
+            seen[self.tag].add(threading.current_thread())
+            super().submit(slot, n)
+
+    pool = BackendPool(lambda target, fmt, batch, size: ThreadNotingBackend(info, batch, [], f"{target.name}/b{batch}"),
+                       log=lambda m: None)
+    configs = [Config("model", t, b, 8, 8, "uint8-nhwc") for b in (1, 2) for t in _targets()]
+    results = run_rounds([ModelOnly(c, pool) for c in configs], rounds=2, warmup=1, plan=IterationPlan(iters=2),
+                         log=lambda m: None)
+    pool.close()
+    assert all(r["error"] is None for r in results)
+    assert len(seen) == 4 and all(len(threads) == 1 for threads in seen.values())
+    threads = [next(iter(t)) for t in seen.values()]
+    assert len(set(threads)) == 4 and threading.current_thread() not in threads
+    assert not any(t.is_alive() for t in threads)  # ended with the run
+
+
 def test_every_finished_round_is_handed_out_and_a_deadline_stops_between_rounds():
     info = ModelInfo(path=None, variant="test", input_height=8, input_width=8)
     pool = BackendPool(lambda target, fmt, batch, size: RecordingBackend(info, batch, [], target.name),
