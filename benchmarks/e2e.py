@@ -18,8 +18,9 @@ from .runner import Measurement
 
 MAX_NAMED = 5  # failed files named in a result's error; the count says how many more
 # Warm-up runs over the warm-up folder, whatever --warmup says (which counts batches): the backend
-# is already built and warm, so two runs start the threads and codecs; ten (the GPU default) cost
-# minutes when the baseline is slow end to end (about 130 ms per image on the H200).
+# is already built and warm, so two runs start the threads and codecs (and build whatever the
+# segmenter's device thread caches, such as PyTorch's cuDNN plans); ten (the GPU default) took minutes
+# on the H200, where the eager baseline then ran end to end at about 130 ms per image.
 E2E_WARMUP_RUNS = 2
 
 
