@@ -355,9 +355,11 @@ def run_rounds(measurements: list[Measurement], rounds: int, warmup: int, plan: 
     runtime drives every backend from one device thread (``runtime/device_thread.py``), so the
     figures describe the calls the pipeline makes. Measurements of one backend (model-only,
     compute) share its thread; an end-to-end measurement's pipeline runs the backend on its
-    segmenter's device thread. One thread per backend rather than one for all: on the CPU eager
-    PyTorch pays page faults for memory its thread has not used before, which other backends
-    timed on the same thread would churn (benchmarks/RESULTS.md, the thread-probe section).
+    segmenter's device thread. One thread per backend rather than one for all: on the 2-core EPYC
+    the eager baseline ran batch 1 in 1120 ms on a thread of its own against 1485 ms on a thread
+    shared with the other backends, and eager PyTorch's cost in a thread is largely page faults
+    for memory that thread has not used yet (benchmarks/RESULTS.md, the per-backend-thread and
+    thread-probe sections).
     ``worker_thread=False`` times everything on the calling thread (a diagnosis)."""
     if rounds < 1:
         raise ValueError("rounds must be >= 1")
