@@ -13,6 +13,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from effiseg.runtime.device_thread import CLOSE_WAIT_S
+
 from .runner import Measurement
 
 
@@ -103,5 +105,5 @@ class EndToEnd(Measurement):
         if self.segmenter is not None:
             # Its device thread ends here; the backend is the pool's to close.
             for t in self.segmenter.runner_threads:
-                t.close()
+                t.close(timeout=CLOSE_WAIT_S)
         self.segmenter = None

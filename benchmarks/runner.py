@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import sys
 import time
-from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
@@ -35,7 +34,7 @@ from typing import Callable
 import numpy as np
 
 from effiseg.runtime.console import unprinted_messages
-from effiseg.runtime.device_thread import DeviceThread
+from effiseg.runtime.device_thread import CLOSE_WAIT_S, DeviceThread
 
 from .hostprep import fill_host_input, synthetic_images
 from .memory import GpuMemoryProbe, PeakSampler, current_rss_mb, torch_cuda_peak_mb, torch_cuda_peak_reset
@@ -373,7 +372,7 @@ def run_rounds(measurements: list[Measurement], rounds: int, warmup: int, plan: 
         if thread is None:
             thread = threads[cfg.backend_key] = DeviceThread(
                 f"effiseg-bench-{cfg.target.label}-{cfg.input_format}-b{cfg.batch_size}")
-        return _wait(thread.submit(fn))
+        return thread.call(fn)
 
     try:
         results = _run_rounds(measurements, rounds, warmup, plan, settle_s, log, sample_memory, plan_for,
@@ -384,21 +383,8 @@ def run_rounds(measurements: list[Measurement], rounds: int, warmup: int, plan: 
             t.close(timeout=0)
         raise
     for t in threads.values():
-        t.close(timeout=_CLOSE_WAIT_S)
+        t.close(timeout=CLOSE_WAIT_S)
     return results
-
-
-_POLL_S = 0.1
-_CLOSE_WAIT_S = 5.0
-
-
-def _wait(future):
-    """future.result() in short steps: on Windows an untimed wait cannot be interrupted by Ctrl-C."""
-    while True:
-        try:
-            return future.result(timeout=_POLL_S)
-        except FutureTimeout:
-            continue
 
 
 def _run_rounds(measurements, rounds, warmup, plan, settle_s, log, sample_memory, plan_for, call,

@@ -68,7 +68,7 @@ def _in_fresh_thread(fn):
 
 
 def _on_device_thread(segmenter, fn):
-    return segmenter.runner_threads[0].submit(_timed, fn).result()
+    return segmenter.runner_threads[0].call(_timed, fn)
 
 
 def _timed_run(fn):

@@ -23,10 +23,12 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable
 
 _STOP = object()
-_JOIN_STEP_S = 0.1  # joins wait in steps: on Windows an untimed join cannot be interrupted by Ctrl-C
+_WAIT_STEP_S = 0.1  # waits go in steps: on Windows an untimed wait cannot be interrupted by Ctrl-C
+CLOSE_WAIT_S = 5.0  # how long an owner's close() waits for a call still running (a hung device)
 
 
 class DeviceThread:
@@ -59,6 +61,15 @@ class DeviceThread:
             future: Future = Future()
             self._calls.put((future, fn, args))
         return future
+
+    def call(self, fn: Callable, *args: Any) -> Any:
+        """``fn(*args)`` on this thread; waits for it in short steps, so Ctrl-C gets through."""
+        future = self.submit(fn, *args)
+        while True:
+            try:
+                return future.result(timeout=_WAIT_STEP_S)
+            except FutureTimeout:
+                continue
 
     def _loop(self) -> None:
         calls = self._calls
@@ -94,7 +105,7 @@ class DeviceThread:
             return
         deadline = None if timeout is None else time.monotonic() + timeout
         while thread.is_alive():
-            step = _JOIN_STEP_S if deadline is None else min(_JOIN_STEP_S, deadline - time.monotonic())
+            step = _WAIT_STEP_S if deadline is None else min(_WAIT_STEP_S, deadline - time.monotonic())
             if step <= 0:
                 return  # a call that does not return (a hung device): the daemon thread is left behind
             thread.join(step)

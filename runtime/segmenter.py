@@ -18,7 +18,7 @@ import numpy as np
 from .backends import BackendUnavailable, open_checkpoint_backends, open_onnx_backends
 from .backends.base import Backend
 from .model_info import ModelInfo
-from .device_thread import DeviceThread
+from .device_thread import CLOSE_WAIT_S, DeviceThread
 from .pipeline import Pipeline, default_workers
 from .postprocess import fill_host_row, output_to_mask, output_to_probabilities, resize_rgb
 
@@ -197,7 +197,7 @@ class Segmenter:
         # Between runs the threads are idle and end at once; a device call that never returns is
         # waited for a bounded time, then left to its daemon thread.
         for t in self.runner_threads:
-            t.close(timeout=_CLOSE_WAIT_S)
+            t.close(timeout=CLOSE_WAIT_S)
         self._finalizer.detach()
         for b in self.backends:
             b.close()
@@ -207,9 +207,6 @@ class Segmenter:
 
     def __exit__(self, *exc):
         self.close()
-
-
-_CLOSE_WAIT_S = 5.0
 
 
 def _stop_threads(threads: list[DeviceThread]) -> None:

@@ -145,6 +145,7 @@ def test_device_thread_runs_calls_in_order_and_hands_back_results_and_errors():
     boom = t.submit(lambda: 1 / 0)
     answer = t.submit(lambda x: x * 2, 21)
     assert answer.result(5) == 42 and seen == list(range(20)) and all(f.result() is None for f in futures)
+    assert t.call(lambda x: x + 1, 41) == 42  # submit and wait in one
     with pytest.raises(ZeroDivisionError):
         boom.result()
     assert t.thread is not None
