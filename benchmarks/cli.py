@@ -14,6 +14,7 @@ import click
 from effiseg.runtime.console import Command, print_backend_notes_live
 
 from .analysis import SCHEMA, attach_efficiency, attach_speedups, headline, unequal_work_note
+from .factory import SLOTS
 from .machine import load_average, machine_info
 from .report import (NoPlot, SchemaError, compare_results, format_comparison, format_report, load_result_file,
                      plot_throughput, write_json)
@@ -129,6 +130,10 @@ def run_compare(paths: tuple[Path, Path], output: Path | None) -> None:
                    "else bundled samples, else synthetic images].")
 @click.option("--workers", type=click.IntRange(1, 256), default=None,
               help="Pipeline decoder (and writer) threads in e2e runs [default: the runtime's].")
+@click.option("--slots", type=click.IntRange(1, 8), default=SLOTS, show_default=True,
+              help="Slots (host + device buffer sets) per backend, as effiseg-run --slots: end-to-end runs keep "
+                   "up to this many batches in flight; model-only runs use one. More slots cost memory "
+                   "(on GPUs, a set of activations each) and can keep a fast device busier at small batches.")
 @click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Folder for effiseg_bench.json/.txt/.png [default: ./effiseg-bench].")
 @click.option("--model", "-m", "model", type=click.Path(path_type=Path), default=None,
@@ -162,7 +167,7 @@ def run_compare(paths: tuple[Path, Path], output: Path | None) -> None:
               default=None, help="Compare two result files A.json B.json (ratios B/A per configuration) and exit.")
 @print_backend_notes_live()
 def bench_command(backends, batch_sizes, input_size, input_formats, rounds, warmup, iters, min_time, mode,
-                  compute, n_images, images_from, workers, output, model, checkpoint, devices, threads,
+                  compute, n_images, images_from, workers, slots, output, model, checkpoint, devices, threads,
                   settle, cache_dir, main_thread, time_budget, no_plot, compare):
     """Benchmark effiseg's inference backends against PyTorch FP32 eager."""
     if compare:
@@ -236,7 +241,7 @@ def bench_command(backends, batch_sizes, input_size, input_formats, rounds, warm
     output = output or Path("effiseg-bench")
     output.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="effiseg-bench-"))
-    pool = BackendPool(make_factory(models, threads), log=_log)
+    pool = BackendPool(make_factory(models, threads, slots), log=_log)
     measurements = []
     image_source = None
     try:
@@ -276,7 +281,7 @@ def bench_command(backends, batch_sizes, input_size, input_formats, rounds, warm
                     "input_formats": formats, "modes": modes, "rounds": rounds, "warmup": warmup,
                     "iters": iters, "min_time_s": min_time, "settle_s": settle,
                     "timing_thread": "main" if main_thread else "per-backend", "images": n_images,
-                    "image_source": image_source, "workers": workers, "threads": threads,
+                    "image_source": image_source, "workers": workers, "slots": slots, "threads": threads,
                     "devices": device_list, "time_budget_s": time_budget}
 
         def assemble(results: list[dict], rounds_done: int, complete: bool) -> dict:

@@ -6,10 +6,10 @@ import dataclasses
 from .models import ModelSet
 from .targets import Target
 
-SLOTS = 2  # the pipeline's double buffering; model-only timing uses slot 0
+SLOTS = 2  # the runtime's default (double buffering); model-only timing uses slot 0
 
 
-def make_factory(models: ModelSet, ort_threads: int | None = None):
+def make_factory(models: ModelSet, ort_threads: int | None = None, slots: int = SLOTS):
     """factory(target, input_format, batch, (h, w)) -> an open effiseg Backend."""
     from effiseg.runtime.backends import backend_class
     from effiseg.runtime.model_info import ModelInfo
@@ -22,7 +22,7 @@ def make_factory(models: ModelSet, ort_threads: int | None = None):
                 raise ValueError("the torch backend takes uint8-nhwc input only")
             cls = backend_class("torch")
             return cls(models.checkpoint, device=device, precision=spec.precision, max_batch=batch,
-                       n_slots=SLOTS, output_format=models.output_format, input_size=(h, w))
+                       n_slots=slots, output_format=models.output_format, input_size=(h, w))
         path = models.onnx_for(input_format, (h, w))
         info = ModelInfo.from_onnx(path)
         if (info.input_height, info.input_width) != (h, w):
@@ -33,10 +33,10 @@ def make_factory(models: ModelSet, ort_threads: int | None = None):
             if ort_threads:
                 options["intra_op_threads"] = ort_threads
             return backend_class("onnxruntime")(info, path, device=device, precision=spec.precision,
-                                                max_batch=batch, n_slots=SLOTS, **options)
+                                                max_batch=batch, n_slots=slots, **options)
         if spec.name.startswith("trt-"):
             return backend_class("tensorrt")(info, path, device=device, precision=spec.precision,
-                                             max_batch=batch, n_slots=SLOTS, opt_batch=batch)
+                                             max_batch=batch, n_slots=slots, opt_batch=batch)
         raise ValueError(f"no factory for backend {spec.name!r}")
 
     return factory

@@ -11,6 +11,11 @@ how each stage scales across threads, and the *pipeline ceiling*: the whole ``ru
 threads, slots, writer threads, summary files) over the images with a backend whose inference
 costs nothing (:class:`InstantBackend`). Its images/s is the most any device can get end to end on
 this machine with that many threads: a GPU whose model-only rate is above it is host-bound.
+
+``--device-ms`` adds *fill and drain*: folder runs of several lengths with a device that takes a
+known time per batch (:class:`DelayedBackend`, a stand-in for a GPU at the latency effiseg-bench
+measured), so that the end-to-end/model-only ratio can be taken apart without a GPU: time before
+the first batch reaches the device, device idle between batches, and time after the last one.
 """
 from __future__ import annotations
 
@@ -61,6 +66,109 @@ class InstantBackend(Backend):
     def collect(self, slot: int) -> np.ndarray:
         n, self._pending[slot] = self._pending[slot], 0
         return self._outputs[slot][:n]
+
+
+class DelayedBackend(InstantBackend):
+    """:class:`InstantBackend` with a fixed device time per batch, on one in-order queue the way a
+    GPU stream runs: ``submit`` returns at once, the batch is done ``device_ms`` after the previous
+    one (or after its own submit, if the device was idle) and ``collect`` sleeps until then, which
+    releases the GIL as a stream synchronisation does. Under the pipeline it leaves the host's work
+    plus a device of known speed, so an end-to-end run can be compared with the exact model-only
+    time it would have: ``batches * device_ms``."""
+
+    name = "delayed"
+
+    def __init__(self, info, outputs: np.ndarray, max_batch: int, device_ms: float, n_slots: int = 2):
+        super().__init__(info, outputs, max_batch, n_slots)
+        self.device_s = device_ms / 1000.0
+        self._done_at = [0.0] * n_slots
+        self._device_free_at = 0.0
+        self.reset_trace()
+
+    def reset_trace(self) -> None:
+        """Forget the last run's trace: when the first batch arrived, how long the device then sat
+        idle between batches, and when the last batch was done."""
+        self.first_submit_at: float | None = None
+        self.idle_between_batches_s = 0.0
+
+    @property
+    def last_done_at(self) -> float:
+        return self._device_free_at
+
+    def submit(self, slot: int, n: int) -> None:
+        super().submit(slot, n)
+        now = time.perf_counter()
+        if self.first_submit_at is None:
+            self.first_submit_at = now
+        elif now > self._device_free_at:
+            self.idle_between_batches_s += now - self._device_free_at
+        self._device_free_at = max(now, self._device_free_at) + self.device_s
+        self._done_at[slot] = self._device_free_at
+
+    def collect(self, slot: int) -> np.ndarray:
+        wait = self._done_at[slot] - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        return super().collect(slot)
+
+
+def fill_and_drain(images: list[Path], device_ms: float, batch: int, folder_sizes: list[int], threads: int,
+                   slots: int = 2, size: int = 352, repeats: int = 3) -> dict:
+    """End-to-end efficiency against folder length, with a device of known speed (:class:`DelayedBackend`).
+
+    A folder run cannot hide everything: before the first batch reaches the device, its images must
+    be decoded (fill), and after the last batch leaves it, its masks must be written (drain); the run
+    also starts and ends its threads. Those costs are paid once per run, so ``efficiency`` (the
+    device's busy time ``batches * device_ms`` over the run's wall time) grows with the number of
+    batches, up to the host's ceiling. ``overhead_ms`` = wall - busy time, per run; near-constant
+    across folder sizes when the device is the bottleneck. Best of ``repeats`` runs after a warm-up run.
+    """
+    import shutil
+
+    from effiseg.runtime.model_info import ModelInfo
+    from effiseg.runtime.segmenter import Segmenter
+    info = ModelInfo(path=None, variant="fill-drain", input_height=size, input_width=size)
+    rng = np.random.default_rng(0)
+    outputs = np.stack([smooth_logits(rng, size) for _ in range(16)])
+    rows = []
+    device = DelayedBackend(info, outputs, batch, device_ms, n_slots=slots)
+    with tempfile.TemporaryDirectory() as tmp, \
+            Segmenter([device], workers=threads, writers=threads) as segmenter:
+        for n in folder_sizes:
+            folder = Path(tmp) / f"images_{n}"
+            folder.mkdir()
+            for i in range(n):  # the given images, cycled: a folder of exactly n files, on any OS
+                src = images[i % len(images)]
+                shutil.copyfile(src, folder / f"{i:06d}{src.suffix.lower()}")
+            busy_s = -(-n // batch) * device_ms / 1000.0
+            walls, pipeline_walls, traces = [], [], []
+            for r in range(repeats + 1):
+                device.reset_trace()
+                t0 = time.perf_counter()  # the whole call, as the benchmark's end-to-end mode times it
+                summary = segmenter.run_folder(folder, Path(tmp) / f"masks_{n}_{r}")
+                t1 = time.perf_counter()
+                elapsed = t1 - t0
+                if summary["n_failed"]:
+                    raise RuntimeError(f"the fill/drain run failed on {summary['n_failed']} image(s): "
+                                       + "; ".join(f"{row['file']}: {row['error']}" for row in summary["files"]
+                                                   if row["error"])[:500])
+                if r:  # run 0 warms threads and codecs up
+                    walls.append(round(elapsed, 4))
+                    pipeline_walls.append(summary["timing"]["wall_s"])
+                    # Where the time beyond the device's busy time went: before the first batch
+                    # reached the device (fill), between batches, and after the last one (drain).
+                    traces.append({"fill_ms": round((device.first_submit_at - t0) * 1000, 2),
+                                   "idle_between_batches_ms": round(device.idle_between_batches_s * 1000, 2),
+                                   "drain_ms": round((t1 - device.last_done_at) * 1000, 2)})
+            best = int(np.argmin(walls))
+            wall = walls[best]
+            rows.append({"images": n, "batches": -(-n // batch), "device_busy_s": round(busy_s, 4),
+                         "wall_s": wall, "wall_s_runs": walls,
+                         # the threaded pipeline alone; the rest of the call lists, summarises and writes its reports
+                         "pipeline_wall_s": pipeline_walls[best],
+                         "overhead_ms": round((wall - busy_s) * 1000, 2), **traces[best],
+                         "efficiency": round(busy_s / wall, 4)})
+    return {"device_ms_per_batch": device_ms, "batch": batch, "threads": threads, "slots": slots, "folders": rows}
 
 
 def profile(images: list[Path], size: int = 352, threshold: float = 0.5, repeats: int = 3) -> dict:
@@ -202,9 +310,27 @@ def pipeline_ceiling(images: list[Path], thread_counts: list[int], size: int = 3
 @click.option("--threads", type=click.IntRange(2, 256), default=None,
               help="Also measure how each stage scales from 1 to this many threads (GIL-bound stages "
                    "stay near 1x); use at most the number of idle cores.")
+@click.option("--device-ms", type=click.FloatRange(0.0, min_open=True), default=None,
+              help="Also measure end-to-end efficiency against folder length with a device that takes this "
+                   "many ms per batch (e.g. a GPU's model-only latency from effiseg-bench).")
+@click.option("--batch", type=click.IntRange(1, 1024), default=8, show_default=True,
+              help="Batch size of the --device-ms runs.")
+@click.option("--folder-sizes", default="32,64,128,256", show_default=True,
+              help="Folder lengths (images) of the --device-ms runs, comma-separated.")
+@click.option("--slots", type=click.IntRange(1, 8), default=2, show_default=True,
+              help="Slots of the --device-ms runs' backend (effiseg-run --slots; the runtime's default is 2).")
 @click.option("--output", type=click.Path(path_type=Path), default=None, help="Also write the result as JSON.")
-def main(folder, limit, threads, output):
+def main(folder, limit, threads, device_ms, batch, folder_sizes, slots, output):
     from effiseg.runtime.images import list_images
+    from effiseg.runtime.pipeline import default_workers
+    try:
+        sizes = [int(x) for x in folder_sizes.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{folder_sizes!r}: expected whole numbers such as 32,64,128",
+                                 param_hint="--folder-sizes") from None
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter(f"{folder_sizes!r}: expected folder lengths of at least 1 image",
+                                 param_hint="--folder-sizes")
     images = list_images(folder)[:limit]
     if not images:
         raise click.ClickException(f"no images in {folder}")
@@ -224,6 +350,19 @@ def main(folder, limit, threads, output):
             click.echo(f"  {k:>3} + {k:<3} threads: {r['images_per_s']:8.0f} img/s (runs: {runs})")
         result = {"per_image_ms": result, "thread_scaling": scaling, "threads": threads,
                   "pipeline_ceiling": ceiling}
+    if device_ms:
+        k = threads or default_workers()  # the segmenter's own default, as effiseg-bench runs it
+        click.echo(f"\nfill and drain: a device of {device_ms:g} ms per batch of {batch}, {slots} slots, "
+                   f"{k} decoder + {k} writer threads:")
+        runs = fill_and_drain(images, device_ms, batch, sizes, k, slots)
+        click.echo(f"{'images':>7} {'batches':>8} {'device busy ms':>15} {'wall ms':>9} {'overhead ms':>12} "
+                   f"{'= fill':>7} {'+ idle':>7} {'+ drain':>8} {'efficiency':>11}")
+        for row in runs["folders"]:
+            click.echo(f"{row['images']:>7} {row['batches']:>8} {row['device_busy_s'] * 1000:>15.1f} "
+                       f"{row['wall_s'] * 1000:>9.1f} {row['overhead_ms']:>12.1f} {row['fill_ms']:>7.1f} "
+                       f"{row['idle_between_batches_ms']:>7.1f} {row['drain_ms']:>8.1f} {row['efficiency']:>11.3f}")
+        result = result if "per_image_ms" in result else {"per_image_ms": result}
+        result["fill_and_drain"] = runs
     if output:
         output.write_text(json.dumps(result, indent=2), encoding="utf-8")
 

@@ -315,7 +315,12 @@ def compare_results(a: dict, b: dict) -> dict:
                      "a_p50_ms": la["p50_ms"], "b_p50_ms": lb["p50_ms"],
                      "p50_ratio": ratio(lb["p50_ms"], la["p50_ms"]),
                      "p99_ratio": ratio(lb["p99_ms"], la["p99_ms"])})
-    return {"rows": rows,
+    # Settings that change what a configuration's figure means (slots, threads, rounds...), so that
+    # a ratio is read as the effect of the change that was meant, or not read at all.
+    settings_a, settings_b = a.get("settings") or {}, b.get("settings") or {}
+    differ = {k: [settings_a.get(k), settings_b.get(k)] for k in sorted(set(settings_a) | set(settings_b))
+              if settings_a.get(k) != settings_b.get(k)}
+    return {"rows": rows, "settings_that_differ": differ,
             "only_in_a": sorted(k for k in index_a if k not in index_b),
             "only_in_b": sorted(k for k in index_b if k not in index_a),
             "geomean_throughput_ratio": geometric_mean(r["throughput_ratio"] for r in rows)}
@@ -331,6 +336,8 @@ def format_comparison(cmp: dict, name_a: str, name_b: str) -> str:
     if not cmp["rows"]:
         lines.append("(no configuration in common)")
     lines.append(f"geometric mean of B/A throughput: {_fmt(cmp['geomean_throughput_ratio'], '.3f')}")
+    for k, (va, vb) in (cmp.get("settings_that_differ") or {}).items():
+        lines.append(f"setting {k}: A {va!r}, B {vb!r}")
     for k in cmp["only_in_a"]:
         lines.append(f"only in A: {k}")
     for k in cmp["only_in_b"]:

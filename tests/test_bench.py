@@ -172,7 +172,9 @@ def test_compare_two_result_files(tmp_path):
     faster.append(_result("model", "torch-eager@cpu", 8, 1000.0))
     faster.append(_result("model", "ort-cpu@cpu", 1, 100.0))
     b = _result_file(faster)
+    a["settings"], b["settings"] = {"slots": 2, "rounds": 3}, {"slots": 3, "rounds": 3}
     cmp = compare_results(a, b)
+    assert cmp["settings_that_differ"] == {"slots": [2, 3]}
     rows = {r["key"]: r for r in cmp["rows"]}
     assert rows["model|ort-cpu@cpu|uint8-nhwc|b8|352x352"]["throughput_ratio"] == pytest.approx(2.0)
     assert rows["model|ort-cpu@cpu|uint8-nhwc|b8|352x352"]["p50_ratio"] == pytest.approx(0.5)
@@ -186,6 +188,7 @@ def test_compare_two_result_files(tmp_path):
     res = CliRunner().invoke(bench_command, ["--compare", str(pa), str(pb), "--output", str(tmp_path / "cmp")])
     assert res.exit_code == 0, res.output
     assert "model|ort-cpu@cpu|uint8-nhwc|b8|352x352" in res.output and "2.000" in res.output
+    assert "setting slots: A 2, B 3" in res.output and "setting rounds" not in res.output
     saved = json.loads((tmp_path / "cmp" / "effiseg_bench_compare.json").read_text())
     assert len(saved["rows"]) == 4
 
@@ -415,7 +418,8 @@ def test_tiny_cpu_run_writes_table_json_and_plot(tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
     args = ["--checkpoint", str(tiny_checkpoint), "--backends", "ort-cpu,torch-eager", "--batch-sizes", "1,2",
             "--rounds", "1", "--warmup", "1", "--iters", "2", "--mode", "both", "--images", "3",
-            "--settle", "0", "--devices", "cpu", "--output", str(out), "--cache-dir", str(tmp_path / "cache")]
+            "--settle", "0", "--devices", "cpu", "--slots", "3", "--output", str(out),
+            "--cache-dir", str(tmp_path / "cache")]
     res = CliRunner().invoke(bench_command, args)
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert {p.name for p in out.iterdir()} >= {"effiseg_bench.json", "effiseg_bench.txt", "effiseg_bench.png"}
@@ -438,6 +442,8 @@ def test_tiny_cpu_run_writes_table_json_and_plot(tiny_checkpoint, tmp_path):
         if r["mode"] == "e2e":
             assert r["pipeline_efficiency"] is not None and r["images"] == 3
             assert r["pipeline_timing"][0]["images"] == 3
+            assert r["slots"] == 3  # the backends were built with the slots asked for
+    assert data["settings"]["slots"] == 3
     by_key = {r["key"]: r for r in data["results"]}
     assert by_key["model|ort-cpu@cpu|float32-nchw|b1|64x64"]["bytes_in_per_image"] == 4 * 64 * 64 * 3
     assert by_key["model|ort-cpu@cpu|uint8-nhwc|b1|64x64"]["bytes_in_per_image"] == 64 * 64 * 3

@@ -8,8 +8,10 @@
 #   3. the thread probe (benchmarks/thread_probe.py): what a fresh thread costs eager PyTorch on the
 #      GPU, against the backend's long-lived device thread;
 #   4. the host-side pipeline profile on this machine's CPU (per stage, 1 vs 8 threads, and the
-#      pipeline ceiling: run_folder with a backend that costs nothing) and the GPU-marked tests;
-#   5. everything in $OUT/bench_results.tgz (re-packed after every step) plus the log.
+#      pipeline ceiling: run_folder with a backend that costs nothing), fill and drain with an
+#      emulated device at 2 and 3 slots;
+#   5. if time is left, torch fast end to end at batch 1 with 3 slots, then the GPU-marked tests;
+#   6. everything in $OUT/bench_results.tgz (re-packed after every step) plus the log.
 # Needs torch with CUDA, timm, safetensors, scipy, pillow, click, matplotlib (optional: plot), and
 # the Kvasir-SEG test images under .carry/ (see benchmarks/gpu/README.md). DRY=1: a tiny CPU run
 # of the same steps, to check the script before spending device time.
@@ -37,11 +39,11 @@ pack() { tar czf "$OUT/bench_results.tgz.tmp" -C "$WORK" results && mv "$OUT/ben
 . "$ROOT/benchmarks/gpu/effiseg_site.sh"
 
 DEV=cuda:0; BATCHES=1,8,32; ROUNDS=5; IMAGES=96; PROFILE_BATCHES=32,1; PROFILE_ITERS=20; HOST_THREADS=8
-PROBE_IMAGES=32; PROBE_BATCH=8; PROBE_ROUNDS=3
+PROBE_IMAGES=32; PROBE_BATCH=8; PROBE_ROUNDS=3; FILL_SIZES=64,256
 EXTRA=(--min-time 0.4)
 if [ "${DRY:-0}" = 1 ]; then
   DEV=cpu; BATCHES=1; ROUNDS=2; IMAGES=2; PROFILE_BATCHES=1; PROFILE_ITERS=1; HOST_THREADS=2
-  PROBE_IMAGES=2; PROBE_BATCH=2; PROBE_ROUNDS=1
+  PROBE_IMAGES=2; PROBE_BATCH=2; PROBE_ROUNDS=1; FILL_SIZES=4
   BENCH_BUDGET=${BENCH_BUDGET_DRY:-60}  # enough to open every configuration on a 2-core CPU
   EXTRA=(--iters 1 --warmup 1 --devices cpu --threads 1 --no-compute)
 fi
@@ -83,6 +85,26 @@ if [ "$(left)" -gt 25 ]; then
   timeout $(( $(left) - 15 )) "$PY" -m effiseg.benchmarks.host_profile --images "$DATA/test/images" --limit 100 \
     --threads "$HOST_THREADS" --output "$RES/host_profile.json"
   stamp "host profile exit $?"
+  # Fill and drain with an emulated 5 ms-per-image device, 2 slots against 3 (CPU only, ~10 s):
+  # on the 2-core EPYC two slots left such a device idle ~10% of a batch-1 run (benchmarks/RESULTS.md).
+  for S in 2 3; do
+    [ "$(left)" -gt 20 ] || break
+    timeout $(( $(left) - 10 )) "$PY" -m effiseg.benchmarks.host_profile --images "$DATA/test/images" --limit 100 \
+      --device-ms 5 --batch 1 --folder-sizes "$FILL_SIZES" --slots $S --output "$RES/fill_drain_b1_5ms_${S}slots.json"
+    stamp "fill and drain, $S slots, exit $?"
+  done
+  pack
+fi
+
+if [ "$(left)" -gt 120 ]; then
+  # The same question on the GPU: torch fast end to end at batch 1 with 3 slots, to set against the
+  # 2-slot figure of step 1 with --compare (two runs, not interleaved: read it with that caveat).
+  stamp "effiseg-bench, 3 slots, batch 1, end to end"
+  timeout $(( $(left) - 20 )) "$PY" -c "from effiseg.benchmarks.cli import bench_command; bench_command()" \
+    --checkpoint "$CKPT" --backends torch-fast --batch-sizes 1 --mode e2e --no-compute --slots 3 \
+    --rounds "$ROUNDS" --images "$IMAGES" --images-from "$DATA/test/images" --time-budget $(( $(left) - 60 )) \
+    --output "$RES/bench_3slots" --cache-dir "$WORK/bench-cache" "${EXTRA[@]}"
+  stamp "effiseg-bench (3 slots) exit $?"
   pack
 fi
 
