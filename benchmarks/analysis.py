@@ -19,6 +19,18 @@ def _p50(result: dict) -> float | None:
     return latency.get("p50_ms") if latency else None
 
 
+def _ips_as_served(result: dict) -> float | None:
+    """Model-only images/s including the host's input preparation where it was timed: a
+    float32-nchw input is normalised on the host, a uint8 one is only copied, so ranking formats by
+    the device side alone would favour the one that left work out of the timing."""
+    with_prep = result.get("latency_with_host_prep")
+    return with_prep.get("throughput_ips") if with_prep else _ips(result)
+
+
+def _failed_part_way(result: dict | None) -> bool:
+    return bool(result and result.get("error"))
+
+
 def find_baseline(results: list[dict], baseline_label: str, mode: str, batch: int, height: int,
                   width: int) -> dict | None:
     """The baseline's result of the same mode, batch and size (input format ignored: the
@@ -37,6 +49,13 @@ def attach_speedups(results: list[dict], baseline_label: str) -> None:
         base = find_baseline(results, baseline_label, r["mode"], r["batch_size"], r["height"], r["width"])
         r["baseline_key"] = base["key"] if base else None
         r["speedup_vs_baseline"] = speedup(_p50(r), _p50(base)) if base else None
+        r.pop("speedup_withheld", None)
+        failed = [x["key"] for x in (base, r) if base and _failed_part_way(x)]
+        if failed:
+            # Samples from fewer rounds (or none after a failure) are not the same stretch of time
+            # as the other side's: no ratio rather than a skewed one.
+            r["speedup_vs_baseline"] = None
+            r["speedup_withheld"] = f"failed part-way: {', '.join(dict.fromkeys(failed))}"
 
 
 def _mean_ips(result: dict) -> float | None:
@@ -62,6 +81,8 @@ def attach_efficiency(results: list[dict]) -> None:
             continue
         m = model.get((r["label"], r["input_format"], r["batch_size"], r["height"], r["width"]))
         r["model_only_key"] = m["key"] if m else None
+        if _failed_part_way(r) or _failed_part_way(m):
+            m = None  # rounds that do not pair up: no efficiency (the failure is in the result's error)
         r["pipeline_efficiency"] = ratio(_mean_ips(r), _mean_ips(m)) if m else None
         r["pipeline_efficiency_p50"] = ratio(_ips(r), _ips(m)) if m else None
         e2e_rounds, model_rounds = r.get("round_mean_ms") or [], (m or {}).get("round_mean_ms") or []
@@ -69,17 +90,20 @@ def attach_efficiency(results: list[dict]) -> None:
         r["pipeline_efficiency_rounds"] = [round(x, 4) for x in paired if x is not None]
 
 
-def best_backend(results: list[dict], mode: str, batch: int) -> dict | None:
-    candidates = [r for r in results if r["mode"] == mode and r["batch_size"] == batch and _ips(r)]
-    return max(candidates, key=_ips) if candidates else None
+def best_backend(results: list[dict], mode: str, batch: int, height: int, width: int) -> dict | None:
+    """The fastest configuration of ``mode`` at this batch and size that ran to the end (model-only
+    ranked with its host preparation, see ``_ips_as_served``)."""
+    candidates = [r for r in results if r["mode"] == mode and r["batch_size"] == batch and r["height"] == height
+                  and r["width"] == width and _ips(r) and not _failed_part_way(r)]
+    return max(candidates, key=_ips_as_served) if candidates else None
 
 
 def headline(results: list[dict], baseline_label: str) -> list[dict]:
-    """Per batch size: the fastest model-only configuration, its speed-up over the baseline and
-    the pipeline efficiency of its e2e twin (where measured)."""
+    """Per batch size and input size: the fastest model-only configuration, its speed-up over the
+    baseline and the pipeline efficiency of its e2e twin (where measured)."""
     rows = []
-    for batch in sorted({r["batch_size"] for r in results}):
-        best = best_backend(results, "model", batch)
+    for batch, height, width in sorted({(r["batch_size"], r["height"], r["width"]) for r in results}):
+        best = best_backend(results, "model", batch, height, width)
         if best is None:
             continue
         # Its end-to-end twin: the same input format where measured, else the same backend at the
@@ -88,9 +112,10 @@ def headline(results: list[dict], baseline_label: str) -> list[dict]:
         twin = twin or next((r for r in results if r["mode"] == "e2e" and r["label"] == best["label"]
                              and r["batch_size"] == batch and r["height"] == best["height"]
                              and r["width"] == best["width"] and r.get("pipeline_efficiency") is not None), None)
-        best_e2e = best_backend(results, "e2e", batch)
+        best_e2e = best_backend(results, "e2e", batch, height, width)
         rows.append({
             "batch_size": batch,
+            "input_size": f"{height}x{width}",
             "best_model_only": best["key"],
             "best_model_only_ips": _ips(best),
             "speedup_vs_baseline": best.get("speedup_vs_baseline"),

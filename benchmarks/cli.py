@@ -64,7 +64,7 @@ def parse_sizes(text: str | None) -> list[tuple[int, int]] | None:
         if min(size) < 32:
             raise click.BadParameter(f"--input-size: {part} is below 32 pixels")
         sizes.append(size)
-    return sizes
+    return list(dict.fromkeys(sizes))  # "352,352x352" is one size: one configuration, one key
 
 
 def parse_formats(text: str) -> list[str]:
@@ -197,12 +197,18 @@ def bench_command(backends, batch_sizes, input_size, input_formats, rounds, warm
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--backends") from None
     explicit = bool(names) and names != ["all"]
+    asked = set(names) if explicit else set()
     if explicit and BASELINE not in names:
-        names = [BASELINE] + names
+        names = [BASELINE] + names  # added, not asked for: without torch it is skipped with the reason
     targets, skipped = resolve_targets(names, device_list, explicit)
     for s in skipped:
-        if s["explicit"]:
-            _log(f"warning: {s['backend']} on {s['device']} cannot run here: {s['reason']}")
+        s["explicit"] = s["backend"] in asked
+    refused = [s for s in skipped if s["explicit"]]
+    if refused:
+        # Asked for by name: measuring the others and exiting 0 would read as a result for it.
+        raise click.BadParameter("; ".join(f"{s['backend']} on {s['device']} cannot run here: {s['reason']}"
+                                           for s in refused) + ". Leave it out, or install what it needs.",
+                                 param_hint="--backends")
     if not targets:
         raise BenchError("no backend can run here: " + "; ".join(f"{s['backend']}: {s['reason']}" for s in skipped))
 
@@ -232,8 +238,11 @@ def bench_command(backends, batch_sizes, input_size, input_formats, rounds, warm
     left_out += [(t, "no checkpoint to run: building one needs torch and timm (pip install \"effiseg[train]\")")
                  for t in targets if t.spec.source == "checkpoint" and models.checkpoint is None]
     for t, reason in left_out:
-        skipped.append({"backend": t.name, "device": t.device, "reason": reason, "explicit": explicit})
+        skipped.append({"backend": t.name, "device": t.device, "reason": reason, "explicit": t.name in asked})
         targets.remove(t)
+    refused = [(t, reason) for t, reason in left_out if t.name in asked]
+    if refused:
+        raise BenchError("; ".join(f"{t.label} cannot run: {reason}" for t, reason in refused))
     if not targets:
         raise BenchError("no backend can run here: " + "; ".join(f"{s['backend']}: {s['reason']}" for s in skipped))
     baseline_label = f"{BASELINE}@{device_list[0]}"
@@ -343,7 +352,11 @@ def bench_command(backends, batch_sizes, input_size, input_formats, rounds, warm
                                    if done else "interrupted before the first round finished; nothing was saved") from None
     finally:
         pool.close()
-        shutil.rmtree(work, ignore_errors=True)
+        if pool.left_open:
+            # Its pipeline may still be writing masks there.
+            _log(f"  the work folder {work} is left in place: a measurement was still running")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
     data = assemble(results, progress["rounds_done"], complete=True)
     json_path = write_json(data, output / JSON_NAME)

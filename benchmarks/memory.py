@@ -5,12 +5,15 @@ the kernel's own high-water mark (``getrusage`` ru_maxrss, /proc VmHWM) covers t
 life and cannot be reset portably. RSS is read from psutil when installed, else /proc/self/statm
 (Linux), else GetProcessMemoryInfo (Windows, through ctypes), else ru_maxrss (macOS/BSD: only a
 lifetime peak, marked as such). The peak is the *process's* RSS, which includes every backend the
-interleaved run keeps loaded; ``rss_added_mb`` (RSS after building and warming one backend minus
-RSS before) is the figure that belongs to the configuration alone.
+interleaved run keeps loaded; ``host_rss_added_mb`` (RSS after building and warming up the
+configuration minus RSS before) is the figure that belongs to the configuration alone.
 
 Device: torch.cuda.max_memory_allocated for the torch backends (the caching allocator's view,
-reset per configuration); otherwise the GPU's used memory from NVML (pynvml, when installed) or
-nvidia-smi, sampled like RSS — a device-wide figure that includes other processes; else None.
+reset before each configuration's turn, so it still includes the other torch backends' resident
+memory); ``device_added_mb`` is this configuration's own: what it left allocated when it was opened
+(weights, CUDA-graph pools) plus its rounds' peak above what was allocated before them. Other
+backends: the GPU's used memory from NVML (pynvml, when installed) or nvidia-smi, sampled like
+RSS — a device-wide figure that includes other processes; else None.
 The card is found by its PCI bus id, so ``CUDA_VISIBLE_DEVICES`` or mixed GPUs do not make the
 probe read another card than the one measured.
 """
@@ -242,3 +245,13 @@ def torch_cuda_peak_mb(device: str) -> float | None:
         return None
     return torch.cuda.max_memory_allocated(device) / MB
 
+
+
+def torch_cuda_allocated_mb(device: str) -> float | None:
+    """Memory torch's caching allocator holds for live tensors on ``device`` now; None off CUDA."""
+    if not str(device).startswith("cuda"):
+        return None
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return None
+    return torch.cuda.memory_allocated(device) / MB

@@ -86,6 +86,8 @@ def load_result_file(path: str | Path) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise SchemaError(f"cannot read {path}: {e}") from e
+    except UnicodeDecodeError as e:
+        raise SchemaError(f"{path} is not UTF-8 text (effiseg-bench writes its JSON as UTF-8): {e}") from e
     except json.JSONDecodeError as e:
         raise SchemaError(f"{path} is not JSON: {e}") from e
     try:
@@ -136,11 +138,11 @@ def results_table(results: list[dict], mode: str) -> str:
     head = (f"{'backend':<22} {'prec':<5} {'input':<7} {'batch':>5} {'size':>9} {'p50 ms':>10} "
             f"{'p90 ms':>10} {'p99 ms':>10} {'img/s':>9} {'vs base':>8}")
     if mode == "model":
-        head += f" {'+prep img/s':>11} {'in B/img':>9} {'RSS MB':>8} {'dev MB':>8}"
+        head += f" {'+prep img/s':>11} {'in B/img':>9} {'+RSS MB':>8} {'+dev MB':>8} {'dev MB':>8}"
     elif mode == "e2e":
-        head += f" {'e2e/model':>9} {'per round':>11} {'RSS MB':>8}"
+        head += f" {'e2e/model':>9} {'per round':>11} {'+RSS MB':>8}"
     else:
-        head += f" {'dev MB':>8}"
+        head += f" {'+dev MB':>8} {'dev MB':>8}"
     lines = [title, head, "-" * len(head)]
     for r in sorted(rows, key=lambda r: (r["height"], r["batch_size"], r["label"], r["input_format"])):
         lat = r.get("latency") or {}
@@ -152,19 +154,26 @@ def results_table(results: list[dict], mode: str) -> str:
         if mode == "model":
             prep = r.get("latency_with_host_prep") or {}
             line += (f" {_fmt(prep.get('throughput_ips')):>11} {_fmt(r.get('bytes_in_per_image'), 'd'):>9} "
-                     f"{_fmt(mem.get('host_rss_peak_mb'), '.0f'):>8} {_fmt(mem.get('device_peak_mb'), '.0f'):>8}")
+                     f"{_fmt(mem.get('host_rss_added_mb'), '.0f'):>8} {_fmt(mem.get('device_added_mb'), '.0f'):>8} "
+                     f"{_fmt(mem.get('device_peak_mb'), '.0f'):>8}")
         elif mode == "e2e":
             per_round = r.get("pipeline_efficiency_rounds") or []
             spread = f"{min(per_round):.2f}-{max(per_round):.2f}" if len(per_round) > 1 else "-"
             line += (f" {_fmt(r.get('pipeline_efficiency')):>9} {spread:>11} "
-                     f"{_fmt(mem.get('host_rss_peak_mb'), '.0f'):>8}")
+                     f"{_fmt(mem.get('host_rss_added_mb'), '.0f'):>8}")
         else:
-            line += f" {_fmt(mem.get('device_peak_mb'), '.0f'):>8}"
+            line += f" {_fmt(mem.get('device_added_mb'), '.0f'):>8} {_fmt(mem.get('device_peak_mb'), '.0f'):>8}"
         if r.get("error"):
             # A configuration the time budget left out is not an error of the backend.
             line += ("  not opened: time budget" if was_left_out_for_time(r)
                      else f"  ERROR: {r['error'][:80]}")
         lines.append(line)
+    if mode != "e2e":
+        lines.append("+RSS/+dev MB: memory this configuration added itself (built and warmed up; on GPUs with torch, "
+                     "plus its rounds' peak above that); dev MB: the device's peak during its rounds, other "
+                     "backends of this run included")
+    else:
+        lines.append("+RSS MB: host memory the configuration's pipeline added while it was set up and warmed up")
     return "\n".join(lines)
 
 
@@ -196,7 +205,7 @@ def pipeline_table(results: list[dict]) -> str:
 def headline_table(rows: list[dict]) -> str:
     if not rows:
         return ""
-    lines = ["Headline (per batch: fastest model-only configuration)",
+    lines = ["Headline (per batch and input size: fastest model-only configuration, host input preparation included)",
              f"{'batch':>5}  {'best model-only':<48} {'img/s':>9} {'vs base':>8} {'e2e/model':>9}"]
     for h in rows:
         lines.append(f"{h['batch_size']:>5}  {h['best_model_only']:<48} {_fmt(h['best_model_only_ips']):>9} "
@@ -302,6 +311,16 @@ def plot_throughput(data: dict, path: Path, baseline_label: str | None) -> Path:
 
 # -- compare --------------------------------------------------------------------------------
 
+def _differences(a: dict, b: dict) -> dict:
+    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def _machine_identity(data: dict) -> dict:
+    m = data.get("machine") or {}
+    return {"cpu_model": m.get("cpu_model"), "usable_cpus": (m.get("cpu_count") or {}).get("usable"),
+            "gpus": [g.get("name") for g in (m.get("gpu") or {}).get("gpus") or []]}
+
+
 def compare_results(a: dict, b: dict) -> dict:
     """Per configuration key present in both files: throughput of A and B and B/A ratios
     (throughput ratio >1: B faster; p50 ratio <1: B faster)."""
@@ -309,18 +328,26 @@ def compare_results(a: dict, b: dict) -> dict:
     index_b = {r["key"]: r for r in b["results"] if r.get("latency")}
     rows = []
     for key in [k for k in index_a if k in index_b]:
-        la, lb = index_a[key]["latency"], index_b[key]["latency"]
+        ra, rb = index_a[key], index_b[key]
+        la, lb = ra["latency"], rb["latency"]
+        # What makes this row's ratio something other than the change being compared.
+        caveats = [f"{side} failed part-way" for side, r in (("A", ra), ("B", rb)) if r.get("error")]
+        if ra.get("precision") != rb.get("precision"):
+            caveats.append(f"precision {ra.get('precision')} in A, {rb.get('precision')} in B")
         rows.append({"key": key, "a_ips": la["throughput_ips"], "b_ips": lb["throughput_ips"],
                      "throughput_ratio": ratio(lb["throughput_ips"], la["throughput_ips"]),
                      "a_p50_ms": la["p50_ms"], "b_p50_ms": lb["p50_ms"],
                      "p50_ratio": ratio(lb["p50_ms"], la["p50_ms"]),
-                     "p99_ratio": ratio(lb["p99_ms"], la["p99_ms"])})
+                     "p99_ratio": ratio(lb["p99_ms"], la["p99_ms"]), "caveats": caveats})
     # Settings that change what a configuration's figure means (slots, threads, rounds...), so that
     # a ratio is read as the effect of the change that was meant, or not read at all.
     settings_a, settings_b = a.get("settings") or {}, b.get("settings") or {}
-    differ = {k: [settings_a.get(k), settings_b.get(k)] for k in sorted(set(settings_a) | set(settings_b))
-              if settings_a.get(k) != settings_b.get(k)}
-    return {"rows": rows, "settings_that_differ": differ,
+    differ = _differences(settings_a, settings_b)
+    model_differs = _differences(a.get("model") or {}, b.get("model") or {})
+    machine_differs = _differences(_machine_identity(a), _machine_identity(b))
+    incomplete = [side for side, d in (("A", a), ("B", b)) if d.get("complete") is False]
+    return {"rows": rows, "settings_that_differ": differ, "model_that_differs": model_differs,
+            "machine_that_differs": machine_differs, "incomplete": incomplete,
             "only_in_a": sorted(k for k in index_a if k not in index_b),
             "only_in_b": sorted(k for k in index_b if k not in index_a),
             "geomean_throughput_ratio": geometric_mean(r["throughput_ratio"] for r in rows)}
@@ -336,8 +363,15 @@ def format_comparison(cmp: dict, name_a: str, name_b: str) -> str:
     if not cmp["rows"]:
         lines.append("(no configuration in common)")
     lines.append(f"geometric mean of B/A throughput: {_fmt(cmp['geomean_throughput_ratio'], '.3f')}")
-    for k, (va, vb) in (cmp.get("settings_that_differ") or {}).items():
-        lines.append(f"setting {k}: A {va!r}, B {vb!r}")
+    for r in cmp["rows"]:
+        for caveat in r.get("caveats") or []:
+            lines.append(f"caveat {r['key']}: {caveat}")
+    for what, field in (("setting", "settings_that_differ"), ("model", "model_that_differs"),
+                        ("machine", "machine_that_differs")):
+        for k, (va, vb) in (cmp.get(field) or {}).items():
+            lines.append(f"{what} {k}: A {va!r}, B {vb!r}")
+    for side in cmp.get("incomplete") or []:
+        lines.append(f"{side} is incomplete (stopped before its last round)")
     for k in cmp["only_in_a"]:
         lines.append(f"only in A: {k}")
     for k in cmp["only_in_b"]:

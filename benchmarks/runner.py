@@ -37,7 +37,8 @@ from effiseg.runtime.console import unprinted_messages
 from effiseg.runtime.device_thread import CLOSE_WAIT_S, DeviceThread
 
 from .hostprep import fill_host_input, synthetic_images
-from .memory import GpuMemoryProbe, PeakSampler, current_rss_mb, torch_cuda_peak_mb, torch_cuda_peak_reset
+from .memory import (GpuMemoryProbe, PeakSampler, current_rss_mb, torch_cuda_allocated_mb, torch_cuda_peak_mb,
+                     torch_cuda_peak_reset)
 from .stats import summarize_latencies
 from .targets import Target
 
@@ -109,6 +110,11 @@ class BackendPool:
         self.factory = factory
         self.log = log
         self.built: dict[tuple, BuiltBackend] = {}
+        self.left_open: set[tuple] = set()  # backends still in use on a thread that did not stop
+
+    def leave_open(self, key: tuple) -> None:
+        """``close`` will not close this backend (a thread may still be inside one of its calls)."""
+        self.left_open.add(key)
 
     def get(self, cfg: Config) -> BuiltBackend:
         key = cfg.backend_key
@@ -150,7 +156,10 @@ class BackendPool:
                 pass
 
     def close(self) -> None:
-        for entry in self.built.values():
+        for key, entry in self.built.items():
+            if key in self.left_open:
+                self.log(f"  left open (a call on it had not returned): {entry.backend.label if entry.backend else key}")
+                continue
             self._close(entry)
 
 
@@ -314,6 +323,9 @@ class _Record:
     round_mean_ms: list = field(default_factory=list)
     first_ms: float | None = None
     rss_peak_mb: float | None = None
+    rss_open_added_mb: float | None = None     # RSS growth while this configuration was built + warmed up
+    device_open_added_mb: float | None = None  # torch: allocated memory it added then (weights, graph pools)
+    device_round_extra_mb: float | None = None  # torch: its rounds' peak above what was allocated before them
     device_peak_mb: float | None = None
     device_source: str = "n/a"
     error: str | None = None
@@ -378,9 +390,22 @@ def run_rounds(measurements: list[Measurement], rounds: int, warmup: int, plan: 
         results = _run_rounds(measurements, rounds, warmup, plan, settle_s, log, sample_memory, plan_for,
                               call, deadline, on_round, open_deadline)
     except BaseException:
-        # Ctrl-C: do not wait here for a thread's current task (a whole round of one configuration).
-        for t in threads.values():
-            t.close(timeout=0)
+        # Ctrl-C: each thread stops after its current task (one configuration's round), waited for
+        # a short while (a second Ctrl-C ends the wait). The backend of a thread still inside
+        # submit/collect after that is left open: closing it would free device memory under work
+        # that is still running.
+        try:
+            for t in threads.values():
+                t.close(timeout=0)
+            end = time.monotonic() + CLOSE_WAIT_S
+            for t in threads.values():
+                while t.thread is not None and t.thread.is_alive() and time.monotonic() < end:
+                    t.thread.join(0.1)
+        finally:
+            busy = {key for key, t in threads.items() if t.thread is not None and t.thread.is_alive()}
+            for m in measurements:
+                if m.config.backend_key in busy:
+                    m.pool.leave_open(m.config.backend_key)
         raise
     for t in threads.values():
         t.close(timeout=CLOSE_WAIT_S)
@@ -400,6 +425,9 @@ def _run_rounds(measurements, rounds, warmup, plan, settle_s, log, sample_memory
             log(f"  skipping {cfg.key}: {rec.error}")
             continue
         log(f"  opening {cfg.key}")
+        torch_device = cfg.target.spec.module == "torch"
+        rss_before = current_rss_mb()
+        allocated_before = torch_cuda_allocated_mb(cfg.target.device) if torch_device else None
         try:
             def open_it(m=m, cfg=cfg):
                 with torch_flags(cfg):
@@ -409,6 +437,15 @@ def _run_rounds(measurements, rounds, warmup, plan, settle_s, log, sample_memory
             rec.error = describe_error(e)
             log(f"    failed: {rec.error}")
             continue
+        # What this configuration alone adds, as the process-wide peaks cannot say (they include
+        # every backend the interleaved run keeps loaded). A measurement that shares a backend
+        # already built (compute next to model-only) adds only its warm-up.
+        rss_after = current_rss_mb()
+        if rss_before is not None and rss_after is not None:
+            rec.rss_open_added_mb = rss_after - rss_before
+        allocated_after = torch_cuda_allocated_mb(cfg.target.device) if torch_device else None
+        if allocated_before is not None and allocated_after is not None:
+            rec.device_open_added_mb = allocated_after - allocated_before
         rec.first_ms = warm[0]
         reference = float(np.median(warm[1:])) if len(warm) > 1 else warm[0]
         rec.iters = (plan_for(cfg) if plan_for else plan).for_latency(reference / 1000.0)
@@ -434,6 +471,7 @@ def _run_rounds(measurements, rounds, warmup, plan, settle_s, log, sample_memory
             if settle_s > 0:
                 time.sleep(settle_s)
             torch_tracked = cfg.target.spec.module == "torch" and torch_cuda_peak_reset(cfg.target.device)
+            allocated_at_reset = torch_cuda_allocated_mb(cfg.target.device) if torch_tracked else None
             sampler = PeakSampler(gpu_probe=gpu_probes.get(cfg.target.device)) if sample_memory else None
             round_ms = []
             try:
@@ -465,6 +503,8 @@ def _run_rounds(measurements, rounds, warmup, plan, settle_s, log, sample_memory
                 if peak is not None:
                     rec.device_peak_mb = max(rec.device_peak_mb or 0.0, peak)
                     rec.device_source = "torch.cuda.max_memory_allocated"
+                    if allocated_at_reset is not None:
+                        rec.device_round_extra_mb = max(rec.device_round_extra_mb or 0.0, peak - allocated_at_reset)
             elif sampler and sampler.peak_gpu_mb is not None:
                 rec.device_peak_mb = max(rec.device_peak_mb or 0.0, sampler.peak_gpu_mb)
                 rec.device_source = f"{sampler.gpu_probe.source} (device-wide used memory, {sampler.gpu_probe.card})"
@@ -530,9 +570,14 @@ def _result(rec: _Record) -> dict:
         "samples_per_round": rec.iters,
         "first_batch_ms": rec.first_ms,
         "build_s": built.build_s if built else None,
+        # *_peak_mb: the process's (or device's) peak while this configuration ran, other backends
+        # included; *_added_mb: what this configuration alone added (see _Record).
         "memory": {"host_rss_peak_mb": rec.rss_peak_mb,
-                   "host_rss_added_mb": built.rss_added_mb if built else None,
-                   "device_peak_mb": rec.device_peak_mb, "device_source": rec.device_source},
+                   "host_rss_added_mb": rec.rss_open_added_mb,
+                   "host_rss_added_building_mb": built.rss_added_mb if built else None,
+                   "device_peak_mb": rec.device_peak_mb, "device_source": rec.device_source,
+                   "device_added_mb": (rec.device_open_added_mb + (rec.device_round_extra_mb or 0.0)
+                                       if rec.device_open_added_mb is not None else None)},
         "backend_info": describe,
         "error": rec.error,
     }

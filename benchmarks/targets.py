@@ -6,6 +6,7 @@ input format (``uint8-nhwc``: preprocessing in the graph; ``float32-nchw``: the 
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 
@@ -55,12 +56,16 @@ class Target:
 
 
 def parse_names(text: str | None) -> list[str]:
+    """Backend names in the order given, each once; ``all`` stands alone."""
     if not text:
         return []
-    names = [t.strip() for t in text.split(",") if t.strip()]
+    names = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
     unknown = [n for n in names if n not in TARGETS and n != "all"]
     if unknown:
         raise ValueError(f"unknown backend(s) {', '.join(unknown)}; known: {', '.join(TARGETS)}, all")
+    if "all" in names and len(names) > 1:
+        raise ValueError(f"'all' already means every backend that can run here; give it alone, or name "
+                         f"the backends ({', '.join(n for n in names if n != 'all')} and which others?)")
     return names
 
 
@@ -80,6 +85,18 @@ def cuda_available() -> bool:
         return False
     import torch
     return bool(torch.cuda.is_available())
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_gpu_count() -> int:
+    """CUDA GPUs this process can use (``CUDA_VISIBLE_DEVICES`` applies): torch's count where torch
+    sees one, else the NVIDIA driver's own (no CUDA binding needed), else 0. ONNX Runtime's provider
+    list cannot answer this: onnxruntime-gpu lists its CUDA provider on machines without a GPU too."""
+    if cuda_available():
+        import torch
+        return int(torch.cuda.device_count())
+    from effiseg.runtime.cuda_memory import driver_devices
+    return len(driver_devices() or [])
 
 
 def ort_providers() -> list[str]:
@@ -102,6 +119,13 @@ def unavailable_reason(spec: TargetSpec, device: str) -> str | None:
         return f"runs on {spec.devices} only"
     if is_cuda and spec.module == "torch" and not cuda_available():
         return "torch sees no CUDA GPU"
+    if is_cuda:
+        index = device.partition(":")[2]
+        index = int(index) if index.isdigit() else 0
+        count = cuda_gpu_count()
+        if index >= count:
+            return (f"no CUDA GPU {device} here (the NVIDIA driver shows {count})" if count
+                    else "no CUDA GPU here (no NVIDIA driver, or it shows no GPU)")
     if spec.name == "ort-cuda" and "CUDAExecutionProvider" not in ort_providers():
         return "onnxruntime has no CUDAExecutionProvider (pip install \"effiseg[ort-gpu]\")"
     if spec.name == "ort-trt" and "TensorrtExecutionProvider" not in ort_providers():
@@ -114,7 +138,8 @@ def resolve_targets(names: list[str], devices: list[str], explicit: bool) -> tup
 
     ``names`` empty or ["all"]: every known backend, silently dropping those that are not
     installed or need another device (listed under skipped). Named explicitly, a backend that
-    cannot run is still skipped, not fatal, but the reason is printed by the caller."""
+    cannot run is skipped here too, with its reason; the command refuses to run then (the user
+    asked for it), before measuring anything."""
     wanted = list(TARGETS) if not names or names == ["all"] else names
     chosen, skipped = [], []
     for name in wanted:

@@ -139,6 +139,38 @@ def test_headline_finds_the_end_to_end_twin_when_the_fastest_model_only_format_h
     assert row["pipeline_efficiency_of_best"] == pytest.approx(0.8)  # the uint8 twin: 500 / 625
 
 
+def test_headline_ranks_like_with_like_per_batch_and_size_with_host_preparation():
+    """A smaller input is always faster, and a float32 input leaves its normalisation out of the
+    device-side figure: neither may win a headline row by that alone."""
+    uint8 = _result("model", "ort-cpu@cpu", 8, 500.0)
+    uint8["latency_with_host_prep"] = summarize_latencies([510.0, 510.0, 510.0], 8)
+    float32 = _result("model", "ort-cpu@cpu", 8, 450.0, fmt="float32-nchw")
+    float32["latency_with_host_prep"] = summarize_latencies([560.0, 560.0, 560.0], 8)
+    results = [_result("model", "torch-eager@cpu", 8, 1000.0), uint8, float32,
+               _result("model", "torch-eager@cpu", 8, 300.0, size=256), _result("model", "ort-cpu@cpu", 8, 200.0, size=256)]
+    rows = {(r["batch_size"], r["input_size"]): r for r in _result_file(results)["headline"]}
+    assert set(rows) == {(8, "352x352"), (8, "256x256")}
+    assert rows[(8, "352x352")]["best_model_only"] == "model|ort-cpu@cpu|uint8-nhwc|b8|352x352"
+    assert rows[(8, "256x256")]["best_model_only"] == "model|ort-cpu@cpu|uint8-nhwc|b8|256x256"
+    assert rows[(8, "256x256")]["speedup_vs_baseline"] == pytest.approx(1.5)
+
+
+def test_no_ratio_against_a_configuration_that_failed_part_way():
+    """Its samples stop at the failure: they are not the same rounds as the other side's."""
+    base = _result("model", "torch-eager@cpu", 8, 1000.0)
+    base["error"] = "round 2: RuntimeError: CUDA error"
+    ort, ort_e2e = _result("model", "ort-cpu@cpu", 8, 500.0), _result("e2e", "ort-cpu@cpu", 8, 600.0)
+    broken_e2e = _result("e2e", "torch-eager@cpu", 8, 1300.0)
+    data = _result_file([base, ort, ort_e2e, broken_e2e])
+    by_key = {r["key"]: r for r in data["results"]}
+    assert by_key[ort["key"]]["speedup_vs_baseline"] is None
+    assert by_key[ort["key"]]["speedup_withheld"] == f"failed part-way: {base['key']}"
+    assert by_key[ort_e2e["key"]]["pipeline_efficiency"] is not None  # both sides of it ran to the end
+    assert by_key[broken_e2e["key"]]["pipeline_efficiency"] is None    # against the failed model-only run
+    (row,) = data["headline"]
+    assert row["best_model_only"] == ort["key"]  # the failed one is not a candidate
+
+
 # -- schema ------------------------------------------------------------------------------------
 
 def test_schema_accepts_a_complete_file_and_names_what_is_wrong():
@@ -173,8 +205,13 @@ def test_compare_two_result_files(tmp_path):
     faster.append(_result("model", "ort-cpu@cpu", 1, 100.0))
     b = _result_file(faster)
     a["settings"], b["settings"] = {"slots": 2, "rounds": 3}, {"slots": 3, "rounds": 3}
+    b["model"] = dict(a["model"], variant="effisegnet-lite0")
+    b["complete"] = False
+    next(r for r in b["results"] if r["key"] == "model|ort-cpu@cpu|uint8-nhwc|b8|352x352")["precision"] = "fp16"
     cmp = compare_results(a, b)
     assert cmp["settings_that_differ"] == {"slots": [2, 3]}
+    assert cmp["model_that_differs"] == {"variant": ["effisegnet-lite2", "effisegnet-lite0"]}
+    assert cmp["machine_that_differs"] == {} and cmp["incomplete"] == ["B"]
     rows = {r["key"]: r for r in cmp["rows"]}
     assert rows["model|ort-cpu@cpu|uint8-nhwc|b8|352x352"]["throughput_ratio"] == pytest.approx(2.0)
     assert rows["model|ort-cpu@cpu|uint8-nhwc|b8|352x352"]["p50_ratio"] == pytest.approx(0.5)
@@ -189,6 +226,9 @@ def test_compare_two_result_files(tmp_path):
     assert res.exit_code == 0, res.output
     assert "model|ort-cpu@cpu|uint8-nhwc|b8|352x352" in res.output and "2.000" in res.output
     assert "setting slots: A 2, B 3" in res.output and "setting rounds" not in res.output
+    assert "model variant: A 'effisegnet-lite2', B 'effisegnet-lite0'" in res.output
+    assert "caveat model|ort-cpu@cpu|uint8-nhwc|b8|352x352: precision fp32 in A, fp16 in B" in res.output
+    assert "B is incomplete" in res.output
     saved = json.loads((tmp_path / "cmp" / "effiseg_bench_compare.json").read_text())
     assert len(saved["rows"]) == 4
 
@@ -196,6 +236,10 @@ def test_compare_two_result_files(tmp_path):
     bad.write_text(json.dumps({"schema": SCHEMA}))
     res = CliRunner().invoke(bench_command, ["--compare", str(pa), str(bad)])
     assert res.exit_code != 0 and "missing key" in res.output
+    utf16 = tmp_path / "utf16.json"
+    utf16.write_text(json.dumps(a), encoding="utf-16")  # e.g. saved by PowerShell's > redirection
+    res = CliRunner().invoke(bench_command, ["--compare", str(pa), str(utf16)])
+    assert res.exit_code == 1 and "not UTF-8" in res.output and str(utf16) in res.output
 
 
 # -- the runner with a test double ---------------------------------------------------------------
@@ -284,6 +328,67 @@ def test_each_backend_is_built_and_timed_on_a_thread_of_its_own():
     threads = [next(iter(t)) for t in seen.values()]
     assert len(set(threads)) == 4 and threading.current_thread() not in threads
     assert not any(t.is_alive() for t in threads)  # ended with the run
+
+
+def test_ctrl_c_leaves_open_a_backend_whose_call_has_not_returned(monkeypatch):
+    """Closing a backend while its thread is still inside submit would free (device) memory under
+    running work; the others are closed as usual."""
+    import _thread
+    from effiseg.benchmarks import runner
+    monkeypatch.setattr(runner, "CLOSE_WAIT_S", 0.3)
+    info = ModelInfo(path=None, variant="test", input_height=8, input_width=8)
+    entered, release, closed = threading.Event(), threading.Event(), []
+
+    class HangingBackend(RecordingBackend):
+        def submit(self, slot, n):
+            if self.tag == "ort-cpu" and self.calls >= 1:  # the first timed batch never returns...
+                entered.set()
+                release.wait(20)  # ...until the test lets it
+            super().submit(slot, n)
+
+        def close(self):
+            closed.append(self.tag)
+
+    pool = BackendPool(lambda target, fmt, batch, size: HangingBackend(info, batch, [], target.name),
+                       log=lambda m: None)
+    configs = [Config("model", t, 1, 8, 8, "uint8-nhwc") for t in _targets()]
+    threading.Thread(target=lambda: entered.wait(20) and _thread.interrupt_main(), daemon=True).start()
+    try:
+        with pytest.raises(KeyboardInterrupt):  # Ctrl-C while ort-cpu's round is running
+            run_rounds([ModelOnly(c, pool) for c in configs], rounds=2, warmup=1, plan=IterationPlan(iters=1),
+                       log=lambda m: None)
+        assert pool.left_open == {configs[1].backend_key}
+        pool.close()
+        assert closed == ["torch-eager"]
+    finally:
+        release.set()
+
+
+def test_host_memory_added_is_the_configurations_own():
+    """The process's peak RSS includes every backend the interleaved run keeps loaded; the added
+    figure is what building and warming up this configuration took."""
+    info = ModelInfo(path=None, variant="test", input_height=8, input_width=8)
+
+    class HeavyBackend(RecordingBackend):
+        ballast = None
+
+        def submit(self, slot, n):
+            # Like a backend that sizes its workspace on its first batch (warm-up): 96 MiB, touched.
+            if self.tag == "torch-eager" and self.ballast is None:
+                self.ballast = np.ones(96 * 2**20, np.uint8)
+            super().submit(slot, n)
+
+    pool = BackendPool(lambda target, fmt, batch, size: HeavyBackend(info, batch, [], target.name), log=lambda m: None)
+    configs = [Config("model", t, 1, 8, 8, "uint8-nhwc") for t in _targets()]
+    results = run_rounds([ModelOnly(c, pool) for c in configs], rounds=1, warmup=1, plan=IterationPlan(iters=1),
+                         log=lambda m: None)
+    pool.close()
+    heavy, light = (r["memory"] for r in results)
+    if heavy["host_rss_added_mb"] is None:
+        pytest.skip("no RSS reader on this platform")
+    assert heavy["host_rss_added_mb"] > 80 and light["host_rss_added_mb"] < 40
+    assert light["host_rss_peak_mb"] > 80  # the process peak still holds the other backend
+    assert heavy["device_added_mb"] is None and heavy["device_peak_mb"] is None  # no GPU in this run
 
 
 def test_every_finished_round_is_handed_out_and_a_deadline_stops_between_rounds():
@@ -387,6 +492,46 @@ def test_iteration_plan_and_argument_parsing():
     assert IterationPlan(iters=7).for_latency(5.0) == 7
     assert parse_sizes("352") == [(352, 352)]
     assert parse_sizes("384x320,256") == [(384, 320), (256, 256)]
+
+
+def test_backend_names_and_sizes_are_each_taken_once_and_all_stands_alone():
+    from effiseg.benchmarks.targets import parse_names
+    assert parse_names("ort-cpu, torch-fast,ort-cpu") == ["ort-cpu", "torch-fast"]
+    with pytest.raises(ValueError, match="alone"):
+        parse_names("all,ort-cpu")
+    assert parse_sizes("64,64x64,96") == [(64, 64), (96, 96)]
+    res = CliRunner().invoke(bench_command, ["--backends", "all,ort-cpu"])
+    assert res.exit_code == 2 and "alone" in res.output, res.output  # a usage error, not a KeyError
+
+
+def test_gpu_backends_need_a_gpu_not_just_a_gpu_build(monkeypatch):
+    """onnxruntime-gpu lists its CUDA provider on machines without a GPU; a default run there must
+    not pick ort-cuda (and fail), nor TensorRT where it is installed."""
+    import effiseg.benchmarks.targets as targets
+    monkeypatch.setattr(targets, "ort_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(targets, "missing_modules", lambda names: [])
+    monkeypatch.setattr(targets, "cuda_available", lambda: False)
+    monkeypatch.setattr(targets, "cuda_gpu_count", lambda: 0)
+    chosen, skipped = resolve_targets(["all"], ["cpu"], explicit=False)
+    assert not [t for t in chosen if t.device.startswith("cuda")]
+    reasons = {s["backend"]: s["reason"] for s in skipped}
+    for name in ("ort-cuda", "trt-fp32", "trt-fp16"):
+        assert "no CUDA GPU here" in reasons[name]
+    monkeypatch.setattr(targets, "cuda_gpu_count", lambda: 1)
+    chosen, skipped = resolve_targets(["ort-cuda"], ["cuda:0", "cuda:1"], explicit=True)
+    assert [t.label for t in chosen] == ["ort-cuda@cuda:0"]
+    assert [(s["device"], s["reason"]) for s in skipped] == [("cuda:1", "no CUDA GPU cuda:1 here (the NVIDIA driver shows 1)")]
+
+
+def test_a_backend_asked_for_by_name_that_cannot_run_stops_the_run_before_any_timing(tmp_path):
+    from effiseg.benchmarks.targets import missing_modules
+    if not missing_modules(["tensorrt"]):
+        pytest.skip("tensorrt is installed here")
+    res = CliRunner().invoke(bench_command, ["--backends", "trt-fp16", "--devices", "cpu",
+                                             "--output", str(tmp_path / "out")])
+    assert res.exit_code == 2, res.output
+    assert "trt-fp16" in res.output and "cannot run here" in res.output and "effiseg[trt]" in res.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_targets_that_cannot_run_here_are_skipped_with_a_reason():
