@@ -226,32 +226,30 @@ class PeakSampler:
         return self.peak_gpu / MB if self.gpu_probe is not None and self.peak_gpu else None
 
 
+def _torch_cuda(device: str):
+    """torch, where ``device`` is a CUDA device and torch is already in use with CUDA; else None
+    (torch is never imported here)."""
+    if not str(device).startswith("cuda"):
+        return None
+    torch = sys.modules.get("torch")
+    return torch if torch is not None and torch.cuda.is_available() else None
+
+
 def torch_cuda_peak_reset(device: str) -> bool:
     """Reset torch's per-device peak counter; False where torch/CUDA is not in use."""
-    if not str(device).startswith("cuda"):
-        return False
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_available():
+    torch = _torch_cuda(device)
+    if torch is None:
         return False
     torch.cuda.reset_peak_memory_stats(device)
     return True
 
 
 def torch_cuda_peak_mb(device: str) -> float | None:
-    if not str(device).startswith("cuda"):
-        return None
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_available():
-        return None
-    return torch.cuda.max_memory_allocated(device) / MB
-
+    torch = _torch_cuda(device)
+    return torch.cuda.max_memory_allocated(device) / MB if torch is not None else None
 
 
 def torch_cuda_allocated_mb(device: str) -> float | None:
     """Memory torch's caching allocator holds for live tensors on ``device`` now; None off CUDA."""
-    if not str(device).startswith("cuda"):
-        return None
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_available():
-        return None
-    return torch.cuda.memory_allocated(device) / MB
+    torch = _torch_cuda(device)
+    return torch.cuda.memory_allocated(device) / MB if torch is not None else None
