@@ -10,9 +10,12 @@ Two Python bindings of CUDA are supported, tried in this order by :func:`open_cu
 
 Every failing call raises :class:`CudaError` naming the call and CUDA's error name and text.
 
-The CUDA runtime's *current device is per host thread*. :meth:`CudaApi.activate` makes this
-object's device current in the calling thread; a backend calls it at the top of every method that
-a pipeline thread may call, because a thread that never called it would otherwise work on device 0.
+The CUDA runtime's *current device is per host thread*. ``with api.current():`` makes this
+object's device current in the calling thread for the calls inside the block; a backend wraps every
+method that a pipeline thread may call in it, because a thread that never did would otherwise work
+on device 0. With pycuda the block pushes the device's context and pops it at its end: a pycuda
+thread that ends with a context still pushed aborts the whole process ("The context stack was not
+empty"; NVIDIA/TensorRT issues #1107 and #2357 hit it with worker threads).
 
 Nothing here imports a binding at module import time: ``import effiseg.runtime.cuda_memory`` works
 on a machine without CUDA.
@@ -22,12 +25,13 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 
-INSTALL_HINT = ("pip install \"effiseg[trt]\" (installs cuda-python; use cuda-python>=12,<13 for "
-                "Maxwell/Pascal/Volta GPUs and drivers older than CUDA 13), or install pycuda")
+INSTALL_HINT = ("pip install \"effiseg[trt]\" (installs cuda-python 12.x, which runs on CUDA 12 and newer "
+                "drivers and on Maxwell/Pascal/Volta GPUs), or install pycuda")
 
 
 class CudaError(RuntimeError):
@@ -209,6 +213,13 @@ class CudaApi:
     def __init__(self, device_index: int):
         self.device_index = device_index
 
+    @contextmanager
+    def current(self):
+        """This device is current in the calling thread inside the block. Here: ``activate()``,
+        for bindings whose current device is a per-thread setting with nothing to undo."""
+        self.activate()
+        yield self
+
     # The methods below are implemented by each binding.
     def activate(self) -> None:
         raise NotImplementedError
@@ -365,16 +376,14 @@ class CudaPythonApi(CudaApi):
 
 class PyCudaApi(CudaApi):
     """pycuda works with driver-API contexts. TensorRT uses the runtime API, which works in the
-    device's *primary* context, so this retains that primary context and makes it current in each
-    thread that calls :meth:`activate`.
-
-    A thread's context stack holds at most one context pushed from here: activating another GPU's
-    api in the same thread (two backends built one after the other in the main thread, say) pops
-    the previous one's context first, so each call runs on its own GPU and the stack never grows.
+    device's *primary* context, so this retains that primary context and pushes it in
+    :meth:`current`, popping it at the block's end: every push is undone by the thread that made it,
+    so a pipeline thread ends with an empty context stack (pycuda aborts the process otherwise).
+    Blocks nest: inside another GPU's block this one's context is pushed on top and popped again.
     """
 
     binding = "pycuda"
-    _thread_top = threading.local()  # .api: the PyCudaApi whose context this thread pushed last
+    _thread_apis = threading.local()  # .stack: the PyCudaApi objects whose context this thread pushed
 
     def __init__(self, device_index: int):
         super().__init__(device_index)
@@ -397,14 +406,24 @@ class PyCudaApi(CudaApi):
             raise CudaError(f"{what} failed: {e}") from e
 
     def activate(self) -> None:
-        top = getattr(self._thread_top, "api", None)
-        if top is self:
+        raise RuntimeError("with pycuda, a pushed context must be popped by the same thread: use "
+                           "`with api.current():` instead of activate()")
+
+    @contextmanager
+    def current(self):
+        stack = getattr(self._thread_apis, "stack", None)
+        if stack is None:
+            stack = self._thread_apis.stack = []
+        if stack and stack[-1] is self:  # already on top in this thread (a nested block)
+            yield self
             return
-        if top is not None:
-            self._wrap("popping the previous GPU's context", self.drv.Context.pop)
-            self._thread_top.api = None
         self._wrap("pushing the primary context", self.context.push)
-        self._thread_top.api = self
+        stack.append(self)
+        try:
+            yield self
+        finally:
+            stack.pop()
+            self._wrap("popping the primary context", self.drv.Context.pop)
 
     def device_count(self) -> int:
         return int(self._wrap("cuDeviceGetCount", self.drv.Device.count))
@@ -445,13 +464,15 @@ class PyCudaApi(CudaApi):
         self._wrap("memcpy_dtoh_async", self.drv.memcpy_dtoh_async, dst, src.ptr, stream.raw)
 
     def close(self) -> None:
-        # Only the closing thread's push can be undone here; other threads' stacks end with them.
-        if getattr(self._thread_top, "api", None) is self:
+        # Give back the primary context retained in __init__ (pycuda releases it only from the
+        # thread that retained it; from another thread this does nothing, and the driver releases
+        # it at exit).
+        context, self.context = self.context, None
+        if context is not None:
             try:
-                self.drv.Context.pop()
+                context.detach()
             except self.drv.Error:
                 pass
-            self._thread_top.api = None
 
 
 def open_cuda(device: str | int = "cuda:0", prefer: str | None = None) -> CudaApi:

@@ -86,6 +86,10 @@ class EngineKey:
     # ((input_name, min_shape, opt_shape, max_shape), ...) per input; every profile is identical.
     profile: tuple
     n_profiles: int = 1
+    # The builder's workspace limit decides which tactics it may pick; an engine is also not portable
+    # across platforms (NVIDIA's support matrix), so a cache shared between Windows and Linux keeps both.
+    workspace_mb: int = 0
+    platform: str = sys.platform
     schema: int = ENGINE_SCHEMA
 
     def components(self) -> dict[str, Any]:
@@ -98,6 +102,8 @@ class EngineKey:
             "precision": self.precision,
             "profile": [[name, list(lo), list(opt), list(hi)] for name, lo, opt, hi in self.profile],
             "n_profiles": self.n_profiles,
+            "workspace_mb": self.workspace_mb,
+            "platform": self.platform,
         }
 
     def digest(self) -> str:

@@ -47,8 +47,8 @@ def gpu():
                     "(or '.[trt86]' for Maxwell/Pascal/Volta) --extra-index-url https://pypi.nvidia.com")
     try:
         cuda = open_cuda(DEVICE)
-        cuda.activate()
-        device = cuda.device_info()
+        with cuda.current():
+            device = cuda.device_info()
         cuda.close()
     except (CudaUnavailable, CudaError, ValueError) as e:
         pytest.skip(f"no usable CUDA GPU at {DEVICE}: {e}")

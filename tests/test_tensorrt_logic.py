@@ -86,6 +86,7 @@ def test_cache_key_is_stable():
 @pytest.mark.parametrize("change", [
     {"onnx_sha256": "cd" * 32}, {"tensorrt_version": "10.3.0"}, {"gpu_name": "Tesla M40"},
     {"compute_capability": "6.1"}, {"precision": "fp16"}, {"n_profiles": 3}, {"schema": 999},
+    {"workspace_mb": 2048}, {"platform": "win32" if sys.platform != "win32" else "linux"},
     {"profile": (("images", (1, 32, 32, 3), (4, 32, 32, 3), (8, 32, 32, 3)),)},
     {"profile": (("images", (1, 32, 32, 3), (8, 32, 32, 3), (16, 32, 32, 3)),)},
 ])
@@ -818,6 +819,22 @@ def test_maxwell_fp16_request_builds_fp32_and_says_so(env):
         assert backend.describe()["compute_capability"] == "5.2"
 
 
+def test_tensorrt10_on_a_maxwell_gpu_is_refused_up_front_with_the_release_that_works(env):
+    """TensorRT 10 would fail only at engine build ("Unsupported SM: 0x502"); say so before, and
+    what to install, so that auto selection moves on to another backend."""
+    from effiseg.runtime.backends.tensorrt_backend import gpu_too_old_for
+    assert gpu_too_old_for("10.3.0", (5, 2)) and gpu_too_old_for("11.0.0", (6, 1))
+    assert gpu_too_old_for("8.6.1", (5, 2)) is None and gpu_too_old_for("10.3.0", (7, 5)) is None
+    assert gpu_too_old_for("10.3.0", (7, 0)) is None  # supported by early 10.x; their build says otherwise
+    assert gpu_too_old_for("unknown", (5, 2)) is None
+    info, onnx_path, cuda, trt, make = env(device=MAXWELL, version="10.3.0")
+    with pytest.raises(BackendUnavailable) as raised:
+        make(precision="fp32", max_batch=2)
+    message = str(raised.value)
+    assert "Quadro M6000" in message and "5.2" in message and "effiseg[trt86]" in message
+    assert trt.stats.get("fp16_builds", 0) == 0 and not (onnx_path.parent / "cache").exists()
+
+
 def test_fp16_on_a_fast_gpu_and_tensorrt10_without_builder_property(env):
     info, onnx_path, cuda, trt, make = env(version="10.3.0", fast_fp16=None)  # property removed
     with make(precision="auto", max_batch=2) as backend:
@@ -889,9 +906,10 @@ def test_parser_refusal_of_an_old_uint8_graph_names_the_node_and_the_fix(env, tm
     assert "node 0 (Transpose" in message and "Re-export it with this version's effiseg-export" in message
 
 
-def test_pycuda_two_gpus_in_one_thread_each_runs_in_its_own_context(monkeypatch):
-    """With pycuda (the fallback binding), two backends on two GPUs used from one thread: each
-    activate() leaves exactly its own GPU's context current and the context stack never grows."""
+def test_pycuda_contexts_are_popped_by_the_thread_that_pushed_them(monkeypatch):
+    """With pycuda (the fallback binding) a thread that ends with a context still pushed aborts the
+    process ("The context stack was not empty"). Every block pops what it pushed: blocks of two GPUs
+    nest, a worker thread ends with an empty stack, and close() gives back the retained context."""
     import types
 
     from effiseg.runtime.cuda_memory import PyCudaApi
@@ -906,6 +924,8 @@ def test_pycuda_two_gpus_in_one_thread_each_runs_in_its_own_context(monkeypatch)
     class Error(Exception):
         pass
 
+    detached = []
+
     class Context:
         def __init__(self, index):
             self.index = index
@@ -918,6 +938,9 @@ def test_pycuda_two_gpus_in_one_thread_each_runs_in_its_own_context(monkeypatch)
             if not stack():
                 raise Error("context stack is empty")
             stack().pop()
+
+        def detach(self):
+            detached.append(self.index)
 
     class Device:
         def __init__(self, index):
@@ -938,18 +961,34 @@ def test_pycuda_two_gpus_in_one_thread_each_runs_in_its_own_context(monkeypatch)
     monkeypatch.setitem(sys.modules, "pycuda.driver", drv)
 
     first, second = PyCudaApi(0), PyCudaApi(1)
-    for api in (first, second, first, first, second, first):
-        api.activate()
-        assert [c.index for c in stack()] == [api.device_index]
+    with first.current():
+        assert [c.index for c in stack()] == [0]
+        with first.current():  # nested on the same GPU: nothing more pushed
+            assert [c.index for c in stack()] == [0]
+        with second.current():  # another GPU's call inside: its context on top, then popped
+            assert [c.index for c in stack()] == [0, 1]
+        assert [c.index for c in stack()] == [0]
+    assert stack() == []
+    with pytest.raises(RuntimeError, match="current"):
+        first.activate()  # an unbalanced push is refused
+    with pytest.raises(ValueError), first.current():
+        raise ValueError("a failing call inside the block")
+    assert stack() == []  # popped all the same
     seen = []
-    worker = threading.Thread(target=lambda: (second.activate(), seen.append([c.index for c in stack()])))
+
+    def work():
+        with second.current():
+            seen.append([c.index for c in stack()])
+        seen.append(list(stack()))
+
+    worker = threading.Thread(target=work)
     worker.start()
     worker.join()
-    assert seen == [[1]] and [c.index for c in stack()] == [0]  # the worker's own stack
-    second.close()                   # its context is not current in this thread: nothing popped
-    assert [c.index for c in stack()] == [0]
+    assert seen == [[1], []]  # the worker ends with an empty stack of its own
+    second.close()
     first.close()
-    assert stack() == []
+    first.close()  # twice is harmless
+    assert detached == [1, 0] and stack() == []
 
 
 def test_a_last_batch_below_min_batch_is_padded(env):

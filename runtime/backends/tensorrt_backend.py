@@ -55,6 +55,19 @@ TENSORRT_INSTALL_MESSAGE = (
 DEFAULT_WORKSPACE_MB = 1024
 
 
+def gpu_too_old_for(trt_version: str, compute_capability: tuple[int, int]) -> str | None:
+    """Why this TensorRT cannot run on a GPU of this compute capability, or None. TensorRT 10
+    supports SM 7.0 and newer (its support matrix; later 10.x releases dropped Volta too, which
+    their own build error reports); Maxwell and Pascal need TensorRT 8.6. Without this, TensorRT 10
+    on a Quadro M6000 fails only at engine build, with "Unsupported SM: 0x502"."""
+    match = re.match(r"(\d+)", trt_version or "")
+    if match is None or int(match.group(1)) < 10 or tuple(compute_capability) >= (7, 0):
+        return None
+    return (f"TensorRT {trt_version} needs compute capability 7.0 or newer; TensorRT 8.6 is the last "
+            f"release for Maxwell and Pascal GPUs: pip install \"effiseg[trt86]\" "
+            f"--extra-index-url https://pypi.nvidia.com")
+
+
 # =============================================================================================
 # Pure decisions (no TensorRT needed; unit-tested in tests/test_tensorrt_logic.py)
 # =============================================================================================
@@ -462,11 +475,27 @@ class TensorRTBackend(Backend):
         except ValueError as e:
             raise ValueError(f"the TensorRT backend runs on CUDA devices: {e}") from e
         self._cuda = self._open_cuda(device_index)
+        # The engine, buffers and streams are made with the device current in this thread, in a
+        # block that ends here whatever happens (a pycuda context left pushed aborts the process
+        # when its thread ends).
+        entered = False
         try:
-            self._cuda.activate()
+            with self._cuda.current():
+                entered = True
+                self._open_on_device(trt, cache_dir)
+        except CudaError as e:
+            if entered:
+                raise
+            raise BackendUnavailable(f"CUDA device {self.device} is not usable: {e}") from e
+
+    def _open_on_device(self, trt, cache_dir) -> None:
+        try:
             self.gpu = self._cuda.device_info()
         except CudaError as e:
             raise BackendUnavailable(f"CUDA device {self.device} is not usable: {e}") from e
+        too_old = gpu_too_old_for(self.trt_version, self.gpu.compute_capability)
+        if too_old:
+            raise BackendUnavailable(f"{self.gpu.name} (compute capability {self.gpu.cc_string}): {too_old}")
         if not self.onnx_path.is_file():
             raise FileNotFoundError(f"ONNX file not found: {self.onnx_path}")
         logger = _tensorrt_logger(trt, self.verbose)
@@ -496,7 +525,8 @@ class TensorRTBackend(Backend):
         key = EngineKey(
             onnx_sha256=file_sha256(self.onnx_path), tensorrt_version=self.trt_version,
             gpu_name=self.gpu.name, compute_capability=self.gpu.cc_string, precision=self.precision,
-            profile=requested.as_key(self.info.input_name), n_profiles=self.n_slots)
+            profile=requested.as_key(self.info.input_name), n_profiles=self.n_slots,
+            workspace_mb=self.workspace_bytes >> 20)
         path = engine_path(self.cache_dir, f"{self.info.variant}-{self.onnx_path.stem}", key)
         self._runtime = trt.Runtime(logger)
 
@@ -711,7 +741,10 @@ class TensorRTBackend(Backend):
     def submit(self, slot: int, n: int) -> None:
         s = self._slot(slot)
         self._check_submit(slot, n, s.pending is not None)
-        self._cuda.activate()  # this thread may never have touched the device
+        with self._cuda.current():  # this thread may never have touched the device
+            self._enqueue(s, slot, n)
+
+    def _enqueue(self, s: _Slot, slot: int, n: int) -> None:
         # Below the profile's minimum (min_batch > 1) the batch is padded with the slot's stale rows,
         # whose outputs are never returned: TensorRT refuses a shape outside the profile.
         run = self.static_batch or max(n, self.min_batch)
@@ -732,8 +765,8 @@ class TensorRTBackend(Backend):
         if s.pending is None:
             raise RuntimeError(f"collect({slot}) without a submitted batch")
         n, s.pending = s.pending, None
-        self._cuda.activate()
-        s.event.synchronize()
+        with self._cuda.current():
+            s.event.synchronize()
         out = s.host_output.array[:n].reshape((n,) + self._out_hw)
         if out.dtype == np.bool_:
             return out.view(np.uint8)
@@ -748,11 +781,24 @@ class TensorRTBackend(Backend):
             return
         self._closed = True
         cuda = self._cuda
+        try:
+            if cuda is None:
+                self._release()
+            else:
+                with cuda.current():  # TensorRT frees its device memory as the engine goes
+                    self._release()
+        except Exception as e:  # the device could not be made current (lost): free what can be freed
+            log.warning("TensorRT backend close: %s", e)
+            self._release()
         if cuda is not None:
             try:
-                cuda.activate()
+                cuda.close()
             except Exception:
                 pass
+
+    def _release(self) -> None:
+        """Free the slots' buffers, streams and contexts, then the engine (once: a second call finds
+        nothing left)."""
         for s in self._slots:
             try:
                 s.stream.synchronize()  # nothing may still read or write the buffers
@@ -772,11 +818,6 @@ class TensorRTBackend(Backend):
         self._io = None
         self._engine = None
         self._runtime = None
-        if cuda is not None:
-            try:
-                cuda.close()
-            except Exception:
-                pass
 
     def describe(self) -> dict:
         d = super().describe()
