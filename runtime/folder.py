@@ -13,7 +13,12 @@ Layout of the output folder (default: a sibling of the input named ``<input>_mas
 
 Every file is written to a temporary name in its folder and renamed into place, so a run killed
 at any moment leaves no partial mask; ``resume`` skips images whose mask is complete (PNG
-signature and IEND trailer present) and redoes the rest, failed ones included.
+signature and IEND trailer present) *and* was made with the settings recorded in
+``effiseg_run_settings.json`` (model content, threshold, output format, input size; a resume with
+others is refused): the journal says so, or, for a mask renamed into place just before a kill, its
+time is after the settings took effect. It redoes the rest, failed ones included. A run that starts
+afresh replaces the settings record and the journal before it writes a mask, so masks an earlier
+run left with other settings are never taken for this one's.
 """
 from __future__ import annotations
 
@@ -169,7 +174,8 @@ def _empty_row(job: FileJob, status: str, error: str = "") -> dict:
 
 
 def _row_from_mask(job: FileJob) -> dict:
-    """Statistics of an existing mask for a summary row (the probability is not recoverable)."""
+    """Statistics of an existing mask for a summary row (the probability is not recoverable): a mask
+    renamed into place just before a kill, whose journal line was never written."""
     row = _empty_row(job, "skipped")
     try:
         with Image.open(job.mask_path) as im:
@@ -195,18 +201,37 @@ def _write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str, allow_nan=False))
 
 
+def _file_sha256(path: Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _run_settings(segmenter) -> dict:
+    """What made a folder's masks, so that a resumed run refuses to mix in masks of another model,
+    threshold or input size. The model's content is hashed: its ONNX file, or a checkpoint's weights
+    and config (a checkpoint folder retrained in place keeps its name)."""
     import hashlib
     path = getattr(segmenter, "model_path", None)
-    digest = None
-    if path is not None and Path(path).is_file():
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        digest = h.hexdigest()
+    files: list[Path] = []
+    for backend in segmenter.backends:
+        files += [Path(f) for f in getattr(backend, "model_files", None) or []]
+    if not files and path is not None and Path(path).is_file():
+        files = [Path(path)]
+    files = sorted(set(files), key=lambda f: f.name)
+    if len(files) == 1:
+        digest = _file_sha256(files[0])
+    elif files:
+        digest = hashlib.sha256("".join(f"{f.name}:{_file_sha256(f)};" for f in files).encode()).hexdigest()
+    else:
+        digest = None
+    info = segmenter.info
     return {"model": Path(path).name if path else None, "model_sha256": digest,
-            "threshold": float(segmenter.threshold), "output_format": segmenter.info.output_format}
+            "threshold": float(segmenter.threshold), "output_format": info.output_format,
+            "input_size": [int(info.input_height), int(info.input_width)]}
 
 
 def run_folder(segmenter, input_dir, output_dir=None, *, recursive: bool = False, resume: bool = False,
@@ -231,17 +256,35 @@ def run_folder(segmenter, input_dir, output_dir=None, *, recursive: bool = False
         say(f"removed {stale} temporary file(s) left by an interrupted run")
     allow_pixels(max_pixels)
 
-    # What made the masks: a resumed run must not mix masks of another model or threshold.
+    # What made the masks: a resumed run must not mix masks of another model or threshold. The
+    # settings file and the journal go together: a run that starts afresh replaces both before it
+    # writes any mask, so every journal row, and every mask newer than the settings file, was made
+    # with the settings it records.
     settings = _run_settings(segmenter)
     settings_path = output_dir / SETTINGS_NAME
+    journal_path = output_dir / JOURNAL_NAME
+    settings_since = None  # with resume: when the recorded settings took effect (the file's mtime)
     if resume and settings_path.is_file():
         before = json.loads(settings_path.read_text(encoding="utf-8"))
-        changed = [k for k in settings if before.get(k) != settings[k]]
+        changed = [k for k in settings if k in before and before[k] != settings[k]]
         if changed:
             raise FolderError(f"--resume: the masks in {output_dir} were made with other settings ("
                               + "; ".join(f"{k}: {before.get(k)} then, {settings[k]} now" for k in changed)
                               + "); resume with the same model and threshold, or use another --output")
-    _write_json(settings_path, settings)
+        unrecorded = [k for k in settings if k not in before]
+        if unrecorded:
+            say(f"resume: {', '.join(unrecorded)} not recorded by the run that made the masks (an older "
+                "effiseg); assumed unchanged")
+        settings_since = settings_path.stat().st_mtime
+    elif resume:
+        say(f"resume: {output_dir} has no record of the settings that made its masks: every image is done again")
+    if settings_since is None:
+        try:
+            journal_path.unlink(missing_ok=True)  # its rows vouch for masks made with other settings
+        except PermissionError as e:
+            raise FolderError(f"cannot replace {journal_path} ({e.strerror or e}): close the program that "
+                              "has it open and run again") from None
+        _write_json(settings_path, settings)
 
     # A summary left by an earlier run would contradict this one if this one stops part-way (it is
     # written only at the end); the journal keeps every finished row, so nothing is lost.
@@ -252,7 +295,6 @@ def run_folder(segmenter, input_dir, output_dir=None, *, recursive: bool = False
         except PermissionError as e:  # Windows: open in Excel; nothing of this run is done yet
             raise FolderError(f"cannot replace {earlier_summary} ({e.strerror or e}): if it is open in another "
                               "program (Excel), close it and run again") from None
-    journal_path = output_dir / JOURNAL_NAME
     earlier = _read_journal(journal_path) if resume else {}
     rows: dict[int, dict] = {}
     todo: list[FileJob] = []
@@ -261,12 +303,14 @@ def run_folder(segmenter, input_dir, output_dir=None, *, recursive: bool = False
         if resume and png_is_complete(job.mask_path) and not overlay_missing:
             before = earlier.get(job.rel)
             if before and before.get("status") in ("ok", "skipped") and before.get("mask") == job.mask_rel:
-                row = dict(before, status="skipped")
-            else:
-                row = _row_from_mask(job)  # renamed into place just before a kill, not journaled
-            rows[job.index] = row
-        else:
-            todo.append(job)
+                rows[job.index] = dict(before, status="skipped")
+                continue
+            # No journal line: trusted only when written since these settings took effect (strictly
+            # after: a FAT disk keeps times to 2 s). A row that says the image failed is redone.
+            if before is None and settings_since is not None and job.mask_path.stat().st_mtime > settings_since:
+                rows[job.index] = _row_from_mask(job)
+                continue
+        todo.append(job)
     if resume:
         say(f"resume: {len(jobs) - len(todo)} of {len(jobs)} image(s) already have a mask")
 

@@ -102,3 +102,80 @@ def test_mask_png_splits_a_long_stream_over_idat_chunks(monkeypatch):
     with Image.open(io.BytesIO(data)) as im:
         im.load()
         np.testing.assert_array_equal(np.asarray(im), np.where(mask, 255, 0))
+
+
+def test_resume_redoes_masks_an_earlier_run_made_with_other_settings(tiny_onnx, tmp_path):
+    """Run A (threshold 0.5) finished; run B (threshold 0.3, not a resume) got through two images
+    and stopped; resuming B must redo the other two, whose masks are still A's."""
+    import shutil
+    src = write_noise_images(tmp_path / "in", 4, shape=(40, 50))
+    part = tmp_path / "part"  # what run B got through before it stopped
+    part.mkdir()
+    for name in ("0.png", "1.png"):
+        shutil.copyfile(src / name, part / name)
+    out = tmp_path / "out"
+    with Segmenter.from_onnx(tiny_onnx, max_batch=2) as seg:
+        assert seg.run_folder(src, out, progress=False)["n_ok"] == 4
+    with Segmenter.from_onnx(tiny_onnx, max_batch=2, threshold=0.3) as seg:
+        seg.run_folder(part, out, progress=False)
+        resumed = seg.run_folder(src, out, resume=True, progress=False)
+        fresh = seg.run_folder(src, tmp_path / "fresh", progress=False)
+    status = {r["file"]: r["status"] for r in resumed["files"]}
+    assert status == {"0.png": "skipped", "1.png": "skipped", "2.png": "ok", "3.png": "ok"}
+    for i in range(4):  # every mask is now run B's
+        assert (out / f"{i}.png").read_bytes() == (tmp_path / "fresh" / f"{i}.png").read_bytes()
+
+
+def test_resume_trusts_an_unjournaled_mask_of_this_run_but_not_a_failed_row(tiny_onnx, tmp_path):
+    src = write_noise_images(tmp_path / "in", 4, shape=(40, 50))
+    out = tmp_path / "out"
+    with Segmenter.from_onnx(tiny_onnx, max_batch=2) as seg:
+        seg.run_folder(src, out, progress=False)
+        journal = out / JOURNAL_NAME
+        rows = [json.loads(line) for line in journal.read_text().splitlines()]
+        by_file = {r["file"]: r for r in rows}
+        # 3.png: killed after its mask was renamed into place, before its journal line;
+        # 2.png: the journal says it failed (a mask of an earlier run may lie there).
+        by_file["2.png"].update(status="error", error="inference: device lost")
+        journal.write_text("".join(json.dumps(r) + "\n" for f, r in by_file.items() if f != "3.png"))
+        resumed = seg.run_folder(src, out, resume=True, progress=False)
+    status = {r["file"]: r["status"] for r in resumed["files"]}
+    assert status == {"0.png": "skipped", "1.png": "skipped", "2.png": "ok", "3.png": "skipped"}
+
+
+def test_resume_without_a_record_of_the_settings_does_every_image_again(tiny_onnx, tmp_path):
+    from effiseg.runtime.folder import SETTINGS_NAME
+    src = write_noise_images(tmp_path / "in", 3, shape=(40, 50))
+    out = tmp_path / "out"
+    with Segmenter.from_onnx(tiny_onnx, max_batch=2) as seg:
+        seg.run_folder(src, out, progress=False)
+        (out / SETTINGS_NAME).unlink()
+        said = []
+        resumed = seg.run_folder(src, out, resume=True, progress=False, log=said.append)
+    assert resumed["n_ok"] == 3 and any("no record of the settings" in m for m in said)
+    assert (out / SETTINGS_NAME).is_file()
+
+
+def test_resume_refuses_another_input_size_and_a_retrained_checkpoint(tiny_onnx_dynamic, tiny_checkpoint, tmp_path):
+    from effiseg.runtime.folder import FolderError
+    src = write_noise_images(tmp_path / "in", 2, shape=(40, 50))
+    out = tmp_path / "out"
+    with Segmenter.from_onnx(tiny_onnx_dynamic, max_batch=2) as seg:
+        seg.run_folder(src, out, progress=False)
+    with Segmenter.from_onnx(tiny_onnx_dynamic, max_batch=2, input_size=(96, 96)) as seg:
+        with pytest.raises(FolderError, match="input_size"):
+            seg.run_folder(src, out, resume=True, progress=False)
+    # A checkpoint folder retrained in place keeps its name: its content decides.
+    import shutil
+    ckpt = tmp_path / "best"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    out2 = tmp_path / "out2"
+    with Segmenter.from_checkpoint(ckpt, devices=["cpu"], max_batch=2) as seg:
+        seg.run_folder(src, out2, progress=False)
+    weights = next(ckpt.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # other weights, same name
+    weights.write_bytes(bytes(data))
+    with Segmenter.from_checkpoint(ckpt, devices=["cpu"], max_batch=2) as seg:
+        with pytest.raises(FolderError, match="model_sha256"):
+            seg.run_folder(src, out2, resume=True, progress=False)

@@ -135,6 +135,26 @@ def test_io_binding_path_matches(tiny_onnx, images, direct):
     assert all(np.array_equal(m, r) for m, r in zip(masks, direct))
 
 
+@pytest.mark.parametrize("output_format", ["logits", "probabilities", "mask"])
+def test_io_binding_takes_an_output_with_a_channel_axis(tmp_path, output_format):
+    """(N,1,H,W) outputs are accepted, so the bound path (the default on GPUs) must bind them so."""
+    from tensorrt_test_models import make_tiny_onnx, onnxruntime_reference, random_batch, tiny_info
+    info = tiny_info(16, output_format=output_format)
+    path = make_tiny_onnx(tmp_path / "nchw-out.onnx", info)
+    batch = random_batch(info, 3)
+    outputs = []
+    for io_binding in (False, True):
+        backend = OnnxRuntimeBackend(info, path, max_batch=4, io_binding=io_binding)
+        backend.host_input(0)[:3] = batch
+        backend.submit(0, 3)
+        outputs.append(np.array(backend.collect(0), copy=True))
+        backend.close()
+    assert outputs[0].shape == outputs[1].shape == (3, 16, 16)
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    reference = onnxruntime_reference(path, batch).reshape(3, 16, 16)
+    np.testing.assert_allclose(outputs[1], reference.astype(outputs[1].dtype), rtol=1e-6, atol=1e-6)
+
+
 def test_dynamic_hw_model_at_another_input_size(tiny_onnx_dynamic, tiny_onnx, images):
     with Segmenter.from_onnx(tiny_onnx_dynamic, max_batch=4, input_size=(80, 48)) as seg:
         assert (seg.info.input_height, seg.info.input_width) == (80, 48)

@@ -256,19 +256,22 @@ class OnnxRuntimeBackend(Backend):
         self._in_name, self._out_name = inputs[0].name, outputs[0].name
         self._in_dtype = _ELEMENT_TYPES[self.info.input_format]
         self._out_dtype = _OUTPUT_TYPES[self.info.output_format]
-        rank = len(outputs[0].shape)
-        if rank not in (3, 4):
-            raise ValueError(f"{self.onnx_path}: output {self._out_name!r} has rank {rank}; expected (N,H,W)")
+        shape = outputs[0].shape
+        if len(shape) not in (3, 4) or (len(shape) == 4 and isinstance(shape[1], int) and shape[1] != 1):
+            raise ValueError(f"{self.onnx_path}: output {self._out_name!r} has shape {shape}; expected (N,H,W) "
+                             "or (N,1,H,W)")
+        # What a bound output buffer must look like per image: I/O binding checks the rank.
+        h, w = self.info.input_height, self.info.input_width
+        self._out_tail = (h, w) if len(shape) == 3 else (1, h, w)
 
     def _make_bindings(self, ort) -> None:
         device_type = "cpu" if self.device_id is None else "cuda"
         device_id = self.device_id or 0
         self._ort_device = (device_type, device_id)
-        h, w = self.info.input_height, self.info.input_width
         self._device_inputs = [ort.OrtValue.ortvalue_from_shape_and_type(
             self._input_shape(self.max_batch), self._in_dtype, device_type, device_id) for _ in range(self.n_slots)]
         self._device_outputs = [ort.OrtValue.ortvalue_from_shape_and_type(
-            (self.max_batch, h, w), self._out_dtype, device_type, device_id) for _ in range(self.n_slots)]
+            (self.max_batch,) + self._out_tail, self._out_dtype, device_type, device_id) for _ in range(self.n_slots)]
         self._bindings = [self.session.io_binding() for _ in range(self.n_slots)]
 
     # -- double-buffered API ------------------------------------------------------------------
@@ -289,10 +292,10 @@ class OnnxRuntimeBackend(Backend):
         dev_in, dev_out, binding = self._device_inputs[slot], self._device_outputs[slot], self._bindings[slot]
         # Whole-buffer copy: batches are full except the last one of a run.
         dev_in.update_inplace(self._host_inputs[slot])
-        h, w = self.info.input_height, self.info.input_width
         binding.bind_input(self._in_name, device_type, device_id, self._in_dtype, list(self._input_shape(n)),
                            dev_in.data_ptr())
-        binding.bind_output(self._out_name, device_type, device_id, self._out_dtype, [n, h, w], dev_out.data_ptr())
+        binding.bind_output(self._out_name, device_type, device_id, self._out_dtype, [n, *self._out_tail],
+                            dev_out.data_ptr())
         self.session.run_with_iobinding(binding)
         return dev_out.numpy()[:n]
 

@@ -80,11 +80,13 @@ class TorchBackend(Backend):
         torch = import_torch()
         try:
             from effiseg.export.wrapper import SegmentationGraph
-            from effiseg.training.checkpoint import load_model
+            from effiseg.training.checkpoint import load_model, resolve_checkpoint
         except ImportError as e:
             raise BackendUnavailable(f"{TORCH_INSTALL_MESSAGE} [import failed: {e}]") from e
         self.torch = torch
         self.checkpoint = Path(checkpoint)
+        # The files that define the model (weights, config): what a resumed folder run fingerprints.
+        self.model_files = list(resolve_checkpoint(self.checkpoint))
         model, config = load_model(self.checkpoint, device="cpu")
         info = ModelInfo.from_checkpoint_config(config, path=self.checkpoint, output_format=output_format,
                                                 dynamic_hw=True, input_size=input_size)
