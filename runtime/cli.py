@@ -19,7 +19,7 @@ from pathlib import Path
 
 import click
 
-from .backends import BACKEND_CHOICES
+from .backends import BACKEND_CHOICES, parse_devices
 from .console import Command, print_backend_notes_live, unprinted_messages
 from .images import DEFAULT_MAX_PIXELS
 from .model_info import parse_tta_sizes
@@ -61,6 +61,15 @@ def _echo(message: str) -> None:
     click.echo(message, err=True)
 
 
+def _check_devices(ctx, param, value):
+    """A device list that cannot be parsed is a usage error (exit 2), found before a model loads."""
+    try:
+        parse_devices(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
 @click.command(cls=Command, context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.option("--input", "-i", "input_dir", required=True, type=click.Path(path_type=Path),
               help="Folder of images (jpg, jpeg, png, bmp, tif, tiff).")
@@ -72,7 +81,7 @@ def _echo(message: str) -> None:
                    "[default: the bundled runtime/models/effisegnet-default.onnx].")
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto",
               help="auto: TensorRT, else ONNX Runtime on the GPU, else ONNX Runtime on the CPU.")
-@click.option("--devices", default=None,
+@click.option("--devices", default=None, callback=_check_devices,
               help="cpu, a GPU index, or several (0,1: one backend per GPU) [default: auto and tensorrt: "
                    "every GPU like the first one (same model); torch: the same among the GPUs torch sees; "
                    "onnxruntime, or no GPU: the CPU].")
@@ -147,7 +156,8 @@ def run_command(input_dir, output_dir, model_path, backend, devices, batch, prec
                                            max_pixels=max_pixels, progress=not no_progress, log=_echo)
         except FolderError as e:
             raise CannotStart(str(e)) from None
-        except OSError as e:  # e.g. an output folder that cannot be created or written
+        except OSError as e:  # e.g. an output folder that cannot be created or written (before any mask;
+            # a write that fails once masks exist is a RecordWriteError: the run stopped part-way)
             raise CannotStart(f"cannot write the results to {out}: {e}") from None
         except KeyboardInterrupt:
             _echo(f"interrupted: every mask file in {out} is complete; run the same command with --resume "

@@ -52,6 +52,11 @@ class FolderError(ValueError):
     """A folder run that cannot start (bad input/output folders); the message says why."""
 
 
+class RecordWriteError(RuntimeError):
+    """Writing the run's journal or summary failed once the run had started (a full disk, say):
+    the masks written so far are complete, and a resumed run finishes the folder."""
+
+
 @dataclass
 class FileJob:
     index: int
@@ -334,7 +339,8 @@ def run_folder(segmenter, input_dir, output_dir=None, *, recursive: bool = False
                 "max_probability": None if max_prob is None else round(max_prob, 6), "error": ""}
 
     def fail(job: FileJob, error: BaseException, stage: str) -> dict:
-        return _empty_row(job, "error", f"{stage}: {error}" if stage != "read" else str(error))
+        text = str(error) or type(error).__name__  # MemoryError() says nothing by itself
+        return _empty_row(job, "error", f"{stage}: {text}" if stage != "read" else text)
 
     started = time.perf_counter()
     pipe = segmenter.pipeline(load, finish, fail)
@@ -350,19 +356,24 @@ def run_folder(segmenter, input_dir, output_dir=None, *, recursive: bool = False
         if needs_newline:
             with open(journal_path, "a", encoding="utf-8") as journal:
                 journal.write("\n")
-    with open(journal_path, mode, encoding="utf-8") as journal:
-        try:
-            for job, row in pipe.run(todo):
-                rows[job.index] = row
-                journal.write(json.dumps(row) + "\n")
-                journal.flush()
+    try:
+        with open(journal_path, mode, encoding="utf-8") as journal:
+            n_failed_so_far = 0
+            try:
+                for job, row in pipe.run(todo):
+                    rows[job.index] = row
+                    journal.write(json.dumps(row) + "\n")
+                    journal.flush()
+                    if bar is not None:
+                        bar.update(1)
+                        if row["status"] == "error":
+                            n_failed_so_far += 1
+                            bar.set_postfix(failed=n_failed_so_far)
+            finally:
                 if bar is not None:
-                    bar.update(1)
-                    if row["status"] == "error":
-                        bar.set_postfix(failed=sum(r["status"] == "error" for r in rows.values()))
-        finally:
-            if bar is not None:
-                bar.close()
+                    bar.close()
+    except OSError as e:
+        raise RecordWriteError(f"could not write the journal {journal_path}: {e}") from e
     wall = time.perf_counter() - started
     segmenter.last_stats = pipe.stats
     for device, why in pipe.lost.items():
@@ -389,7 +400,10 @@ def run_folder(segmenter, input_dir, output_dir=None, *, recursive: bool = False
         "selection": desc["selection"], "backends": desc["backends"], "model_info": desc["model_info"],
         "files": ordered,
     }
-    _write_json(output_dir / f"{SUMMARY_STEM}.json", _finite(summary))
+    try:
+        _write_json(output_dir / f"{SUMMARY_STEM}.json", _finite(summary))
+    except OSError as e:
+        raise RecordWriteError(f"every image is done, but the summary could not be written: {e}") from e
     summary["summary_json"] = str(output_dir / f"{SUMMARY_STEM}.json")
     csv_path = output_dir / f"{SUMMARY_STEM}.csv"
     try:

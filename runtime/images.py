@@ -128,6 +128,10 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         raise ImageError(f"image is over PIL's process-wide limit of {pil_limit / 1e6:.1f} megapixels (PIL: {e}); "
                          "effiseg-run raises it to --max-pixels, API callers with "
                          "effiseg.runtime.images.allow_pixels(max_pixels)") from None
+    except (PermissionError, FileNotFoundError, IsADirectoryError) as e:
+        # The file could not be opened at all (no read permission; on Windows, locked by another
+        # program): its contents were never seen, so it is not called corrupt.
+        raise ImageError(f"cannot read file: {e.strerror or e}") from None
     except OSError as e:
         # Truncated files land here ("image file is truncated (N bytes not processed)").
         raise ImageError(f"corrupt or truncated image: {e}") from None
@@ -137,13 +141,27 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         raise ImageError(f"cannot decode image: {type(e).__name__}: {e}") from None
 
 
+MAX_NAME_BYTES = 255  # a file name's limit on ext4, APFS, NTFS (there in UTF-16 units) and most others
+
+
+def _temp_name(name: str) -> str:
+    """The temporary name for ``name``: the name itself where it fits, so that a stray file says
+    whose it was; for a name near the file-name limit a short stand-in (the mask name itself is
+    legal, so its temporary must be too)."""
+    tail = f".{os.getpid()}-{next(_temp_counter)}{TEMP_SUFFIX}"
+    if len(f".{name}{tail}".encode("utf-8")) <= MAX_NAME_BYTES:
+        return f".{name}{tail}"
+    import hashlib
+    return f".{hashlib.sha256(name.encode('utf-8')).hexdigest()[:16]}{tail}"
+
+
 def atomic_write(path: Path, write) -> None:
     """Call ``write(file)`` on a temporary file in ``path``'s folder, then rename it over ``path``.
 
     A process killed at any moment leaves either the old file, no file, or the complete new one;
     never a partial ``path`` (a stray ``*.effiseg-tmp`` at most, which the next run deletes).
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{next(_temp_counter)}{TEMP_SUFFIX}")
+    tmp = path.with_name(_temp_name(path.name))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:

@@ -199,8 +199,14 @@ class Segmenter:
         for t in self.runner_threads:
             t.close(timeout=CLOSE_WAIT_S)
         self._finalizer.detach()
-        for b in self.backends:
-            b.close()
+        failures = []
+        for b in self.backends:  # one backend that fails to close must not keep the others' memory
+            try:
+                b.close()
+            except Exception as e:
+                failures.append(e)
+        if failures:
+            raise failures[0]
 
     def __enter__(self):
         return self

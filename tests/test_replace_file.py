@@ -81,3 +81,16 @@ def test_a_write_past_windows_path_limit_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(images, "_ON_WINDOWS", False)  # elsewhere the error is left as it is
     with pytest.raises(FileNotFoundError, match="No such file or directory"):
         atomic_write(deep, lambda f: f.write(b"png"))
+
+
+def test_a_name_near_the_file_name_limit_is_written_too(tmp_path):
+    """The temporary name is longer than the final one; a legal mask name must not fail on it."""
+    from effiseg.runtime.images import MAX_NAME_BYTES, TEMP_SUFFIX, remove_stale_temp_files
+    name = "m" * (MAX_NAME_BYTES - 14) + ".png"  # legal here, too long once the temporary suffix is added
+    target = tmp_path / name
+    atomic_write(target, lambda f: f.write(b"png"))
+    assert target.read_bytes() == b"png"
+    assert not list(tmp_path.glob(f"*{TEMP_SUFFIX}"))
+    # A stray short stand-in is still recognised as a temporary and cleaned up by the next run.
+    (tmp_path / f".0123456789abcdef.1-1{TEMP_SUFFIX}").write_bytes(b"x")
+    assert remove_stale_temp_files(tmp_path) == 1

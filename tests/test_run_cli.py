@@ -93,7 +93,7 @@ def test_folder_rules_and_startup_errors(tiny_onnx, tmp_path, monkeypatch):
     no_model = _run("--input", src, "--output", tmp_path / "o")
     assert no_model.exit_code == 3 and "bundled model" in no_model.output and "--model" in no_model.output
     bad_device = _run("--input", src, "--output", tmp_path / "o", "--model", tiny_onnx, "--devices", "tpu")
-    assert bad_device.exit_code == 3 and "unknown device" in bad_device.output
+    assert bad_device.exit_code == 2 and "unknown device" in bad_device.output  # a usage error
     not_onnx = tmp_path / "model.onnx"
     not_onnx.write_bytes(b"garbage")
     bad_model = _run("--input", src, "--output", tmp_path / "o", "--model", not_onnx)
@@ -370,3 +370,32 @@ def test_a_folder_this_user_may_not_read_is_a_folder_error(tmp_path, monkeypatch
     monkeypatch.setattr(Path, "is_dir", refused)
     result = _run("--input", src, "--model", tmp_path / "missing.onnx")
     assert result.exit_code == 3 and f"cannot use {src}: Permission denied" in result.output
+
+
+def test_a_write_that_fails_once_masks_exist_is_a_stopped_run_not_a_failed_start(tiny_onnx, tmp_path, monkeypatch):
+    """A full disk at the summary: the masks are there and --resume finishes; exit 4, not 3."""
+    from effiseg.runtime import folder
+    src, out = tmp_path / "in", tmp_path / "out"
+    _make_images(src, 3)
+    real = folder._write_json
+
+    def write_json(path, obj):
+        if path.name.startswith(folder.SUMMARY_STEM):
+            raise OSError(28, "No space left on device", str(path))
+        real(path, obj)
+    monkeypatch.setattr(folder, "_write_json", write_json)
+    result = _run("--input", src, "--output", out, "--model", tiny_onnx)
+    assert result.exit_code == 4, result.output
+    assert "summary could not be written" in result.output and "--resume" in result.output
+    assert len(list(out.glob("*.png"))) == 3
+    monkeypatch.setattr(folder, "_write_json", real)
+    again = _run("--input", src, "--output", out, "--model", tiny_onnx, "--resume")
+    assert again.exit_code == 0 and "3 skipped" in again.output, again.output
+
+
+@pytest.mark.parametrize("devices", ["foo", "0,0", "cpu,0"])
+def test_a_device_list_that_cannot_be_parsed_is_a_usage_error(tmp_path, devices):
+    src = tmp_path / "in"
+    _make_images(src, 1)
+    result = _run("--input", src, "--devices", devices)
+    assert result.exit_code == 2 and "--devices" in result.output, result.output

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 
@@ -158,3 +159,31 @@ def test_cli_reports_failures_and_exits_non_zero(zoo, tiny_onnx, tmp_path):
     n_ok = sum(s == "ok" for s, _ in expected.values())
     assert f"{n_ok} ok" in result.output
     assert len(list(out.glob("*.png"))) == n_ok
+
+
+@pytest.mark.skipif(os.name == "nt" or (hasattr(os, "geteuid") and os.geteuid() == 0),
+                    reason="needs a file the process may not read (POSIX, not root)")
+def test_a_file_that_cannot_be_opened_is_not_called_corrupt(tmp_path):
+    from effiseg.runtime.images import ImageError, read_image
+    path = tmp_path / "locked.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+    path.chmod(0)
+    try:
+        with pytest.raises(ImageError, match="cannot read file") as raised:
+            read_image(path)
+        assert "corrupt" not in str(raised.value)
+    finally:
+        path.chmod(0o644)
+
+
+def test_a_locked_file_is_reported_as_unreadable_not_corrupt(tmp_path, monkeypatch):
+    """Windows: a file another program holds open without sharing fails to open with PermissionError."""
+    from effiseg.runtime import images
+    path = tmp_path / "locked.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(images.Image, "open", refuse)
+    with pytest.raises(images.ImageError, match="cannot read file: Permission denied"):
+        images.read_image(path)

@@ -661,3 +661,38 @@ def test_waiting_rows_go_only_where_their_layout_fits():
         assert set(failed).isdisjoint(moved) and all(results[i] == float(i) for i in moved)
         if with_a_fitting_gpu:
             assert len(failed) == 2  # only the batch it failed
+
+
+def test_closing_a_segmenter_closes_every_backend_even_when_one_fails_to_close():
+    closed = []
+
+    class ClosingBackend(MeanBackend):
+        def __init__(self, tag, fail):
+            super().__init__(_fake_info())
+            self.tag, self.fail = tag, fail
+
+        def close(self):
+            closed.append(self.tag)
+            if self.fail:
+                raise RuntimeError("device lost while freeing")
+
+    seg = Segmenter([ClosingBackend("gpu0", True), ClosingBackend("gpu1", False)])
+    with pytest.raises(RuntimeError, match="freeing"):
+        seg.close()
+    assert closed == ["gpu0", "gpu1"]
+
+
+def test_an_error_without_a_message_is_named_in_the_summary(tmp_path):
+    """MemoryError() has no text: the summary still says what failed."""
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(src / "a.png")
+
+    class OutOfMemory(MeanBackend):
+        def submit(self, slot, n):
+            raise MemoryError()
+
+    with Segmenter([OutOfMemory(_fake_info())]) as seg:
+        summary = seg.run_folder(src, tmp_path / "out", progress=False)
+    (row,) = summary["files"]
+    assert row["status"] == "error" and row["error"] == "inference: MemoryError"
