@@ -61,6 +61,9 @@ def export_command(checkpoint, output, input_format, output_format, dynamic_hw, 
                                    verify_dir=verify_images, verify_count=verify_count,
                                    log=lambda message: click.echo(message, err=True))
     except ExportError as e:
+        if e.model_written:
+            click.echo(f"export incomplete: {e}", err=True)
+            raise SystemExit(1)
         failed = output.with_name(output.name + ".export-failed.json")
         details = f" (what was tried: {failed})" if failed.is_file() else ""
         click.echo(f"export failed; {output} was not written or changed{details}: {e}", err=True)

@@ -51,7 +51,12 @@ BYTES_PER_VALUE_OUT = {"logits": 4, "probabilities": 2, "mask": 1}
 
 
 class ExportError(RuntimeError):
-    """The export failed or did not match PyTorch; nothing was written at the output path."""
+    """The export failed or did not match PyTorch; nothing was written at the output path, unless
+    ``model_written`` (a verified model whose report alone could not be written)."""
+
+    def __init__(self, message: str, model_written: bool = False):
+        super().__init__(message)
+        self.model_written = model_written
 
 
 def default_verify_dirs() -> list[Path]:
@@ -269,10 +274,12 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
     torch, onnx, ort, load_model, effiseg_version, SegmentationGraph = _import_export_stack()
     started = time.perf_counter()
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     stale_failure = output.with_name(output.name + ".export-failed.json")
-    if stale_failure.exists():  # from an earlier attempt: it must not be read as this one's
-        stale_failure.unlink()
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        stale_failure.unlink(missing_ok=True)  # from an earlier attempt: it must not be read as this one's
+    except OSError as e:
+        raise ExportError(f"cannot write to {output.parent}: {e.strerror or e} ({e.filename or output})") from None
     try:
         model, config = load_model(checkpoint, device="cpu")
     except Exception as e:  # missing files, a damaged safetensors file, weights of another variant...
@@ -321,12 +328,19 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
     info.extra["folded_for_inference"] = folded
     # Traced on the CPU, so the flips' batching is said explicitly: one batch of 4N in the graph.
     # The parity reference is always the network as trained, so a fold is verified end to end.
-    graph = SegmentationGraph(traced_model, info.mean, info.std, input_format, output_format, info.threshold,
-                              tta=info.tta, tta_sizes=info.tta_sizes, batch_flips=True).eval()
-    reference = SegmentationGraph(model, info.mean, info.std, "uint8-nhwc", "logits", info.threshold,
-                                  tta=info.tta, tta_sizes=info.tta_sizes).eval()
+    try:
+        graph = SegmentationGraph(traced_model, info.mean, info.std, input_format, output_format, info.threshold,
+                                  tta=info.tta, tta_sizes=info.tta_sizes, batch_flips=True).eval()
+        reference = SegmentationGraph(model, info.mean, info.std, "uint8-nhwc", "logits", info.threshold,
+                                      tta=info.tta, tta_sizes=info.tta_sizes).eval()
+    except ValueError as e:  # e.g. a threshold outside (0, 1) in the checkpoint's config
+        raise ExportError(f"cannot export {checkpoint}: {e}") from None
     # Before tracing (tens of seconds): a wrong --verify-images folder fails at once.
-    verify_images, verify_source, verify_skipped = load_verify_images(verify_dir, verify_count, h, w)
+    try:
+        verify_images, verify_source, verify_skipped = load_verify_images(verify_dir, verify_count, h, w)
+    except OSError as e:
+        raise ExportError(f"cannot read the verification images ({e.filename or verify_dir}): "
+                          f"{e.strerror or e}") from None
     for skipped in verify_skipped:
         log(f"warning: parity check skips an unreadable image: {skipped}")
     if input_format == "uint8-nhwc":
@@ -378,6 +392,14 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
         data = tmp.read_bytes()
         report["onnx_bytes"] = len(data)
         report["sha256"] = hashlib.sha256(data).hexdigest()
+        # The report of an earlier export goes first: if it cannot (open in an editor on Windows),
+        # the old model stays as well, and the pair still agrees.
+        old_report = output.with_name(output.name + ".export.json")
+        try:
+            old_report.unlink(missing_ok=True)
+        except OSError as e:
+            raise ExportError(f"cannot replace {old_report} ({e.strerror or e}): close the program that has it "
+                              f"open and export again; {output} was not changed") from None
         replace_with_retry(tmp, output)
     except BaseException as e:
         try:
@@ -391,10 +413,12 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
         if isinstance(e, Exception):
             raise ExportError(f"export of {checkpoint} failed: {type(e).__name__}: {e}") from e
         raise
-    stale = output.with_name(output.name + ".export-failed.json")
-    if stale.exists():
-        stale.unlink()
-    _write_report(output.with_name(output.name + ".export.json"), report)
+    report_path = output.with_name(output.name + ".export.json")
+    try:
+        _write_report(report_path, report)
+    except OSError as e:  # the model is written and verified; only its description is missing
+        raise ExportError(f"{output} was written and verified, but its report {report_path} could not be "
+                          f"written: {e.strerror or e}", model_written=True) from None
     return report
 
 

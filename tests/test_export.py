@@ -1,7 +1,9 @@
 """effiseg-export: parity with PyTorch, metadata round trip, formats, failure handling, CLI."""
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -344,3 +346,42 @@ def test_cli_errors_name_the_file_and_unreadable_verify_images_are_skipped(tiny_
     assert f"skips an unreadable image: {mixed / '0000-broken.jpg'}" in res.output
     report = json.loads((tmp_path / "ok.onnx.export.json").read_text())
     assert len(report["verify_images_skipped"]) == 1 and report["parity"]["n_images"] == 1
+
+
+def test_early_failures_are_messages_not_tracebacks(tiny_checkpoint, tmp_path):
+    """An output folder that cannot be made, a checkpoint whose config holds an impossible threshold:
+    the CLI's message, exit 1, nothing written."""
+    import shutil
+    a_file = tmp_path / "afile"
+    a_file.write_bytes(b"")
+    res = CliRunner().invoke(export_command, [str(tiny_checkpoint), "-o", str(a_file / "m.onnx")])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    assert "cannot write to" in res.output and str(a_file) in res.output
+    odd = tmp_path / "odd"
+    shutil.copytree(tiny_checkpoint, odd)
+    config = json.loads((odd / "config.json").read_text())
+    config["threshold"] = 1.0
+    (odd / "config.json").write_text(json.dumps(config))
+    res = CliRunner().invoke(export_command, [str(odd), "-o", str(tmp_path / "m.onnx")])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    assert "threshold" in res.output and not (tmp_path / "m.onnx").exists()
+
+
+def test_a_report_that_cannot_be_replaced_leaves_the_old_model_and_report_together(tiny_checkpoint, verify_images_dir,
+                                                                                    tmp_path, monkeypatch):
+    out = tmp_path / "m.onnx"
+    export_checkpoint(tiny_checkpoint, out, verify_dir=verify_images_dir, verify_count=1)
+    old_model, old_report = out.read_bytes(), (tmp_path / "m.onnx.export.json").read_text()
+    real_unlink = Path.unlink
+
+    def locked(self, missing_ok=False):  # Windows: the old report is open in an editor
+        if self.name == "m.onnx.export.json":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_unlink(self, missing_ok=missing_ok)
+    monkeypatch.setattr(Path, "unlink", locked)
+    with pytest.raises(ExportError, match="was not changed"):
+        export_checkpoint(tiny_checkpoint, out, output_format="mask", verify_dir=verify_images_dir, verify_count=1)
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    assert out.read_bytes() == old_model and (tmp_path / "m.onnx.export.json").read_text() == old_report
+    report = json.loads(old_report)
+    assert report["sha256"] == hashlib.sha256(old_model).hexdigest()
