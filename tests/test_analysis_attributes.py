@@ -141,7 +141,8 @@ def test_border_proximity():
     m3 = np.zeros((100, 200), bool)
     m3[3:10, 191:198] = True                  # 2 px from the right border (col 199), 3 from the top
     assert A.border_proximity(m3)["border_distance"] == pytest.approx(2 / 100)
-    assert math.isnan(A.border_proximity(np.zeros((10, 10), bool))["border_distance"])
+    empty = A.border_proximity(np.zeros((10, 10), bool))
+    assert math.isnan(empty["border_distance"]) and math.isnan(empty["touches_border"])  # no polyp: neither bucket
 
 
 # ---------------------------------------------------------------- overlay box

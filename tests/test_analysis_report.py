@@ -258,3 +258,20 @@ def test_analyze_checkpoint_predicts_then_analyses(folder_and_checkpoint):
     assert 0.0 <= float(probs[0].min()) and float(probs[0].max()) <= 1.0
     assert result.threshold == 0.5 and result.sweep_source == "val" and len(result.cases) == 1
     assert result.meta["split"] == "x" and result.meta["variant"] == "effisegnet-lite0"
+
+
+def test_an_image_without_a_polyp_is_in_no_size_or_border_bucket():
+    """Two polyps and an empty mask: the empty one is "n/a" for polyp size and border contact, not the
+    smallest polyp nor one clear of the border."""
+    samples = [synthetic_sample(i) for i in range(2)]
+    empty = synthetic_sample(2)
+    samples.append(Sample(empty.stem, empty.image, np.zeros_like(empty.mask), empty.image_path, empty.mask_path))
+    probs = [fake_probability(s, 0) for s in samples]
+    result = AN.analyze_predictions(samples, probs, 0.5, n_worst_cases=1, meta={"split": "synthetic"})
+    row = next(r for r in result.rows if r["stem"] == empty.stem)
+    assert math.isnan(row["area_fraction"]) and math.isnan(row["touches_border"])
+    tables = {t["attribute"]: t for t in result.buckets} if isinstance(result.buckets, list) else result.buckets
+    for name in ("area_fraction", "touches_border"):
+        table = tables[name]
+        counts = {b["bucket"]: b["n"] for b in table["buckets"]}
+        assert counts.get("n/a") == 1 and sum(counts.values()) == 3, (name, counts)

@@ -142,3 +142,12 @@ def test_paired_seeds_interval_carries_seed_noise():
     assert paired["low"] <= 0.0 + 1e-12 and paired["high"] >= 0.04 - 1e-12
     with pytest.raises(ValueError, match="same seeds"):
         seeded_paired_bootstrap_ci(a, b[:2], paired_seeds=True)
+
+
+def test_holm_adjustment_on_known_values():
+    # Sorted p 0.01, 0.02, 0.03, 0.5 with m = 4: 0.04, max(0.04, 0.06), max(0.06, 0.06), max(0.06, 0.5).
+    assert np.allclose(S.holm_adjust([0.03, 0.01, 0.5, 0.02]), [0.06, 0.04, 0.5, 0.06])
+    assert S.holm_adjust([0.4, 0.9]) == [0.8, 0.9]  # capped where m * p passes 1, never below an earlier one
+    assert S.holm_adjust([]) == []
+    with pytest.raises(ValueError):
+        S.holm_adjust([0.1, float("nan")])

@@ -51,6 +51,11 @@ def test_winner_is_chosen_on_validation_and_gain_is_paired(tmp_path):
     assert "beyond inference" in md
     assert res["baseline_spread"]["seed_pair"] == [0, 1]
     assert "Winner (chosen on validation)" in md and "per seed" in md
+    # Every comparison against the baseline is one of a family, adjusted together (Holm).
+    from effiseg.training.protocol_report import comparison_family
+    family = comparison_family(res)
+    assert len(family) >= 3 and "## Multiple comparisons" in md and f"makes {len(family)} comparisons" in md
+    assert md.count("| cand, tuned inference") == 1
 
 
 def test_multiscale_candidate_is_reported_when_evaluated_and_can_win(tmp_path):

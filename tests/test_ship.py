@@ -164,3 +164,18 @@ def test_the_card_shows_the_training_change_against_the_baseline_with_its_own_in
             "+0.0017, 95% interval [-0.0046, +0.0071]; per seed +0.0011, +0.0020, +0.0021.") in card
     # Without that comparison (the winner is the baseline arm, or an older report) the line is left out.
     assert "beyond inference" not in evidence_markdown({"plan": {}, "winner": WINNER}, Path("protocol"))
+
+
+def test_a_winner_that_removes_small_regions_is_not_shipped_without_force(tmp_path):
+    """The runtime and the ONNX model do not remove regions: a card measured with removal would promise
+    figures that users do not get."""
+    import effiseg.training.ship as ship
+    proto = tmp_path / "p"
+    run = proto / "runs" / "baseline_s0"
+    run.mkdir(parents=True)
+    (run / "best.safetensors").write_bytes(b"")
+    (proto / "protocol_results.json").write_text(json.dumps(
+        {"winner": {"ship_run": "baseline_s0", "config": "tta=1,thr=0.50,minreg=256"}}))
+    with pytest.raises(ShipError, match="removes predicted regions below 256 px"):
+        ship.ship_winner(proto, tmp_path / "weights" / "default", tmp_path / "m.onnx", tmp_path / "data")
+    assert not (tmp_path / "weights").exists() and not (tmp_path / "m.onnx").exists()

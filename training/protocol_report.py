@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .analysis.stats import paired_bootstrap_ci, seeded_paired_bootstrap_ci
+from .analysis.stats import holm_adjust, paired_bootstrap_ci, seeded_paired_bootstrap_ci
 from .protocol import PLAIN, parse_config_key
 
 METRICS = ("dice", "iou", "precision", "recall")
@@ -222,6 +222,40 @@ def _ci(g: dict | None) -> str:
     return text
 
 
+def comparison_family(r: dict) -> list[tuple[str, dict]]:
+    """Every comparison against the baseline this report makes, by name: the arms (plain and tuned
+    inference) and each inference-time candidate alone (the winner is one of the arms' rows)."""
+    family = []
+    for arm, a in r["arms"].items():
+        if a.get("gain_plain_vs_baseline"):
+            family.append((f"{arm}, plain inference", a["gain_plain_vs_baseline"]))
+        family.append((f"{arm}, tuned inference (`{a['tuned']['config']}`)", a["gain_tuned_vs_baseline"]))
+    for name, c in r["inference_candidates_on_baseline"].items():
+        family.append((f"{name} (on the baseline)", c["gain_vs_baseline"]))
+    return [(name, g) for name, g in family if g and "p_value_like" in g]
+
+
+def _multiple_comparisons(r: dict) -> list[str]:
+    family = comparison_family(r)
+    if len(family) < 2:
+        return []
+    adjusted = holm_adjust([g["p_value_like"] for _, g in family])
+    lines = ["## Multiple comparisons", "",
+             f"This report makes {len(family)} comparisons against the baseline; read one at a time, some "
+             "would clear a 5% bar by chance. Holm's adjustment of the bootstrap tail shares "
+             "(`p_value_like`, two-sided) keeps the chance of any false claim in the family below 5%:", "",
+             "| comparison | ΔDice | p (bootstrap) | Holm-adjusted | holds at 5% |", "|---|---|---|---|---|"]
+    def p_text(value: float, n_boot: int, times: int = 1) -> str:
+        # No resample on the other side of zero: the bootstrap only bounds it.
+        return f"< {times / n_boot:.4f}" if value == 0 and n_boot else f"{value:.4f}"
+
+    for (name, g), adj in sorted(zip(family, adjusted), key=lambda t: t[1]):
+        n_boot = int(g.get("n_boot") or 0)
+        lines.append(f"| {name} | {g['mean_diff']:+.4f} | {p_text(g['p_value_like'], n_boot)} | "
+                     f"{p_text(adj, n_boot, len(family))} | {'yes' if adj < 0.05 else 'no'} |")
+    return lines + [""]
+
+
 def render_markdown(r: dict) -> str:
     plan = r.get("plan", {})
     cut = describe_cut_short(r.get("training") or {})
@@ -261,6 +295,7 @@ def render_markdown(r: dict) -> str:
         t = w["gain_vs_tuned_baseline"]
         lines += [f"What the training change adds beyond inference: against the baseline with its own best "
                   f"inference (`{t['baseline_config']}`, chosen on validation), ΔDice {_ci(t)}.", ""]
+    lines += _multiple_comparisons(r)
     sp = r["baseline_spread"]
     lines += ["## Run-to-run spread of the baseline", "",
               "Test Dice per seed: " + ", ".join(f"seed {k}: {v:.4f}" for k, v in sp["test_dice_per_seed"].items()) + "."]

@@ -204,6 +204,13 @@ def ship_winner(protocol_dir: str | Path, destination: str | Path, onnx_path: st
     if not checkpoint.is_file():
         raise ShipError(f"the winner's checkpoint {checkpoint} is missing (unpack checkpoints.tar.part-* there)")
     settings = parse_config_key(winner["config"])
+    if settings.get("min_region_px", 0) > 0 and not force:
+        # The card would measure the checkpoint with region removal, but effiseg-run and the exported
+        # model do not remove regions: users would not get the card's figures.
+        raise ShipError(f"the winner ({winner['config']}) removes predicted regions below "
+                        f"{settings['min_region_px']} px, which the exported model and effiseg-run do not do, so "
+                        "the card's metrics would not be what users get; pass --force to ship it anyway "
+                        "(effiseg-export then warns of the difference)")
     signs = smoke_test_signs(protocol_dir, run_dir)
     if signs and not force:
         raise ShipError("this protocol looks like a smoke test, not a result to ship: " + "; ".join(signs[:3])

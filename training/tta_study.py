@@ -122,6 +122,10 @@ def _markdown(meta: dict, rows: list[dict], chosen: dict, reference: dict, gain:
              f"{gain['mean_diff']:+.4f}, paired bootstrap 95% interval [{gain['low']:+.4f}, {gain['high']:+.4f}] "
              f"({gain['n_boot']} resamples of these {meta['n_images']} images; one checkpoint, so training noise "
              "is not in this interval).", "",
+             f"**This interval is optimistic:** the chosen row is the best of "
+             f"{sum(r['cost'] <= meta['max_cost'] for r in rows)} within the cost cap ({len(rows)} scored) on these "
+             f"same {meta['n_images']} images, so it also holds the luck of the choice. Measure the gain on images "
+             "the choice did not see (the test split, once).", "",
              "## One size alone (best threshold each)", "",
              "A network trained with random zoom sees polyps larger than a plain test image shows them; larger "
              "sizes than the input size can score better on their own (the train/test resolution discrepancy).", "",

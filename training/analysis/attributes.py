@@ -213,13 +213,14 @@ def border_proximity(mask: np.ndarray) -> dict:
 
     ``border_distance`` is the smallest number of pixels between a polyp pixel and the image's
     outermost rows/columns (0 = on the border), divided by the shorter image side, so it lies in
-    [0, 0.5]; NaN without polyp. ``touches_border`` is True when a polyp pixel lies on the border.
+    [0, 0.5]; NaN without polyp. ``touches_border`` is True when a polyp pixel lies on the border,
+    NaN without polyp (an image with nothing to touch the border belongs in neither bucket).
     """
     mask = _as_bool(mask)
     h, w = mask.shape
     ys, xs = np.nonzero(mask)
     if ys.size == 0:
-        return {"border_distance": float("nan"), "touches_border": False}
+        return {"border_distance": float("nan"), "touches_border": float("nan")}
     d = int(min(ys.min(), xs.min(), h - 1 - ys.max(), w - 1 - xs.max()))
     return {"border_distance": d / min(h, w), "touches_border": d == 0}
 
@@ -420,7 +421,8 @@ def image_attributes(image: np.ndarray, gt: np.ndarray, pred: np.ndarray,
     fov = field_of_view(image, overlay)
     detection = region_detection(gt, pred)
     out: dict = {
-        "area_fraction": polyp_area_fraction(gt),
+        # NaN without a polyp: such an image is not the smallest polyp ("n/a" in the buckets).
+        "area_fraction": polyp_area_fraction(gt) if gt.any() else float("nan"),
         "pred_area_fraction": polyp_area_fraction(pred),
         "n_polyps": detection.n_gt_regions,
     }

@@ -26,8 +26,10 @@ def _progress(desc: str):
 @click.argument("checkpoint", type=click.Path(path_type=Path, exists=True), required=False)
 @click.option("--data", "data_root", default=DEFAULT_DATA,
               help="Dataset root (with --split) or an images/+masks/ folder (with --split none).")
-@click.option("--split", default="test",
-              help="train, validation, test, or 'none' to read --data/images and --data/masks.")
+@click.option("--split", default="validation",
+              help="train, validation, test, or 'none' to read --data/images and --data/masks. Validation by "
+                   "default: what the analysis finds shapes the next change, and a change shaped on the test "
+                   "split makes its test figure optimistic; give --split test for a final report.")
 @click.option("--sweep-split", default="validation",
               help="Split whose predictions feed the threshold sweep; 'none' sweeps the analysed images "
                    "(never choose a threshold on test).")

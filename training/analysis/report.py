@@ -217,7 +217,8 @@ def _case_caption(case: CaseData) -> str:
     bits = [f"polyp area {_pct(r['area_fraction'])}", f"{r['n_polyps']} polyp(s)",
             f"{r['n_missed']} missed", f"{r['n_fp_regions']} false-positive region(s)",
             f"boundary share of errors {_pct(r['boundary_error_fraction'])}",
-            "touches border" if r["touches_border"] else "clear of border",
+            ("no polyp" if isinstance(r["touches_border"], float) and math.isnan(r["touches_border"])
+             else "touches border" if r["touches_border"] else "clear of border"),
             f"overlay box {r['overlay_kind']}" if r["overlay_present"] else "no overlay box",
             f"highlights in polyp {_pct(r['polyp_specular_fraction'])}"]
     return "; ".join(bits)

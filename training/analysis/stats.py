@@ -183,3 +183,22 @@ def percentiles(values, qs=(5, 25, 50, 75, 95)) -> dict:
         if not 0.0 <= q <= 100.0:
             raise ValueError(f"percentile must be in [0, 100], got {q}")
     return {f"p{q:g}": float(v) for q, v in zip(qs, np.percentile(x, list(qs)))}
+
+
+def holm_adjust(p_values) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (same order as given, capped at 1): a
+    result is claimed at level alpha when its adjusted value is below alpha, and the chance of any
+    false claim in the family stays below alpha. Needed where one report makes many comparisons
+    (every arm and every inference candidate against the baseline)."""
+    p = np.asarray(list(p_values), dtype=np.float64)
+    if p.size == 0:
+        return []
+    if np.any(~np.isfinite(p)) or np.any(p < 0):
+        raise ValueError("p-values must be finite and non-negative")
+    order = np.argsort(p, kind="stable")
+    adjusted = np.empty_like(p)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (p.size - rank) * p[i]))
+        adjusted[i] = running
+    return [float(x) for x in adjusted]
