@@ -118,6 +118,7 @@ def headline(results: list[dict], baseline_label: str) -> list[dict]:
             "input_size": f"{height}x{width}",
             "best_model_only": best["key"],
             "best_model_only_ips": _ips(best),
+            "best_model_only_ips_with_prep": _ips_as_served(best),  # what it was ranked by
             "speedup_vs_baseline": best.get("speedup_vs_baseline"),
             "pipeline_efficiency_of_best": twin.get("pipeline_efficiency") if twin else None,
             "best_e2e": best_e2e["key"] if best_e2e else None,

@@ -392,15 +392,24 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
         data = tmp.read_bytes()
         report["onnx_bytes"] = len(data)
         report["sha256"] = hashlib.sha256(data).hexdigest()
-        # The report of an earlier export goes first: if it cannot (open in an editor on Windows),
-        # the old model stays as well, and the pair still agrees.
+        # The report of an earlier export is moved aside first: if it cannot be (open in a program
+        # on Windows), the old model stays as well; if the model then cannot be replaced, it goes
+        # back. Either way the model and the report beside it agree.
         old_report = output.with_name(output.name + ".export.json")
+        report_aside = old_report.with_name(f".{old_report.name}.{os.getpid()}{TEMP_SUFFIX}")
         try:
-            old_report.unlink(missing_ok=True)
+            if old_report.exists():
+                os.replace(old_report, report_aside)
         except OSError as e:
             raise ExportError(f"cannot replace {old_report} ({e.strerror or e}): close the program that has it "
                               f"open and export again; {output} was not changed") from None
-        replace_with_retry(tmp, output)
+        try:
+            replace_with_retry(tmp, output)
+        except BaseException:
+            if report_aside.exists():
+                os.replace(report_aside, old_report)
+            raise
+        report_aside.unlink(missing_ok=True)
     except BaseException as e:
         try:
             tmp.unlink()

@@ -215,10 +215,10 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _run_settings(segmenter) -> dict:
+def _run_settings(segmenter) -> tuple[dict, list[Path]]:
     """What made a folder's masks, so that a resumed run refuses to mix in masks of another model,
-    threshold or input size. The model's content is hashed: its ONNX file, or a checkpoint's weights
-    and config (a checkpoint folder retrained in place keeps its name)."""
+    threshold or input size, and the model files behind it. The model's content is hashed: its ONNX
+    file, or a checkpoint's weights and config (a checkpoint folder retrained in place keeps its name)."""
     import hashlib
     path = getattr(segmenter, "model_path", None)
     files: list[Path] = []
@@ -236,7 +236,7 @@ def _run_settings(segmenter) -> dict:
     info = segmenter.info
     return {"model": Path(path).name if path else None, "model_sha256": digest,
             "threshold": float(segmenter.threshold), "output_format": info.output_format,
-            "input_size": [int(info.input_height), int(info.input_width)]}
+            "input_size": [int(info.input_height), int(info.input_width)]}, files
 
 
 def run_folder(segmenter, input_dir, output_dir=None, *, recursive: bool = False, resume: bool = False,
@@ -265,34 +265,33 @@ def run_folder(segmenter, input_dir, output_dir=None, *, recursive: bool = False
     # settings file and the journal go together: a run that starts afresh replaces both before it
     # writes any mask, so every journal row, and every mask newer than the settings file, was made
     # with the settings it records.
-    settings = _run_settings(segmenter)
+    settings, model_files = _run_settings(segmenter)
     settings_path = output_dir / SETTINGS_NAME
     journal_path = output_dir / JOURNAL_NAME
     settings_since = None  # with resume: when the recorded settings took effect (the file's mtime)
     if resume and settings_path.is_file():
         before = json.loads(settings_path.read_text(encoding="utf-8"))
-        changed = [k for k in settings if k in before and before[k] != settings[k]]
+        # An older effiseg recorded no hash for a checkpoint folder (None), or hashed its weights file
+        # alone: not a difference, only less on record.
+        older_record = {k for k in settings if before.get(k) is None and settings[k] is not None}
+        if before.get("model_sha256") in {_file_sha256(f) for f in model_files if len(model_files) > 1}:
+            older_record.add("model_sha256")
+        changed = [k for k in settings if k in before and k not in older_record and before[k] != settings[k]]
         if changed:
             raise FolderError(f"--resume: the masks in {output_dir} were made with other settings ("
                               + "; ".join(f"{k}: {before.get(k)} then, {settings[k]} now" for k in changed)
                               + "); resume with the same model and threshold, or use another --output")
-        unrecorded = [k for k in settings if k not in before]
+        unrecorded = [k for k in settings if k not in before or k in older_record]
         if unrecorded:
-            say(f"resume: {', '.join(unrecorded)} not recorded by the run that made the masks (an older "
-                "effiseg); assumed unchanged")
+            say(f"resume: {', '.join(unrecorded)} not recorded (or recorded another way) by the older effiseg "
+                "that made the masks; assumed unchanged")
         settings_since = settings_path.stat().st_mtime
     elif resume:
         say(f"resume: {output_dir} has no record of the settings that made its masks: every image is done again")
-    if settings_since is None:
-        try:
-            journal_path.unlink(missing_ok=True)  # its rows vouch for masks made with other settings
-        except PermissionError as e:
-            raise FolderError(f"cannot replace {journal_path} ({e.strerror or e}): close the program that "
-                              "has it open and run again") from None
-        _write_json(settings_path, settings)
 
     # A summary left by an earlier run would contradict this one if this one stops part-way (it is
-    # written only at the end); the journal keeps every finished row, so nothing is lost.
+    # written only at the end); the journal keeps every finished row, so nothing is lost. Checked
+    # before the journal and settings are replaced: a refusal here leaves a folder --resume can finish.
     for suffix in (".json", ".csv"):
         earlier_summary = output_dir / f"{SUMMARY_STEM}{suffix}"
         try:
@@ -300,6 +299,13 @@ def run_folder(segmenter, input_dir, output_dir=None, *, recursive: bool = False
         except PermissionError as e:  # Windows: open in Excel; nothing of this run is done yet
             raise FolderError(f"cannot replace {earlier_summary} ({e.strerror or e}): if it is open in another "
                               "program (Excel), close it and run again") from None
+    if settings_since is None:
+        try:
+            journal_path.unlink(missing_ok=True)  # its rows vouch for masks made with other settings
+        except PermissionError as e:
+            raise FolderError(f"cannot replace {journal_path} ({e.strerror or e}): close the program that "
+                              "has it open and run again") from None
+        _write_json(settings_path, settings)
     earlier = _read_journal(journal_path) if resume else {}
     rows: dict[int, dict] = {}
     todo: list[FileJob] = []
@@ -409,9 +415,9 @@ def run_folder(segmenter, input_dir, output_dir=None, *, recursive: bool = False
     try:
         _write_csv(csv_path, ordered)
         summary["summary_csv"] = str(csv_path)
-    except PermissionError as e:  # opened meanwhile (Excel on Windows): the masks and the JSON are done
+    except OSError as e:  # open in Excel on Windows, a full disk...: the masks and the JSON are done
         summary["summary_csv"] = None
-        say(f"could not write {csv_path} ({e.strerror or e}; open in another program?): "
+        say(f"could not write {csv_path} ({e.strerror or e}; open in another program, or a full disk?): "
             f"{SUMMARY_STEM}.json has the same rows")
     return summary
 

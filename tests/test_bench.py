@@ -153,6 +153,9 @@ def test_headline_ranks_like_with_like_per_batch_and_size_with_host_preparation(
     assert rows[(8, "352x352")]["best_model_only"] == "model|ort-cpu@cpu|uint8-nhwc|b8|352x352"
     assert rows[(8, "256x256")]["best_model_only"] == "model|ort-cpu@cpu|uint8-nhwc|b8|256x256"
     assert rows[(8, "256x256")]["speedup_vs_baseline"] == pytest.approx(1.5)
+    assert rows[(8, "352x352")]["best_model_only_ips_with_prep"] == pytest.approx(8 * 1000 / 510.0)
+    text = format_report(_result_file(results))
+    assert "+prep img/s" in text and "256x256" in text.split("Headline")[1]
 
 
 def test_no_ratio_against_a_configuration_that_failed_part_way():

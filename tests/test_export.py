@@ -369,19 +369,30 @@ def test_early_failures_are_messages_not_tracebacks(tiny_checkpoint, tmp_path):
 
 def test_a_report_that_cannot_be_replaced_leaves_the_old_model_and_report_together(tiny_checkpoint, verify_images_dir,
                                                                                     tmp_path, monkeypatch):
+    import os
+
+    import effiseg.export.onnx_export as ox
     out = tmp_path / "m.onnx"
     export_checkpoint(tiny_checkpoint, out, verify_dir=verify_images_dir, verify_count=1)
     old_model, old_report = out.read_bytes(), (tmp_path / "m.onnx.export.json").read_text()
-    real_unlink = Path.unlink
+    real_replace = os.replace
 
-    def locked(self, missing_ok=False):  # Windows: the old report is open in an editor
-        if self.name == "m.onnx.export.json":
-            raise PermissionError(13, "Permission denied", str(self))
-        return real_unlink(self, missing_ok=missing_ok)
-    monkeypatch.setattr(Path, "unlink", locked)
+    def locked(src, dst):  # Windows: the old report is open in a program that locks it
+        if Path(src).name == "m.onnx.export.json":
+            raise PermissionError(13, "Permission denied", str(src))
+        return real_replace(src, dst)
+    monkeypatch.setattr(ox.os, "replace", locked)
     with pytest.raises(ExportError, match="was not changed"):
         export_checkpoint(tiny_checkpoint, out, output_format="mask", verify_dir=verify_images_dir, verify_count=1)
-    monkeypatch.setattr(Path, "unlink", real_unlink)
+    monkeypatch.setattr(ox.os, "replace", real_replace)
     assert out.read_bytes() == old_model and (tmp_path / "m.onnx.export.json").read_text() == old_report
-    report = json.loads(old_report)
-    assert report["sha256"] == hashlib.sha256(old_model).hexdigest()
+
+    # The model itself cannot be replaced (locked after every retry): the old report comes back.
+    def model_locked(src, dst):
+        raise PermissionError(13, "Permission denied", str(dst))
+    monkeypatch.setattr(ox, "replace_with_retry", model_locked)
+    with pytest.raises(ExportError):
+        export_checkpoint(tiny_checkpoint, out, output_format="mask", verify_dir=verify_images_dir, verify_count=1)
+    assert out.read_bytes() == old_model and (tmp_path / "m.onnx.export.json").read_text() == old_report
+    assert json.loads(old_report)["sha256"] == hashlib.sha256(old_model).hexdigest()
+    assert not list(tmp_path.glob("*.effiseg-tmp")) and not list(tmp_path.glob(".*effiseg-tmp"))

@@ -138,6 +138,11 @@ def test_resume_trusts_an_unjournaled_mask_of_this_run_but_not_a_failed_row(tiny
         # 2.png: the journal says it failed (a mask of an earlier run may lie there).
         by_file["2.png"].update(status="error", error="inference: device lost")
         journal.write_text("".join(json.dumps(r) + "\n" for f, r in by_file.items() if f != "3.png"))
+        # Masks are newer than the settings record by milliseconds here; a coarse file clock (NTFS, a
+        # fast machine) could make them tie. The record's time is set well before them.
+        import os
+        settings = out / "effiseg_run_settings.json"
+        os.utime(settings, (settings.stat().st_atime, settings.stat().st_mtime - 10))
         resumed = seg.run_folder(src, out, resume=True, progress=False)
     status = {r["file"]: r["status"] for r in resumed["files"]}
     assert status == {"0.png": "skipped", "1.png": "skipped", "2.png": "ok", "3.png": "skipped"}
@@ -179,3 +184,61 @@ def test_resume_refuses_another_input_size_and_a_retrained_checkpoint(tiny_onnx_
     with Segmenter.from_checkpoint(ckpt, devices=["cpu"], max_batch=2) as seg:
         with pytest.raises(FolderError, match="model_sha256"):
             seg.run_folder(src, out2, resume=True, progress=False)
+
+
+def test_resume_accepts_a_checkpoint_folder_recorded_by_an_older_effiseg(tiny_checkpoint, tmp_path):
+    """Older records hold no hash for a checkpoint folder (or the weights file's alone): less on
+    record, not a different model."""
+    import shutil
+    from effiseg.runtime.folder import SETTINGS_NAME, _file_sha256
+    src = write_noise_images(tmp_path / "in", 2, shape=(40, 50))
+    ckpt = tmp_path / "best"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    for old_hash in (None, _file_sha256(next(ckpt.glob("*.safetensors")))):
+        out = tmp_path / f"out-{old_hash is None}"
+        with Segmenter.from_checkpoint(ckpt, devices=["cpu"], max_batch=2) as seg:
+            seg.run_folder(src, out, progress=False)
+            record = json.loads((out / SETTINGS_NAME).read_text())
+            record["model_sha256"] = old_hash
+            del record["input_size"]  # not recorded then either
+            (out / SETTINGS_NAME).write_text(json.dumps(record))
+            said = []
+            resumed = seg.run_folder(src, out, resume=True, progress=False, log=said.append)
+        assert resumed["n_skipped"] == 2
+        assert any("model_sha256" in m and "input_size" in m and "assumed unchanged" in m for m in said)
+
+
+def test_a_fresh_run_refused_at_an_open_summary_leaves_the_folder_resumable(tiny_onnx, tmp_path, monkeypatch):
+    from effiseg.runtime.folder import SUMMARY_STEM, FolderError
+    src = write_noise_images(tmp_path / "in", 3, shape=(40, 50))
+    out = tmp_path / "out"
+    with Segmenter.from_onnx(tiny_onnx, max_batch=2) as seg:
+        seg.run_folder(src, out, progress=False)
+        real_unlink = Path.unlink
+
+        def locked(self, missing_ok=False):  # Windows: the CSV summary is open in Excel
+            if self.name == f"{SUMMARY_STEM}.csv":
+                raise PermissionError(13, "Permission denied", str(self))
+            return real_unlink(self, missing_ok=missing_ok)
+        monkeypatch.setattr(Path, "unlink", locked)
+        with pytest.raises(FolderError, match="close it and run again"):
+            seg.run_folder(src, out, progress=False)
+        monkeypatch.setattr(Path, "unlink", real_unlink)
+        assert len(_read_journal(out / JOURNAL_NAME)) == 3  # the journal was not thrown away
+        resumed = seg.run_folder(src, out, resume=True, progress=False)
+    assert resumed["n_skipped"] == 3
+
+
+def test_a_csv_summary_that_cannot_be_written_is_a_warning_when_the_json_has_the_rows(tiny_onnx, tmp_path,
+                                                                                       monkeypatch):
+    from effiseg.runtime import folder
+    src = write_noise_images(tmp_path / "in", 2, shape=(40, 50))
+
+    def full_disk(path, rows):
+        raise OSError(28, "No space left on device", str(path))
+    monkeypatch.setattr(folder, "_write_csv", full_disk)
+    said = []
+    with Segmenter.from_onnx(tiny_onnx, max_batch=2) as seg:
+        summary = seg.run_folder(src, tmp_path / "out", progress=False, log=said.append)
+    assert summary["n_ok"] == 2 and summary["summary_csv"] is None and summary["summary_json"]
+    assert any("No space left on device" in m and "same rows" in m for m in said)

@@ -38,7 +38,7 @@ pack() { tar czf "$OUT/bench_results.tgz.tmp" -C "$WORK" results && mv "$OUT/ben
 
 . "$ROOT/benchmarks/gpu/effiseg_site.sh"
 
-DEV=cuda:0; BATCHES=1,8,32; ROUNDS=5; IMAGES=96; PROFILE_BATCHES=32,1; PROFILE_ITERS=20; HOST_THREADS=8
+DEV=cuda:0; BATCHES=1,8,32; ROUNDS=5; IMAGES=256; PROFILE_BATCHES=32,1; PROFILE_ITERS=20; HOST_THREADS=8
 PROBE_IMAGES=32; PROBE_BATCH=8; PROBE_ROUNDS=3; FILL_SIZES=64,256
 EXTRA=(--min-time 0.4)
 if [ "${DRY:-0}" = 1 ]; then
