@@ -112,6 +112,33 @@ class DelayedBackend(InstantBackend):
         return super().collect(slot)
 
 
+def _stand_in_model(variant: str, size: int):
+    """The model description and output maps the stand-in backends hand back."""
+    from effiseg.runtime.model_info import ModelInfo
+    info = ModelInfo(path=None, variant=variant, input_height=size, input_width=size)
+    rng = np.random.default_rng(0)
+    return info, np.stack([smooth_logits(rng, size) for _ in range(16)])
+
+
+def _copy_cycled(images: list[Path], folder: Path, n: int) -> Path:
+    """A folder of exactly ``n`` copies of ``images``, cycled (plain copies: works on any OS)."""
+    import shutil
+    folder.mkdir()
+    for i in range(n):
+        src = images[i % len(images)]
+        shutil.copyfile(src, folder / f"{i:06d}{src.suffix.lower()}")
+    return folder
+
+
+def _checked_run(segmenter, folder: Path, output: Path, what: str) -> dict:
+    """One ``run_folder``; an image that fails makes the measurement meaningless, so it stops it."""
+    from .e2e import failed_files
+    summary = segmenter.run_folder(folder, output)
+    if summary["n_failed"]:
+        raise RuntimeError(f"the {what} run failed on {summary['n_failed']} image(s): {failed_files(summary)}")
+    return summary
+
+
 def fill_and_drain(images: list[Path], device_ms: float, batch: int, folder_sizes: list[int], threads: int,
                    slots: int = 2, size: int = 352, repeats: int = 3) -> dict:
     """End-to-end efficiency against folder length, with a device of known speed (:class:`DelayedBackend`).
@@ -123,35 +150,22 @@ def fill_and_drain(images: list[Path], device_ms: float, batch: int, folder_size
     batches, up to the host's ceiling. ``overhead_ms`` = wall - busy time, per run; near-constant
     across folder sizes when the device is the bottleneck. Best of ``repeats`` runs after a warm-up run.
     """
-    import shutil
-
-    from effiseg.runtime.model_info import ModelInfo
     from effiseg.runtime.segmenter import Segmenter
-    info = ModelInfo(path=None, variant="fill-drain", input_height=size, input_width=size)
-    rng = np.random.default_rng(0)
-    outputs = np.stack([smooth_logits(rng, size) for _ in range(16)])
+    info, outputs = _stand_in_model("fill-drain", size)
     rows = []
     device = DelayedBackend(info, outputs, batch, device_ms, n_slots=slots)
     with tempfile.TemporaryDirectory() as tmp, \
             Segmenter([device], workers=threads, writers=threads) as segmenter:
         for n in folder_sizes:
-            folder = Path(tmp) / f"images_{n}"
-            folder.mkdir()
-            for i in range(n):  # the given images, cycled: a folder of exactly n files, on any OS
-                src = images[i % len(images)]
-                shutil.copyfile(src, folder / f"{i:06d}{src.suffix.lower()}")
+            folder = _copy_cycled(images, Path(tmp) / f"images_{n}", n)
             busy_s = -(-n // batch) * device_ms / 1000.0
             walls, pipeline_walls, traces = [], [], []
             for r in range(repeats + 1):
                 device.reset_trace()
                 t0 = time.perf_counter()  # the whole call, as the benchmark's end-to-end mode times it
-                summary = segmenter.run_folder(folder, Path(tmp) / f"masks_{n}_{r}")
+                summary = _checked_run(segmenter, folder, Path(tmp) / f"masks_{n}_{r}", "fill/drain")
                 t1 = time.perf_counter()
                 elapsed = t1 - t0
-                if summary["n_failed"]:
-                    raise RuntimeError(f"the fill/drain run failed on {summary['n_failed']} image(s): "
-                                       + "; ".join(f"{row['file']}: {row['error']}" for row in summary["files"]
-                                                   if row["error"])[:500])
                 if r:  # run 0 warms threads and codecs up
                     walls.append(round(elapsed, 4))
                     pipeline_walls.append(summary["timing"]["wall_s"])
@@ -273,28 +287,16 @@ def pipeline_ceiling(images: list[Path], thread_counts: list[int], size: int = 3
     slots, writer threads, masks and summary files) with :class:`InstantBackend`, with k decoder
     and k writer threads for each k of ``thread_counts``; best of ``repeats`` runs after a
     warm-up run, and the pipeline's timing breakdown of that run."""
-    import shutil
-
-    from effiseg.runtime.model_info import ModelInfo
     from effiseg.runtime.segmenter import Segmenter
-    info = ModelInfo(path=None, variant="host-ceiling", input_height=size, input_width=size)
-    rng = np.random.default_rng(0)
-    outputs = np.stack([smooth_logits(rng, size) for _ in range(16)])
+    info, outputs = _stand_in_model("host-ceiling", size)
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "images"
-        folder.mkdir()
-        for i, path in enumerate(images):  # copies: a folder of exactly these images, on any OS
-            shutil.copyfile(path, folder / f"{i:05d}{path.suffix.lower()}")
+        folder = _copy_cycled(images, Path(tmp) / "images", len(images))
         for k in thread_counts:
             runs = []
             with Segmenter([InstantBackend(info, outputs, batch)], workers=k, writers=k) as segmenter:
                 for r in range(repeats + 1):
-                    summary = segmenter.run_folder(folder, Path(tmp) / f"masks_{k}_{r}")
-                    if summary["n_failed"]:
-                        raise RuntimeError(f"the ceiling run failed on {summary['n_failed']} image(s): "
-                                           + "; ".join(f"{row['file']}: {row['error']}" for row in summary["files"]
-                                                       if row["error"])[:500])
+                    summary = _checked_run(segmenter, folder, Path(tmp) / f"masks_{k}_{r}", "ceiling")
                     if r:  # run 0 warms threads and codecs up
                         runs.append(summary)
             best = max(runs, key=lambda s: s["images_per_s"])

@@ -395,12 +395,9 @@ def run_rounds(measurements: list[Measurement], rounds: int, warmup: int, plan: 
         # submit/collect after that is left open: closing it would free device memory under work
         # that is still running.
         try:
+            end = time.monotonic() + CLOSE_WAIT_S  # one bound for all of them
             for t in threads.values():
-                t.close(timeout=0)
-            end = time.monotonic() + CLOSE_WAIT_S
-            for t in threads.values():
-                while t.thread is not None and t.thread.is_alive() and time.monotonic() < end:
-                    t.thread.join(0.1)
+                t.close(timeout=max(0.0, end - time.monotonic()))
         finally:
             busy = {key for key, t in threads.items() if t.thread is not None and t.thread.is_alive()}
             for m in measurements:

@@ -39,6 +39,7 @@ from PIL import Image
 from .images import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, allow_pixels, atomic_write_text, list_images, overlay_image,
                      png_is_complete, read_image, remove_stale_temp_files, write_jpeg, write_mask_png)
 from .postprocess import count_regions, output_to_mask
+from .trt_engine_cache import file_sha256  # pure Python; the hash the engine cache keys on
 
 SUMMARY_STEM = "effiseg_summary"
 JOURNAL_NAME = "effiseg_journal.jsonl"
@@ -206,15 +207,6 @@ def _write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str, allow_nan=False))
 
 
-def _file_sha256(path: Path) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _run_settings(segmenter) -> tuple[dict, list[Path]]:
     """What made a folder's masks, so that a resumed run refuses to mix in masks of another model,
     threshold or input size, and the model files behind it. The model's content is hashed: its ONNX
@@ -228,9 +220,9 @@ def _run_settings(segmenter) -> tuple[dict, list[Path]]:
         files = [Path(path)]
     files = sorted(set(files), key=lambda f: f.name)
     if len(files) == 1:
-        digest = _file_sha256(files[0])
+        digest = file_sha256(files[0])
     elif files:
-        digest = hashlib.sha256("".join(f"{f.name}:{_file_sha256(f)};" for f in files).encode()).hexdigest()
+        digest = hashlib.sha256("".join(f"{f.name}:{file_sha256(f)};" for f in files).encode()).hexdigest()
     else:
         digest = None
     info = segmenter.info
@@ -274,7 +266,7 @@ def run_folder(segmenter, input_dir, output_dir=None, *, recursive: bool = False
         # An older effiseg recorded no hash for a checkpoint folder (None), or hashed its weights file
         # alone: not a difference, only less on record.
         older_record = {k for k in settings if before.get(k) is None and settings[k] is not None}
-        if before.get("model_sha256") in {_file_sha256(f) for f in model_files if len(model_files) > 1}:
+        if before.get("model_sha256") in {file_sha256(f) for f in model_files if len(model_files) > 1}:
             older_record.add("model_sha256")
         changed = [k for k in settings if k in before and k not in older_record and before[k] != settings[k]]
         if changed:

@@ -9,7 +9,9 @@ an :class:`EngineKey` digest over everything that changes the engine:
   an edited one is rebuilt),
 * the TensorRT version, the GPU name and its compute capability,
 * the precision, the optimisation profiles (min/opt/max shape of each input, number of
-  profiles) and a schema number that changes when this package changes how it builds engines.
+  profiles), the builder's workspace limit (it decides which tactics may be picked), the platform
+  (engines are not portable between operating systems) and a schema number that changes when this
+  package changes how it builds engines.
 
 An engine that cannot be deserialised (truncated file, foreign bytes, TensorRT refusing it) is
 deleted and rebuilt, with a message. Files are written atomically (temporary file in the same

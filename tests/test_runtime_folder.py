@@ -190,11 +190,12 @@ def test_resume_accepts_a_checkpoint_folder_recorded_by_an_older_effiseg(tiny_ch
     """Older records hold no hash for a checkpoint folder (or the weights file's alone): less on
     record, not a different model."""
     import shutil
-    from effiseg.runtime.folder import SETTINGS_NAME, _file_sha256
+    from effiseg.runtime.folder import SETTINGS_NAME
+    from effiseg.runtime.trt_engine_cache import file_sha256
     src = write_noise_images(tmp_path / "in", 2, shape=(40, 50))
     ckpt = tmp_path / "best"
     shutil.copytree(tiny_checkpoint, ckpt)
-    for old_hash in (None, _file_sha256(next(ckpt.glob("*.safetensors")))):
+    for old_hash in (None, file_sha256(next(ckpt.glob("*.safetensors")))):
         out = tmp_path / f"out-{old_hash is None}"
         with Segmenter.from_checkpoint(ckpt, devices=["cpu"], max_batch=2) as seg:
             seg.run_folder(src, out, progress=False)
