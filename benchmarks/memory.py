@@ -8,10 +8,11 @@ lifetime peak, marked as such). The peak is the *process's* RSS, which includes 
 interleaved run keeps loaded; ``host_rss_added_mb`` (RSS after building and warming up the
 configuration minus RSS before) is the figure that belongs to the configuration alone.
 
-Device: torch.cuda.max_memory_allocated for the torch backends (the caching allocator's view,
+Device: for the torch backends, torch.cuda.max_memory_allocated (the caching allocator's view,
 reset before each configuration's turn, so it still includes the other torch backends' resident
-memory); ``device_added_mb`` is this configuration's own: what it left allocated when it was opened
-(weights, CUDA-graph pools) plus its rounds' peak above what was allocated before them. Other
+memory) plus what CUDA-graph pools hold beyond it (:func:`torch_cuda_graph_pools_unallocated_mb`);
+``device_added_mb`` is this configuration's own: what it left held when it was opened (weights,
+static buffers, CUDA-graph pools) plus its rounds' peak above what was allocated before them. Other
 backends: the GPU's used memory from NVML (pynvml, when installed) or nvidia-smi, sampled like
 RSS — a device-wide figure that includes other processes; else None.
 The card is found by its PCI bus id, so ``CUDA_VISIBLE_DEVICES`` or mixed GPUs do not make the
@@ -253,3 +254,33 @@ def torch_cuda_allocated_mb(device: str) -> float | None:
     """Memory torch's caching allocator holds for live tensors on ``device`` now; None off CUDA."""
     torch = _torch_cuda(device)
     return torch.cuda.memory_allocated(device) / MB if torch is not None else None
+
+
+def torch_cuda_graph_pools_unallocated_mb(device: str) -> float | None:
+    """Device memory that CUDA-graph private pools on ``device`` hold beyond live tensors; None off CUDA.
+
+    Why: while a graph is captured its intermediate tensors count as allocated; once capture ends
+    they go back to the graph's private pool, which stays reserved for the graph's whole life (each
+    replay writes there) but no longer counts in ``memory_allocated``. Without this, a CUDA-graph
+    configuration looked nearly free: 63 MB at batch 32 on the H200, its static tensors only.
+    Counted from ``torch.cuda.memory_snapshot()``: segments of any pool but the default one (0, 0),
+    minus their allocated part, which ``memory_allocated`` already includes (a graph's static
+    outputs live in its pool)."""
+    torch = _torch_cuda(device)
+    if torch is None:
+        return None
+    index = int(str(device).partition(":")[2] or 0)
+    held = 0
+    for segment in torch.cuda.memory_snapshot():
+        pool = tuple(segment.get("segment_pool_id") or (0, 0))
+        if segment.get("device", index) == index and pool != (0, 0):
+            held += segment.get("total_size", 0) - segment.get("allocated_size", 0)
+    return held / MB
+
+
+def torch_cuda_held_mb(device: str) -> float | None:
+    """What torch's tensors and CUDA-graph pools hold on ``device`` now (not the allocator's cache
+    of freed blocks, which any configuration reuses); None off CUDA."""
+    allocated = torch_cuda_allocated_mb(device)
+    pools = torch_cuda_graph_pools_unallocated_mb(device)
+    return None if allocated is None or pools is None else allocated + pools

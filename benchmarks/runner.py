@@ -37,8 +37,8 @@ from effiseg.runtime.console import unprinted_messages
 from effiseg.runtime.device_thread import CLOSE_WAIT_S, DeviceThread
 
 from .hostprep import fill_host_input, synthetic_images
-from .memory import (GpuMemoryProbe, PeakSampler, current_rss_mb, torch_cuda_allocated_mb, torch_cuda_peak_mb,
-                     torch_cuda_peak_reset)
+from .memory import (GpuMemoryProbe, PeakSampler, current_rss_mb, torch_cuda_allocated_mb,
+                     torch_cuda_graph_pools_unallocated_mb, torch_cuda_held_mb, torch_cuda_peak_mb, torch_cuda_peak_reset)
 from .stats import summarize_latencies
 from .targets import Target
 
@@ -324,7 +324,7 @@ class _Record:
     first_ms: float | None = None
     rss_peak_mb: float | None = None
     rss_open_added_mb: float | None = None     # RSS growth while this configuration was built + warmed up
-    device_open_added_mb: float | None = None  # torch: allocated memory it added then (weights, graph pools)
+    device_open_added_mb: float | None = None  # torch: memory it left held then (weights, buffers, graph pools)
     device_round_extra_mb: float | None = None  # torch: its rounds' peak above what was allocated before them
     device_peak_mb: float | None = None
     device_source: str = "n/a"
@@ -424,7 +424,7 @@ def _run_rounds(measurements, rounds, warmup, plan, settle_s, log, sample_memory
         log(f"  opening {cfg.key}")
         torch_device = cfg.target.spec.module == "torch"
         rss_before = current_rss_mb()
-        allocated_before = torch_cuda_allocated_mb(cfg.target.device) if torch_device else None
+        held_before = torch_cuda_held_mb(cfg.target.device) if torch_device else None
         try:
             def open_it(m=m, cfg=cfg):
                 with torch_flags(cfg):
@@ -440,9 +440,9 @@ def _run_rounds(measurements, rounds, warmup, plan, settle_s, log, sample_memory
         rss_after = current_rss_mb()
         if rss_before is not None and rss_after is not None:
             rec.rss_open_added_mb = rss_after - rss_before
-        allocated_after = torch_cuda_allocated_mb(cfg.target.device) if torch_device else None
-        if allocated_before is not None and allocated_after is not None:
-            rec.device_open_added_mb = allocated_after - allocated_before
+        held_after = torch_cuda_held_mb(cfg.target.device) if torch_device else None
+        if held_before is not None and held_after is not None:
+            rec.device_open_added_mb = held_after - held_before
         rec.first_ms = warm[0]
         reference = float(np.median(warm[1:])) if len(warm) > 1 else warm[0]
         rec.iters = (plan_for(cfg) if plan_for else plan).for_latency(reference / 1000.0)
@@ -497,9 +497,11 @@ def _run_rounds(measurements, rounds, warmup, plan, settle_s, log, sample_memory
                 rec.rss_peak_mb = max(rec.rss_peak_mb or 0.0, sampler.peak_rss_mb)
             if torch_tracked:
                 peak = torch_cuda_peak_mb(cfg.target.device)
+                pools = torch_cuda_graph_pools_unallocated_mb(cfg.target.device)
                 if peak is not None:
-                    rec.device_peak_mb = max(rec.device_peak_mb or 0.0, peak)
-                    rec.device_source = "torch.cuda.max_memory_allocated"
+                    # Graph pools are held all along (a replay allocates nothing), so they add to the peak.
+                    rec.device_peak_mb = max(rec.device_peak_mb or 0.0, peak + (pools or 0.0))
+                    rec.device_source = "torch.cuda.max_memory_allocated + CUDA-graph pools (torch.cuda.memory_snapshot)"
                     if allocated_at_reset is not None:
                         rec.device_round_extra_mb = max(rec.device_round_extra_mb or 0.0, peak - allocated_at_reset)
             elif sampler and sampler.peak_gpu_mb is not None:
