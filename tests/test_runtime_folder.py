@@ -243,3 +243,22 @@ def test_a_csv_summary_that_cannot_be_written_is_a_warning_when_the_json_has_the
         summary = seg.run_folder(src, tmp_path / "out", progress=False, log=said.append)
     assert summary["n_ok"] == 2 and summary["summary_csv"] is None and summary["summary_json"]
     assert any("No space left on device" in m and "same rows" in m for m in said)
+
+
+def test_a_model_file_is_hashed_once_per_version(tmp_path, monkeypatch):
+    """Every folder run records the model's hash; an unchanged file is not read again for it, and
+    a file rewritten in place (retrained) is."""
+    import os
+    import effiseg.runtime.folder as folder
+    reads = []
+    real = folder.file_sha256
+    monkeypatch.setattr(folder, "file_sha256", lambda path: reads.append(path) or real(path))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"first weights")
+    first = folder.content_sha256(weights)
+    assert folder.content_sha256(weights) == first and len(reads) == 1
+    weights.write_bytes(b"other weights")  # same size, same name
+    stat = os.stat(weights)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # a later write's time
+    second = folder.content_sha256(weights)
+    assert len(reads) == 2 and second != first and second == real(weights)
