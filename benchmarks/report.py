@@ -177,15 +177,22 @@ def results_table(results: list[dict], mode: str) -> str:
     return "\n".join(lines)
 
 
-PIPELINE_FIELDS = (("wall_s", "wall"), ("decode_s", "decode"), ("infer_s", "infer"), ("write_s", "write"),
-                   ("runner_idle_s", "run idle"), ("wait_for_slot_s", "dec wait"))
+PIPELINE_FIELDS = (("bench_wall_s", "call"), ("wall_s", "wall"), ("decode_s", "decode"), ("infer_s", "infer"),
+                   ("write_s", "write"), ("runner_idle_s", "run idle"), ("wait_for_slot_s", "dec wait"),
+                   ("wait_for_writer_s", "wr wait"))
+# Below this many batches per run, a folder's fill and drain (paid once per run) are a visible share
+# of it: 0.86 of the device's speed at 8 batches of 32 against 0.95 at 32 batches, with an emulated
+# device on the 2-core EPYC (benchmarks/RESULTS.md, "Fill and drain").
+FEW_BATCHES_PER_RUN = 32
 
 
 def pipeline_table(results: list[dict]) -> str:
     """Where end-to-end time goes: the runtime's PipelineStats per image (median over runs).
-    decode/write are thread-seconds summed over their threads; 'run idle' is the runner waiting
-    for a filled batch (decoding is the bottleneck), 'dec wait' decoders waiting for a free slot
-    (the backend is the bottleneck)."""
+    'call' is the whole run_folder call as timed, 'wall' its threaded pipeline (the rest lists the
+    folder, records the settings and writes the summary files); decode/write are thread-seconds
+    summed over their threads; 'run idle' is the runner waiting for a filled batch (decoding is the
+    bottleneck), 'dec wait' decoders waiting for a free slot (the backend is the bottleneck), 'wr
+    wait' the runner waiting for room in the writers' queue (writing is the bottleneck)."""
     rows = [r for r in results if r["mode"] == "e2e" and r.get("pipeline_timing")]
     if not rows:
         return ""
@@ -199,6 +206,12 @@ def pipeline_table(results: list[dict]) -> str:
             values = [t[field_name] * 1000.0 / t["images"] for t in runs if t.get("images") and field_name in t]
             cells.append(f"{_fmt(float(np.median(values)) if values else None, '.1f'):>9}")
         lines.append(f"{r['key']:<48} " + " ".join(cells))
+    short = sorted({(r["batch_size"], runs[0]["batches"]) for r in rows
+                    for runs in [r["pipeline_timing"]] if 0 < runs[0].get("batches", 0) < FEW_BATCHES_PER_RUN})
+    if short:
+        lines.append("Short runs (" + ", ".join(f"{n} batches of {b}" for b, n in short) + "): each run pays its "
+                     "folder's fill (decoding the first batch) and drain (writing the last) once, so e2e/model "
+                     f"there is below the steady state; --images {FEW_BATCHES_PER_RUN} x batch or more shows it")
     return "\n".join(lines)
 
 

@@ -10,7 +10,8 @@
 #   4. the host-side pipeline profile on this machine's CPU (per stage, 1 vs 8 threads, and the
 #      pipeline ceiling: run_folder with a backend that costs nothing), fill and drain with an
 #      emulated device at 2 and 3 slots;
-#   5. if time is left, torch fast end to end at batch 1 with 3 slots, then the GPU-marked tests;
+#   5. if time is left, end to end over a long folder (1024 images) at batch 8 and 32, then the
+#      GPU-marked tests;
 #   6. everything in $OUT/bench_results.tgz (re-packed after every step) plus the log.
 # Needs torch with CUDA, timm, safetensors, scipy, pillow, click, matplotlib (optional: plot), and
 # the Kvasir-SEG test images under .carry/ (see benchmarks/gpu/README.md). DRY=1: a tiny CPU run
@@ -39,11 +40,11 @@ pack() { tar czf "$OUT/bench_results.tgz.tmp" -C "$WORK" results && mv "$OUT/ben
 . "$ROOT/benchmarks/gpu/effiseg_site.sh"
 
 DEV=cuda:0; BATCHES=1,8,32; ROUNDS=5; IMAGES=256; PROFILE_BATCHES=32,1; PROFILE_ITERS=20; HOST_THREADS=8
-PROBE_IMAGES=32; PROBE_BATCH=8; PROBE_ROUNDS=3; FILL_SIZES=64,256
+PROBE_IMAGES=32; PROBE_BATCH=8; PROBE_ROUNDS=3; FILL_SIZES=64,256; LONG_IMAGES=1024; LONG_BATCHES=8,32
 EXTRA=(--min-time 0.4)
 if [ "${DRY:-0}" = 1 ]; then
   DEV=cpu; BATCHES=1; ROUNDS=2; IMAGES=2; PROFILE_BATCHES=1; PROFILE_ITERS=1; HOST_THREADS=2
-  PROBE_IMAGES=2; PROBE_BATCH=2; PROBE_ROUNDS=1; FILL_SIZES=4
+  PROBE_IMAGES=2; PROBE_BATCH=2; PROBE_ROUNDS=1; FILL_SIZES=4; LONG_IMAGES=4; LONG_BATCHES=2
   BENCH_BUDGET=${BENCH_BUDGET_DRY:-60}  # enough to open every configuration on a 2-core CPU
   EXTRA=(--iters 1 --warmup 1 --devices cpu --threads 1 --no-compute)
 fi
@@ -97,14 +98,16 @@ if [ "$(left)" -gt 25 ]; then
 fi
 
 if [ "$(left)" -gt 120 ]; then
-  # The same question on the GPU: torch fast end to end at batch 1 with 3 slots, to set against the
-  # 2-slot figure of step 1 with --compare (two runs, not interleaved: read it with that caveat).
-  stamp "effiseg-bench, 3 slots, batch 1, end to end"
+  # Long folders: end to end at batch 8 and 32 over LONG_IMAGES images (32 batches of 32), to set
+  # against step 1's 256-image runs (8 batches of 32), whose fill and drain weigh on e2e/model
+  # (0.77 at batch 32 on the H200; benchmarks/RESULTS.md). Not interleaved with step 1: compare the
+  # two files with --compare, with that caveat.
+  stamp "effiseg-bench, end to end over $LONG_IMAGES images, batches $LONG_BATCHES"
   timeout $(( $(left) - 20 )) "$PY" -c "from effiseg.benchmarks.cli import bench_command; bench_command()" \
-    --checkpoint "$CKPT" --backends torch-fast --batch-sizes 1 --mode e2e --no-compute --slots 3 \
-    --rounds "$ROUNDS" --images "$IMAGES" --images-from "$DATA/test/images" --time-budget $(( $(left) - 60 )) \
-    --output "$RES/bench_3slots" --cache-dir "$WORK/bench-cache" "${EXTRA[@]}"
-  stamp "effiseg-bench (3 slots) exit $?"
+    --checkpoint "$CKPT" --backends torch-fast --batch-sizes "$LONG_BATCHES" --mode both --no-compute \
+    --rounds 3 --images "$LONG_IMAGES" --images-from "$DATA/test/images" --time-budget $(( $(left) - 60 )) \
+    --output "$RES/bench_long_folder" --cache-dir "$WORK/bench-cache" "${EXTRA[@]}"
+  stamp "effiseg-bench (long folder) exit $?"
   pack
 fi
 
