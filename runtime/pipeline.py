@@ -15,10 +15,7 @@ Threads and what bounds them:
   the caller keeps them (``Segmenter`` does): PyTorch's cuDNN plans are cached per thread
   (``device_thread.py``).
 * ``writers`` threads resize outputs to each image's size, threshold and write (``finish``). The
-  runner blocks when ``2 * writers`` outputs plus one whole batch are waiting, so slow disks also push
-  back. The extra batch lets the runner hand over a batch in one go while the writers keep up, and go
-  back to the device: with room for ``2 * writers`` alone (16 with 8 writers), it waited 0.2 s per
-  256-image run at batch 32 on an H200 with every batch's rows already copied out.
+  runner blocks when ``2 * writers`` outputs are waiting, so slow disks also push back.
 
 A batch the backend fails on fails its images (per-file errors, the run goes on: one bad batch, e.g.
 an out-of-memory at an odd size, should not cost the folder). ``max_failed_batches`` failures in a
@@ -177,7 +174,7 @@ class Pipeline:
         self._cond = threading.Condition()
         self._current: _Batch | None = None
         self._fetching = False
-        self._writer_room = threading.Semaphore(2 * self.writers + max(b.max_batch for b in self.backends))
+        self._writer_room = threading.Semaphore(2 * self.writers)
         self._writer_pool = ThreadPoolExecutor(self.writers, thread_name_prefix="effiseg-write")
         end = object()
         self._end = end
