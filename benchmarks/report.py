@@ -170,8 +170,8 @@ def results_table(results: list[dict], mode: str) -> str:
         lines.append(line)
     if mode != "e2e":
         lines.append("+RSS/+dev MB: memory this configuration added itself (built and warmed up; on GPUs with torch, "
-                     "plus its rounds' peak above that); dev MB: the device's peak during its rounds, other "
-                     "backends of this run included")
+                     "CUDA-graph pools included, plus its rounds' peak above that); dev MB: the device's peak during "
+                     "its rounds, other backends of this run included")
     else:
         lines.append("+RSS MB: host memory the configuration's pipeline added while it was set up and warmed up")
     return "\n".join(lines)

@@ -15,7 +15,10 @@ Threads and what bounds them:
   the caller keeps them (``Segmenter`` does): PyTorch's cuDNN plans are cached per thread
   (``device_thread.py``).
 * ``writers`` threads resize outputs to each image's size, threshold and write (``finish``). The
-  runner blocks when ``2 * writers`` outputs are waiting, so slow disks also push back.
+  runner blocks when ``2 * writers`` outputs are waiting, so slow disks also push back. Room for a
+  whole batch more was tried and measured worse (benchmarks/RESULTS.md, "The writers' queue"): the
+  small queue keeps the writers from crowding out the decoders of the next batch, and the runner's
+  wait on it overlaps a batch already on the device.
 
 A batch the backend fails on fails its images (per-file errors, the run goes on: one bad batch, e.g.
 an out-of-memory at an odd size, should not cost the folder). ``max_failed_batches`` failures in a
