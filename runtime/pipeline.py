@@ -39,6 +39,9 @@ Timing (``PipelineStats``) is summed over threads: ``decode_s`` (reading + resiz
 ``infer_s`` (runner time inside submit/collect), ``runner_idle_s`` (runners waiting for a batch:
 decoding is the bottleneck), ``write_s`` and ``wait_for_writer_s``. With overlap, wall time is
 close to the largest of decode_s/workers, infer_s/devices and write_s/writers rather than their sum.
+Two are not summed but spans of the run: ``fill_s`` (start to the first submit: decoding the first
+batch, when no device works yet) and ``drain_s`` (the last collect to the end: the last masks
+written, no device working any more). Every run pays them once, so they weigh on short runs.
 """
 from __future__ import annotations
 
@@ -75,7 +78,29 @@ class PipelineStats:
     batches: int = 0
     images: int = 0
     wall_s: float = 0.0
+    fill_s: float | None = None   # start -> first submit (None: nothing was submitted)
+    drain_s: float | None = None  # last collect -> end
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _first_submit_at: float | None = field(default=None, repr=False)
+    _last_collect_at: float | None = field(default=None, repr=False)
+
+    def mark_submit(self, at: float) -> None:
+        with self._lock:
+            if self._first_submit_at is None or at < self._first_submit_at:
+                self._first_submit_at = at
+
+    def mark_collect(self, at: float) -> None:
+        with self._lock:
+            if self._last_collect_at is None or at > self._last_collect_at:
+                self._last_collect_at = at
+
+    def close_spans(self, started: float, ended: float) -> None:
+        """Turn the marks into fill_s and drain_s once the run has ended."""
+        self.wall_s = ended - started
+        if self._first_submit_at is not None:
+            self.fill_s = self._first_submit_at - started
+        if self._last_collect_at is not None:
+            self.drain_s = ended - self._last_collect_at
 
     def add(self, **amounts) -> None:
         with self._lock:
@@ -201,7 +226,7 @@ class Pipeline:
                 self._abort.set()
             while coordinator.is_alive():
                 coordinator.join(_POLL_S)
-            self.stats.wall_s = time.perf_counter() - started
+            self.stats.close_spans(started, time.perf_counter())
         if self._fatal:
             raise self._fatal[0]
 
@@ -379,6 +404,7 @@ class Pipeline:
                     self._complete(backend, in_flight.popleft())
                 else:
                     t0 = time.perf_counter()
+                    self.stats.mark_submit(t0)
                     try:
                         backend.submit(batch.slot, batch.claimed)
                     except Exception as e:
@@ -524,7 +550,9 @@ class Pipeline:
             self.stats.add(infer_s=time.perf_counter() - t0)
             self._backend_failed(batch, e)
             return
-        self.stats.add(infer_s=time.perf_counter() - t0)
+        collected = time.perf_counter()
+        self.stats.add(infer_s=collected - t0)
+        self.stats.mark_collect(collected)
         self._failed_in_a_row[batch.backend_index] = 0
         self._free.put((batch.backend_index, batch.slot))  # outputs copied: the slot may refill
         self._deliver(batch, rows)

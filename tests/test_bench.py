@@ -659,24 +659,29 @@ def test_tiny_cpu_run_writes_table_json_and_plot(tiny_checkpoint, tmp_path):
     assert data["model"]["variant"] == "effisegnet-lite0"
     text = (out / "effiseg_bench.txt").read_text()
     assert "Model-only" in text and "End-to-end" in text and "torch-eager@cpu" in text
-    assert "Short runs (3 batches of 1, 2 batches of 2)" in text  # 3 images: fill and drain dominate
+    assert "f+d %" in text
+    assert all(t["fill_s"] is not None and t["drain_s"] is not None
+               for r in data["results"] if r["mode"] == "e2e" for t in r["pipeline_timing"])
 
 
-def test_pipeline_breakdown_shows_the_calls_own_time_and_says_when_runs_are_short():
+def test_pipeline_breakdown_shows_the_calls_own_time_and_where_fill_and_drain_weigh():
     from effiseg.benchmarks.report import pipeline_table
 
-    def row(batch, batches):
-        images = batches * batch
+    def row(batch, fill_s, drain_s):
         timing = {"bench_wall_s": 0.5, "wall_s": 0.45, "decode_s": 0.1, "infer_s": 0.4, "write_s": 0.2,
                   "runner_idle_s": 0.0, "wait_for_slot_s": 0.3, "wait_for_writer_s": 0.05,
-                  "batches": batches, "images": images}
+                  "fill_s": fill_s, "drain_s": drain_s, "batches": 256 // batch, "images": 256}
         return {"mode": "e2e", "key": f"e2e|x|b{batch}", "batch_size": batch, "pipeline_timing": [timing]}
 
-    long_runs = pipeline_table([row(8, 32), row(32, 40)])
-    line = next(l for l in long_runs.splitlines() if l.startswith("e2e|x|b8"))
+    light = pipeline_table([row(8, 0.01, 0.02), row(32, 0.02, 0.02)])
+    line = next(l for l in light.splitlines() if l.startswith("e2e|x|b8"))
     assert line.split()[1:3] == [f"{500 / 256:.1f}", f"{450 / 256:.1f}"]  # call, then the pipeline's wall
-    assert "wr wait" in long_runs and "Short runs" not in long_runs
-    assert "Short runs (8 batches of 32)" in pipeline_table([row(8, 32), row(32, 8)])
+    assert line.split()[-1] == "6"  # (10 + 20 ms) of the 500 ms call
+    assert "wr wait" in light and "Fill and drain" not in light
+    heavy = pipeline_table([row(8, 0.01, 0.02), row(32, 0.04, 0.04)])
+    assert "Fill and drain" in heavy and "e2e|x|b32 16%" in heavy and "b8 6%" not in heavy
+    older = row(8, None, None)  # a file from a runtime that did not measure them
+    assert pipeline_table([older]).splitlines()[-1].split()[-1] == "-"
 
 
 def test_time_budget_keeps_the_finished_rounds_and_says_so(tiny_checkpoint, tmp_path):

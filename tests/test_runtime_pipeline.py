@@ -291,6 +291,29 @@ def test_memory_is_bounded_by_slots_and_writers():
     assert state["peak"] <= bound, state
 
 
+def test_fill_and_drain_are_the_spans_before_the_first_submit_and_after_the_last_collect():
+    """What a run pays once: decoding its first batch before the device has work, and writing its
+    last masks after the device is done."""
+    backend = MeanBackend(_fake_info(), max_batch=2, n_slots=2)
+
+    def load(i):
+        time.sleep(0.05)  # one decoder: the first batch of 2 is ready after >= 0.1 s
+        return np.full((16, 16, 3), i, np.uint8), i
+
+    def finish(i, meta, out):
+        if i == 5:
+            time.sleep(0.1)  # the last image's mask is slow to write
+        return i
+
+    pipe = Pipeline([backend], load, lambda row, rgb: row.__setitem__(Ellipsis, rgb), finish,
+                    lambda i, e, stage: pytest.fail(f"{stage}: {e}"), workers=1, writers=1)
+    assert sorted(i for _, i in pipe.run(range(6))) == list(range(6))
+    stats = pipe.stats
+    assert stats.fill_s >= 0.1 and stats.drain_s >= 0.1
+    assert stats.fill_s + stats.drain_s <= stats.wall_s
+    assert {"fill_s", "drain_s"} <= set(pipe.timing())
+
+
 def test_early_stop_releases_threads():
     backend = MeanBackend(_fake_info(), max_batch=2, n_slots=2, delay=0.01)
     pipe = Pipeline([backend], lambda i: (np.zeros((16, 16, 3), np.uint8), i),
