@@ -269,7 +269,8 @@ def torch_cuda_graph_pools_unallocated_mb(device: str) -> float | None:
     torch = _torch_cuda(device)
     if torch is None:
         return None
-    index = int(str(device).partition(":")[2] or 0)
+    index = str(device).partition(":")[2]
+    index = int(index) if index else torch.cuda.current_device()  # "cuda" is the current device
     held = 0
     for segment in torch.cuda.memory_snapshot():
         pool = tuple(segment.get("segment_pool_id") or (0, 0))

@@ -180,19 +180,22 @@ def results_table(results: list[dict], mode: str) -> str:
 PIPELINE_FIELDS = (("bench_wall_s", "call"), ("wall_s", "wall"), ("decode_s", "decode"), ("infer_s", "infer"),
                    ("write_s", "write"), ("runner_idle_s", "run idle"), ("wait_for_slot_s", "dec wait"),
                    ("wait_for_writer_s", "wr wait"))
-# Above this share of a run, its fill and drain (paid once per run, measured by the pipeline) are
-# called out: e2e/model is then below what a longer folder would show (at batch 32 with an emulated
-# device on the 2-core EPYC: 0.86 of the device's speed over 8 batches, 0.95 over 32).
-FILL_DRAIN_NOTE_SHARE = 0.10
+# Above this share of a run, what the run pays once (measured) is called out: e2e/model is then below
+# what a longer folder would show (at batch 32 with an emulated device on the 2-core EPYC: 0.86 of the
+# device's speed over 8 batches, 0.95 over 32).
+ONCE_PER_RUN_NOTE_SHARE = 0.10
 
 
-def fill_drain_share(timing: dict) -> float | None:
-    """(fill + drain) / the whole call, for one end-to-end run's pipeline timing; None where the
-    runtime that made it did not measure them."""
+def once_per_run_share(timing: dict) -> float | None:
+    """The share of one end-to-end call in which no device can work, whatever the folder's length:
+    the call's own time outside the pipeline (listing the folder, the settings record, the summary
+    files), the pipeline's fill (decoding the first batch) and its drain (writing the last masks).
+    None where the runtime that made the file did not measure fill and drain."""
     call = timing.get("bench_wall_s") or timing.get("wall_s")
     if timing.get("fill_s") is None or timing.get("drain_s") is None or not call:
         return None
-    return (timing["fill_s"] + timing["drain_s"]) / call
+    outside = max(0.0, call - timing.get("wall_s", call))
+    return (outside + timing["fill_s"] + timing["drain_s"]) / call
 
 
 def pipeline_table(results: list[dict]) -> str:
@@ -201,12 +204,13 @@ def pipeline_table(results: list[dict]) -> str:
     folder, records the settings and writes the summary files); decode/write are thread-seconds
     summed over their threads; 'run idle' is the runner waiting for a filled batch (decoding is the
     bottleneck), 'dec wait' decoders waiting for a free slot (the backend is the bottleneck), 'wr
-    wait' the runner waiting for room in the writers' queue (writing is the bottleneck); 'f+d %' the
-    share of the call before the first batch reached the device and after the last left it."""
+    wait' the runner waiting for room in the writers' queue (writing is the bottleneck); 'once %' the
+    share of the call before the first batch reached the device and after the last left it
+    (:func:`once_per_run_share`)."""
     rows = [r for r in results if r["mode"] == "e2e" and r.get("pipeline_timing")]
     if not rows:
         return ""
-    head = f"{'configuration':<48} " + " ".join(f"{name:>9}" for _, name in PIPELINE_FIELDS) + f" {'f+d %':>6}"
+    head = f"{'configuration':<48} " + " ".join(f"{name:>9}" for _, name in PIPELINE_FIELDS) + f" {'once %':>6}"
     lines = ["Pipeline breakdown (ms per image, median over runs; decode/write summed over threads)",
              head, "-" * len(head)]
     heavy = []
@@ -216,16 +220,16 @@ def pipeline_table(results: list[dict]) -> str:
         for field_name, _ in PIPELINE_FIELDS:
             values = [t[field_name] * 1000.0 / t["images"] for t in runs if t.get("images") and field_name in t]
             cells.append(f"{_fmt(float(np.median(values)) if values else None, '.1f'):>9}")
-        shares = [x for x in (fill_drain_share(t) for t in runs) if x is not None]
+        shares = [x for x in (once_per_run_share(t) for t in runs) if x is not None]
         share = float(np.median(shares)) if shares else None
         cells.append(f"{_fmt(100.0 * share if share is not None else None, '.0f'):>6}")
         lines.append(f"{r['key']:<48} " + " ".join(cells))
-        if share is not None and share >= FILL_DRAIN_NOTE_SHARE:
+        if share is not None and share >= ONCE_PER_RUN_NOTE_SHARE:
             heavy.append(f"{r['key']} {100.0 * share:.0f}%")
     if heavy:
-        lines.append("Fill and drain (decoding the first batch, writing the last: paid once per run) take "
-                     + ", ".join(heavy) + " of these runs, so e2e/model there is below the steady state; "
-                     "a longer folder (--images) shows it")
+        lines.append("What a run pays once (its set-up and reports, decoding the first batch, writing the last) "
+                     "takes " + ", ".join(heavy) + " of these runs, so e2e/model there is below the steady "
+                     "state; a longer folder (--images) shows it")
     return "\n".join(lines)
 
 

@@ -215,13 +215,15 @@ _hash_cache_lock = threading.Lock()
 def content_sha256(path: Path) -> str:
     """``file_sha256`` of a model file, remembered while its size and modification time stay the
     same. Why: every folder run records the model's hash, and hashing the default checkpoint's
-    18 MB of weights cost ~15 ms per run on the 2-core EPYC, a fixed cost per run that the
-    benchmark's end-to-end figure pays again in every round. A file replaced or rewritten in place
+    18 MB of weights cost ~15 ms per run on the 2-core EPYC, a fixed cost per run that a process
+    running many folders (the benchmark's end-to-end rounds, a service) paid again every time. A file replaced or rewritten in place
     (retrained) gets a new modification time, and is hashed again (file systems keep times to a
     few ms or finer: only a same-size rewrite within one tick of the hashed version would be
     missed, which no training run does)."""
     stat = os.stat(path)
-    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, getattr(stat, "st_ino", 0))
+    # ctime too: a copy that keeps the source's modification time (cp -p, rsync -a) still changes
+    # it (on Windows it is the creation time, which a rewrite in place keeps: mtime covers that).
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, getattr(stat, "st_ino", 0))
     with _hash_cache_lock:
         digest = _hash_cache.get(key)
     if digest is None:

@@ -471,6 +471,7 @@ class Pipeline:
             except Exception:
                 self._fail_batch(batch, error, give_back=False)
                 continue
+            self.stats.mark_collect(time.perf_counter())
             self._deliver(batch, rows)
         while True:
             batch = self._next_moved(b_index) if finished else self._get(self._ready[b_index])

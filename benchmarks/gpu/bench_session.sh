@@ -5,13 +5,12 @@
 #      with a time budget; the JSON is rewritten after every round, so a limit keeps finished rounds;
 #   2. the operator profile (benchmarks/op_profile.py) at batch 32 and 1: why the fast mode gains
 #      what it gains (TF32 in the baseline, per-category device time, launch-bound fraction);
-#   3. the thread probe (benchmarks/thread_probe.py): what a fresh thread costs eager PyTorch on the
-#      GPU, against the backend's long-lived device thread;
-#   4. the host-side pipeline profile on this machine's CPU (per stage, 1 vs 8 threads, and the
+#   3. the host-side pipeline profile on this machine's CPU (per stage, 1 vs 8 threads, and the
 #      pipeline ceiling: run_folder with a backend that costs nothing), fill and drain with an
 #      emulated device at 2 and 3 slots;
-#   5. if time is left, end to end over a long folder (1024 images) at batch 8 and 32, then the
-#      GPU-marked tests;
+#   4. if time is left, end to end over a long folder (1024 images) at batch 8 and 32;
+#   5. the thread probe (benchmarks/thread_probe.py): what a fresh thread costs eager PyTorch on the
+#      GPU, against the backend's long-lived device thread; then the GPU-marked tests;
 #   6. everything in $OUT/bench_results.tgz (re-packed after every step) plus the log.
 # Needs torch with CUDA, timm, safetensors, scipy, pillow, click, matplotlib (optional: plot), and
 # the Kvasir-SEG test images under .carry/ (see benchmarks/gpu/README.md). DRY=1: a tiny CPU run
@@ -23,7 +22,8 @@ ROOT=$(pwd)
 OUT=${OUT:-$ROOT/.gpu_out}
 WORK=${WORK:-/tmp/effiseg_bench_gpu}
 DATA=${DATA:-$ROOT/.carry/kvasir-seg}
-DEADLINE=${DEADLINE:-300}           # seconds after start by which everything is packed
+# seconds after start by which everything is packed; a DRY run on a 2-core CPU needs ~150-250 s
+DEADLINE=${DEADLINE:-$([ "${DRY:-0}" = 1 ] && echo 600 || echo 300)}
 BENCH_BUDGET=${BENCH_BUDGET:-170}   # seconds for effiseg-bench (it stops between rounds)
 CKPT=${CKPT:-$ROOT/training/weights/default}
 mkdir -p "$OUT" "$WORK"
@@ -70,16 +70,6 @@ if [ "$(left)" -gt 40 ]; then
   pack
 fi
 
-if [ "$(left)" -gt 70 ]; then
-  # A fresh thread against the backend's device thread (runtime/device_thread.py): eager PyTorch on
-  # the GPU, one batch of 8 and one 32-image segment() run each way, 3 interleaved rounds (~40 s).
-  stamp "thread probe (eager fp32, batch 8)"
-  timeout $(( $(left) - 30 )) "$PY" -m effiseg.benchmarks.thread_probe --checkpoint "$CKPT" --device "$DEV" \
-    --precision fp32 --images "$DATA/test/images" --limit "$PROBE_IMAGES" --batch "$PROBE_BATCH" \
-    --rounds "$PROBE_ROUNDS" --output "$RES/thread_probe.json"
-  stamp "thread probe exit $?"
-  pack
-fi
 
 if [ "$(left)" -gt 25 ]; then
   stamp "host profile (this machine's CPU)"
@@ -101,7 +91,8 @@ if [ "$(left)" -gt 120 ]; then
   # Long folders: end to end at batch 8 and 32 over LONG_IMAGES images (32 batches of 32), to set
   # against step 1's 256-image runs (8 batches of 32), whose fill and drain weigh on e2e/model
   # (0.77 at batch 32 on the H200; benchmarks/RESULTS.md). Not interleaved with step 1: compare the
-  # two files with --compare, with that caveat.
+  # two files with --compare, with that caveat. The bench adds the eager baseline (its end-to-end
+  # runs take ~6 s each here), so the time budget may leave fewer than 3 rounds.
   stamp "effiseg-bench, end to end over $LONG_IMAGES images, batches $LONG_BATCHES"
   timeout $(( $(left) - 20 )) "$PY" -c "from effiseg.benchmarks.cli import bench_command; bench_command()" \
     --checkpoint "$CKPT" --backends torch-fast --batch-sizes "$LONG_BATCHES" --mode both --no-compute \
@@ -111,10 +102,21 @@ if [ "$(left)" -gt 120 ]; then
   pack
 fi
 
+if [ "$(left)" -gt 70 ]; then
+  # A fresh thread against the backend's device thread (runtime/device_thread.py): eager PyTorch on
+  # the GPU, one batch of 8 and one 32-image segment() run each way, 3 interleaved rounds (~40 s).
+  stamp "thread probe (eager fp32, batch 8)"
+  timeout $(( $(left) - 30 )) "$PY" -m effiseg.benchmarks.thread_probe --checkpoint "$CKPT" --device "$DEV" \
+    --precision fp32 --images "$DATA/test/images" --limit "$PROBE_IMAGES" --batch "$PROBE_BATCH" \
+    --rounds "$PROBE_ROUNDS" --output "$RES/thread_probe.json"
+  stamp "thread probe exit $?"
+  pack
+fi
+
 if [ "${DRY:-0}" != 1 ] && [ "$(left)" -gt 30 ]; then
   stamp "gpu tests"
   timeout $(( $(left) - 10 )) "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_runtime_pipeline.py \
-    tests/test_run_cli.py tests/test_augment.py 2>&1 | tail -25 | tee "$RES/gpu_tests.txt"
+    tests/test_run_cli.py tests/test_augment.py tests/test_bench.py 2>&1 | tail -25 | tee "$RES/gpu_tests.txt"
   stamp "gpu tests done"
   pack
 fi

@@ -39,4 +39,4 @@ for rep in range(2):
             pipeline.threading = threading
         print(rep, kind, [(f["images"], f["efficiency"], f["idle_between_batches_ms"]) for f in r["folders"]], flush=True)
         results.setdefault(kind, []).append(r)
-json.dump(results, open(sys.argv[1], "w"), indent=1)
+json.dump(results, open(sys.argv[1], "w", encoding="utf-8"), indent=1)
