@@ -54,11 +54,17 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap,clocks.max.s
 "$PY" -c "import json,platform,torch,scipy;print(json.dumps({'python':platform.python_version(),'torch':torch.__version__,'cuda':torch.version.cuda,'scipy':scipy.__version__,'cudnn_allow_tf32':torch.backends.cudnn.allow_tf32,'matmul_allow_tf32':torch.backends.cuda.matmul.allow_tf32,'gpu':torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}))" | tee "$RES/env.json"
 pack
 
+# effiseg-bench on the default model and the carried test images: bench LIMIT_S BUDGET_S OUTPUT_NAME ARGS...
+bench() {
+  local limit=$1 budget=$2 name=$3; shift 3
+  timeout "$limit" "$PY" -c "from effiseg.benchmarks.cli import bench_command; bench_command()" \
+    --checkpoint "$CKPT" --images-from "$DATA/test/images" --time-budget "$budget" \
+    --output "$RES/$name" --cache-dir "$WORK/bench-cache" "$@" "${EXTRA[@]}"
+}
+
 stamp "effiseg-bench (budget ${BENCH_BUDGET}s)"
-timeout $((BENCH_BUDGET + 60)) "$PY" -c "from effiseg.benchmarks.cli import bench_command; bench_command()" \
-  --checkpoint "$CKPT" --backends torch-eager,torch-fast --batch-sizes "$BATCHES" --mode both \
-  --rounds "$ROUNDS" --images "$IMAGES" --images-from "$DATA/test/images" --time-budget "$BENCH_BUDGET" \
-  --output "$RES/bench" --cache-dir "$WORK/bench-cache" "${EXTRA[@]}"
+bench $((BENCH_BUDGET + 60)) "$BENCH_BUDGET" bench --backends torch-eager,torch-fast --batch-sizes "$BATCHES" \
+  --mode both --rounds "$ROUNDS" --images "$IMAGES"
 stamp "effiseg-bench exit $?"
 pack
 
@@ -94,10 +100,8 @@ if [ "$(left)" -gt 120 ]; then
   # two files with --compare, with that caveat. The bench adds the eager baseline (its end-to-end
   # runs take ~6 s each here), so the time budget may leave fewer than 3 rounds.
   stamp "effiseg-bench, end to end over $LONG_IMAGES images, batches $LONG_BATCHES"
-  timeout $(( $(left) - 20 )) "$PY" -c "from effiseg.benchmarks.cli import bench_command; bench_command()" \
-    --checkpoint "$CKPT" --backends torch-fast --batch-sizes "$LONG_BATCHES" --mode both --no-compute \
-    --rounds 3 --images "$LONG_IMAGES" --images-from "$DATA/test/images" --time-budget $(( $(left) - 60 )) \
-    --output "$RES/bench_long_folder" --cache-dir "$WORK/bench-cache" "${EXTRA[@]}"
+  bench $(( $(left) - 20 )) $(( $(left) - 60 )) bench_long_folder --backends torch-fast \
+    --batch-sizes "$LONG_BATCHES" --mode both --no-compute --rounds 3 --images "$LONG_IMAGES"
   stamp "effiseg-bench (long folder) exit $?"
   pack
 fi
