@@ -213,12 +213,13 @@ _hash_cache_lock = threading.Lock()
 
 
 def content_sha256(path: Path) -> str:
-    """``file_sha256`` of a model file, remembered while its size and modification time stay the
-    same. Why: every folder run records the model's hash, and hashing the default checkpoint's
-    18 MB of weights cost ~15 ms per run on the 2-core EPYC, a fixed cost per run that a process
-    running many folders (the benchmark's end-to-end rounds, a service) paid again every time. A file replaced or rewritten in place
-    (retrained) gets a new modification time, and is hashed again (file systems keep times to a
-    few ms or finer: only a same-size rewrite within one tick of the hashed version would be
+    """``file_sha256`` of a model file, remembered while its size, times and inode stay the same.
+
+    Why: every folder run records the model's hash, and hashing the default checkpoint's 18 MB of
+    weights cost ~15 ms per run on the 2-core EPYC, a fixed cost that a process running many
+    folders (the benchmark's end-to-end rounds, a service) paid again every time. A file replaced
+    or rewritten in place (retrained) gets new times, and is hashed again (file systems keep times
+    to a few ms or finer: only a same-size rewrite within one tick of the hashed version would be
     missed, which no training run does)."""
     stat = os.stat(path)
     # ctime too: a copy that keeps the source's modification time (cp -p, rsync -a) still changes
