@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 pytest.importorskip("onnxruntime")
 
-from effiseg.benchmarks.alloc_probe import main  # noqa: E402
+from effiseg.benchmarks.lab.alloc_probe import main  # noqa: E402
 
 linux_glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                                  reason="the probe measures glibc's allocator on Linux")

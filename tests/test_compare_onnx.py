@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 pytest.importorskip("onnxruntime")
 
-from effiseg.benchmarks.compare_onnx import main  # noqa: E402
+from effiseg.benchmarks.lab.compare_onnx import main  # noqa: E402
 
 from conftest import export_tiny  # noqa: E402
 

@@ -159,13 +159,13 @@ def test_device_thread_runs_calls_in_order_and_hands_back_results_and_errors():
 
 
 def test_the_thread_probe_runs_its_four_measurements_and_writes_them(tiny_checkpoint, tmp_path):
-    """benchmarks/thread_probe.py: a fresh thread against the device thread (no timing assertions)."""
+    """benchmarks/lab/thread_probe.py: a fresh thread against the device thread (no timing assertions)."""
     import json
 
     from click.testing import CliRunner
     from PIL import Image
 
-    from effiseg.benchmarks.thread_probe import main
+    from effiseg.benchmarks.lab.thread_probe import main
     folder = tmp_path / "images"
     folder.mkdir()
     for i, im in enumerate(_images(3)):

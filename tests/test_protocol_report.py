@@ -3,7 +3,7 @@ import json
 
 import numpy as np
 
-from effiseg.training.protocol import PLAIN, config_key, inference_configs
+from effiseg.training.protocol_common import PLAIN, config_key, inference_configs
 from effiseg.training.protocol_report import build_protocol_report
 
 

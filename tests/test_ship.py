@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from effiseg.runtime.model_info import ModelInfo
 from effiseg.training.checkpoint import model_config, save_checkpoint
 from effiseg.training.model import build_model
-from effiseg.training.protocol import config_key
+from effiseg.training.protocol_common import config_key
 from effiseg.training.protocol import main as protocol_main
 from effiseg.training.ship import ShipError, parse_config_key
 from effiseg.training.trainer import TrainConfig

@@ -30,9 +30,9 @@ import click
 import numpy as np
 
 from effiseg.runtime.console import Group
-from effiseg.runtime.model_info import parse_tta_sizes
 
 from .data import DEFAULT_DATA_ROOT
+from .protocol_common import config_key, inference_configs, multiscale_sizes
 
 # Training-time candidate fixes, each a config switch (``effiseg-train --set ...``).
 ARMS: dict[str, list[str]] = {
@@ -41,8 +41,6 @@ ARMS: dict[str, list[str]] = {
     "boundary_loss": ["loss.boundary_weight=2.0"],
     "overlay_box+boundary_loss": ["augment.overlay_box_p=0.5", "loss.boundary_weight=2.0"],
 }
-THRESHOLDS = [round(t, 2) for t in np.arange(0.3, 0.71, 0.05)]
-MIN_REGIONS = [0, 64, 256, 1024]
 
 
 def _train_cmd(data, out_dir: Path, variant, input_size, epochs, seed, overrides, extra) -> list[str]:
@@ -225,40 +223,6 @@ def train_cmd(data, out, variant, input_size, arms, seeds, epochs, time_budget, 
     if any(codes.values()):
         click.echo(f"some runs failed: {codes}", err=True)
         sys.exit(1)
-
-
-def inference_configs() -> list[tuple[float, int]]:
-    """(threshold, min_region_px) pairs: the threshold grid without region removal, and the
-    region-removal grid at the default threshold (a full grid costs time and adds little)."""
-    return [(t, 0) for t in THRESHOLDS] + [(0.5, m) for m in MIN_REGIONS if m > 0]
-
-
-def config_key(tta: bool, threshold: float, min_region: int, tta_sizes=()) -> str:
-    """``tta=1,thr=0.45,minreg=0`` (``,sizes=352+416`` with multi-scale TTA): one inference setting."""
-    key = f"tta={int(tta)},thr={threshold:.2f},minreg={min_region}"
-    return key + (f",sizes={'+'.join(str(s) for s in tta_sizes)}" if tta_sizes else "")
-
-
-def parse_config_key(key: str) -> dict:
-    """A :func:`config_key` back to the checkpoint settings it stands for (``tta``, ``threshold``,
-    ``min_region_px``, ``tta_sizes``); ValueError when it is not one."""
-    try:
-        parts = dict(item.split("=", 1) for item in key.split(","))
-        return {"tta": bool(int(parts["tta"])), "threshold": float(parts["thr"]),
-                "min_region_px": int(parts["minreg"]),
-                "tta_sizes": list(parse_tta_sizes(parts.get("sizes", "").replace("+", ",")))}
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"cannot read the inference settings {key!r}: {e}") from None
-
-
-def multiscale_sizes(input_size: int) -> tuple[int, ...]:
-    """The multi-scale candidate evaluated for every run: the input size and 64 px more (352 ->
-    352+416, the set chosen on one model's validation images before any run of the protocol used
-    it: training/reports/multiscale-tta-validation)."""
-    return parse_tta_sizes([input_size, input_size + 64])
-
-
-PLAIN = config_key(False, 0.5, 0)
 
 
 def evaluate_run(run_dir: Path, data, device: str, limit: int | None = None) -> dict:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .analysis.stats import holm_adjust, paired_bootstrap_ci, seeded_paired_bootstrap_ci
-from .protocol import PLAIN, parse_config_key
+from .protocol_common import PLAIN, describe_cut_short, parse_config_key, training_extent
 
 METRICS = ("dice", "iou", "precision", "recall")
 
@@ -39,50 +39,6 @@ def load_evaluations(out: Path) -> dict[str, dict[int, dict]]:
     if not arms:
         raise FileNotFoundError(f"no evaluations in {out / 'evaluations'}; run the 'evaluate' step first")
     return arms
-
-
-def _read(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def run_training_extent(run_dir: Path) -> dict | None:
-    """Epochs planned and completed, and the best epoch, from a run folder's own files (None when
-    they are missing): a run stopped early (a session's deadline) has fewer completed than planned."""
-    config, history, best = (_read(run_dir / n) for n in ("run_config.json", "metrics.json", "best.json"))
-    if not config or not isinstance(history, list):
-        return None
-    completed = max((int(h.get("epoch", 0)) for h in history), default=0)
-    return {"planned": int(config.get("train", {}).get("epochs", 0)), "completed": completed,
-            "best_epoch": (best or {}).get("best_epoch")}
-
-
-def training_extent(out: Path, arms: dict[str, dict[int, dict]]) -> dict:
-    """Per evaluated run: epochs planned and completed; 'cut_short' lists the runs that stopped early."""
-    runs = {}
-    for arm, by_seed in arms.items():
-        for seed in by_seed:
-            extent = run_training_extent(out / "runs" / f"{arm}_s{seed}")
-            if extent is not None:
-                runs[f"{arm}_s{seed}"] = extent
-    cut = sorted(r for r, e in runs.items() if e["completed"] < e["planned"])
-    return {"runs": runs, "cut_short": cut}
-
-
-def describe_cut_short(training: dict) -> str | None:
-    """One sentence for reports and cards when runs stopped before their planned epochs."""
-    cut = training.get("cut_short") or []
-    if not cut:
-        return None
-    runs = training["runs"]
-    done = [runs[r]["completed"] for r in cut]
-    planned = sorted({runs[r]["planned"] for r in cut})
-    after = f"{min(done)}" if min(done) == max(done) else f"{min(done)}-{max(done)}"
-    return (f"{len(cut)} of {len(runs)} runs stopped before their planned {'/'.join(map(str, planned))} epochs, "
-            f"after {after} (e.g. at a session's deadline): their learning-rate schedule did not finish, and "
-            "each was evaluated at its best validation checkpoint so far")
 
 
 def _per_image(runs: dict[int, dict], key: str, metric: str = "dice") -> np.ndarray:

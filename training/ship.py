@@ -20,7 +20,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from .protocol_report import describe_cut_short, run_training_extent
+from .protocol_common import describe_cut_short, run_training_extent
+from .protocol_common import parse_config_key as parse_settings_key
 
 
 WORK_NAME = ".effiseg-ship"
@@ -66,9 +67,8 @@ def _swap(folder: Path, new_folder: Path, folder_previous: Path, files: list[tup
 
 def parse_config_key(key: str) -> dict:
     """``"tta=1,thr=0.60,minreg=0"`` -> the checkpoint settings it stands for."""
-    from .protocol import parse_config_key as parse_key
     try:
-        return parse_key(key)
+        return parse_settings_key(key)
     except ValueError as e:
         raise ShipError(str(e)) from None
 

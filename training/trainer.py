@@ -172,7 +172,7 @@ def unused_gpus_note() -> str | None:
     names = ", ".join(name for name, _ in gpus)
     if torch.version.cuda is None:
         return (f"the NVIDIA driver shows {len(gpus)} GPU(s) ({names}), but torch {torch.__version__} is a "
-                "CPU-only build, so this runs on the CPU: install a CUDA build of PyTorch (README, "
+                "CPU-only build, so this runs on the CPU: install a CUDA build of PyTorch (training/README.md, "
                 "'PyTorch with CUDA'), or pass --device cpu to silence this")
     return (f"the NVIDIA driver shows {len(gpus)} GPU(s) ({names}), but torch {torch.__version__} (CUDA "
             f"{torch.version.cuda}) cannot use them (driver older than that CUDA?), so this runs on the CPU")

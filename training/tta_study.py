@@ -30,7 +30,7 @@ from effiseg.runtime.model_info import TTA_SIZE_STEP, network_passes, parse_tta_
 from effiseg.runtime.postprocess import logit_threshold
 
 from .data import DEFAULT_DATA_ROOT
-from .protocol import THRESHOLDS  # the protocol's grid, so the study and the protocol choose alike
+from .protocol_common import THRESHOLDS  # the protocol's grid, so the study and the protocol choose alike
 
 
 def default_candidates(input_size: int) -> tuple[int, ...]:

@@ -9,7 +9,7 @@
 #      pipeline ceiling: run_folder with a backend that costs nothing), fill and drain with an
 #      emulated device at 2 and 3 slots;
 #   4. if time is left, end to end over a long folder (1024 images) at batch 8 and 32;
-#   5. the thread probe (benchmarks/thread_probe.py): what a fresh thread costs eager PyTorch on the
+#   5. the thread probe (benchmarks/lab/thread_probe.py): what a fresh thread costs eager PyTorch on the
 #      GPU, against the backend's long-lived device thread; then the GPU-marked tests;
 #   6. everything in $OUT/bench_results.tgz (re-packed after every step) plus the log.
 # Needs torch with CUDA, timm, safetensors, scipy, pillow, click, matplotlib (optional: plot), and
@@ -110,7 +110,7 @@ if [ "$(left)" -gt 70 ]; then
   # A fresh thread against the backend's device thread (runtime/device_thread.py): eager PyTorch on
   # the GPU, one batch of 8 and one 32-image segment() run each way, 3 interleaved rounds (~40 s).
   stamp "thread probe (eager fp32, batch 8)"
-  timeout $(( $(left) - 30 )) "$PY" -m effiseg.benchmarks.thread_probe --checkpoint "$CKPT" --device "$DEV" \
+  timeout $(( $(left) - 30 )) "$PY" -m effiseg.benchmarks.lab.thread_probe --checkpoint "$CKPT" --device "$DEV" \
     --precision fp32 --images "$DATA/test/images" --limit "$PROBE_IMAGES" --batch "$PROBE_BATCH" \
     --rounds "$PROBE_ROUNDS" --output "$RES/thread_probe.json"
   stamp "thread probe exit $?"

@@ -2,7 +2,7 @@
 the speed? Rounds alternate their order (A B, B A, ...) so drift on a shared machine hits both alike.
 
     git show 2194797:runtime/models/effisegnet-default.onnx > /tmp/before.onnx
-    python -m effiseg.benchmarks.compare_onnx /tmp/before.onnx runtime/models/effisegnet-default.onnx \
+    python -m effiseg.benchmarks.lab.compare_onnx /tmp/before.onnx runtime/models/effisegnet-default.onnx \
         --images ../shared/data/kvasir-seg/test/images --rounds 16 --output compare.json
 
 Both files must take the same input (name, format and size); the outputs are compared too.
@@ -19,7 +19,7 @@ import numpy as np
 
 from effiseg.runtime.console import Command
 
-from .cli import parse_int_list
+from ..cli import parse_int_list
 
 
 def compare(a: Path, b: Path, images: Path, batch_sizes: list[int], rounds: int, threads: int,

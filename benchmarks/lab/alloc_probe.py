@@ -7,7 +7,7 @@ Runtime plans its memory and reuses one arena. This probe measures wall time and
 per batch for both, in fresh processes under different ``GLIBC_TUNABLES`` settings (read by glibc at
 process start, so each setting needs its own process), in alternating order:
 
-    python -m effiseg.benchmarks.alloc_probe --checkpoint training/weights/default \\
+    python -m effiseg.benchmarks.lab.alloc_probe --checkpoint training/weights/default \\
         --onnx runtime/models/effisegnet-default.onnx --images ../shared/data/kvasir-seg/test/images \\
         --tunables "" --tunables glibc.malloc.hugetlb=1 --output alloc_probe.json
 
@@ -29,8 +29,8 @@ import numpy as np
 
 from effiseg.runtime.console import Command
 
-from .cli import parse_int_list
-from .machine import cpu_model, load_average
+from ..cli import parse_int_list
+from ..machine import cpu_model, load_average
 
 
 def _child(checkpoint: Path, onnx: Path | None, images: Path, batch_sizes: list[int], reps: int, threads: int) -> dict:
@@ -129,7 +129,7 @@ def main(checkpoint, onnx, images, batch_sizes, reps, rounds, threads, tunables,
         for setting in order:
             env = dict(os.environ, GLIBC_TUNABLES=setting) if setting else {
                 k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-            cmd = [sys.executable, "-m", "effiseg.benchmarks.alloc_probe", "--child", "--checkpoint", str(checkpoint),
+            cmd = [sys.executable, "-m", "effiseg.benchmarks.lab.alloc_probe", "--child", "--checkpoint", str(checkpoint),
                    "--images", str(images), "--batch-sizes", batch_sizes, "--reps", str(reps), "--threads", str(threads)]
             if onnx is not None:
                 cmd += ["--onnx", str(onnx)]

@@ -5,13 +5,13 @@
 # alternating order, once with SciPy importable and once with it hidden (the runtime's region count
 # has a path for each; an inference install has no SciPy unless the user adds it).
 #
-#   bash benchmarks/host_ab.sh BASE IMAGES_DIR OUT_DIR [ROUNDS]
+#   bash benchmarks/lab/host_ab.sh BASE IMAGES_DIR OUT_DIR [ROUNDS]
 #
 # Writes OUT_DIR/{base,head}-{scipy,numpy}-ROUND.json, meta.json (revisions, machine) and
 # summary.json (medians over rounds, and the head/base ratio of the pipeline ceiling paired round by
 # round). Linux/macOS shell; the tools it times are the same on Windows.
 set -eu
-[ $# -ge 3 ] || { echo "usage: bash benchmarks/host_ab.sh BASE IMAGES_DIR OUT_DIR [ROUNDS]" >&2; exit 2; }
+[ $# -ge 3 ] || { echo "usage: bash benchmarks/lab/host_ab.sh BASE IMAGES_DIR OUT_DIR [ROUNDS]" >&2; exit 2; }
 BASE=$1; IMAGES=$(cd "$2" && pwd); OUT=$3; ROUNDS=${4:-5}; THREADS=${THREADS:-2}
 PY=${PYTHON:-python}
 [ "$THREADS" -ge 2 ] || { echo "THREADS must be 2 or more (1 thread is always measured)" >&2; exit 2; }

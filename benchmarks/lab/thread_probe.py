@@ -11,7 +11,7 @@ fix is a measured ratio rather than an argument from the logs:
 * ``run``: ``Segmenter.segment`` over ``--images`` images with a new runner thread for that run
   (what every run did before), against the Segmenter's own device thread.
 
-    python -m effiseg.benchmarks.thread_probe --checkpoint training/weights/default --device cuda:0 \\
+    python -m effiseg.benchmarks.lab.thread_probe --checkpoint training/weights/default --device cuda:0 \\
         --images DIR --precision fp32 --batch 8 --rounds 3 --output thread_probe.json
 
 On a CPU it runs the same steps (its test does); there the two are expected to match.
