@@ -5,7 +5,9 @@ Two Python bindings of CUDA are supported, tried in this order by :func:`open_cu
 * **cuda-python** (``cuda.bindings.runtime``; ``cuda.cudart`` in releases before 12.6): NVIDIA's
   official bindings, shipped as wheels for Windows and Linux, so nothing is compiled on install.
   cuda-python 13.x needs a CUDA 13 driver, and CUDA 13 no longer supports Maxwell/Pascal/Volta:
-  on those GPUs (and with TensorRT 8.6) install ``cuda-python>=12,<13``.
+  on Pascal and Volta (TensorRT 8.6.1 / 10.0-10.4) install ``cuda-python>=12,<13``; on Maxwell, whose
+  last TensorRT (8.5.3) is built on CUDA 11.8, ``cuda-python>=11.8,<12`` (the extras of
+  runtime/INSTALL.md pin them).
 * **pycuda**, where it is already installed (it usually has to be compiled, hence second choice).
 
 Every failing call raises :class:`CudaError` naming the call and CUDA's error name and text.
@@ -30,8 +32,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-INSTALL_HINT = ("pip install \"effiseg[trt]\" (installs cuda-python 12.x, which runs on CUDA 12 and newer "
-                "drivers and on Maxwell/Pascal/Volta GPUs), or install pycuda")
+INSTALL_HINT = ("install the TensorRT extra of runtime/INSTALL.md for this GPU (\"effiseg[trt]\", "
+                "\"effiseg[trt-volta]\", \"effiseg[trt-pascal]\" or \"effiseg[trt85]\"; each brings the "
+                "cuda-python that matches its TensorRT), or install pycuda")
 
 
 class CudaError(RuntimeError):
