@@ -62,7 +62,7 @@ def parse_cuda_device(device: str | int) -> int:
     return index
 
 
-def _driver_library():
+def driver_library():
     """The NVIDIA driver library (``nvcuda.dll`` / ``libcuda.so.1``) and this process's GPU count
     after ``cuInit`` (``CUDA_VISIBLE_DEVICES`` applies): (library, count); (None, 0) when the driver
     says there is no usable GPU; None when no driver library loads or it does not answer."""
@@ -87,7 +87,7 @@ def driver_devices() -> list[tuple[str, tuple[int, int]]] | None:
     (``CUDA_VISIBLE_DEVICES`` applies), asked of the driver library itself (``nvcuda.dll`` /
     ``libcuda.so.1``) so that no CUDA binding, torch or TensorRT is needed; None when no driver
     library can be loaded or it does not answer."""
-    found = _driver_library()
+    found = driver_library()
     if found is None:
         return None
     lib, count = found
@@ -112,7 +112,7 @@ def driver_pci_bus_id(index: int) -> str | None:
     when the driver cannot say. Tools outside the process (NVML, nvidia-smi) number GPUs in PCI
     order and ignore ``CUDA_VISIBLE_DEVICES``, so "cuda:0" there can be another card; the bus id
     names the same card in both."""
-    found = _driver_library()
+    found = driver_library()
     if found is None or not 0 <= index < found[1]:
         return None
     lib = found[0]
