@@ -59,7 +59,7 @@ def tensorrt_verdict(env: Environment, gpu: Gpu) -> Verdict:
     if trt.version is None:
         where = " (its lib folder must be on PATH)" if env.windows else ""
         return no(f"TensorRT is installed but does not import{where}: {trt.error}")
-    problem = tensorrt_gpu_problem(trt.version, gpu.compute_capability, env.windows, env.python_tag)
+    problem = tensorrt_gpu_problem(trt.version, gpu.compute_capability, env.windows, env.python_tag, gpu.name)
     if problem:
         return no(problem)
     if not ({"cuda-python", "cuda-bindings", "pycuda"} & set(env.cuda_bindings)):

@@ -48,7 +48,7 @@ def parse_trt_version(version: str) -> tuple[int, int, int]:
 
 
 def tensorrt_gpu_problem(trt_version: str, compute_capability: tuple[int, int], windows: bool | None = None,
-                         python_tag: str = "311") -> str | None:
+                         python_tag: str = "311", gpu_name: str | None = None) -> str | None:
     """Why TensorRT ``trt_version`` cannot run on a GPU of this compute capability, in one line that
     names the last release for it and the command that installs it; None when it can (or the
     version cannot be read: then TensorRT itself decides)."""
@@ -59,7 +59,8 @@ def tensorrt_gpu_problem(trt_version: str, compute_capability: tuple[int, int], 
         return None
     windows = os.name == "nt" if windows is None else windows
     major, minor = compute_capability
-    return (f"TensorRT {trt_version} does not support compute capability {major}.{minor} ({generation}); "
+    which = f"{generation}, {gpu_name}" if gpu_name else generation
+    return (f"TensorRT {trt_version} does not support compute capability {major}.{minor} ({which}); "
             f"TensorRT {LAST_TENSORRT[generation]} is the last release for {generation} GPUs: "
             f"{install_command('tensorrt', generation, windows, python_tag)} (see runtime/INSTALL.md)")
 

@@ -72,7 +72,7 @@ def test_profile_shapes_static_batch_and_errors():
 
 
 def _key(**changes) -> EngineKey:
-    base = EngineKey(onnx_sha256="ab" * 32, tensorrt_version="8.6.1", gpu_name="Quadro M6000",
+    base = EngineKey(onnx_sha256="ab" * 32, tensorrt_version="8.5.3.1", gpu_name="Quadro M6000",
                      compute_capability="5.2", precision="fp32",
                      profile=(("images", (1, 32, 32, 3), (8, 32, 32, 3), (8, 32, 32, 3)),), n_profiles=2)
     return dataclasses.replace(base, **changes)
@@ -99,8 +99,8 @@ def test_cache_key_changes_with_every_component(change, tmp_path):
 def test_engine_and_timing_cache_names(tmp_path):
     p = engine_path(tmp_path, "effisegnet lite0/v1", _key())
     assert p.parent == tmp_path and p.suffix == ".engine" and "fp32" in p.name and " " not in p.name
-    t = timing_cache_path(tmp_path, "8.6.1", "Quadro M6000", "5.2")
-    assert t.parent == tmp_path and "sm52" in t.name and "8.6.1" in t.name
+    t = timing_cache_path(tmp_path, "8.5.3.1", "Quadro M6000", "5.2")
+    assert t.parent == tmp_path and "sm52" in t.name and "8.5.3.1" in t.name
 
 
 def test_platform_has_fast_fp16_prefers_builder_then_compute_capability():

@@ -474,9 +474,9 @@ class TensorRTBackend(Backend):
             self.gpu = self._cuda.device_info()
         except CudaError as e:
             raise BackendUnavailable(f"CUDA device {self.device} is not usable: {e}") from e
-        unsupported = tensorrt_gpu_problem(self.trt_version, self.gpu.compute_capability)
+        unsupported = tensorrt_gpu_problem(self.trt_version, self.gpu.compute_capability, gpu_name=self.gpu.name)
         if unsupported:
-            raise BackendUnavailable(f"{self.gpu.name}: {unsupported}")
+            raise BackendUnavailable(unsupported)
         if not self.onnx_path.is_file():
             raise FileNotFoundError(f"ONNX file not found: {self.onnx_path}")
         logger = _tensorrt_logger(trt, self.verbose)
