@@ -80,7 +80,8 @@ def onnxruntime_gpu_verdict(env: Environment, gpu: Gpu) -> Verdict:
         return Verdict("onnxruntime", device, False, None, f"onnxruntime does not import: {ort.error}", install)
     if "CUDAExecutionProvider" not in ort.providers:
         return Verdict("onnxruntime", device, False, None,
-                       f"onnxruntime {ort.version} is a CPU-only build (providers: {', '.join(ort.providers)})", install)
+                       f"onnxruntime {ort.version} is a CPU-only build (providers: {', '.join(ort.providers)})",
+                       install)
     if ort.cuda_loads is False:
         return Verdict("onnxruntime", device, False, None,
                        f"the CUDA provider does not start (needs CUDA {ort.built_cuda or '?'}, cuDNN "
@@ -189,7 +190,8 @@ def render_text(data: dict) -> str:
     env, lines = data["environment"], []
     lines.append(f"System   {env['system']}, Python {env['python']}")
     if env["gpus"]:
-        lines.append(f"Driver   {env['driver_version'] or 'version unknown'}, runs CUDA up to {env['driver_cuda'] or '?'}")
+        lines.append(f"Driver   {env['driver_version'] or 'version unknown'}, "
+                     f"runs CUDA up to {env['driver_cuda'] or '?'}")
         for g in env["gpus"]:
             cc = tuple(g["compute_capability"])
             lines.append(f"GPU      cuda:{g['index']}  {g['name']}  compute capability {cc[0]}.{cc[1]} "
@@ -208,7 +210,8 @@ def render_text(data: dict) -> str:
     lines.append("tensorrt " + ("not installed" if r is None else r["version"] or f"does not import: {r['error']}"))
     bindings = ", ".join(f"{k} {v}" for k, v in env["cuda_bindings"].items())
     lines.append(f"CUDA py  {bindings or 'none (cuda-python / pycuda)'}")
-    lines.append(f"cuDNN    {env['cudnn_library'] or 'no system cuDNN library found (pip packages may bring their own)'}")
+    cudnn = env["cudnn_library"] or "no system cuDNN library found (pip packages may bring their own)"
+    lines.append(f"cuDNN    {cudnn}")
     lines.append("")
     for v in data["verdicts"]:
         state = {True: "runs", False: "no", None: "unknown"}[v["runs"]]

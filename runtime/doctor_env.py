@@ -15,6 +15,7 @@ import importlib.util
 import os
 import platform
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .cuda_memory import driver_devices, driver_library
 
@@ -104,7 +105,8 @@ def probe_gpus() -> tuple[str | None, tuple[Gpu, ...]]:
         memory = None
         try:
             handle, total = ctypes.c_int(0), ctypes.c_size_t(0)
-            if lib.cuDeviceGet(ctypes.byref(handle), index) == 0 and lib.cuDeviceTotalMem_v2(ctypes.byref(total), handle) == 0:
+            if (lib.cuDeviceGet(ctypes.byref(handle), index) == 0
+                    and lib.cuDeviceTotalMem_v2(ctypes.byref(total), handle) == 0):
                 memory = total.value
         except (AttributeError, OSError):
             pass
@@ -114,7 +116,9 @@ def probe_gpus() -> tuple[str | None, tuple[Gpu, ...]]:
 
 def probe_driver_version() -> str | None:
     """The driver's version string ("552.22") from NVML; None where NVML does not load."""
-    names = ("nvml.dll",) if os.name == "nt" else ("libnvidia-ml.so.1", "libnvidia-ml.so")
+    # Windows drivers put nvml.dll in System32; older ones only under NVSMI.
+    nvsmi = Path(os.environ.get("ProgramFiles", "C:\\Program Files")) / "NVIDIA Corporation" / "NVSMI" / "nvml.dll"
+    names = ("nvml.dll", str(nvsmi)) if os.name == "nt" else ("libnvidia-ml.so.1", "libnvidia-ml.so")
     for name in names:
         try:
             nvml = ctypes.CDLL(name)
@@ -187,7 +191,8 @@ def probe_onnxruntime(gpus: tuple[Gpu, ...]) -> OnnxRuntimeInfo | None:
             session = ort.InferenceSession(_IDENTITY_ONNX, providers=[("CUDAExecutionProvider", {"device_id": 0})])
             loads = session.get_providers()[0] == "CUDAExecutionProvider"
             if not loads:
-                error = "; ".join(said[-2:]) or "the CUDA provider did not start (its CUDA or cuDNN libraries are missing)"
+                error = ("; ".join(said[-2:])
+                         or "the CUDA provider did not start (its CUDA or cuDNN libraries are missing)")
         except Exception as e:
             loads, error = False, _one_line(e)
     return OnnxRuntimeInfo(version=ort.__version__, providers=providers, built_cuda=built_cuda or None,

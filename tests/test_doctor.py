@@ -3,6 +3,7 @@ this one. What is checked is what a user acts on: will it run, at which precisio
 that fixes it, what effiseg-run would choose, and the exit code."""
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 from pathlib import Path
@@ -103,7 +104,8 @@ def test_turing_with_a_cpu_only_onnxruntime_is_told_to_swap_it():
 
 def test_missing_cudnn_stops_the_cuda_provider_and_tensorrt_takes_the_gpu_in_fp16():
     ort = OnnxRuntimeInfo("1.20.1", providers=("CUDAExecutionProvider", "CPUExecutionProvider"), built_cuda="12.4",
-                          built_cudnn="9.1", cuda_loads=False, cuda_error="libcudnn.so.9: cannot open shared object file")
+                          built_cudnn="9.1", cuda_loads=False,
+                          cuda_error="libcudnn.so.9: cannot open shared object file")
     env = machine([A4000], windows=False, onnxruntime=ort, tensorrt=TensorRTInfo("10.13.0"),
                   cuda_bindings={"cuda-python": "12.9.0"})
     verdicts = all_verdicts(env)
@@ -188,3 +190,64 @@ def test_the_real_machine_is_probed_and_reported(tmp_path):
 
 def test_bad_options_exit_2():
     assert CliRunner().invoke(doctor.doctor_command, ["--no-such-option"]).exit_code == 2
+
+
+class FakeDriverAndNvml:
+    """The CUDA driver API and NVML calls the probes make, for two Quadro M6000 on a 552.22 driver."""
+
+    GPUS = [("Quadro M6000", (5, 2)), ("Quadro M6000", (5, 2))]
+
+    @staticmethod
+    def _set(ref, value, kind=ctypes.c_int):
+        ctypes.cast(ref, ctypes.POINTER(kind)).contents.value = value
+
+    def cuInit(self, flags):
+        return 0
+
+    def cuDeviceGetCount(self, ref):
+        self._set(ref, len(self.GPUS))
+        return 0
+
+    def cuDeviceGet(self, ref, ordinal):
+        self._set(ref, ordinal)
+        return 0
+
+    def cuDeviceGetName(self, buffer, length, handle):
+        buffer.value = self.GPUS[handle.value][0].encode()
+        return 0
+
+    def cuDeviceGetAttribute(self, ref, attribute, handle):
+        self._set(ref, self.GPUS[handle.value][1][{75: 0, 76: 1}[attribute]])
+        return 0
+
+    def cuDriverGetVersion(self, ref):
+        self._set(ref, 12040)
+        return 0
+
+    def cuDeviceTotalMem_v2(self, ref, handle):
+        self._set(ref, 12 << 30, ctypes.c_size_t)
+        return 0
+
+    def nvmlInit_v2(self):
+        return 0
+
+    def nvmlSystemGetDriverVersion(self, buffer, length):
+        buffer.value = b"552.22"
+        return 0
+
+    def nvmlShutdown(self):
+        return 0
+
+
+def test_gpus_memory_and_driver_versions_come_from_the_driver_libraries(monkeypatch):
+    from effiseg.runtime import doctor_env
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeDriverAndNvml())
+    driver_cuda, gpus = doctor_env.probe_gpus()
+    assert driver_cuda == "12.4"
+    assert gpus == (Gpu(0, "Quadro M6000", (5, 2), 12 << 30), Gpu(1, "Quadro M6000", (5, 2), 12 << 30))
+    assert doctor_env.probe_driver_version() == "552.22"
+
+    def no_library(name):
+        raise OSError(f"{name}: cannot open shared object file")
+    monkeypatch.setattr(ctypes, "CDLL", no_library)
+    assert doctor_env.probe_gpus() == (None, ()) and doctor_env.probe_driver_version() is None
