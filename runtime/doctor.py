@@ -30,6 +30,7 @@ from .backends.gpu_precision import fast_fp16_from_compute_capability
 from .backends.onnxruntime_backend import tensorrt_ep_choice
 from .backends.tensorrt_backend import choose_precision
 from .backends.torch_backend import choose_torch_mode, torch_gpu_problem
+from .console import Command
 from .doctor_env import Environment, Gpu, probe_environment
 from .install_matrix import gpu_generation, install_command
 from .tensorrt_rules import tensorrt_gpu_problem
@@ -226,7 +227,7 @@ def render_text(data: dict) -> str:
     return "\n".join(lines)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of text.")
 @click.option("--save", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the JSON report to this file.")
