@@ -5,7 +5,9 @@ Two Python bindings of CUDA are supported, tried in this order by :func:`open_cu
 * **cuda-python** (``cuda.bindings.runtime``; ``cuda.cudart`` in releases before 12.6): NVIDIA's
   official bindings, shipped as wheels for Windows and Linux, so nothing is compiled on install.
   cuda-python 13.x needs a CUDA 13 driver, and CUDA 13 no longer supports Maxwell/Pascal/Volta:
-  on those GPUs (and with TensorRT 8.6) install ``cuda-python>=12,<13``.
+  on Pascal and Volta (TensorRT 8.6.1 / 10.0-10.4) install ``cuda-python>=12,<13``; on Maxwell, whose
+  last TensorRT (8.5.3) is built on CUDA 11.8, ``cuda-python>=11.8,<12`` (the extras of
+  runtime/INSTALL.md pin them).
 * **pycuda**, where it is already installed (it usually has to be compiled, hence second choice).
 
 Every failing call raises :class:`CudaError` naming the call and CUDA's error name and text.
@@ -30,8 +32,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-INSTALL_HINT = ("pip install \"effiseg[trt]\" (installs cuda-python 12.x, which runs on CUDA 12 and newer "
-                "drivers and on Maxwell/Pascal/Volta GPUs), or install pycuda")
+INSTALL_HINT = ("install the TensorRT extra of runtime/INSTALL.md for this GPU (\"effiseg[trt]\", "
+                "\"effiseg[trt-volta]\", \"effiseg[trt-pascal]\" or \"effiseg[trt85]\"; each brings the "
+                "cuda-python that matches its TensorRT), or install pycuda")
 
 
 class CudaError(RuntimeError):
@@ -59,7 +62,7 @@ def parse_cuda_device(device: str | int) -> int:
     return index
 
 
-def _driver_library():
+def driver_library():
     """The NVIDIA driver library (``nvcuda.dll`` / ``libcuda.so.1``) and this process's GPU count
     after ``cuInit`` (``CUDA_VISIBLE_DEVICES`` applies): (library, count); (None, 0) when the driver
     says there is no usable GPU; None when no driver library loads or it does not answer."""
@@ -84,7 +87,7 @@ def driver_devices() -> list[tuple[str, tuple[int, int]]] | None:
     (``CUDA_VISIBLE_DEVICES`` applies), asked of the driver library itself (``nvcuda.dll`` /
     ``libcuda.so.1``) so that no CUDA binding, torch or TensorRT is needed; None when no driver
     library can be loaded or it does not answer."""
-    found = _driver_library()
+    found = driver_library()
     if found is None:
         return None
     lib, count = found
@@ -109,7 +112,7 @@ def driver_pci_bus_id(index: int) -> str | None:
     when the driver cannot say. Tools outside the process (NVML, nvidia-smi) number GPUs in PCI
     order and ignore ``CUDA_VISIBLE_DEVICES``, so "cuda:0" there can be another card; the bus id
     names the same card in both."""
-    found = _driver_library()
+    found = driver_library()
     if found is None or not 0 <= index < found[1]:
         return None
     lib = found[0]

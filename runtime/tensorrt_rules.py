@@ -1,9 +1,20 @@
-"""What TensorRT's ONNX parser refuses about uint8, checked without TensorRT.
+"""What TensorRT refuses, checked without TensorRT: GPUs a release no longer supports, and uint8
+tensors its ONNX parser does not take.
 
+**GPUs.** Each TensorRT release supports compute capabilities from a minimum on (NVIDIA's release
+notes and support matrices; runtime/INSTALL.md cites them): 8.6 dropped Maxwell (SM 5.x), so 8.5.3 is
+Maxwell's last release; 10.0 needs SM 7.0, so 8.6.1 is Pascal's last; 10.5 removed Volta (SM 7.0),
+so 10.4 is Volta's last. A newer TensorRT on an older GPU fails only at engine build ("Unsupported
+SM"), after minutes of work and with a message that names no fix: :func:`tensorrt_gpu_problem` says
+so up front, in one line that names the release that works. The TensorRT backend and
+``effiseg-doctor`` both ask it.
+
+**uint8.**
 effiseg's graphs take uint8 images and may return uint8 masks, and uint8 is where TensorRT is
 strict. The rules below are those of the onnx-tensorrt parser that TensorRT 8.6 and 10.x ship
 (``ModelImporter.cpp``: "TensorRT does not support UINT8 types for intermediate tensors!";
-``builtin_op_importers.cpp``, Cast: uint8 converts only to or from float/half):
+``builtin_op_importers.cpp``, Cast: uint8 converts only to or from float/half); 8.5's parser, the
+one for Maxwell, was not read: the same rules are assumed for it.
 
 1. a uint8 tensor may be a network input or output, never an intermediate (a Transpose of the
    uint8 input, for example, is refused at node 0: cast first);
@@ -17,7 +28,42 @@ runtime (it needs only onnx) because both use it, and the runtime never imports 
 """
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
+
+from .install_matrix import LAST_TENSORRT, gpu_generation, install_command
+
+# The first TensorRT release that no longer runs on each generation.
+_TENSORRT_DROPPED = {"Maxwell": (8, 6, 0), "Pascal": (10, 0, 0), "Volta": (10, 5, 0)}
+
+
+def parse_trt_version(version: str) -> tuple[int, int, int]:
+    """``"8.6.1.post1"`` -> (8, 6, 1); ``"10.13.0.35"`` -> (10, 13, 0); unparsable -> (0, 0, 0)."""
+    parts = re.findall(r"\d+", str(version).split("+")[0])[:3]
+    if not parts:
+        return (0, 0, 0)
+    nums = [int(p) for p in parts] + [0, 0]
+    return (nums[0], nums[1], nums[2])
+
+
+def tensorrt_gpu_problem(trt_version: str, compute_capability: tuple[int, int], windows: bool | None = None,
+                         python_tag: str = "311", gpu_name: str | None = None) -> str | None:
+    """Why TensorRT ``trt_version`` cannot run on a GPU of this compute capability, in one line that
+    names the last release for it and the command that installs it; None when it can (or the
+    version cannot be read: then TensorRT itself decides)."""
+    version = parse_trt_version(trt_version)
+    generation = gpu_generation(tuple(compute_capability))
+    dropped = _TENSORRT_DROPPED.get(generation)
+    if version == (0, 0, 0) or dropped is None or version < dropped:
+        return None
+    windows = os.name == "nt" if windows is None else windows
+    major, minor = compute_capability
+    which = f"{generation}, {gpu_name}" if gpu_name else generation
+    return (f"TensorRT {trt_version} does not support compute capability {major}.{minor} ({which}); "
+            f"TensorRT {LAST_TENSORRT[generation]} is the last release for {generation} GPUs: "
+            f"{install_command('tensorrt', generation, windows, python_tag)} (see runtime/INSTALL.md)")
+
 
 _FLOATS = ("FLOAT", "FLOAT16")
 

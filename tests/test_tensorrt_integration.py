@@ -44,7 +44,7 @@ def gpu():
         import tensorrt
     except Exception as e:  # ImportError, or OSError when the TensorRT libraries are missing
         pytest.skip(f"TensorRT is not importable ({e}); install it with pip install -e '.[trt]' "
-                    "(or '.[trt86]' for Maxwell/Pascal/Volta) --extra-index-url https://pypi.nvidia.com")
+                    "(runtime/INSTALL.md names the extra for older GPUs: trt-volta, trt-pascal, trt85 for Maxwell)")
     try:
         cuda = open_cuda(DEVICE)
         with cuda.current():

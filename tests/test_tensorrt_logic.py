@@ -28,6 +28,7 @@ from effiseg.runtime.backends.tensorrt_backend import (
     parse_trt_version, platform_has_fast_fp16, profile_shapes, select_io_api, squeeze_output_shape)
 from effiseg.runtime.cuda_memory import (CudaApi, CudaError, DeviceBuffer, DeviceInfo, Event,
                                           HostBuffer, Stream, check_cuda_result, parse_cuda_device)
+from effiseg.runtime.tensorrt_rules import tensorrt_gpu_problem
 from effiseg.runtime.trt_engine_cache import (CACHE_ENV_VAR, EngineKey, atomic_write_bytes,
                                               default_cache_dir, engine_path, load_or_build_engine,
                                               resolve_cache_dir, timing_cache_path)
@@ -71,7 +72,7 @@ def test_profile_shapes_static_batch_and_errors():
 
 
 def _key(**changes) -> EngineKey:
-    base = EngineKey(onnx_sha256="ab" * 32, tensorrt_version="8.6.1", gpu_name="Quadro M6000",
+    base = EngineKey(onnx_sha256="ab" * 32, tensorrt_version="8.5.3.1", gpu_name="Quadro M6000",
                      compute_capability="5.2", precision="fp32",
                      profile=(("images", (1, 32, 32, 3), (8, 32, 32, 3), (8, 32, 32, 3)),), n_profiles=2)
     return dataclasses.replace(base, **changes)
@@ -98,8 +99,8 @@ def test_cache_key_changes_with_every_component(change, tmp_path):
 def test_engine_and_timing_cache_names(tmp_path):
     p = engine_path(tmp_path, "effisegnet lite0/v1", _key())
     assert p.parent == tmp_path and p.suffix == ".engine" and "fp32" in p.name and " " not in p.name
-    t = timing_cache_path(tmp_path, "8.6.1", "Quadro M6000", "5.2")
-    assert t.parent == tmp_path and "sm52" in t.name and "8.6.1" in t.name
+    t = timing_cache_path(tmp_path, "8.5.3.1", "Quadro M6000", "5.2")
+    assert t.parent == tmp_path and "sm52" in t.name and "8.5.3.1" in t.name
 
 
 def test_platform_has_fast_fp16_prefers_builder_then_compute_capability():
@@ -336,7 +337,7 @@ def test_atomic_write_replaces_whole_file(tmp_path):
 def test_missing_tensorrt_raises_backend_unavailable(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` now raises ImportError
     info = tiny_info(16)
-    with pytest.raises(BackendUnavailable, match=r'pip install "effiseg\[trt\]".*"effiseg\[trt86\]" for Maxwell'):
+    with pytest.raises(BackendUnavailable, match=r'pip install "effiseg\[trt\]".*Maxwell TensorRT 8\.5\.3.*"effiseg\[trt85\]"'):
         TensorRTBackend(info, tmp_path / "missing.onnx", cache_dir=tmp_path)
 
 
@@ -810,7 +811,7 @@ def test_timing_cache_is_reused_and_a_corrupt_one_is_replaced(env, tmp_path):
 
 
 def test_maxwell_fp16_request_builds_fp32_and_says_so(env):
-    info, onnx_path, cuda, trt, make = env(device=MAXWELL, fast_fp16=False)
+    info, onnx_path, cuda, trt, make = env(device=MAXWELL, version="8.5.3", fast_fp16=False)
     with make(precision="fp16", max_batch=2) as backend:
         assert backend.precision == "fp32" and backend.requested_precision == "fp16"
         assert trt.stats["fp16_builds"] == 0
@@ -819,20 +820,52 @@ def test_maxwell_fp16_request_builds_fp32_and_says_so(env):
         assert backend.describe()["compute_capability"] == "5.2"
 
 
-def test_tensorrt10_on_a_maxwell_gpu_is_refused_up_front_with_the_release_that_works(env):
-    """TensorRT 10 would fail only at engine build ("Unsupported SM: 0x502"); say so before, and
-    what to install, so that auto selection moves on to another backend."""
-    from effiseg.runtime.backends.tensorrt_backend import gpu_too_old_for
-    assert gpu_too_old_for("10.3.0", (5, 2)) and gpu_too_old_for("11.0.0", (6, 1))
-    assert gpu_too_old_for("8.6.1", (5, 2)) is None and gpu_too_old_for("10.3.0", (7, 5)) is None
-    assert gpu_too_old_for("10.3.0", (7, 0)) is None  # supported by early 10.x; their build says otherwise
-    assert gpu_too_old_for("unknown", (5, 2)) is None
-    info, onnx_path, cuda, trt, make = env(device=MAXWELL, version="10.3.0")
+@pytest.mark.parametrize("version,capability,last", [
+    ("8.6.1", (5, 2), "8.5.3"),          # 8.6 dropped Maxwell: the Quadro M6000 needs 8.5.3
+    ("10.3.0", (5, 2), "8.5.3"),
+    ("10.0.1", (6, 1), "8.6.1"),         # 10.0 needs compute capability 7.0: Pascal stops at 8.6.1
+    ("11.0.0", (6, 0), "8.6.1"),
+    ("10.5.0", (7, 0), "10.4"),          # 10.5 removed Volta
+])
+def test_tensorrt_gate_refuses_a_release_too_new_for_the_gpu_naming_the_last_one(version, capability, last):
+    message = tensorrt_gpu_problem(version, capability, windows=False)
+    assert message and "\n" not in message
+    assert f"TensorRT {last} is the last release" in message and f"{capability[0]}.{capability[1]}" in message
+
+
+@pytest.mark.parametrize("version,capability", [
+    ("8.5.3.1", (5, 2)), ("8.5.2", (5, 0)), ("8.6.1.post1", (6, 1)), ("10.4.0", (7, 0)),
+    ("10.3.0", (7, 0)), ("10.16.1", (7, 5)), ("11.4.0", (8, 6)), ("unknown", (5, 2)),
+])
+def test_tensorrt_gate_lets_supported_pairs_through(version, capability):
+    assert tensorrt_gpu_problem(version, capability) is None
+
+
+def test_maxwell_gate_names_the_windows_zip_wheel_and_the_trt85_extra():
+    message = tensorrt_gpu_problem("8.6.1", (5, 2), windows=True, python_tag="310")
+    assert "tensorrt-8.5.3.1-cp310-none-win_amd64.whl" in message and "effiseg[trt85]" in message
+    assert "trt86" not in message
+
+
+@pytest.mark.parametrize("version", ["8.6.1", "10.3.0"])
+def test_tensorrt_too_new_for_a_maxwell_gpu_is_refused_before_any_build(env, version):
+    """A newer TensorRT would fail only at engine build ("Unsupported SM: 0x502"); say so before,
+    and what to install, so that auto selection moves on to another backend."""
+    info, onnx_path, cuda, trt, make = env(device=MAXWELL, version=version)
     with pytest.raises(BackendUnavailable) as raised:
         make(precision="fp32", max_batch=2)
     message = str(raised.value)
-    assert "Quadro M6000" in message and "5.2" in message and "effiseg[trt86]" in message
-    assert trt.stats.get("fp16_builds", 0) == 0 and not (onnx_path.parent / "cache").exists()
+    assert "Quadro M6000" in message and "5.2" in message and "8.5.3" in message and "effiseg[trt85]" in message
+    assert trt.stats.get("builds", 0) == 0 and not (onnx_path.parent / "cache").exists()
+
+
+def test_tensorrt_853_runs_on_a_maxwell_gpu_in_fp32(env):
+    info, onnx_path, cuda, trt, make = env(device=MAXWELL, version="8.5.3.1", fast_fp16=False)
+    batch = random_batch(info, 3)
+    with make(precision="auto", max_batch=2) as backend:
+        assert backend.precision == "fp32" and backend.io_api == "tensor"
+        np.testing.assert_allclose(backend.infer(batch), onnxruntime_reference(onnx_path, batch), rtol=1e-6, atol=1e-6)
+    assert trt.stats["network_flags"] == [1]  # explicit batch, required before TensorRT 10
 
 
 def test_fp16_on_a_fast_gpu_and_tensorrt10_without_builder_property(env):
@@ -1003,7 +1036,7 @@ def test_a_last_batch_below_min_batch_is_padded(env):
 def test_a_cached_engine_starts_without_a_builder(env):
     """The fast-FP16 answer is asked of a Builder once per GPU and TensorRT version (creating one
     loads TensorRT's builder library); with the engine cached, later starts need no Builder."""
-    info, onnx_path, cuda, trt, make = env(device=MAXWELL, fast_fp16=False)
+    info, onnx_path, cuda, trt, make = env(device=MAXWELL, version="8.5.3", fast_fp16=False)
     with make(precision="auto") as first:
         assert first.precision == "fp32"
     assert trt.stats["builders"] == 1 and trt.stats["builds"] == 1
@@ -1032,7 +1065,7 @@ def _effiseg_run_on_a_fake_maxwell(tiny_onnx, tmp_path, monkeypatch, *options, b
     from effiseg.runtime.cli import run_command
 
     cuda = FakeCuda(MAXWELL)
-    trt = make_fake_trt(cuda, fast_fp16=False)
+    trt = make_fake_trt(cuda, version="8.5.3", fast_fp16=False)  # Maxwell's last TensorRT
     if build_fails:  # TensorRT returns no engine (out of memory, an unsupported layer, ...)
         trt.Builder.build_serialized_network = lambda self, network, config: None
 

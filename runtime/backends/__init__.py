@@ -26,7 +26,8 @@ BACKENDS = {
 BACKEND_CHOICES = ("auto",) + tuple(BACKENDS)
 
 __all__ = ["Backend", "BackendUnavailable", "BACKENDS", "BACKEND_CHOICES", "backend_class",
-           "parse_devices", "default_gpu_devices", "open_onnx_backends", "open_checkpoint_backends"]
+           "parse_devices", "default_gpu_devices", "auto_attempts", "same_kind_as_first", "open_onnx_backends",
+           "open_checkpoint_backends"]
 
 
 def backend_class(name: str) -> type[Backend]:
@@ -129,6 +130,17 @@ def _open_each(devices: list[str], make, notes: list[str] | None = None, toleran
     return opened
 
 
+def auto_attempts(gpu_devices: list[str], cpu_allowed: bool = True) -> list[tuple[str, list[str]]]:
+    """The (backend, devices) ``auto`` tries for an ONNX model, in order: TensorRT on the GPUs, ONNX
+    Runtime on the GPUs, ONNX Runtime on the CPU. ``effiseg-doctor`` walks the same list."""
+    attempts = []
+    if gpu_devices:
+        attempts += [("tensorrt", list(gpu_devices)), ("onnxruntime", list(gpu_devices))]
+    if cpu_allowed:
+        attempts.append(("onnxruntime", ["cpu"]))
+    return attempts
+
+
 def open_onnx_backends(onnx_path, backend: str = "auto", devices=None, precision: str = "auto",
                        max_batch: int = 8, n_slots: int = 2, info: ModelInfo | None = None,
                        selection_notes: list[str] | None = None, **options) -> list[Backend]:
@@ -154,13 +166,8 @@ def open_onnx_backends(onnx_path, backend: str = "auto", devices=None, precision
         gpu_devices = default_gpu_devices(notes) if _gpu_backend_installed() else ["cuda:0"]
     else:
         gpu_devices = [d for d in device_list if d != "cpu"]
-    attempts = []
-    if gpu_devices:
-        attempts += [("tensorrt", gpu_devices), ("onnxruntime", gpu_devices)]
-    if device_list is None or device_list == ["cpu"]:
-        attempts.append(("onnxruntime", ["cpu"]))
     errors = []
-    for name, devs in attempts:
+    for name, devs in auto_attempts(gpu_devices, cpu_allowed=device_list is None or device_list == ["cpu"]):
         try:
             cls = backend_class(name)
             opened = _open_each(devs, lambda d: cls(info, onnx_path, device=d, precision=precision,

@@ -107,7 +107,12 @@ def tensorrt_ep_precision(requested: str, device_id: int) -> PrecisionChoice:
             return PrecisionChoice("fp32", None)
         return PrecisionChoice("fp32", f"precision {requested}: fp32, because the CUDA driver did not say "
                                        f"whether {label} has fast FP16", warning=requested == "fp16")
-    return choose_gpu_precision(requested, fast, label, "the TensorRT EP builds fp32")
+    return tensorrt_ep_choice(requested, fast, label)
+
+
+def tensorrt_ep_choice(requested: str, fast_fp16: bool, device_label: str) -> PrecisionChoice:
+    """The precision rule of the TensorRT EP (shared with effiseg-doctor): gpu_precision's."""
+    return choose_gpu_precision(requested, fast_fp16, device_label, "the TensorRT EP builds fp32")
 
 
 def _built_for(ort) -> str:

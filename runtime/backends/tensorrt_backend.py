@@ -1,17 +1,20 @@
 """TensorRT backend: builds (or loads from the cache) an engine from an effiseg ONNX file and runs
 it double-buffered on one GPU.
 
-Supported TensorRT releases: 8.6 (the last one for Maxwell sm_52 / Pascal) and 10.x+ (compute
-capability 7.5+). One code path serves both through the tensor-name API (``num_io_tensors``,
-``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``, all present since 8.5);
-:func:`select_io_api` keeps the bindings + ``execute_async_v2`` branch for older releases.
+Supported TensorRT releases: 8.5.3 (the last one for Maxwell, SM 5.x, e.g. the Quadro M6000), 8.6.1
+(the last for Pascal), 10.0-10.4 (the last for Volta) and 10.5+ (Turing and newer); which GPU takes
+which is the rule of ``tensorrt_rules.tensorrt_gpu_problem``, checked before any engine is built.
+One code path serves them through the tensor-name API (``num_io_tensors``, ``set_input_shape``,
+``set_tensor_address``, ``execute_async_v3``, introduced in 8.5); :func:`select_io_api` asks the
+engine and context objects whether they have it and otherwise takes the bindings +
+``execute_async_v2`` branch, so an 8.5 build without the tensor-name API in Python still runs.
 TensorRT 11 removed weak typing (``BuilderFlag.FP16``): there the engine computes in the ONNX
 file's own types and the backend says so.
 
 Design of the slots (why n identical optimisation profiles): TensorRT lets several execution
 contexts of one engine run at once on different streams, but with dynamic shapes an optimisation
 profile may be used by only one context at a time (TensorRT 8.x documents this; relying on later
-relaxations would break 8.6 on Maxwell). So the engine is built with ``n_slots`` identical
+relaxations would break 8.5 on Maxwell). So the engine is built with ``n_slots`` identical
 profiles and slot ``s`` owns context ``s`` bound to profile ``s``, its own stream, event, pinned
 host buffers and device buffers. Two slots therefore overlap fully (copies and compute), unlike
 one shared context, which would serialise every batch. The extra profiles cost almost nothing to
@@ -37,6 +40,7 @@ import numpy as np
 
 from ..cuda_memory import CudaApi, CudaError, CudaUnavailable, DeviceInfo, open_cuda, parse_cuda_device
 from ..model_info import ModelInfo
+from ..tensorrt_rules import parse_trt_version, tensorrt_gpu_problem
 from ..trt_engine_cache import (EngineKey, atomic_write_bytes, engine_path, fast_fp16_answer_path, file_sha256,
                                 load_or_build_engine, read_bytes_or_none, read_fast_fp16_answer,
                                 resolve_cache_dir, timing_cache_path, write_fast_fp16_answer)
@@ -47,25 +51,11 @@ from .gpu_precision import validate_precision_request as _validate_precision
 log = logging.getLogger(__name__)
 
 TENSORRT_INSTALL_MESSAGE = (
-    "TensorRT is not installed: pip install \"effiseg[trt]\" for compute capability 7.5+ (TensorRT 10.x+), "
-    "\"effiseg[trt86]\" for Maxwell/Pascal/Volta GPUs (TensorRT 8.6), each with "
-    "--extra-index-url https://pypi.nvidia.com (on Windows also the TensorRT zip, with its lib folder "
-    "on PATH)")
+    "TensorRT is not installed: pip install \"effiseg[trt]\" for Turing and newer GPUs (TensorRT 10.5+); "
+    "Volta \"effiseg[trt-volta]\", Pascal \"effiseg[trt-pascal]\", Maxwell TensorRT 8.5.3 from NVIDIA's "
+    "zip/tar and \"effiseg[trt85]\" (runtime/INSTALL.md; effiseg-doctor names the command for this machine)")
 
 DEFAULT_WORKSPACE_MB = 1024
-
-
-def gpu_too_old_for(trt_version: str, compute_capability: tuple[int, int]) -> str | None:
-    """Why this TensorRT cannot run on a GPU of this compute capability, or None. TensorRT 10
-    supports SM 7.0 and newer (its support matrix; later 10.x releases dropped Volta too, which
-    their own build error reports); Maxwell and Pascal need TensorRT 8.6. Without this, TensorRT 10
-    on a Quadro M6000 fails only at engine build, with "Unsupported SM: 0x502"."""
-    match = re.match(r"(\d+)", trt_version or "")
-    if match is None or int(match.group(1)) < 10 or tuple(compute_capability) >= (7, 0):
-        return None
-    return (f"TensorRT {trt_version} needs compute capability 7.0 or newer; TensorRT 8.6 is the last "
-            f"release for Maxwell and Pascal GPUs: pip install \"effiseg[trt86]\" "
-            f"--extra-index-url https://pypi.nvidia.com")
 
 
 # =============================================================================================
@@ -86,15 +76,6 @@ def uint8_rule_hint(onnx_path) -> str:
     more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
     return (". The graph breaks TensorRT's uint8 rules: " + "; ".join(problems[:3]) + more
             + ". Re-export it with this version's effiseg-export, which casts uint8 to float first")
-
-
-def parse_trt_version(version: str) -> tuple[int, int, int]:
-    """``"8.6.1.post1"`` -> (8, 6, 1); ``"10.13.0.35"`` -> (10, 13, 0); unparsable -> (0, 0, 0)."""
-    parts = re.findall(r"\d+", str(version).split("+")[0])[:3]
-    if not parts:
-        return (0, 0, 0)
-    nums = [int(p) for p in parts] + [0, 0]
-    return (nums[0], nums[1], nums[2])
 
 
 _TENSOR_API_ENGINE = ("num_io_tensors", "get_tensor_name", "get_tensor_mode", "get_tensor_dtype")
@@ -118,7 +99,7 @@ def select_io_api(version: str, engine, context) -> str:
         return "bindings"
     raise BackendUnavailable(
         f"TensorRT {version}: the engine offers neither the tensor-name API (8.5+) nor the "
-        "bindings API; install TensorRT 8.6 or 10.x+")
+        "bindings API; install a TensorRT release from runtime/INSTALL.md")
 
 
 def network_creation_flags(trt) -> int:
@@ -493,9 +474,9 @@ class TensorRTBackend(Backend):
             self.gpu = self._cuda.device_info()
         except CudaError as e:
             raise BackendUnavailable(f"CUDA device {self.device} is not usable: {e}") from e
-        too_old = gpu_too_old_for(self.trt_version, self.gpu.compute_capability)
-        if too_old:
-            raise BackendUnavailable(f"{self.gpu.name} (compute capability {self.gpu.cc_string}): {too_old}")
+        unsupported = tensorrt_gpu_problem(self.trt_version, self.gpu.compute_capability, gpu_name=self.gpu.name)
+        if unsupported:
+            raise BackendUnavailable(unsupported)
         if not self.onnx_path.is_file():
             raise FileNotFoundError(f"ONNX file not found: {self.onnx_path}")
         logger = _tensorrt_logger(trt, self.verbose)
@@ -508,7 +489,7 @@ class TensorRTBackend(Backend):
         fast = False
         if self.requested_precision != "fp32" and fp16_flag:
             # The builder's answer decides, but creating a Builder loads TensorRT's builder library
-            # (seconds on 8.6): it is asked once per GPU and TensorRT version, and the answer kept
+            # (seconds on 8.x): it is asked once per GPU and TensorRT version, and the answer kept
             # beside the engines, so a run whose engine is cached starts without a Builder.
             answer_path = fast_fp16_answer_path(self.cache_dir, self.trt_version, self.gpu.name, self.gpu.cc_string)
             fast = read_fast_fp16_answer(answer_path)

@@ -66,6 +66,45 @@ def choose_torch_mode(requested: str, on_cuda: bool, capability: tuple[int, int]
                                 "the fast mode runs in FP32 instead"), True
 
 
+def torch_kernels_cover(arch_list, compute_capability: tuple[int, int]) -> bool | None:
+    """Whether a PyTorch built for ``arch_list`` (``torch.cuda.get_arch_list()``: "sm_50", "sm_86",
+    "compute_90"...) has kernels for a GPU of this compute capability; None when the list is empty
+    (torch cannot say). Binary code for sm_XY runs on the same major version at minor Y or above
+    (sm_50 serves the 5.2 Quadro M6000); PTX (compute_XY) is compiled by the driver for XY and newer."""
+    major, minor = compute_capability
+    arches = [str(a) for a in arch_list or []]
+    if not arches:
+        return None
+    for arch in arches:
+        kind, _, number = arch.partition("_")
+        digits = "".join(ch for ch in number if ch.isdigit())  # "90a" -> "90"
+        if len(digits) < 2:
+            continue
+        built = (int(digits[:-1]), int(digits[-1]))
+        if kind == "sm" and built[0] == major and built[1] <= minor:
+            return True
+        if kind == "compute" and built <= (major, minor):
+            return True
+    return False
+
+
+def torch_gpu_problem(torch_version: str, arch_list, compute_capability: tuple[int, int], gpu_name: str,
+                      windows: bool | None = None) -> str | None:
+    """Why this PyTorch cannot run on the GPU (no kernels built for it), with the install that has
+    them (runtime/INSTALL.md); None when it can or torch does not say. Without this check a run
+    fails at its first convolution with "no kernel image is available for execution on the device"."""
+    if torch_kernels_cover(arch_list, compute_capability) is not False:
+        return None
+    import os
+
+    from ..install_matrix import gpu_generation, install_command
+    major, minor = compute_capability
+    generation = gpu_generation(compute_capability)
+    return (f"PyTorch {torch_version} has no kernels for {gpu_name} (compute capability {major}.{minor}, "
+            f"{generation}; it was built for {' '.join(arch_list)}): "
+            f"{install_command('torch', generation, os.name == 'nt' if windows is None else windows)}")
+
+
 class TorchBackend(Backend):
     """``TorchBackend(checkpoint, device="cpu", precision="auto", max_batch=8, n_slots=2,
     output_format="logits", cuda_graphs=None, input_size=None)``; ``checkpoint`` is anything
@@ -105,6 +144,12 @@ class TorchBackend(Backend):
             count = torch.cuda.device_count()
             raise BackendUnavailable(f"there is no {self.torch_device}: torch sees {count} CUDA GPU(s)"
                                      + (f" (cuda:0..cuda:{count - 1})" if count else ""))
+        if on_cuda:
+            problem = torch_gpu_problem(torch.__version__, torch.cuda.get_arch_list(),
+                                        tuple(torch.cuda.get_device_capability(self.torch_device)),
+                                        torch.cuda.get_device_name(self.torch_device))
+            if problem:
+                raise BackendUnavailable(problem)
         choice, fast = choose_torch_mode(precision, on_cuda,
                                          torch.cuda.get_device_capability(self.torch_device) if on_cuda else None,
                                          torch.cuda.get_device_name(self.torch_device) if on_cuda else "the CPU")
