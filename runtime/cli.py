@@ -109,6 +109,7 @@ def run_command(input_dir, output_dir, model_path, backend, devices, batch, prec
     CSV/JSON (area fraction, regions, maximum probability, errors, throughput)."""
     from .backends import BackendUnavailable
     from .folder import FolderError, check_folders, default_output_dir
+    from .folder_lock import FolderLockedError, OutputFolderLock
     from .segmenter import Segmenter
 
     # Images over --max-pixels get a per-file error from us; PIL's own warning adds nothing.
@@ -118,7 +119,12 @@ def run_command(input_dir, output_dir, model_path, backend, devices, batch, prec
     try:
         out = output_dir if output_dir is not None else default_output_dir(input_dir)
         check_folders(input_dir, out, recursive)
-    except FolderError as e:
+        # One run per output folder, checked before the model loads (a TensorRT build takes minutes)
+        # and held until the command ends (run_folder enters it again). A folder that does not exist
+        # yet is left uncreated until the model is ready; run_folder takes the lock then.
+        if Path(out).is_dir():
+            click.get_current_context().call_on_close(OutputFolderLock(out, _echo).acquire().release)
+    except (FolderError, FolderLockedError) as e:
         raise CannotStart(str(e)) from None
     model = model_path or DEFAULT_MODEL
     if not model.exists():
@@ -154,7 +160,7 @@ def run_command(input_dir, output_dir, model_path, backend, devices, batch, prec
         try:
             summary = segmenter.run_folder(input_dir, out, recursive=recursive, resume=resume, overlay=overlay,
                                            max_pixels=max_pixels, progress=not no_progress, log=_echo)
-        except FolderError as e:
+        except (FolderError, FolderLockedError) as e:
             raise CannotStart(str(e)) from None
         except OSError as e:  # e.g. an output folder that cannot be created or written (before any mask;
             # a write that fails once masks exist is a RecordWriteError: the run stopped part-way)
