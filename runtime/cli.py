@@ -86,8 +86,10 @@ def _check_devices(ctx, param, value):
                    "every GPU like the first one (same model); torch: the same among the GPUs torch sees; "
                    "onnxruntime, or no GPU: the CPU].")
 @click.option("--batch", type=click.IntRange(1, 1024), default=8, help="Images per batch (max batch size).")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16"]), default="auto",
-              help="auto: fp16 where the backend and GPU run it fast, else fp32. The precision used is reported.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16", "int8"]), default="auto",
+              help="auto: fp16 where the backend and GPU run it fast, else fp32. bf16: OpenVINO on a CPU with native "
+                   "bfloat16. int8: the CPU, running MODEL.int8.onnx (effiseg-export --quantize int8). The precision "
+                   "used is reported.")
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Probability cut [default: the model's own].")
 @click.option("--overlay", is_flag=True, help="Also write OUTPUT/overlays/<image>.jpg: outline + translucent fill.")
