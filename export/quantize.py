@@ -15,7 +15,9 @@ bounds) is therefore kept out of quantisation, up to the Shape node that reads t
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -129,9 +131,10 @@ def quantize_int8(fp32_path, calibration_dir=None, count: int = DEFAULT_CALIBRAT
         # does not finish on the dynamic padding, and is not needed for a fixed-size graph.
         quant_pre_process(str(fp32_path), str(work), skip_symbolic_shape=True)
         keep_float = shape_arithmetic_nodes(onnx.load(str(work)).graph)
-        quantize_static(str(work), str(tmp), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=keep_float)
+        with _quiet_root_logger():  # one warning per 1-D BatchNorm weight it leaves alone, on the root logger
+            quantize_static(str(work), str(tmp), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=keep_float)
         model = onnx.load(str(tmp))
         meta = {p.key: p.value for p in model.metadata_props}
         meta["effiseg.precision"] = "int8"
@@ -159,6 +162,17 @@ def quantize_int8(fp32_path, calibration_dir=None, count: int = DEFAULT_CALIBRAT
               "seconds": round(time.perf_counter() - started, 1)}
     out.with_name(out.name + ".export.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def compare_models(ort, fp32_path: Path, int8_path: Path, info: ModelInfo, images: list[np.ndarray]) -> dict:
