@@ -237,6 +237,13 @@ def bench_command(backends, batch_sizes, input_size, input_formats, rounds, warm
     left_out = [(t, onnx_note) for t in targets if t.spec.source == "onnx" and not onnx_runnable]
     left_out += [(t, "no checkpoint to run: building one needs torch and timm (pip install \"effiseg[train]\")")
                  for t in targets if t.spec.source == "checkpoint" and models.checkpoint is None]
+    if any(t.spec.precision == "int8" for t in targets) and onnx_runnable:
+        from effiseg.runtime.model_files import int8_sibling
+        no_twin = [s for s in sizes if ("uint8-nhwc", s) not in onnx_runnable
+                   or not int8_sibling(models.onnx_for("uint8-nhwc", s)).is_file()]
+        if no_twin:
+            left_out += [(t, "no int8 twin of the uint8 model beside it (effiseg-export MODEL.onnx --quantize int8)")
+                         for t in targets if t.spec.precision == "int8"]
     for t, reason in left_out:
         skipped.append({"backend": t.name, "device": t.device, "reason": reason, "explicit": t.name in asked})
         targets.remove(t)
@@ -271,6 +278,8 @@ def bench_command(backends, batch_sizes, input_size, input_formats, rounds, warm
                 for target in targets:
                     fmts = (["uint8-nhwc"] if target.spec.source == "checkpoint"
                             else [f for f in formats if (f, size) in onnx_runnable])
+                    if target.spec.precision == "int8":  # the int8 twin is a uint8-nhwc file
+                        fmts = [f for f in fmts if f == "uint8-nhwc"]
                     if not fmts:
                         continue
                     if "model" in modes:

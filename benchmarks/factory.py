@@ -27,8 +27,12 @@ def make_factory(models: ModelSet, ort_threads: int | None = None, slots: int = 
         info = ModelInfo.from_onnx(path)
         if (info.input_height, info.input_width) != (h, w):
             info = dataclasses.replace(info, input_height=h, input_width=w)  # dynamic-size file
+        if spec.name.startswith("ov-"):
+            options = {"threads": ort_threads} if ort_threads else {}
+            return backend_class("openvino")(info, path, device=device, precision=spec.precision,
+                                             max_batch=batch, n_slots=slots, **options)
         if spec.name.startswith("ort-"):
-            provider = {"ort-cpu": "cpu", "ort-cuda": "cuda", "ort-trt": "tensorrt"}[spec.name]
+            provider = {"ort-cpu": "cpu", "ort-cpu-int8": "cpu", "ort-cuda": "cuda", "ort-trt": "tensorrt"}[spec.name]
             options = {"provider": provider}
             if ort_threads:
                 options["intra_op_threads"] = ort_threads

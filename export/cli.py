@@ -44,12 +44,29 @@ def _fmt_bytes(n: int) -> str:
 @click.option("--verify-images", type=click.Path(path_type=Path), default=None,
               help="Folder of images for the parity check [default: Kvasir-SEG validation images].")
 @click.option("--verify-count", type=click.IntRange(1, 64), default=4, help="Images used for the parity check.")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="Also write NAME.int8.onnx for the CPU (--precision int8): static int8, calibrated on real images "
+                   "and checked against the float model. CHECKPOINT may then be an exported .onnx file.")
+@click.option("--calibration-images", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Images to calibrate int8 ranges on [default: Kvasir-SEG train images].")
+@click.option("--calibration-count", type=click.IntRange(4, 512), default=32, help="Calibration images used.")
+@click.option("--int8-min-agreement", type=click.FloatRange(0, 1), default=0.98,
+              help="Refuse the int8 twin when its masks agree with the float model's on fewer pixels of some "
+                   "verification image.")
 def export_command(checkpoint, output, input_format, output_format, dynamic_hw, input_size, threshold, tta, tta_sizes,
-                   fold, opset, verify_images, verify_count):
+                   fold, opset, verify_images, verify_count, quantize, calibration_images, calibration_count,
+                   int8_min_agreement):
     """Export CHECKPOINT (folder, config.json or .safetensors) to ONNX with effiseg metadata, check it with
-    onnx.checker and compare it with PyTorch in ONNX Runtime; writes OUTPUT and OUTPUT.export.json."""
+    onnx.checker and compare it with PyTorch in ONNX Runtime; writes OUTPUT and OUTPUT.export.json.
+    With --quantize int8, also NAME.int8.onnx (CHECKPOINT may be an .onnx file: then only that)."""
     from .onnx_export import ExportError, export_checkpoint
 
+    if checkpoint.suffix.lower() == ".onnx":
+        if quantize is None:
+            raise click.UsageError(f"{checkpoint} is already an ONNX file: add --quantize int8 to make its int8 "
+                                   "twin, or pass a training checkpoint to export")
+        _quantize(checkpoint, calibration_images, calibration_count, verify_images, verify_count, int8_min_agreement)
+        return
     if output is None:
         output = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "model.onnx"
     click.echo(f"exporting {checkpoint} -> {output} ({input_format} -> {output_format}, "
@@ -82,6 +99,30 @@ def export_command(checkpoint, output, input_format, output_format, dynamic_hw, 
                f"batches {sorted({c['batch'] for c in parity['checks']})})")
     click.echo(f"wrote {output} ({report['onnx_bytes']:,} bytes, sha256 {report['sha256'][:16]}...) and "
                f"{output.name}.export.json in {report['seconds']} s")
+    if quantize:
+        _quantize(output, calibration_images, calibration_count, verify_images, verify_count, int8_min_agreement)
+
+
+def _quantize(onnx_path: Path, calibration_dir, count: int, verify_dir, verify_count: int,
+              min_agreement: float) -> None:
+    """--quantize int8: the int8 twin of ``onnx_path``, compared with it on the verification images."""
+    from effiseg.runtime.model_info import ModelInfo
+
+    from .onnx_export import ExportError, load_verify_images
+    from .quantize import QuantizeError, quantize_int8
+
+    try:
+        info = ModelInfo.from_onnx(onnx_path)
+        images, source, _ = load_verify_images(verify_dir, max(verify_count, 8), info.input_height, info.input_width)
+        report = quantize_int8(onnx_path, calibration_dir, count, verify_images=images, min_agreement=min_agreement,
+                               log=lambda message: click.echo(message, err=True))
+    except (QuantizeError, ExportError, ValueError, OSError) as e:
+        click.echo(f"int8 quantisation failed; no int8 model written: {e}", err=True)
+        raise SystemExit(1)
+    agreement = report["agreement_with_fp32"]
+    click.echo(f"wrote {report['model']} ({report['onnx_bytes']:,} bytes) in {report['seconds']} s: masks agree with "
+               f"the float model on {agreement['mean_mask_agreement']:.4%} of pixels (worst image "
+               f"{agreement['min_mask_agreement']:.4%}) over {agreement['n_images']} image(s) from {source}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -86,8 +86,10 @@ def _check_devices(ctx, param, value):
                    "every GPU like the first one (same model); torch: the same among the GPUs torch sees; "
                    "onnxruntime, or no GPU: the CPU].")
 @click.option("--batch", type=click.IntRange(1, 1024), default=8, help="Images per batch (max batch size).")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16"]), default="auto",
-              help="auto: fp16 where the backend and GPU run it fast, else fp32. The precision used is reported.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16", "int8"]), default="auto",
+              help="auto: fp16 where the backend and GPU run it fast, else fp32. bf16: OpenVINO on a CPU with native "
+                   "bfloat16. int8: the CPU, running MODEL.int8.onnx (effiseg-export --quantize int8). The precision "
+                   "used is reported.")
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Probability cut [default: the model's own].")
 @click.option("--overlay", is_flag=True, help="Also write OUTPUT/overlays/<image>.jpg: outline + translucent fill.")
@@ -109,6 +111,7 @@ def run_command(input_dir, output_dir, model_path, backend, devices, batch, prec
     CSV/JSON (area fraction, regions, maximum probability, errors, throughput)."""
     from .backends import BackendUnavailable
     from .folder import FolderError, check_folders, default_output_dir
+    from .folder_lock import FolderLockedError, OutputFolderLock
     from .segmenter import Segmenter
 
     # Images over --max-pixels get a per-file error from us; PIL's own warning adds nothing.
@@ -118,7 +121,12 @@ def run_command(input_dir, output_dir, model_path, backend, devices, batch, prec
     try:
         out = output_dir if output_dir is not None else default_output_dir(input_dir)
         check_folders(input_dir, out, recursive)
-    except FolderError as e:
+        # One run per output folder, checked before the model loads (a TensorRT build takes minutes)
+        # and held until the command ends (run_folder enters it again). A folder that does not exist
+        # yet is left uncreated until the model is ready; run_folder takes the lock then.
+        if Path(out).is_dir():
+            click.get_current_context().call_on_close(OutputFolderLock(out, _echo).acquire().release)
+    except (FolderError, FolderLockedError) as e:
         raise CannotStart(str(e)) from None
     model = model_path or DEFAULT_MODEL
     if not model.exists():
@@ -154,7 +162,7 @@ def run_command(input_dir, output_dir, model_path, backend, devices, batch, prec
         try:
             summary = segmenter.run_folder(input_dir, out, recursive=recursive, resume=resume, overlay=overlay,
                                            max_pixels=max_pixels, progress=not no_progress, log=_echo)
-        except FolderError as e:
+        except (FolderError, FolderLockedError) as e:
             raise CannotStart(str(e)) from None
         except OSError as e:  # e.g. an output folder that cannot be created or written (before any mask;
             # a write that fails once masks exist is a RecordWriteError: the run stopped part-way)

@@ -28,6 +28,7 @@ import click
 from .backends import auto_attempts, same_kind_as_first
 from .backends.gpu_precision import fast_fp16_from_compute_capability
 from .backends.onnxruntime_backend import tensorrt_ep_choice
+from .backends.openvino_backend import choose_cpu_precision
 from .backends.tensorrt_backend import choose_precision
 from .backends.torch_backend import choose_torch_mode, torch_gpu_problem
 from .console import Command
@@ -133,10 +134,22 @@ def onnxruntime_cpu_verdict(env: Environment) -> Verdict:
     return Verdict("onnxruntime", "cpu", True, "fp32", f"onnxruntime {ort.version}, CPU")
 
 
+def openvino_cpu_verdict(env: Environment) -> Verdict:
+    ov = env.openvino
+    fix = 'pip install "effiseg[openvino]"'
+    if ov is None or ov.error:
+        reason = "OpenVINO is not installed (faster than ONNX Runtime on the CPUs measured)" if ov is None \
+            else f"openvino does not start: {ov.error}"
+        return Verdict("openvino", "cpu", False, None, reason, fix)
+    choice = choose_cpu_precision("auto", ov.native_bf16)
+    bf16 = "native bfloat16" if ov.native_bf16 else "no native bfloat16"
+    return Verdict("openvino", "cpu", True, choice.precision, f"openvino {ov.version}, CPU ({bf16})")
+
+
 def all_verdicts(env: Environment) -> list[Verdict]:
     per_gpu = [make(env, gpu) for make in (tensorrt_verdict, onnxruntime_gpu_verdict, torch_verdict)
                for gpu in env.gpus]
-    return per_gpu + [onnxruntime_cpu_verdict(env)]
+    return per_gpu + [openvino_cpu_verdict(env), onnxruntime_cpu_verdict(env)]
 
 
 @dataclass(frozen=True)
@@ -155,7 +168,8 @@ def predicted_choice(env: Environment, verdicts: list[Verdict]) -> Choice:
     devices = same_kind_as_first([(g.name, g.compute_capability) for g in env.gpus], notes)
     by_key = {(v.backend, v.device): v for v in verdicts}
     why = list(notes)
-    for backend, devs in auto_attempts(devices):
+    openvino = env.openvino is not None and env.openvino.error is None
+    for backend, devs in auto_attempts(devices, openvino=openvino):
         found = [by_key[(backend, d)] for d in devs]
         failing = [v for v in found if v.runs is False]
         if failing:
@@ -208,6 +222,9 @@ def render_text(data: dict) -> str:
                  f"cuDNN {o['built_cudnn'] or '-'}"
                  + ("" if o["cuda_loads"] is None else f"; CUDA provider starts: {'yes' if o['cuda_loads'] else 'no'}")
                  + ")"))
+    v = env["openvino"]
+    lines.append("openvino " + ("not installed" if v is None else v["error"] or
+                 f"{v['version']} (CPU, native bfloat16: {'yes' if v['native_bf16'] else 'no'})"))
     lines.append("tensorrt " + ("not installed" if r is None else r["version"] or f"does not import: {r['error']}"))
     bindings = ", ".join(f"{k} {v}" for k, v in env["cuda_bindings"].items())
     lines.append(f"CUDA py  {bindings or 'none (cuda-python / pycuda)'}")

@@ -50,6 +50,13 @@ class OnnxRuntimeInfo:
 
 
 @dataclass(frozen=True)
+class OpenVinoInfo:
+    version: str
+    native_bf16: bool = False       # the CPU computes bfloat16 natively (OpenVINO's "BF16" capability)
+    error: str | None = None        # set when `import openvino` or asking the CPU plugin failed
+
+
+@dataclass(frozen=True)
 class TensorRTInfo:
     version: str | None             # None: installed but `import tensorrt` failed
     has_fp16_flag: bool = True      # BuilderFlag.FP16 exists (weak typing; gone in TensorRT 11)
@@ -66,6 +73,7 @@ class Environment:
     gpus: tuple[Gpu, ...] = ()
     torch: TorchInfo | None = None      # None: not installed
     onnxruntime: OnnxRuntimeInfo | None = None
+    openvino: OpenVinoInfo | None = None  # None: not installed
     tensorrt: TensorRTInfo | None = None
     cuda_bindings: dict[str, str] = field(default_factory=dict)  # "cuda-python"/"pycuda" -> version
     cudnn_library: str | None = None    # the cuDNN library the loader finds, with its version
@@ -199,6 +207,18 @@ def probe_onnxruntime(gpus: tuple[Gpu, ...]) -> OnnxRuntimeInfo | None:
                            built_cudnn=built_cudnn or None, cuda_loads=loads, cuda_error=error)
 
 
+def probe_openvino() -> OpenVinoInfo | None:
+    if importlib.util.find_spec("openvino") is None:
+        return None
+    version = _installed("openvino") or "?"
+    try:
+        import openvino
+        capabilities = openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except Exception as e:  # a broken install says so instead of stopping the report
+        return OpenVinoInfo(version=version, error=_one_line(e))
+    return OpenVinoInfo(version=version, native_bf16="BF16" in capabilities)
+
+
 def probe_tensorrt() -> TensorRTInfo | None:
     if importlib.util.find_spec("tensorrt") is None:
         return None
@@ -236,8 +256,8 @@ def probe_environment() -> Environment:
     return Environment(
         system=platform.platform(), python=platform.python_version(), windows=os.name == "nt",
         driver_version=probe_driver_version() if gpus else None, driver_cuda=driver_cuda, gpus=gpus,
-        torch=probe_torch(), onnxruntime=probe_onnxruntime(gpus), tensorrt=probe_tensorrt(),
+        torch=probe_torch(), onnxruntime=probe_onnxruntime(gpus), openvino=probe_openvino(), tensorrt=probe_tensorrt(),
         cuda_bindings=bindings, cudnn_library=cudnn_library)
 
 
-__all__ = ["Environment", "Gpu", "OnnxRuntimeInfo", "TensorRTInfo", "TorchInfo", "probe_environment"]
+__all__ = ["Environment", "Gpu", "OnnxRuntimeInfo", "OpenVinoInfo", "TensorRTInfo", "TorchInfo", "probe_environment"]

@@ -9,7 +9,8 @@ Layout of the output folder (default: a sibling of the input named ``<input>_mas
   number of 8-connected regions, maximum probability, error; per run: backend, devices,
   precision, images/s, counts and a timing breakdown);
 * ``effiseg_journal.jsonl``: one line per finished image, appended as the run goes, so that a
-  resumed run can report the images an earlier run finished.
+  resumed run can report the images an earlier run finished;
+* ``effiseg_run.lock``: held by the run writing the folder (``folder_lock``), empty between runs.
 
 Every file is written to a temporary name in its folder and renamed into place, so a run killed
 at any moment leaves no partial mask; ``resume`` skips images whose mask is complete (PNG
@@ -37,6 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .folder_lock import OutputFolderLock
 from .images import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, allow_pixels, atomic_write_text, list_images, overlay_image,
                      png_is_complete, read_image, remove_stale_temp_files, write_jpeg, write_mask_png)
 from .postprocess import count_regions, output_to_mask
@@ -269,12 +271,21 @@ def run_folder(segmenter, input_dir, output_dir=None, *, recursive: bool = False
     output_dir = Path(output_dir) if output_dir is not None else default_output_dir(input_dir)
     input_dir, output_dir = check_folders(input_dir, output_dir, recursive)
     say = log or (lambda message: None)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    # Held before anything in the folder is touched: another run's temporary files are not stale.
+    with OutputFolderLock(output_dir, say):
+        return _segment_folder(segmenter, input_dir, output_dir, say, recursive=recursive, resume=resume,
+                               overlay=overlay, max_pixels=max_pixels, progress=progress)
+
+
+def _segment_folder(segmenter, input_dir: Path, output_dir: Path, say, *, recursive: bool, resume: bool,
+                    overlay: bool, max_pixels: int, progress: bool) -> dict:
+    """run_folder's work, in a checked output folder this run holds."""
     files = list_images(input_dir, recursive)
     jobs = plan_jobs(input_dir, output_dir, files, overlay)
     if not jobs:
         say(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {input_dir}"
             + ("" if recursive else " (add --recursive for sub-folders)"))
-    output_dir.mkdir(parents=True, exist_ok=True)
     stale = remove_stale_temp_files(output_dir)
     if stale:
         say(f"removed {stale} temporary file(s) left by an interrupted run")

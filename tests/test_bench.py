@@ -3,6 +3,7 @@ runner (with a test double) and one tiny real CPU run through the CLI. No timing
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
 import sys
@@ -1066,12 +1067,15 @@ def test_without_torch_the_onnx_backends_run_and_the_missing_baseline_is_explain
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads((out / "effiseg_bench.json").read_text(encoding="utf-8"))
     validate_result_file(data)
-    # The file as it is (uint8), model-only and end to end; the float32 variant needs an export.
+    # The file as it is (uint8), model-only and end to end, on every CPU engine installed; the float32
+    # variant needs an export, int8 a quantised twin.
+    engines = ["ort-cpu"] + (["ov-cpu", "ov-cpu-bf16"] if importlib.util.find_spec("openvino") else [])
     assert {(r["mode"], r["backend"], r["input_format"], r["batch_size"]) for r in data["results"]} == {
-        (m, "ort-cpu", "uint8-nhwc", b) for m in ("model", "e2e") for b in (1, 2)}
+        (m, e, "uint8-nhwc", b) for m in ("model", "e2e") for b in (1, 2) for e in engines}
     assert all(r["error"] is None and r["speedup_vs_baseline"] is None for r in data["results"])
     skipped = {s["backend"]: s["reason"] for s in data["skipped"]}
     assert "effiseg[train]" in skipped["torch-eager"]
+    assert "--quantize int8" in skipped["ort-cpu-int8"]
     notes = " | ".join(data["notes"])
     assert "no PyTorch baseline" in notes and "not timed on ONNX backends: float32-nchw at 64x64" in notes
     assert "speed-ups are not available" in notes

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from effiseg.runtime import doctor
 from effiseg.runtime.backends.torch_backend import torch_kernels_cover
 from effiseg.runtime.doctor import all_verdicts, exit_code, predicted_choice, render_text, report
-from effiseg.runtime.doctor_env import Environment, Gpu, OnnxRuntimeInfo, TensorRTInfo, TorchInfo, probe_environment
+from effiseg.runtime.doctor_env import (Environment, Gpu, OnnxRuntimeInfo, OpenVinoInfo, TensorRTInfo, TorchInfo,
+                                        probe_environment)
 from effiseg.runtime.install_matrix import GENERATIONS, install_command
 
 M6000 = Gpu(0, "Quadro M6000", (5, 2), 12 << 30)
@@ -42,11 +43,23 @@ def verdict(verdicts, backend, device="cuda:0"):
 def test_no_gpu_runs_onnxruntime_on_the_cpu_and_exits_0():
     env = machine(onnxruntime=ORT_CPU)
     verdicts = all_verdicts(env)
-    assert [(v.backend, v.device) for v in verdicts] == [("onnxruntime", "cpu")]
+    assert [(v.backend, v.device) for v in verdicts] == [("openvino", "cpu"), ("onnxruntime", "cpu")]
+    assert verdict(verdicts, "openvino", "cpu").fix == 'pip install "effiseg[openvino]"'
     choice = predicted_choice(env, verdicts)
     assert choice.backend == "onnxruntime" and choice.devices == ("cpu",) and choice.precision == "fp32"
     assert exit_code(env, verdicts) == 0
     assert "GPU      none" in render_text(report(env))
+
+
+@pytest.mark.parametrize("native_bf16, precision", [(True, "bf16"), (False, "fp32")])
+def test_openvino_where_installed_is_the_cpu_choice_at_the_backend_s_own_precision(native_bf16, precision):
+    env = machine(onnxruntime=ORT_CPU, openvino=OpenVinoInfo("2026.4.1", native_bf16=native_bf16))
+    verdicts = all_verdicts(env)
+    assert verdict(verdicts, "openvino", "cpu").runs is True
+    choice = predicted_choice(env, verdicts)
+    assert (choice.backend, choice.precision) == ("openvino", precision)
+    assert choice.command.endswith(f"--backend openvino --devices cpu --precision {precision}")
+    assert f"native bfloat16: {'yes' if native_bf16 else 'no'}" in render_text(report(env))
 
 
 def test_nothing_installed_and_no_gpu_exits_1_with_the_cpu_install():

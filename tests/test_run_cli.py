@@ -173,7 +173,7 @@ def test_killed_run_leaves_no_partial_masks_and_resume_completes(tiny_onnx, tmp_
             im.load()
             assert im.size == Image.open(src / m.name).size
     leftovers = [p for p in out.rglob("*") if p.is_file() and p.suffix not in (".png", ".jpg")
-                 and p.name not in ("effiseg_journal.jsonl", "effiseg_run_settings.json")]
+                 and p.name not in ("effiseg_journal.jsonl", "effiseg_run_settings.json", "effiseg_run.lock")]
     assert all(p.name.endswith(TEMP_SUFFIX) for p in leftovers), leftovers
     for p in (out / "overlays").glob("*.jpg"):
         with Image.open(p) as im:
@@ -182,6 +182,7 @@ def test_killed_run_leaves_no_partial_masks_and_resume_completes(tiny_onnx, tmp_
     done_before = {m.name for m in masks}
     resumed = _run(*args[:-1], "--resume")
     assert resumed.exit_code == 0, resumed.output
+    assert "took over the lock" in resumed.output  # the killed run's lock, freed by the system
     assert not list(out.rglob(f"*{TEMP_SUFFIX}"))
     summary = json.loads((out / "effiseg_summary.json").read_text())
     assert summary["n_images"] == n and summary["n_failed"] == 0

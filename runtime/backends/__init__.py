@@ -2,7 +2,7 @@
 
 Backends are imported lazily by name, so importing this package needs neither TensorRT, ONNX
 Runtime nor torch. ``auto`` (ONNX models) tries, in order: TensorRT on each requested GPU, ONNX
-Runtime with a GPU provider, ONNX Runtime on the CPU; every skipped choice is recorded with its
+Runtime with a GPU provider, OpenVINO on the CPU (where installed), ONNX Runtime on the CPU; every skipped choice is recorded with its
 reason in ``selection_notes`` so the caller can say why it ended where it did. Without ``devices``,
 ``auto`` and ``tensorrt`` run on every GPU the driver shows that is like the first one (same name
 and compute capability), and ``torch`` on every such GPU torch sees, one backend per GPU fed from
@@ -21,9 +21,11 @@ from .base import Backend, BackendUnavailable
 BACKENDS = {
     "tensorrt": ("effiseg.runtime.backends.tensorrt_backend", "TensorRTBackend"),
     "onnxruntime": ("effiseg.runtime.backends.onnxruntime_backend", "OnnxRuntimeBackend"),
+    "openvino": ("effiseg.runtime.backends.openvino_backend", "OpenVinoBackend"),
     "torch": ("effiseg.runtime.backends.torch_backend", "TorchBackend"),
 }
 BACKEND_CHOICES = ("auto",) + tuple(BACKENDS)
+CPU_ONLY_PRECISIONS = ("bf16", "int8")  # the CPU backends' (OpenVINO's bf16; int8 twins)
 
 __all__ = ["Backend", "BackendUnavailable", "BACKENDS", "BACKEND_CHOICES", "backend_class",
            "parse_devices", "default_gpu_devices", "auto_attempts", "same_kind_as_first", "open_onnx_backends",
@@ -130,13 +132,19 @@ def _open_each(devices: list[str], make, notes: list[str] | None = None, toleran
     return opened
 
 
-def auto_attempts(gpu_devices: list[str], cpu_allowed: bool = True) -> list[tuple[str, list[str]]]:
+def auto_attempts(gpu_devices: list[str], cpu_allowed: bool = True, openvino: bool = False,
+                  precision: str = "auto") -> list[tuple[str, list[str]]]:
     """The (backend, devices) ``auto`` tries for an ONNX model, in order: TensorRT on the GPUs, ONNX
-    Runtime on the GPUs, ONNX Runtime on the CPU. ``effiseg-doctor`` walks the same list."""
+    Runtime on the GPUs, OpenVINO on the CPU (``openvino``: where installed), ONNX Runtime on the CPU.
+    A CPU-only precision (bf16, int8) skips the GPUs. ``effiseg-doctor`` walks the same list."""
     attempts = []
-    if gpu_devices:
+    if gpu_devices and precision not in CPU_ONLY_PRECISIONS:
         attempts += [("tensorrt", list(gpu_devices)), ("onnxruntime", list(gpu_devices))]
     if cpu_allowed:
+        # OpenVINO ran the model faster than ONNX Runtime on the CPU (benchmarks/RESULTS.md); an
+        # install without it is not told about it on every run.
+        if openvino:
+            attempts.append(("openvino", ["cpu"]))
         attempts.append(("onnxruntime", ["cpu"]))
     return attempts
 
@@ -152,7 +160,7 @@ def open_onnx_backends(onnx_path, backend: str = "auto", devices=None, precision
     if backend == "torch":
         raise ValueError("the torch backend runs training checkpoints, not ONNX files: pass the checkpoint "
                          "folder (Segmenter.from_checkpoint / effiseg-run --model CHECKPOINT)")
-    if backend in ("tensorrt", "onnxruntime"):
+    if backend in ("tensorrt", "onnxruntime", "openvino"):
         cls = backend_class(backend)
         devs = device_list or (default_gpu_devices(notes) if backend == "tensorrt" else ["cpu"])
         return _open_each(devs, lambda d: cls(info, onnx_path, device=d, precision=precision,
@@ -167,7 +175,8 @@ def open_onnx_backends(onnx_path, backend: str = "auto", devices=None, precision
     else:
         gpu_devices = [d for d in device_list if d != "cpu"]
     errors = []
-    for name, devs in auto_attempts(gpu_devices, cpu_allowed=device_list is None or device_list == ["cpu"]):
+    for name, devs in auto_attempts(gpu_devices, cpu_allowed=device_list is None or device_list == ["cpu"],
+                                    openvino=importlib.util.find_spec("openvino") is not None, precision=precision):
         try:
             cls = backend_class(name)
             opened = _open_each(devs, lambda d: cls(info, onnx_path, device=d, precision=precision,

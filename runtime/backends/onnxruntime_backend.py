@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..model_files import is_int8_model, resolve_int8
 from ..model_info import ModelInfo
 from .base import Backend, BackendUnavailable
 from .gpu_precision import (PrecisionChoice, choose_gpu_precision, fast_fp16_from_compute_capability,
@@ -163,14 +164,24 @@ class OnnxRuntimeBackend(Backend):
     def __init__(self, info: ModelInfo, onnx_path, device: str = "cpu", precision: str = "auto",
                  max_batch: int = 8, n_slots: int = 2, provider: str = "auto",
                  intra_op_threads: int | None = None, io_binding: bool | None = None):
-        if precision not in ("auto", "fp32", "fp16"):
-            raise ValueError(f"precision must be auto, fp32 or fp16, not {precision!r}")
+        if precision not in ("auto", "fp32", "fp16", "int8"):
+            raise ValueError(f"precision must be auto, fp32, fp16 or int8, not {precision!r}")
         if provider not in PROVIDER_CHOICES:
             raise ValueError(f"provider must be one of {', '.join(PROVIDER_CHOICES)}, not {provider!r}")
         super().__init__(info, device, "fp32", max_batch, n_slots)
         ort = import_onnxruntime()
         self.onnx_path = Path(onnx_path)
         self.device_id = _device_index(device)
+        if precision == "int8" or is_int8_model(self.onnx_path):
+            # The quantised twin (effiseg-export --quantize int8): QDQ kernels are the CPU provider's.
+            if self.device_id is not None:
+                raise BackendUnavailable(f"int8 runs on the CPU (ONNX Runtime's CPU provider), not {device}; "
+                                         "GPUs run fp16/fp32")
+            try:
+                self.onnx_path = resolve_int8(self.onnx_path)
+            except FileNotFoundError as e:
+                raise BackendUnavailable(str(e)) from None
+            self.precision, precision = "int8", "fp32"
         available = ort.get_available_providers()
         self._trt_precision: PrecisionChoice | None = None  # set when the TensorRT EP is asked for
         providers = self._provider_list(provider, precision, available)
