@@ -137,3 +137,14 @@ def run_as_inference_install(tmp_path: Path, code: str, *args: str, timeout: flo
     script.write_text(INFERENCE_INSTALL_PREAMBLE + textwrap.dedent(code), encoding="utf-8")
     return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
                           timeout=timeout, cwd=tmp_path)
+
+
+def default_cpu_backend() -> tuple[str, str]:
+    """(backend, precision) that ``--backend auto`` takes on this CPU: OpenVINO where installed, at bf16
+    where the CPU computes it natively, else ONNX Runtime in fp32."""
+    import importlib.util
+    if importlib.util.find_spec("openvino") is None:
+        return "onnxruntime", "fp32"
+    import openvino
+    native = "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return "openvino", "bf16" if native else "fp32"

@@ -113,9 +113,10 @@ def test_a_cpu_only_install_never_initialises_the_cuda_driver(monkeypatch, tmp_p
     assert [(b.name, b.device) for b in backends] == [("onnxruntime", "cpu")]
 
 
-def fake_backends(monkeypatch, broken: dict[str, set[str]], gpus=("cuda:0", "cuda:1")):
-    """The registry with TensorRT/ONNX Runtime stand-ins; ``broken[name]`` lists the devices on which
-    that backend fails to open (an engine that does not build, a GPU out of memory...)."""
+def fake_backends(monkeypatch, broken: dict[str, set[str]], gpus=("cuda:0", "cuda:1"), openvino: bool = False):
+    """The registry with TensorRT/ONNX Runtime/OpenVINO stand-ins; ``broken[name]`` lists the devices on
+    which that backend fails to open (an engine that does not build, a GPU out of memory...);
+    ``openvino``: whether OpenVINO counts as installed."""
     opened = []
 
     def make_class(name):
@@ -131,10 +132,29 @@ def fake_backends(monkeypatch, broken: dict[str, set[str]], gpus=("cuda:0", "cud
         return Fake
 
     monkeypatch.setattr(registry, "backend_class", make_class)
+    monkeypatch.setattr(registry, "_openvino_installed", lambda: openvino)
     if gpus is not None:
         monkeypatch.setattr(registry, "default_gpu_devices", lambda notes=None: list(gpus))
         monkeypatch.setattr(registry, "_gpu_backend_installed", lambda: True)
     return opened
+
+
+def test_on_the_cpu_auto_takes_openvino_where_installed_and_onnxruntime_when_it_fails(monkeypatch, tmp_path):
+    monkeypatch.setattr(registry, "_gpu_backend_installed", lambda: False)
+    fake_backends(monkeypatch, broken={}, gpus=None, openvino=True)
+    backends = open_onnx_backends(tmp_path / "m.onnx", "auto", "cpu", info=INFO)
+    assert [(b.name, b.device) for b in backends] == [("openvino", "cpu")]
+    fake_backends(monkeypatch, broken={"openvino": {"cpu"}}, gpus=None, openvino=True)
+    notes = []
+    backends = open_onnx_backends(tmp_path / "m.onnx", "auto", "cpu", info=INFO, selection_notes=notes)
+    assert [(b.name, b.device) for b in backends] == [("onnxruntime", "cpu")]
+    assert any("openvino on cpu failed" in n for n in notes)
+
+
+def test_a_cpu_precision_never_tries_a_gpu(monkeypatch, tmp_path):
+    fake_backends(monkeypatch, broken={})
+    backends = open_onnx_backends(tmp_path / "m.onnx", "auto", None, precision="int8", info=INFO)
+    assert [(b.name, b.device) for b in backends] == [("onnxruntime", "cpu")]
 
 
 def test_auto_uses_both_gpus_by_default(monkeypatch, tmp_path):

@@ -319,7 +319,11 @@ def test_multiscale_tta_needs_a_fixed_size_and_valid_sizes(tiny_checkpoint, tmp_
 
 def test_cli_errors_name_the_file_and_unreadable_verify_images_are_skipped(tiny_checkpoint, verify_images_dir, tmp_path):
     import shutil
-    not_a_checkpoint = tmp_path / "fake.onnx"
+    an_onnx_file = tmp_path / "model.onnx"  # an export, not a checkpoint: only --quantize takes one
+    an_onnx_file.write_bytes(b"not a model")
+    res = CliRunner().invoke(export_command, [str(an_onnx_file), "-o", str(tmp_path / "q.onnx")])
+    assert res.exit_code == 2 and f"{an_onnx_file} is already an ONNX file" in res.output
+    not_a_checkpoint = tmp_path / "fake.safetensors"
     not_a_checkpoint.write_bytes(b"not a model")
     res = CliRunner().invoke(export_command, [str(not_a_checkpoint), "-o", str(tmp_path / "q.onnx")])
     assert res.exit_code == 1 and "cannot load the checkpoint" in res.output

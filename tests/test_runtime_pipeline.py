@@ -2,6 +2,8 @@
 bounded memory, per-file failures, and the numerics it relies on."""
 from __future__ import annotations
 
+import importlib.util
+
 import threading
 import time
 
@@ -171,7 +173,7 @@ def test_torch_backend_matches_onnxruntime_on_cpu(tiny_checkpoint, tiny_onnx, im
         assert (b.name, b.precision, b.device) == ("torch", "fp32", "cpu")
         assert any("fp16" in m and "CPU" in m for m in b.messages)
         probs_torch = seg.segment(images, output="probabilities")
-    with Segmenter.from_onnx(tiny_onnx, max_batch=3) as seg:
+    with Segmenter.from_onnx(tiny_onnx, backend="onnxruntime", max_batch=3) as seg:
         probs_ort = seg.segment(images, output="probabilities")
     for a, b in zip(probs_torch, probs_ort):
         np.testing.assert_allclose(a, b, atol=1e-5)
@@ -179,7 +181,9 @@ def test_torch_backend_matches_onnxruntime_on_cpu(tiny_checkpoint, tiny_onnx, im
 
 def test_backend_selection_messages(tiny_onnx):
     with Segmenter.from_onnx(tiny_onnx) as seg:  # auto on a machine without TensorRT or CUDA EP
-        assert seg.selection_notes[-1] == "auto: chose onnxruntime on cpu"
+        expected = "openvino" if importlib.util.find_spec("openvino") else "onnxruntime"
+        assert seg.selection_notes[-1] == f"auto: chose {expected} on cpu"
+    with Segmenter.from_onnx(tiny_onnx, backend="onnxruntime") as seg:
         provider = seg.backends[0].describe()["provider"]
         assert provider in ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider")
     with pytest.raises(ValueError, match="checkpoints"):

@@ -107,6 +107,10 @@ def _gpu_backend_installed() -> bool:
     return bool({"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(onnxruntime.get_available_providers()))
 
 
+def _openvino_installed() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
 def _open_each(devices: list[str], make, notes: list[str] | None = None, tolerant: bool = False) -> list[Backend]:
     """One backend per device. ``tolerant`` (devices chosen by default, not named by the user): a
     device that fails is left out with a note while another one opens; all failing raises the first
@@ -176,7 +180,7 @@ def open_onnx_backends(onnx_path, backend: str = "auto", devices=None, precision
         gpu_devices = [d for d in device_list if d != "cpu"]
     errors = []
     for name, devs in auto_attempts(gpu_devices, cpu_allowed=device_list is None or device_list == ["cpu"],
-                                    openvino=importlib.util.find_spec("openvino") is not None, precision=precision):
+                                    openvino=_openvino_installed(), precision=precision):
         try:
             cls = backend_class(name)
             opened = _open_each(devs, lambda d: cls(info, onnx_path, device=d, precision=precision,
