@@ -106,7 +106,7 @@ def quantize_int8(fp32_path, calibration_dir=None, count: int = DEFAULT_CALIBRAT
     if info.input_format != "uint8-nhwc":
         raise QuantizeError("int8 quantisation takes a uint8-nhwc export (the default)")
     # A file with dynamic height and width is calibrated at its own input size, the size it runs at
-    # unless run-time multi-scale TTA asks for others (whose activations stay within a few percent).
+    # unless run-time multi-scale TTA asks for others; those reuse the same ranges.
     h, w = info.input_height, info.input_width
     if calibration_dir is None:
         calibration_dir = next((d for d in default_calibration_dirs() if d.is_dir()), None)
