@@ -197,7 +197,8 @@ def geometric_grid(b: int, h: int, w: int, cfg: AugmentConfig, device, generator
 
 def augment_batch(images: torch.Tensor, masks: torch.Tensor, cfg: AugmentConfig,
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """images: (B,3,H,W) float in [0,1]; masks: (B,1,H,W) float {0,1}. Returns the same shapes."""
+    """images: (B,3,H,W) float in [0,1]; masks: (B,1,H,W) float {0,1}, or (B,C,H,W) with soft
+    targets in [0,1] after the label. Returns the same shapes."""
     if cfg.overlay_box_p > 0:
         images, masks = paint_overlay_box(images, masks, cfg.overlay_box_p, cfg.overlay_box_size, generator)
     if cfg.color_p > 0:
@@ -206,8 +207,10 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, cfg: AugmentConfig,
     if max(cfg.hflip_p, cfg.vflip_p, cfg.affine_p, cfg.elastic_p, cfg.aspect_p) > 0:
         grid = geometric_grid(b, h, w, cfg, images.device, generator).to(images.dtype)
         images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        masks = (F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5)
-        masks = masks.to(images.dtype)
+        warped = F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        # Channel 0 is the label (thresholded again); any further channel is a soft target (a
+        # teacher's probabilities, losses.py) and stays soft.
+        masks = torch.cat([(warped[:, :1] > 0.5).to(images.dtype), warped[:, 1:].to(images.dtype)], dim=1)
     if max(cfg.vignette_p, cfg.blur_p, cfg.lowres_p, cfg.noise_p, cfg.wb_p, cfg.gamma_p, cfg.jpeg_p) > 0:
         images = device_shifts(images, cfg, generator)
     return images, masks
