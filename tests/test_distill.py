@@ -78,3 +78,32 @@ def test_teacher_maps_round_trip_in_training_order(tiny_checkpoint, tmp_path):
         load_teacher_maps(path, ["0", "7"], 64)
     with pytest.raises(ValueError, match="training size is 352x352"):
         load_teacher_maps(path, ["0"], 352)
+
+
+def test_training_with_teacher_maps(tiny_checkpoint, tmp_path):
+    """One epoch of a student on a few real images with its teacher's maps (skipped without the data);
+    asking for distillation without maps stops before a run folder exists."""
+    from click.testing import CliRunner
+
+    from effiseg.training.checkpoint import load_model
+    from effiseg.training.cli import train_command
+    from effiseg.training.data import load_split
+    from _paths import KVASIR
+    if not (KVASIR / "train" / "images").is_dir():
+        pytest.skip(f"needs Kvasir-SEG at {KVASIR}")
+    args = ["--data", str(KVASIR), "--variant", "effisegnet-lite0", "--input-size", "64", "--batch-size", "4",
+            "--limit-train", "4", "--limit-val", "2", "--limit-test", "1", "--device", "cpu", "--no-progress",
+            "--no-pretrained", "--epochs", "1", "--set", "loss.distill_weight=0.5"]
+    res = CliRunner().invoke(train_command, args + ["--output", str(tmp_path / "no-maps")])
+    assert res.exit_code == 2 and "needs teacher_maps" in res.output, res.output
+    assert not (tmp_path / "no-maps").exists()
+
+    model, cfg = load_model(tiny_checkpoint)
+    train = load_split(KVASIR, "train", 4)
+    maps = save_teacher_maps(tmp_path / "teacher.npz", [s.stem for s in train],
+                             teacher_maps(model, cfg, train, 64, tta=True), {"tta": True})
+    run = tmp_path / "run"
+    res = CliRunner().invoke(train_command, args + ["--set", f"teacher_maps={maps}", "--output", str(run)])
+    assert res.exit_code == 0, res.output
+    saved = __import__("json").loads((run / "run_config.json").read_text(encoding="utf-8"))
+    assert saved["train"]["teacher_maps"] == str(maps) and saved["train"]["loss"]["distill_weight"] == 0.5
