@@ -107,3 +107,24 @@ def test_training_with_teacher_maps(tiny_checkpoint, tmp_path):
     assert res.exit_code == 0, res.output
     saved = __import__("json").loads((run / "run_config.json").read_text(encoding="utf-8"))
     assert saved["train"]["teacher_maps"] == str(maps) and saved["train"]["loss"]["distill_weight"] == 0.5
+
+
+def test_distill_command_writes_maps_and_names_bad_data(tiny_checkpoint, tmp_path):
+    from click.testing import CliRunner
+
+    from effiseg.training.distill import _command
+    data = tmp_path / "d"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(data / "images" / f"{i}.png")
+        Image.fromarray(np.zeros((40, 48), np.uint8)).save(data / "masks" / f"{i}.png")
+    out = tmp_path / "teacher.npz"
+    res = CliRunner().invoke(_command(), [str(tiny_checkpoint), "--data", str(data), "--split", "none",
+                                          "--output", str(out), "--device", "cpu", "--tta-sizes", "64,96"])
+    assert res.exit_code == 0, res.output
+    assert load_teacher_maps(out, ["1", "0"], 64).shape == (2, 1, 64, 64)
+    res = CliRunner().invoke(_command(), [str(tiny_checkpoint), "--data", str(tmp_path / "none-here"),
+                                          "--output", str(tmp_path / "x.npz"), "--device", "cpu"])
+    assert res.exit_code == 2 and "none-here" in res.output

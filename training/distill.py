@@ -6,13 +6,12 @@ the labels (``loss.distill_weight``, training/losses.py), so the student keeps o
 
     python -m effiseg.training.distill CHECKPOINT --data DATA --output runs/teacher-train.npz --tta --tta-sizes 352,416
 
-The file holds one uint8 map (probability x 255, 1/510 resolution: far below the ensemble's own
-spread) per training image at the training input size, keyed by stem, with the teacher's settings.
-:func:`load_teacher_maps` returns them in the training set's order as the trainer stacks masks.
+The file holds one uint8 map (probability x 255, rounded: an error of at most 1/510) per training image at the training input size, keyed by stem, with the teacher's settings.
+:func:`load_teacher_maps` returns them in the training set's order, as the trainer stacks its masks.
 
-Not done here (said in training/README.md): the trainer does not load these maps yet. Feeding them
-is three lines in its data set-up and step (stack the maps as a second mask channel, divided by
-255); until then ``loss.distill_weight`` > 0 stops with an error rather than training without them.
+Training with them: ``effiseg-train --set teacher_maps=FILE --set loss.distill_weight=0.5``; the
+trainer stacks the maps (divided by 255) as the masks' second channel, which the augmentation moves
+with the label and the loss reads as soft targets.
 """
 from __future__ import annotations
 
@@ -84,7 +83,7 @@ def _command():
     @click.command(cls=Command, context_settings={"show_default": True})
     @click.argument("checkpoint", type=click.Path(path_type=Path, exists=True))
     @click.option("--data", "data_root", default=DEFAULT_DATA_ROOT)
-    @click.option("--split", default="train", help="The images the student trains on.")
+    @click.option("--split", default="train", help="The images the student trains on ('none': --data/images).")
     @click.option("--output", "out_file", type=click.Path(path_type=Path, dir_okay=False), required=True)
     @click.option("--size", type=click.IntRange(32), default=None, help="Training input size (default: the teacher's).")
     @click.option("--tta/--no-tta", default=True, help="Flip TTA (the ensemble); --no-tta for a one-pass teacher.")
@@ -101,7 +100,7 @@ def _command():
         from .trainer import resolve_device
         from .tta import resolve_tta
         try:
-            samples = load_split(data_root, split, limit)
+            samples = load_split(data_root, None if split == "none" else split, limit)
             dev = resolve_device(device)
             model, cfg = load_model(checkpoint, device=dev)
             flips, sizes = resolve_tta(cfg, tta, tta_sizes)
