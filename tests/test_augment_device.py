@@ -113,3 +113,15 @@ def test_settings_reach_the_trainer_config():
     assert tc.augment.jpeg_p == 0.5 and tc.augment.jpeg_quality == (15.0, 70.0) and tc.augment.aspect_p == 0.3
     with pytest.raises(ValueError, match="jpeg_quality"):
         tc.apply_overrides(["augment.jpeg_quality=30"])
+
+
+def test_every_protocol_arm_is_a_valid_training_config_and_the_device_arms_turn_steps_on():
+    from effiseg.training.protocol import ARMS, DEFAULT_ARMS
+    from effiseg.training.trainer import TrainConfig
+    for name, switches in ARMS.items():
+        tc = TrainConfig()
+        tc.apply_overrides(switches)
+        tc.check()
+        if name.startswith("device_"):
+            assert tc.augment != AugmentConfig(), name
+    assert set(DEFAULT_ARMS) <= set(ARMS) and "device_photometric" not in DEFAULT_ARMS
