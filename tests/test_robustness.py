@@ -167,3 +167,19 @@ def test_cli_missing_data_names_the_folder(tiny_checkpoint, tmp_path):
     res = CliRunner().invoke(robustness_command, [str(tiny_checkpoint), "--data", str(tmp_path / "nowhere"),
                                                   "--output", str(tmp_path / "o")])
     assert res.exit_code == 2 and "nowhere" in res.output, res.output
+
+
+def test_cli_tta_passes_through_and_changes_the_predictions(tiny_checkpoint, tmp_path):
+    data = _dataset(tmp_path / "d", n=2)
+    common = [str(tiny_checkpoint), "--data", str(data), "--split", "none", "--shifts", "gamma", "--strengths", "1",
+              "--score-strength", "1", "--device", "cpu", "--no-figure"]
+    results = []
+    for extra, name in (([], "one"), (["--tta", "--tta-sizes", "64,96"], "tta")):
+        res = CliRunner().invoke(robustness_command, common + extra + ["--output", str(tmp_path / name)])
+        assert res.exit_code == 0, res.output
+        results.append(json.loads((tmp_path / name / "robustness.json").read_text(encoding="utf-8")))
+    one, tta = results
+    assert one["settings"]["tta"] is False and one["settings"]["tta_sizes"] == []
+    assert tta["settings"]["tta"] is True and tta["settings"]["tta_sizes"] == [64, 96]
+    assert one["curves"] != tta["curves"]
+    assert not (tmp_path / "one" / "robustness.png").exists()
