@@ -142,7 +142,8 @@ def test_cli_writes_curves_score_and_figure(tiny_checkpoint, tmp_path):
         "--strengths", "0.5,1", "--score-strength", "1", "--device", "cpu", "--output", str(out)])
     assert res.exit_code == 0, res.output
     assert "robustness score" in res.output
-    for name in ("robustness.json", "curves.csv", "per_image.csv", "summary.md", "robustness.png"):
+    for name in ("robustness.json", "curves.csv", "per_image.csv", "summary.md", "robustness.png",
+                 "shift_examples.png"):
         assert (out / name).is_file(), name
     result = json.loads((out / "robustness.json").read_text(encoding="utf-8"))
     assert result["settings"]["shifts"] == ["jpeg", "border"] and result["settings"]["tta"] is False

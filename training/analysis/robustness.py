@@ -9,6 +9,7 @@ The per-image robustness scores are written too, for the protocol's paired compa
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +22,7 @@ CURVES_CSV = "curves.csv"
 PER_IMAGE_CSV = "per_image.csv"
 RESULT_JSON = "robustness.json"
 FIGURE_PNG = "robustness.png"
+EXAMPLES_PNG = "shift_examples.png"
 SUMMARY_MD = "summary.md"
 
 
@@ -51,8 +53,6 @@ def run_robustness(model, config: dict, samples: list[Sample], shifts: list[str]
                    log: Callable[[str], None] = lambda m: None) -> dict:
     """Evaluate ``model`` on ``samples`` clean and under every (shift, strength). Returns a plain,
     JSON-ready dict (see :func:`write_outputs` for the files made from it)."""
-    import time
-
     from ..evaluate import evaluate_samples
     from .stats import paired_bootstrap_ci
 
@@ -136,6 +136,29 @@ def curves_figure(result: dict, path: Path) -> Path:
     return _save_png(fig, path)
 
 
+def examples_figure(sample: Sample, shifts: list[str], strengths: list[float], seed: int, path: Path) -> Path:
+    """One image under every shift and strength (the true outline drawn in green): what the curves mean."""
+    from .report import _pyplot, _save_png
+    plt = _pyplot()
+    levels = [0.0] + list(strengths)
+    fig, axes = plt.subplots(len(shifts), len(levels), figsize=(1.6 * len(levels), 1.6 * len(shifts)), squeeze=False)
+    for row, name in zip(axes, shifts):
+        for ax, strength in zip(row, levels):
+            image, mask = apply_shift(name, sample.image, sample.mask, strength, seed=seed, stem=sample.stem)
+            edge = mask & ~(np.roll(mask, 2, 0) & np.roll(mask, -2, 0) & np.roll(mask, 2, 1) & np.roll(mask, -2, 1))
+            shown = image.copy()
+            shown[edge] = (0, 220, 0)
+            ax.imshow(shown)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if ax is row[0]:
+                ax.set_ylabel(name, fontsize=7)
+            if name == shifts[0]:
+                ax.set_title(f"strength {strength:g}", fontsize=8)
+    fig.tight_layout(pad=0.3)
+    return _save_png(fig, path)
+
+
 def summary_markdown(result: dict) -> str:
     score, st = result["score"], result["settings"]
     d = score["drop"]
@@ -157,7 +180,8 @@ def summary_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(result: dict, out_dir: Path, figure: bool = True) -> list[Path]:
+def write_outputs(result: dict, out_dir: Path, figure: bool = True, example: Sample | None = None) -> list[Path]:
+    """The files of a study; ``example``: also draw that image under every condition."""
     from ..result_files import write_json, write_rows_csv
     from effiseg.runtime.images import atomic_write_text
     out_dir = Path(out_dir)
@@ -169,4 +193,7 @@ def write_outputs(result: dict, out_dir: Path, figure: bool = True) -> list[Path
     atomic_write_text(paths[3], summary_markdown(result))
     if figure:
         paths.append(curves_figure(result, out_dir / FIGURE_PNG))
+        if example is not None:
+            st = result["settings"]
+            paths.append(examples_figure(example, st["shifts"], st["strengths"], st["seed"], out_dir / EXAMPLES_PNG))
     return paths

@@ -78,7 +78,7 @@ def robustness_command(checkpoint, data_root, split, shift_spec, strengths, scor
                                 log=lambda m: click.echo(m, err=True))
         result["settings"].update(checkpoint=str(checkpoint), data=str(data_root), split=split,
                                   variant=cfg["variant"], device=str(dev))
-        paths = write_outputs(result, out_dir, figure=not no_figure)
+        paths = write_outputs(result, out_dir, figure=not no_figure, example=samples[0])
     except (FileNotFoundError, DatasetError, ValueError, KeyError, RuntimeError, ImportError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)

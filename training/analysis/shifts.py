@@ -143,7 +143,7 @@ def border(image, mask, s, rng):
         y0, x0 = int(0.03 * h), w - bw - int(0.03 * w)
         black[y0:y0 + bh, x0:x0 + bw] = True
         out[black] = 0
-        # Text: light bars on every other fifth of the box, a third of a line high.
+        # Text: light bars, three lines down the box.
         for row in range(y0 + bh // 10, y0 + bh, max(2, bh // 3)):
             out[row:row + max(1, bh // 8), x0 + bw // 10:x0 + bw - bw // 10] = 220
     else:
