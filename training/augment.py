@@ -13,6 +13,10 @@ sigma=50), whose displacements are far below one pixel. Here it is a smooth rand
 (``elastic_grid`` x ``elastic_grid`` control points, bicubic) with displacements up to
 ``elastic_alpha`` pixels; set elastic_p=0 to turn it off.
 
+Candidate fixes (issue 21): the ``vignette/blur/lowres/noise/wb/gamma/jpeg`` switches imitate
+another endoscope (training/augment_device.py) and ``aspect_p`` stretches the content along one
+axis (folded into the geometric grid); all off by default.
+
 Candidate fix (issue 5): ``overlay_box_p`` paints a black box in the lower-left corner (where
 Kvasir's scope-position overlay sits), before the geometric transforms so that it moves with the
 image as the real box does, and clears the mask under it.
@@ -21,10 +25,12 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
+
+from .augment_device import device_shifts
 
 
 @dataclass
@@ -45,6 +51,24 @@ class AugmentConfig:
     elastic_grid: int = 5
     overlay_box_p: float = 0.0
     overlay_box_size: tuple[float, float] = (0.18, 0.32)
+    # Another scope (issue 21; training/augment_device.py): each off at p=0, strength up to the max.
+    vignette_p: float = 0.0
+    vignette_max: float = 0.6          # corner brightness falls to 1 - this
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.5, 2.0)      # Gaussian sigma, pixels at the input size
+    lowres_p: float = 0.0
+    lowres_factor: tuple[float, float] = (1.5, 4.0)   # downscale factor before upscaling back
+    noise_p: float = 0.0
+    noise_std: float = 0.06            # noise sd in the highlights, fraction of full scale
+    wb_p: float = 0.0
+    wb_gain: float = 0.3               # red/blue gains 1 +- this, in opposite directions
+    wb_tint: float = 0.08              # green gain 1 +- this
+    gamma_p: float = 0.0
+    gamma_max: float = 1.8             # gamma log-uniform in [1/this, this]
+    jpeg_p: float = 0.0
+    jpeg_quality: tuple[float, float] = (10.0, 90.0)
+    aspect_p: float = 0.0              # content stretched along x, squeezed along y (or the reverse)
+    aspect_max: float = 1.5            # aspect ratio change log-uniform in [1/this, this]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,9 +76,9 @@ class AugmentConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "AugmentConfig":
         d = dict(d)
-        for k in ("brightness", "scale", "overlay_box_size"):
-            if k in d:
-                d[k] = tuple(d[k])
+        for f in fields(cls):  # JSON stores tuples as lists
+            if isinstance(f.default, tuple) and f.name in d:
+                d[f.name] = tuple(d[f.name])
         return cls(**d)
 
     @classmethod
@@ -139,10 +163,15 @@ def geometric_grid(b: int, h: int, w: int, cfg: AugmentConfig, device, generator
                         torch.zeros(b, device=device)) * math.pi / 180
     tx = torch.where(aff, _uniform(b, -cfg.translate, cfg.translate, device, generator), torch.zeros(b, device=device))
     ty = torch.where(aff, _uniform(b, -cfg.translate, cfg.translate, device, generator), torch.zeros(b, device=device))
+    if cfg.aspect_p > 0:  # drawn only when on: the paper's recipe keeps its random stream
+        log_a = _uniform(b, -math.log(cfg.aspect_max), math.log(cfg.aspect_max), device, generator)
+        root_a = torch.exp(0.5 * torch.where(_chosen(b, cfg.aspect_p, device, generator), log_a, 0.0))
     # Output pixel p_out = s R p_in + t (pixels from the centre); affine_grid wants the inverse map in
     # normalised coordinates: p_in_n = D^-1 (1/s) R^T (D p_out_n - t), D = diag(W/2, H/2).
     cos, sin = torch.cos(angle), torch.sin(angle)
     inv = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2) / scale.view(b, 1, 1)
+    if cfg.aspect_p > 0:  # p_out = A s R p_in + t with A = diag(a^1/2, a^-1/2): the inverse gains A^-1 on the right
+        inv = inv * torch.stack([1.0 / root_a, root_a], -1).view(b, 1, 2)
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:  # one cache entry per GPU, on that GPU
         device = torch.device("cuda", torch.cuda.current_device())
@@ -168,15 +197,20 @@ def geometric_grid(b: int, h: int, w: int, cfg: AugmentConfig, device, generator
 
 def augment_batch(images: torch.Tensor, masks: torch.Tensor, cfg: AugmentConfig,
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """images: (B,3,H,W) float in [0,1]; masks: (B,1,H,W) float {0,1}. Returns the same shapes."""
+    """images: (B,3,H,W) float in [0,1]; masks: (B,1,H,W) float {0,1}, or (B,C,H,W) with soft
+    targets in [0,1] after the label. Returns the same shapes."""
     if cfg.overlay_box_p > 0:
         images, masks = paint_overlay_box(images, masks, cfg.overlay_box_p, cfg.overlay_box_size, generator)
     if cfg.color_p > 0:
         images = color_jitter(images, cfg, generator)
     b, _, h, w = images.shape
-    if max(cfg.hflip_p, cfg.vflip_p, cfg.affine_p, cfg.elastic_p) > 0:
+    if max(cfg.hflip_p, cfg.vflip_p, cfg.affine_p, cfg.elastic_p, cfg.aspect_p) > 0:
         grid = geometric_grid(b, h, w, cfg, images.device, generator).to(images.dtype)
         images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        masks = (F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5)
-        masks = masks.to(images.dtype)
+        warped = F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        # Channel 0 is the label (thresholded again); any further channel is a soft target (a
+        # teacher's probabilities, losses.py) and stays soft.
+        masks = torch.cat([(warped[:, :1] > 0.5).to(images.dtype), warped[:, 1:].to(images.dtype)], dim=1)
+    if max(cfg.vignette_p, cfg.blur_p, cfg.lowres_p, cfg.noise_p, cfg.wb_p, cfg.gamma_p, cfg.jpeg_p) > 0:
+        images = device_shifts(images, cfg, generator)
     return images, masks

@@ -25,6 +25,7 @@ from effiseg.runtime.replace_file import replace_with_retry
 from .augment import AugmentConfig, augment_batch
 from .checkpoint import effiseg_version, load_model, model_config, save_checkpoint
 from .data import DEFAULT_DATA_ROOT, load_split, stack_samples
+from .distill import load_teacher_maps
 from .evaluate import evaluate_samples
 from .losses import LossConfig, total_loss
 from .model import build_model
@@ -60,6 +61,7 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     tag: str = ""
+    teacher_maps: str | None = None  # distillation (issue 21): a file from training/distill.py
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -110,6 +112,8 @@ class TrainConfig:
         for name, low in (("limit_train", 2), ("limit_val", 1), ("limit_test", 1)):
             value = getattr(self, name)
             need(value is None or value >= low, f"{name} must be at least {low} (or unset), got {value}")
+        need(self.loss.distill_weight <= 0 or bool(self.teacher_maps),
+             "loss.distill_weight > 0 needs teacher_maps (a file from python -m effiseg.training.distill)")
 
 
 def _checked_value(key: str, current, value, annotation: str = ""):
@@ -245,6 +249,8 @@ class Trainer:
         # The decoded training set lives on the device (800 x 352 x 352 x 3 bytes is ~300 MB).
         self.train_images = torch.from_numpy(images).to(self.device)
         self.train_masks = torch.from_numpy(masks).to(self.device)
+        self.train_teacher = None if not c.teacher_maps else torch.from_numpy(
+            load_teacher_maps(c.teacher_maps, [s.stem for s in train], self.size)).to(self.device)
         self.val_samples, self.test_samples = val, test
         self.log(f"data: {len(train)} train, {len(val)} validation, {len(test)} test images "
                  f"at {self.size}x{self.size} on {self.device}")
@@ -309,6 +315,8 @@ class Trainer:
                 continue
             images = self.train_images[idx].float().div_(255.0)
             masks = self.train_masks[idx].float()
+            if self.train_teacher is not None:  # soft targets ride along as channel 1 (losses.py)
+                masks = torch.cat([masks, self.train_teacher[idx].float().div_(255.0)], dim=1)
             images, masks = augment_batch(images, masks, c.augment, generator=self.aug_gen)
             x = (images - mean) / std
             if self.device.type == "cuda" and c.channels_last:
