@@ -29,7 +29,6 @@ backend is constructed.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import warnings
 from collections import deque
