@@ -158,6 +158,14 @@ def test_hub_ids_parse_and_bad_ones_say_what_is_expected():
     assert resolve_model(Path("a/model.onnx"), "onnx") == Path("a/model.onnx")  # a path stays a path
 
 
+def test_the_runtime_imports_huggingface_hub_only_when_a_hub_id_is_used():
+    code = ("import sys, effiseg.runtime.cli, effiseg.runtime.hub as hub; "
+            "assert 'huggingface_hub' not in sys.modules, 'imported at start'; "
+            "hub.resolve_model('model.onnx', 'onnx'); assert 'huggingface_hub' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_without_huggingface_hub_the_error_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails as if not installed
     with pytest.raises(HubError, match=r'effiseg\[hub\]'):

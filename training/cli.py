@@ -10,7 +10,7 @@ import click
 
 from effiseg.runtime.cli import TTA_SIZES_OPTION
 from effiseg.runtime.console import Command
-from effiseg.runtime.hub import HubError, HubModel, ModelLocation, resolve_model
+from effiseg.runtime.hub import HubError, HubModel, ModelLocation, parse_hub_id, resolve_model
 
 from .data import DEFAULT_DATA_ROOT as DEFAULT_DATA
 
@@ -153,7 +153,8 @@ def eval_command(checkpoint, data_root, split, device, batch_size, threshold, tt
 @click.command(cls=Command, context_settings=CONTEXT)
 @click.argument("checkpoint", type=click.Path(path_type=Path, exists=True))
 @click.option("--output", "out_dir", type=click.Path(path_type=Path, file_okay=False), required=True,
-              help="Folder to write (config.json, model.safetensors, README.md).")
+              help="Folder to write (config.json, model.safetensors, README.md, and model.onnx with its "
+                   "export report): everything a Hugging Face model repository needs.")
 @click.option("--data", "data_root", default=DEFAULT_DATA, help="Kvasir-SEG root; the card's metrics are measured on it.")
 @click.option("--provenance", type=click.Path(path_type=Path, exists=True), default=None,
               help="JSON of training facts for the card (data, recipe, epochs, seed, hardware, wall time).")
@@ -165,22 +166,37 @@ def eval_command(checkpoint, data_root, split, device, batch_size, threshold, tt
 @click.option("--min-region", type=click.IntRange(0), default=None, help="[default: the checkpoint's]")
 @click.option("--device", default="auto")
 @click.option("--role", default=None, help="Shown in the card's title, e.g. 'effiseg default model'.")
+@click.option("--onnx/--no-onnx", default=True,
+              help="Also export model.onnx (as effiseg-export does, checked against PyTorch; needs effiseg[export]) "
+                   "with its report model.onnx.export.json.")
+@click.option("--repo", "repo_id", default=None, metavar="OWNER/NAME",
+              help="The Hub repository it will be published as: named in the card's commands (hf://OWNER/NAME) "
+                   "and metadata [default: placeholders].")
 def model_card_command(checkpoint, out_dir, data_root, provenance, protocol_summary, threshold, tta, tta_sizes,
-                       min_region, device, role):
-    """Write a publishable model folder (Hugging Face layout) with a measured model card."""
+                       min_region, device, role, onnx, repo_id):
+    """Write a publishable model folder (Hugging Face layout) with a measured model card; publish it
+    with `hf upload OWNER/NAME FOLDER`."""
     from .model_card import make_model_folder
     from .trainer import resolve_device
+    if repo_id is not None:
+        try:
+            if "@" in repo_id:
+                raise ValueError
+            parse_hub_id(f"hf://{repo_id}")
+        except ValueError:
+            raise click.BadParameter(f"expected OWNER/NAME, got {repo_id!r}", param_hint="--repo") from None
     settings = {k: v for k, v in (("threshold", threshold), ("tta", tta), ("min_region_px", min_region),
                                   ("tta_sizes", None if tta_sizes is None else list(tta_sizes))) if v is not None}
     prov = json.loads(Path(provenance).read_text(encoding="utf-8")) if provenance else {}
     proto = {"summary": Path(protocol_summary).read_text(encoding="utf-8")} if protocol_summary else None
     try:
         out = make_model_folder(checkpoint, out_dir, data_root, prov, proto, settings, str(resolve_device(device)),
-                                role=role)
+                                role=role, onnx=onnx, repo_id=repo_id, log=lambda m: click.echo(m, err=True))
     except (FileNotFoundError, FileExistsError, ValueError, KeyError, RuntimeError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    click.echo(f"wrote {out} (config.json, model.safetensors, README.md); upload with: huggingface-cli upload <repo> {out}")
+    files = "config.json, model.safetensors, " + ("model.onnx, model.onnx.export.json, " if onnx else "") + "README.md"
+    click.echo(f"wrote {out} ({files}); publish it with: hf upload {repo_id or 'OWNER/NAME'} {out}")
 
 
 @click.command(cls=Command, context_settings=CONTEXT)
