@@ -82,6 +82,11 @@ class ModelLocation(click.ParamType):
     def __init__(self, exists: bool = False):
         self.path = click.Path(exists=exists, path_type=Path)
 
+    def get_metavar(self, param, ctx=None):
+        # An argument keeps its own name (CHECKPOINT); an option shows the forms, as written (click
+        # would upper-case the type's name into HF://).
+        return None if isinstance(param, click.Argument) else self.name
+
     def convert(self, value, param, ctx):
         if isinstance(value, (Path, HubModel)):
             return value

@@ -155,6 +155,7 @@ def make_model_folder(checkpoint: str | Path, out: str | Path, data_root: str | 
     if data_root:
         model, _ = load_model(checkpoint, device=device)  # the source checkpoint, never a stale config in out
         flips, sizes = resolve_tta(config)
+        log(f"measuring {checkpoint} on the validation and test splits of {data_root} ...")
         kw = dict(threshold=config.get("threshold", 0.5), tta=flips, tta_sizes=sizes,
                   min_region_px=int(config.get("min_region_px", 0)))
         val, _, _ = evaluate_samples(model, config, load_split(data_root, "validation"), device, **kw)
