@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from effiseg.runtime.console import Command, print_backend_notes_live
+from effiseg.runtime.hub import HubError, ModelLocation, resolve_model
 
 from .analysis import SCHEMA, attach_efficiency, attach_speedups, headline, unequal_work_note
 from .factory import SLOTS
@@ -136,11 +137,13 @@ def run_compare(paths: tuple[Path, Path], output: Path | None) -> None:
                    "(on GPUs, a set of activations each) and can keep a fast device busier at small batches.")
 @click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Folder for effiseg_bench.json/.txt/.png [default: ./effiseg-bench].")
-@click.option("--model", "-m", "model", type=click.Path(path_type=Path), default=None,
-              help="An effiseg ONNX file (or a checkpoint folder) [default: the runtime's bundled model; "
-                   "without one, an untrained effisegnet-lite2 at 352 (timings only)].")
-@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
-              help="A training checkpoint: torch backends run it, ONNX variants are exported from it.")
+@click.option("--model", "-m", "model", type=ModelLocation(), default=None,
+              help="An effiseg ONNX file (or a checkpoint folder), or a Hugging Face Hub model "
+                   "hf://OWNER/NAME[@REVISION] (its ONNX file, else its checkpoint) [default: the runtime's "
+                   "bundled model; without one, an untrained effisegnet-lite2 at 352 (timings only)].")
+@click.option("--checkpoint", type=ModelLocation(), default=None,
+              help="A training checkpoint, or a Hub model's (hf://OWNER/NAME[@REVISION]): torch backends run it, "
+                   "ONNX variants are exported from it.")
 @click.option("--devices", default=None,
               help="Devices for backends that run on several (torch): cpu, cuda:0, ... "
                    "[default: cuda:0 when torch sees a GPU, else cpu]. The first one's torch-eager is the baseline.")
@@ -223,8 +226,11 @@ def bench_command(backends, batch_sizes, input_size, input_formats, rounds, warm
     from .runner import ComputeOnly, Config, IterationPlan, BackendPool, ModelOnly, run_rounds, was_left_out_for_time
     _log("effiseg-bench: preparing models")
     try:
+        # Hub ids become files in the Hugging Face cache: --model its ONNX file (else its checkpoint).
+        model = resolve_model(model, "auto") if model else None
+        checkpoint = resolve_model(checkpoint, "checkpoint") if checkpoint else None
         models = resolve_models(model, checkpoint, cache_dir, log=_log)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, HubError) as e:
         raise BenchError(f"cannot prepare the model: {e}") from None
     sizes = parse_sizes(input_size) or [models.native_size]
     # An inference install (no torch, timm or onnx) runs what it can and says what it left out.

@@ -13,6 +13,7 @@ import click
 
 from effiseg.runtime.cli import TTA_SIZES_OPTION
 from effiseg.runtime.console import Command
+from effiseg.runtime.hub import HubError, HubModel, ModelLocation, resolve_model
 from effiseg.runtime.model_info import INPUT_FORMATS, OUTPUT_FORMATS
 
 
@@ -21,9 +22,10 @@ def _fmt_bytes(n: int) -> str:
 
 
 @click.command(cls=Command, context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
-@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+@click.argument("checkpoint", type=ModelLocation(exists=True))
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="ONNX file to write [default: model.onnx beside the checkpoint].")
+              help="ONNX file to write [default: model.onnx beside the checkpoint; for a Hub model, "
+                   "./NAME.onnx].")
 @click.option("--input-format", type=click.Choice(INPUT_FORMATS), default="uint8-nhwc",
               help="uint8-nhwc: raw RGB bytes, preprocessing in the graph; float32-nchw: the host normalises.")
 @click.option("--output-format", type=click.Choice(OUTPUT_FORMATS), default="logits",
@@ -56,12 +58,21 @@ def _fmt_bytes(n: int) -> str:
 def export_command(checkpoint, output, input_format, output_format, dynamic_hw, input_size, threshold, tta, tta_sizes,
                    fold, opset, verify_images, verify_count, quantize, calibration_images, calibration_count,
                    int8_min_agreement):
-    """Export CHECKPOINT (folder, config.json or .safetensors) to ONNX with effiseg metadata, check it with
-    onnx.checker and compare it with PyTorch in ONNX Runtime; writes OUTPUT and OUTPUT.export.json.
-    With --quantize int8, also NAME.int8.onnx (CHECKPOINT may be an .onnx file: then only that)."""
+    """Export CHECKPOINT (folder, config.json or .safetensors, or a Hugging Face Hub model
+    hf://OWNER/NAME[@REVISION]) to ONNX with effiseg metadata, check it with onnx.checker and compare
+    it with PyTorch in ONNX Runtime; writes OUTPUT and OUTPUT.export.json. With --quantize int8, also
+    NAME.int8.onnx (CHECKPOINT may be an .onnx file: then only that)."""
     from .onnx_export import ExportError, export_checkpoint
 
-    if checkpoint.suffix.lower() == ".onnx":
+    if isinstance(checkpoint, HubModel):
+        # Never beside the checkpoint: that is the Hugging Face cache.
+        output = output or Path(f"{checkpoint.name}.onnx")
+        try:
+            checkpoint = resolve_model(checkpoint, "checkpoint")
+        except HubError as e:
+            click.echo(f"export failed; {output} was not written or changed: {e}", err=True)
+            raise SystemExit(1)
+    elif checkpoint.suffix.lower() == ".onnx":
         if quantize is None:
             raise click.UsageError(f"{checkpoint} is already an ONNX file: add --quantize int8 to make its int8 "
                                    "twin, or pass a training checkpoint to export")

@@ -21,6 +21,7 @@ import click
 
 from .backends import BACKEND_CHOICES, parse_devices
 from .console import Command, print_backend_notes_live, unprinted_messages
+from .hub import KIND_FOR_BACKEND, HubError, ModelLocation, resolve_model
 from .images import DEFAULT_MAX_PIXELS
 from .model_info import parse_tta_sizes
 
@@ -76,9 +77,10 @@ def _check_devices(ctx, param, value):
 @click.option("--output", "-o", "output_dir", type=click.Path(path_type=Path), default=None,
               help="Mask folder [default: a sibling of the input named INPUT_masks]. Not the input "
                    "folder, nor inside it with --recursive.")
-@click.option("--model", "-m", "model_path", type=click.Path(path_type=Path), default=None,
-              help="An effiseg ONNX file, or a training checkpoint folder for --backend torch "
-                   "[default: the bundled runtime/models/effisegnet-default.onnx].")
+@click.option("--model", "-m", "model_path", type=ModelLocation(), default=None,
+              help="An effiseg ONNX file, a training checkpoint folder for --backend torch, or a Hugging Face "
+                   "Hub model hf://OWNER/NAME[@REVISION] (fetched once into the Hugging Face cache; needs "
+                   "effiseg[hub]) [default: the bundled runtime/models/effisegnet-default.onnx].")
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto",
               help="auto: TensorRT, else ONNX Runtime on the GPU, else ONNX Runtime on the CPU.")
 @click.option("--devices", default=None, callback=_check_devices,
@@ -128,7 +130,10 @@ def run_command(input_dir, output_dir, model_path, backend, devices, batch, prec
             click.get_current_context().call_on_close(OutputFolderLock(out, _echo).acquire().release)
     except (FolderError, FolderLockedError) as e:
         raise CannotStart(str(e)) from None
-    model = model_path or DEFAULT_MODEL
+    try:  # a Hub id becomes the file in the Hugging Face cache that this backend runs
+        model = resolve_model(model_path, KIND_FOR_BACKEND.get(backend, "auto")) if model_path else DEFAULT_MODEL
+    except HubError as e:
+        raise CannotStart(str(e)) from None
     if not model.exists():
         if model_path is None:
             raise CannotStart(f"the bundled model {DEFAULT_MODEL} is not installed in this copy of effiseg; "

@@ -10,6 +10,7 @@ import click
 
 from effiseg.runtime.cli import TTA_SIZES_OPTION
 from effiseg.runtime.console import Command
+from effiseg.runtime.hub import HubError, HubModel, ModelLocation, parse_hub_id, resolve_model
 
 from .data import DEFAULT_DATA_ROOT as DEFAULT_DATA
 
@@ -17,10 +18,12 @@ CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"]}
 PROBABILITY = click.FloatRange(0, 1, min_open=True, max_open=True)
 
 
-def default_output_dir(checkpoint: Path, kind: str, split: str) -> Path:
+def default_output_dir(checkpoint: Path | HubModel, kind: str, split: str) -> Path:
     """<run folder>/<kind>-<split> beside the checkpoint, except for a model shipped inside the
-    package (the bundled default): results never go into site-packages or the source tree's
-    weights, but into ./<kind>-<model>-<split>."""
+    package (the bundled default) or fetched from the Hub: results never go into site-packages,
+    the source tree's weights or the Hugging Face cache, but into ./<kind>-<model>-<split>."""
+    if isinstance(checkpoint, HubModel):
+        return Path(f"{kind}-{checkpoint.name}-{split}")
     folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
     package = Path(__file__).resolve().parent
     if package in folder.resolve().parents:
@@ -95,7 +98,7 @@ def train_command(data_root, variant, input_size, epochs, batch_size, lr, min_lr
 
 
 @click.command(cls=Command, context_settings=CONTEXT)
-@click.argument("checkpoint", type=click.Path(path_type=Path, exists=True))
+@click.argument("checkpoint", type=ModelLocation(exists=True))
 @click.option("--data", "data_root", default=DEFAULT_DATA, help="Dataset root (with --split) or an images/+masks/ folder.")
 @click.option("--split", default="test", help="train, validation, test, or 'none' to read --data/images and --data/masks.")
 @click.option("--device", default="auto")
@@ -111,7 +114,8 @@ def train_command(data_root, variant, input_size, epochs, batch_size, lr, min_lr
 @click.option("--save-masks", is_flag=True, help="Also write predicted masks as PNG.")
 def eval_command(checkpoint, data_root, split, device, batch_size, threshold, tta, tta_sizes, min_region, out_dir,
                  save_masks):
-    """Evaluate a checkpoint on a split: metrics JSON, per-image CSV, optional mask PNGs."""
+    """Evaluate a checkpoint (a folder, its config.json or .safetensors, or a Hugging Face Hub model
+    hf://OWNER/NAME[@REVISION]) on a split: metrics JSON, per-image CSV, optional mask PNGs."""
     from .checkpoint import load_model
     from .data import DatasetError, load_split
     from .evaluate import evaluate_samples, write_mask_pngs
@@ -120,18 +124,21 @@ def eval_command(checkpoint, data_root, split, device, batch_size, threshold, tt
     from .trainer import resolve_device
     try:
         dev = resolve_device(device)
-        model, cfg = load_model(checkpoint, device=dev)
+        local = resolve_model(checkpoint, "checkpoint")  # a Hub id: its snapshot in the Hugging Face cache
+        model, cfg = load_model(local, device=dev)
         samples = load_split(data_root, None if split == "none" else split)
         tta, tta_sizes = resolve_tta(cfg, tta, tta_sizes)
         min_region = int(cfg.get("min_region_px", 0)) if min_region is None else min_region
         t0 = time.perf_counter()
         summary, rows, logits = evaluate_samples(model, cfg, samples, dev, batch_size, threshold, tta, min_region,
                                                  tta_sizes=tta_sizes)
-    except (FileNotFoundError, DatasetError, ValueError, KeyError, RuntimeError) as e:
+    except (FileNotFoundError, DatasetError, ValueError, KeyError, RuntimeError, HubError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     summary.update(checkpoint=str(checkpoint), variant=cfg["variant"], data=str(data_root), split=split,
                    device=str(dev), seconds=time.perf_counter() - t0)
+    if isinstance(checkpoint, HubModel):
+        summary["hub_snapshot"] = str(local)  # .../snapshots/<commit>: which commit was measured
     out = out_dir or default_output_dir(checkpoint, "eval", split)
     write_json(out / "metrics.json", summary)
     write_rows_csv(out / "per_image.csv", rows)
@@ -146,7 +153,8 @@ def eval_command(checkpoint, data_root, split, device, batch_size, threshold, tt
 @click.command(cls=Command, context_settings=CONTEXT)
 @click.argument("checkpoint", type=click.Path(path_type=Path, exists=True))
 @click.option("--output", "out_dir", type=click.Path(path_type=Path, file_okay=False), required=True,
-              help="Folder to write (config.json, model.safetensors, README.md).")
+              help="Folder to write (config.json, model.safetensors, README.md, and model.onnx with its "
+                   "export report): everything a Hugging Face model repository needs.")
 @click.option("--data", "data_root", default=DEFAULT_DATA, help="Kvasir-SEG root; the card's metrics are measured on it.")
 @click.option("--provenance", type=click.Path(path_type=Path, exists=True), default=None,
               help="JSON of training facts for the card (data, recipe, epochs, seed, hardware, wall time).")
@@ -158,22 +166,37 @@ def eval_command(checkpoint, data_root, split, device, batch_size, threshold, tt
 @click.option("--min-region", type=click.IntRange(0), default=None, help="[default: the checkpoint's]")
 @click.option("--device", default="auto")
 @click.option("--role", default=None, help="Shown in the card's title, e.g. 'effiseg default model'.")
+@click.option("--onnx/--no-onnx", default=True,
+              help="Also export model.onnx (as effiseg-export does, checked against PyTorch; needs effiseg[export]) "
+                   "with its report model.onnx.export.json.")
+@click.option("--repo", "repo_id", default=None, metavar="OWNER/NAME",
+              help="The Hub repository it will be published as: named in the card's commands (hf://OWNER/NAME) "
+                   "and metadata [default: placeholders].")
 def model_card_command(checkpoint, out_dir, data_root, provenance, protocol_summary, threshold, tta, tta_sizes,
-                       min_region, device, role):
-    """Write a publishable model folder (Hugging Face layout) with a measured model card."""
+                       min_region, device, role, onnx, repo_id):
+    """Write a publishable model folder (Hugging Face layout) with a measured model card; publish it
+    with `hf upload OWNER/NAME FOLDER`."""
     from .model_card import make_model_folder
     from .trainer import resolve_device
+    if repo_id is not None:
+        try:
+            if "@" in repo_id:
+                raise ValueError
+            parse_hub_id(f"hf://{repo_id}")
+        except ValueError:
+            raise click.BadParameter(f"expected OWNER/NAME, got {repo_id!r}", param_hint="--repo") from None
     settings = {k: v for k, v in (("threshold", threshold), ("tta", tta), ("min_region_px", min_region),
                                   ("tta_sizes", None if tta_sizes is None else list(tta_sizes))) if v is not None}
     prov = json.loads(Path(provenance).read_text(encoding="utf-8")) if provenance else {}
     proto = {"summary": Path(protocol_summary).read_text(encoding="utf-8")} if protocol_summary else None
     try:
         out = make_model_folder(checkpoint, out_dir, data_root, prov, proto, settings, str(resolve_device(device)),
-                                role=role)
+                                role=role, onnx=onnx, repo_id=repo_id, log=lambda m: click.echo(m, err=True))
     except (FileNotFoundError, FileExistsError, ValueError, KeyError, RuntimeError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    click.echo(f"wrote {out} (config.json, model.safetensors, README.md); upload with: huggingface-cli upload <repo> {out}")
+    files = "config.json, model.safetensors, " + ("model.onnx, model.onnx.export.json, " if onnx else "") + "README.md"
+    click.echo(f"wrote {out} ({files}); publish it with: hf upload {repo_id or 'OWNER/NAME'} {out}")
 
 
 @click.command(cls=Command, context_settings=CONTEXT)

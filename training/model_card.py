@@ -1,13 +1,18 @@
-"""A publishable model folder (Hugging Face layout): config.json, model.safetensors, README.md.
+"""A publishable model folder (Hugging Face layout): config.json, model.safetensors, README.md and,
+with ``onnx``, model.onnx with its export report model.onnx.export.json.
 
 The card's test metrics are measured when the folder is made (the same code as ``effiseg-eval``),
-so the card always matches what a user reproduces. Uploading is the user's step, e.g.
-``huggingface-cli upload <user>/<repo> <folder>``.
+so the card always matches what a user reproduces; the ONNX file is exported from the folder's own
+checkpoint and config (``effiseg.export.onnx_export.export_checkpoint``, verified against PyTorch),
+so it carries the same settings and metrics. Everything is built in a staging folder beside ``out``
+and moved in at the end. Uploading is the user's step: ``hf upload OWNER/NAME <folder>``, after which
+``effiseg-run --model hf://OWNER/NAME`` runs it.
 """
 from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 from effiseg.runtime.images import atomic_write_text
@@ -16,24 +21,41 @@ from effiseg.runtime.replace_file import replace_with_retry
 
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, resolve_checkpoint
 
+ONNX_NAME = "model.onnx"
+EXPORT_REPORT_NAME = ONNX_NAME + ".export.json"
+CARD_NAME = "README.md"
+# The model-index entries (Hub metric ids and display names) for the measured means.
+HUB_METRICS = (("dice", "mean_dice", "mean Dice"), ("mean_iou", "mean_iou", "mean IoU"),
+               ("precision", "mean_precision", "mean precision"), ("recall", "mean_recall", "mean recall"))
+
 
 def _fmt(v):
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def metadata_header(variant: str, test: dict | None, repo_id: str | None, onnx: bool) -> list[str]:
+    """The card's YAML header, which the Hub reads for its filters, licence badge and evaluation
+    results (model-index: the test split's means, self-reported)."""
+    tags = ["medical-imaging", "polyp-segmentation", "colonoscopy", "efficientnet", "effisegnet"] + (
+        ["onnx"] if onnx else [])
+    lines = ["---", "license: other", "library_name: effiseg", "pipeline_tag: image-segmentation",
+             f"tags: [{', '.join(tags)}]", "datasets: [kvasir-seg]", "metrics: [dice, mean_iou, precision, recall]"]
+    if test:
+        name = repo_id.split("/", 1)[1] if repo_id else f"effiseg-{variant}"
+        lines += ["model-index:", f"- name: {name}", "  results:", "  - task:", "      type: image-segmentation",
+                  "      name: Image Segmentation", "    dataset:", "      type: kvasir-seg", "      name: Kvasir-SEG",
+                  "      split: test", "    metrics:"]
+        for metric_id, key, label in HUB_METRICS:
+            lines += [f"    - type: {metric_id}", f"      value: {float(test[key]):.4f}", f"      name: {label}"]
+    return lines + ["---"]
+
+
 def render_card(config: dict, test: dict, val: dict | None, provenance: dict, protocol: dict | None,
-                role: str | None = None) -> str:
+                role: str | None = None, onnx_report: dict | None = None, repo_id: str | None = None) -> str:
     variant = config["variant"]
     tta_sizes = parse_tta_sizes(config.get("tta_sizes"))
-    lines = [
-        "---",
-        "license: other",
-        "library_name: effiseg",
-        "pipeline_tag: image-segmentation",
-        "tags: [medical-imaging, polyp-segmentation, colonoscopy, efficientnet, effisegnet]",
-        "datasets: [kvasir-seg]",
-        "metrics: [dice, iou, precision, recall]",
-        "---",
+    hub = f"hf://{repo_id}" if repo_id else "hf://OWNER/NAME"
+    lines = metadata_header(variant, test, repo_id, onnx_report is not None) + [
         "",
         f"# EffiSegNet ({variant}) for polyp segmentation" + (f" — {role}" if role else ""),
         "",
@@ -67,8 +89,10 @@ def render_card(config: dict, test: dict, val: dict | None, provenance: dict, pr
         if m:
             lines.append(f"| {name} | {m['n_images']} | {_fmt(m['mean_dice'])} | {_fmt(m['mean_iou'])} | "
                          f"{_fmt(m['mean_precision'])} | {_fmt(m['mean_recall'])} | {_fmt(m['f1_pooled'])} |")
-    lines += ["", "Reproduce: `effiseg-eval <this folder> --data <kvasir-seg root> --split test` (the threshold and "
+    where = hub if repo_id else "<this folder, or hf://OWNER/NAME once published>"
+    lines += ["", f"Reproduce: `effiseg-eval {where} --data <kvasir-seg root> --split test` (the threshold and "
               "TTA settings are read from config.json)."]
+    lines += files_and_use(hub, onnx_report)
     if protocol:
         lines += ["", "## Evidence for the recipe and the inference settings", "", protocol.get("summary", "").strip()]
     lines += ["", "## Intended use and limitations",
@@ -87,13 +111,36 @@ def render_card(config: dict, test: dict, val: dict | None, provenance: dict, pr
     return "\n".join(lines)
 
 
+def files_and_use(hub: str, onnx_report: dict | None) -> list[str]:
+    """What the folder holds and the commands that run it from the Hub."""
+    lines = ["", "## Files", "- `config.json`: the model's settings (variant, input size, normalisation, threshold, "
+             "TTA) and the metrics above.",
+             "- `model.safetensors`: the PyTorch weights (effiseg-eval, effiseg-export, `effiseg-run --backend torch`)."]
+    if onnx_report:
+        h, w = onnx_report["input_size"]
+        parity = onnx_report["parity"]
+        lines.append(f"- `{ONNX_NAME}`: the same network in ONNX (opset {onnx_report['opset']}, "
+                     f"{onnx_report['input_format']} in at {h}x{w}, {onnx_report['output_format']} out, any batch; "
+                     "preprocessing and TTA inside the graph), checked against PyTorch in ONNX Runtime on "
+                     f"{parity['n_images']} image(s) (max abs error {parity['max_abs_error']:.3g}); "
+                     f"`{EXPORT_REPORT_NAME}` records the export and the check.")
+    lines += ["", "## Use", "", "```",
+              'pip install "effiseg[ort,hub]"' if onnx_report else 'pip install "effiseg[train,hub]"',
+              f"effiseg-run --model {hub} --input frames/ --output masks/" + ("" if onnx_report else " --backend torch"),
+              "```", "", "The first run fetches the model into the Hugging Face cache; later runs use the cache "
+              "(also offline, with HF_HUB_OFFLINE=1). Append `@REVISION` (a branch, tag or commit) to pin a version."]
+    return lines
+
+
 def make_model_folder(checkpoint: str | Path, out: str | Path, data_root: str | Path | None, provenance: dict,
                       protocol: dict | None = None, settings: dict | None = None, device: str = "cpu",
-                      role: str | None = None) -> Path:
-    """Copy a checkpoint into ``out`` in the HF layout, measure it, and write the card. Everything
-    that can fail (reading the checkpoint and the data, measuring) happens before ``out`` is
-    touched, so a failure leaves no half-made folder. ``role`` (e.g. "effiseg default model")
-    goes into the card's title."""
+                      role: str | None = None, onnx: bool = False, repo_id: str | None = None,
+                      log=print) -> Path:
+    """Copy a checkpoint into ``out`` in the HF layout, measure it, export it to ONNX (``onnx``) and
+    write the card. Everything that can fail (reading the checkpoint and the data, measuring,
+    exporting) happens before ``out`` is touched, so a failure leaves no half-made folder. ``role``
+    (e.g. "effiseg default model") goes into the card's title; ``repo_id`` (OWNER/NAME) into its
+    commands and model-index. Raises ``ExportError`` when the export fails."""
     from .checkpoint import load_model
     from .data import load_split
     from .evaluate import evaluate_samples
@@ -108,17 +155,50 @@ def make_model_folder(checkpoint: str | Path, out: str | Path, data_root: str | 
     if data_root:
         model, _ = load_model(checkpoint, device=device)  # the source checkpoint, never a stale config in out
         flips, sizes = resolve_tta(config)
+        log(f"measuring {checkpoint} on the validation and test splits of {data_root} ...")
         kw = dict(threshold=config.get("threshold", 0.5), tta=flips, tta_sizes=sizes,
                   min_region_px=int(config.get("min_region_px", 0)))
         val, _, _ = evaluate_samples(model, config, load_split(data_root, "validation"), device, **kw)
         test, _, _ = evaluate_samples(model, config, load_split(data_root, "test"), device, **kw)
         config["metrics"] = {"validation": val, "test": test}
-    card = render_card(config, test, val, provenance, protocol, role)
-    out.mkdir(parents=True, exist_ok=True)
-    if weights.resolve() != (out / WEIGHTS_NAME).resolve():
-        tmp = out / (WEIGHTS_NAME + ".tmp")
-        shutil.copyfile(weights, tmp)
-        replace_with_retry(tmp, out / WEIGHTS_NAME)
-    atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
-    atomic_write_text(out / "README.md", card)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Staged beside ``out`` (same file system: the moves are renames) under ``out``'s own name, which
+    # the ONNX metadata records as the checkpoint's.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        stage = staging / out.name
+        stage.mkdir()
+        shutil.copyfile(weights, stage / WEIGHTS_NAME)
+        atomic_write_text(stage / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
+        report = _export_onnx(stage, data_root, log) if onnx else None
+        atomic_write_text(stage / CARD_NAME, render_card(config, test, val, provenance, protocol, role, report,
+                                                         repo_id))
+        out.mkdir(parents=True, exist_ok=True)
+        if not onnx:  # an ONNX file from an earlier card would not match these weights or settings
+            for name in (ONNX_NAME, EXPORT_REPORT_NAME):
+                if (out / name).is_file():
+                    (out / name).unlink()
+                    log(f"removed {out / name} (from an earlier card; this one has no ONNX file)")
+        for f in sorted(stage.iterdir()):
+            replace_with_retry(f, out / f.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _export_onnx(stage: Path, data_root, log) -> dict:
+    """The staged checkpoint (weights + the card's config) exported beside it, verified on the
+    validation images when the data is there; the report's paths are made relative to the folder,
+    which is what travels to the Hub."""
+    from effiseg.export.onnx_export import ExportError, export_checkpoint
+    verify = Path(data_root) / "validation" / "images" if data_root else None
+    log(f"exporting {ONNX_NAME} (checked against PyTorch) ...")
+    try:
+        report = export_checkpoint(stage, stage / ONNX_NAME, verify_dir=verify if verify and verify.is_dir() else None,
+                                   log=log)
+    except ExportError as e:
+        raise ExportError(f"exporting {ONNX_NAME} failed ({e}); nothing was written (--no-onnx makes the "
+                          "folder without it)") from None
+    report.update(checkpoint=".", onnx=ONNX_NAME)  # this folder's config.json + model.safetensors
+    atomic_write_text(stage / EXPORT_REPORT_NAME, json.dumps(report, indent=2, sort_keys=True, default=str))
+    return report
