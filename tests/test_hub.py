@@ -118,9 +118,11 @@ def offline_results(hub_cache, tmp_path_factory, verify_images_dir):
     before = cache_listing(cache)
     run = ["-i", frames, "--no-progress"]
     jobs = {
-        "run_onnx": ("run", work, run + ["-o", work / "out_onnx", "-m", "hf://me/tiny"]),
+        # ONNX Runtime by name: it is compared with torch below (auto may take OpenVINO at bf16)
+        "run_onnx": ("run", work, run + ["-o", work / "out_onnx", "-m", "hf://me/tiny", "--backend", "onnxruntime"]),
         "run_torch": ("run", work, run + ["-o", work / "out_torch", "-m", "hf://me/tiny", "--backend", "torch"]),
-        "run_commit": ("run", work, run + ["-o", work / "out_commit", "-m", f"hf://me/tiny@{commit}"]),
+        "run_commit": ("run", work, run + ["-o", work / "out_commit", "-m", f"hf://me/tiny@{commit}",
+                                           "--backend", "onnxruntime"]),
         "run_absent": ("run", work, run + ["-o", work / "out_absent", "-m", "hf://me/absent"]),
         "run_no_branch": ("run", work, run + ["-o", work / "out_v2", "-m", "hf://me/tiny@v2"]),
         "run_torch_onnx_only": ("run", work, run + ["-o", work / "out_t", "-m", "hf://me/onnxonly",
