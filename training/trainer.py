@@ -250,6 +250,22 @@ class Trainer:
         self.step_choice: StepChoice = choose_step_mode(cfg.step, self.device.type, capability, self.amp_dtype)
         self.channels_last = self.device.type == "cuda" and cfg.channels_last
 
+    @classmethod
+    def for_timing(cls, cfg: TrainConfig, images: torch.Tensor, masks: torch.Tensor) -> "Trainer":
+        """A trainer over in-memory data (uint8 (N,3,S,S) images, (N,1,S,S) masks) without a run
+        folder or validation: benchmarks/train_speed.py times the very steps a run trains with."""
+        trainer = cls.__new__(cls)
+        trainer.out, trainer.progress, trainer.log = None, False, (lambda *_: None)
+        trainer._configure(cfg)
+        seed_everything(cfg.seed, cfg.deterministic)
+        trainer.train_images, trainer.train_masks = images.to(trainer.device), masks.to(trainer.device)
+        trainer._build()
+        trainer.stream = None
+        if trainer.device.type == "cuda":
+            trainer.stream = torch.cuda.Stream(trainer.device)
+            trainer.stream.wait_stream(torch.cuda.current_stream(trainer.device))
+        return trainer
+
     # ------------------------------------------------------------------ setup
     def _model_config(self, **extra) -> dict:
         return model_config(self.cfg.variant, input_size=self.size, decoder_channels=self.cfg.decoder_channels,
