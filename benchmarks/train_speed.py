@@ -131,6 +131,8 @@ def table(rows: list[dict]) -> str:
 @click.option("--runs", default="1,3,6", help="Runs at once, comma-separated.")
 @click.option("--concurrency", type=click.Choice(["both", "in-process", "processes"]), default="both",
               help="How several runs share the machine (one run is always in-process).")
+@click.option("--eager-in-process/--no-eager-in-process", default=True,
+              help="Also time several eager runs in one process (they take turns: the 1-run speed shared).")
 @click.option("--steps", type=click.IntRange(4), default=6, help="Batches per round (the graph is captured at step 4).")
 @click.option("--warmup", type=click.IntRange(1), default=1, help="Untimed rounds first (capture, autotuning).")
 @click.option("--rounds", type=click.IntRange(1), default=2, help="Timed rounds; the median counts.")
@@ -138,7 +140,8 @@ def table(rows: list[dict]) -> str:
               help="CPU threads of this process; each of N timing processes gets max(1, threads // N). One by "
                    "default: on a shared CPU, torch's threads waiting for each other cost more than they give.")
 @click.option("--output", type=click.Path(path_type=Path, file_okay=False), default=Path("train_speed"))
-def main(variant, size, batch, device, amp, modes, runs, concurrency, steps, warmup, rounds, threads, output):
+def main(variant, size, batch, device, amp, modes, runs, concurrency, eager_in_process, steps, warmup, rounds, threads,
+         output):
     """Time the eager train step against the fast one: one run, and several at once."""
     from effiseg.benchmarks.machine import machine_info
     mode_list = [m for m in (modes.split(",") if modes else default_modes(device)) if m]
@@ -151,10 +154,17 @@ def main(variant, size, batch, device, amp, modes, runs, concurrency, steps, war
     import torch
     torch.set_num_threads(threads)
     rows = []
+    settings = {"variant": variant, "input_size": size, "batch_size": batch, "device": device, "amp": amp,
+                "steps_per_round": steps, "warmup_rounds": warmup, "rounds": rounds, "threads": threads,
+                "images": "synthetic uint8 (speed does not depend on the pixels); augmentation on"}
+    result = {"settings": settings, "machine": machine_info(), "results": rows}
+    output.mkdir(parents=True, exist_ok=True)
     for n in run_counts:
         ways = ["in-process"] if n == 1 else (["in-process", "processes"] if concurrency == "both" else [concurrency])
         for way in ways:
             for mode in mode_list:
+                if mode == "eager" and way == "in-process" and n > 1 and not eager_in_process:
+                    continue
                 settings = {"variant": variant, "size": size, "batch": batch, "device": device, "mode": mode,
                             "amp": amp, "steps": steps}
                 click.echo(f"{mode}, {n} run(s), {way} ...", err=True)
@@ -167,14 +177,10 @@ def main(variant, size, batch, device, amp, modes, runs, concurrency, steps, war
                        "images_per_s_per_run": result["aggregate_images_per_s"] / n,
                        "wall_s": time.perf_counter() - t0}
                 rows.append(row)
+                # After every configuration: a run cut short by its time limit keeps what it measured.
+                atomic_write_text(output / "train_speed.json", json.dumps(result, indent=2) + "\n")
                 click.echo(f"  {row['images_per_s_per_run']:.1f} images/s per run, "
                            f"{row['aggregate_images_per_s']:.1f} in all ({row['wall_s']:.0f} s)", err=True)
-    settings = {"variant": variant, "input_size": size, "batch_size": batch, "device": device, "amp": amp,
-                "steps_per_round": steps, "warmup_rounds": warmup, "rounds": rounds, "threads": threads,
-                "images": "synthetic uint8 (speed does not depend on the pixels); augmentation on"}
-    result = {"settings": settings, "machine": machine_info(), "results": rows}
-    output.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output / "train_speed.json", json.dumps(result, indent=2) + "\n")
     md = table(rows)
     atomic_write_text(output / "train_speed.md", f"Train speed, {variant} at {size}, batch {batch}, on {device}\n\n{md}\n")
     click.echo(md)

@@ -72,6 +72,7 @@ class TrainConfig:
     step: str = "auto"                   # auto | eager | fast | graph (fast_step.py)
     plateau_patience: int | None = None  # stop when validation Dice has not improved for N epochs
     plateau_min_delta: float = 0.0       # an improvement must exceed this
+    save_every: int = 1                  # last.* and the resume state every N epochs (and at the end)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -121,6 +122,7 @@ class TrainConfig:
         need(self.input_size is None or self.input_size >= 32, f"input_size must be at least 32, got {self.input_size}")
         need(self.step in ("auto", "eager", "fast", "graph"),
              f"step must be auto, eager, fast or graph, got {self.step!r}")
+        need(self.save_every >= 1, f"save_every must be at least 1, got {self.save_every}")
         need(self.plateau_patience is None or self.plateau_patience >= 1,
              f"plateau_patience must be at least 1 (or unset), got {self.plateau_patience}")
         for name, low in (("limit_train", 2), ("limit_val", 1), ("limit_test", 1)):
@@ -517,13 +519,17 @@ class Trainer:
             self.best, self.best_epoch = val["mean_dice"], epoch + 1
             save_checkpoint(self.out, self.model, self._model_config(best_epoch=self.best_epoch, val_metrics=val),
                             stem="best")
-        save_checkpoint(self.out, self.model, self._model_config(epoch=epoch + 1, val_metrics=val), stem="last")
-        self._write_history(self.history)
-        # Resume state last: a crash before this line repeats the epoch, it never skips one.
-        tmp = self.state_path.with_suffix(".tmp")
-        torch.save(self._state(epoch + 1, self.best, self.best_epoch, self.history), tmp)
-        replace_with_retry(tmp, self.state_path)
         self.epoch = epoch + 1
+        self.plateaued = self._plateau_reached()
+        self.done = self.epoch >= self.end_epoch or self.plateaued
+        self._write_history(self.history)
+        # On a fast GPU writing ~100 MB of state per epoch would cost more than the epoch: save_every.
+        if self.done or self.epoch % c.save_every == 0:
+            save_checkpoint(self.out, self.model, self._model_config(epoch=epoch + 1, val_metrics=val), stem="last")
+            # Resume state last: a crash before this line repeats epochs, it never skips one.
+            tmp = self.state_path.with_suffix(".tmp")
+            torch.save(self._state(epoch + 1, self.best, self.best_epoch, self.history), tmp)
+            replace_with_retry(tmp, self.state_path)
         if self.bar:
             self.bar.set_postfix(loss=f"{loss:.4f}", val_dice=f"{val['mean_dice']:.4f}", best=f"{self.best:.4f}",
                                  img_s=f"{ips:.0f}")
@@ -531,8 +537,6 @@ class Trainer:
         else:
             self.log(f"epoch {epoch + 1}/{c.epochs} loss {loss:.4f} val_dice {val['mean_dice']:.4f} "
                      f"best {self.best:.4f} ({ips:.0f} img/s)")
-        self.plateaued = self._plateau_reached()
-        self.done = self.epoch >= self.end_epoch or self.plateaued
 
     def conclude(self) -> dict:
         c = self.cfg
