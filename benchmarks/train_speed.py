@@ -153,11 +153,12 @@ def main(variant, size, batch, device, amp, modes, runs, concurrency, eager_in_p
         raise click.BadParameter("give run counts of at least 1", param_hint="--runs")
     import torch
     torch.set_num_threads(threads)
-    rows = []
-    settings = {"variant": variant, "input_size": size, "batch_size": batch, "device": device, "amp": amp,
-                "steps_per_round": steps, "warmup_rounds": warmup, "rounds": rounds, "threads": threads,
-                "images": "synthetic uint8 (speed does not depend on the pixels); augmentation on"}
-    result = {"settings": settings, "machine": machine_info(), "results": rows}
+    rows: list[dict] = []
+    failures: list[dict] = []
+    doc = {"settings": {"variant": variant, "input_size": size, "batch_size": batch, "device": device, "amp": amp,
+                        "steps_per_round": steps, "warmup_rounds": warmup, "rounds": rounds, "threads": threads,
+                        "images": "synthetic uint8 (speed does not depend on the pixels); augmentation on"},
+           "machine": machine_info(), "results": rows, "failures": failures}
     output.mkdir(parents=True, exist_ok=True)
     for n in run_counts:
         ways = ["in-process"] if n == 1 else (["in-process", "processes"] if concurrency == "both" else [concurrency])
@@ -165,26 +166,35 @@ def main(variant, size, batch, device, amp, modes, runs, concurrency, eager_in_p
             for mode in mode_list:
                 if mode == "eager" and way == "in-process" and n > 1 and not eager_in_process:
                     continue
-                settings = {"variant": variant, "size": size, "batch": batch, "device": device, "mode": mode,
-                            "amp": amp, "steps": steps}
+                timing = {"variant": variant, "size": size, "batch": batch, "device": device, "mode": mode,
+                          "amp": amp, "steps": steps}
                 click.echo(f"{mode}, {n} run(s), {way} ...", err=True)
                 t0 = time.perf_counter()
-                if way == "in-process":
-                    result = time_in_process(settings, n, warmup, rounds)
+                try:
+                    if way == "in-process":
+                        measured = time_in_process(timing, n, warmup, rounds)
+                    else:
+                        measured = time_processes(timing, n, warmup, rounds, max(1, threads // n))
+                except Exception as e:  # noqa: BLE001 -- one failing configuration must not lose the others
+                    failures.append({"mode": mode, "runs": n, "concurrency": way, "error": f"{type(e).__name__}: {e}"})
+                    click.echo(f"  failed: {failures[-1]['error']}", err=True)
                 else:
-                    result = time_processes(settings, n, warmup, rounds, max(1, threads // n))
-                row = {"mode": mode, "runs": n, "concurrency": way, **result,
-                       "images_per_s_per_run": result["aggregate_images_per_s"] / n,
-                       "wall_s": time.perf_counter() - t0}
-                rows.append(row)
+                    row = {"mode": mode, "runs": n, "concurrency": way, **measured,
+                           "images_per_s_per_run": measured["aggregate_images_per_s"] / n,
+                           "wall_s": time.perf_counter() - t0}
+                    rows.append(row)
+                    click.echo(f"  {row['images_per_s_per_run']:.1f} images/s per run, "
+                               f"{row['aggregate_images_per_s']:.1f} in all ({row['wall_s']:.0f} s)", err=True)
                 # After every configuration: a run cut short by its time limit keeps what it measured.
-                atomic_write_text(output / "train_speed.json", json.dumps(result, indent=2) + "\n")
-                click.echo(f"  {row['images_per_s_per_run']:.1f} images/s per run, "
-                           f"{row['aggregate_images_per_s']:.1f} in all ({row['wall_s']:.0f} s)", err=True)
+                atomic_write_text(output / "train_speed.json", json.dumps(doc, indent=2) + "\n")
     md = table(rows)
     atomic_write_text(output / "train_speed.md", f"Train speed, {variant} at {size}, batch {batch}, on {device}\n\n{md}\n")
     click.echo(md)
     click.echo(f"wrote {output / 'train_speed.json'} and {output / 'train_speed.md'}")
+    if failures:
+        click.echo(f"error: {len(failures)} configuration(s) failed: "
+                   + "; ".join(f"{f['mode']} x{f['runs']} {f['concurrency']}: {f['error']}" for f in failures), err=True)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ TRAIN_EXTRA=()
 if [ "${DRY:-0}" = 1 ]; then
   DEV=cpu; VARIANT=effisegnet-lite0; SIZE=64; N_TRAIN=16; MAX_EPOCHS=${DRY_EPOCHS:-3}; SAVE_EVERY=2; START_S=20
   SPEED=(--steps 4 --warmup 1 --rounds 1 --runs 1,3 --modes eager,fast --no-eager-in-process)
-  TRAIN_EXTRA=(--limit-train 16 --limit-val 4 --no-pretrained --step fast)
+  TRAIN_EXTRA=(--limit-train 16 --limit-val 4 --no-pretrained --step fast)  # the last --step counts
   DEADLINE=${DRY_DEADLINE:-600}; SPEED_BUDGET=240
 fi
 
@@ -61,6 +61,17 @@ stamp "environment"
 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap,clocks.max.sm --format=csv 2>&1 | tee "$RES/gpu.csv"
 "$PY" -c "import json,platform,torch;print(json.dumps({'python':platform.python_version(),'torch':torch.__version__,'cuda':torch.version.cuda,'gpu':torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,'capability':torch.cuda.get_device_capability(0) if torch.cuda.is_available() else None}))" | tee "$RES/env.json"
 pack
+
+# The graph step against the eager one on this GPU (tests/test_fast_step.py, gpu-marked, ~30 s). If it
+# fails, the runs train with the fast step uncaptured (--step fast) rather than losing the call.
+STEP=auto
+if [ "${DRY:-0}" != 1 ]; then
+  stamp "gpu tests of the fast step"
+  EFFISEG_DATA=$DATA timeout 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_fast_step.py 2>&1 | tail -8 | tee "$RES/gpu_tests.txt"
+  SUMMARY=$(tail -n 1 "$RES/gpu_tests.txt")   # pytest's last line: "2 passed, 16 deselected in ..."
+  case "$SUMMARY" in *failed*|*error*|*"no tests ran"*) STEP=fast;; *passed*) ;; *) STEP=fast;; esac
+  stamp "gpu tests done; training step: $STEP"
+fi
 
 if [ "$SPEED_BUDGET" -gt 0 ]; then
   stamp "train_speed (budget ${SPEED_BUDGET}s)"
@@ -97,7 +108,7 @@ stamp "$N_SEEDS runs at once: ${AGG3} images/s in all ($WAY); ${TRAIN_S}s to tra
 
 TRAIN=("$PY" -c "from effiseg.training.cli import train_command; train_command()")
 COMMON=(--data "$DATA" --variant "$VARIANT" --input-size "$SIZE" --epochs "$EPOCHS" --no-progress --no-test
-        --plateau-patience "$PATIENCE" --set "save_every=$SAVE_EVERY" --device "$DEV" "${TRAIN_EXTRA[@]}")
+        --plateau-patience "$PATIENCE" --set "save_every=$SAVE_EVERY" --device "$DEV" --step "$STEP" "${TRAIN_EXTRA[@]}")
 # Cut at the deadline if slower than planned: each run's best checkpoint so far and its metrics stay.
 if [ "$WAY" = processes ]; then
   stamp "training seeds $SEEDS, one process each"
