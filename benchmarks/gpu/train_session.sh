@@ -104,7 +104,7 @@ print(way, round(aggregate, 1), max(1, min(max_epochs, int(train_s / epoch_s))))
 PY
 )
 stamp "$N_SEEDS runs at once: ${AGG3} images/s in all ($WAY); ${TRAIN_S}s to train -> $EPOCHS epochs (at most $MAX_EPOCHS)"
-"$PY" -c "import json,sys; json.dump({'variant': '$VARIANT', 'input_size': $SIZE, 'arms': {'baseline': []}, 'seeds': [int(s) for s in '$SEEDS'.split(',')], 'epochs': $EPOCHS, 'parallel': $N_SEEDS, 'way': '$WAY', 'aggregate_images_per_s_planned': $AGG3, 'plateau_patience': $PATIENCE, 'train_step': 'auto'}, open('$PROTO/plan.json', 'w'), indent=2)"
+"$PY" -c "import json,sys; json.dump({'variant': '$VARIANT', 'input_size': $SIZE, 'arms': {'baseline': []}, 'seeds': [int(s) for s in '$SEEDS'.split(',')], 'epochs': $EPOCHS, 'parallel': $N_SEEDS, 'way': '$WAY', 'aggregate_images_per_s_planned': $AGG3, 'plateau_patience': $PATIENCE, 'train_step': '$STEP'}, open('$PROTO/plan.json', 'w'), indent=2)"
 
 TRAIN=("$PY" -c "from effiseg.training.cli import train_command; train_command()")
 COMMON=(--data "$DATA" --variant "$VARIANT" --input-size "$SIZE" --epochs "$EPOCHS" --no-progress --no-test
