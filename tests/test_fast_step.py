@@ -185,3 +185,20 @@ def test_the_cuda_graph_step_tracks_the_eager_step_on_the_gpu(tiny_data, tmp_pat
         assert g["train_loss"] == pytest.approx(e["train_loss"], rel=1e-2 if amp == "bf16" else 1e-3)
     diffs = torch.cat([(graph_w[k].float() - w).abs().flatten() for k, w in _weights_only(eager_w).items()])
     assert diffs.max().item() <= 2 * LR * 12  # 4 epochs of 3 steps; the graph replays from the second
+
+
+@needs_kvasir
+def test_save_every_writes_the_resume_state_every_n_epochs_and_at_the_end(tiny_data, tmp_path, monkeypatch):
+    import effiseg.training.trainer as trainer_module
+    saved_epochs = []
+    real_save = torch.save
+
+    def counting_save(obj, path, *a, **k):
+        saved_epochs.append(obj["epoch"])
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(trainer_module.torch, "save", counting_save)
+    Trainer(_config(tiny_data, "fast", epochs=3, limit_train=4, save_every=2), tmp_path, progress=False).fit()
+    assert saved_epochs == [2, 3]
+    assert len(json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))) == 3
+    assert json.loads((tmp_path / "last.json").read_text(encoding="utf-8"))["epoch"] == 3

@@ -412,14 +412,6 @@ class Trainer:
         elapsed = time.perf_counter() - pending["t0"]
         return loss, pending["n"] / max(elapsed, 1e-9)
 
-    def _train_epoch(self) -> tuple[float, float]:
-        return self._collect_epoch(self._enqueue_epoch())
-
-    def _evaluate(self, samples, threshold=None):
-        summary, rows, _ = evaluate_samples(self.model, self._model_config(), samples, self.device,
-                                            batch_size=16, threshold=threshold, amp_dtype=self.amp_dtype)
-        return summary, rows
-
     def _validate(self) -> dict:
         summary, _ = self.validation.evaluate(self.model, self.cfg.threshold, self.amp_dtype, self.channels_last)
         return summary
