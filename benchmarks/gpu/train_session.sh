@@ -111,20 +111,26 @@ stamp "$N_SEEDS runs at once: ${AGG3} images/s in all ($WAY); ${TRAIN_S}s to tra
 TRAIN=("$PY" -c "from effiseg.training.cli import train_command; train_command()")
 COMMON=(--data "$DATA" --variant "$VARIANT" --input-size "$SIZE" --epochs "$EPOCHS" --no-progress --no-test
         --plateau-patience "$PATIENCE" --set "save_every=$SAVE_EVERY" --device "$DEV" --step "$STEP" "${TRAIN_EXTRA[@]}")
+# Several training processes share the CPU cores: one thread each (the GPU does the work).
+export OMP_NUM_THREADS=1
 # Cut at the deadline if slower than planned: each run's best checkpoint so far and its metrics stay.
 if [ "$WAY" = processes ]; then
   stamp "training seeds $SEEDS, one process each"
+  PIDS=()
   for S in $(echo "$SEEDS" | tr ',' ' '); do
     timeout $(( $(left) - PACK_S )) "${TRAIN[@]}" "${COMMON[@]}" --seed "$S" \
       --output "$PROTO/runs/baseline_s$S" > "$PROTO/logs/baseline_s$S.log" 2>&1 &
+    PIDS+=($!)
   done
-  wait
+  RC=0   # waited for by id: a bare wait would also wait for the log's tee, which never ends
+  for P in "${PIDS[@]}"; do wait "$P" || RC=$?; done
 else
   stamp "training seeds $SEEDS in one process (a CUDA stream each)"
   timeout $(( $(left) - PACK_S )) "${TRAIN[@]}" "${COMMON[@]}" --seeds "$SEEDS" \
     --output "$PROTO/runs/baseline_s{seed}" > "$PROTO/logs/train.log" 2>&1
+  RC=$?
 fi
-stamp "training done (exit $?; 124: cut at the deadline)"
+stamp "training done (exit $RC; 124: cut at the deadline)"
 tail -n 4 "$PROTO"/logs/*.log
 pack
 
