@@ -107,6 +107,14 @@ def test_training_with_teacher_maps(tiny_checkpoint, tmp_path):
     assert res.exit_code == 0, res.output
     saved = __import__("json").loads((run / "run_config.json").read_text(encoding="utf-8"))
     assert saved["train"]["teacher_maps"] == str(maps) and saved["train"]["loss"]["distill_weight"] == 0.5
+    # The fast step (a CUDA graph on GPUs, uncaptured here) feeds the teacher's maps as the eager step does.
+    fast = tmp_path / "run_fast"
+    res = CliRunner().invoke(train_command, args + ["--set", f"teacher_maps={maps}", "--step", "fast",
+                                                    "--output", str(fast)])
+    assert res.exit_code == 0, res.output
+    metrics = [__import__("json").loads((r / "metrics.json").read_text(encoding="utf-8")) for r in (run, fast)]
+    eager_loss, fast_loss = (m[0]["train_loss"] for m in metrics)  # one row per epoch
+    assert fast_loss == pytest.approx(eager_loss, rel=1e-4)
 
 
 def test_distill_command_writes_maps_and_names_bad_data(tiny_checkpoint, tmp_path):

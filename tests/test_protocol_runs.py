@@ -100,3 +100,19 @@ def test_train_evaluate_report_spread_over_devices(tmp_path):
     assert res.exit_code == 0, res.output
     results = json.loads((proto / "protocol_results.json").read_text())
     assert results["winner"]["arm"] in ("baseline", "boundary_loss")
+
+
+def test_runs_per_process_groups_the_seeds_of_an_arm(tmp_path, monkeypatch):
+    import effiseg.training.protocol as protocol
+    launched = []
+    monkeypatch.setattr(protocol, "_launch_all", lambda jobs, *a, **k: launched.extend(jobs) or {})
+    res = CliRunner().invoke(protocol_main, ["train", "--out", str(tmp_path / "p"), "--epochs", "1", "--devices", "cpu",
+                                             "--arms", "baseline,boundary_loss", "--seeds", "0,1,2",
+                                             "--runs-per-process", "2"])
+    assert res.exit_code == 0, res.output
+    names = [name for name, _, _ in launched]
+    assert names == ["baseline_s0+baseline_s1", "boundary_loss_s0+boundary_loss_s1", "baseline_s2", "boundary_loss_s2"]
+    first = launched[0][1]
+    assert first[first.index("--seeds") + 1] == "0,1"
+    assert first[first.index("--output") + 1] == str(tmp_path / "p" / "runs" / "baseline_s{seed}")
+    assert "--seed" in launched[2][1] and "--seeds" not in launched[2][1]

@@ -202,3 +202,17 @@ def test_a_metrics_csv_held_open_does_not_stop_training(tmp_path, monkeypatch):
     assert len(json.loads((run / "metrics.json").read_text())) == 2
     assert (run / "best.safetensors").is_file() and (run / "last.safetensors").is_file()
     assert not (run / "metrics.csv").exists() and not list(run.glob(".*effiseg-tmp"))
+
+
+def test_seeds_train_together_into_one_folder_each(tmp_path):
+    pattern = tmp_path / "run_s{seed}"
+    args = [a for a in TINY if a not in ("--seed", "3")]
+    out = _train(args + ["--epochs", "1", "--no-test", "--step", "fast", "--seeds", "4,5", "--output", str(pattern)])
+    for seed in (4, 5):
+        run = tmp_path / f"run_s{seed}"
+        config = json.loads((run / "run_config.json").read_text(encoding="utf-8"))
+        assert config["train"]["seed"] == seed and config["train_step"] == "fast"
+        assert len(json.loads((run / "metrics.json").read_text(encoding="utf-8"))) == 1
+        assert str(run) in out.output
+    bad = CliRunner().invoke(train_command, args + ["--epochs", "1", "--seeds", "4,5", "--output", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "{seed}" in bad.output

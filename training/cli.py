@@ -40,6 +40,14 @@ def default_output_dir(checkpoint: Path | HubModel, kind: str, split: str) -> Pa
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-4)
 @click.option("--min-lr", type=click.FloatRange(0), default=1e-5, help="Cosine decay floor.")
 @click.option("--seed", type=int, default=0)
+@click.option("--seeds", default=None, metavar="S1,S2,...",
+              help="Train several seeds in this one process, each on its own CUDA stream (fit_together); "
+                   "--output must then hold {seed}, e.g. runs/lite2_s{seed}.")
+@click.option("--step", type=click.Choice(["auto", "eager", "fast", "graph"]), default="auto",
+              help="Train step: auto picks a CUDA graph on a GPU (fp32/bf16) and eager on the CPU; fast is the "
+                   "graph's code uncaptured (training/README.md).")
+@click.option("--plateau-patience", type=click.IntRange(1), default=None,
+              help="Stop when validation Dice has not improved for N epochs (see also --set plateau_min_delta=...).")
 @click.option("--device", default="auto",
               help="auto, cpu, cuda or cuda:N. With --resume, anything but auto replaces the run's recorded device.")
 @click.option("--output", "out_dir", type=click.Path(path_type=Path), default=None,
@@ -60,9 +68,9 @@ def default_output_dir(checkpoint: Path | HubModel, kind: str, split: str) -> Pa
 @click.option("--stop-after-epochs", type=click.IntRange(1), default=None,
               help="End this session after N more epochs (continue later with --resume).")
 @click.option("--list-variants", is_flag=True, help="Print the known variants and exit.")
-def train_command(data_root, variant, input_size, epochs, batch_size, lr, min_lr, seed, device, out_dir, resume_dir,
-                  deterministic, amp, no_pretrained, deep_supervision, overrides, limit_train, limit_val, limit_test,
-                  no_test, no_progress, stop_after_epochs, list_variants):
+def train_command(data_root, variant, input_size, epochs, batch_size, lr, min_lr, seed, seeds, step, plateau_patience,
+                  device, out_dir, resume_dir, deterministic, amp, no_pretrained, deep_supervision, overrides,
+                  limit_train, limit_val, limit_test, no_test, no_progress, stop_after_epochs, list_variants):
     """Train EffiSegNet on Kvasir-SEG (the paper's recipe by default)."""
     from .variants import get_variant, list_variants as names
     if list_variants:
@@ -70,7 +78,8 @@ def train_command(data_root, variant, input_size, epochs, batch_size, lr, min_lr
             v = get_variant(n)
             click.echo(f"{n:20s} encoder={v.encoder:24s} size={v.input_size} weights={v.weights_source}")
         return
-    from .trainer import TrainConfig, Trainer
+    from .trainer import TrainConfig, Trainer, fit_together
+    seed_list = _seed_list(seeds, out_dir) if seeds else None
     try:
         if resume_dir:
             trainer = Trainer(TrainConfig(), resume_dir, progress=not no_progress)
@@ -82,10 +91,21 @@ def train_command(data_root, variant, input_size, epochs, batch_size, lr, min_lr
                               batch_size=batch_size, lr=lr, min_lr=min_lr, seed=seed, device=device,
                               deterministic=deterministic, amp=amp, pretrained=not no_pretrained,
                               deep_supervision=deep_supervision, eval_test=not no_test, limit_train=limit_train,
-                              limit_val=limit_val, limit_test=limit_test)
+                              limit_val=limit_val, limit_test=limit_test, step=step, plateau_patience=plateau_patience)
             cfg.apply_overrides(list(overrides))
             cfg.check()  # --set can reach what the options' ranges guard
             get_variant(cfg.variant)
+            if seed_list:
+                import dataclasses
+                outs = [Path(str(out_dir).replace("{seed}", str(s))) for s in seed_list]
+                for o in outs:
+                    if (o / "resume_state.pt").exists():
+                        raise click.UsageError(f"{o} already holds a run; use another --output")
+                trainers = [Trainer(dataclasses.replace(cfg, seed=s), o, progress=False) for s, o in zip(seed_list, outs)]
+                results = fit_together(trainers)
+                for o, r in zip(outs, results):
+                    click.echo(json.dumps({"run_folder": str(o), **r}, indent=2))
+                return
             out = out_dir or Path("runs") / f"{cfg.variant}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
             if (Path(out) / "resume_state.pt").exists():
                 raise click.UsageError(f"{out} already holds a run; use --resume {out} or another --output")
@@ -95,6 +115,18 @@ def train_command(data_root, variant, input_size, epochs, batch_size, lr, min_lr
         sys.exit(2)
     click.echo(json.dumps(result, indent=2))
     click.echo(f"run folder: {out}")
+
+
+def _seed_list(seeds: str, out_dir: Path | None) -> list[int]:
+    try:
+        values = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected whole numbers separated by commas, got {seeds!r}", param_hint="--seeds") from None
+    if not values or len(set(values)) != len(values):
+        raise click.BadParameter(f"give distinct seeds, got {seeds!r}", param_hint="--seeds")
+    if out_dir is None or "{seed}" not in str(out_dir):
+        raise click.UsageError("--seeds needs --output with {seed} in it, e.g. --output runs/lite2_s{seed}")
+    return values
 
 
 @click.command(cls=Command, context_settings=CONTEXT)

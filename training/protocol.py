@@ -183,8 +183,11 @@ def main():
               help="Where runs train: auto (every visible GPU, else the CPU), cpu, 0,1 or cuda:0,cuda:1. "
                    "Each run starts on the device with the fewest runs at that moment.")
 @click.option("--extra", multiple=True, help="Extra effiseg-train arguments for every run.")
+@click.option("--runs-per-process", type=click.IntRange(1), default=1, show_default=True,
+              help="Seeds of one arm trained together in one process (effiseg-train --seeds: one CUDA graph per "
+                   "run, each on its own stream); --parallel then counts processes. Its log is the first run's.")
 def train_cmd(data, out, variant, input_size, arms, seeds, epochs, time_budget, min_epochs, max_epochs, parallel,
-              devices, extra):
+              devices, extra, runs_per_process):
     """Train every (arm, seed) with the same epochs, several runs at once."""
     if any(e == "--device" or e.startswith("--device=") for e in extra):
         raise click.UsageError("give devices with --devices, not --extra --device")
@@ -214,14 +217,18 @@ def train_cmd(data, out, variant, input_size, arms, seeds, epochs, time_budget, 
         click.echo(f"calibration: {cal}; {left:.0f}s left for {waves} wave(s) -> {epochs} epochs")
         epochs = max(min_epochs, min(max_epochs, epochs))
     plan = {"variant": variant, "input_size": input_size, "arms": {a: ARMS[a] for a in arm_names},
-            "seeds": seed_list, "epochs": epochs, "parallel": parallel, "devices": device_list, "extra": list(extra)}
+            "seeds": seed_list, "epochs": epochs, "parallel": parallel, "runs_per_process": runs_per_process, "devices": device_list, "extra": list(extra)}
     (out / "plan.json").write_text(json.dumps(plan, indent=2), encoding="utf-8")
     jobs = []
-    for seed in seed_list:          # seed-major order: every arm gets seed 0 first
+    groups = [seed_list[i:i + runs_per_process] for i in range(0, len(seed_list), runs_per_process)]
+    for group in groups:            # seed-major order: every arm gets seed 0 first
         for arm in arm_names:
-            d = out / "runs" / f"{arm}_s{seed}"
-            jobs.append((f"{arm}_s{seed}", _train_cmd(data, d, variant, input_size, epochs, seed, ARMS[arm], extra),
-                         d / "train.log"))
+            d = out / "runs" / f"{arm}_s{group[0]}"
+            cmd = _train_cmd(data, d, variant, input_size, epochs, group[0], ARMS[arm], extra)
+            if len(group) > 1:
+                cmd[cmd.index("--seed"):cmd.index("--seed") + 2] = ["--seeds", ",".join(map(str, group))]
+                cmd[cmd.index("--output") + 1] = str(out / "runs" / f"{arm}_s{{seed}}")
+            jobs.append(("+".join(f"{arm}_s{s}" for s in group), cmd, d / "train.log"))
     t0 = time.perf_counter()
     placed: dict[str, str] = {}
     codes = _launch_all(jobs, parallel, devices=device_list, placed=placed)

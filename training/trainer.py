@@ -4,9 +4,15 @@ A run folder holds ``run_config.json`` (everything needed to repeat it), ``metri
 ``metrics.json`` (one row per epoch), ``best.safetensors/.json`` (best validation Dice),
 ``last.safetensors/.json``, ``resume_state.pt`` (optimiser, scheduler, random states, epoch) and,
 at the end, ``test_metrics.json`` with per-image CSVs for both checkpoints.
+
+The train step is the eager one or the fast one (fast_step.py: the same mathematics captured as a
+CUDA graph), chosen by ``step``; validation runs on the device (device_validation.py). A run is
+split into begin / epoch / conclude so that ``fit_together`` can train several runs in one process,
+each on its own CUDA stream.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -26,7 +32,10 @@ from .augment import AugmentConfig, augment_batch
 from .checkpoint import effiseg_version, load_model, model_config, save_checkpoint
 from .data import DEFAULT_DATA_ROOT, load_split, stack_samples
 from .distill import load_teacher_maps
+from .device_validation import DeviceValidation
 from .evaluate import evaluate_samples
+from .fast_step import (FastStep, StepChoice, choose_step_mode, cosine_lr, fast_optimizer, learning_rate_value,
+                        set_learning_rate)
 from .losses import LossConfig, total_loss
 from .model import build_model
 from .result_files import write_json, write_rows_csv
@@ -62,6 +71,10 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     tag: str = ""
     teacher_maps: str | None = None  # distillation (issue 21): a file from training/distill.py
+    step: str = "auto"                   # auto | eager | fast | graph (fast_step.py)
+    plateau_patience: int | None = None  # stop when validation Dice has not improved for N epochs
+    plateau_min_delta: float = 0.0       # an improvement must exceed this
+    save_every: int = 1                  # last.* and the resume state every N epochs (and at the end)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -109,6 +122,11 @@ class TrainConfig:
         need(self.batch_size >= 2, f"batch_size must be at least 2 (BatchNorm), got {self.batch_size}")
         need(self.lr > 0 and self.min_lr >= 0, f"need lr > 0 and min_lr >= 0, got {self.lr} and {self.min_lr}")
         need(self.input_size is None or self.input_size >= 32, f"input_size must be at least 32, got {self.input_size}")
+        need(self.step in ("auto", "eager", "fast", "graph"),
+             f"step must be auto, eager, fast or graph, got {self.step!r}")
+        need(self.save_every >= 1, f"save_every must be at least 1, got {self.save_every}")
+        need(self.plateau_patience is None or self.plateau_patience >= 1,
+             f"plateau_patience must be at least 1 (or unset), got {self.plateau_patience}")
         for name, low in (("limit_train", 2), ("limit_val", 1), ("limit_test", 1)):
             value = getattr(self, name)
             need(value is None or value >= low, f"{name} must be at least {low} (or unset), got {value}")
@@ -234,6 +252,25 @@ class Trainer:
             # cuda:0: runs spread over two GPUs must not each hold a context on the first.
             torch.cuda.set_device(self.device)
         self.amp_dtype = resolve_amp(cfg.amp, self.device)
+        capability = torch.cuda.get_device_capability(self.device) if self.device.type == "cuda" else None
+        self.step_choice: StepChoice = choose_step_mode(cfg.step, self.device.type, capability, self.amp_dtype)
+        self.channels_last = self.device.type == "cuda" and cfg.channels_last
+
+    @classmethod
+    def for_timing(cls, cfg: TrainConfig, images: torch.Tensor, masks: torch.Tensor) -> "Trainer":
+        """A trainer over in-memory data (uint8 (N,3,S,S) images, (N,1,S,S) masks) without a run
+        folder or validation: benchmarks/train_speed.py times the very steps a run trains with."""
+        trainer = cls.__new__(cls)
+        trainer.out, trainer.progress, trainer.log = None, False, (lambda *_: None)
+        trainer._configure(cfg)
+        seed_everything(cfg.seed, cfg.deterministic)
+        trainer.train_images, trainer.train_masks = images.to(trainer.device), masks.to(trainer.device)
+        trainer._build()
+        trainer.stream = None
+        if trainer.device.type == "cuda":
+            trainer.stream = torch.cuda.Stream(trainer.device)
+            trainer.stream.wait_stream(torch.cuda.current_stream(trainer.device))
+        return trainer
 
     # ------------------------------------------------------------------ setup
     def _model_config(self, **extra) -> dict:
@@ -252,6 +289,7 @@ class Trainer:
         self.train_teacher = None if not c.teacher_maps else torch.from_numpy(
             load_teacher_maps(c.teacher_maps, [s.stem for s in train], self.size)).to(self.device)
         self.val_samples, self.test_samples = val, test
+        self.validation = DeviceValidation(val, self.size, self.variant.mean, self.variant.std, self.device)
         self.log(f"data: {len(train)} train, {len(val)} validation, {len(test)} test images "
                  f"at {self.size}x{self.size} on {self.device}")
 
@@ -259,13 +297,29 @@ class Trainer:
         c = self.cfg
         self.model = build_model(c.variant, pretrained=c.pretrained, ch=c.decoder_channels,
                                  deep_supervision=c.deep_supervision).to(self.device)
-        if self.device.type == "cuda" and c.channels_last:
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        mode = self.step_choice.mode
+        if mode == "eager":
+            self.opt = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        else:
+            self.opt = fast_optimizer(self.model.parameters(), c.lr, c.weight_decay, self.device,
+                                      capturable=mode == "graph")
+        # What a resume state from the other kind of step must not overwrite (load_state_dict copies
+        # the saved groups' flags and learning rate).
+        self._opt_flags = {k: self.opt.param_groups[0].get(k) for k in ("fused", "capturable", "foreach")}
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(1, c.epochs), eta_min=c.min_lr)
         self.shuffle_gen = torch.Generator().manual_seed(c.seed)
         self.aug_gen = torch.Generator(device=self.device).manual_seed(c.seed + 1)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        # Made once: a tensor built from Python values each step would make the CPU wait for the GPU.
+        self.mean = torch.tensor(self.variant.mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(self.variant.std, device=self.device).view(1, 3, 1, 1)
+        self.fast = None
+        if mode != "eager":
+            self.fast = FastStep(self.model, self.opt, self.train_images, self.train_masks, self.mean, self.std,
+                                 c.batch_size, c.augment, c.loss, self.aug_gen, self.amp_dtype, self.channels_last,
+                                 capture=mode == "graph", teacher=self.train_teacher)
 
     # ------------------------------------------------------------------ state
     def _state(self, epoch: int, best: float, best_epoch: int, history: list[dict]) -> dict:
@@ -297,18 +351,41 @@ class Trainer:
         random.setstate(st["python_rng"])
         if self.scaler and st.get("scaler"):
             self.scaler.load_state_dict(st["scaler"])
+        self._normalise_optimizer(float(st["optimizer"]["param_groups"][0]["lr"]))
+
+    def _normalise_optimizer(self, lr: float) -> None:
+        """After loading a resume state written by either kind of step: this step's optimizer
+        flags, and the learning rate as this step holds it (a device tensor for the fast step)."""
+        for group in self.opt.param_groups:
+            group.update(self._opt_flags)
+            if self.step_choice.mode == "eager":
+                group["lr"] = lr
+            else:
+                group["lr"] = torch.tensor(lr, dtype=torch.float32, device=self.device)
+        # Adam's step counts live on the device for a fused/capturable optimizer, on the host otherwise.
+        on_device = self.step_choice.mode != "eager"
+        for state in self.opt.state.values():
+            if "step" in state:
+                state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(
+                    self.device if on_device else "cpu")
 
     # ------------------------------------------------------------------ loop
-    def _train_epoch(self) -> tuple[float, float]:
+    def _enqueue_epoch(self) -> dict:
+        """Start one epoch of training; with the fast step nothing waits for the device."""
         c = self.cfg
         self.model.train()
         n = self.train_images.shape[0]
-        order = torch.randperm(n, generator=self.shuffle_gen).to(self.device)
-        total, steps = torch.zeros((), device=self.device), 0
-        # Made once: a tensor built from Python values each step would make the CPU wait for the GPU.
-        mean = torch.tensor(self.variant.mean, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.variant.std, device=self.device).view(1, 3, 1, 1)
         t0 = time.perf_counter()
+        order = torch.randperm(n, generator=self.shuffle_gen)
+        if self.device.type == "cuda":
+            order = order.pin_memory().to(self.device, non_blocking=True)  # a pageable copy would wait
+        else:
+            order = order.to(self.device)
+        if self.fast is not None:
+            self.fast.loss_sum.zero_()
+            steps = self.fast.run_epoch(order)
+            return {"t0": t0, "n": n, "loss_sum": self.fast.loss_sum, "steps": steps}
+        total, steps = torch.zeros((), device=self.device), 0
         for start in range(0, n, c.batch_size):
             idx = order[start:start + c.batch_size]
             if idx.numel() < 2:  # BatchNorm needs two samples
@@ -318,8 +395,8 @@ class Trainer:
             if self.train_teacher is not None:  # soft targets ride along as channel 1 (losses.py)
                 masks = torch.cat([masks, self.train_teacher[idx].float().div_(255.0)], dim=1)
             images, masks = augment_batch(images, masks, c.augment, generator=self.aug_gen)
-            x = (images - mean) / std
-            if self.device.type == "cuda" and c.channels_last:
+            x = (images - self.mean) / self.std
+            if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype or torch.bfloat16,
                                 enabled=self.amp_dtype is not None):
@@ -335,28 +412,36 @@ class Trainer:
                 self.opt.step()
             total += loss.detach()
             steps += 1
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        elapsed = time.perf_counter() - t0
-        return float(total.item() / max(steps, 1)), n / max(elapsed, 1e-9)
+        return {"t0": t0, "n": n, "loss_sum": total, "steps": steps}
 
-    def _evaluate(self, samples, threshold=None):
-        summary, rows, _ = evaluate_samples(self.model, self._model_config(), samples, self.device,
-                                            batch_size=16, threshold=threshold, amp_dtype=self.amp_dtype)
-        return summary, rows
+    def _collect_epoch(self, pending: dict) -> tuple[float, float]:
+        """(mean train loss, images/s): the epoch's one read from the device."""
+        loss = float(pending["loss_sum"].item()) / max(pending["steps"], 1)
+        elapsed = time.perf_counter() - pending["t0"]
+        return loss, pending["n"] / max(elapsed, 1e-9)
+
+    def _validate(self) -> dict:
+        summary, _ = self.validation.evaluate(self.model, self.cfg.threshold, self.amp_dtype, self.channels_last)
+        return summary
 
     def fit(self, resume: bool = False, stop_after_epochs: int | None = None, device: str | None = None) -> dict:
         """Train to ``cfg.epochs``; ``stop_after_epochs`` ends this session early (resumable),
         e.g. to split a long CPU training over several sittings. With ``resume``, ``device``
         replaces the run's recorded device (a protocol run pinned to cuda:1, resumed on a machine
         with one GPU)."""
+        self.begin(resume, stop_after_epochs, device)
+        while not self.done:
+            self.finish_epoch(self.enqueue_epoch())
+        return self.conclude()
+
+    def begin(self, resume: bool = False, stop_after_epochs: int | None = None, device: str | None = None) -> None:
         c = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        state_path = self.out / "resume_state.pt"
+        self.state_path = self.out / "resume_state.pt"
         cfg_path = self.out / "run_config.json"
         if resume:
-            if not state_path.exists():
-                raise FileNotFoundError(f"--resume: {state_path} not found (nothing to resume in {self.out})")
+            if not self.state_path.exists():
+                raise FileNotFoundError(f"--resume: {self.state_path} not found (nothing to resume in {self.out})")
             saved = json.loads(cfg_path.read_text(encoding="utf-8"))
             if device is not None:
                 saved["train"]["device"] = device
@@ -365,56 +450,110 @@ class Trainer:
         seed_everything(c.seed, c.deterministic)
         self._load_data()
         self._build()
-        start_epoch, best, best_epoch, history = 0, -1.0, -1, []
+        self.log(self.step_choice.line())
+        start_epoch, self.best, self.best_epoch, self.history = 0, -1.0, -1, []
         if resume:
             # Load on the CPU: the random-generator states must stay CPU ByteTensors; load_state_dict
             # moves the model's and the optimiser's tensors to the device itself.
-            st = torch.load(state_path, map_location="cpu", weights_only=False)
+            st = torch.load(self.state_path, map_location="cpu", weights_only=False)
             self._restore(st)
-            start_epoch, best, best_epoch, history = st["epoch"], st["best_val_dice"], st["best_epoch"], st["history"]
+            start_epoch, self.best, self.best_epoch, self.history = (st["epoch"], st["best_val_dice"],
+                                                                     st["best_epoch"], st["history"])
             self.log(f"resuming {self.out} at epoch {start_epoch}/{c.epochs}")
         else:
             write_json(cfg_path, {"train": c.to_dict(), "model": self._model_config(),
                                   "effiseg_version": effiseg_version(), "device": str(self.device),
                                   "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-                                  "torch": torch.__version__})
-        bar = None
+                                  "torch": torch.__version__, "train_step": self.step_choice.mode,
+                                  "train_step_reason": self.step_choice.reason})
+        self.epoch = start_epoch
+        self.end_epoch = c.epochs if stop_after_epochs is None else min(c.epochs, start_epoch + stop_after_epochs)
+        self.plateaued = self._plateau_reached()
+        self.done = self.epoch >= self.end_epoch or self.plateaued
+        self.bar = None
         if self.progress:
             from tqdm.auto import tqdm
-            bar = tqdm(total=c.epochs, initial=start_epoch, desc=f"train {c.variant}", unit="epoch", dynamic_ncols=True)
-        t_run = time.perf_counter()
-        end_epoch = c.epochs if stop_after_epochs is None else min(c.epochs, start_epoch + stop_after_epochs)
-        for epoch in range(start_epoch, end_epoch):
-            t0 = time.perf_counter()
-            loss, ips = self._train_epoch()
-            lr = self.opt.param_groups[0]["lr"]
+            self.bar = tqdm(total=c.epochs, initial=start_epoch, desc=f"train {c.variant}", unit="epoch",
+                            dynamic_ncols=True)
+        self.t_run = time.perf_counter()
+        self.stream = None
+        if self.device.type == "cuda":
+            self.stream = torch.cuda.Stream(self.device)
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))  # data and model are made there
+
+    def _on_stream(self):
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+    def _plateau_reached(self) -> bool:
+        """No validation gain above ``plateau_min_delta`` in the last ``plateau_patience`` epochs
+        (read from the history, so that a resumed run decides as the uninterrupted one)."""
+        patience = self.cfg.plateau_patience
+        if not patience:
+            return False
+        reference, reference_epoch = None, 0
+        for row in self.history:
+            if reference is None or row["val_dice"] > reference + self.cfg.plateau_min_delta:
+                reference, reference_epoch = row["val_dice"], row["epoch"]
+        return reference is not None and self.epoch - reference_epoch >= patience
+
+    def enqueue_epoch(self) -> dict:
+        with self._on_stream():
+            return self._enqueue_epoch()
+
+    def finish_epoch(self, pending: dict) -> None:
+        c = self.cfg
+        with self._on_stream():
+            t_start = pending["t0"]
+            loss, ips = self._collect_epoch(pending)
+            lr = learning_rate_value(self.opt)
             self.sched.step()
-            val, _ = self._evaluate(self.val_samples)
-            row = {"epoch": epoch + 1, "train_loss": loss, "val_dice": val["mean_dice"], "val_iou": val["mean_iou"],
-                   "lr": lr, "train_images": int(self.train_images.shape[0]), "train_images_per_s": ips, "epoch_seconds": time.perf_counter() - t0}
-            history.append(row)
-            if val["mean_dice"] > best:
-                best, best_epoch = val["mean_dice"], epoch + 1
-                save_checkpoint(self.out, self.model, self._model_config(best_epoch=best_epoch, val_metrics=val), stem="best")
+            if self.fast is not None:  # the schedule's value, written into the captured tensor
+                set_learning_rate(self.opt, cosine_lr(self.sched.last_epoch, c.lr, c.min_lr, c.epochs))
+            val = self._validate()
+        epoch = self.epoch
+        row = {"epoch": epoch + 1, "train_loss": loss, "val_dice": val["mean_dice"], "val_iou": val["mean_iou"],
+               "lr": lr, "train_images": int(self.train_images.shape[0]), "train_images_per_s": ips,
+               "epoch_seconds": time.perf_counter() - t_start}
+        self.history.append(row)
+        if val["mean_dice"] > self.best:
+            self.best, self.best_epoch = val["mean_dice"], epoch + 1
+            save_checkpoint(self.out, self.model, self._model_config(best_epoch=self.best_epoch, val_metrics=val),
+                            stem="best")
+        self.epoch = epoch + 1
+        self.plateaued = self._plateau_reached()
+        self.done = self.epoch >= self.end_epoch or self.plateaued
+        self._write_history(self.history)
+        # On a fast GPU writing ~100 MB of state per epoch would cost more than the epoch: save_every.
+        if self.done or self.epoch % c.save_every == 0:
             save_checkpoint(self.out, self.model, self._model_config(epoch=epoch + 1, val_metrics=val), stem="last")
-            self._write_history(history)
-            # Resume state last: a crash before this line repeats the epoch, it never skips one.
-            tmp = state_path.with_suffix(".tmp")
-            torch.save(self._state(epoch + 1, best, best_epoch, history), tmp)
-            replace_with_retry(tmp, state_path)
-            if bar:
-                bar.set_postfix(loss=f"{loss:.4f}", val_dice=f"{val['mean_dice']:.4f}", best=f"{best:.4f}", img_s=f"{ips:.0f}")
-                bar.update(1)
-            else:
-                self.log(f"epoch {epoch + 1}/{c.epochs} loss {loss:.4f} val_dice {val['mean_dice']:.4f} "
-                         f"best {best:.4f} ({ips:.0f} img/s)")
-        if bar:
-            bar.close()
-        if end_epoch < c.epochs:
-            self.log(f"stopped after epoch {end_epoch}/{c.epochs}; continue with --resume {self.out}")
-            return {"stopped_at_epoch": end_epoch, "epochs": c.epochs, "best_val_dice": best, "best_epoch": best_epoch}
-        result = {"best_epoch": best_epoch, "best_val_dice": best, "epochs": c.epochs,
-                  "train_seconds_this_session": time.perf_counter() - t_run,
+            # Resume state last: a crash before this line repeats epochs, it never skips one.
+            tmp = self.state_path.with_suffix(".tmp")
+            torch.save(self._state(epoch + 1, self.best, self.best_epoch, self.history), tmp)
+            replace_with_retry(tmp, self.state_path)
+        if self.bar:
+            self.bar.set_postfix(loss=f"{loss:.4f}", val_dice=f"{val['mean_dice']:.4f}", best=f"{self.best:.4f}",
+                                 img_s=f"{ips:.0f}")
+            self.bar.update(1)
+        else:
+            self.log(f"epoch {epoch + 1}/{c.epochs} loss {loss:.4f} val_dice {val['mean_dice']:.4f} "
+                     f"best {self.best:.4f} ({ips:.0f} img/s)")
+
+    def conclude(self) -> dict:
+        c = self.cfg
+        if self.bar:
+            self.bar.close()
+        if self.plateaued and self.epoch < c.epochs:
+            self.log(f"validation Dice plateaued: no gain over {c.plateau_min_delta} in {c.plateau_patience} epochs "
+                     f"(best {self.best:.4f} at epoch {self.best_epoch}); stopped at epoch {self.epoch}/{c.epochs}")
+        elif self.end_epoch < c.epochs:
+            self.log(f"stopped after epoch {self.end_epoch}/{c.epochs}; continue with --resume {self.out}")
+            return {"stopped_at_epoch": self.end_epoch, "epochs": c.epochs, "best_val_dice": self.best,
+                    "best_epoch": self.best_epoch}
+        history = self.history
+        result = {"best_epoch": self.best_epoch, "best_val_dice": self.best, "epochs": c.epochs,
+                  "epochs_trained": self.epoch, "plateau_stop": bool(self.plateaued and self.epoch < c.epochs),
+                  "train_step": self.step_choice.mode,
+                  "train_seconds_this_session": time.perf_counter() - self.t_run,
                   "mean_train_images_per_s": float(np.mean([h["train_images_per_s"] for h in history])) if history else None}
         if c.eval_test and self.test_samples:
             result["test"] = self.evaluate_checkpoints()
@@ -442,3 +581,18 @@ class Trainer:
             out[stem] = summary
         write_json(self.out / "test_metrics.json", out)
         return out
+
+
+def fit_together(trainers: list[Trainer], resume: bool = False) -> list[dict]:
+    """Several runs in one process, one CUDA graph per run replayed in turn: each epoch, every run's
+    steps are enqueued on its own CUDA stream before any run waits for its results, so the GPU
+    overlaps the runs' small kernels (separate processes would time-slice the GPU between their
+    contexts instead). A run's end of epoch (validation, checkpoints) overlaps the others' training.
+    With the eager step the runs simply take turns. Returns each run's result, in order."""
+    for t in trainers:
+        t.begin(resume)
+    while any(not t.done for t in trainers):
+        pending = [(t, t.enqueue_epoch()) for t in trainers if not t.done]
+        for t, p in pending:
+            t.finish_epoch(p)
+    return [t.conclude() for t in trainers]
