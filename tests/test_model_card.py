@@ -28,10 +28,12 @@ def test_model_folder_card_matches_eval(tmp_path):
     assert cfg["threshold"] == 0.4 and cfg["tta"] is True
     card = (out / "README.md").read_text()
     assert "Not for clinical use" in card and "Kvasir-SEG" in card and "Epochs: 1" in card
-    # The folder loads on its own, and effiseg-eval (reading TTA and threshold from config) agrees with the card.
+    # The folder loads on its own, and effiseg-eval (the threshold from config, the TTA the card's reproduce
+    # line names: eval runs one pass unless told) agrees with the card.
     load_model(out)
+    assert "--split test --tta flip`" in card
     res = CliRunner().invoke(eval_command, [str(out), "--data", str(data), "--split", "test", "--device", "cpu",
-                                            "--output", str(tmp_path / "eval")])
+                                            "--tta", "flip", "--output", str(tmp_path / "eval")])
     assert res.exit_code == 0, res.output
     measured = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert measured["tta"] is True and measured["threshold"] == 0.4
