@@ -16,7 +16,7 @@ def make_factory(models: ModelSet, ort_threads: int | None = None, slots: int = 
     a checkpoint whose config bakes TTA into its exports does the same work in torch)."""
     from effiseg.runtime.backends import backend_class
     from effiseg.runtime.model_info import ModelInfo
-    from effiseg.runtime.tta import check_sizes_runnable, info_at_size, plan_tta, wrap_per_device
+    from effiseg.runtime.tta import at_size, check_sizes_runnable, plan_tta, wrap_per_device
 
     def factory(target: Target, input_format: str, batch: int, size: tuple[int, int]):
         spec, device = target.spec, target.device
@@ -36,8 +36,9 @@ def make_factory(models: ModelSet, ort_threads: int | None = None, slots: int = 
         if not plan.extra_passes:
             return open_onnx(spec, device, info, path, batch)
         check_sizes_runnable(plan, info)
-        return wrap_per_device(plan, info, lambda size_info, n, first: [open_onnx(spec, device, size_info, path, n)],
-                               batch, slots)[0]
+        return wrap_per_device(plan, info, lambda size_info, n, first: [
+            open_onnx(spec, device, size_info, path, n) if first is None else
+            at_size(first[0], size_info, n, lambda: open_onnx(spec, device, size_info, path, n))], batch, slots)[0]
 
     def open_onnx(spec, device, info, path, batch):
         if spec.name.startswith("ort-"):

@@ -63,6 +63,9 @@ def plan_tta(choice: str, info: ModelInfo) -> TTAPlan:
     if info.tta or info.tta_sizes:
         raise ValueError(f"{where} has TTA in its graph ({describe_tta(info.tta, info.tta_sizes)}); --tta {choice} "
                          "needs the plain network: export it without --tta/--tta-sizes")
+    if info.input_format != "uint8-nhwc":
+        raise ValueError(f"{where} takes {info.input_format}; --tta {choice} flips and resizes uint8 images: "
+                         "export it with --input-format uint8-nhwc")
     if info.output_format != "logits":
         raise ValueError(f"{where} outputs {info.output_format}; --tta {choice} averages logits: export it with "
                          "--output-format logits")
@@ -260,7 +263,14 @@ def open_onnx_tta_backends(onnx_path, plan: TTAPlan, info: ModelInfo, backend: s
         if first is None:
             return open_onnx_backends(onnx_path, backend, devices, precision, batch, n_slots, info=size_info,
                                       selection_notes=selection_notes, **options)
-        return open_onnx_backends(onnx_path, first[0].name, [b.device for b in first], precision, batch, n_slots,
-                                  info=size_info, **options)
+        return [at_size(b, size_info, batch, lambda b=b: open_onnx_backends(
+            onnx_path, b.name, [b.device], precision, batch, n_slots, info=size_info, **options)[0]) for b in first]
 
     return wrap_per_device(plan, info, open_at_size, max_batch, n_slots)
+
+
+def at_size(backend: Backend, size_info: ModelInfo, batch: int, open_new) -> Backend:
+    """A backend like ``backend`` at another size: ONNX Runtime shares the session (one memory arena
+    for all sizes), others open their own (``open_new()``: TensorRT builds an engine per size)."""
+    sibling = getattr(backend, "sibling", None)
+    return sibling(size_info, batch) if sibling is not None else open_new()

@@ -46,6 +46,7 @@ def test_the_recommendation_survives_the_onnx_metadata():
     ("flip", _info(tta=True), "TTA in its graph"),
     ("multiscale", _info(tta_sizes=(352, 416)), "TTA in its graph"),
     ("flip", _info(output_format="mask"), "--output-format logits"),
+    ("flip", _info(input_format="float32-nchw"), "--input-format uint8-nhwc"),
     ("multiscale", _info(tta_recommended={}), "records no multi-scale sizes"),
     ("both", _info(), "must be one of"),
 ])
@@ -161,6 +162,9 @@ def test_multiscale_on_onnxruntime_is_evaluations_arithmetic_on_uint8_inputs(pla
     with Segmenter.from_onnx(onnx_path, backend="onnxruntime", devices="cpu", max_batch=4,
                              tta="multiscale", threshold=0.5) as seg:
         assert seg.threshold == 0.5 and set(seg.backends[0].inner) == {64, 96}
+        # One ONNX Runtime session (one memory arena) serves both sizes, each with its own buffers.
+        at64, at96 = seg.backends[0].inner[64], seg.backends[0].inner[96]
+        assert at96.session is at64.session and at96.host_input(0).shape == (16, 96, 96, 3)
         out = seg.backends[0].infer(batch)
     enlarged = np.zeros((len(batch), 96, 96, 3), np.uint8)
     resize_uint8(batch, 96, 96, enlarged)
@@ -208,6 +212,11 @@ def test_effiseg_run_takes_tta(plain_x32, tmp_path):
     assert len(list((tmp_path / "out").glob("*.png"))) == 3
     bad = CliRunner().invoke(run_command, ["-i", str(images), "-m", str(onnx_path), "--tta", "everything"])
     assert bad.exit_code == 2
+    # Masks of another TTA choice are not mixed into the folder by --resume.
+    mixed = CliRunner().invoke(run_command, ["-i", str(images), "-o", str(tmp_path / "out"), "-m", str(onnx_path),
+                                             "--backend", "onnxruntime", "--devices", "cpu", "--tta", "none",
+                                             "--resume", "--no-progress"])
+    assert mixed.exit_code == 3 and "tta: flip TTA at sizes 64+96" in mixed.output
 
 
 def test_eval_resolves_the_choice_from_the_config():
