@@ -161,7 +161,7 @@ class TTABackend(Backend):
             if backend.max_batch < max_batch * self.factor:
                 raise ValueError(f"an inner backend takes {backend.max_batch} images; TTA needs "
                                  f"{max_batch * self.factor}")
-        own = inner.get(None if None in inner else self.height) if self.height == self.width else None
+        own = inner[None] if None in inner else inner.get(self.height) if self.height == self.width else None
         # The decoder threads write straight into the rows of the model-size backend where there is
         # one (its flips are written after them), so the original images are never copied.
         self._own_input = own
