@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from effiseg.runtime.cli import TTA_CHOICE_OPTION
 from effiseg.runtime.console import Command, print_backend_notes_live
 from effiseg.runtime.hub import HubError, ModelLocation, resolve_model
 
@@ -166,12 +167,13 @@ def run_compare(paths: tuple[Path, Path], output: Path | None) -> None:
                    "with the configurations opened by then). The JSON is rewritten after every round, so a run "
                    "stopped by a limit or Ctrl-C keeps its finished rounds [default: no limit].")
 @click.option("--no-plot", is_flag=True, help="Do not write the PNG plot.")
+@TTA_CHOICE_OPTION
 @click.option("--compare", "compare", nargs=2, type=click.Path(path_type=Path, dir_okay=False, exists=True),
               default=None, help="Compare two result files A.json B.json (ratios B/A per configuration) and exit.")
 @print_backend_notes_live()
 def bench_command(backends, batch_sizes, input_size, input_formats, rounds, warmup, iters, min_time, mode,
                   compute, n_images, images_from, workers, slots, output, model, checkpoint, devices, threads,
-                  settle, cache_dir, main_thread, time_budget, no_plot, compare):
+                  settle, cache_dir, main_thread, time_budget, no_plot, tta, compare):
     """Benchmark effiseg's inference backends against PyTorch FP32 eager."""
     if compare:
         run_compare(compare, output)
@@ -263,7 +265,7 @@ def bench_command(backends, batch_sizes, input_size, input_formats, rounds, warm
     output = output or Path("effiseg-bench")
     output.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="effiseg-bench-"))
-    pool = BackendPool(make_factory(models, threads, slots), log=_log)
+    pool = BackendPool(make_factory(models, threads, slots, tta=tta), log=_log)
     measurements = []
     image_source = None
     try:

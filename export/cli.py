@@ -31,7 +31,10 @@ def _fmt_bytes(n: int) -> str:
 @click.option("--output-format", type=click.Choice(OUTPUT_FORMATS), default="logits",
               help="logits (float32), probabilities (float16 sigmoid) or mask (uint8 0/1 at the threshold); "
                    "always shaped (N, H, W).")
-@click.option("--dynamic-hw", is_flag=True, help="Dynamic height and width as well as batch.")
+@click.option("--dynamic-hw", is_flag=True, help="Dynamic height and width as well as batch (any size).")
+@click.option("--dynamic-hw-x32", is_flag=True,
+              help="Dynamic height and width, multiples of 32 only: keeps the fast graph of a fixed size and runs "
+                   "at the recommended multi-scale TTA sizes (what effiseg-run --tta multiscale needs).")
 @click.option("--input-size", type=click.IntRange(32), default=None,
               help="Square input size [default: the checkpoint's].")
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
@@ -55,15 +58,17 @@ def _fmt_bytes(n: int) -> str:
 @click.option("--int8-min-agreement", type=click.FloatRange(0, 1), default=0.98,
               help="Refuse the int8 twin when its masks agree with the float model's on fewer pixels of some "
                    "verification image.")
-def export_command(checkpoint, output, input_format, output_format, dynamic_hw, input_size, threshold, tta, tta_sizes,
-                   fold, opset, verify_images, verify_count, quantize, calibration_images, calibration_count,
-                   int8_min_agreement):
+def export_command(checkpoint, output, input_format, output_format, dynamic_hw, dynamic_hw_x32, input_size, threshold,
+                   tta, tta_sizes, fold, opset, verify_images, verify_count, quantize, calibration_images,
+                   calibration_count, int8_min_agreement):
     """Export CHECKPOINT (folder, config.json or .safetensors, or a Hugging Face Hub model
     hf://OWNER/NAME[@REVISION]) to ONNX with effiseg metadata, check it with onnx.checker and compare
     it with PyTorch in ONNX Runtime; writes OUTPUT and OUTPUT.export.json. With --quantize int8, also
     NAME.int8.onnx (CHECKPOINT may be an .onnx file: then only that)."""
     from .onnx_export import ExportError, export_checkpoint
 
+    if dynamic_hw and dynamic_hw_x32:
+        raise click.UsageError("--dynamic-hw (any size) and --dynamic-hw-x32 (multiples of 32) exclude each other")
     if isinstance(checkpoint, HubModel):
         # Never beside the checkpoint: that is the Hugging Face cache.
         output = output or Path(f"{checkpoint.name}.onnx")
@@ -81,10 +86,11 @@ def export_command(checkpoint, output, input_format, output_format, dynamic_hw, 
     if output is None:
         output = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "model.onnx"
     click.echo(f"exporting {checkpoint} -> {output} ({input_format} -> {output_format}, "
-               f"{'dynamic batch/height/width' if dynamic_hw else 'dynamic batch'}, opset {opset})", err=True)
+               f"{'dynamic batch/height/width' if dynamic_hw else 'dynamic batch, height/width multiples of 32' if dynamic_hw_x32 else 'dynamic batch'}, opset {opset})", err=True)
     try:
         report = export_checkpoint(checkpoint, output, input_format=input_format, output_format=output_format,
-                                   dynamic_hw=dynamic_hw, input_size=input_size, opset=opset, threshold=threshold, tta=tta,
+                                   dynamic_hw=dynamic_hw, input_size=input_size, opset=opset,
+                                   hw_multiple=32 if dynamic_hw_x32 else 1, threshold=threshold, tta=tta,
                                    tta_sizes=tta_sizes, fold=fold,
                                    verify_dir=verify_images, verify_count=verify_count,
                                    log=lambda message: click.echo(message, err=True))

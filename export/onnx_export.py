@@ -16,6 +16,13 @@ fixed sizes where that would happen, therefore trace the upsampling as gathers w
 index arithmetic (``training.model.upsample_nearest_like``); fixed sizes where Resize agrees (every
 multiple of 32, the training size included) keep the faster Resize. The report says which.
 
+``hw_multiple=32`` (``--dynamic-hw-x32``): dynamic height and width restricted to multiples of the
+encoder's stride 32. There Resize agrees with PyTorch at every size and every feature map is the
+input over an exact power of two, so the graph keeps the fast Resize upsampling and the folded
+decoder's half-resolution sum; the metadata says so (``hw_multiple``) and the runtime runs such a
+graph only at multiples of 32. This is what run-time multi-scale TTA (``--tta multiscale``) needs:
+one plain network that also runs at the validation-chosen sizes (352 and 416 for the default).
+
 Nothing is written at ``output`` unless the exported graph passes ``onnx.checker`` and matches
 PyTorch in ONNX Runtime on real images: the file is built under a temporary name in the same
 folder and renamed at the end. ``<output>.export.json`` records what was exported and the parity
@@ -34,7 +41,7 @@ import numpy as np
 
 from effiseg.runtime.images import (IMAGE_EXTENSIONS, TEMP_SUFFIX, ImageError, atomic_write_text, list_images,
                                     read_image)
-from effiseg.runtime.model_info import ModelInfo, parse_tta_sizes
+from effiseg.runtime.model_info import TTA_SIZE_STEP as SIZE_STEP, ModelInfo, parse_tta_sizes
 from effiseg.runtime.replace_file import replace_with_retry
 from effiseg.runtime.postprocess import fill_host_row, logit_threshold, resize_rgb
 from effiseg.runtime.tensorrt_rules import tensorrt_uint8_problems
@@ -259,7 +266,7 @@ def _compare(ort_out: np.ndarray, ref_logits: np.ndarray, output_format: str, th
 
 def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", output_format: str = "logits",
                       dynamic_hw: bool = False, input_size: int | tuple[int, int] | None = None,
-                      opset: int = DEFAULT_OPSET,
+                      opset: int = DEFAULT_OPSET, hw_multiple: int = 1,
                       threshold: float | None = None, verify_dir: Path | None = None, verify_count: int = 4,
                       tta: bool | None = None, tta_sizes=None, fold: bool = True, log=print) -> dict:
     """Export, check and verify; returns the report (also written as ``<output>.export.json``).
@@ -268,9 +275,14 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
     multi-scale sizes; "none" or () for none) [default: the checkpoint's]. ``fold``: trace the
     network rewritten for inference (``training.inference_model``: BatchNorm folded, the decoder's
     sum and first pointwise layers at half resolution), checked against the original network like
-    everything else. ``log`` receives progress lines."""
+    everything else. ``hw_multiple``: 32 makes height and width dynamic for multiples of 32 only,
+    keeping the fast graph (see the module docstring). ``log`` receives progress lines."""
     if opset < 17:
         raise ExportError(f"opset {opset} is too old; effiseg exports opset 17 or newer")
+    if hw_multiple not in (1, SIZE_STEP):
+        raise ExportError(f"hw_multiple must be 1 (any size) or {SIZE_STEP}, not {hw_multiple}")
+    if hw_multiple != 1:
+        dynamic_hw = True
     torch, onnx, ort, load_model, effiseg_version, SegmentationGraph = _import_export_stack()
     started = time.perf_counter()
     output = Path(output)
@@ -295,9 +307,10 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
     except ValueError as e:
         raise ExportError(f"multi-scale TTA: {e}") from None
     if sizes and dynamic_hw:
-        raise ExportError(f"multi-scale TTA (sizes {', '.join(map(str, sizes))}) needs a fixed input size: the sizes "
-                          "are squares chosen for the model's input size; export without --dynamic-hw, "
-                          "or with --tta-sizes none")
+        raise ExportError(f"multi-scale TTA (sizes {', '.join(map(str, sizes))}) baked into the graph needs a fixed "
+                          "input size: the sizes are squares chosen for the model's input size; export without "
+                          "--dynamic-hw, or with --tta-sizes none (run-time --tta multiscale then uses the "
+                          "recommendation in the metadata)")
     if int(config.get("min_region_px", 0) or 0) > 0:
         # The runtime thresholds the graph's output and does not remove small regions, so the ONNX
         # model would not reproduce the checkpoint's evaluated setting: say so rather than differ silently.
@@ -309,6 +322,14 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
                                                 input_size=input_size)
     except ValueError as e:
         raise ExportError(str(e)) from None
+    if hw_multiple != 1 and (info.input_height % hw_multiple or info.input_width % hw_multiple):
+        raise ExportError(f"--dynamic-hw-x32 needs an input size that is a multiple of {hw_multiple}, not "
+                          f"{info.input_height}x{info.input_width}")
+    info.hw_multiple = hw_multiple if dynamic_hw else 1
+    recommended = info.tta_recommended.get("sizes") or []
+    if recommended and not dynamic_hw and any(s != info.input_height or s != info.input_width for s in recommended):
+        log(f"note: the recommended multi-scale sizes {'+'.join(map(str, recommended))} need a graph that runs at "
+            "them: this fixed-size export serves --tta none and flip only (export with --dynamic-hw-x32 for all)")
     info.version = effiseg_version()
     info.extra = {"output_layout": "NHW", "opset": opset, "checkpoint": Path(checkpoint).name,
                   "torch": torch.__version__, "encoder": config.get("encoder", "")}
@@ -320,9 +341,9 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
             traced_model = fold_for_inference(model, probe_size=(h, w))
         except FoldError as e:
             raise ExportError(f"folding the network for inference failed (export with --no-fold): {e}") from None
-        if dynamic_hw and isinstance(traced_model, FoldedEffiSegNet):
+        if dynamic_hw and hw_multiple == 1 and isinstance(traced_model, FoldedEffiSegNet):
             # The half-resolution sum is exact only at multiples of 32: a graph for every size
-            # must not freeze the traced size's choice.
+            # must not freeze the traced size's choice (with hw_multiple 32 it is exact everywhere).
             traced_model.merge = "direct"
     folded = traced_model is not model
     info.extra["folded_for_inference"] = folded
@@ -353,13 +374,14 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
               "input_name": INPUT_NAME, "output_name": info.output_name, "input_format": input_format,
               "output_format": output_format, "input_size": [h, w], "dynamic_hw": dynamic_hw,
               "dynamic_axes": ["batch"] + (["height", "width"] if dynamic_hw else []),
+              "hw_multiple": info.hw_multiple, "tta_recommended": info.tta_recommended,
               "output_shape": "(N, H, W)", "threshold": info.threshold, "tta": info.tta,
               "tta_sizes": list(info.tta_sizes),
               "bytes_per_image": bytes_per_image(h, w, input_format, output_format),
               "metadata": info.to_metadata(), "ok": False,
               "folded": folded, "decoder_merge": traced_model.merge if folded else None}
     try:
-        report["upsampling"] = _choose_upsampling(torch, traced_model, h, w, dynamic_hw)
+        report["upsampling"] = _choose_upsampling(torch, traced_model, h, w, dynamic_hw and hw_multiple == 1)
         _set_upsampling(traced_model, report["upsampling"])
         try:
             with torch.no_grad():
@@ -440,10 +462,16 @@ def _verify(torch, ort, path: Path, graph, reference, info: ModelInfo, images: l
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     h, w = info.input_height, info.input_width
     sizes = [(h, w)]
-    if info.dynamic_hw:
+    if info.dynamic_hw and info.hw_multiple == 1:
         # Odd sizes, not multiples of 32: timm's 'same' padding differs there from the traced size,
         # and at 352 + 17 = 369 a Resize would upsample some rows from a neighbouring one.
         sizes.append((max(33, h + 17), max(33, w - 11)))
+    elif info.dynamic_hw:
+        # Multiples of 32 only: another one, and the recommended multi-scale sizes (what --tta
+        # multiscale runs), each checked like the export size.
+        extra = [(h + 2 * info.hw_multiple, w + 2 * info.hw_multiple)]
+        extra += [(s, s) for s in info.tta_recommended.get("sizes") or []]
+        sizes += [size for size in dict.fromkeys(extra) if size != (h, w)]
     checks = []
     for size in sizes:
         batch = np.stack([resize_rgb(im, *size) for im in images])

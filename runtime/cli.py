@@ -23,7 +23,8 @@ from .backends import BACKEND_CHOICES, parse_devices
 from .console import Command, print_backend_notes_live, unprinted_messages
 from .hub import KIND_FOR_BACKEND, HubError, ModelLocation, resolve_model
 from .images import DEFAULT_MAX_PIXELS
-from .model_info import parse_tta_sizes
+from .model_info import describe_tta, parse_tta_sizes
+from .tta import TTA_CHOICES
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "effisegnet-default.onnx"
 EXIT_FAILED_FILES = 1
@@ -48,6 +49,14 @@ TTA_SIZES_OPTION = click.option(
     "--tta-sizes", default=None, callback=tta_sizes_option, metavar="SIZES",
     help="Multi-scale TTA: square sizes the network also runs at, e.g. 352,416 (multiples of 32; 'none': "
          "the input size only) [default: the model's setting].")
+
+
+# ``--tta`` as effiseg-run, -eval and -bench take it (one definition; runtime/tta.py runs it).
+TTA_CHOICE_OPTION = click.option(
+    "--tta", "tta", type=click.Choice(TTA_CHOICES), default="none",
+    help="Test-time augmentation: none (one network pass per image), flip (4 passes: the image and its "
+         "flips) or multiscale (the setting chosen on validation, from the model's metadata: 352+416 with "
+         "flips, 8 passes, for the bundled model). Extra passes buy accuracy with time and memory.")
 
 
 class RunStopped(click.ClickException):
@@ -105,10 +114,11 @@ def _check_devices(ctx, param, value):
               help="Larger images are refused with a per-file error (bounds memory; PIL's default limit).")
 @click.option("--input-size", type=int, default=None,
               help="Run a --dynamic-hw model at this square input size instead of its export size.")
+@TTA_CHOICE_OPTION
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @print_backend_notes_live()
 def run_command(input_dir, output_dir, model_path, backend, devices, batch, precision, threshold, overlay,
-                recursive, resume, slots, workers, max_pixels, input_size, no_progress):
+                recursive, resume, slots, workers, max_pixels, input_size, tta, no_progress):
     """Segment every image of INPUT into 0/255 PNG masks at each image's own size, with a summary
     CSV/JSON (area fraction, regions, maximum probability, errors, throughput)."""
     from .backends import BackendUnavailable
@@ -148,7 +158,7 @@ def run_command(input_dir, output_dir, model_path, backend, devices, batch, prec
         # A TensorRT engine build can take minutes: Ctrl-C there is an interruption too, not a crash.
         segmenter = Segmenter.from_model(model, backend=backend, devices=devices, precision=precision,
                                          max_batch=batch, slots=slots, threshold=threshold, workers=workers,
-                                         input_size=input_size)
+                                         input_size=input_size, tta=tta)
     except (BackendUnavailable, OSError, ValueError, RuntimeError) as e:  # no usable model/backend
         raise CannotStart(f"cannot start on {model}: {e}") from None
     except KeyboardInterrupt:
@@ -163,7 +173,8 @@ def run_command(input_dir, output_dir, model_path, backend, devices, batch, prec
         _echo(f"model {model} ({segmenter.info.variant}, {segmenter.info.input_height}x"
               f"{segmenter.info.input_width}, {segmenter.info.output_format}); backend {segmenter.backend_name} "
               f"on {','.join(b.device for b in segmenter.backends)}, {segmenter.precision}, batch {batch}, "
-              f"slots {slots}")
+              f"slots {slots}, {describe_tta(segmenter.info.tta, segmenter.info.tta_sizes)}"
+              f"{'' if tta == 'none' else ' (--tta ' + tta + ')'}, threshold {segmenter.threshold:g}")
         try:
             summary = segmenter.run_folder(input_dir, out, recursive=recursive, resume=resume, overlay=overlay,
                                            max_pixels=max_pixels, progress=not no_progress, log=_echo)

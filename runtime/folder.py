@@ -15,7 +15,7 @@ Layout of the output folder (default: a sibling of the input named ``<input>_mas
 Every file is written to a temporary name in its folder and renamed into place, so a run killed
 at any moment leaves no partial mask; ``resume`` skips images whose mask is complete (PNG
 signature and IEND trailer present) *and* was made with the settings recorded in
-``effiseg_run_settings.json`` (model content, threshold, output format, input size; a resume with
+``effiseg_run_settings.json`` (model content, threshold, output format, input size, TTA; a resume with
 others is refused): the journal says so, or, for a mask renamed into place just before a kill, its
 time is after the settings took effect. It redoes the rest, failed ones included. A run that starts
 afresh replaces the settings record and the journal before it writes a mask, so masks an earlier
@@ -41,6 +41,7 @@ from PIL import Image
 from .folder_lock import OutputFolderLock
 from .images import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, allow_pixels, atomic_write_text, list_images, overlay_image,
                      png_is_complete, read_image, remove_stale_temp_files, write_jpeg, write_mask_png)
+from .model_info import describe_tta
 from .postprocess import count_regions, output_to_mask
 from .trt_engine_cache import file_sha256  # pure Python; the hash the engine cache keys on
 
@@ -257,7 +258,9 @@ def _run_settings(segmenter) -> tuple[dict, list[Path]]:
     info = segmenter.info
     return {"model": Path(path).name if path else None, "model_sha256": digest,
             "threshold": float(segmenter.threshold), "output_format": info.output_format,
-            "input_size": [int(info.input_height), int(info.input_width)]}, files
+            "input_size": [int(info.input_height), int(info.input_width)],
+            # Masks of --tta none and --tta multiscale must not mix in one folder either.
+            "tta": describe_tta(info.tta, info.tta_sizes)}, files
 
 
 def run_folder(segmenter, input_dir, output_dir=None, *, recursive: bool = False, resume: bool = False,

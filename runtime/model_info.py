@@ -71,6 +71,31 @@ def describe_tta(tta: bool, tta_sizes=()) -> str:
     return f"{what}{' at sizes ' + sizes if sizes else ''} ({passes} network passes per image)"
 
 
+def parse_tta_recommendation(value) -> dict:
+    """The TTA setting chosen on validation, as a checkpoint config or the ONNX metadata records it:
+    ``{"flips": bool, "sizes": [int, ...], "threshold": float | None}``; ``{}`` when none is recorded.
+    A bad value raises ValueError saying which part and why."""
+    if value in (None, "", {}):
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"TTA recommendation is not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"TTA recommendation must be a mapping (flips, sizes, threshold), not {value!r}")
+    unknown = set(value) - {"flips", "sizes", "threshold"}
+    if unknown:
+        raise ValueError(f"TTA recommendation has unknown keys {sorted(unknown)}; expected flips, sizes, threshold")
+    threshold = value.get("threshold")
+    if threshold is not None:
+        threshold = float(threshold)
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"TTA recommendation: threshold must be in (0, 1), got {threshold}")
+    return {"flips": bool(value.get("flips", False)), "sizes": list(parse_tta_sizes(value.get("sizes"))),
+            "threshold": threshold}
+
+
 @dataclass
 class ModelInfo:
     path: Path | None
@@ -89,6 +114,13 @@ class ModelInfo:
     # graph) and the logits, resized back, are averaged; () = the input size only.
     tta_sizes: tuple[int, ...] = ()
     dynamic_hw: bool = False
+    # With dynamic_hw: the height and width the graph is exact at are multiples of this (1: any size;
+    # 32: the encoder's stride, where the export keeps the fast Resize upsampling and the decoder's
+    # half-resolution sum, see export/onnx_export.py).
+    hw_multiple: int = 1
+    # TTA chosen on validation, a recommendation for run time (``--tta``), not part of the graph:
+    # {"flips": bool, "sizes": [...], "threshold": float | None}, {} when none was recorded.
+    tta_recommended: dict = field(default_factory=dict)
     input_name: str = "images"
     output_name: str = "logits"
     metrics: dict = field(default_factory=dict)
@@ -109,6 +141,8 @@ class ModelInfo:
             META_PREFIX + "dynamic_hw": "1" if self.dynamic_hw else "0",
             META_PREFIX + "tta": "1" if self.tta else "0",
             META_PREFIX + "tta_sizes": ",".join(str(s) for s in self.tta_sizes),
+            META_PREFIX + "hw_multiple": str(int(self.hw_multiple)),
+            META_PREFIX + "tta_recommended": json.dumps(self.tta_recommended, sort_keys=True),
             META_PREFIX + "input_name": self.input_name,
             META_PREFIX + "output_name": self.output_name,
             META_PREFIX + "metrics": json.dumps(self.metrics, sort_keys=True),
@@ -134,6 +168,8 @@ class ModelInfo:
             std=tuple(json.loads(get("std", "[0.5, 0.5, 0.5]"))),
             threshold=float(get("threshold", "0.5")), dynamic_hw=get("dynamic_hw", "0") == "1",
             tta=get("tta", "0") == "1", tta_sizes=parse_tta_sizes(get("tta_sizes", "")),
+            hw_multiple=int(get("hw_multiple", "1")),
+            tta_recommended=parse_tta_recommendation(get("tta_recommended", "")),
             input_name=get("input_name", "images"), output_name=get("output_name", "logits"),
             metrics=json.loads(get("metrics", "{}")), version=get("version", "unknown"),
             extra=json.loads(get("extra", "{}")),
@@ -163,6 +199,7 @@ class ModelInfo:
             std=tuple(float(v) for v in config.get("std", (0.5, 0.5, 0.5))),
             threshold=float(config.get("threshold", 0.5)), dynamic_hw=bool(dynamic_hw),
             tta=bool(config.get("tta", False)), tta_sizes=tta_sizes,
+            tta_recommended=parse_tta_recommendation(config.get("tta_recommended")),
             output_name=output_format, metrics=dict(config.get("metrics") or {}),
             version=str(config.get("effiseg_version", "unknown")),
         )

@@ -18,6 +18,7 @@ import numpy as np
 from .backends import BackendUnavailable, open_checkpoint_backends, open_onnx_backends
 from .backends.base import Backend
 from .model_info import ModelInfo
+from .tta import open_onnx_tta_backends, plan_tta
 from .device_thread import CLOSE_WAIT_S, DeviceThread
 from .pipeline import Pipeline, default_workers
 from .postprocess import fill_host_row, output_to_mask, output_to_probabilities, resize_rgb
@@ -87,13 +88,17 @@ class Segmenter:
     def from_onnx(cls, path, backend: str = "auto", devices=None, precision: str = "auto", max_batch: int = 8,
                   slots: int = 2, threshold: float | None = None, workers: int | None = None,
                   writers: int | None = None, input_size: int | tuple[int, int] | None = None,
-                  **backend_options) -> "Segmenter":
+                  tta: str = "none", **backend_options) -> "Segmenter":
         """An effiseg ONNX file (its metadata says everything else) on ``backend``. ``devices=None``:
-        every GPU like the first for GPU backends (see ``open_onnx_backends``)."""
+        every GPU like the first for GPU backends (see ``open_onnx_backends``). ``tta``: "none" (one
+        network pass), "flip" or "multiscale" (the setting chosen on validation, from the metadata),
+        run by the backend (runtime/tta.py); with TTA and no ``threshold`` the recommendation's
+        threshold applies."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
         info = ModelInfo.from_onnx(path)
+        native = (info.input_height, info.input_width)
         if input_size is not None:
             h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
             if (h, w) != (info.input_height, info.input_width):
@@ -102,19 +107,34 @@ class Segmenter:
                                      "export with --dynamic-hw to run other sizes")
                 info = dataclasses.replace(info, input_height=int(h), input_width=int(w))
         notes: list[str] = []
-        backends = open_onnx_backends(path, backend, devices, precision, max_batch, slots, info=info,
-                                      selection_notes=notes, **backend_options)
+        plan = plan_tta(tta, info)
+        if plan.sizes and (info.input_height, info.input_width) != native:
+            raise ValueError(f"--tta {tta} runs the sizes {'+'.join(map(str, plan.sizes))} chosen for the model's own "
+                             "input size; drop --input-size")
+        if plan.extra_passes:
+            backends = open_onnx_tta_backends(path, plan, info, backend, devices, precision, max_batch, slots,
+                                              selection_notes=notes, **backend_options)
+        else:
+            backends = open_onnx_backends(path, backend, devices, precision, max_batch, slots, info=info,
+                                          selection_notes=notes, **backend_options)
+        if threshold is None and plan.threshold is not None:
+            threshold = plan.threshold
         return cls(backends, threshold, workers, writers, notes, model_path=path)
 
     @classmethod
     def from_checkpoint(cls, path, devices=None, precision: str = "auto", max_batch: int = 8, slots: int = 2,
                         threshold: float | None = None, workers: int | None = None, writers: int | None = None,
-                        input_size: int | tuple[int, int] | None = None, **backend_options) -> "Segmenter":
+                        input_size: int | tuple[int, int] | None = None, tta: str | None = "none",
+                        **backend_options) -> "Segmenter":
         """A training checkpoint on the torch backend (needs the train extra). ``devices=None``: every
-        GPU torch sees that is like the first, else the CPU."""
+        GPU torch sees that is like the first, else the CPU. ``tta`` as for ``from_onnx``, run on the
+        device inside the torch graph (None: the checkpoint config's own ``tta``/``tta_sizes``)."""
         notes: list[str] = []
         backends = open_checkpoint_backends(path, devices, precision, max_batch, slots, selection_notes=notes,
-                                            input_size=input_size, **backend_options)
+                                            input_size=input_size, tta=tta, **backend_options)
+        plan = getattr(backends[0], "tta_plan", None)
+        if threshold is None and plan is not None and plan.threshold is not None:
+            threshold = plan.threshold
         return cls(backends, threshold, workers, writers, notes, model_path=Path(path))
 
     @classmethod

@@ -40,10 +40,12 @@ def test_model_folder_card_matches_eval(tmp_path):
     report = json.loads((out / "model.onnx.export.json").read_text())
     assert report["ok"] and report["checkpoint"] == "." and report["onnx"] == "model.onnx"
     assert report["sha256"] == hashlib.sha256((out / "model.onnx").read_bytes()).hexdigest()
-    # The folder loads on its own, and effiseg-eval (reading TTA and threshold from config) agrees with the card.
+    # The folder loads on its own, and effiseg-eval (the threshold from config, the TTA the card's reproduce
+    # line names: eval runs one pass unless told) agrees with the card.
     load_model(out)
+    assert "--split test --tta flip`" in card
     res = CliRunner().invoke(eval_command, [str(out), "--data", str(data), "--split", "test", "--device", "cpu",
-                                            "--output", str(tmp_path / "eval")])
+                                            "--tta", "flip", "--output", str(tmp_path / "eval")])
     assert res.exit_code == 0, res.output
     measured = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert measured["tta"] is True and measured["threshold"] == 0.4

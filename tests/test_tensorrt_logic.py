@@ -1153,3 +1153,27 @@ def test_a_model_under_a_non_ascii_path_builds(env, tmp_path):
                              max_batch=4) as backend:
         out = backend.infer(batch)
     np.testing.assert_allclose(out, onnxruntime_reference(onnx_path, batch), rtol=1e-6, atol=1e-6)
+
+
+def test_run_time_tta_on_tensorrt_builds_one_engine_per_size_and_matches_onnxruntime(env, tmp_path):
+    """--tta multiscale on TensorRT: one engine per size from the same dynamic-size ONNX file, each
+    profile pinned at its size for 4x the batch (the flips); the averaged logits equal ONNX Runtime's
+    through the same TTA code."""
+    from effiseg.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from effiseg.runtime.tta import TTAPlan, wrap_per_device
+
+    info, onnx_path, cuda, trt, make = env(tiny_info(16, dynamic_hw=True))
+    plan = TTAPlan("multiscale", flips=True, sizes=(16, 24))
+    batch = random_batch(info, 5)
+    [trt_tta] = wrap_per_device(plan, info, lambda size_info, n, first: [FakeTensorRTBackend(
+        size_info, onnx_path, fake_trt=trt, fake_cuda=cuda, max_batch=n, cache_dir=tmp_path / "cache")], 3, 2)
+    [ort_tta] = wrap_per_device(plan, info, lambda size_info, n, first: [OnnxRuntimeBackend(
+        size_info, onnx_path, max_batch=n)], 3, 2)
+    with trt_tta, ort_tta:
+        assert trt_tta.name == "tensorrt" and trt_tta.info.tta_sizes == (16, 24)
+        for size, inner in trt_tta.inner.items():
+            lo, opt, hi = inner._io.profile_shape("images", 0)
+            assert tuple(lo) == (1, size, size, 3) and tuple(hi) == (12, size, size, 3)
+        out = trt_tta.infer(batch)
+        np.testing.assert_allclose(out, ort_tta.infer(batch), rtol=1e-6, atol=1e-6)
+    assert out.shape == (5, 16, 16)

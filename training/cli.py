@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from effiseg.runtime.cli import TTA_SIZES_OPTION
+from effiseg.runtime.cli import TTA_CHOICE_OPTION, TTA_SIZES_OPTION, tta_sizes_option
 from effiseg.runtime.console import Command
 from effiseg.runtime.hub import HubError, HubModel, ModelLocation, parse_hub_id, resolve_model
 
@@ -136,8 +136,10 @@ def _seed_list(seeds: str, out_dir: Path | None) -> list[int]:
 @click.option("--device", default="auto")
 @click.option("--batch-size", type=click.IntRange(1), default=8)
 @click.option("--threshold", type=PROBABILITY, default=None, help="Probability threshold (default: the checkpoint's).")
-@click.option("--tta/--no-tta", default=None, help="Flip test-time augmentation (default: the checkpoint's setting).")
-@TTA_SIZES_OPTION
+@TTA_CHOICE_OPTION
+@click.option("--tta-sizes", default=None, callback=tta_sizes_option, metavar="SIZES",
+              help="Replace the multi-scale sizes of --tta, e.g. 352,416 (multiples of 32; 'none': the input size "
+                   "only) [default: those of the choice].")
 @click.option("--min-region", type=click.IntRange(0), default=None,
               help="Remove predicted regions smaller than N pixels (default: the checkpoint's setting, else 0).")
 @click.option("--output", "out_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
@@ -152,14 +154,17 @@ def eval_command(checkpoint, data_root, split, device, batch_size, threshold, tt
     from .data import DatasetError, load_split
     from .evaluate import evaluate_samples, write_mask_pngs
     from .result_files import write_json, write_rows_csv
-    from .tta import resolve_tta
+    from .tta import resolve_tta_choice
     from .trainer import resolve_device
     try:
         dev = resolve_device(device)
         local = resolve_model(checkpoint, "checkpoint")  # a Hub id: its snapshot in the Hugging Face cache
         model, cfg = load_model(local, device=dev)
         samples = load_split(data_root, None if split == "none" else split)
-        tta, tta_sizes = resolve_tta(cfg, tta, tta_sizes)
+        choice = tta
+        tta, tta_sizes, recommended_threshold = resolve_tta_choice(cfg, choice, tta_sizes)
+        if threshold is None:
+            threshold = recommended_threshold  # None: the checkpoint's own
         min_region = int(cfg.get("min_region_px", 0)) if min_region is None else min_region
         t0 = time.perf_counter()
         summary, rows, logits = evaluate_samples(model, cfg, samples, dev, batch_size, threshold, tta, min_region,
@@ -167,7 +172,7 @@ def eval_command(checkpoint, data_root, split, device, batch_size, threshold, tt
     except (FileNotFoundError, DatasetError, ValueError, KeyError, RuntimeError, HubError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    summary.update(checkpoint=str(checkpoint), variant=cfg["variant"], data=str(data_root), split=split,
+    summary.update(checkpoint=str(checkpoint), variant=cfg["variant"], data=str(data_root), split=split, tta_choice=choice,
                    device=str(dev), seconds=time.perf_counter() - t0)
     if isinstance(checkpoint, HubModel):
         summary["hub_snapshot"] = str(local)  # .../snapshots/<commit>: which commit was measured

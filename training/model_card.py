@@ -90,8 +90,11 @@ def render_card(config: dict, test: dict, val: dict | None, provenance: dict, pr
             lines.append(f"| {name} | {m['n_images']} | {_fmt(m['mean_dice'])} | {_fmt(m['mean_iou'])} | "
                          f"{_fmt(m['mean_precision'])} | {_fmt(m['mean_recall'])} | {_fmt(m['f1_pooled'])} |")
     where = hub if repo_id else "<this folder, or hf://OWNER/NAME once published>"
-    lines += ["", f"Reproduce: `effiseg-eval {where} --data <kvasir-seg root> --split test` (the threshold and "
-              "TTA settings are read from config.json)."]
+    # effiseg-eval runs one pass unless told otherwise (--tta): the command names the TTA measured here.
+    tta_flags = (" --tta flip" if config.get("tta") else "") + (
+        f" --tta-sizes {','.join(map(str, tta_sizes))}" if tta_sizes else "")
+    lines += ["", f"Reproduce: `effiseg-eval {where} --data <kvasir-seg root> --split test{tta_flags}` (the "
+              "threshold is read from config.json)."]
     lines += files_and_use(hub, onnx_report)
     if protocol:
         lines += ["", "## Evidence for the recipe and the inference settings", "", protocol.get("summary", "").strip()]

@@ -48,6 +48,31 @@ def resolve_tta(config: dict, tta: bool | None = None, tta_sizes=None) -> tuple[
     return flips, parse_tta_sizes(config.get("tta_sizes") if tta_sizes is None else tta_sizes)
 
 
+def resolve_tta_choice(config: dict, choice: str, tta_sizes=None) -> tuple[bool, tuple[int, ...], float | None]:
+    """(flips, sizes, threshold) of a run-time ``--tta`` choice (runtime/tta.py's names) for a
+    checkpoint: "none" one pass; "flip" the four flips; "multiscale" the setting chosen on validation
+    (the config's ``tta_recommended``: its sizes, and flips when it has them). The threshold is the
+    recommendation's for flip and multiscale (None: not recorded, or "none"). ``tta_sizes`` (not
+    None) replaces the sizes. ValueError for an unknown choice or a missing recommendation."""
+    from effiseg.runtime.model_info import parse_tta_recommendation
+    from effiseg.runtime.tta import TTA_CHOICES
+
+    if choice not in TTA_CHOICES:
+        raise ValueError(f"--tta must be one of {', '.join(TTA_CHOICES)}, not {choice!r}")
+    recommended = parse_tta_recommendation(config.get("tta_recommended"))
+    flips, sizes, threshold = False, (), None
+    if choice == "flip":
+        flips, threshold = True, recommended.get("threshold")
+    elif choice == "multiscale":
+        if not recommended.get("sizes"):
+            raise ValueError("this checkpoint's config records no multi-scale sizes chosen on validation "
+                             "(tta_recommended); pass --tta-sizes, or use --tta flip")
+        flips, sizes, threshold = recommended["flips"], tuple(recommended["sizes"]), recommended.get("threshold")
+    if tta_sizes is not None:
+        sizes = parse_tta_sizes(tta_sizes)
+    return flips, sizes, threshold
+
+
 def tta_logits(model, x: torch.Tensor, flips: bool = False, sizes=(), batch_flips: bool | None = None) -> torch.Tensor:
     """(N, 1, H, W) float32 logits of ``model`` on normalised ``x`` (N, 3, H, W), averaged over
     the flips (``flips``) and the square ``sizes`` (empty: H x W only).

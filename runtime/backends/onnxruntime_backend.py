@@ -163,7 +163,8 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self, info: ModelInfo, onnx_path, device: str = "cpu", precision: str = "auto",
                  max_batch: int = 8, n_slots: int = 2, provider: str = "auto",
-                 intra_op_threads: int | None = None, io_binding: bool | None = None):
+                 intra_op_threads: int | None = None, io_binding: bool | None = None,
+                 session_of: "OnnxRuntimeBackend | None" = None):
         if precision not in ("auto", "fp32", "fp16", "int8"):
             raise ValueError(f"precision must be auto, fp32, fp16 or int8, not {precision!r}")
         if provider not in PROVIDER_CHOICES:
@@ -182,6 +183,9 @@ class OnnxRuntimeBackend(Backend):
             except FileNotFoundError as e:
                 raise BackendUnavailable(str(e)) from None
             self.precision, precision = "int8", "fp32"
+        if session_of is not None:
+            self._share_session(session_of, ort, io_binding)
+            return
         available = ort.get_available_providers()
         self._trt_precision: PrecisionChoice | None = None  # set when the TensorRT EP is asked for
         providers = self._provider_list(provider, precision, available)
@@ -222,6 +226,28 @@ class OnnxRuntimeBackend(Backend):
             self._make_bindings(ort)
 
     # -- construction ---------------------------------------------------------------------------
+    def sibling(self, info: ModelInfo, max_batch: int) -> "OnnxRuntimeBackend":
+        """A backend of the same file and session at another input size (a dynamic-size graph), with
+        its own buffers: run-time multi-scale TTA (runtime/tta.py). One session holds one memory arena,
+        which both sizes reuse; two sessions would each keep their own peak (measured on the CPU:
+        8.8 GB peak RSS for --tta multiscale with two sessions)."""
+        return OnnxRuntimeBackend(info, self.onnx_path, self.device, max_batch=max_batch, n_slots=self.n_slots,
+                                  io_binding=self.io_binding, session_of=self)
+
+    def _share_session(self, other: "OnnxRuntimeBackend", ort, io_binding: bool | None) -> None:
+        if other.device != self.device or other.onnx_path != self.onnx_path:
+            raise ValueError("a shared ONNX Runtime session serves the same file on the same device")
+        self.session, self.providers, self.provider = other.session, other.providers, other.provider
+        self.precision, self.ort_version = other.precision, other.ort_version
+        self.messages = []  # the session's decisions were told by the backend that opened it
+        self._check_io()
+        self._host_inputs = [np.zeros(self._input_shape(self.max_batch), self._in_dtype) for _ in range(self.n_slots)]
+        self._outputs = [None] * self.n_slots
+        self._pending = [None] * self.n_slots
+        self.io_binding = self.device_id is not None if io_binding is None else bool(io_binding)
+        if self.io_binding:
+            self._make_bindings(ort)
+
     def _provider_list(self, provider: str, precision: str, available: list[str]) -> list:
         if self.device_id is None:
             if provider not in ("auto", "cpu"):

@@ -105,16 +105,36 @@ def torch_gpu_problem(torch_version: str, arch_list, compute_capability: tuple[i
             f"{install_command('torch', generation, os.name == 'nt' if windows is None else windows)}")
 
 
+def _apply_tta_choice(choice: str, info: ModelInfo, config: dict):
+    """(info with the chosen TTA, the plan): the run-time choice replaces the config's own setting."""
+    import dataclasses
+
+    from ..tta import plan_tta
+
+    plain = dataclasses.replace(info, tta=False, tta_sizes=(), output_format="logits")
+    plan = plan_tta(choice, plain)  # in torch any output format can follow the averaged logits
+    native = int(config.get("input_size", 352))
+    if plan.sizes and (info.input_height, info.input_width) != (native, native):
+        raise ValueError(f"--tta {choice} runs the sizes {'+'.join(map(str, plan.sizes))} chosen for the model's "
+                         f"input size {native}x{native}, not {info.input_height}x{info.input_width}")
+    return dataclasses.replace(info, tta=plan.flips, tta_sizes=plan.sizes), plan
+
+
 class TorchBackend(Backend):
     """``TorchBackend(checkpoint, device="cpu", precision="auto", max_batch=8, n_slots=2,
-    output_format="logits", cuda_graphs=None, input_size=None)``; ``checkpoint`` is anything
-    ``effiseg.training.checkpoint.load_model`` accepts (folder, config.json or .safetensors)."""
+    output_format="logits", cuda_graphs=None, input_size=None, tta=None)``; ``checkpoint`` is anything
+    ``effiseg.training.checkpoint.load_model`` accepts (folder, config.json or .safetensors).
+
+    ``tta``: "none", "flip" or "multiscale" (runtime/tta.py's choices, the same for every backend),
+    run inside the torch graph on the device (training/tta.py, the code evaluation runs: the flips
+    as one batch of 4N on CUDA, captured in the CUDA graph); None: the checkpoint config's own
+    ``tta``/``tta_sizes``."""
 
     name = "torch"
 
     def __init__(self, checkpoint, device: str = "cpu", precision: str = "auto", max_batch: int = 8,
                  n_slots: int = 2, output_format: str = "logits", cuda_graphs: bool | None = None,
-                 input_size: int | tuple[int, int] | None = None):
+                 input_size: int | tuple[int, int] | None = None, tta: str | None = None):
         precision = validate_precision_request(precision, "PyTorch")  # before torch is imported
         torch = import_torch()
         try:
@@ -129,7 +149,12 @@ class TorchBackend(Backend):
         model, config = load_model(self.checkpoint, device="cpu")
         info = ModelInfo.from_checkpoint_config(config, path=self.checkpoint, output_format=output_format,
                                                 dynamic_hw=True, input_size=input_size)
+        self.tta_plan = None
+        if tta is not None:
+            info, self.tta_plan = _apply_tta_choice(tta, info, config)
         super().__init__(info, device, "fp32", max_batch, n_slots)
+        if self.tta_plan is not None and self.tta_plan.extra_passes:
+            self.note(self.tta_plan.describe())
         self.config = config
         self.torch_device = torch.device(device)
         on_cuda = self.torch_device.type == "cuda"
