@@ -265,6 +265,7 @@ class Trainer:
         trainer._configure(cfg)
         seed_everything(cfg.seed, cfg.deterministic)
         trainer.train_images, trainer.train_masks = images.to(trainer.device), masks.to(trainer.device)
+        trainer.train_teacher = None  # timing runs train on labels only
         trainer._build()
         trainer.stream = None
         if trainer.device.type == "cuda":
