@@ -1,7 +1,9 @@
-"""Each ``--tta`` choice as a user runs it: test Dice, images/s end to end and peak RSS, in one run.
+"""Each ``--tta`` choice, on each CPU engine, as a user runs it: test Dice, images/s end to end and
+peak RSS, in one run.
 
     python -m effiseg.benchmarks.tta_choices --images DATA/test/images --data DATA --out results/
     python -m effiseg.benchmarks.tta_choices ... --compare old-default.onnx   # a row for another model
+    python -m effiseg.benchmarks.tta_choices ... --choices none --engines onnxruntime:fp32,openvino:bf16
 
 Every row is ``effiseg-run`` in its own process (what a user starts: imports, model load, decoding,
 inference, PNG writing) on the image folder, its masks scored by ``effiseg-score``: Dice independent
@@ -69,25 +71,37 @@ def _tool(name: str) -> list[str]:
 @click.option("--choices", default=",".join(TTA_CHOICES), help="Comma-separated --tta choices.")
 @click.option("--compare", "compare", multiple=True, type=(str, click.Path(path_type=Path, exists=True, dir_okay=False)),
               metavar="LABEL FILE", help="Also run FILE with --tta none as row LABEL (repeatable).")
+@click.option("--engines", default="onnxruntime:fp32",
+              help="Comma-separated BACKEND:PRECISION pairs each --tta choice runs on (CPU backends: "
+                   "onnxruntime:fp32, onnxruntime:int8, openvino:fp32, openvino:bf16, openvino:int8).")
 @click.option("--repeats", type=click.IntRange(1, 20), default=1)
 @click.option("--batch", type=click.IntRange(1, 64), default=8)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), required=True)
-def main(images, data_root, split, model, choices, compare, repeats, batch, out_dir):
-    """Run effiseg-run + effiseg-score for every --tta choice (and --compare models), one process each."""
+def main(images, data_root, split, model, choices, compare, engines, repeats, batch, out_dir):
+    """Run effiseg-run + effiseg-score for every --tta choice on every engine (and --compare models), one
+    process each."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = [(f"--tta {c}", model, c) for c in choices.split(",")] + [(label, path, "none") for label, path in compare]
+    pairs = [tuple(e.split(":", 1)) for e in engines.split(",") if e.strip()]
+    if any(len(pair) != 2 for pair in pairs):
+        raise click.BadParameter(f"--engines takes BACKEND:PRECISION pairs, not {engines!r}")
+    default_engine = pairs == [("onnxruntime", "fp32")]  # rows keep their short labels
+    rows = [(f"--tta {c}" + ("" if default_engine else f" {b} {p}"), model, c, b, p)
+            for b, p in pairs for c in choices.split(",")]
+    rows += [(label, path, "none", *pairs[0]) for label, path in compare]
     records = []
     with tempfile.TemporaryDirectory(prefix="effiseg-tta-") as scratch:
         for repeat in range(repeats):
-            for label, path, choice in rows:
+            for label, path, choice, backend, precision in rows:
                 slug = label.replace("--tta ", "tta-").replace(" ", "-")
                 masks = Path(scratch) / f"{slug}-{repeat}"
                 cmd = _tool("effiseg-run") + ["--input", str(images), "--output", str(masks), "--model", str(path),
-                                              "--backend", "onnxruntime", "--devices", "cpu", "--batch", str(batch),
+                                              "--backend", backend, "--precision", precision, "--devices", "cpu",
+                                              "--batch", str(batch),
                                               "--tta", choice, "--no-progress"]
                 click.echo(f"[{repeat + 1}/{repeats}] {label}: {' '.join(cmd[1:])}", err=True)
                 seconds, peak, status = _run(cmd, out_dir / f"{slug}-run{repeat}.log")
-                record = {"label": label, "model": str(path), "tta": choice, "repeat": repeat, "exit_status": status,
+                record = {"label": label, "model": str(path), "tta": choice, "backend": backend,
+                          "precision": precision, "repeat": repeat, "exit_status": status,
                           "seconds": round(seconds, 2), "peak_rss_bytes": peak,
                           # Other work on the machine slows every row: said beside each run.
                           "load_average_1min_after": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
@@ -108,7 +122,7 @@ def main(images, data_root, split, model, choices, compare, repeats, batch, out_
     (out_dir / "tta_choices.json").write_text(json.dumps({"command": sys.argv, "records": records}, indent=2),
                                               encoding="utf-8")
     with open(out_dir / "tta_choices.csv", "w", newline="", encoding="utf-8") as f:
-        fields = ["label", "tta", "repeat", "exit_status", "seconds", "images_per_s", "peak_rss_bytes", "mean_dice",
+        fields = ["label", "tta", "backend", "precision", "repeat", "exit_status", "seconds", "images_per_s", "peak_rss_bytes", "mean_dice",
                   "n_images", "load_average_1min_after", "model"]
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
@@ -116,7 +130,7 @@ def main(images, data_root, split, model, choices, compare, repeats, batch, out_
     click.echo("| run | test Dice | seconds (process) | images/s (pipeline) | peak RSS GB |")
     click.echo("|---|---|---|---|---|")
     failed = False
-    for label, _, _ in rows:
+    for label, *_ in rows:
         mine = [r for r in records if r["label"] == label and r["exit_status"] == 0 and "mean_dice" in r]
         if not mine:
             failed = True
