@@ -82,12 +82,17 @@ class OpenVinoBackend(Backend):
                   "INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
+        h, w = info.input_height, info.input_width
         try:
             model = core.read_model(str(path))
+            # Height and width fixed at the size this backend runs (batch stays dynamic): with them left
+            # dynamic, OpenVINO ran the bundled model's int8 twin wrongly (test Dice 0.035 against 0.922
+            # from ONNX Runtime on the same file, benchmarks/results/cpu-epyc-2core-cpu-engines/before-static-shape).
+            fixed = [-1, h, w, 3] if info.input_format == "uint8-nhwc" else [-1, 3, h, w]
+            model.reshape({model.inputs[0]: ov.PartialShape(fixed)})
             self._compiled = core.compile_model(model, "CPU", config)
         except Exception as e:
             raise RuntimeError(f"OpenVINO cannot load {path}: {e}") from e
-        h, w = info.input_height, info.input_width
         shape = (max_batch, h, w, 3) if info.input_format == "uint8-nhwc" else (max_batch, 3, h, w)
         dtype = np.uint8 if info.input_format == "uint8-nhwc" else np.float32
         self._host_inputs = [np.zeros(shape, dtype) for _ in range(n_slots)]
