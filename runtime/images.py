@@ -99,7 +99,11 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
     try:
         size = path.stat().st_size
     except OSError as e:
-        if path.is_symlink():
+        try:
+            broken_link = path.is_symlink()
+        except OSError:  # a folder on the way this user may not enter: is_symlink raises too
+            broken_link = False
+        if broken_link:
             raise ImageError(f"broken symbolic link: its target {os.readlink(path)} does not exist") from None
         raise ImageError(f"cannot read file: {e.strerror or e}") from e
     if size == 0:

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 import struct
 import zlib
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,19 +165,54 @@ def test_cli_reports_failures_and_exits_non_zero(zoo, tiny_onnx, tmp_path):
     assert len(list(out.glob("*.png"))) == n_ok
 
 
-@pytest.mark.skipif(os.name == "nt" or (hasattr(os, "geteuid") and os.geteuid() == 0),
-                    reason="needs a file the process may not read (POSIX, not root)")
-def test_a_file_that_cannot_be_opened_is_not_called_corrupt(tmp_path):
+# Root reads any file whatever its mode (CI runs as root), so there the check runs in a child process
+# that first gives up root for the unprivileged "nobody" user.
+_READ_AS_NOBODY = """
+import os, sys
+from PIL import Image
+from effiseg.runtime.images import ImageError, read_image
+Image.init()  # every image plugin loaded while the interpreter's own files are still readable
+os.setgid(65534)
+os.setuid(65534)
+try:
+    read_image(sys.argv[1])
+except ImageError as e:
+    print(e)
+"""
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX file modes (Windows: the locked-file test below)")
+@pytest.mark.parametrize("where", ["file", "folder"])
+def test_a_file_that_cannot_be_opened_is_not_called_corrupt(tmp_path, where):
+    """``file``: the file's mode forbids reading; ``folder``: the folder holding it may not be entered."""
+    import tempfile
     from effiseg.runtime.images import ImageError, read_image
-    path = tmp_path / "locked.png"
+    # A folder others may enter (pytest's own are private to their owner), or not, as the case asks.
+    folder = Path(tempfile.mkdtemp(dir=tmp_path if where == "folder" else None))
+    folder.chmod(0o755)
+    path = folder / "locked.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
-    path.chmod(0)
+    if where == "file":
+        path.chmod(0)
+    else:
+        folder.chmod(0)
     try:
-        with pytest.raises(ImageError, match="cannot read file") as raised:
-            read_image(path)
-        assert "corrupt" not in str(raised.value)
+        if os.geteuid() != 0:
+            with pytest.raises(ImageError) as raised:
+                read_image(path)
+            message = str(raised.value)
+        else:
+            proc = subprocess.run([sys.executable, "-c", _READ_AS_NOBODY, str(path)], capture_output=True,
+                                  text=True, timeout=120)
+            assert proc.returncode == 0, proc.stderr
+            message = proc.stdout.strip()
+        assert "cannot read file" in message and "corrupt" not in message, message
     finally:
+        folder.chmod(0o755)
         path.chmod(0o644)
+        if where == "file":
+            import shutil
+            shutil.rmtree(folder)
 
 
 def test_a_locked_file_is_reported_as_unreadable_not_corrupt(tmp_path, monkeypatch):
