@@ -50,7 +50,8 @@ def test_torch_fp32_is_the_eager_baseline_and_the_cpu_fast_mode_is_fp32():
         assert (choice.precision, fast, choice.message) == ("fp32", False, None)
     # On the CPU: fp32 is the baseline (the network as trained); auto is the fast mode, which there
     # is the rewritten network in fp32; fp16 gets the same, and says why.
-    assert choose_torch_mode("fp32", on_cuda=False) == (choose_torch_mode("fp32", on_cuda=False)[0], False)
+    baseline, fast = choose_torch_mode("fp32", on_cuda=False)
+    assert (baseline.precision, fast, baseline.message, baseline.warning) == ("fp32", False, None, False)
     auto, fast = choose_torch_mode("auto", on_cuda=False)
     assert (auto.precision, fast, auto.message) == ("fp32", True, None)
     cpu_fp16, fast = choose_torch_mode("fp16", on_cuda=False)

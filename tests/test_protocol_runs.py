@@ -69,6 +69,7 @@ def test_device_cannot_also_come_through_extra(tmp_path):
 
 
 @needs_kvasir
+@pytest.mark.slow  # trains and evaluates four runs: deselect with -m "not slow"
 def test_train_evaluate_report_spread_over_devices(tmp_path):
     data = copy_kvasir_subset(tmp_path / "kvasir", splits=("train", "validation", "test"), stems=("0", "1", "2", "3"))
     proto = tmp_path / "protocol"

@@ -60,6 +60,17 @@ def test_end_to_end_default_output_summary_and_overlay(tiny_onnx, tmp_path):
     assert "5 image(s): 5 ok, 0 failed" in result.output
 
 
+def test_an_empty_folder_is_not_an_error(tiny_onnx, tmp_path):
+    src = tmp_path / "empty"
+    src.mkdir()
+    (src / "notes.txt").write_text("not an image")
+    result = _run("--input", src, "--output", tmp_path / "out", "--model", tiny_onnx)
+    assert result.exit_code == 0, result.output
+    assert "no image files" in result.output and "(add --recursive for sub-folders)" in result.output
+    summary = json.loads((tmp_path / "out" / "effiseg_summary.json").read_text())
+    assert summary["n_images"] == 0 and summary["files"] == []
+
+
 def test_recursive_mirrors_folders_and_separates_name_collisions(tiny_onnx, tmp_path):
     src = tmp_path / "in"
     _make_images(src / "a" / "b", 2)
@@ -196,6 +207,37 @@ def test_killed_run_leaves_no_partial_masks_and_resume_completes(tiny_onnx, tmp_
     assert full.exit_code == 0
     for i in range(n):
         assert np.array_equal(np.asarray(Image.open(out / f"{i}.png")), np.asarray(Image.open(fresh / f"{i}.png")))
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX signals (Windows delivers Ctrl-C to a console group)")
+def test_ctrl_c_exits_130_with_every_mask_complete_and_resume_finishes(tiny_onnx, tmp_path):
+    import signal
+    src, out = tmp_path / "in", tmp_path / "out"
+    n = 40
+    _make_images(src, n, size=(120, 150))
+    script = tmp_path / "slow_cli.py"
+    script.write_text(KILL_SCRIPT)
+    args = ["--input", str(src), "--output", str(out), "--model", str(tiny_onnx), "--batch", "4", "--no-progress",
+            "--backend", "onnxruntime"]
+    proc = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and len(list(out.glob("*.png"))) < 3:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C in a terminal sends
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, output
+    assert "--resume" in output and "Traceback" not in output
+    masks = list(out.glob("*.png"))
+    assert 3 <= len(masks) < n and all(png_is_complete(m) for m in masks)
+    resumed = _run(*args, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert "took over the lock" not in resumed.output  # the interrupted run released it
+    assert len(list(out.glob("*.png"))) == n
 
 
 def test_resume_redoes_incomplete_and_failed_files(tiny_onnx, tmp_path):
