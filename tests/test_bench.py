@@ -1108,3 +1108,15 @@ def test_without_torch_sizes_the_file_cannot_run_are_left_out_with_the_reason(pl
     proc = _bench_without_torch(tmp_path, "given", *common, "--input-size", "48")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
     assert "no backend can run here" in proc.stderr and "uint8-nhwc at 48x48" in proc.stderr
+
+
+COMMITTED_RESULTS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "results").rglob("effiseg_bench.json"))
+
+
+@pytest.mark.parametrize("path", COMMITTED_RESULTS, ids=lambda p: p.parent.relative_to(p.parents[2]).as_posix())
+def test_every_committed_result_file_follows_the_bench_schema(path):
+    """The numbers RESULTS.md quotes come from these files; --compare and the docs read them."""
+    try:
+        validate_result_file(json.loads(path.read_text(encoding="utf-8")))
+    except SchemaError as e:
+        pytest.fail(f"{path}: {e}")
