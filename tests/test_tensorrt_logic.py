@@ -78,10 +78,30 @@ def _key(**changes) -> EngineKey:
     return dataclasses.replace(base, **changes)
 
 
-def test_cache_key_is_stable():
-    assert _key().digest() == _key().digest()
-    assert len(_key().digest()) == 64
+_KEY_IN_A_CHILD = """
+import sys
+from effiseg.runtime.trt_engine_cache import EngineKey
+key = EngineKey(onnx_sha256="ab" * 32, tensorrt_version="8.5.3.1", gpu_name="Quadro M6000", compute_capability="5.2",
+                precision="fp32", profile=(("images", (1, 32, 32, 3), (8, 32, 32, 3), (8, 32, 32, 3)),), n_profiles=2,
+                platform="linux")
+print(key.digest())
+"""
+
+
+def test_cache_key_is_stable_across_processes():
+    """A cached engine is found by a later run only if every process computes the same key: no
+    per-process hash (Python randomises str hashes per process) may leak into it."""
+    import os
+    import subprocess
+    here = _key(platform="linux").digest()
+    assert len(here) == 64
     json.dumps(_key().components())  # serialisable for the sidecar file
+    for seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        child = subprocess.run([sys.executable, "-c", _KEY_IN_A_CHILD], capture_output=True, text=True, env=env,
+                               timeout=120)
+        assert child.returncode == 0, child.stderr
+        assert child.stdout.strip() == here
 
 
 @pytest.mark.parametrize("change", [
