@@ -175,6 +175,11 @@ def run_command(input_dir, output_dir, model_path, backend, devices, batch, prec
               f"on {','.join(b.device for b in segmenter.backends)}, {segmenter.precision}, batch {batch}, "
               f"slots {slots}, {describe_tta(segmenter.info.tta, segmenter.info.tta_sizes)}"
               f"{'' if tta == 'none' else ' (--tta ' + tta + ')'}, threshold {segmenter.threshold:g}")
+        recommended = segmenter.info.tta_recommended
+        if tta == "none" and recommended:
+            # The accuracy a user can buy with more passes is said once, never spent unasked.
+            _echo(f"more accurate and slower: --tta multiscale runs this model's validation-chosen TTA, "
+                  f"{describe_tta(recommended['flips'], recommended['sizes'])}")
         try:
             summary = segmenter.run_folder(input_dir, out, recursive=recursive, resume=resume, overlay=overlay,
                                            max_pixels=max_pixels, progress=not no_progress, log=_echo)

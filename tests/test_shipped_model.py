@@ -31,6 +31,8 @@ def test_the_readme_demo_segments_the_samples(tmp_path):
     result = CliRunner().invoke(run_command, ["--input", str(ROOT / "runtime" / "samples"), "--output", str(out),
                                               "--no-progress"])
     assert result.exit_code == 0, result.output
+    assert "1 network pass per image" in result.output  # the default spends one pass...
+    assert "--tta multiscale runs this model's validation-chosen TTA" in result.output  # ...and says what more buys
     summary = json.loads((out / "effiseg_summary.json").read_text(encoding="utf-8"))
     assert summary["n_ok"] == len(SAMPLES) == 4
     # Every sample holds a polyp: a mask that finds none would mean a broken model or pipeline.
