@@ -12,8 +12,12 @@ from __future__ import annotations
 import ctypes
 import importlib.metadata
 import importlib.util
+import json
 import os
 import platform
+import subprocess
+import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,21 +155,40 @@ def _installed(distribution: str) -> str | None:
         return None
 
 
+# Asked in a child interpreter: effiseg.runtime never imports torch itself (an inference install has
+# none), and a torch whose CUDA libraries are broken can take its process down with it.
+_TORCH_PROBE = textwrap.dedent("""
+    import json
+    import torch
+    info = {"version": torch.__version__, "cuda": torch.version.cuda}
+    try:
+        info["cuda_available"] = bool(torch.cuda.is_available())
+        info["arch_list"] = list(torch.cuda.get_arch_list()) if torch.version.cuda else []
+        cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+        info["cudnn"] = str(cudnn) if cudnn else None
+    except Exception as e:  # a broken CUDA install inside torch
+        info["error"] = f"{type(e).__name__}: {e}".strip()
+    print(json.dumps(info))
+""")
+
+
 def probe_torch() -> TorchInfo | None:
     if importlib.util.find_spec("torch") is None:
         return None
+    version = _installed("torch") or "?"
     try:
-        import torch
-    except Exception as e:
-        return TorchInfo(version=_installed("torch") or "?", error=_one_line(e))
-    try:
-        available = bool(torch.cuda.is_available())
-        arch_list = tuple(torch.cuda.get_arch_list()) if torch.version.cuda else ()
-        cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-    except Exception as e:  # a broken CUDA install inside torch
-        return TorchInfo(version=torch.__version__, cuda=torch.version.cuda, error=_one_line(e))
-    return TorchInfo(version=torch.__version__, cuda=torch.version.cuda, arch_list=arch_list,
-                     cuda_available=available, cudnn=str(cudnn) if cudnn else None)
+        child = subprocess.run([sys.executable, "-c", _TORCH_PROBE], capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return TorchInfo(version=version, error=_one_line(e))
+    lines = child.stdout.strip().splitlines()
+    if child.returncode != 0 or not lines:
+        last = (child.stderr.strip().splitlines() or [f"exit status {child.returncode}"])[-1]
+        return TorchInfo(version=version, error=f"import torch failed: {last}")
+    info = json.loads(lines[-1])
+    if info.get("error"):
+        return TorchInfo(version=info["version"], cuda=info["cuda"], error=info["error"])
+    return TorchInfo(version=info["version"], cuda=info["cuda"], arch_list=tuple(info["arch_list"]),
+                     cuda_available=info["cuda_available"], cudnn=info["cudnn"])
 
 
 # A one-node ONNX model (Identity on a float tensor), enough for ONNX Runtime to load its CUDA
@@ -249,7 +272,7 @@ def probe_cudnn_library() -> str | None:
 
 def probe_environment() -> Environment:
     """The real machine, each part asked in its own guarded probe. The system's cuDNN is looked
-    for first: once torch is imported, the loader would find the copy torch brought."""
+    for first: once ONNX Runtime has preloaded its CUDA libraries, the loader would find that copy."""
     cudnn_library = probe_cudnn_library()
     driver_cuda, gpus = probe_gpus()
     bindings = {name: v for name in ("cuda-python", "cuda-bindings", "pycuda") if (v := _installed(name))}

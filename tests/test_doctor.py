@@ -264,3 +264,17 @@ def test_gpus_memory_and_driver_versions_come_from_the_driver_libraries(monkeypa
         raise OSError(f"{name}: cannot open shared object file")
     monkeypatch.setattr(ctypes, "CDLL", no_library)
     assert doctor_env.probe_gpus() == (None, ()) and doctor_env.probe_driver_version() is None
+
+
+def test_the_doctor_asks_torch_without_importing_it():
+    """effiseg.runtime never imports torch (an inference install has none): the doctor asks a child."""
+    import subprocess
+    import sys
+    script = ("import sys\nfrom effiseg.runtime.doctor import report\nfrom effiseg.runtime.doctor_env import probe_environment\n"
+              "data = report(probe_environment())\n"
+              "assert 'torch' not in sys.modules and 'timm' not in sys.modules, 'imported'\n"
+              "print(data['environment']['torch'] is not None)")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    import importlib.util
+    assert proc.stdout.strip() == str(importlib.util.find_spec("torch") is not None)  # and still reports it
