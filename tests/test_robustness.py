@@ -175,7 +175,7 @@ def test_cli_tta_passes_through_and_changes_the_predictions(tiny_checkpoint, tmp
     common = [str(tiny_checkpoint), "--data", str(data), "--split", "none", "--shifts", "gamma", "--strengths", "1",
               "--score-strength", "1", "--device", "cpu", "--no-figure"]
     results = []
-    for extra, name in (([], "one"), (["--tta", "--tta-sizes", "64,96"], "tta")):
+    for extra, name in (([], "one"), (["--tta", "flip", "--tta-sizes", "64,96"], "tta")):
         res = CliRunner().invoke(robustness_command, common + extra + ["--output", str(tmp_path / name)])
         assert res.exit_code == 0, res.output
         results.append(json.loads((tmp_path / name / "robustness.json").read_text(encoding="utf-8")))

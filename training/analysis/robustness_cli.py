@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from effiseg.runtime.cli import TTA_SIZES_OPTION
+from effiseg.runtime.cli import TTA_CHOICE_OPTION, tta_sizes_option
 from effiseg.runtime.console import Command
 
 from ..data import DEFAULT_DATA_ROOT as DEFAULT_DATA
@@ -30,10 +30,9 @@ from .shifts import SHIFTS
 @click.option("--batch-size", type=click.IntRange(1), default=4)
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Probability threshold (default: the checkpoint's, else 0.5).")
-@click.option("--tta/--no-tta", default=False,
-              help="Flip TTA (the checkpoint's flips and sizes unless --tta-sizes). Off: one pass, what a "
-                   "single-pass deployment sees.")
-@TTA_SIZES_OPTION
+@TTA_CHOICE_OPTION
+@click.option("--tta-sizes", default=None, callback=tta_sizes_option, metavar="SIZES",
+              help="Replace the multi-scale sizes of --tta, e.g. 352,416 [default: those of the choice].")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N images.")
 @click.option("--output", "out_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Result folder (default: <checkpoint dir>/robustness-<split>).")
@@ -66,9 +65,11 @@ def robustness_command(checkpoint, data_root, split, shift_spec, strengths, scor
         samples = load_split(data_root, None if split == "none" else split, limit)
         dev = resolve_device(device)
         model, cfg = load_model(checkpoint, device=dev)
-        # --tta: flips plus the checkpoint's sizes; --tta-sizes alone: multi-scale without flips.
-        from ..tta import resolve_tta
-        flips, sizes = resolve_tta(cfg, True, tta_sizes) if tta else (False, tuple(tta_sizes or ()))
+        # The run-time --tta choice, as effiseg-run and effiseg-eval take it (default: one pass).
+        from ..tta import resolve_tta_choice
+        flips, sizes, recommended_threshold = resolve_tta_choice(cfg, tta, tta_sizes)
+        if threshold is None:
+            threshold = recommended_threshold  # None: the checkpoint's own
         n_passes = 1 + len(names) * len(levels)
         click.echo(f"{len(samples)} images from {data_root} ({split}); {cfg['variant']} on {dev}, "
                    f"{'flip TTA' if flips else 'one pass'}{f', sizes {list(sizes)}' if sizes else ''}; "
