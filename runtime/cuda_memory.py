@@ -62,24 +62,31 @@ def parse_cuda_device(device: str | int) -> int:
     return index
 
 
+def load_first_library(names) -> tuple[str, "ctypes.CDLL"] | None:
+    """(name, library) of the first of ``names`` the system loader can load, else None."""
+    for name in names:
+        try:
+            return name, ctypes.CDLL(name)
+        except OSError:
+            continue
+    return None
+
+
 def driver_library():
     """The NVIDIA driver library (``nvcuda.dll`` / ``libcuda.so.1``) and this process's GPU count
     after ``cuInit`` (``CUDA_VISIBLE_DEVICES`` applies): (library, count); (None, 0) when the driver
     says there is no usable GPU; None when no driver library loads or it does not answer."""
-    names = ("nvcuda.dll",) if os.name == "nt" else ("libcuda.so.1", "libcuda.so")
-    for name in names:
-        try:
-            lib = ctypes.CDLL(name)
-        except OSError:
-            continue
-        try:
-            count = ctypes.c_int(0)
-            if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
-                return None, 0  # a driver without a usable GPU (CUDA_VISIBLE_DEVICES="", no device...)
-            return lib, count.value
-        except (AttributeError, OSError, ValueError):  # not the driver library we know
-            return None
-    return None
+    found = load_first_library(("nvcuda.dll",) if os.name == "nt" else ("libcuda.so.1", "libcuda.so"))
+    if found is None:
+        return None
+    lib = found[1]
+    try:
+        count = ctypes.c_int(0)
+        if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return None, 0  # a driver without a usable GPU (CUDA_VISIBLE_DEVICES="", no device...)
+        return lib, count.value
+    except (AttributeError, OSError, ValueError):  # not the driver library we know
+        return None
 
 
 def driver_devices() -> list[tuple[str, tuple[int, int]]] | None:

@@ -21,7 +21,7 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cuda_memory import driver_devices, driver_library
+from .cuda_memory import driver_devices, driver_library, load_first_library
 
 
 @dataclass(frozen=True)
@@ -131,21 +131,19 @@ def probe_driver_version() -> str | None:
     # Windows drivers put nvml.dll in System32; older ones only under NVSMI.
     nvsmi = Path(os.environ.get("ProgramFiles", "C:\\Program Files")) / "NVIDIA Corporation" / "NVSMI" / "nvml.dll"
     names = ("nvml.dll", str(nvsmi)) if os.name == "nt" else ("libnvidia-ml.so.1", "libnvidia-ml.so")
-    for name in names:
-        try:
-            nvml = ctypes.CDLL(name)
-        except OSError:
-            continue
-        try:
-            if nvml.nvmlInit_v2() != 0:
-                return None
-            text = ctypes.create_string_buffer(96)
-            ok = nvml.nvmlSystemGetDriverVersion(text, 96) == 0
-            nvml.nvmlShutdown()
-            return text.value.decode(errors="replace") if ok else None
-        except (AttributeError, OSError):
+    found = load_first_library(names)
+    if found is None:
+        return None
+    nvml = found[1]
+    try:
+        if nvml.nvmlInit_v2() != 0:
             return None
-    return None
+        text = ctypes.create_string_buffer(96)
+        ok = nvml.nvmlSystemGetDriverVersion(text, 96) == 0
+        nvml.nvmlShutdown()
+        return text.value.decode(errors="replace") if ok else None
+    except (AttributeError, OSError):
+        return None
 
 
 def _installed(distribution: str) -> str | None:
@@ -257,17 +255,15 @@ def probe_cudnn_library() -> str | None:
     """The cuDNN library the system loader finds (PATH / LD_LIBRARY_PATH), with its version."""
     names = (("cudnn64_9.dll", "cudnn64_8.dll") if os.name == "nt"
              else ("libcudnn.so.9", "libcudnn.so.8", "libcudnn.so"))
-    for name in names:
-        try:
-            lib = ctypes.CDLL(name)
-        except OSError:
-            continue
-        try:
-            lib.cudnnGetVersion.restype = ctypes.c_size_t
-            return f"{name} (version {lib.cudnnGetVersion()})"
-        except (AttributeError, OSError):
-            return name
-    return None
+    found = load_first_library(names)
+    if found is None:
+        return None
+    name, lib = found
+    try:
+        lib.cudnnGetVersion.restype = ctypes.c_size_t
+        return f"{name} (version {lib.cudnnGetVersion()})"
+    except (AttributeError, OSError):
+        return name
 
 
 def probe_environment() -> Environment:
