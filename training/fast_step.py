@@ -72,6 +72,23 @@ def choose_step_mode(requested: str, device_type: str, capability: tuple[int, in
     return StepChoice("graph", why)
 
 
+def training_batch(images: torch.Tensor, masks: torch.Tensor, teacher: torch.Tensor | None, idx: torch.Tensor,
+                   augment, generator: torch.Generator, mean: torch.Tensor, std: torch.Tensor,
+                   channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(network input, target) of the samples ``idx`` of the device-resident uint8 data set: scaled,
+    augmented on the device, normalised. The eager and the fast step both take their batch from
+    here, so that the two stay the same mathematics."""
+    batch = images[idx].float().div_(255.0)
+    target = masks[idx].float()
+    if teacher is not None:  # soft targets ride along as channel 1 (losses.py)
+        target = torch.cat([target, teacher[idx].float().div_(255.0)], dim=1)
+    batch, target = augment_batch(batch, target, augment, generator=generator)
+    x = (batch - mean) / std
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, target
+
+
 def fast_optimizer(params, lr: float, weight_decay: float, device: torch.device, capturable: bool):
     """AdamW as one fused kernel per step, its learning rate a device tensor that the schedule fills
     in place (a Python float would be frozen into a captured graph)."""
@@ -136,14 +153,8 @@ class FastStep:
 
     def _step(self, idx: torch.Tensor) -> None:
         """The eager step's mathematics (trainer.Trainer._train_epoch), on fixed addresses."""
-        images = self.images[idx].float().div_(255.0)
-        masks = self.masks[idx].float()
-        if self.teacher is not None:  # soft targets ride along as channel 1 (losses.py)
-            masks = torch.cat([masks, self.teacher[idx].float().div_(255.0)], dim=1)
-        images, masks = augment_batch(images, masks, self.augment, generator=self.aug_gen)
-        x = (images - self.mean) / self.std
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x, masks = training_batch(self.images, self.masks, self.teacher, idx, self.augment, self.aug_gen,
+                                  self.mean, self.std, self.channels_last)
         with self._autocast():
             out = self.model(x)
         loss = total_loss(out, masks, self.loss_cfg)

@@ -28,14 +28,14 @@ import torch
 
 from effiseg.runtime.replace_file import replace_with_retry
 
-from .augment import AugmentConfig, augment_batch
+from .augment import AugmentConfig
 from .checkpoint import effiseg_version, load_model, model_config, save_checkpoint
 from .data import DEFAULT_DATA_ROOT, load_split, stack_samples
 from .distill import load_teacher_maps
 from .device_validation import DeviceValidation
 from .evaluate import evaluate_samples
 from .fast_step import (FastStep, StepChoice, choose_step_mode, cosine_lr, fast_optimizer, learning_rate_value,
-                        set_learning_rate)
+                        set_learning_rate, training_batch)
 from .losses import LossConfig, total_loss
 from .model import build_model
 from .result_files import write_json, write_rows_csv
@@ -391,14 +391,8 @@ class Trainer:
             idx = order[start:start + c.batch_size]
             if idx.numel() < 2:  # BatchNorm needs two samples
                 continue
-            images = self.train_images[idx].float().div_(255.0)
-            masks = self.train_masks[idx].float()
-            if self.train_teacher is not None:  # soft targets ride along as channel 1 (losses.py)
-                masks = torch.cat([masks, self.train_teacher[idx].float().div_(255.0)], dim=1)
-            images, masks = augment_batch(images, masks, c.augment, generator=self.aug_gen)
-            x = (images - self.mean) / self.std
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x, masks = training_batch(self.train_images, self.train_masks, self.train_teacher, idx, c.augment,
+                                      self.aug_gen, self.mean, self.std, self.channels_last)
             with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype or torch.bfloat16,
                                 enabled=self.amp_dtype is not None):
                 out = self.model(x)
