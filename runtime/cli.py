@@ -82,7 +82,8 @@ def _check_devices(ctx, param, value):
 
 @click.command(cls=Command, context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.option("--input", "-i", "input_dir", required=True, type=click.Path(path_type=Path),
-              help="Folder of images (jpg, jpeg, png, bmp, tif, tiff).")
+              help="Folder of images (jpg, jpeg, png, bmp, tif, tiff), or a video file or a folder of videos "
+                   "(mp4, mkv, mov, avi, ...; needs effiseg[video]): a mask video, per-frame CSV/JSON.")
 @click.option("--output", "-o", "output_dir", type=click.Path(path_type=Path), default=None,
               help="Mask folder [default: a sibling of the input named INPUT_masks]. Not the input "
                    "folder, nor inside it with --recursive.")
@@ -104,6 +105,7 @@ def _check_devices(ctx, param, value):
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Probability cut [default: the model's own].")
 @click.option("--overlay", is_flag=True, help="Also write OUTPUT/overlays/<image>.jpg: outline + translucent fill.")
+@click.option("--frames", "frames_png", is_flag=True, help="Videos: also write one PNG mask per frame (frames/).")
 @click.option("--recursive", "-r", is_flag=True, help="Include sub-folders (mirrored in the output).")
 @click.option("--resume", is_flag=True, help="Skip images whose mask already exists and is complete.")
 @click.option("--slots", type=click.IntRange(1, 8), default=2,
@@ -118,7 +120,7 @@ def _check_devices(ctx, param, value):
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @print_backend_notes_live()
 def run_command(input_dir, output_dir, model_path, backend, devices, batch, precision, threshold, overlay,
-                recursive, resume, slots, workers, max_pixels, input_size, tta, no_progress):
+                recursive, resume, slots, workers, max_pixels, input_size, tta, no_progress, frames_png):
     """Segment every image of INPUT into 0/255 PNG masks at each image's own size, with a summary
     CSV/JSON (area fraction, regions, maximum probability, errors, throughput)."""
     from .backends import BackendUnavailable
@@ -130,9 +132,14 @@ def run_command(input_dir, output_dir, model_path, backend, devices, batch, prec
     from PIL import Image
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
+    from .video import is_video_input
+    video = is_video_input(input_dir, recursive)
     try:
-        out = output_dir if output_dir is not None else default_output_dir(input_dir)
-        check_folders(input_dir, out, recursive)
+        if video:
+            out = _check_video_run(input_dir, output_dir)
+        else:
+            out = output_dir if output_dir is not None else default_output_dir(input_dir)
+            check_folders(input_dir, out, recursive)
         # One run per output folder, checked before the model loads (a TensorRT build takes minutes)
         # and held until the command ends (run_folder enters it again). A folder that does not exist
         # yet is left uncreated until the model is ready; run_folder takes the lock then.
@@ -181,8 +188,13 @@ def run_command(input_dir, output_dir, model_path, backend, devices, batch, prec
             _echo(f"more accurate and slower: --tta multiscale runs this model's validation-chosen TTA, "
                   f"{describe_tta(recommended['flips'], recommended['sizes'])}")
         try:
-            summary = segmenter.run_folder(input_dir, out, recursive=recursive, resume=resume, overlay=overlay,
-                                           max_pixels=max_pixels, progress=not no_progress, log=_echo)
+            if video:
+                from .video.run import run_videos
+                summary = run_videos(segmenter, input_dir, out, recursive=recursive, resume=resume, overlay=overlay,
+                                     frames=frames_png, max_pixels=max_pixels, progress=not no_progress, log=_echo)
+            else:
+                summary = segmenter.run_folder(input_dir, out, recursive=recursive, resume=resume, overlay=overlay,
+                                               max_pixels=max_pixels, progress=not no_progress, log=_echo)
         except (FolderError, FolderLockedError) as e:
             raise CannotStart(str(e)) from None
         except OSError as e:  # e.g. an output folder that cannot be created or written (before any mask;
@@ -196,6 +208,10 @@ def run_command(input_dir, output_dir, model_path, backend, devices, batch, prec
             raise RunStopped(f"the run stopped part-way: {type(e).__name__}: {e}. Every mask file in {out} "
                              "is complete; fix the cause and run the same command with --resume to finish") from None
     failed = [r for r in summary["files"] if r["status"] == "error"]
+    if video:
+        from .video.run import print_video_summary
+        print_video_summary(summary, click.echo)
+        sys.exit(EXIT_FAILED_FILES if failed else 0)
     click.echo(f"{summary['n_images']} image(s): {summary['n_ok']} ok, {summary['n_failed']} failed, "
                f"{summary['n_skipped']} skipped (resume); {summary['images_per_s']:.1f} images/s "
                f"over {summary['n_processed']} processed")
@@ -207,6 +223,19 @@ def run_command(input_dir, output_dir, model_path, backend, devices, batch, prec
     click.echo("summary: " + " and ".join(p for p in (summary["summary_csv"], summary["summary_json"]) if p))
     if failed:
         sys.exit(EXIT_FAILED_FILES)
+
+
+def _check_video_run(input_path: Path, output_dir: Path | None) -> Path:
+    """The output folder of a video run, checked before a model loads (CannotStart says why not)."""
+    from .video import import_av
+    from .video.run import VideoInputError, check_video_output, default_video_output
+    try:
+        import_av()
+        out = output_dir if output_dir is not None else default_video_output(input_path)
+        check_video_output(input_path, out)
+    except (ImportError, VideoInputError) as e:
+        raise CannotStart(str(e)) from None
+    return out
 
 
 def main() -> None:  # pragma: no cover - console entry convenience
