@@ -43,9 +43,12 @@ def is_video_input(input_path, recursive: bool) -> bool:
     """effiseg-run's dispatch: a video file, or a folder with video files and no image files (a folder
     with both stays an image run, as before videos were read; the run says how many videos it left)."""
     input_path = Path(input_path)
-    if input_path.is_file():
-        return is_video_path(input_path)
-    if not input_path.is_dir():
+    try:
+        if input_path.is_file():
+            return is_video_path(input_path)
+        if not input_path.is_dir():
+            return False
+        from ..images import list_images
+        return bool(list_videos(input_path, recursive)) and not list_images(input_path, recursive)
+    except OSError:  # a folder this user may not list: the folder checks say so
         return False
-    from ..images import list_images
-    return bool(list_videos(input_path, recursive)) and not list_images(input_path, recursive)
