@@ -21,9 +21,7 @@ per-file error: its outputs are not written, and the run goes on with the next v
 """
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import shutil
 import time
@@ -37,6 +35,7 @@ from ..folder_lock import OutputFolderLock
 from ..images import overlay_image
 from ..postprocess import count_regions, output_to_mask
 from ..replace_file import replace_with_retry
+from ..rows_csv import rows_csv_text
 from ..trt_engine_cache import file_sha256
 from . import VideoError, is_video_path, list_videos
 from .reader import VideoReader
@@ -179,7 +178,7 @@ def run_videos(segmenter, input_path, output_dir=None, *, recursive: bool = Fals
     summary["summary_json"] = str(output_dir / f"{SUMMARY_STEM}.json")
     summary["summary_csv"] = str(output_dir / f"{SUMMARY_STEM}.csv")
     _atomic_text(output_dir / f"{SUMMARY_STEM}.json", json.dumps(summary, indent=2, default=str))
-    _atomic_text(output_dir / f"{SUMMARY_STEM}.csv", _csv_text(rows, VIDEO_FIELDS))
+    _atomic_text(output_dir / f"{SUMMARY_STEM}.csv", rows_csv_text(rows, VIDEO_FIELDS))
     return summary
 
 
@@ -243,7 +242,7 @@ def segment_video(segmenter, job: VideoJob, settings: dict, *, overlay: bool = F
         commit(png_dir, out / FRAMES_DIR)
     elif (out / FRAMES_DIR).is_dir():
         shutil.rmtree(out / FRAMES_DIR)
-    _atomic_text(out / FRAMES_CSV, _csv_text(rows, FRAME_FIELDS))
+    _atomic_text(out / FRAMES_CSV, rows_csv_text(rows, FRAME_FIELDS))
     record = {"video": job.rel, "source": str(job.source), "complete": True, "settings": settings,
               "stream": stream, "n_frames": len(rows),
               "outputs": {"masks": MASK_VIDEO, "csv": FRAMES_CSV, "overlay": OVERLAY_VIDEO if overlay else None,
@@ -339,15 +338,6 @@ def _video_row(job: VideoJob, status: str, record: dict | None, error: str = "")
                    mean_area_fraction=round(sum(r["area_fraction"] for r in per_frame) / max(1, len(per_frame)), 6),
                    max_probability=max(probs) if probs else None)
     return row
-
-
-def _csv_text(rows: list[dict], fields) -> str:
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
-    return text.getvalue()
 
 
 def _atomic_text(path: Path, text: str) -> None:
