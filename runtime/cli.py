@@ -145,8 +145,11 @@ def run_command(input_dir, output_dir, model_path, backend, devices, batch, prec
                                           ray_address, ray_actors, no_progress))
         return
     input_dir, output_dir = Path(input_dir), None if output_dir is None else Path(output_dir)
-    from .video import is_video_input
+    from .video import count_videos, is_video_input
     video = is_video_input(input_dir, recursive)
+    if not video and count_videos(input_dir, recursive):
+        _echo(f"note: {count_videos(input_dir, recursive)} video file(s) in {input_dir} are left out: a run "
+              "takes images or videos; give the videos a folder of their own, or --input one video")
     try:
         if video:
             out = _check_video_run(input_dir, output_dir)

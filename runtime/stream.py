@@ -13,8 +13,9 @@ Latency is capture (the frame's arrival) to mask (its result back on the host), 
 p99 and max, frames processed and dropped are shown live (once a second) and written as JSON at the
 end (``--json``), with one CSV row per processed frame (``--csv``).
 
-Exit status: 0 when the source was played to its end (or Ctrl-C / --max-frames stopped it), 3 when
-the source or model cannot be opened, 4 when the run stopped part-way.
+Exit status: 0 when the source was played to its end (or --max-frames stopped it), 130 after Ctrl-C
+(the summary is written all the same), 3 when the source or model cannot be opened, 4 when the source
+or the run failed part-way.
 """
 from __future__ import annotations
 
@@ -139,6 +140,7 @@ def run_stream(segmenter, source, *, format: str | None = None, options: dict | 
 
     latencies: list[float] = []
     failed = 0
+    interrupted = False
     last_live = time.perf_counter()
     summary: dict = {}
 
@@ -178,6 +180,8 @@ def run_stream(segmenter, source, *, format: str | None = None, options: dict | 
             if live is not None and time.perf_counter() - last_live >= live_every_s:
                 last_live = time.perf_counter()
                 live(snapshot(False))
+    except KeyboardInterrupt:  # Ctrl-C ends a live stream: the summary of what ran is still wanted
+        interrupted = True
     finally:
         capture.stop.set()
         mailbox.close()
@@ -185,7 +189,8 @@ def run_stream(segmenter, source, *, format: str | None = None, options: dict | 
         reader.close()
     if capture.error is not None:
         summary["source_error"] = f"{type(capture.error).__name__}: {capture.error}"
-    return snapshot(True)
+    summary["interrupted"] = interrupted
+    return snapshot(not interrupted)
 
 
 def _live_line(summary: dict) -> str:
@@ -272,7 +277,6 @@ def stream_command(source, model_path, backend, devices, precision, threshold, i
         click.echo(_live_line(summary), err=True, nl=False)
         click.echo(live_end, err=True, nl=False)
 
-    stopped = None
     with segmenter:
         echo(f"{source}: model {model}, backend {segmenter.backend_name} on "
              f"{','.join(b.device for b in segmenter.backends)}, {segmenter.precision}, batch 1, queue {queue}")
@@ -283,18 +287,12 @@ def stream_command(source, model_path, backend, devices, precision, threshold, i
         except VideoError as e:
             echo(f"error: {e}")
             sys.exit(EXIT_CANNOT_START)
-        except KeyboardInterrupt:
-            stopped = "interrupted"
-            summary = None
         except Exception as e:
             echo(f"error: the stream stopped part-way: {type(e).__name__}: {e}")
             sys.exit(EXIT_RUN_STOPPED)
         finally:
             if rows_file is not None:
                 rows_file.close()
-    if summary is None:
-        echo(f"{stopped}: no summary")
-        sys.exit(130)
     summary["model"] = str(model)
     json_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     if live_end == "\r" and not quiet:
@@ -305,6 +303,8 @@ def stream_command(source, model_path, backend, devices, precision, threshold, i
     click.echo(f"summary: {json_path}" + (f", frames: {csv_path}" if csv_path else ""))
     if summary.get("source_error"):
         sys.exit(EXIT_RUN_STOPPED)
+    if summary["interrupted"]:
+        sys.exit(130)
 
 
 def main() -> None:  # pragma: no cover

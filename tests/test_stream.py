@@ -78,3 +78,18 @@ def test_stream_cli_writes_the_summary_and_one_row_per_processed_frame(tiny_onnx
     assert summary["latency_ms"]["p99"] >= summary["latency_ms"]["p50"] > 0
     missing = CliRunner().invoke(stream_command, [str(tmp_path / "nope.mp4"), "--model", str(tiny_onnx)])
     assert missing.exit_code == 3 and "nope.mp4" in missing.output
+
+
+class InterruptedSegmenter(BusySegmenter):
+    def segment(self, images):
+        self.calls += 1
+        if self.calls == 4:  # warm-up, two frames, then Ctrl-C
+            raise KeyboardInterrupt
+        return [images[0][..., 0] > 127]
+
+
+def test_ctrl_c_ends_the_stream_with_the_summary_of_what_ran(tmp_path):
+    clip = write_clip(tmp_path / "c.mp4", 12)
+    summary = run_stream(InterruptedSegmenter(), clip, paced=False, queue=12)
+    assert summary["interrupted"] and not summary["complete"]
+    assert summary["frames_processed"] == 2 and summary["latency_ms"]["max"] > 0

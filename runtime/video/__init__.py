@@ -52,3 +52,11 @@ def is_video_input(input_path, recursive: bool) -> bool:
         return bool(list_videos(input_path, recursive)) and not list_images(input_path, recursive)
     except OSError:  # a folder this user may not list: the folder checks say so
         return False
+
+
+def count_videos(folder, recursive: bool) -> int:
+    """Video files in ``folder`` (0 for a file, a missing folder or one this user may not list)."""
+    try:
+        return len(list_videos(Path(folder), recursive)) if Path(folder).is_dir() else 0
+    except OSError:
+        return 0
