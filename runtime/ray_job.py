@@ -11,7 +11,7 @@
 * Masks are named, computed and encoded as a local ``effiseg-run`` does (the same functions), so they
   are identical file for file; per-file errors land in the summary (``effiseg_summary.json``/``.csv`` in
   the output location); ``--resume`` skips images whose mask is complete (PNG signature and IEND trailer)
-  when the recorded settings (``effiseg_run_settings.json``) match.
+  when the recorded settings (``effiseg_ray_settings.json``) match.
 
 Ray is the ``ray`` extra: ``pip install "effiseg[ray]"``. Ray on Windows is beta (Ray's own statement):
 run the cluster on Linux where you can.
@@ -31,7 +31,9 @@ from .postprocess import count_regions, output_to_mask
 from .rows_csv import rows_csv_text
 
 SUMMARY_STEM = "effiseg_summary"
-SETTINGS_NAME = "effiseg_run_settings.json"
+# Not effiseg_run_settings.json: a local run records its settings from the opened backends, which the
+# driver does not open; one kind of run never takes the other's record for its own (it redoes the masks).
+SETTINGS_NAME = "effiseg_ray_settings.json"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 

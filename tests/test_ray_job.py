@@ -62,7 +62,8 @@ def test_ray_masks_are_a_local_runs_byte_for_byte_with_errors_and_resume(tiny_on
 @pytest.mark.slow
 def test_cli_ray_option(tiny_onnx, tmp_path, local_ray):
     src = write_noise_images(tmp_path / "in", 3)
-    result = CliRunner().invoke(run_command, ["--input", str(src), "--output", str(tmp_path / "out"), "--model",
+    # A URI, as for s3:// or gs://: file:// reaches the same pyarrow file system code.
+    result = CliRunner().invoke(run_command, ["--input", src.as_uri(), "--output", str(tmp_path / "out"), "--model",
                                               str(tiny_onnx), "--backend", "onnxruntime", "--ray", "--ray-actors", "1",
                                               "--no-progress"])
     assert result.exit_code == 0, result.output
