@@ -206,13 +206,17 @@ def segment_video(segmenter, job: VideoJob, settings: dict, *, overlay: bool = F
             if png_dir is not None:
                 png_dir.mkdir()
 
-            def write(frame, mask, max_probability, regions):
-                writers[0].write(mask, frame.index, frame.time_s)
-                if overlay:
-                    writers[1].write(overlay_image(frame.rgb, mask), frame.index, frame.time_s)
+            def per_frame(frame, mask):
+                # Anything that does not depend on the order runs here, in the pipeline's writer threads.
                 if png_dir is not None:
                     Image.fromarray(np.where(mask, np.uint8(255), np.uint8(0)), mode="L").save(
                         png_dir / f"{frame.index:06d}.png")
+                return overlay_image(frame.rgb, mask) if overlay else None
+
+            def write(frame, mask, max_probability, regions, overlay_rgb):
+                writers[0].write(mask, frame.index, frame.time_s)
+                if overlay_rgb is not None:
+                    writers[1].write(overlay_rgb, frame.index, frame.time_s)
                 rows.append({"frame": frame.index, "pts": frame.pts,
                              "time_s": None if frame.time_s is None else round(frame.time_s, 6),
                              "area_fraction": round(float(np.count_nonzero(mask)) / mask.size, 6),
@@ -221,7 +225,7 @@ def segment_video(segmenter, job: VideoJob, settings: dict, *, overlay: bool = F
                 if bar is not None:
                     bar.update(1)
 
-            segment_frames(segmenter, reader, write)
+            segment_frames(segmenter, reader, write, per_frame)
             temps = [w.close() for w in writers]
         except BaseException:
             for w in writers:
@@ -276,9 +280,10 @@ class _StopOnError:
             raise StopIteration from None
 
 
-def segment_frames(segmenter, reader, write) -> int:
+def segment_frames(segmenter, reader, write, per_frame=None) -> int:
     """Every frame of ``reader`` through the segmenter's pipeline; ``write(frame, mask, max_probability,
-    regions)`` is called once per frame, in frame order. Returns the number of frames."""
+    regions, extra)`` is called once per frame, in frame order, with ``extra = per_frame(frame, mask)``
+    computed before, in the pipeline's writer threads, in any order. Returns the number of frames."""
     info, threshold = segmenter.info, segmenter.threshold
 
     def load(frame):
@@ -286,7 +291,8 @@ def segment_frames(segmenter, reader, write) -> int:
 
     def finish(frame, meta, output):
         mask, max_probability = output_to_mask(output, info.output_format, threshold, *frame.rgb.shape[:2])
-        return mask, max_probability, count_regions(mask)
+        extra = per_frame(frame, mask) if per_frame is not None else None
+        return mask, max_probability, count_regions(mask), extra
 
     def fail(frame, error, stage):
         return _FrameFailed(f"frame {frame.index}: {stage} failed: {error}")
@@ -299,8 +305,8 @@ def segment_frames(segmenter, reader, write) -> int:
             raise VideoError(f"{reader.path}: {result}")
         waiting[frame.index] = (frame, result)
         while next_index in waiting:  # results come back in completion order
-            frame, (mask, max_probability, regions) = waiting.pop(next_index)
-            write(frame, mask, max_probability, regions)
+            frame, (mask, max_probability, regions, extra) = waiting.pop(next_index)
+            write(frame, mask, max_probability, regions, extra)
             next_index += 1
     if frames.error is not None:
         raise frames.error
