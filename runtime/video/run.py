@@ -37,7 +37,7 @@ from ..postprocess import count_regions, output_to_mask
 from ..replace_file import replace_with_retry
 from ..rows_csv import rows_csv_text
 from ..trt_engine_cache import file_sha256
-from . import VideoError, is_video_path, list_videos
+from . import VideoError, import_av, is_video_path, list_videos
 from .reader import VideoReader
 from .writers import MaskVideoWriter, OverlayVideoWriter, commit, remove_stale, temp_path
 
@@ -140,6 +140,7 @@ def run_videos(segmenter, input_path, output_dir=None, *, recursive: bool = Fals
         say(f"no video files in {input_path}" + ("" if recursive else " (add --recursive for sub-folders)"))
     output_dir.mkdir(parents=True, exist_ok=True)
     settings = video_settings(segmenter)
+    av_error = import_av().error.FFmpegError
     started = time.perf_counter()
     rows = []
     with OutputFolderLock(output_dir, say):
@@ -156,7 +157,7 @@ def run_videos(segmenter, input_path, output_dir=None, *, recursive: bool = Fals
                 record = segment_video(segmenter, job, settings, overlay=overlay, frames=frames,
                                        max_pixels=max_pixels, progress=progress)
                 rows.append(_video_row(job, "ok", record))
-            except (VideoError, OSError) as e:
+            except (VideoError, OSError, av_error) as e:  # av_error: an encoder that refuses this video
                 rows.append(_video_row(job, "error", None, str(e)))
                 say(f"  FAILED {job.rel}: {e}")
                 if job.out_dir != output_dir:
@@ -192,9 +193,7 @@ def segment_video(segmenter, job: VideoJob, settings: dict, *, overlay: bool = F
     marker.unlink(missing_ok=True)  # from here on the folder vouches for nothing until the new record lands
     with VideoReader(job.source, max_pixels) as reader:
         rate = reader.average_rate
-        writers = [MaskVideoWriter(out / MASK_VIDEO, reader.width, reader.height, rate)]
-        if overlay:
-            writers.append(OverlayVideoWriter(out / OVERLAY_VIDEO, reader.width, reader.height, rate))
+        writers = []
         png_dir = temp_path(out / FRAMES_DIR) if frames else None
         rows: list[dict] = []
         bar = None
@@ -203,6 +202,9 @@ def segment_video(segmenter, job: VideoJob, settings: dict, *, overlay: bool = F
             bar = tqdm(total=reader.declared_frames or None, unit="frame", desc=job.rel, dynamic_ncols=True,
                        leave=False)
         try:
+            writers.append(MaskVideoWriter(out / MASK_VIDEO, reader.width, reader.height, rate))
+            if overlay:
+                writers.append(OverlayVideoWriter(out / OVERLAY_VIDEO, reader.width, reader.height, rate))
             if png_dir is not None:
                 png_dir.mkdir()
 
