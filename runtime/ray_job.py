@@ -7,7 +7,9 @@
   gs://, hdfs://, file://); the driver lists the images, Ray Data hands them out in batches of
   ``--batch`` to a pool of actors (a callable class, ``SegmentBatch``), each of which opens one effiseg
   ``Segmenter`` once and keeps it: one actor per GPU (``num_gpus=1``) where the cluster has GPUs and the
-  backend uses them, else one CPU actor per ``--ray-cpus-per-actor`` CPUs; ``--ray-actors`` overrides.
+  backend uses them, else one CPU actor per CPU (``cpus_per_actor`` in ``run_ray``); ``--ray-actors``
+  overrides the count. With ``--backend onnxruntime`` or ``openvino`` each CPU actor keeps its engine to its
+  share of threads (``auto`` takes no thread option).
 * Masks are named, computed and encoded as a local ``effiseg-run`` does (the same functions), so they
   are identical file for file; per-file errors land in the summary (``effiseg_summary.json``/``.csv`` in
   the output location); ``--resume`` skips images whose mask is complete (PNG signature and IEND trailer)
