@@ -176,3 +176,15 @@ def test_cli_runs_a_video_file_with_overlay_and_frames(tiny_onnx, clips, tmp_pat
     result = CliRunner().invoke(run_command, ["--input", str(clips), "--output", str(tmp_path / "o2"), "--model",
                                               str(tiny_onnx), "--backend", "onnxruntime", "--no-progress"])
     assert result.exit_code == 1 and "FAILED bad.mkv" in result.output
+
+
+def test_resume_redoes_a_video_made_with_other_settings(tiny_onnx, clips, tmp_path):
+    out = tmp_path / "out"
+    with Segmenter.from_onnx(tiny_onnx, max_batch=4) as seg:
+        run_videos(seg, clips / "vfr.mkv", out)
+    with Segmenter.from_onnx(tiny_onnx, max_batch=4, threshold=0.3) as seg:
+        again = run_videos(seg, clips / "vfr.mkv", out, resume=True)
+        assert again["files"][0]["status"] == "ok"  # not skipped: its masks were cut at another threshold
+        record = __import__("json").loads((out / FRAMES_JSON).read_text())
+        assert record["settings"]["threshold"] == 0.3
+        assert run_videos(seg, clips / "vfr.mkv", out, resume=True)["files"][0]["status"] == "skipped"
