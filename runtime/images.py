@@ -52,6 +52,10 @@ _JPEG_SUFFIXES = (".jpg", ".jpeg")
 _FAST_JPEG_COLORSPACES = ("YCbCr", "Gray", "RGB")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _temp_counter = count()
+_pid = os.getpid()  # os.getpid() is a system call; a forked child (never effiseg's own) takes its own
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: globals().update(_pid=os.getpid()))
+_WRITE_BUFFER = 1 << 16
 _pil_limit_lock = threading.Lock()
 
 
@@ -114,6 +118,20 @@ def to_rgb(im: Image.Image) -> np.ndarray:
 def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode ``path`` to (H, W, 3) uint8 RGB or raise :class:`ImageError` saying why not."""
     path = Path(path)
+    source: Path | io.BytesIO = path
+    if simplejpeg is not None and path.suffix.lower() in _JPEG_SUFFIXES:
+        # The common case first, in as few system calls as it takes (each one hands the GIL to
+        # another thread); a file that cannot be read is looked at below, where the reason is found.
+        try:
+            with open(path, "rb", buffering=0) as f:
+                data = f.readall()
+        except OSError:
+            data = b""
+        if data:
+            rgb = _decode_jpeg_fast(data, max_pixels)
+            if rgb is not None:
+                return rgb
+            source = io.BytesIO(data)  # Pillow decodes it, or says what is wrong with it
     try:
         size = path.stat().st_size
     except OSError as e:
@@ -126,17 +144,6 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         raise ImageError(f"cannot read file: {e.strerror or e}") from e
     if size == 0:
         raise ImageError("empty file (0 bytes)")
-    source: Path | io.BytesIO = path
-    if simplejpeg is not None and path.suffix.lower() in _JPEG_SUFFIXES:
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:  # no read permission; on Windows, locked by another program
-            raise ImageError(f"cannot read file: {e.strerror or e}") from None
-        rgb = _decode_jpeg_fast(data, max_pixels)
-        if rgb is not None:
-            return rgb
-        source = io.BytesIO(data)  # Pillow decodes it, or says what is wrong with it
     try:
         with Image.open(source) as im:
             w, h = im.size
@@ -197,7 +204,7 @@ def _temp_name(name: str) -> str:
     """The temporary name for ``name``: the name itself where it fits, so that a stray file says
     whose it was; for a name near the file-name limit a short stand-in (the mask name itself is
     legal, so its temporary must be too)."""
-    tail = f".{os.getpid()}-{next(_temp_counter)}{TEMP_SUFFIX}"
+    tail = f".{_pid}-{next(_temp_counter)}{TEMP_SUFFIX}"
     if len(f".{name}{tail}".encode("utf-8")) <= MAX_NAME_BYTES:
         return f".{name}{tail}"
     import hashlib
@@ -212,8 +219,15 @@ def atomic_write(path: Path, write) -> None:
     """
     tmp = path.with_name(_temp_name(path.name))
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
+        # The folder is made only when it is missing (a sub-folder of a recursive run), and the
+        # buffer size is given (so open() asks no fstat and no isatty): the writer threads write one
+        # mask per image, and every system call hands the GIL over.
+        try:
+            f = open(tmp, "wb", buffering=_WRITE_BUFFER)
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(tmp, "wb", buffering=_WRITE_BUFFER)
+        with f:
             write(f)
         replace_with_retry(tmp, path)
     except BaseException as e:
