@@ -440,7 +440,7 @@ def _segment_jobs(segmenter, todo: list[FileJob], rows: dict[int, dict], journal
     """The run: every job through the pipeline, each finished row into ``rows`` and the journal as
     it comes. Returns the pipeline (its timing, the devices given up) and the wall time."""
     started = time.perf_counter()
-    pipe = segmenter.pipeline(*_image_steps(segmenter, max_pixels))
+    pipe = segmenter.pipeline(*_image_steps(segmenter, max_pixels), condense=segmenter.cut_masks)
     bar = None
     if progress and todo:
         from tqdm import tqdm

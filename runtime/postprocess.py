@@ -13,6 +13,7 @@ training's (``effiseg.training.data.resize_rgb`` and ``effiseg.training.evaluate
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -157,13 +158,50 @@ def sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
-def output_to_mask(output: np.ndarray, output_format: str, threshold: float, height: int,
+@dataclass(frozen=True)
+class CutOutput:
+    """A model output already cut into its mask where the image has the model's output size
+    (:func:`cut_batch`), with the maximum probability."""
+    mask: np.ndarray
+    max_probability: float | None
+
+
+def cut_batch(outputs: np.ndarray, output_format: str, threshold: float, sizes: list) -> list:
+    """What the device runner copies out of a slot for each row of a batch (``sizes``: each image's
+    (height, width), or None for a row with no image): a :class:`CutOutput` for every image that has
+    the model's output size, cut for the whole batch in one comparison and copied out as bool (a
+    quarter of the float map's bytes), else a copy of the row's map for :func:`output_to_mask` to
+    resize and cut in a writer thread. The masks are those :func:`output_to_mask` gives."""
+    n = len(sizes)
+    outputs = outputs[:n]
+    same = [size is not None and tuple(size) == outputs.shape[1:3] for size in sizes]
+    rows: list = [None] * n
+    if output_format in ("logits", "probabilities") and any(same):
+        probabilities = output_format == "probabilities"
+        if probabilities and not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+        values = outputs.astype(np.float32, copy=False)
+        masks = values > (threshold if probabilities else logit_threshold(threshold))
+        maxima = values.reshape(n, -1).max(axis=1)
+        for i in np.flatnonzero(same):
+            top = float(maxima[i])
+            rows[i] = CutOutput(masks[i], top if probabilities else sigmoid(top))
+    for i, row in enumerate(rows):
+        if row is None:
+            rows[i] = np.array(outputs[i], copy=True)
+    return rows
+
+
+def output_to_mask(output, output_format: str, threshold: float, height: int,
                    width: int) -> tuple[np.ndarray, float | None]:
-    """One model output map -> (bool mask at (height, width), maximum probability or None).
+    """One model output map (or a :class:`CutOutput`) -> (bool mask at (height, width), maximum
+    probability or None).
 
     The maximum probability is taken at the model's resolution (bilinear resizing cannot exceed
     it); mask outputs carry no probability.
     """
+    if isinstance(output, CutOutput):
+        return output.mask, output.max_probability
     if output_format == "logits":
         mask = resize_and_cut(output, height, width, logit_threshold(threshold))
         return mask, sigmoid(float(output.max()))

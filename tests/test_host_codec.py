@@ -119,3 +119,25 @@ def test_mask_png_reads_back_as_the_same_0_255_mask(tmp_path, shape):
         read_back = np.asarray(im)
     assert set(np.unique(read_back)) <= {0, 255}
     np.testing.assert_array_equal(read_back == 255, mask)
+
+
+@pytest.mark.parametrize("output_format, threshold", [("logits", 0.5), ("logits", 0.3), ("probabilities", 0.4),
+                                                      ("mask", 0.5)])
+def test_masks_cut_for_a_batch_are_output_to_mask_s(output_format, threshold):
+    """The device runner's batch cut (rows of the model's size cut at once, others copied for the
+    writers) gives every image the mask and maximum probability output_to_mask gives it alone."""
+    from effiseg.runtime.postprocess import cut_batch
+    rng = np.random.default_rng(4)
+    logits = (rng.standard_normal((8, 44, 44)) * 3).astype(np.float32)
+    fresh = {"logits": logits, "probabilities": 1 / (1 + np.exp(-logits)), "mask": (logits > 0).astype(np.float32)}
+    outputs = fresh[output_format].copy()  # stands for the slot's output buffer
+    sizes = [(44, 44), (50, 60), None, (44, 44), (44, 44), (10, 10), (44, 44)]  # 7 of 8 rows claimed
+    rows = cut_batch(outputs, output_format, threshold, sizes)
+    outputs[:] = 0  # the slot is reused once the rows are out: nothing may still point into it
+    for row, size, original in zip(rows, sizes, fresh[output_format]):
+        if size is None:
+            continue
+        mask, top = output_to_mask(row, output_format, threshold, *size)
+        expected_mask, expected_top = output_to_mask(original, output_format, threshold, *size)
+        np.testing.assert_array_equal(mask, expected_mask)
+        assert top == expected_top

@@ -52,6 +52,9 @@ class Pipeline:
     fail that job); ``fill(row, model_input_rgb)`` writes it into one host-buffer row;
     ``finish(job, meta, output_row) -> result`` post-processes one output; ``fail(job, exc, stage)
     -> result`` turns an exception into that job's result. ``run`` yields ``(job, result)``.
+    ``condense(outputs, metas) -> rows`` (optional) makes what the writers get of a collected batch
+    (``outputs``: the claimed rows, still in the slot; ``metas``: their metas, None for a row whose
+    fill failed), on the runner's thread before the slot is reused; without it, a copy of each row.
     ``workers``: decoder threads; ``writers``: writer threads (default: as many as workers).
     ``runner_threads``: one ``DeviceThread`` per backend, kept by the caller from run to run; without
     them each run starts its own and closes them at its end.
@@ -59,7 +62,8 @@ class Pipeline:
 
     def __init__(self, backends: list[Backend], load: Callable, fill: Callable, finish: Callable,
                  fail: Callable, workers: int | None = None, writers: int | None = None,
-                 max_failed_batches: int = 3, runner_threads: list[DeviceThread] | None = None):
+                 max_failed_batches: int = 3, runner_threads: list[DeviceThread] | None = None,
+                 condense: Callable | None = None):
         if not backends:
             raise ValueError("the pipeline needs at least one backend")
         if max_failed_batches < 1:
@@ -70,6 +74,7 @@ class Pipeline:
         self.backends = backends
         self.max_failed_batches = max_failed_batches
         self.load, self.fill, self.finish, self.fail = load, fill, finish, fail
+        self.condense = condense
         self.workers = max(1, workers or default_workers())
         self.writers = max(1, writers or self.workers)
         self.stats = PipelineStats()
@@ -95,7 +100,7 @@ class Pipeline:
         self.lost = slots.lost_reasons
         writers = WriterPool(self.finish, self.writers, run)
         decoders = DecoderPool(jobs, self.load, self.fill, self.workers, slots, run)
-        runners = [DeviceRunner(i, b, slots, writers, run, self.max_failed_batches)
+        runners = [DeviceRunner(i, b, slots, writers, run, self.max_failed_batches, self.condense)
                    for i, b in enumerate(self.backends)]
         started = time.perf_counter()
         coordinator = threading.Thread(target=self._coordinate, args=(run, slots, decoders, runners, writers),

@@ -3,7 +3,8 @@
 One runner per backend (per device), on that backend's ``DeviceThread``. It submits full batches as
 soon as they are ready and keeps up to ``n_slots`` batches in flight, so with two or more slots the
 host fills one slot while the device copies and computes another. It copies each image's output row
-out of the slot, returns the slot to the shared free list and hands the rows to the writer pool.
+out of the slot (or what ``condense`` makes of the batch: masks cut at once, postprocess.cut_batch),
+returns the slot to the shared free list and hands the rows to the writer pool.
 
 A batch the backend fails on fails its images (per-file errors, the run goes on: one bad batch, e.g.
 an out-of-memory at an odd size, should not cost the folder). ``max_failed_batches`` failures in a
@@ -42,8 +43,9 @@ _NOTHING_READY = object()
 
 class DeviceRunner:
     def __init__(self, b_index: int, backend: Backend, slots: HostSlots, writers: WriterPool, run: RunState,
-                 max_failed_batches: int):
+                 max_failed_batches: int, condense=None):
         self.b_index, self.backend = b_index, backend
+        self.condense = condense
         self.slots, self.writers, self.run = slots, writers, run
         self.max_failed_batches = max_failed_batches
         self.failed_in_a_row = 0
@@ -100,9 +102,17 @@ class DeviceRunner:
                 except Exception:
                     pass
 
-    def _collect_rows(self, batch: Batch) -> list[np.ndarray]:
-        """Wait for ``batch`` and copy its outputs out of the slot, one array per claimed row."""
+    def _collect_rows(self, batch: Batch) -> list:
+        """Wait for ``batch`` and copy its outputs out of the slot, one per claimed row: what
+        ``condense(outputs, metas)`` makes of them (e.g. masks cut for the whole batch at once), else
+        a copy of each row's output."""
         out = self.backend.collect(batch.slot)
+        if self.condense is not None:
+            metas = [None if meta is FILL_FAILED else meta for _, meta in batch.entries[:batch.claimed]]
+            try:
+                return self.condense(out[:batch.claimed], metas)
+            except Exception:
+                pass  # the backend did its part: each writer's finish handles (or reports) its own row
         return [np.array(out[i], copy=True) for i in range(batch.claimed)]
 
     def _complete(self, batch: Batch) -> None:
