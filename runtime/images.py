@@ -287,9 +287,10 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
     np.multiply(mask.astype(bool, copy=False), np.uint8(255), out=scanlines[:, 1:])
     header = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)  # 8-bit, grayscale, deflate, no interlace
     # Level 1 with the run-length strategy: on the Kvasir-SEG test masks no slower than level 1's
-    # default strategy (0.203 against 0.207 ms) and files 2.4x smaller, 668 bytes on average
-    # (benchmarks/results/host-pipeline-2026-12-08/png_settings.json); level 0 (stored) is faster still but 80x larger, and a 1-bit PNG would read
-    # back in Pillow as mode "1" (True/False), not the 0/255 masks users load.
+    # default strategy (0.218 against 0.254 ms in the last run) and files 2.4x smaller, 668 bytes on
+    # average (benchmarks/results/host-pipeline-2026-12-08/png_settings.json). Level 0 (stored) makes
+    # 80x larger files for no gain; a 1-bit PNG costs a third (0.079 ms) but reads back in Pillow as
+    # mode "1" (True/False), not the 0/255 masks users load, so it is not written.
     packer = zlib.compressobj(1, zlib.DEFLATED, 15, 8, zlib.Z_RLE)
     stream = packer.compress(scanlines.data) + packer.flush()  # the array's own buffer: no copy
     # A chunk holds at most 2**31 - 1 bytes; split the stream (only gigapixel masks come near that).
