@@ -71,21 +71,23 @@ def resize_bilinear(values: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 _DECIDE_BY_CELLS_ABOVE = 3  # output pixels per map value above which resize_and_cut decides by cells
+_MOST_UNDECIDED = 0.03  # share of undecided cells above which it interpolates every pixel instead
 
 
 def resize_and_cut(values: np.ndarray, height: int, width: int, cut: float) -> np.ndarray:
     """``resize_bilinear(values, height, width) > cut`` as a bool mask, the same pixel for pixel,
     without interpolating every pixel.
 
-    Why: upscaling a 352 x 352 map to a 1920 x 1080 image and cutting it cost about 13 ms per
-    image on the 2-core EPYC, more than all the rest of the host's work on it. Each output pixel is
+    Why: upscaling a 352 x 352 map to a 1920 x 1080 image and cutting it cost about 26 ms per
+    image on the 2-core EPYC, more than all the rest of the host's work on it
+    (benchmarks/results/host-pipeline-2026-12-08/mask_upscale.json). Each output pixel is
     a weighted mean of the 2 x 2 source values around it, so where all four lie clearly above (or
     clearly below) the cut, so does the pixel: those cells are decided at the map's resolution and
     spread to the image by an index lookup of one byte per pixel. Only pixels of cells that straddle
     the cut (the mask's outline, a small fraction) are interpolated, with the very arithmetic of
-    :func:`resize_bilinear`. "Clearly" leaves a margin of 1e-5 of the values' size, far above the few
-    float32 roundings the interpolation makes, so rounding can never flip a decided cell; NaN and
-    infinite values are never decided early.
+    :func:`resize_bilinear`. "Clearly" leaves a margin of 1e-5 of the map's largest magnitude, far
+    above the few float32 roundings the interpolation makes, so rounding can never flip a decided
+    cell; a map with NaN or infinite values decides nothing early.
     """
     values = np.asarray(values, dtype=np.float32)
     h, w = values.shape
@@ -93,20 +95,25 @@ def resize_and_cut(values: np.ndarray, height: int, width: int, cut: float) -> n
         return resize_bilinear(values, height, width) > cut
     r0, r1, rl = _bilinear_axis(h, height)
     c0, c1, cl = _bilinear_axis(w, width)
-    # The 2 x 2 neighbourhood of source cell (i, j) is rows i, min(i+1, h-1) and the same for columns:
-    # the last row and column repeated, as _bilinear_axis clamps them.
-    grid = np.pad(values, ((0, 1), (0, 1)), mode="edge")
-    corners = (grid[:-1, :-1], grid[1:, :-1], grid[:-1, 1:], grid[1:, 1:])
-    low = np.minimum(np.minimum(corners[0], corners[1]), np.minimum(corners[2], corners[3]))
-    high = np.maximum(np.maximum(corners[0], corners[1]), np.maximum(corners[2], corners[3]))
+    # "Clearly" above or below: by more than 1e-5 of the map's largest magnitude, so that rounding in
+    # the interpolation (a few float32 ulps of the values) cannot cross the cut. Bool maps only: few
+    # and small temporaries (float ones cost more in page faults than they save).
     with np.errstate(invalid="ignore", over="ignore"):
-        margin = np.float32(1e-5) * np.maximum(np.abs(low), np.abs(high))
-        inside = (low - margin) > cut
-        outside = (high + margin) <= cut
+        margin = float(np.float32(1e-5) * np.abs(values).max())  # NaN/inf: nothing is decided early
+        above = np.pad(values > cut + margin, ((0, 1), (0, 1)), mode="edge")
+        below = np.pad(values <= cut - margin, ((0, 1), (0, 1)), mode="edge")
+    # The 2 x 2 neighbourhood of source cell (i, j) is rows i, min(i+1, h-1) and the same for columns:
+    # the last row and column repeated (the edge padding), as _bilinear_axis clamps them.
+    inside = above[:-1, :-1] & above[1:, :-1] & above[:-1, 1:] & above[1:, 1:]
+    outside = below[:-1, :-1] & below[1:, :-1] & below[:-1, 1:] & below[1:, 1:]
+    undecided_i, undecided_j = np.nonzero(~(inside | outside))
+    if len(undecided_i) > _MOST_UNDECIDED * h * w:
+        # Outlines everywhere (noise, not a polyp): gathering pixel by pixel would cost more than
+        # interpolating them all (lab/mask_upscale.py, random_blobs).
+        return resize_bilinear(values, height, width) > cut
     # Decided cells spread to the image: each output pixel's cell is (r0[y], c0[x]); columns first on
     # the small map, then whole rows are copied.
     mask = inside.take(c0, axis=1).take(r0, axis=0)
-    undecided_i, undecided_j = np.nonzero(~(inside | outside))
     if len(undecided_i):
         ys, xs = _pixels_of_cells(undecided_i, undecided_j, r0, c0, h, w)
         # resize_bilinear's operations, in its order, on the undecided pixels only.

@@ -141,3 +141,22 @@ def test_masks_cut_for_a_batch_are_output_to_mask_s(output_format, threshold):
         expected_mask, expected_top = output_to_mask(original, output_format, threshold, *size)
         np.testing.assert_array_equal(mask, expected_mask)
         assert top == expected_top
+
+
+@pytest.mark.parametrize("map_size, image_size", [((352, 352), (1080, 1920)), ((120, 160), (600, 700)),
+                                                  ((176, 176), (900, 120))])
+def test_a_polyp_like_map_is_decided_by_cells_with_the_same_pixels(monkeypatch, map_size, image_size):
+    """One round blob (most cells agree): the cell path is taken (interpolating every pixel is not
+    called) and gives resize-then-threshold's pixels, at cuts on and off the blob's values."""
+    from effiseg.runtime import postprocess
+    h, w = map_size
+    yy, xx = np.mgrid[0:h, 0:w]
+    values = (4 * (1 - np.hypot(yy - h * 0.45, xx - w * 0.55) / (0.3 * min(h, w)))).astype(np.float32)
+    cuts = (0.0, 1.0, float(values[h // 2, w // 2]), -0.5)
+    expected = [resize_bilinear(values, *image_size) > cut for cut in cuts]
+
+    def every_pixel(*args):
+        raise AssertionError("interpolated every pixel of a map whose cells mostly agree")
+    monkeypatch.setattr(postprocess, "resize_bilinear", every_pixel)
+    for cut, want in zip(cuts, expected):
+        np.testing.assert_array_equal(resize_and_cut(values, *image_size, cut), want)
