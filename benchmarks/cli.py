@@ -18,6 +18,7 @@ from effiseg.runtime.hub import HubError, ModelLocation, resolve_model
 from .analysis import SCHEMA, attach_efficiency, attach_speedups, headline, unequal_work_note
 from .factory import SLOTS
 from .machine import load_average, machine_info
+from .memory import baseline_memory_note
 from .report import (NoPlot, SchemaError, compare_results, format_comparison, format_report, load_result_file,
                      plot_throughput, write_json)
 from .targets import BASELINE, TARGETS, default_devices, parse_names, resolve_targets
@@ -340,6 +341,9 @@ def bench_command(backends, batch_sizes, input_size, input_formats, rounds, warm
             unequal = unequal_work_note(results)
             if unequal:
                 data["notes"].append(unequal)
+            baseline_memory = baseline_memory_note(results, baseline_label)
+            if baseline_memory:
+                data["notes"].append(baseline_memory)
             if not any(r["label"] == baseline_label and r.get("latency") for r in results):
                 data["notes"].append(f"the baseline {baseline_label} has no result: speed-ups are not available")
             return data
