@@ -23,7 +23,7 @@ import pytest
 
 from effiseg.runtime.backends.base import BackendUnavailable
 from effiseg.runtime.backends.gpu_precision import fast_fp16_from_compute_capability
-from effiseg.runtime.backends.tensorrt_backend import (
+from effiseg.runtime.backends.tensorrt import (
     TensorRTBackend, choose_precision, network_creation_flags,
     parse_trt_version, platform_has_fast_fp16, profile_shapes, select_io_api, squeeze_output_shape)
 from effiseg.runtime.cuda_memory import (CudaApi, CudaError, DeviceBuffer, DeviceInfo, Event,
@@ -700,17 +700,12 @@ def make_fake_trt(cuda: FakeCuda, version="8.6.1", fast_fp16=True, fp16_flag=Tru
     return trt
 
 
-class FakeTensorRTBackend(TensorRTBackend):
-    def __init__(self, *args, fake_trt, fake_cuda, **kwargs):
-        self._fake_trt, self._fake_cuda = fake_trt, fake_cuda
-        super().__init__(*args, **kwargs)
-
-    def _import_tensorrt(self):
-        return self._fake_trt
-
-    def _open_cuda(self, device_index):
-        self._fake_cuda.device_index = device_index
-        return self._fake_cuda
+def backend_on_fakes(info, onnx_path, fake_trt, fake_cuda, **kwargs) -> TensorRTBackend:
+    """The real backend, handed the fake tensorrt module and the fake CUDA binding."""
+    def open_fake_cuda(device_index):
+        fake_cuda.device_index = device_index
+        return fake_cuda
+    return TensorRTBackend(info, onnx_path, tensorrt=fake_trt, open_cuda=open_fake_cuda, **kwargs)
 
 
 @pytest.fixture
@@ -724,7 +719,7 @@ def env(tmp_path):
 
         def backend(**kwargs):
             kwargs.setdefault("cache_dir", tmp_path / "cache")
-            return FakeTensorRTBackend(info, onnx_path, fake_trt=trt, fake_cuda=cuda, **kwargs)
+            return backend_on_fakes(info, onnx_path, fake_trt=trt, fake_cuda=cuda, **kwargs)
         return info, onnx_path, cuda, trt, backend
     return make
 
@@ -933,7 +928,7 @@ def test_close_frees_everything_and_is_idempotent(env):
 def test_missing_onnx_file_is_named(env, tmp_path):
     info, onnx_path, cuda, trt, make = env()
     with pytest.raises(FileNotFoundError, match="nowhere.onnx"):
-        FakeTensorRTBackend(info, tmp_path / "nowhere.onnx", fake_trt=trt, fake_cuda=cuda,
+        backend_on_fakes(info, tmp_path / "nowhere.onnx", fake_trt=trt, fake_cuda=cuda,
                             cache_dir=tmp_path / "cache")
     assert cuda.memory == {}
 
@@ -953,7 +948,7 @@ def test_parser_refusal_of_an_old_uint8_graph_names_the_node_and_the_fix(env, tm
     old_style = tmp_path / "old-style.onnx"
     onnx.save(model, str(old_style))
     with pytest.raises(RuntimeError) as raised:
-        FakeTensorRTBackend(info, old_style, fake_trt=trt, fake_cuda=cuda, cache_dir=tmp_path / "cache")
+        backend_on_fakes(info, old_style, fake_trt=trt, fake_cuda=cuda, cache_dir=tmp_path / "cache")
     message = str(raised.value)
     assert "could not parse" in message and str(old_style) in message
     assert "node 0 (Transpose" in message and "Re-export it with this version's effiseg-export" in message
@@ -1081,7 +1076,7 @@ def _effiseg_run_on_a_fake_maxwell(tiny_onnx, tmp_path, monkeypatch, *options, b
     from click.testing import CliRunner
     from PIL import Image
 
-    from effiseg.runtime.backends.tensorrt_backend import TensorRTBackend
+    from effiseg.runtime.backends.tensorrt import backend as backend_module
     from effiseg.runtime.cli import run_command
 
     cuda = FakeCuda(MAXWELL)
@@ -1089,12 +1084,13 @@ def _effiseg_run_on_a_fake_maxwell(tiny_onnx, tmp_path, monkeypatch, *options, b
     if build_fails:  # TensorRT returns no engine (out of memory, an unsupported layer, ...)
         trt.Builder.build_serialized_network = lambda self, network, config: None
 
-    def open_fake_cuda(self, device_index):
+    def open_fake_cuda(device_index):
         cuda.device_index = device_index
         return cuda
 
-    monkeypatch.setattr(TensorRTBackend, "_import_tensorrt", lambda self: trt)
-    monkeypatch.setattr(TensorRTBackend, "_open_cuda", open_fake_cuda)
+    # The CLI makes the backend itself, so the two entry points it calls are given the fakes here.
+    monkeypatch.setattr(backend_module, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(backend_module, "open_cuda_for_tensorrt", open_fake_cuda)
     monkeypatch.setenv(CACHE_ENV_VAR, str(tmp_path / "cache"))
     # As on a command line: no handler on the root logger (pytest installs its own).
     monkeypatch.setattr(logging.root, "handlers", [])
@@ -1169,7 +1165,7 @@ def test_a_model_under_a_non_ascii_path_builds(env, tmp_path):
     moved.parent.mkdir()
     moved.write_bytes(onnx_path.read_bytes())
     batch = random_batch(info, 3)
-    with FakeTensorRTBackend(info, moved, fake_trt=trt, fake_cuda=cuda, cache_dir=tmp_path / "cache",
+    with backend_on_fakes(info, moved, fake_trt=trt, fake_cuda=cuda, cache_dir=tmp_path / "cache",
                              max_batch=4) as backend:
         out = backend.infer(batch)
     np.testing.assert_allclose(out, onnxruntime_reference(onnx_path, batch), rtol=1e-6, atol=1e-6)
@@ -1185,7 +1181,7 @@ def test_run_time_tta_on_tensorrt_builds_one_engine_per_size_and_matches_onnxrun
     info, onnx_path, cuda, trt, make = env(tiny_info(16, dynamic_hw=True))
     plan = TTAPlan("multiscale", flips=True, sizes=(16, 24))
     batch = random_batch(info, 5)
-    [trt_tta] = wrap_per_device(plan, info, lambda size_info, n, first: [FakeTensorRTBackend(
+    [trt_tta] = wrap_per_device(plan, info, lambda size_info, n, first: [backend_on_fakes(
         size_info, onnx_path, fake_trt=trt, fake_cuda=cuda, max_batch=n, cache_dir=tmp_path / "cache")], 3, 2)
     [ort_tta] = wrap_per_device(plan, info, lambda size_info, n, first: [OnnxRuntimeBackend(
         size_info, onnx_path, max_batch=n)], 3, 2)

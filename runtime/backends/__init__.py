@@ -19,7 +19,7 @@ from ..model_info import ModelInfo
 from .base import Backend, BackendUnavailable
 
 BACKENDS = {
-    "tensorrt": ("effiseg.runtime.backends.tensorrt_backend", "TensorRTBackend"),
+    "tensorrt": ("effiseg.runtime.backends.tensorrt", "TensorRTBackend"),
     "onnxruntime": ("effiseg.runtime.backends.onnxruntime_backend", "OnnxRuntimeBackend"),
     "openvino": ("effiseg.runtime.backends.openvino_backend", "OpenVinoBackend"),
     "torch": ("effiseg.runtime.backends.torch_backend", "TorchBackend"),
