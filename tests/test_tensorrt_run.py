@@ -385,3 +385,29 @@ def test_run_time_tta_on_tensorrt_builds_one_engine_per_size_and_matches_onnxrun
         out = trt_tta.infer(batch)
         np.testing.assert_allclose(out, ort_tta.infer(batch), rtol=1e-6, atol=1e-6)
     assert out.shape == (5, 16, 16)
+
+
+def test_segmenter_opens_an_engine_built_ahead_of_time(tiny_onnx, tmp_path, monkeypatch):
+    """runtime/README.md's call: Segmenter.from_onnx(..., backend="tensorrt", engine=FILE) runs the
+    prebuilt engine (no build, no cache) and segments as ONNX Runtime does."""
+    from effiseg.runtime import Segmenter
+    from effiseg.runtime.backends.tensorrt import BuildSettings, build_engine_file
+    from effiseg.runtime.backends.tensorrt import backend as backend_module
+
+    cuda = FakeCuda(MAXWELL)
+    trt = make_fake_trt(cuda, version="8.5.3", fast_fp16=False)
+    engine_file = tmp_path / "tiny.engine"
+    build_engine_file(tiny_onnx, engine_file, BuildSettings(max_batch=2, cache_dir=tmp_path / "build-cache"),
+                      tensorrt=trt, open_cuda_device=lambda index: cuda)
+    monkeypatch.setattr(backend_module, "import_tensorrt", lambda: trt)  # Segmenter makes the backend itself
+    monkeypatch.setattr(backend_module, "open_cuda_for_tensorrt", lambda index: cuda)
+    monkeypatch.setenv(CACHE_ENV_VAR, str(tmp_path / "run-cache"))
+    image = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    with Segmenter.from_onnx(tiny_onnx, backend="tensorrt", devices="0", max_batch=2, engine=engine_file) as trt_run, \
+            Segmenter.from_onnx(tiny_onnx, backend="onnxruntime", max_batch=2) as ort_run:
+        [backend] = trt_run.backends
+        assert backend.engine_path == engine_file and not backend.engine_built and trt_run.precision == "fp32"
+        [mask] = trt_run.segment([image])
+        [expected] = ort_run.segment([image])
+    np.testing.assert_array_equal(mask, expected)
+    assert trt.stats["builds"] == 1 and not (tmp_path / "run-cache").exists()
