@@ -142,9 +142,20 @@ def flip_mean(logits: np.ndarray, n: int) -> np.ndarray:
 class TTABackend(Backend):
     """A backend that runs ``plan``'s passes through inner backends, one per size (same device).
 
-    ``inner``: {size: backend}, each opened at that square size (the model's own size keyed by
-    None when the plan has no sizes) with ``max_batch`` x 4 when the plan has flips. The pipeline
-    sees an ordinary backend of the model's input size returning (n, H, W) float32 logits."""
+    The pipeline sees an ordinary backend of the model's input size returning (n, H, W) float32
+    logits; ``Backend`` checks its calls, the inner backends check theirs.
+
+    Args:
+        plan (TTAPlan): the flips and sizes to run (``plan_tta``).
+        info (ModelInfo): the model's metadata at its own size.
+        inner (dict): {size: backend}, each opened at that square size (the model's own size keyed
+            by None when the plan has no sizes) with ``max_batch`` x 4 when the plan has flips.
+        max_batch (int): the most images per batch, before the flips.
+        n_slots (int): batches in flight (the inner backends' slots are used one to one).
+
+    Raises:
+        ValueError: an inner backend takes fewer than ``max_batch`` x 4 images (with flips).
+    """
 
     name = "tta"
 

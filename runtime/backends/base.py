@@ -31,6 +31,7 @@ from ..model_info import ModelInfo
 # print them again from ``Backend.messages`` (runtime/console.py).
 BACKEND_MESSAGE = "effiseg_backend"
 log = logging.getLogger(__name__)
+_AS_DOCUMENTED = frozenset("fB")  # dtype.char of float32 and uint8: handed out as they are
 
 
 class BackendUnavailable(RuntimeError):
@@ -111,8 +112,11 @@ class Backend(abc.ABC):
             IndexError: ``slot`` out of range.
             ValueError: ``n`` outside 1 .. max_batch.
         """
-        self._check_slot(slot)
-        self._check_submit(slot, n, self._in_flight[slot] is not None)
+        # The checks inline, their messages in the helpers: this runs once per batch.
+        if self._closed or not 0 <= slot < self.n_slots:
+            self._check_slot(slot)
+        if not 1 <= n <= self.max_batch or self._in_flight[slot] is not None:
+            self._check_submit(slot, n, self._in_flight[slot] is not None)
         self._submit(slot, n)
         self._in_flight[slot] = n   # only once the batch is on its way: a failed start leaves the slot free
 
@@ -131,7 +135,8 @@ class Backend(abc.ABC):
             RuntimeError: the backend is closed, or nothing was submitted on ``slot``.
             IndexError: ``slot`` out of range.
         """
-        self._check_slot(slot)
+        if self._closed or not 0 <= slot < self.n_slots:
+            self._check_slot(slot)
         n = self._in_flight[slot]
         if n is None:
             raise RuntimeError(f"collect({slot}) without a submitted batch")
@@ -164,10 +169,10 @@ class Backend(abc.ABC):
         """float32 and uint8 pass as they are; bool masks are viewed as uint8; any other type (an fp16
         output of the probabilities export or of an fp16 engine) is converted into a float32 buffer
         the slot keeps, so no batch allocates."""
-        dtype = out.dtype
-        if dtype == np.float32 or dtype == np.uint8:
+        kind = out.dtype.char
+        if kind in _AS_DOCUMENTED:
             return out
-        if dtype == np.bool_:
+        if kind == "?":  # bool
             return out.view(np.uint8)
         target = self._float_out[slot]
         if target is None or target.shape[1:] != out.shape[1:] or len(target) < len(out):

@@ -150,13 +150,36 @@ def _provider_name(provider) -> str:
 
 
 class OnnxRuntimeBackend(Backend):
-    """``OnnxRuntimeBackend(info, onnx_path, device="cpu", precision="auto", max_batch=8,
-    n_slots=2, provider="auto", intra_op_threads=None)``
+    """An effiseg ONNX file in an ONNX Runtime session on the CPU or one GPU.
 
-    ``provider``: "auto" (TensorRT EP if this ONNX Runtime has it and the device is a GPU, else
-    CUDA EP on GPUs, else CPU), or "cpu" / "cuda" / "tensorrt" to insist. Precision: the graph is
-    float32; fp16 is available only through the TensorRT EP (``trt_fp16_enable``), and only on a GPU
-    with fast FP16 (the rule of gpu_precision.py); asking for fp16 elsewhere runs fp32 and says so.
+    Precision: the graph is float32; fp16 is available only through the TensorRT EP
+    (``trt_fp16_enable``), and only on a GPU with fast FP16 (the rule of gpu_precision.py); asking for
+    fp16 elsewhere runs fp32 and says so. ``int8`` (or an ``.int8.onnx`` file) runs the quantised twin
+    on the CPU.
+
+    Args:
+        info (ModelInfo): the model's metadata (``ModelInfo.from_onnx``).
+        onnx_path (str | Path): the ONNX file.
+        device (str): "cpu", "cuda" or "cuda:N".
+        precision (str): "auto", "fp32", "fp16" or "int8".
+        max_batch (int): the most images per batch.
+        n_slots (int): batches in flight (each slot has its own buffers).
+        provider (str): "auto" (TensorRT EP if this ONNX Runtime has it and the device is a GPU, else
+            CUDA EP on GPUs, else CPU), or "cpu" / "cuda" / "tensorrt" to insist.
+        intra_op_threads (int | None): ONNX Runtime's threads per run; None: its own (one per core).
+        io_binding (bool | None): bind per-slot device buffers; None: on GPUs only.
+        session_of (OnnxRuntimeBackend | None): share that backend's session (``sibling``).
+
+    Raises:
+        ValueError: an unknown precision or provider; a graph without one input and one output.
+        BackendUnavailable: ONNX Runtime is not installed, has no provider for the device, would
+            fall back to the CPU on a GPU device, or int8 is asked of a GPU (the message says why).
+        RuntimeError: ONNX Runtime cannot load the file.
+
+    Example:
+        >>> info = ModelInfo.from_onnx("model.onnx")                                  # doctest: +SKIP
+        >>> with OnnxRuntimeBackend(info, "model.onnx", "cpu", max_batch=4) as backend:
+        ...     logits = backend.infer(images)
     """
 
     name = "onnxruntime"

@@ -51,8 +51,24 @@ def choose_cpu_precision(requested: str, native_bf16: bool) -> PrecisionChoice:
 
 
 class OpenVinoBackend(Backend):
-    """``OpenVinoBackend(info, onnx_path, device="cpu", precision="auto", max_batch=8, n_slots=2,
-    threads=None)``; ``threads``: inference threads (default: OpenVINO's, every core)."""
+    """An effiseg ONNX file compiled by OpenVINO for the CPU, one asynchronous request per slot.
+
+    Args:
+        info (ModelInfo): the model's metadata (``ModelInfo.from_onnx``).
+        onnx_path (str | Path): the ONNX file (its ``.int8.onnx`` twin runs for ``int8``).
+        device (str): "cpu" (the only one effiseg runs OpenVINO on).
+        precision (str): "auto" (bf16 where the CPU has it natively, else fp32), "fp32", "bf16" or
+            "int8" (:func:`choose_cpu_precision`); ``self.precision`` is what runs.
+        max_batch (int): the most images per batch.
+        n_slots (int): batches in flight (one infer request each).
+        threads (int | None): inference threads; None: OpenVINO's (every core).
+
+    Raises:
+        BackendUnavailable: OpenVINO is not installed, a GPU device, int8 of a float32-nchw export,
+            or a missing int8 twin.
+        ValueError: an unknown precision.
+        RuntimeError: OpenVINO cannot read or compile the file.
+    """
 
     name = "openvino"
 

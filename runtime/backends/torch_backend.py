@@ -121,14 +121,28 @@ def _apply_tta_choice(choice: str, info: ModelInfo, config: dict):
 
 
 class TorchBackend(Backend):
-    """``TorchBackend(checkpoint, device="cpu", precision="auto", max_batch=8, n_slots=2,
-    output_format="logits", cuda_graphs=None, input_size=None, tta=None)``; ``checkpoint`` is anything
-    ``effiseg.training.checkpoint.load_model`` accepts (folder, config.json or .safetensors).
+    """A training checkpoint run by PyTorch through the graph effiseg-export traces.
 
-    ``tta``: "none", "flip" or "multiscale" (runtime/tta.py's choices, the same for every backend),
-    run inside the torch graph on the device (training/tta.py, the code evaluation runs: the flips
-    as one batch of 4N on CUDA, captured in the CUDA graph); None: the checkpoint config's own
-    ``tta``/``tta_sizes``."""
+    Args:
+        checkpoint (str | Path): anything ``effiseg.training.checkpoint.load_model`` accepts (folder,
+            config.json or .safetensors).
+        device (str): "cpu" or "cuda:N".
+        precision (str): "auto", "fp32" (eager, as trained) or "fp16" (:func:`choose_torch_mode`).
+        max_batch (int): the most images per batch.
+        n_slots (int): batches in flight (on CUDA each slot has its own stream and buffers).
+        output_format (str): "logits", "probabilities" or "mask".
+        cuda_graphs (bool | None): capture one CUDA graph per slot in the fast mode; None: on CUDA.
+        input_size (int | tuple | None): run at this size instead of the checkpoint's.
+        tta (str | None): "none", "flip" or "multiscale" (runtime/tta.py's choices, the same for every
+            backend), run inside the torch graph on the device (training/tta.py, the code evaluation
+            runs: the flips as one batch of 4N on CUDA, captured in the CUDA graph); None: the
+            checkpoint config's own ``tta``/``tta_sizes``.
+
+    Raises:
+        BackendUnavailable: torch/timm are not installed, no such CUDA device, or this PyTorch has no
+            kernels for the GPU (the install that has them is named).
+        ValueError: an unknown precision or device, or a TTA choice the size cannot serve.
+    """
 
     name = "torch"
 
