@@ -328,8 +328,13 @@ def report_cmd(out, n_boot):
 @click.option("--force", is_flag=True,
               help="Ship even a smoke-test protocol (limited runs or evaluations) or a model whose validation "
                    "Dice is below the current default's.")
-def ship_cmd(out, data, destination, onnx_path, device, force):
-    """Make the protocol's winner the default model: card folder + bundled ONNX, swapped in only when both built."""
+@click.option("--speeds", "speeds_file", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="tta_choices.json (python -m effiseg.benchmarks.tta_choices on the winner's model): images/s per "
+                   "--tta choice for the card.")
+def ship_cmd(out, data, destination, onnx_path, device, force, speeds_file):
+    """Make the protocol's winner the default model: card folder + bundled ONNX (the plain network, one pass,
+    TTA as a recommendation), swapped in only when both built."""
+    from .model_card import read_speeds
     from .ship import ShipError, ship_winner
     if destination is None:
         destination = Path(__file__).resolve().parent / "weights" / "default"
@@ -337,9 +342,10 @@ def ship_cmd(out, data, destination, onnx_path, device, force):
         from effiseg.runtime.cli import DEFAULT_MODEL
         onnx_path = Path(DEFAULT_MODEL)
     try:
+        speeds = read_speeds(speeds_file) if speeds_file else None
         summary = ship_winner(out, destination, onnx_path, data, device, log=lambda m: click.echo(m, err=True),
-                              force=force)
-    except (ShipError, FileNotFoundError) as e:
+                              force=force, speeds=speeds)
+    except (ShipError, FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     (out / "shipped.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     click.echo(json.dumps(summary, indent=2))
