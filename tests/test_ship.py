@@ -90,7 +90,8 @@ def test_ship_writes_the_winner_with_its_settings_evidence_and_onnx(tmp_path):
                  "0.8795 ± 0.0047 (n=3 seeds)", f"{config['metrics']['test']['mean_dice']:.4f}",
                  f"| `--tta none` | 1 | {config['threshold']:g} | test |", "| `--tta flip` | 4 | 0.6 | test |",
                  f"{rows[1]['test']['mean_dice']:.4f}", "`--tta flip` in effiseg-run",
-                 f"The one-pass threshold {config['threshold']:g} was chosen on the validation split"):
+                 f"The one-pass threshold {config['threshold']:g} was chosen on the validation split",
+                 "run-time TTA recommended: flip TTA (4 network passes per image) at threshold 0.6"):
         assert fact in card, fact
     info = ModelInfo.from_onnx(onnx)
     assert info.tta is False and info.tta_sizes == () and info.variant == "effisegnet-lite0"

@@ -195,9 +195,12 @@ def tta_recommendation(winner: dict, protocol_dir: Path) -> dict:
         ev = _read_json(path, default={})
         if str(ev.get("run", "")).rsplit("_s", 1)[0] == winner["arm"] and ev.get("val"):
             runs.append(ev["val"])
+    def is_tta(key: str) -> bool:  # region removal is left out: the runtime does not do it
+        c = parse_config_key(key)
+        return bool(c["tta"] or c["tta_sizes"]) and not c["min_region_px"]
+
     keys = set.intersection(*(set(v) for v in runs)) if runs else set()
-    candidates = [(sum(v[k] for v in runs) / len(runs), k) for k in keys
-                  if (lambda c: (c["tta"] or c["tta_sizes"]) and not c["min_region_px"])(parse_config_key(k))]
+    candidates = [(sum(v[k] for v in runs) / len(runs), k) for k in sorted(keys) if is_tta(k)]
     if not candidates:
         return {}
     best = parse_config_key(max(candidates)[1])
@@ -258,6 +261,8 @@ def ship_winner(protocol_dir: str | Path, destination: str | Path, onnx_path: st
     choice for the card (``model_card.read_speeds``)."""
     from effiseg.export.onnx_export import ExportError, export_checkpoint
 
+    from effiseg.runtime.model_info import describe_tta
+
     from .model_card import make_model_folder
 
     protocol_dir, destination, onnx_path = Path(protocol_dir), Path(destination).resolve(), Path(onnx_path).resolve()
@@ -312,9 +317,11 @@ def ship_winner(protocol_dir: str | Path, destination: str | Path, onnx_path: st
                    "min_region_px": settings["min_region_px"], "tta_recommended": recommended,
                    "threshold_choice": threshold_choice}
         facts = provenance(results, run_dir, protocol_dir)
-        facts["Inference settings"] = (f"one network pass at threshold {threshold_choice['chosen']:g} (chosen on "
-                                       f"validation when shipped); the protocol's winning setting `{winner['config']}`"
-                                       + (", chosen on validation, recommended as run-time TTA" if recommended else ""))
+        facts["Inference settings"] = (
+            f"one network pass at threshold {threshold_choice['chosen']:g} (chosen on validation when shipped); "
+            + (f"run-time TTA recommended: {describe_tta(recommended['flips'], recommended['sizes'])} at threshold "
+               f"{recommended['threshold']:g}" if recommended else "no run-time TTA recommended")
+            + f", from the protocol's validation choices (winning setting `{winner['config']}`)")
         log(f"model folder from {checkpoint}: one pass at threshold {threshold_choice['chosen']:g}, recommended "
             f"TTA {recommended or 'none'} (measuring validation and test) ...")
         make_model_folder(checkpoint, staged_dir, data_root, facts,
