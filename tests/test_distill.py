@@ -117,17 +117,22 @@ def test_training_with_teacher_maps(tiny_checkpoint, tmp_path):
     assert fast_loss == pytest.approx(eager_loss, rel=1e-4)
 
 
+def _noise_folder(data, seed: int):
+    """An images/ + masks/ folder (--split none) of two noise images with empty masks."""
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(data / "images" / f"{i}.png")
+        Image.fromarray(np.zeros((40, 48), np.uint8)).save(data / "masks" / f"{i}.png")
+    return data
+
+
 def test_distill_command_writes_maps_and_names_bad_data(tiny_checkpoint, tmp_path):
     from click.testing import CliRunner
 
     from effiseg.training.distill import _command
-    data = tmp_path / "d"
-    (data / "images").mkdir(parents=True)
-    (data / "masks").mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(data / "images" / f"{i}.png")
-        Image.fromarray(np.zeros((40, 48), np.uint8)).save(data / "masks" / f"{i}.png")
+    data = _noise_folder(tmp_path / "d", seed=1)
     out = tmp_path / "teacher.npz"
     res = CliRunner().invoke(_command(), [str(tiny_checkpoint), "--data", str(data), "--split", "none",
                                           "--output", str(out), "--device", "cpu", "--tta-sizes", "64,96"])
@@ -146,13 +151,7 @@ def test_distill_takes_the_run_time_tta_choice(tiny_checkpoint, tmp_path):
     from effiseg.training.checkpoint import load_model
     from effiseg.training.data import load_split
     from effiseg.training.distill import _command
-    data = tmp_path / "d"
-    (data / "images").mkdir(parents=True)
-    (data / "masks").mkdir()
-    rng = np.random.default_rng(2)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(data / "images" / f"{i}.png")
-        Image.fromarray(np.zeros((40, 48), np.uint8)).save(data / "masks" / f"{i}.png")
+    data = _noise_folder(tmp_path / "d", seed=2)
     model, cfg = load_model(tiny_checkpoint)
     samples = load_split(data, None)
     for choice, flips in (("none", False), ("flip", True)):
