@@ -275,3 +275,22 @@ def test_an_image_without_a_polyp_is_in_no_size_or_border_bucket():
         table = tables[name]
         counts = {b["bucket"]: b["n"] for b in table["buckets"]}
         assert counts.get("n/a") == 1 and sum(counts.values()) == 3, (name, counts)
+
+
+def test_cli_takes_the_run_time_tta_choice(folder_and_checkpoint):
+    """effiseg-analyze --tta none|flip|multiscale, as effiseg-run and effiseg-eval: one pass by default."""
+    from effiseg.training.analysis.cli import analyze_command
+    root = folder_and_checkpoint
+    runner = CliRunner()
+    for extra, flips, sizes in (([], False, None), (["--tta", "flip"], True, None),
+                                (["--tta", "multiscale", "--tta-sizes", "64,96"], True, [64, 96])):
+        out = root / f"tta-{len(extra)}"
+        res = runner.invoke(analyze_command, [str(root / "ckpt"), "--data", str(root / "data"), "--split", "none",
+                                              "--device", "cpu", "--output", str(out), "--no-report", *extra])
+        assert res.exit_code == 0, res.output
+        meta = _strict_json(out / "analysis.json")["meta"]
+        assert meta["tta"] is flips and meta.get("tta_sizes") == sizes
+        assert meta["tta_choice"] == (extra[1] if extra else "none")
+    res = runner.invoke(analyze_command, [str(root / "ckpt"), "--data", str(root / "data"), "--split", "none",
+                                          "--device", "cpu", "--output", str(root / "x"), "--tta", "multiscale"])
+    assert res.exit_code == 2 and "--tta-sizes" in res.output

@@ -125,3 +125,23 @@ def test_every_protocol_arm_is_a_valid_training_config_and_the_device_arms_turn_
         if name.startswith("device_"):
             assert tc.augment != AugmentConfig(), name
     assert set(DEFAULT_ARMS) <= set(ARMS) and "device_photometric" not in DEFAULT_ARMS
+
+
+def test_low_resolution_resizes_each_sample_by_its_own_factor_without_reading_them_on_the_host():
+    """The graph-capturable form (every quantised factor applied to the batch, each sample keeps its
+    own) equals resizing each sample alone by the factor drawn for it."""
+    import torch.nn.functional as F
+
+    from effiseg.training.augment_device import _chosen, _uniform, low_resolution
+    images = torch.rand(6, 3, 40, 36, generator=torch.Generator().manual_seed(3))
+    out = low_resolution(images, 0.7, (1.0, 4.0), torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)  # the same draws, in the same order
+    chosen = _chosen(6, 0.7, "cpu", g)
+    factor = torch.where(chosen, torch.round(_uniform(6, 1.0, 4.0, "cpu", g) * 4) / 4, 1.0)
+    assert len(set(factor.tolist())) > 2  # several factors in one batch, and some samples untouched
+    for image, f, got in zip(images, factor.tolist(), out):
+        expected = image
+        if f != 1.0:
+            small = F.interpolate(image[None], size=(round(40 / f), round(36 / f)), mode="area")
+            expected = F.interpolate(small, size=(40, 36), mode="bilinear", align_corners=False)[0]
+        assert torch.equal(got, expected)

@@ -117,17 +117,22 @@ def test_training_with_teacher_maps(tiny_checkpoint, tmp_path):
     assert fast_loss == pytest.approx(eager_loss, rel=1e-4)
 
 
+def _noise_folder(data, seed: int):
+    """An images/ + masks/ folder (--split none) of two noise images with empty masks."""
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(data / "images" / f"{i}.png")
+        Image.fromarray(np.zeros((40, 48), np.uint8)).save(data / "masks" / f"{i}.png")
+    return data
+
+
 def test_distill_command_writes_maps_and_names_bad_data(tiny_checkpoint, tmp_path):
     from click.testing import CliRunner
 
     from effiseg.training.distill import _command
-    data = tmp_path / "d"
-    (data / "images").mkdir(parents=True)
-    (data / "masks").mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(data / "images" / f"{i}.png")
-        Image.fromarray(np.zeros((40, 48), np.uint8)).save(data / "masks" / f"{i}.png")
+    data = _noise_folder(tmp_path / "d", seed=1)
     out = tmp_path / "teacher.npz"
     res = CliRunner().invoke(_command(), [str(tiny_checkpoint), "--data", str(data), "--split", "none",
                                           "--output", str(out), "--device", "cpu", "--tta-sizes", "64,96"])
@@ -136,3 +141,26 @@ def test_distill_command_writes_maps_and_names_bad_data(tiny_checkpoint, tmp_pat
     res = CliRunner().invoke(_command(), [str(tiny_checkpoint), "--data", str(tmp_path / "none-here"),
                                           "--output", str(tmp_path / "x.npz"), "--device", "cpu"])
     assert res.exit_code == 2 and "none-here" in res.output
+
+
+def test_distill_takes_the_run_time_tta_choice(tiny_checkpoint, tmp_path):
+    """--tta none|flip|multiscale as effiseg-run takes it: none writes the one-pass maps, multiscale needs
+    the checkpoint's recommendation or --tta-sizes (a protocol run's checkpoint records none)."""
+    from click.testing import CliRunner
+
+    from effiseg.training.checkpoint import load_model
+    from effiseg.training.data import load_split
+    from effiseg.training.distill import _command
+    data = _noise_folder(tmp_path / "d", seed=2)
+    model, cfg = load_model(tiny_checkpoint)
+    samples = load_split(data, None)
+    for choice, flips in (("none", False), ("flip", True)):
+        out = tmp_path / f"{choice}.npz"
+        res = CliRunner().invoke(_command(), [str(tiny_checkpoint), "--data", str(data), "--split", "none",
+                                              "--output", str(out), "--device", "cpu", "--tta", choice])
+        assert res.exit_code == 0, res.output
+        expected = teacher_maps(model, cfg, samples, 64, tta=flips)
+        assert np.array_equal(load_teacher_maps(out, [s.stem for s in samples], 64)[:, 0], expected)
+    res = CliRunner().invoke(_command(), [str(tiny_checkpoint), "--data", str(data), "--split", "none",
+                                          "--output", str(tmp_path / "ms.npz"), "--device", "cpu"])
+    assert res.exit_code == 2 and "--tta-sizes" in res.output and not (tmp_path / "ms.npz").exists()

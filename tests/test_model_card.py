@@ -133,3 +133,47 @@ def test_a_card_folder_published_as_is_runs_from_the_hub_cache(tmp_path, tiny_ch
         assert commit in r["output"] and sorted(p.name for p in (tmp_path / backend).glob("*.png")) == ["0.png",
                                                                                                        "1.png"]
     assert "effiseg-run --model hf://me/polyps" in (out / "README.md").read_text()
+
+
+@needs_kvasir
+def test_card_shows_one_pass_and_the_recommended_tta_side_by_side(tmp_path):
+    """A plain network with a TTA recommendation: the card measures one pass and the recommended
+    choice, each with its passes per image (and images/s from a tta_choices benchmark file), and the
+    ONNX file is the plain network that runs at every multiple of 32, the recommendation in its metadata."""
+    data = copy_kvasir_subset(tmp_path / "data")
+    ckpt = tmp_path / "ckpt"
+    recommended = {"flips": True, "sizes": [64, 96], "threshold": 0.45}
+    save_checkpoint(ckpt, build_model("effisegnet-lite0").eval(),
+                    model_config("effisegnet-lite0", input_size=64, threshold=0.55, tta_recommended=recommended))
+    speeds = tmp_path / "tta_choices.json"
+    record = {"label": "--tta none", "tta": "none", "exit_status": 0, "images_per_s": 4.0}
+    speeds.write_text(json.dumps({"records": [record, dict(record, images_per_s=3.0),
+                                              dict(record, label="--tta multiscale", tta="multiscale", images_per_s=0.5),
+                                              dict(record, label="old-default", images_per_s=9.0)]}))
+    out = tmp_path / "hf"
+    res = CliRunner().invoke(model_card_command, [str(ckpt), "--output", str(out), "--data", str(data),
+                                                  "--device", "cpu", "--speeds", str(speeds)])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((out / "config.json").read_text())
+    none, multi = cfg["metrics_by_tta"]
+    assert (none["choice"], none["passes"], none["threshold"]) == ("none", 1, 0.55)
+    assert (multi["choice"], multi["passes"], multi["threshold"], multi["sizes"]) == ("multiscale", 8, 0.45, [64, 96])
+    assert cfg["metrics"]["test"] == none["test"] and multi["test"]["tta_sizes"] == [64, 96]
+    card = (out / "README.md").read_text()
+    assert f"| `--tta none` | 1 | 0.55 | test | {none['test']['n_images']} | {none['test']['mean_dice']:.4f} |" in card
+    assert f"| `--tta multiscale` | 8 | 0.45 | test | {multi['test']['n_images']} | {multi['test']['mean_dice']:.4f} |" in card
+    assert card.count("| 3.5 |") == 2 and card.count("| 0.5 |") == 2  # medians per choice, both splits
+    assert "`--tta multiscale` in effiseg-run" in card and "one network pass: TTA is chosen at run time" in card
+    # The rows are what effiseg-eval measures with each choice.
+    for choice, row in (("none", none), ("multiscale", multi)):
+        res = CliRunner().invoke(eval_command, [str(out), "--data", str(data), "--split", "test", "--device", "cpu",
+                                                "--tta", choice, "--output", str(tmp_path / choice)])
+        assert res.exit_code == 0, res.output
+        measured = json.loads((tmp_path / choice / "metrics.json").read_text())
+        assert abs(measured["mean_dice"] - row["test"]["mean_dice"]) < 1e-9
+    info = ModelInfo.from_onnx(out / "model.onnx")
+    assert not info.tta and info.tta_sizes == () and info.hw_multiple == 32 and info.tta_recommended == recommended
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    res = CliRunner().invoke(model_card_command, [str(ckpt), "--output", str(tmp_path / "x"), "--speeds", str(bad)])
+    assert res.exit_code == 2 and "bad.json" in res.output and not (tmp_path / "x").exists()

@@ -159,3 +159,37 @@ def test_runs_stopped_before_their_planned_epochs_are_reported_as_cut_short(tmp_
     facts = provenance(res, run_dir, tmp_path)
     assert facts["Epochs"].startswith("28 of the planned 32 (stopped early")
     assert facts["Epochs"].endswith("(best validation Dice at epoch 26)")
+
+
+def test_robustness_scores_are_compared_per_arm_paired_by_seed_and_image(tmp_path):
+    """Each run's robustness score (validation, stored by evaluate) gets mean ± sd per arm, a paired
+    interval against the baseline's, and joins the Holm family; runs without one leave the section out."""
+    ev = tmp_path / "evaluations"
+    ev.mkdir()
+    for seed in (0, 1, 2):
+        for arm, rob in (("baseline", 0.70), ("resolution_shift", 0.74)):
+            _write_eval(ev, f"{arm}_s{seed}", lambda t, th, m: 0.80, lambda t, th, m: 0.80 + 0.001 * seed)
+            data = json.loads((ev / f"{arm}_s{seed}.json").read_text())
+            data["robustness"] = {"score": rob, "clean_dice": 0.8, "strength": 0.5,
+                                  "per_image": [rob + 0.001 * seed + 0.01 * (i % 2) for i in range(20)]}
+            (ev / f"{arm}_s{seed}.json").write_text(json.dumps(data))
+    (tmp_path / "plan.json").write_text(json.dumps({"variant": "x", "epochs": 1, "seeds": [0, 1, 2], "parallel": 1}))
+    md = build_protocol_report(tmp_path, n_boot=500).read_text()
+    res = json.loads((tmp_path / "protocol_results.json").read_text())
+    rob = res["robustness"]
+    assert rob["baseline"]["gain_vs_baseline"] is None
+    g = rob["resolution_shift"]["gain_vs_baseline"]
+    assert np.allclose(g["per_seed_diff"], [0.04] * 3) and g["paired_seeds"] and g["low"] > 0
+    assert abs(rob["resolution_shift"]["score"]["mean"] - (0.745 + 0.001)) < 1e-9
+    assert "## Robustness (validation, one network pass)" in md and "| resolution_shift | 0.8000" in md
+    from effiseg.training.protocol_report import comparison_family
+    names = [name for name, _ in comparison_family(res)]
+    assert "resolution_shift, robustness score (validation, one pass)" in names
+    assert "resolution_shift, robustness score" in md.split("## Multiple comparisons")[1]
+    # An evaluation without robustness scores (--no-robustness): no section, the rest as before.
+    data = json.loads((ev / "baseline_s0.json").read_text())
+    del data["robustness"]
+    (ev / "baseline_s0.json").write_text(json.dumps(data))
+    md = build_protocol_report(tmp_path, n_boot=200).read_text()
+    assert json.loads((tmp_path / "protocol_results.json").read_text())["robustness"] == {}
+    assert "## Robustness" not in md

@@ -117,3 +117,54 @@ def test_runs_per_process_groups_the_seeds_of_an_arm(tmp_path, monkeypatch):
     assert first[first.index("--seeds") + 1] == "0,1"
     assert first[first.index("--output") + 1] == str(tmp_path / "p" / "runs" / "baseline_s{seed}")
     assert "--seed" in launched[2][1] and "--seeds" not in launched[2][1]
+
+
+@needs_kvasir
+def test_the_distill_arm_writes_the_teachers_maps_once_and_trains_on_them(tmp_path, tiny_checkpoint, monkeypatch):
+    import effiseg.training.protocol as protocol
+    from effiseg.training.distill import load_teacher_maps
+    data = copy_kvasir_subset(tmp_path / "kvasir", splits=("train",), stems=("0", "1", "2"))
+    out = tmp_path / "p"
+    args = ["train", "--data", str(data), "--out", str(out), "--epochs", "1", "--devices", "cpu", "--input-size", "64",
+            "--arms", "baseline,distill", "--seeds", "0", "--extra=--limit-train", "--extra=2"]
+    res = CliRunner().invoke(protocol_main, args)
+    assert res.exit_code == 2 and "--teacher" in res.output and not (out / "teacher").exists()
+    launched = []
+    monkeypatch.setattr(protocol, "_launch_all", lambda jobs, *a, **k: launched.extend(jobs) or {})
+    res = CliRunner().invoke(protocol_main, args + ["--teacher", str(tiny_checkpoint)])
+    assert res.exit_code == 0, res.output
+    plan = json.loads((out / "plan.json").read_text())
+    maps = out / "teacher" / "teacher-train.npz"
+    # The teacher's ensemble: flips at its input size and 64 px more (it records no recommendation).
+    assert plan["teacher"]["tta_sizes"] == [64, 128] and plan["teacher"]["maps"] == str(maps)
+    assert load_teacher_maps(maps, ["0", "1"], 64).shape == (2, 1, 64, 64)  # the runs' two training images
+    commands = {name: cmd for name, cmd, _ in launched}
+    distill = commands["distill_s0"]
+    assert f"teacher_maps={maps.as_posix()}" in distill and "loss.distill_weight=0.5" in distill
+    assert not any("teacher_maps" in c for c in commands["baseline_s0"])
+    assert plan["arms"]["distill"] == ["loss.distill_weight=0.5", f"teacher_maps={maps.as_posix()}"]
+    # A second train (a resumed protocol) keeps the maps of the same teacher.
+    stamp = maps.stat().st_mtime_ns
+    res = CliRunner().invoke(protocol_main, args + ["--teacher", str(tiny_checkpoint)])
+    assert res.exit_code == 0 and "already written" in res.output and maps.stat().st_mtime_ns == stamp
+
+
+@needs_kvasir
+def test_evaluate_stores_the_robustness_score_effiseg_robustness_reports(tmp_path, tiny_checkpoint):
+    from effiseg.training.analysis.robustness_cli import robustness_command
+    from effiseg.training.checkpoint import load_model, save_checkpoint
+    from effiseg.training.protocol import evaluate_run
+    data = copy_kvasir_subset(tmp_path / "kvasir", stems=("0", "1"))
+    run = tmp_path / "runs" / "baseline_s0"
+    model, cfg = load_model(tiny_checkpoint)
+    save_checkpoint(run, model, cfg, stem="best")
+    ev = evaluate_run(run, data, "cpu", limit=2)
+    rob = ev["robustness"]
+    assert len(rob["per_image"]) == 2 and rob["strength"] == 0.5 and len(rob["shifts"]) == 10
+    res = CliRunner().invoke(robustness_command, [str(tiny_checkpoint), "--data", str(data), "--device", "cpu",
+                                                  "--strengths", "0.5", "--no-figure", "--output", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    reported = json.loads((tmp_path / "r" / "robustness.json").read_text())["score"]
+    assert rob["score"] == pytest.approx(reported["robustness_score"], abs=1e-12)
+    assert rob["per_image"] == pytest.approx([reported["per_image"][s] for s in ev["validation_stems"]], abs=1e-12)
+    assert "robustness" not in evaluate_run(run, data, "cpu", limit=2, robustness=False)

@@ -73,14 +73,30 @@ def test_ship_writes_the_winner_with_its_settings_evidence_and_onnx(tmp_path):
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert {p.name for p in shipped.iterdir()} == {"config.json", "model.safetensors", "README.md"}
     config = json.loads((shipped / "config.json").read_text())
-    assert config["tta"] is True and config["threshold"] == 0.6 and config["min_region_px"] == 0
+    # The plain network ships: one pass at a threshold chosen on validation, the winner's TTA (flips at
+    # 0.60) a run-time recommendation.
+    assert config["tta"] is False and config["tta_sizes"] == [] and config["min_region_px"] == 0
+    assert config["tta_recommended"] == {"flips": True, "sizes": [], "threshold": 0.6}
+    assert config["threshold"] == config["threshold_choice"]["chosen"]
+    assert config["threshold_choice"]["split"] == "validation"
+    rows = config["metrics_by_tta"]
+    assert [(r["choice"], r["passes"], r["threshold"]) for r in rows] == [("none", 1, config["threshold"]),
+                                                                          ("flip", 4, 0.6)]
+    assert config["metrics"] == {"validation": rows[0]["validation"], "test": rows[0]["test"]}
+    assert rows[1]["test"]["tta"] is True and rows[0]["test"]["tta"] is False
     card = (shipped / "README.md").read_text()
     for fact in ("arm `boundary_loss`: loss.boundary_weight=2.0", "Epochs: 3 (best validation Dice at epoch 3)",
                  "Seed: 1", "Test GPU", "[+0.0168, +0.0570]", "+0.0164, +0.0462, +0.0478", "range 0.0300",
-                 "0.8795 ± 0.0047 (n=3 seeds)", f"{config['metrics']['test']['mean_dice']:.4f}"):
+                 "0.8795 ± 0.0047 (n=3 seeds)", f"{config['metrics']['test']['mean_dice']:.4f}",
+                 f"| `--tta none` | 1 | {config['threshold']:g} | test |", "| `--tta flip` | 4 | 0.6 | test |",
+                 f"{rows[1]['test']['mean_dice']:.4f}", "`--tta flip` in effiseg-run",
+                 f"The one-pass threshold {config['threshold']:g} was chosen on the validation split",
+                 "run-time TTA recommended: flip TTA (4 network passes per image) at threshold 0.6"):
         assert fact in card, fact
     info = ModelInfo.from_onnx(onnx)
-    assert info.tta is True and info.threshold == pytest.approx(0.6) and info.variant == "effisegnet-lite0"
+    assert info.tta is False and info.tta_sizes == () and info.variant == "effisegnet-lite0"
+    assert info.threshold == pytest.approx(config["threshold"]) and info.dynamic_hw and info.hw_multiple == 32
+    assert info.tta_recommended == {"flips": True, "sizes": [], "threshold": 0.6}
     assert (onnx.parent / "default.onnx.export.json").is_file()
     assert not list(tmp_path.rglob(".effiseg-ship"))  # no work folders left behind
     assert json.loads((onnx.parent / "default.onnx.export.json").read_text())["checkpoint"].endswith("default")
@@ -179,3 +195,60 @@ def test_a_winner_that_removes_small_regions_is_not_shipped_without_force(tmp_pa
     with pytest.raises(ShipError, match="removes predicted regions below 256 px"):
         ship.ship_winner(proto, tmp_path / "weights" / "default", tmp_path / "m.onnx", tmp_path / "data")
     assert not (tmp_path / "weights").exists() and not (tmp_path / "m.onnx").exists()
+
+
+@needs_kvasir
+def test_ship_chooses_the_one_pass_threshold_on_validation_alone(tmp_path, monkeypatch):
+    """The shipped threshold is the best of the protocol's grid on the validation split, read alone: the
+    choice is recomputed here from the validation images, and the test split is never loaded for it."""
+    import numpy as np
+
+    from effiseg.training import data as data_module
+    from effiseg.training.checkpoint import load_model
+    from effiseg.training.evaluate import predict_logits, score_logits
+    from effiseg.training.protocol_common import THRESHOLDS
+    from effiseg.training.ship import choose_one_pass_threshold
+    proto, data, shipped, onnx = _protocol(tmp_path)
+    model, cfg = load_model(proto / "runs" / WINNER["ship_run"] / "best.safetensors")
+    read = []
+    real = data_module.load_split
+    monkeypatch.setattr(data_module, "load_split", lambda root, split, *a, **k: read.append(split) or real(root, split, *a, **k))
+    choice = choose_one_pass_threshold(model, cfg, data, "cpu", log=lambda m: None)
+    monkeypatch.undo()
+    assert read == ["validation"]
+    val = real(data, "validation")
+    logits = predict_logits(model, cfg, [s.image for s in val])
+    dice = {t: float(np.mean([r["dice"] for r in score_logits(val, logits, t)])) for t in THRESHOLDS}
+    best = max(dice.values())
+    assert dice[choice["chosen"]] == best
+    # among equal scores, the one nearest 0.5
+    assert abs(choice["chosen"] - 0.5) == min(abs(t - 0.5) for t, d in dice.items() if d == best)
+    assert choice["mean_dice_by_threshold"] == {f"{t:.2f}": d for t, d in dice.items()}
+    assert choice["n_images"] == len(val) and "test split is not read" in choice["rule"]
+
+
+def test_a_plain_winner_recommends_its_arms_best_tta_setting_on_validation(tmp_path):
+    from effiseg.training.ship import like_for_like_validation, tta_recommendation
+    evaluations = tmp_path / "evaluations"
+    evaluations.mkdir()
+    vals = {"boundary_loss_s0": {"tta=0,thr=0.50,minreg=0": 0.80, "tta=1,thr=0.45,minreg=0": 0.82,
+                                 "tta=1,thr=0.50,minreg=0,sizes=64+128": 0.84, "tta=1,thr=0.50,minreg=256": 0.9},
+            "boundary_loss_s1": {"tta=0,thr=0.50,minreg=0": 0.80, "tta=1,thr=0.45,minreg=0": 0.83,
+                                 "tta=1,thr=0.50,minreg=0,sizes=64+128": 0.80, "tta=1,thr=0.50,minreg=256": 0.9},
+            # another arm's better setting is not this arm's recommendation
+            "boundary_loss+x_s0": {"tta=1,thr=0.30,minreg=0": 0.99}}
+    for run, val in vals.items():
+        (evaluations / f"{run}.json").write_text(json.dumps({"run": run, "val": val}))
+    plain = {"arm": "boundary_loss", "config": "tta=0,thr=0.50,minreg=0"}
+    assert tta_recommendation(plain, tmp_path) == {"flips": True, "sizes": [], "threshold": 0.45}  # mean 0.825
+    assert tta_recommendation({**plain, "config": "tta=1,thr=0.55,minreg=0,sizes=352+416"}, tmp_path) == {
+        "flips": True, "sizes": [352, 416], "threshold": 0.55}
+    assert tta_recommendation({**plain, "arm": "baseline"}, tmp_path) == {}
+    # The guard against a worse model compares the same passes: one pass with one pass, the 8-pass
+    # default of before with the new model's 8-pass row; nothing when no setting is shared.
+    old = {"metrics": {"validation": {"mean_dice": 0.87, "tta": True, "tta_sizes": [352, 416]}}}
+    new = {"metrics_by_tta": [{"flips": False, "sizes": [], "validation": {"mean_dice": 0.86}},
+                              {"flips": True, "sizes": [352, 416], "validation": {"mean_dice": 0.88}}]}
+    assert like_for_like_validation(new, old) == ("flip TTA at sizes 352+416 (8 network passes per image)", 0.88, 0.87)
+    assert like_for_like_validation(new, new)[1:] == (0.86, 0.86)
+    assert like_for_like_validation({"metrics_by_tta": new["metrics_by_tta"][:1]}, old) is None

@@ -116,18 +116,23 @@ def gaussian_blur(images, p, sigma_range, generator=None):
 
 
 def low_resolution(images, p, factor_range, generator=None):
-    """Area-downscale by a per-sample factor (quantised to 0.25 so samples sharing one resize run
-    together), then upscale bilinearly to the original size."""
+    """Area-downscale by a per-sample factor (quantised to 0.25), then upscale bilinearly to the
+    original size. Every factor the quantised range can give is applied to the whole batch and each
+    sample keeps its own: no host synchronisation, so the step can be captured as a CUDA graph (the
+    factors in use would otherwise be read on the host), with the result of resizing each sample."""
     b, _, h, w = images.shape
     dev = images.device
     chosen = _chosen(b, p, dev, generator)
     factor = torch.round(_uniform(b, *factor_range, dev, generator) * 4) / 4
     factor = torch.where(chosen, factor, 1.0)
-    out = images.clone()
-    for f in sorted(set(factor.tolist()) - {1.0}):   # one host sync per batch, a few resizes
-        idx = (factor == f).nonzero().flatten()
-        small = F.interpolate(images[idx], size=(max(1, round(h / f)), max(1, round(w / f))), mode="area")
-        out[idx] = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+    out = images
+    for quarter in range(round(factor_range[0] * 4), round(factor_range[1] * 4) + 1):
+        f = quarter / 4
+        if f == 1.0:
+            continue
+        small = F.interpolate(images, size=(max(1, round(h / f)), max(1, round(w / f))), mode="area")
+        resized = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+        out = torch.where((factor == f).view(-1, 1, 1, 1), resized, out)
     return out
 
 

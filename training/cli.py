@@ -209,12 +209,19 @@ def eval_command(checkpoint, data_root, split, device, batch_size, threshold, tt
 @click.option("--repo", "repo_id", default=None, metavar="OWNER/NAME",
               help="The Hub repository it will be published as: named in the card's commands (hf://OWNER/NAME) "
                    "and metadata [default: placeholders].")
+@click.option("--speeds", "speeds_file", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="tta_choices.json of python -m effiseg.benchmarks.tta_choices on this model: the card's images/s "
+                   "per --tta choice.")
 def model_card_command(checkpoint, out_dir, data_root, provenance, protocol_summary, threshold, tta, tta_sizes,
-                       min_region, device, role, onnx, repo_id):
+                       min_region, device, role, onnx, repo_id, speeds_file):
     """Write a publishable model folder (Hugging Face layout) with a measured model card; publish it
     with `hf upload OWNER/NAME FOLDER`."""
-    from .model_card import make_model_folder
+    from .model_card import make_model_folder, read_speeds
     from .trainer import resolve_device
+    try:
+        speeds = read_speeds(speeds_file) if speeds_file else None
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--speeds") from None
     if repo_id is not None:
         try:
             if "@" in repo_id:
@@ -228,7 +235,8 @@ def model_card_command(checkpoint, out_dir, data_root, provenance, protocol_summ
     proto = {"summary": Path(protocol_summary).read_text(encoding="utf-8")} if protocol_summary else None
     try:
         out = make_model_folder(checkpoint, out_dir, data_root, prov, proto, settings, str(resolve_device(device)),
-                                role=role, onnx=onnx, repo_id=repo_id, log=lambda m: click.echo(m, err=True))
+                                role=role, onnx=onnx, repo_id=repo_id, log=lambda m: click.echo(m, err=True),
+                                speeds=speeds)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError, RuntimeError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)

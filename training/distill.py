@@ -4,7 +4,11 @@ A converged model's TTA prediction (4 flips x the multi-scale sizes) is better t
 pass near polyp boundaries. Distillation trains a single-pass student on those soft maps beside
 the labels (``loss.distill_weight``, training/losses.py), so the student keeps one pass at inference.
 
-    python -m effiseg.training.distill CHECKPOINT --data DATA --output runs/teacher-train.npz --tta --tta-sizes 352,416
+    python -m effiseg.training.distill CHECKPOINT --data DATA --output runs/teacher-train.npz --tta multiscale
+
+(``--tta`` as effiseg-run and effiseg-eval take it, one resolver: ``multiscale``, the default here, is
+the teacher's validation-chosen setting from its config, or flips at ``--tta-sizes`` for a checkpoint
+that records none, e.g. a protocol run's.)
 
 The file holds one uint8 map (probability x 255, rounded: an error of at most 1/510) per training image at the training input size, keyed by stem, with the teacher's settings.
 :func:`load_teacher_maps` returns them in the training set's order, as the trainer stacks its masks.
@@ -75,7 +79,8 @@ def load_teacher_maps(path: str | Path, stems: list[str], size: int) -> np.ndarr
 def _command():
     import click
 
-    from effiseg.runtime.cli import TTA_SIZES_OPTION
+    from effiseg.runtime.cli import tta_sizes_option
+    from effiseg.runtime.tta import TTA_CHOICES
     from effiseg.runtime.console import Command
 
     from .data import DEFAULT_DATA_ROOT
@@ -86,8 +91,12 @@ def _command():
     @click.option("--split", default="train", help="The images the student trains on ('none': --data/images).")
     @click.option("--output", "out_file", type=click.Path(path_type=Path, dir_okay=False), required=True)
     @click.option("--size", type=click.IntRange(32), default=None, help="Training input size (default: the teacher's).")
-    @click.option("--tta/--no-tta", default=True, help="Flip TTA (the ensemble); --no-tta for a one-pass teacher.")
-    @TTA_SIZES_OPTION
+    @click.option("--tta", type=click.Choice(TTA_CHOICES), default="multiscale",
+                  help="The teacher's passes: multiscale (the ensemble: its validation-chosen flips and sizes), "
+                       "flip (4 passes) or none (a one-pass teacher).")
+    @click.option("--tta-sizes", default=None, callback=tta_sizes_option, metavar="SIZES",
+                  help="Replace the multi-scale sizes of --tta, e.g. 352,416 (needed with --tta multiscale when the "
+                       "checkpoint records no recommendation).")
     @click.option("--device", default="auto")
     @click.option("--batch-size", type=click.IntRange(1), default=4)
     @click.option("--limit", type=click.IntRange(1), default=None)
@@ -98,16 +107,16 @@ def _command():
         from .checkpoint import load_model
         from .data import DatasetError, load_split
         from .trainer import resolve_device
-        from .tta import resolve_tta
+        from .tta import resolve_tta_choice
         try:
             samples = load_split(data_root, None if split == "none" else split, limit)
             dev = resolve_device(device)
             model, cfg = load_model(checkpoint, device=dev)
-            flips, sizes = resolve_tta(cfg, tta, tta_sizes)
+            flips, sizes, _ = resolve_tta_choice(cfg, tta, tta_sizes)
             size = int(size or cfg["input_size"])
             click.echo(f"teacher maps of {len(samples)} {split} images, flips {flips}, sizes {list(sizes)}", err=True)
             maps = teacher_maps(model, cfg, samples, size, dev, batch_size, flips, sizes)
-            meta = {"checkpoint": str(checkpoint), "split": split, "size": size, "tta": flips,
+            meta = {"checkpoint": str(checkpoint), "split": split, "size": size, "tta_choice": tta, "tta": flips,
                     "tta_sizes": list(sizes), "variant": cfg["variant"]}
             save_teacher_maps(out_file, [s.stem for s in samples], maps, meta)
         except (FileNotFoundError, DatasetError, ValueError, KeyError, RuntimeError) as e:

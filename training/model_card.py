@@ -2,7 +2,9 @@
 with ``onnx``, model.onnx with its export report model.onnx.export.json.
 
 The card's test metrics are measured when the folder is made (the same code as ``effiseg-eval``),
-so the card always matches what a user reproduces; the ONNX file is exported from the folder's own
+so the card always matches what a user reproduces: one network pass (what ``effiseg-run`` does by
+default) and, side by side, the run-time TTA choice the config recommends (``tta_recommended``), each
+with its passes per image and, when a benchmark file is given, its images/s; the ONNX file is exported from the folder's own
 checkpoint and config (``effiseg.export.onnx_export.export_checkpoint``, verified against PyTorch),
 so it carries the same settings and metrics. Everything is built in a staging folder beside ``out``
 and moved in at the end. Uploading is the user's step: ``hf upload OWNER/NAME <folder>``, after which
@@ -50,6 +52,73 @@ def metadata_header(variant: str, test: dict | None, repo_id: str | None, onnx: 
     return lines + ["---"]
 
 
+def baked_tta(config: dict) -> bool:
+    """Whether the config puts TTA into the exported graph (``tta``/``tta_sizes``: cards made before
+    TTA became a run-time choice, or ``--tta``); the run-time choices need the plain network."""
+    return bool(config.get("tta")) or bool(parse_tta_sizes(config.get("tta_sizes")))
+
+
+def card_settings(config: dict) -> list[dict]:
+    """The inference settings a card measures, the default first: one pass at the config's threshold
+    (or the TTA the config bakes into the graph), then the run-time choice its ``tta_recommended``
+    names (``multiscale`` when it has sizes, else ``flip``) at the recommended threshold."""
+    from effiseg.runtime.model_info import network_passes, parse_tta_recommendation
+
+    from .tta import resolve_tta_choice
+    threshold = float(config.get("threshold", 0.5))
+    flips, sizes = bool(config.get("tta")), parse_tta_sizes(config.get("tta_sizes"))
+    rows = [{"choice": "in the graph" if baked_tta(config) else "none", "flips": flips, "sizes": list(sizes),
+             "threshold": threshold, "passes": network_passes(flips, sizes)}]
+    recommended = parse_tta_recommendation(config.get("tta_recommended"))
+    if recommended and not baked_tta(config):
+        choice = "multiscale" if recommended["sizes"] else "flip"
+        flips, sizes, rec_threshold = resolve_tta_choice(config, choice)
+        rows.append({"choice": choice, "flips": flips, "sizes": list(sizes),
+                     "threshold": threshold if rec_threshold is None else rec_threshold,
+                     "passes": network_passes(flips, sizes)})
+    return rows
+
+
+def read_speeds(path: str | Path) -> dict:
+    """images/s per ``--tta`` choice from a ``python -m effiseg.benchmarks.tta_choices`` result
+    (``tta_choices.json``: the median over the runs of each choice on the benchmarked model), with the
+    file named as the source; ValueError naming the file when it is not one."""
+    import statistics
+    path = Path(path)
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))["records"]
+        by_choice: dict[str, list[float]] = {}
+        for r in records:
+            if r.get("label", "").startswith("--tta") and r.get("exit_status") == 0 and r.get("images_per_s"):
+                by_choice.setdefault(r["tta"], []).append(float(r["images_per_s"]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a tta_choices.json of effiseg.benchmarks.tta_choices ({e})") from None
+    if not by_choice:
+        raise ValueError(f"{path}: no successful --tta runs to take images/s from")
+    return {"source": str(path), "images_per_s": {c: statistics.median(v) for c, v in by_choice.items()}}
+
+
+def results_table(rows: list[dict], speeds: dict | None) -> list[str]:
+    """The card's results: each measured setting (one pass, then TTA) per split, side by side."""
+    per_s = (speeds or {}).get("images_per_s", {})
+    lines = ["| inference | passes per image | threshold | split | images | mean Dice | mean IoU | mean precision | "
+             "mean recall | F1 (pooled) | images/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        label = f"`--tta {row['choice']}`" if row["choice"] in ("none", "flip", "multiscale") else row["choice"]
+        speed = per_s.get(row["choice"])
+        for split in ("validation", "test"):
+            m = row.get(split)
+            if m:
+                lines.append(f"| {label} | {row['passes']} | {row['threshold']:g} | {split} | {m['n_images']} | "
+                             f"{_fmt(m['mean_dice'])} | {_fmt(m['mean_iou'])} | {_fmt(m['mean_precision'])} | "
+                             f"{_fmt(m['mean_recall'])} | {_fmt(m['f1_pooled'])} | "
+                             f"{'' if speed is None else f'{speed:.3g}'} |")
+    if speeds:
+        lines += ["", f"images/s: end to end with effiseg-run, from `{Path(speeds['source']).name}` "
+                      "(python -m effiseg.benchmarks.tta_choices; the machine is the one that file was measured on)."]
+    return lines
+
+
 def render_card(config: dict, test: dict, val: dict | None, provenance: dict, protocol: dict | None,
                 role: str | None = None, onnx_report: dict | None = None, repo_id: str | None = None) -> str:
     variant = config["variant"]
@@ -75,6 +144,7 @@ def render_card(config: dict, test: dict, val: dict | None, provenance: dict, pr
         + (f", multi-scale TTA at {' + '.join(f'{s}x{s}' for s in tta_sizes)} (logits averaged at the input size)"
            if tta_sizes else "")
         + (f", small regions below {config['min_region_px']} px removed" if config.get('min_region_px') else "") + ".",
+    ] + inference_lines(config) + [
         "",
         "## Training",
     ]
@@ -82,19 +152,25 @@ def render_card(config: dict, test: dict, val: dict | None, provenance: dict, pr
         lines.append(f"- {k}: {v}")
     if not provenance:
         lines.append("- Not recorded for this card (no provenance given); `config.json` holds the model's settings.")
-    lines += ["", "## Results (Kvasir-SEG official split, metrics at the native 352x352 mask resolution)", "",
-              "| split | images | mean Dice | mean IoU | mean precision | mean recall | F1 (pooled) |",
-              "|---|---|---|---|---|---|---|"]
-    for name, m in (("validation", val), ("test", test)):
-        if m:
-            lines.append(f"| {name} | {m['n_images']} | {_fmt(m['mean_dice'])} | {_fmt(m['mean_iou'])} | "
-                         f"{_fmt(m['mean_precision'])} | {_fmt(m['mean_recall'])} | {_fmt(m['f1_pooled'])} |")
+    lines += ["", "## Results (Kvasir-SEG official split, metrics at the native 352x352 mask resolution)", ""]
+    rows = config.get("metrics_by_tta") or []
+    if rows:
+        lines += results_table(rows, config.get("speeds"))
+    else:
+        lines += ["| split | images | mean Dice | mean IoU | mean precision | mean recall | F1 (pooled) |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, m in (("validation", val), ("test", test)):
+            if m:
+                lines.append(f"| {name} | {m['n_images']} | {_fmt(m['mean_dice'])} | {_fmt(m['mean_iou'])} | "
+                             f"{_fmt(m['mean_precision'])} | {_fmt(m['mean_recall'])} | {_fmt(m['f1_pooled'])} |")
     where = hub if repo_id else "<this folder, or hf://OWNER/NAME once published>"
     # effiseg-eval runs one pass unless told otherwise (--tta): the command names the TTA measured here.
     tta_flags = (" --tta flip" if config.get("tta") else "") + (
         f" --tta-sizes {','.join(map(str, tta_sizes))}" if tta_sizes else "")
     lines += ["", f"Reproduce: `effiseg-eval {where} --data <kvasir-seg root> --split test{tta_flags}` (the "
-              "threshold is read from config.json)."]
+              "threshold is read from config.json)"
+              + "".join(f"; `... --tta {r['choice']}` for the {r['choice']} row (its recommended threshold)"
+                        for r in rows[1:]) + "."]
     lines += files_and_use(hub, onnx_report)
     if protocol:
         lines += ["", "## Evidence for the recipe and the inference settings", "", protocol.get("summary", "").strip()]
@@ -114,6 +190,25 @@ def render_card(config: dict, test: dict, val: dict | None, provenance: dict, pr
     return "\n".join(lines)
 
 
+def inference_lines(config: dict) -> list[str]:
+    """What the card says about the run-time TTA recommendation and how the threshold was chosen."""
+    from effiseg.runtime.model_info import describe_tta, parse_tta_recommendation
+    lines = []
+    recommended = parse_tta_recommendation(config.get("tta_recommended"))
+    if recommended and not baked_tta(config):
+        choice = "multiscale" if recommended["sizes"] else "flip"
+        lines.append(f"- One network pass by default. The test-time augmentation chosen on validation "
+                     f"({describe_tta(recommended['flips'], recommended['sizes'])}, threshold "
+                     f"{recommended['threshold'] if recommended['threshold'] is not None else config.get('threshold', 0.5)}) "
+                     "is recorded in `config.json` (`tta_recommended`) and the ONNX metadata as a recommendation "
+                     f"the user chooses at run time: `--tta {choice}` in effiseg-run, effiseg-eval and effiseg-bench.")
+    choice = config.get("threshold_choice")
+    if choice:
+        lines.append(f"- The one-pass threshold {choice['chosen']:g} was chosen on the {choice['split']} split "
+                     f"({choice['n_images']} images): {choice['rule']}.")
+    return lines
+
+
 def files_and_use(hub: str, onnx_report: dict | None) -> list[str]:
     """What the folder holds and the commands that run it from the Hub."""
     lines = ["", "## Files", "- `config.json`: the model's settings (variant, input size, normalisation, threshold, "
@@ -123,8 +218,12 @@ def files_and_use(hub: str, onnx_report: dict | None) -> list[str]:
         h, w = onnx_report["input_size"]
         parity = onnx_report["parity"]
         lines.append(f"- `{ONNX_NAME}`: the same network in ONNX (opset {onnx_report['opset']}, "
-                     f"{onnx_report['input_format']} in at {h}x{w}, {onnx_report['output_format']} out, any batch; "
-                     "preprocessing and TTA inside the graph), checked against PyTorch in ONNX Runtime on "
+                     f"{onnx_report['input_format']} in at {h}x{w}"
+                     + (" or any multiple of 32" if onnx_report.get("hw_multiple") == 32 else "")
+                     + f", {onnx_report['output_format']} out, any batch; preprocessing inside the graph"
+                     + (", and TTA" if onnx_report.get("tta") or onnx_report.get("tta_sizes") else
+                        ", one network pass: TTA is chosen at run time")
+                     + "), checked against PyTorch in ONNX Runtime on "
                      f"{parity['n_images']} image(s) (max abs error {parity['max_abs_error']:.3g}); "
                      f"`{EXPORT_REPORT_NAME}` records the export and the check.")
     lines += ["", "## Use", "", "```",
@@ -138,16 +237,16 @@ def files_and_use(hub: str, onnx_report: dict | None) -> list[str]:
 def make_model_folder(checkpoint: str | Path, out: str | Path, data_root: str | Path | None, provenance: dict,
                       protocol: dict | None = None, settings: dict | None = None, device: str = "cpu",
                       role: str | None = None, onnx: bool = False, repo_id: str | None = None,
-                      log=print) -> Path:
+                      log=print, speeds: dict | None = None) -> Path:
     """Copy a checkpoint into ``out`` in the HF layout, measure it, export it to ONNX (``onnx``) and
     write the card. Everything that can fail (reading the checkpoint and the data, measuring,
     exporting) happens before ``out`` is touched, so a failure leaves no half-made folder. ``role``
     (e.g. "effiseg default model") goes into the card's title; ``repo_id`` (OWNER/NAME) into its
-    commands and model-index. Raises ``ExportError`` when the export fails."""
+    commands and model-index. ``speeds`` (:func:`read_speeds`): images/s per ``--tta`` choice for the
+    card's table. Raises ``ExportError`` when the export fails."""
     from .checkpoint import load_model
     from .data import load_split
     from .evaluate import evaluate_samples
-    from .tta import resolve_tta
     weights, cfg_path = resolve_checkpoint(checkpoint)
     config = json.loads(cfg_path.read_text(encoding="utf-8"))
     config.update(settings or {})
@@ -157,13 +256,20 @@ def make_model_folder(checkpoint: str | Path, out: str | Path, data_root: str | 
     test = val = None
     if data_root:
         model, _ = load_model(checkpoint, device=device)  # the source checkpoint, never a stale config in out
-        flips, sizes = resolve_tta(config)
-        log(f"measuring {checkpoint} on the validation and test splits of {data_root} ...")
-        kw = dict(threshold=config.get("threshold", 0.5), tta=flips, tta_sizes=sizes,
-                  min_region_px=int(config.get("min_region_px", 0)))
-        val, _, _ = evaluate_samples(model, config, load_split(data_root, "validation"), device, **kw)
-        test, _, _ = evaluate_samples(model, config, load_split(data_root, "test"), device, **kw)
+        splits = {split: load_split(data_root, split) for split in ("validation", "test")}
+        rows = card_settings(config)
+        for row in rows:  # the default first (config["metrics"]), then the recommended TTA beside it
+            log(f"measuring {checkpoint} on the validation and test splits of {data_root} "
+                f"({row['choice']}: {row['passes']} pass(es) per image) ...")
+            kw = dict(threshold=row["threshold"], tta=row["flips"], tta_sizes=tuple(row["sizes"]),
+                      min_region_px=int(config.get("min_region_px", 0)))
+            for split, samples in splits.items():
+                row[split], _, _ = evaluate_samples(model, config, samples, device, **kw)
+        val, test = rows[0]["validation"], rows[0]["test"]
         config["metrics"] = {"validation": val, "test": test}
+        config["metrics_by_tta"] = rows
+    if speeds:
+        config["speeds"] = speeds
     out.parent.mkdir(parents=True, exist_ok=True)
     # Staged beside ``out`` (same file system: the moves are renames) under ``out``'s own name, which
     # the ONNX metadata records as the checkpoint's.
@@ -195,10 +301,14 @@ def _export_onnx(stage: Path, data_root, log) -> dict:
     which is what travels to the Hub."""
     from effiseg.export.onnx_export import ExportError, export_checkpoint
     verify = Path(data_root) / "validation" / "images" if data_root else None
-    log(f"exporting {ONNX_NAME} (checked against PyTorch) ...")
+    config = json.loads((stage / CONFIG_NAME).read_text(encoding="utf-8"))
+    # The plain network runs every run-time --tta choice when it also runs at multiples of 32 (the
+    # multi-scale sizes); a config that bakes TTA into the graph needs the fixed size.
+    x32 = not baked_tta(config) and int(config["input_size"]) % 32 == 0
+    log(f"exporting {ONNX_NAME} (checked against PyTorch{', height/width any multiple of 32' if x32 else ''}) ...")
     try:
         report = export_checkpoint(stage, stage / ONNX_NAME, verify_dir=verify if verify and verify.is_dir() else None,
-                                   log=log)
+                                   hw_multiple=32 if x32 else 1, log=log)
     except ExportError as e:
         raise ExportError(f"exporting {ONNX_NAME} failed ({e}); nothing was written (--no-onnx makes the "
                           "folder without it)") from None

@@ -46,7 +46,16 @@ ARMS: dict[str, list[str]] = {
     "device_photometric": ["augment.wb_p=0.3", "augment.gamma_p=0.3", "augment.blur_p=0.3", "augment.jpeg_p=0.3",
                            "augment.noise_p=0.3"],
     "device_scale": ["augment.lowres_p=0.3"],
+    # The robustness study's resolution shift as a training-time augmentation: area-downscaled by a
+    # factor drawn over its whole range, 1 + 3 s for strengths s in [0, 1] (1x-4x), half the samples.
+    "resolution_shift": ["augment.lowres_p=0.5", "augment.lowres_factor=[1.0,4.0]"],
+    # Input resolution: 416 against the baseline's 352 (the multi-scale TTA's second size).
+    "input_416": ["input_size=416"],
+    # Distillation from the TTA ensemble: a teacher checkpoint's multi-scale + flip probability maps of
+    # the training images (written once by `train --teacher`, stored in <out>/teacher/) beside the labels.
+    "distill": ["loss.distill_weight=0.5", "teacher_maps={teacher_maps}"],
 }
+TEACHER_MAPS = "{teacher_maps}"  # the placeholder in an arm's switches, filled with the maps' path
 DEFAULT_ARMS = ["baseline", "overlay_box", "boundary_loss", "overlay_box+boundary_loss"]
 
 
@@ -59,6 +68,64 @@ def _train_cmd(data, out_dir: Path, variant, input_size, epochs, seed, overrides
     for o in overrides:
         cmd += ["--set", o]
     return cmd + list(extra)
+
+
+def arm_switches(arm: str, teacher_maps: Path | None) -> list[str]:
+    """An arm's effiseg-train --set switches, the teacher's maps filled in where it takes them."""
+    switches = ARMS[arm]
+    if any(TEACHER_MAPS in o for o in switches):
+        if teacher_maps is None:
+            raise click.UsageError(f"arm {arm!r} distils from a teacher: give --teacher CHECKPOINT")
+        switches = [o.replace(TEACHER_MAPS, Path(teacher_maps).as_posix()) for o in switches]
+    return switches
+
+
+def write_teacher_maps(data, out: Path, teacher: Path, size: int, device: str, limit: int | None = None,
+                       log=print) -> dict:
+    """The teacher's TTA-ensemble maps of the training images at the training size, once, in
+    ``<out>/teacher/`` (kept when a file of the same teacher and size is there: a resumed protocol).
+    The teacher's recommended multi-scale TTA when its config has one, else flips at its input size
+    and 64 px more (the protocol's multi-scale candidate). Returns what plan.json records."""
+    from effiseg.runtime.model_info import parse_tta_recommendation
+
+    from .checkpoint import resolve_checkpoint
+    from .protocol_common import multiscale_sizes
+    _, cfg_path = resolve_checkpoint(teacher)
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    sizes = parse_tta_recommendation(cfg.get("tta_recommended")).get("sizes") or list(
+        multiscale_sizes(int(cfg["input_size"])))
+    folder = out / "teacher"
+    maps = folder / "teacher-train.npz"
+    record = {"checkpoint": str(teacher), "maps": str(maps), "size": int(size), "tta": "multiscale",
+              "tta_sizes": [int(v) for v in sizes], "limit": limit}
+    record_path = folder / "teacher.json"
+    if maps.is_file() and record_path.is_file() and json.loads(record_path.read_text(encoding="utf-8")) == record:
+        log(f"teacher maps: {maps} (already written)")
+        return record
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "effiseg.training.distill", str(teacher), "--data", str(data), "--split", "train",
+           "--output", str(maps), "--size", str(size), "--tta", "multiscale",
+           "--tta-sizes", ",".join(map(str, sizes)), "--device", device, *(["--limit", str(limit)] if limit else [])]
+    log(f"teacher maps of {teacher} (flips at {'+'.join(map(str, sizes))}) on {device} ...")
+    t0 = time.perf_counter()
+    with (folder / "distill.log").open("w", encoding="utf-8") as fh:
+        code = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    if code:
+        raise click.ClickException(f"the teacher's maps failed (exit {code}); see {folder / 'distill.log'}")
+    record["seconds"] = round(time.perf_counter() - t0, 1)
+    record_path.write_text(json.dumps({k: v for k, v in record.items() if k != "seconds"}, indent=2), encoding="utf-8")
+    return record
+
+
+def _extra_value(extra, name: str) -> str | None:
+    """The value of ``--name V`` or ``--name=V`` among the extra effiseg-train arguments (the last one)."""
+    value = None
+    for i, e in enumerate(extra):
+        if e == name and i + 1 < len(extra):
+            value = extra[i + 1]
+        elif e.startswith(name + "="):
+            value = e.split("=", 1)[1]
+    return value
 
 
 def resolve_devices(spec: str) -> list[str]:
@@ -186,8 +253,11 @@ def main():
 @click.option("--runs-per-process", type=click.IntRange(1), default=1, show_default=True,
               help="Seeds of one arm trained together in one process (effiseg-train --seeds: one CUDA graph per "
                    "run, each on its own stream); --parallel then counts processes. Its log is the first run's.")
+@click.option("--teacher", type=click.Path(path_type=Path, exists=True), default=None,
+              help="Teacher checkpoint of the distill arm: its TTA-ensemble maps of the training images are written "
+                   "once into <out>/teacher/ before the runs start.")
 def train_cmd(data, out, variant, input_size, arms, seeds, epochs, time_budget, min_epochs, max_epochs, parallel,
-              devices, extra, runs_per_process):
+              devices, extra, runs_per_process, teacher):
     """Train every (arm, seed) with the same epochs, several runs at once."""
     if any(e == "--device" or e.startswith("--device=") for e in extra):
         raise click.UsageError("give devices with --devices, not --extra --device")
@@ -202,7 +272,16 @@ def train_cmd(data, out, variant, input_size, arms, seeds, epochs, time_budget, 
         raise click.BadParameter(f"expected whole numbers separated by commas, got {seeds!r}", param_hint="--seeds") from None
     if not arm_names or not seed_list:
         raise click.UsageError("give at least one arm and one seed")
+    distilling = [a for a in arm_names if any(TEACHER_MAPS in o for o in ARMS[a])]
+    if distilling and teacher is None:
+        raise click.UsageError(f"arm {distilling[0]!r} distils from a teacher: give --teacher CHECKPOINT")
     out.mkdir(parents=True, exist_ok=True)
+    teacher_record = None
+    if distilling:
+        from .variants import get_variant
+        limit = _extra_value(extra, "--limit-train")
+        teacher_record = write_teacher_maps(data, out, teacher, int(input_size or get_variant(variant).input_size),
+                                            device_list[0], int(limit) if limit else None, log=click.echo)
     n_runs = len(arm_names) * len(seed_list)
     parallel = max(1, min(parallel, n_runs))
     if epochs is None:
@@ -216,15 +295,18 @@ def train_cmd(data, out, variant, input_size, arms, seeds, epochs, time_budget, 
         epochs = int((left / waves - startup_s) / cal["seconds_per_epoch"])
         click.echo(f"calibration: {cal}; {left:.0f}s left for {waves} wave(s) -> {epochs} epochs")
         epochs = max(min_epochs, min(max_epochs, epochs))
-    plan = {"variant": variant, "input_size": input_size, "arms": {a: ARMS[a] for a in arm_names},
+    maps = Path(teacher_record["maps"]) if teacher_record else None
+    plan = {"variant": variant, "input_size": input_size, "arms": {a: arm_switches(a, maps) for a in arm_names},
             "seeds": seed_list, "epochs": epochs, "parallel": parallel, "runs_per_process": runs_per_process, "devices": device_list, "extra": list(extra)}
+    if teacher_record:
+        plan["teacher"] = teacher_record
     (out / "plan.json").write_text(json.dumps(plan, indent=2), encoding="utf-8")
     jobs = []
     groups = [seed_list[i:i + runs_per_process] for i in range(0, len(seed_list), runs_per_process)]
     for group in groups:            # seed-major order: every arm gets seed 0 first
         for arm in arm_names:
             d = out / "runs" / f"{arm}_s{group[0]}"
-            cmd = _train_cmd(data, d, variant, input_size, epochs, group[0], ARMS[arm], extra)
+            cmd = _train_cmd(data, d, variant, input_size, epochs, group[0], plan["arms"][arm], extra)
             if len(group) > 1:
                 cmd[cmd.index("--seed"):cmd.index("--seed") + 2] = ["--seeds", ",".join(map(str, group))]
                 cmd[cmd.index("--output") + 1] = str(out / "runs" / f"{arm}_s{{seed}}")
@@ -239,8 +321,27 @@ def train_cmd(data, out, variant, input_size, arms, seeds, epochs, time_budget, 
         sys.exit(1)
 
 
-def evaluate_run(run_dir: Path, data, device: str, limit: int | None = None) -> dict:
-    """Validation/test scores of a run's best checkpoint under each inference-time candidate."""
+ROBUSTNESS_STRENGTH = 0.5  # effiseg-robustness's default --score-strength
+
+
+def run_robustness_score(model, cfg: dict, samples, device, strength: float = ROBUSTNESS_STRENGTH) -> dict:
+    """effiseg-robustness's score of a run (every shift at ``strength``, one network pass, the
+    checkpoint's threshold, seed 0) on ``samples`` (validation): the score, its clean Dice and the
+    per-image scores, in the samples' order, for paired comparisons of arms."""
+    from .analysis.robustness import run_robustness
+    from .analysis.shifts import SHIFTS
+    result = run_robustness(model, cfg, samples, list(SHIFTS), [strength], strength, seed=0, device=device,
+                            batch_size=16)
+    score = result["score"]
+    return {"score": score["robustness_score"], "clean_dice": score["clean_dice"], "strength": strength,
+            "shifts": list(SHIFTS), "seed": 0, "threshold": result["settings"]["threshold"],
+            "per_image": [score["per_image"][s.stem] for s in samples],
+            "per_shift_drop": {n: d["mean_diff"] for n, d in score["per_shift_drop"].items()}}
+
+
+def evaluate_run(run_dir: Path, data, device: str, limit: int | None = None, robustness: bool = True) -> dict:
+    """Validation/test scores of a run's best checkpoint under each inference-time candidate, and
+    (``robustness``) its robustness score on validation, one pass (effiseg-robustness's score)."""
     import torch
     from .checkpoint import load_model
     from .data import load_split
@@ -265,6 +366,8 @@ def evaluate_run(run_dir: Path, data, device: str, limit: int | None = None) -> 
                     out["val"][key] = float(np.mean(entry["dice"]))
                 else:
                     out["test"][key] = entry
+        if split == "validation" and robustness:
+            out["robustness"] = run_robustness_score(model, cfg, samples, dev)
     return out
 
 
@@ -277,8 +380,11 @@ def evaluate_run(run_dir: Path, data, device: str, limit: int | None = None) -> 
               help="Runs evaluated at once, as separate processes [default: one per device].")
 @click.option("--run", "only_run", default=None, help="Evaluate this one run folder name only.")
 @click.option("--limit", type=int, default=None, help="Only the first N images of each split (smoke tests).")
-def evaluate_cmd(data, out, devices, parallel, only_run, limit):
-    """Score each run's best checkpoint under every inference-time candidate."""
+@click.option("--robustness/--no-robustness", default=True, show_default=True,
+              help="Also the robustness score on validation (effiseg-robustness's: every shift at strength 0.5, one "
+                   "pass): 10 more passes over the validation images per run.")
+def evaluate_cmd(data, out, devices, parallel, only_run, limit, robustness):
+    """Score each run's best checkpoint under every inference-time candidate, and its robustness score."""
     device_list = resolve_devices(devices)
     if parallel is None:
         parallel = len(device_list)
@@ -292,7 +398,8 @@ def evaluate_cmd(data, out, devices, parallel, only_run, limit):
     if parallel > 1 and len(runs) > 1:
         jobs = [(f"eval-{d.name}", [sys.executable, "-m", "effiseg.training.protocol", "evaluate", "--data", str(data),
                                     "--out", str(out), "--run", d.name, "--parallel", "1",
-                                    *(["--limit", str(limit)] if limit else [])],
+                                    *(["--limit", str(limit)] if limit else []),
+                                    *([] if robustness else ["--no-robustness"])],
                  dest / f"{d.name}.log") for d in runs]
         codes = _launch_all(jobs, parallel, devices=device_list)
         if any(codes.values()):
@@ -301,7 +408,7 @@ def evaluate_cmd(data, out, devices, parallel, only_run, limit):
         return
     for run_dir in runs:
         t0 = time.perf_counter()
-        res = evaluate_run(run_dir, data, device_list[0], limit)
+        res = evaluate_run(run_dir, data, device_list[0], limit, robustness)
         (dest / f"{run_dir.name}.json").write_text(json.dumps(res), encoding="utf-8")
         click.echo(f"evaluated {run_dir.name} in {time.perf_counter() - t0:.0f}s")
 
@@ -328,8 +435,13 @@ def report_cmd(out, n_boot):
 @click.option("--force", is_flag=True,
               help="Ship even a smoke-test protocol (limited runs or evaluations) or a model whose validation "
                    "Dice is below the current default's.")
-def ship_cmd(out, data, destination, onnx_path, device, force):
-    """Make the protocol's winner the default model: card folder + bundled ONNX, swapped in only when both built."""
+@click.option("--speeds", "speeds_file", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="tta_choices.json (python -m effiseg.benchmarks.tta_choices on the winner's model): images/s per "
+                   "--tta choice for the card.")
+def ship_cmd(out, data, destination, onnx_path, device, force, speeds_file):
+    """Make the protocol's winner the default model: card folder + bundled ONNX (the plain network, one pass,
+    TTA as a recommendation), swapped in only when both built."""
+    from .model_card import read_speeds
     from .ship import ShipError, ship_winner
     if destination is None:
         destination = Path(__file__).resolve().parent / "weights" / "default"
@@ -337,9 +449,10 @@ def ship_cmd(out, data, destination, onnx_path, device, force):
         from effiseg.runtime.cli import DEFAULT_MODEL
         onnx_path = Path(DEFAULT_MODEL)
     try:
+        speeds = read_speeds(speeds_file) if speeds_file else None
         summary = ship_winner(out, destination, onnx_path, data, device, log=lambda m: click.echo(m, err=True),
-                              force=force)
-    except (ShipError, FileNotFoundError) as e:
+                              force=force, speeds=speeds)
+    except (ShipError, FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     (out / "shipped.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     click.echo(json.dumps(summary, indent=2))

@@ -11,6 +11,9 @@ Statistics:
   differences are listed beside it. An images-only interval (seed-averaged scores, images resampled)
   is kept as ``images_only`` for reference: it ignores training noise and is too narrow for a claim.
 * Noise floor: the baseline's spread over seeds, and the interval between two baseline seeds.
+* Robustness: each run's robustness score on validation (effiseg-robustness's, one pass, stored by
+  ``evaluate``), compared with the baseline's by the same paired bootstrap over seeds and images;
+  these comparisons join the family Holm's adjustment covers.
 """
 from __future__ import annotations
 
@@ -72,6 +75,44 @@ def shared_keys(*arm_runs: dict[int, dict]) -> list[str]:
 def best_config_on_val(runs: dict[int, dict], allowed=None, keys=None) -> str:
     keys = [k for k in (keys if keys is not None else shared_keys(runs)) if allowed is None or allowed(k)]
     return max(keys, key=lambda k: (np.mean([runs[s]["val"][k] for s in runs]), k == PLAIN))
+
+
+def robustness_matrix(runs: dict[int, dict]) -> np.ndarray | None:
+    """seeds x validation images of the per-image robustness score (None when a run has none:
+    evaluated with --no-robustness or by an older version)."""
+    if not all("robustness" in runs[s] for s in runs):
+        return None
+    return np.array([runs[s]["robustness"]["per_image"] for s in sorted(runs)], dtype=np.float64)
+
+
+def robustness_results(arms: dict[str, dict[int, dict]], baseline: str, n_boot: int) -> dict:
+    """Per arm: the robustness score (effiseg-robustness's, validation, one pass) mean ± sd over
+    seeds and, against the baseline, the per-image difference with the same paired bootstrap over
+    seeds and images as the test gains. Arms without scores are left out."""
+    base = robustness_matrix(arms[baseline])
+    if base is None:
+        return {}
+    stems = {tuple(ev["validation_stems"]) for runs in arms.values() for ev in runs.values()}
+    if len(stems) != 1:
+        raise ValueError("runs were evaluated on different validation images; cannot pair their robustness")
+    out = {}
+    for arm, runs in sorted(arms.items()):
+        mat = robustness_matrix(runs)
+        if mat is None:
+            continue
+        seeds = sorted(runs)
+        entry = {"score": _mean_std(mat.mean(axis=1)),
+                 "clean_dice": _mean_std([runs[s]["robustness"]["clean_dice"] for s in seeds]),
+                 "per_seed": {str(s): float(v) for s, v in zip(seeds, mat.mean(axis=1))},
+                 "strength": runs[seeds[0]]["robustness"]["strength"], "gain_vs_baseline": None}
+        if arm != baseline:
+            if seeds != sorted(arms[baseline]):
+                raise ValueError("every arm needs the baseline's seeds to pair runs by seed")
+            g = seeded_paired_bootstrap_ci(base, mat, n_boot=n_boot, seed=0, paired_seeds=True)
+            g["per_seed_diff"] = [float(d) for d in (mat - base).mean(axis=1)]
+            entry["gain_vs_baseline"] = g
+        out[arm] = entry
+    return out
 
 
 def _parse(key: str) -> dict:
@@ -158,6 +199,7 @@ def build_protocol_report(out: Path, n_boot: int = 10000, baseline: str = "basel
         vals = list(spread["test_dice_per_seed"].values())
         spread["range"] = float(max(vals) - min(vals))
     results["baseline_spread"] = spread
+    results["robustness"] = robustness_results(arms, baseline, n_boot)
     (out / "protocol_results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
     md = render_markdown(results)
     path = out / "PROTOCOL.md"
@@ -188,6 +230,8 @@ def comparison_family(r: dict) -> list[tuple[str, dict]]:
         family.append((f"{arm}, tuned inference (`{a['tuned']['config']}`)", a["gain_tuned_vs_baseline"]))
     for name, c in r["inference_candidates_on_baseline"].items():
         family.append((f"{name} (on the baseline)", c["gain_vs_baseline"]))
+    for arm, rb in (r.get("robustness") or {}).items():
+        family.append((f"{arm}, robustness score (validation, one pass)", rb["gain_vs_baseline"]))
     return [(name, g) for name, g in family if g and "p_value_like" in g]
 
 
@@ -209,6 +253,21 @@ def _multiple_comparisons(r: dict) -> list[str]:
         n_boot = int(g.get("n_boot") or 0)
         lines.append(f"| {name} | {g['mean_diff']:+.4f} | {p_text(g['p_value_like'], n_boot)} | "
                      f"{p_text(adj, n_boot, len(family))} | {'yes' if adj < 0.05 else 'no'} |")
+    return lines + [""]
+
+
+def _robustness_lines(rob: dict) -> list[str]:
+    if not rob:
+        return []
+    strength = next(iter(rob.values()))["strength"]
+    lines = ["## Robustness (validation, one network pass)", "",
+             f"effiseg-robustness's score of each run: mean Dice over its shifts at strength {strength:g} (colour "
+             "temperature, gamma, contrast, JPEG, defocus, sensor noise, resolution, vignetting, border, aspect). "
+             "ΔScore: the mean per-image difference against the baseline, 95% interval resampling seeds (paired) "
+             "and images together, as for the test gains.", "",
+             "| arm | clean val Dice | robustness score | ΔScore vs baseline [95% CI] |", "|---|---|---|---|"]
+    for arm, rb in rob.items():
+        lines.append(f"| {arm} | {_ms(rb['clean_dice'])} | {_ms(rb['score'])} | {_ci(rb['gain_vs_baseline'])} |")
     return lines + [""]
 
 
@@ -251,6 +310,7 @@ def render_markdown(r: dict) -> str:
         t = w["gain_vs_tuned_baseline"]
         lines += [f"What the training change adds beyond inference: against the baseline with its own best "
                   f"inference (`{t['baseline_config']}`, chosen on validation), ΔDice {_ci(t)}.", ""]
+    lines += _robustness_lines(r.get("robustness") or {})
     lines += _multiple_comparisons(r)
     sp = r["baseline_spread"]
     lines += ["## Run-to-run spread of the baseline", "",

@@ -5,12 +5,17 @@
 reads ``protocol_results.json`` (the winning arm and inference settings, chosen on validation, and the
 run shipped for it: the winner's seed with the best validation Dice), then
 
-1. builds the Hugging Face style folder (``effiseg-model-card``'s code: weights, config with the
-   winner's threshold and TTA, a card whose metrics are measured now, on the same data the runtime and
-   ``effiseg-eval`` read) with the training facts and the multi-seed evidence written from the
-   protocol's own files;
-2. exports the bundled ONNX model from that folder (parity-checked against PyTorch);
-3. only when both succeeded, swaps the new folder and ONNX file in for the old ones, so a failure at
+1. chooses the one-pass threshold on the validation split (the protocol's threshold grid, one
+   network pass; the test split is not read) and takes the TTA recommendation from the protocol
+   (the winner's TTA setting, or, for a plain winner, its arm's best TTA setting on validation);
+2. builds the Hugging Face style folder (``effiseg-model-card``'s code: weights, config with that
+   threshold and the TTA as ``tta_recommended``, a card whose one-pass and TTA rows are measured
+   now, on the same data the runtime and ``effiseg-eval`` read) with the training facts and the
+   multi-seed evidence written from the protocol's own files;
+3. exports the bundled ONNX model from that folder: the plain network, one pass, height and width
+   any multiple of 32 (``--dynamic-hw-x32``, so ``--tta multiscale`` runs it at the recommended
+   sizes), the recommendation in its metadata, parity-checked against PyTorch;
+4. only when both succeeded, swaps the new folder and ONNX file in for the old ones, so a failure at
    any step leaves the shipped model as it was.
 """
 from __future__ import annotations
@@ -155,6 +160,75 @@ def provenance(results: dict, run_dir: Path, protocol_dir: Path) -> dict:
     return facts
 
 
+THRESHOLD_RULE = ("the highest mean Dice of one network pass over the protocol's threshold grid "
+                  "0.30-0.70 in steps of 0.05 (a tie goes to the threshold nearest 0.5); the test split is not read")
+
+
+def choose_one_pass_threshold(model, config: dict, data_root, device, log=print) -> dict:
+    """The one-pass decision threshold, chosen on the validation split alone: one prediction, scored
+    at every threshold of the protocol's grid. Returns the record the config and card keep."""
+    import numpy as np
+
+    from .data import load_split
+    from .evaluate import predict_logits, score_logits
+    from .protocol_common import THRESHOLDS
+    samples = load_split(data_root, "validation")
+    log(f"choosing the one-pass threshold on the {len(samples)} validation images ...")
+    logits = predict_logits(model, config, [s.image for s in samples], device)
+    dice = {t: float(np.mean([r["dice"] for r in score_logits(samples, logits, t)])) for t in THRESHOLDS}
+    chosen = max(THRESHOLDS, key=lambda t: (dice[t], -abs(t - 0.5)))
+    log(f"one-pass threshold {chosen:.2f}: validation Dice {dice[chosen]:.4f} "
+        f"(at 0.50: {dice.get(0.5, float('nan')):.4f})")
+    return {"chosen": float(chosen), "split": "validation", "n_images": len(samples), "rule": THRESHOLD_RULE,
+            "mean_dice_by_threshold": {f"{t:.2f}": d for t, d in dice.items()}}
+
+
+def tta_recommendation(winner: dict, protocol_dir: Path) -> dict:
+    """The run-time TTA the shipped model recommends (``{"flips", "sizes", "threshold"}``, {} for
+    none), chosen on validation by the protocol: the winner's own setting when it has TTA, else the
+    best TTA setting (no region removal) of the winner's arm by mean validation Dice over its seeds."""
+    settings = parse_config_key(winner["config"])
+    if settings["tta"] or settings["tta_sizes"]:
+        return {"flips": settings["tta"], "sizes": settings["tta_sizes"], "threshold": settings["threshold"]}
+    runs = []
+    for path in sorted((protocol_dir / "evaluations").glob("*.json")):
+        ev = _read_json(path, default={})
+        if str(ev.get("run", "")).rsplit("_s", 1)[0] == winner["arm"] and ev.get("val"):
+            runs.append(ev["val"])
+    def is_tta(key: str) -> bool:  # region removal is left out: the runtime does not do it
+        c = parse_config_key(key)
+        return bool(c["tta"] or c["tta_sizes"]) and not c["min_region_px"]
+
+    keys = set.intersection(*(set(v) for v in runs)) if runs else set()
+    candidates = [(sum(v[k] for v in runs) / len(runs), k) for k in sorted(keys) if is_tta(k)]
+    if not candidates:
+        return {}
+    best = parse_config_key(max(candidates)[1])
+    return {"flips": best["tta"], "sizes": best["tta_sizes"], "threshold": best["threshold"]}
+
+
+def _validation_by_setting(config: dict) -> dict:
+    """{(flips, sizes): validation Dice} of a config's measured settings (cards made before the
+    one-pass and TTA rows record one setting, in ``metrics``, its TTA in the summary)."""
+    from effiseg.runtime.model_info import parse_tta_sizes
+    val = config.get("metrics", {}).get("validation", {})
+    rows = config.get("metrics_by_tta") or [{"flips": val.get("tta", False), "sizes": val.get("tta_sizes"),
+                                             "validation": val}]
+    return {(bool(r["flips"]), parse_tta_sizes(r["sizes"])): float(r["validation"]["mean_dice"])
+            for r in rows if "mean_dice" in (r.get("validation") or {})}
+
+
+def like_for_like_validation(new_config: dict, current_config: dict) -> tuple[str, float, float] | None:
+    """(setting, new, current) validation Dice of the first setting both models were measured with
+    (one pass first): a one-pass model is not compared with an 8-pass one. None: no shared setting."""
+    from effiseg.runtime.model_info import describe_tta
+    new, current = _validation_by_setting(new_config), _validation_by_setting(current_config)
+    for key, value in new.items():
+        if key in current:
+            return describe_tta(*key), value, current[key]
+    return None
+
+
 def smoke_test_signs(protocol_dir: Path, run_dir: Path) -> list[str]:
     """Why a protocol folder looks like a smoke test rather than a result to ship: runs trained on
     part of the data, evaluations on part of a split."""
@@ -181,10 +255,13 @@ def smoke_test_signs(protocol_dir: Path, run_dir: Path) -> list[str]:
 
 def ship_winner(protocol_dir: str | Path, destination: str | Path, onnx_path: str | Path,
                 data_root: str | Path, device: str = "cpu", log: Callable[[str], None] = print,
-                force: bool = False) -> dict:
+                force: bool = False, speeds: dict | None = None) -> dict:
     """``force`` ships even a smoke-test protocol or a model whose validation Dice is below the
-    current default's (both refused otherwise, with the reason)."""
+    current default's (both refused otherwise, with the reason). ``speeds``: images/s per ``--tta``
+    choice for the card (``model_card.read_speeds``)."""
     from effiseg.export.onnx_export import ExportError, export_checkpoint
+
+    from effiseg.runtime.model_info import describe_tta
 
     from .model_card import make_model_folder
 
@@ -229,26 +306,45 @@ def ship_winner(protocol_dir: str | Path, destination: str | Path, onnx_path: st
     staged_onnx = onnx_work / "new" / onnx_path.name
     sidecar_name = onnx_path.name + ".export.json"
     try:
-        log(f"model folder from {checkpoint} with {settings} (measuring validation and test) ...")
-        make_model_folder(checkpoint, staged_dir, data_root, provenance(results, run_dir, protocol_dir),
-                          {"summary": evidence_markdown(results, protocol_dir)}, settings, device,
-                          role="effiseg default model")
+        from .checkpoint import load_model
+        model, model_cfg = load_model(checkpoint, device=device)
+        threshold_choice = choose_one_pass_threshold(model, model_cfg, data_root, device, log)
+        del model
+        recommended = tta_recommendation(winner, protocol_dir)
+        # The shipped model is the plain network: one pass at the validation-chosen threshold, the
+        # protocol's TTA a run-time recommendation (config tta_recommended, ONNX metadata).
+        shipped = {"tta": False, "tta_sizes": [], "threshold": threshold_choice["chosen"],
+                   "min_region_px": settings["min_region_px"], "tta_recommended": recommended,
+                   "threshold_choice": threshold_choice}
+        facts = provenance(results, run_dir, protocol_dir)
+        facts["Inference settings"] = (
+            f"one network pass at threshold {threshold_choice['chosen']:g} (chosen on validation when shipped); "
+            + (f"run-time TTA recommended: {describe_tta(recommended['flips'], recommended['sizes'])} at threshold "
+               f"{recommended['threshold']:g}" if recommended else "no run-time TTA recommended")
+            + f", from the protocol's validation choices (winning setting `{winner['config']}`)")
+        log(f"model folder from {checkpoint}: one pass at threshold {threshold_choice['chosen']:g}, recommended "
+            f"TTA {recommended or 'none'} (measuring validation and test) ...")
+        make_model_folder(checkpoint, staged_dir, data_root, facts,
+                          {"summary": evidence_markdown(results, protocol_dir)}, shipped, device,
+                          role="effiseg default model", speeds=speeds)
         config = json.loads((staged_dir / "config.json").read_text(encoding="utf-8"))
-        # Against the model it replaces, on validation (the split choices are made on).
-        current_path = destination / "config.json"
-        current = _read_json(current_path, default={}).get("metrics", {})
-        new_val = config["metrics"]["validation"]["mean_dice"]
-        old_val = current.get("validation", {}).get("mean_dice")
-        if old_val is not None:
-            log(f"validation Dice: {new_val:.4f} (new) against {old_val:.4f} (current default)")
+        # Against the model it replaces, on validation (the split choices are made on), with the same passes.
+        compared = like_for_like_validation(config, _read_json(destination / "config.json", default={}))
+        if compared is None:
+            log("validation Dice: the current default was measured with none of the new model's settings; "
+                "not compared")
+        else:
+            what, new_val, old_val = compared
+            log(f"validation Dice, {what}: {new_val:.4f} (new) against {old_val:.4f} (current default)")
             if new_val < old_val and not force:
                 raise ShipError(f"the winner's validation Dice {new_val:.4f} is below the current default's "
-                                f"{old_val:.4f}; nothing was replaced (pass --force to ship it anyway)")
+                                f"{old_val:.4f} ({what}); nothing was replaced (pass --force to ship it anyway)")
         verify = Path(data_root) / "validation" / "images"
-        log("exporting the ONNX model ...")
+        x32 = int(config["input_size"]) % 32 == 0
+        log(f"exporting the ONNX model (one pass{', height/width any multiple of 32' if x32 else ''}) ...")
         try:
-            report = export_checkpoint(staged_dir, staged_onnx, tta=settings["tta"], threshold=settings["threshold"],
-                                       tta_sizes=settings.get("tta_sizes", ()),
+            report = export_checkpoint(staged_dir, staged_onnx, tta=False, tta_sizes=(),
+                                       threshold=threshold_choice["chosen"], hw_multiple=32 if x32 else 1,
                                        verify_dir=verify if verify.is_dir() else None, log=log)
         except ExportError as e:
             raise ShipError(f"ONNX export failed, nothing was replaced: {e}") from None
@@ -263,11 +359,16 @@ def ship_winner(protocol_dir: str | Path, destination: str | Path, onnx_path: st
             if swapped or not (previous.exists() and any(previous.iterdir())):
                 shutil.rmtree(w, ignore_errors=True)
     test = config["metrics"]["test"]
-    summary = {"shipped_run": winner["ship_run"], "arm": winner["arm"], "settings": settings,
+    summary = {"shipped_run": winner["ship_run"], "arm": winner["arm"], "protocol_settings": settings,
+               "threshold": threshold_choice["chosen"], "threshold_choice": threshold_choice,
+               "tta_recommended": recommended, "onnx_hw_multiple": report.get("hw_multiple"),
+               "measured": [{k: r[k] for k in ("choice", "passes", "threshold")} | {
+                   "validation_dice": r["validation"]["mean_dice"], "test_dice": r["test"]["mean_dice"]}
+                   for r in config.get("metrics_by_tta", [])],
                "folder": str(destination), "onnx": str(onnx_path), "onnx_sha256": report.get("sha256"),
                "test_dice": test["mean_dice"], "test_iou": test["mean_iou"],
                "validation_dice": config["metrics"]["validation"]["mean_dice"],
                "protocol_test_dice_over_seeds": winner["test_dice"]}
-    log(f"shipped {winner['ship_run']}: test Dice {test['mean_dice']:.4f} (this run), "
+    log(f"shipped {winner['ship_run']}: one-pass test Dice {test['mean_dice']:.4f} (this run), "
         f"{_mean_sd(winner['test_dice'])} over the winner's seeds -> {destination}, {onnx_path}")
     return summary

@@ -53,7 +53,9 @@ def resolve_tta_choice(config: dict, choice: str, tta_sizes=None) -> tuple[bool,
     checkpoint: "none" one pass; "flip" the four flips; "multiscale" the setting chosen on validation
     (the config's ``tta_recommended``: its sizes, and flips when it has them). The threshold is the
     recommendation's for flip and multiscale (None: not recorded, or "none"). ``tta_sizes`` (not
-    None) replaces the sizes. ValueError for an unknown choice or a missing recommendation."""
+    None) replaces the sizes; with them, "multiscale" needs no recommendation (flips on, as the
+    recommended setting of the default model: a protocol run's checkpoint records none). ValueError
+    for an unknown choice or a missing recommendation."""
     from effiseg.runtime.model_info import parse_tta_recommendation
     from effiseg.runtime.tta import TTA_CHOICES
 
@@ -64,7 +66,9 @@ def resolve_tta_choice(config: dict, choice: str, tta_sizes=None) -> tuple[bool,
     if choice == "flip":
         flips, threshold = True, recommended.get("threshold")
     elif choice == "multiscale":
-        if not recommended.get("sizes"):
+        if not recommended.get("sizes") and tta_sizes is not None:
+            recommended = {"flips": True, "sizes": (), **recommended}
+        elif not recommended.get("sizes"):
             raise ValueError("this checkpoint's config records no multi-scale sizes chosen on validation "
                              "(tta_recommended); pass --tta-sizes, or use --tta flip")
         flips, sizes, threshold = recommended["flips"], tuple(recommended["sizes"]), recommended.get("threshold")

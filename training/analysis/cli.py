@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from effiseg.runtime.cli import TTA_SIZES_OPTION
+from effiseg.runtime.cli import TTA_CHOICE_OPTION, tta_sizes_option
 from effiseg.runtime.console import Command
 from effiseg.runtime.model_info import describe_tta
 
@@ -45,11 +45,11 @@ def _progress(desc: str):
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch-size", type=click.IntRange(1), default=8)
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
-              help="Probability threshold (default: the checkpoint's, else 0.5).")
-@click.option("--tta/--no-tta", default=None,
-              help="Flip test-time augmentation, the average of 4 flips [default: the checkpoint's setting, "
-                   "which its threshold was chosen with].")
-@TTA_SIZES_OPTION
+              help="Probability threshold (default: the --tta choice's recommended one, else the checkpoint's, "
+                   "else 0.5).")
+@TTA_CHOICE_OPTION
+@click.option("--tta-sizes", default=None, callback=tta_sizes_option, metavar="SIZES",
+              help="Replace the multi-scale sizes of --tta, e.g. 352,416 [default: those of the choice].")
 @click.option("--cases", "n_cases", type=click.IntRange(0), default=8, help="Worst cases drawn as panels in the report.")
 @click.option("--boundary-px", type=click.FloatRange(0, min_open=True), default=5.0,
               help="Errors within this many pixels of the true boundary are boundary errors.")
@@ -104,12 +104,16 @@ def analyze_command(checkpoint, data_root, split, sweep_split, prob_file, sweep_
         else:
             from ..checkpoint import load_model
             from ..evaluate import predict_probabilities
-            from ..tta import resolve_tta
+            from ..tta import resolve_tta_choice
             from ..trainer import resolve_device
             dev = resolve_device(device)
             model, cfg = load_model(checkpoint, device=dev)
+            # The run-time --tta choice, as effiseg-run and effiseg-eval take it (default: one pass).
+            choice = tta
+            tta, tta_sizes, recommended_threshold = resolve_tta_choice(cfg, choice, tta_sizes)
+            if threshold is None:
+                threshold = recommended_threshold
             thr = float(cfg.get("threshold", 0.5) if threshold is None else threshold)
-            tta, tta_sizes = resolve_tta(cfg, tta, tta_sizes)
             click.echo(f"predicting with {cfg['variant']} on {dev} ({describe_tta(tta, tta_sizes)})", err=True)
             probs = predict_probabilities(model, cfg, [s.image for s in samples], device=dev,
                                           batch_size=batch_size, tta=tta, tta_sizes=tta_sizes)
@@ -117,7 +121,7 @@ def analyze_command(checkpoint, data_root, split, sweep_split, prob_file, sweep_
                 sweep_probs = predict_probabilities(model, cfg, [s.image for s in sweep_samples], device=dev,
                                                     batch_size=batch_size, tta=tta, tta_sizes=tta_sizes)
             meta.update(checkpoint=str(checkpoint), variant=cfg["variant"], input_size=cfg.get("input_size"),
-                        tta=tta, device=str(dev))
+                        tta_choice=choice, tta=tta, device=str(dev))
             if tta_sizes:
                 meta["tta_sizes"] = list(tta_sizes)
         if save_prob_file is not None:
