@@ -801,8 +801,8 @@ def test_the_twin_of_a_tta_onnx_runs_the_same_four_passes_in_torch_and_float32(t
     models = resolve_models(tta_onnx, None, bench_cache, log=lambda m: None)
     assert models.checkpoint.name != "untrained-effisegnet-lite0-64-chdefault"  # the cached TTA-less twin
     config = load_config(models.checkpoint)
-    assert config["tta"] is True and config["threshold"] == pytest.approx(0.45)
-    assert config["variant"] == "effisegnet-lite0" and config["input_size"] == 64
+    assert config.tta is True and config.threshold == pytest.approx(0.45)
+    assert config.variant == "effisegnet-lite0" and config.input_size == 64
     assert models.onnx_for("uint8-nhwc", (64, 64)) == tta_onnx
     float32 = models.onnx_for("float32-nchw", (64, 64))
     info = ModelInfo.from_onnx(float32)
@@ -830,7 +830,7 @@ def test_twins_and_their_exports_are_cached_apart_by_their_tta_setting(bench_cac
     plain = models.untrained_checkpoint(bench_cache, "effisegnet-lite0", 64, log=lambda m: None)
     with_tta = models.untrained_checkpoint(bench_cache, "effisegnet-lite0", 64, log=lambda m: None, tta=True)
     assert plain != with_tta
-    assert load_config(plain)["tta"] is False and load_config(with_tta)["tta"] is True
+    assert load_config(plain).tta is False and load_config(with_tta).tta is True
 
     exported = []
 

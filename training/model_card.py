@@ -10,16 +10,17 @@ and moved in at the end. Uploading is the user's step: ``hf upload OWNER/NAME <f
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
 from pathlib import Path
 
 from effiseg.runtime.images import atomic_write_text
-from effiseg.runtime.model_info import parse_tta_sizes
+from effiseg.runtime.model_config import ModelConfig
 from effiseg.runtime.replace_file import replace_with_retry
 
-from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, resolve_checkpoint
+from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_config_file, resolve_checkpoint
 
 ONNX_NAME = "model.onnx"
 EXPORT_REPORT_NAME = ONNX_NAME + ".export.json"
@@ -52,29 +53,28 @@ def metadata_header(variant: str, test: dict | None, repo_id: str | None, onnx: 
 
 def render_card(config: dict, test: dict, val: dict | None, provenance: dict, protocol: dict | None,
                 role: str | None = None, onnx_report: dict | None = None, repo_id: str | None = None) -> str:
-    variant = config["variant"]
-    tta_sizes = parse_tta_sizes(config.get("tta_sizes"))
+    config = ModelConfig.coerce(config)
+    variant, tta_sizes = config.variant, config.tta_sizes
     hub = f"hf://{repo_id}" if repo_id else "hf://OWNER/NAME"
     lines = metadata_header(variant, test, repo_id, onnx_report is not None) + [
         "",
         f"# EffiSegNet ({variant}) for polyp segmentation" + (f" — {role}" if role else ""),
         "",
         "Binary polyp segmentation of colonoscopy frames: one logit map per image, polyp where "
-        f"sigmoid > {config.get('threshold', 0.5)}.",
+        f"sigmoid > {config.threshold}.",
         "",
         "**Not for clinical use.** A research model trained on 800 images from one public dataset; it has not "
         "been validated on other hospitals, scopes or patient populations and must not inform diagnosis or treatment.",
         "",
         "## Model",
-        f"- Architecture: EffiSegNet (Vezakis et al., 2024) with a `{config['encoder']}` encoder (ImageNet weights), "
-        f"decoder width {config['decoder_channels']}.",
-        f"- Input: RGB resized to {config['input_size']}x{config['input_size']}, normalised with mean {config['mean']} and "
-        f"std {config['std']}; output logits are resized back to the image's size before thresholding.",
-        f"- Inference settings: threshold {config.get('threshold', 0.5)}"
-        + (f", flip TTA {'on' if config.get('tta') else 'off'}" if 'tta' in config else "")
+        f"- Architecture: EffiSegNet (Vezakis et al., 2024) with a `{config.encoder}` encoder (ImageNet weights), "
+        f"decoder width {config.decoder_channels}.",
+        f"- Input: RGB resized to {config.input_size}x{config.input_size}, normalised with mean {list(config.mean)} and "
+        f"std {list(config.std)}; output logits are resized back to the image's size before thresholding.",
+        f"- Inference settings: threshold {config.threshold}, flip TTA {'on' if config.tta else 'off'}"
         + (f", multi-scale TTA at {' + '.join(f'{s}x{s}' for s in tta_sizes)} (logits averaged at the input size)"
            if tta_sizes else "")
-        + (f", small regions below {config['min_region_px']} px removed" if config.get('min_region_px') else "") + ".",
+        + (f", small regions below {config.min_region_px} px removed" if config.min_region_px else "") + ".",
         "",
         "## Training",
     ]
@@ -91,7 +91,7 @@ def render_card(config: dict, test: dict, val: dict | None, provenance: dict, pr
                          f"{_fmt(m['mean_precision'])} | {_fmt(m['mean_recall'])} | {_fmt(m['f1_pooled'])} |")
     where = hub if repo_id else "<this folder, or hf://OWNER/NAME once published>"
     # effiseg-eval runs one pass unless told otherwise (--tta): the command names the TTA measured here.
-    tta_flags = (" --tta flip" if config.get("tta") else "") + (
+    tta_flags = (" --tta flip" if config.tta else "") + (
         f" --tta-sizes {','.join(map(str, tta_sizes))}" if tta_sizes else "")
     lines += ["", f"Reproduce: `effiseg-eval {where} --data <kvasir-seg root> --split test{tta_flags}` (the "
               "threshold is read from config.json)."]
@@ -149,8 +149,7 @@ def make_model_folder(checkpoint: str | Path, out: str | Path, data_root: str | 
     from .evaluate import evaluate_samples
     from .tta import resolve_tta
     weights, cfg_path = resolve_checkpoint(checkpoint)
-    config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    config.update(settings or {})
+    config = dataclasses.replace(read_config_file(cfg_path), **(settings or {}))
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder")
@@ -159,11 +158,10 @@ def make_model_folder(checkpoint: str | Path, out: str | Path, data_root: str | 
         model, _ = load_model(checkpoint, device=device)  # the source checkpoint, never a stale config in out
         flips, sizes = resolve_tta(config)
         log(f"measuring {checkpoint} on the validation and test splits of {data_root} ...")
-        kw = dict(threshold=config.get("threshold", 0.5), tta=flips, tta_sizes=sizes,
-                  min_region_px=int(config.get("min_region_px", 0)))
+        kw = dict(threshold=config.threshold, tta=flips, tta_sizes=sizes, min_region_px=config.min_region_px)
         val, _, _ = evaluate_samples(model, config, load_split(data_root, "validation"), device, **kw)
         test, _, _ = evaluate_samples(model, config, load_split(data_root, "test"), device, **kw)
-        config["metrics"] = {"validation": val, "test": test}
+        config = dataclasses.replace(config, metrics={"validation": val, "test": test})
     out.parent.mkdir(parents=True, exist_ok=True)
     # Staged beside ``out`` (same file system: the moves are renames) under ``out``'s own name, which
     # the ONNX metadata records as the checkpoint's.
@@ -172,7 +170,7 @@ def make_model_folder(checkpoint: str | Path, out: str | Path, data_root: str | 
         stage = staging / out.name
         stage.mkdir()
         shutil.copyfile(weights, stage / WEIGHTS_NAME)
-        atomic_write_text(stage / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
+        atomic_write_text(stage / CONFIG_NAME, json.dumps(config.to_dict(), indent=2, sort_keys=True))
         report = _export_onnx(stage, data_root, log) if onnx else None
         atomic_write_text(stage / CARD_NAME, render_card(config, test, val, provenance, protocol, role, report,
                                                          repo_id))

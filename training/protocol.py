@@ -255,7 +255,7 @@ def evaluate_run(run_dir: Path, data, device: str, limit: int | None = None) -> 
     for split in ("validation", "test"):
         samples = load_split(data, split, limit)
         out[f"{split}_stems"] = [s.stem for s in samples]
-        for tta, sizes in ((False, ()), (True, ()), (True, multiscale_sizes(int(cfg["input_size"])))):
+        for tta, sizes in ((False, ()), (True, ()), (True, multiscale_sizes(cfg.input_size))):
             logits = predict_logits(model, cfg, [s.image for s in samples], dev, 16, tta, amp, sizes)
             for thr, mr in inference_configs():
                 rows = score_logits(samples, logits, thr, mr)

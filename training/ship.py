@@ -20,6 +20,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from effiseg.runtime.model_config import ModelConfig
+
 from .protocol_common import describe_cut_short, run_training_extent
 from .protocol_common import parse_config_key as parse_settings_key
 
@@ -128,7 +130,7 @@ def _epochs_fact(planned: int, completed: int, best: dict) -> str:
 def provenance(results: dict, run_dir: Path, protocol_dir: Path) -> dict:
     """Training facts for the card, read from the shipped run's own files."""
     run_config = json.loads((run_dir / "run_config.json").read_text(encoding="utf-8"))
-    train = run_config["train"]
+    train, model = run_config["train"], ModelConfig.from_dict(run_config["model"], source=str(run_dir / "run_config.json"))
     history = _read_json(run_dir / "metrics.json", default=[])
     best = _read_json(run_dir / "best.json", default={})
     plan = results.get("plan", {})
@@ -140,7 +142,7 @@ def provenance(results: dict, run_dir: Path, protocol_dir: Path) -> dict:
                 "choices), 100 test (reported once)",
         "Recipe": (f"the paper's augmentation and Dice + BCE loss, AdamW lr {train['lr']}, weight decay "
                    f"{train['weight_decay']}, cosine to {train['min_lr']}, batch {train['batch_size']}, "
-                   f"{run_config['model'].get('input_size')}x{run_config['model'].get('input_size')}; arm "
+                   f"{model.input_size}x{model.input_size}; arm "
                    f"`{w['arm']}`: " + (", ".join(overrides) if overrides else "no changes")),
         "Epochs": _epochs_fact(train["epochs"], (run_training_extent(run_dir) or {}).get("completed", train["epochs"]),
                                best),
@@ -186,6 +188,7 @@ def ship_winner(protocol_dir: str | Path, destination: str | Path, onnx_path: st
     current default's (both refused otherwise, with the reason)."""
     from effiseg.export.onnx_export import ExportError, export_checkpoint
 
+    from .checkpoint import read_config_file
     from .model_card import make_model_folder
 
     protocol_dir, destination, onnx_path = Path(protocol_dir), Path(destination).resolve(), Path(onnx_path).resolve()
@@ -233,11 +236,11 @@ def ship_winner(protocol_dir: str | Path, destination: str | Path, onnx_path: st
         make_model_folder(checkpoint, staged_dir, data_root, provenance(results, run_dir, protocol_dir),
                           {"summary": evidence_markdown(results, protocol_dir)}, settings, device,
                           role="effiseg default model")
-        config = json.loads((staged_dir / "config.json").read_text(encoding="utf-8"))
+        config = read_config_file(staged_dir / "config.json")
         # Against the model it replaces, on validation (the split choices are made on).
         current_path = destination / "config.json"
         current = _read_json(current_path, default={}).get("metrics", {})
-        new_val = config["metrics"]["validation"]["mean_dice"]
+        new_val = config.metrics["validation"]["mean_dice"]
         old_val = current.get("validation", {}).get("mean_dice")
         if old_val is not None:
             log(f"validation Dice: {new_val:.4f} (new) against {old_val:.4f} (current default)")
@@ -262,11 +265,11 @@ def ship_winner(protocol_dir: str | Path, destination: str | Path, onnx_path: st
             # Kept only when a failed swap could not be undone: it then holds the previous model.
             if swapped or not (previous.exists() and any(previous.iterdir())):
                 shutil.rmtree(w, ignore_errors=True)
-    test = config["metrics"]["test"]
+    test = config.metrics["test"]
     summary = {"shipped_run": winner["ship_run"], "arm": winner["arm"], "settings": settings,
                "folder": str(destination), "onnx": str(onnx_path), "onnx_sha256": report.get("sha256"),
                "test_dice": test["mean_dice"], "test_iou": test["mean_iou"],
-               "validation_dice": config["metrics"]["validation"]["mean_dice"],
+               "validation_dice": config.metrics["validation"]["mean_dice"],
                "protocol_test_dice_over_seeds": winner["test_dice"]}
     log(f"shipped {winner['ship_run']}: test Dice {test['mean_dice']:.4f} (this run), "
         f"{_mean_sd(winner['test_dice'])} over the winner's seeds -> {destination}, {onnx_path}")
