@@ -37,9 +37,22 @@ TTA_SIZE_RANGE = (64, 2048)
 
 
 def parse_tta_sizes(value) -> tuple[int, ...]:
-    """Multi-scale TTA sizes from a config value, metadata string or CLI text ("352,416"; "",
-    "none" or None = none) as a sorted tuple without repeats; a bad value raises ValueError
-    saying which size and why."""
+    """Multi-scale TTA sizes from a config value, metadata string or CLI text.
+
+    Args:
+        value: "352,416", a number, a sequence of numbers; "", "none", "off" or None for none.
+
+    Returns:
+        The sizes, sorted, each once; () for none.
+
+    Raises:
+        ValueError: a size that is not a whole number, or not a multiple of 32 in [64, 2048]
+            (the message names it).
+
+    Example:
+        >>> parse_tta_sizes("416, 352")
+        (352, 416)
+    """
     if value is None:
         return ()
     if isinstance(value, str):
@@ -67,9 +80,22 @@ def parse_tta_sizes(value) -> tuple[int, ...]:
 
 
 def parse_tta_recommendation(value) -> dict:
-    """The TTA setting chosen on validation, as a checkpoint config or the ONNX metadata records it:
-    ``{"flips": bool, "sizes": [int, ...], "threshold": float | None}``; ``{}`` when none is recorded.
-    A bad value raises ValueError saying which part and why."""
+    """The TTA setting chosen on validation, as a checkpoint config or the ONNX metadata records it.
+
+    Args:
+        value: a mapping, its JSON text, or None / "" / {} for none.
+
+    Returns:
+        ``{"flips": bool, "sizes": [int, ...], "threshold": float | None}``; ``{}`` when none is recorded.
+
+    Raises:
+        ValueError: not JSON, not a mapping, unknown keys, bad sizes or a threshold outside (0, 1)
+            (the message says which part and why).
+
+    Example:
+        >>> parse_tta_recommendation('{"flips": true, "sizes": [416, 352]}')
+        {'flips': True, 'sizes': [352, 416], 'threshold': None}
+    """
     if value in (None, "", {}):
         return {}
     if isinstance(value, str):

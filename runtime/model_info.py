@@ -314,6 +314,17 @@ def _fields(buf: bytes):
 
 
 def read_onnx_metadata(path: str | Path) -> dict[str, str]:
+    """An ONNX file's ``metadata_props`` as a dict, read with a minimal protobuf walk (no onnx needed).
+
+    Args:
+        path: the ONNX file.
+
+    Returns:
+        Every key/value pair of the file's metadata (effiseg's keys start with ``effiseg.``).
+
+    Raises:
+        ValueError: the file cannot be read or is not a valid protobuf message (the message names it).
+    """
     path = Path(path)
     try:
         data = path.read_bytes()
