@@ -362,6 +362,7 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
         except OSError:
             pass
         report["error"] = f"{type(e).__name__}: {e}"
+        report.setdefault("seconds", round(time.perf_counter() - started, 2))
         _write_report(output.with_name(output.name + ".export-failed.json"), report)
         if isinstance(e, ExportError):
             raise
