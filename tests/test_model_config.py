@@ -170,3 +170,30 @@ def test_checkpoints_write_the_config_and_old_checkpoints_load(tmp_path):
     (old / "config.json").write_text(json.dumps({**OLD_CHECKPOINT_CONFIG, "threshold": 2}))
     with pytest.raises(ValueError, match="threshold.*config.json"):
         load_model(old)
+
+
+def test_an_old_format_checkpoint_exports_with_its_config_stored_and_the_overrides_applied(
+        tiny_checkpoint, verify_images_dir, tmp_path):
+    """The export reads an old config.json, applies --threshold/--tta with replace, and the ONNX file
+    carries the whole config, which reads back equal; the checkpoint itself is not changed."""
+    pytest.importorskip("onnxruntime")
+    import shutil
+
+    from effiseg.export.onnx_export import ExportError, export_checkpoint
+    old = tmp_path / "old"
+    shutil.copytree(tiny_checkpoint, old)
+    written = json.loads((old / "config.json").read_text())
+    legacy = {k: v for k, v in written.items() if k in OLD_CHECKPOINT_CONFIG and k != "best_epoch"}
+    legacy["decoder_channels"] = written["decoder_channels"]
+    (old / "config.json").write_text(json.dumps(legacy))
+    report = export_checkpoint(old, tmp_path / "m.onnx", threshold=0.45, tta=True, verify_dir=verify_images_dir,
+                               verify_count=1, log=lambda *a: None)
+    assert report["ok"] and report["threshold"] == 0.45 and report["tta"] is True
+    info = ModelInfo.from_onnx(tmp_path / "m.onnx")
+    assert info.threshold == 0.45 and info.tta is True and info.config.threshold == 0.45 and info.config.tta is True
+    assert info.config == dataclasses.replace(ModelConfig.from_dict(legacy), threshold=0.45, tta=True)
+    assert json.loads((old / "config.json").read_text()) == legacy
+    with pytest.raises(ExportError, match="threshold"):
+        export_checkpoint(old, tmp_path / "bad.onnx", threshold=1.5, verify_dir=verify_images_dir, verify_count=1,
+                          log=lambda *a: None)
+    assert not (tmp_path / "bad.onnx").exists()
