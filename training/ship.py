@@ -20,8 +20,6 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from effiseg.runtime.model_config import ModelConfig
-
 from .protocol_common import describe_cut_short, run_training_extent
 from .protocol_common import parse_config_key as parse_settings_key
 
@@ -130,7 +128,7 @@ def _epochs_fact(planned: int, completed: int, best: dict) -> str:
 def provenance(results: dict, run_dir: Path, protocol_dir: Path) -> dict:
     """Training facts for the card, read from the shipped run's own files."""
     run_config = json.loads((run_dir / "run_config.json").read_text(encoding="utf-8"))
-    train, model = run_config["train"], ModelConfig.from_dict(run_config["model"], source=str(run_dir / "run_config.json"))
+    train = run_config["train"]
     history = _read_json(run_dir / "metrics.json", default=[])
     best = _read_json(run_dir / "best.json", default={})
     plan = results.get("plan", {})
@@ -142,7 +140,7 @@ def provenance(results: dict, run_dir: Path, protocol_dir: Path) -> dict:
                 "choices), 100 test (reported once)",
         "Recipe": (f"the paper's augmentation and Dice + BCE loss, AdamW lr {train['lr']}, weight decay "
                    f"{train['weight_decay']}, cosine to {train['min_lr']}, batch {train['batch_size']}, "
-                   f"{model.input_size}x{model.input_size}; arm "
+                   f"{run_config['model'].get('input_size')}x{run_config['model'].get('input_size')}; arm "
                    f"`{w['arm']}`: " + (", ".join(overrides) if overrides else "no changes")),
         "Epochs": _epochs_fact(train["epochs"], (run_training_extent(run_dir) or {}).get("completed", train["epochs"]),
                                best),
