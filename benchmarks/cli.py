@@ -19,6 +19,7 @@ from effiseg.runtime.hub import HubError, ModelLocation, resolve_model
 from .analysis import SCHEMA, attach_efficiency, attach_speedups, headline, unequal_work_note
 from .factory import SLOTS
 from .machine import load_average, machine_info
+from .memory import baseline_memory_note
 from .report import (NoPlot, SchemaError, compare_results, format_comparison, format_report, load_result_file,
                      plot_throughput, write_json)
 from .settings import BenchSettings, EndToEndFolders, plan_measurements
@@ -416,6 +417,9 @@ class ResultFile:
         if unequal:
             notes.append(unequal)
         baseline_label = self.choice.baseline_label
+        baseline_memory = baseline_memory_note(results, baseline_label)
+        if baseline_memory:
+            notes.append(baseline_memory)
         if not any(r["label"] == baseline_label and r.get("latency") for r in results):
             notes.append(f"the baseline {baseline_label} has no result: speed-ups are not available")
         return notes

@@ -20,6 +20,7 @@ the first batch reaches the device, device idle between batches, and time after 
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -201,8 +202,8 @@ def profile(images: list[Path], size: int = 352, threshold: float = 0.5, repeats
                 rgb = read_image(path)
                 t1 = time.perf_counter()
                 fill_host_row(row, resize_rgb(rgb, size, size), info)  # what the decoder threads do
+                logits = smooth_logits(rng, size)  # the stand-in's making is not the runtime's cost
                 t2 = time.perf_counter()
-                logits = smooth_logits(rng, size)
                 mask, _ = output_to_mask(logits, "logits", threshold, rgb.shape[0], rgb.shape[1])
                 t3 = time.perf_counter()
                 count_regions(mask)
@@ -293,15 +294,23 @@ def pipeline_ceiling(images: list[Path], thread_counts: list[int], size: int = 3
     with tempfile.TemporaryDirectory() as tmp:
         folder = _copy_cycled(images, Path(tmp) / "images", len(images))
         for k in thread_counts:
-            runs = []
+            runs, cpu_ms = [], []
             with Segmenter([InstantBackend(info, outputs, batch)], workers=k, writers=k) as segmenter:
                 for r in range(repeats + 1):
+                    before = os.times()
                     summary = _checked_run(segmenter, folder, Path(tmp) / f"masks_{k}_{r}", "ceiling")
+                    after = os.times()
                     if r:  # run 0 warms threads and codecs up
                         runs.append(summary)
+                        cpu = (after.user - before.user) + (after.system - before.system)
+                        cpu_ms.append(round(cpu / len(images) * 1000, 3))
             best = max(runs, key=lambda s: s["images_per_s"])
             result[str(k)] = {"images_per_s": best["images_per_s"],
                               "images_per_s_runs": [s["images_per_s"] for s in runs],
+                              # CPU time of the whole process (every thread) per image: less swayed than
+                              # wall time by what else the machine runs, though lock and GIL contention
+                              # still show in it.
+                              "cpu_ms_per_image": float(np.median(cpu_ms)), "cpu_ms_per_image_runs": cpu_ms,
                               "timing": best["timing"]}
     return {"batch": batch, "images": len(images), "threads": result}
 
@@ -349,7 +358,8 @@ def main(folder, limit, threads, device_ms, batch, folder_sizes, slots, output):
         ceiling = pipeline_ceiling(images, [1, threads])
         for k, r in ceiling["threads"].items():
             runs = ", ".join(f"{x:.0f}" for x in r["images_per_s_runs"])
-            click.echo(f"  {k:>3} + {k:<3} threads: {r['images_per_s']:8.0f} img/s (runs: {runs})")
+            click.echo(f"  {k:>3} + {k:<3} threads: {r['images_per_s']:8.0f} img/s (runs: {runs}), "
+                       f"{r['cpu_ms_per_image']:.2f} CPU ms per image")
         result = {"per_image_ms": result, "thread_scaling": scaling, "threads": threads,
                   "pipeline_ceiling": ceiling}
     if device_ms:

@@ -2,6 +2,7 @@
 
     effiseg-export runs/best/ -o model.onnx
     effiseg-export runs/best/ -o model-mask.onnx --output-format mask --dynamic-hw
+    effiseg-export model.onnx --engine model.engine --precision fp16   (a TensorRT engine, built ahead of time)
 
 Exit status 0 when the ONNX file was written and matches PyTorch, 1 otherwise (nothing written).
 """
@@ -15,6 +16,8 @@ from effiseg.runtime.cli import TTA_SIZES_OPTION
 from effiseg.runtime.console import Command
 from effiseg.runtime.hub import HubError, HubModel, ModelLocation, resolve_model
 from effiseg.runtime.model_info import INPUT_FORMATS, OUTPUT_FORMATS
+
+from .tensorrt_engine import build_engine_or_exit
 
 
 def _fmt_bytes(n: int) -> str:
@@ -58,9 +61,18 @@ def _fmt_bytes(n: int) -> str:
 @click.option("--int8-min-agreement", type=click.FloatRange(0, 1), default=0.98,
               help="Refuse the int8 twin when its masks agree with the float model's on fewer pixels of some "
                    "verification image.")
+@click.option("--engine", "engine_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also build a TensorRT engine of the ONNX file into this file (needs TensorRT and the GPU it is "
+                   "for; runtime/README.md). CHECKPOINT may then be an exported .onnx file: then only that.")
+@click.option("--precision", type=click.Choice(["auto", "fp16", "fp32"]), default="auto",
+              help="Precision of the --engine build (auto: fp16 where the GPU has fast FP16).")
+@click.option("--engine-batch", type=click.IntRange(1), default=8, help="Largest batch of the --engine build.")
+@click.option("--engine-slots", type=click.IntRange(1, 8), default=2,
+              help="Slots the --engine build serves (effiseg-run --slots; one optimisation profile each).")
+@click.option("--device", default="cuda:0", help="GPU of the --engine build.")
 def export_command(checkpoint, output, input_format, output_format, dynamic_hw, dynamic_hw_x32, input_size, threshold,
                    tta, tta_sizes, fold, opset, verify_images, verify_count, quantize, calibration_images,
-                   calibration_count, int8_min_agreement):
+                   calibration_count, int8_min_agreement, engine_path, precision, engine_batch, engine_slots, device):
     """Export CHECKPOINT (folder, config.json or .safetensors, or a Hugging Face Hub model
     hf://OWNER/NAME[@REVISION]) to ONNX with effiseg metadata, check it with onnx.checker and compare
     it with PyTorch in ONNX Runtime; writes OUTPUT and OUTPUT.export.json. With --quantize int8, also
@@ -78,10 +90,15 @@ def export_command(checkpoint, output, input_format, output_format, dynamic_hw, 
             click.echo(f"export failed; {output} was not written or changed: {e}", err=True)
             raise SystemExit(1)
     elif checkpoint.suffix.lower() == ".onnx":
-        if quantize is None:
+        if quantize is None and engine_path is None:
             raise click.UsageError(f"{checkpoint} is already an ONNX file: add --quantize int8 to make its int8 "
-                                   "twin, or pass a training checkpoint to export")
-        _quantize(checkpoint, calibration_images, calibration_count, verify_images, verify_count, int8_min_agreement)
+                                   "twin, --engine FILE to build a TensorRT engine, or pass a training checkpoint "
+                                   "to export")
+        if quantize:
+            _quantize(checkpoint, calibration_images, calibration_count, verify_images, verify_count,
+                      int8_min_agreement)
+        if engine_path is not None:
+            build_engine_or_exit(checkpoint, engine_path, precision, engine_batch, engine_slots, device)
         return
     if output is None:
         output = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "model.onnx"
@@ -118,6 +135,8 @@ def export_command(checkpoint, output, input_format, output_format, dynamic_hw, 
                f"{output.name}.export.json in {report['seconds']} s")
     if quantize:
         _quantize(output, calibration_images, calibration_count, verify_images, verify_count, int8_min_agreement)
+    if engine_path is not None:
+        build_engine_or_exit(output, engine_path, precision, engine_batch, engine_slots, device)
 
 
 def _quantize(onnx_path: Path, calibration_dir, count: int, verify_dir, verify_count: int,

@@ -81,9 +81,11 @@ def _check_devices(ctx, param, value):
 
 
 @click.command(cls=Command, context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
-@click.option("--input", "-i", "input_dir", required=True, type=click.Path(path_type=Path),
-              help="Folder of images (jpg, jpeg, png, bmp, tif, tiff).")
-@click.option("--output", "-o", "output_dir", type=click.Path(path_type=Path), default=None,
+# Strings, made Paths in the command: with --ray they may be URIs, which Path would mangle (s3:// -> s3:/).
+@click.option("--input", "-i", "input_dir", required=True, type=click.Path(),
+              help="Folder of images (jpg, jpeg, png, bmp, tif, tiff), or a video file or a folder of videos "
+                   "(mp4, mkv, mov, avi, ...; needs effiseg[video]): a mask video, per-frame CSV/JSON.")
+@click.option("--output", "-o", "output_dir", type=click.Path(), default=None,
               help="Mask folder [default: a sibling of the input named INPUT_masks]. Not the input "
                    "folder, nor inside it with --recursive.")
 @click.option("--model", "-m", "model_path", type=ModelLocation(), default=None,
@@ -104,6 +106,7 @@ def _check_devices(ctx, param, value):
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Probability cut [default: the model's own].")
 @click.option("--overlay", is_flag=True, help="Also write OUTPUT/overlays/<image>.jpg: outline + translucent fill.")
+@click.option("--frames", "frames_png", is_flag=True, help="Videos: also write one PNG mask per frame (frames/).")
 @click.option("--recursive", "-r", is_flag=True, help="Include sub-folders (mirrored in the output).")
 @click.option("--resume", is_flag=True, help="Skip images whose mask already exists and is complete.")
 @click.option("--slots", type=click.IntRange(1, 8), default=2,
@@ -116,9 +119,15 @@ def _check_devices(ctx, param, value):
               help="Run a --dynamic-hw model at this square input size instead of its export size.")
 @TTA_CHOICE_OPTION
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[auto|ADDRESS]",
+              help="Run on Ray Data (needs effiseg[ray]): alone, a local Ray; auto, this machine's cluster; or "
+                   "ray://HEAD:10001 / HEAD:6379. --input/--output may then be URIs (s3://, gs://, hdfs://).")
+@click.option("--ray-actors", type=click.IntRange(1), default=None,
+              help="With --ray: actors (one Segmenter each) [default: one per GPU, else one per CPU].")
 @print_backend_notes_live()
 def run_command(input_dir, output_dir, model_path, backend, devices, batch, precision, threshold, overlay,
-                recursive, resume, slots, workers, max_pixels, input_size, tta, no_progress):
+                recursive, resume, slots, workers, max_pixels, input_size, tta, no_progress, frames_png, ray_address,
+                ray_actors):
     """Segment every image of INPUT into 0/255 PNG masks at each image's own size, with a summary
     CSV/JSON (area fraction, regions, maximum probability, errors, throughput)."""
     from .backends import BackendUnavailable
@@ -130,9 +139,23 @@ def run_command(input_dir, output_dir, model_path, backend, devices, batch, prec
     from PIL import Image
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
+    if ray_address is not None:  # before anything treats INPUT as a local folder
+        _print_folder_summary(_run_on_ray(input_dir, output_dir, model_path, backend, devices, precision, batch,
+                                          threshold, tta, input_size, recursive, resume, overlay, max_pixels,
+                                          ray_address, ray_actors, no_progress))
+        return
+    input_dir, output_dir = Path(input_dir), None if output_dir is None else Path(output_dir)
+    from .video import count_videos, is_video_input
+    video = is_video_input(input_dir, recursive)
+    if not video and count_videos(input_dir, recursive):
+        _echo(f"note: {count_videos(input_dir, recursive)} video file(s) in {input_dir} are left out: a run "
+              "takes images or videos; give the videos a folder of their own, or --input one video")
     try:
-        out = output_dir if output_dir is not None else default_output_dir(input_dir)
-        check_folders(input_dir, out, recursive)
+        if video:
+            out = _check_video_run(input_dir, output_dir)
+        else:
+            out = output_dir if output_dir is not None else default_output_dir(input_dir)
+            check_folders(input_dir, out, recursive)
         # One run per output folder, checked before the model loads (a TensorRT build takes minutes)
         # and held until the command ends (run_folder enters it again). A folder that does not exist
         # yet is left uncreated until the model is ready; run_folder takes the lock then.
@@ -181,8 +204,13 @@ def run_command(input_dir, output_dir, model_path, backend, devices, batch, prec
             _echo(f"more accurate and slower: --tta multiscale runs this model's validation-chosen TTA, "
                   f"{describe_tta(recommended['flips'], recommended['sizes'])}")
         try:
-            summary = segmenter.run_folder(input_dir, out, recursive=recursive, resume=resume, overlay=overlay,
-                                           max_pixels=max_pixels, progress=not no_progress, log=_echo)
+            if video:
+                from .video.run import run_videos
+                summary = run_videos(segmenter, input_dir, out, recursive=recursive, resume=resume, overlay=overlay,
+                                     frames=frames_png, max_pixels=max_pixels, progress=not no_progress, log=_echo)
+            else:
+                summary = segmenter.run_folder(input_dir, out, recursive=recursive, resume=resume, overlay=overlay,
+                                               max_pixels=max_pixels, progress=not no_progress, log=_echo)
         except (FolderError, FolderLockedError) as e:
             raise CannotStart(str(e)) from None
         except OSError as e:  # e.g. an output folder that cannot be created or written (before any mask;
@@ -196,6 +224,17 @@ def run_command(input_dir, output_dir, model_path, backend, devices, batch, prec
             raise RunStopped(f"the run stopped part-way: {type(e).__name__}: {e}. Every mask file in {out} "
                              "is complete; fix the cause and run the same command with --resume to finish") from None
     failed = [r for r in summary["files"] if r["status"] == "error"]
+    if video:
+        from .video.run import print_video_summary
+        print_video_summary(summary, click.echo)
+        sys.exit(EXIT_FAILED_FILES if failed else 0)
+    _print_folder_summary(summary)
+
+
+def _print_folder_summary(summary: dict) -> None:
+    """The end of an image run (local or on Ray): counts, the first failures, where the results are;
+    exit 1 when any image failed."""
+    failed = [r for r in summary["files"] if r["status"] == "error"]
     click.echo(f"{summary['n_images']} image(s): {summary['n_ok']} ok, {summary['n_failed']} failed, "
                f"{summary['n_skipped']} skipped (resume); {summary['images_per_s']:.1f} images/s "
                f"over {summary['n_processed']} processed")
@@ -207,6 +246,45 @@ def run_command(input_dir, output_dir, model_path, backend, devices, batch, prec
     click.echo("summary: " + " and ".join(p for p in (summary["summary_csv"], summary["summary_json"]) if p))
     if failed:
         sys.exit(EXIT_FAILED_FILES)
+
+
+def _run_on_ray(input_location, output_location, model_path, backend, devices, precision, batch, threshold, tta,
+                input_size, recursive, resume, overlay, max_pixels, address, actors, no_progress) -> dict:
+    from .ray_job import RayJobError, run_ray
+    if overlay:
+        raise click.UsageError("--overlay is not available with --ray (masks and the summary only)")
+    try:
+        model = resolve_model(model_path, KIND_FOR_BACKEND.get(backend, "auto")) if model_path else DEFAULT_MODEL
+    except HubError as e:
+        raise CannotStart(str(e)) from None
+    if not Path(model).exists():
+        raise CannotStart(f"model not found: {model}")
+    try:
+        return run_ray(str(input_location), None if output_location is None else str(output_location), model=model,
+                       address=address, backend=backend, devices=devices, precision=precision, batch=batch,
+                       threshold=threshold, tta=tta, input_size=input_size, recursive=recursive, resume=resume,
+                       max_pixels=max_pixels, actors=actors, progress=not no_progress, log=_echo)
+    except RayJobError as e:
+        raise CannotStart(str(e)) from None
+    except KeyboardInterrupt:
+        _echo("interrupted: every mask file written is complete; run the same command with --resume to finish")
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as e:  # an actor that cannot open the model, a lost node...
+        raise RunStopped(f"the Ray run stopped part-way: {type(e).__name__}: {e}. Every mask written is complete; "
+                         "fix the cause and run the same command with --resume to finish") from None
+
+
+def _check_video_run(input_path: Path, output_dir: Path | None) -> Path:
+    """The output folder of a video run, checked before a model loads (CannotStart says why not)."""
+    from .video import import_av
+    from .video.run import VideoInputError, check_video_output, default_video_output
+    try:
+        import_av()
+        out = output_dir if output_dir is not None else default_video_output(input_path)
+        check_video_output(input_path, out)
+    except (ImportError, VideoInputError) as e:
+        raise CannotStart(str(e)) from None
+    return out
 
 
 def main() -> None:  # pragma: no cover - console entry convenience

@@ -283,7 +283,26 @@ def run_folder(segmenter, input_dir, output_dir=None, *, recursive: bool = False
 
 def _segment_folder(segmenter, input_dir: Path, output_dir: Path, say, *, recursive: bool, resume: bool,
                     overlay: bool, max_pixels: int, progress: bool) -> dict:
-    """run_folder's work, in a checked output folder this run holds."""
+    """run_folder's work, in a checked output folder this run holds, step by step."""
+    jobs = _plan_folder(input_dir, output_dir, recursive, overlay, max_pixels, say)
+    settings_since = _load_resume_state(segmenter, output_dir, resume, say)
+    _clear_earlier_records(segmenter, output_dir, fresh=settings_since is None)
+    rows, todo = _split_done(jobs, output_dir, resume, settings_since)
+    if resume:
+        say(f"resume: {len(jobs) - len(todo)} of {len(jobs)} image(s) already have a mask")
+        _repair_journal(output_dir / JOURNAL_NAME)
+    pipe, wall = _segment_jobs(segmenter, todo, rows, output_dir / JOURNAL_NAME, resume, max_pixels, progress)
+    for device, why in pipe.lost.items():
+        say(f"gave up on {device} part-way: {why}; the other device(s) finished the run, including the images "
+            "waiting for it; the images of the batches it failed are listed as failed (--resume redoes them)")
+    summary = _summary(segmenter, input_dir, output_dir, jobs, todo, rows, pipe, wall,
+                       dict(recursive=recursive, resume=resume, overlay=overlay, max_pixels=max_pixels))
+    return _write_summary(summary, output_dir, say)
+
+
+def _plan_folder(input_dir: Path, output_dir: Path, recursive: bool, overlay: bool, max_pixels: int,
+                 say) -> list[FileJob]:
+    """The folder's images as jobs; the output folder cleared of an interrupted run's temporary files."""
     files = list_images(input_dir, recursive)
     jobs = plan_jobs(input_dir, output_dir, files, overlay)
     if not jobs:
@@ -293,38 +312,48 @@ def _segment_folder(segmenter, input_dir: Path, output_dir: Path, say, *, recurs
     if stale:
         say(f"removed {stale} temporary file(s) left by an interrupted run")
     allow_pixels(max_pixels)
+    return jobs
 
-    # What made the masks: a resumed run must not mix masks of another model or threshold. The
-    # settings file and the journal go together: a run that starts afresh replaces both before it
-    # writes any mask, so every journal row, and every mask newer than the settings file, was made
-    # with the settings it records.
-    settings, model_files = _run_settings(segmenter)
+
+def _load_resume_state(segmenter, output_dir: Path, resume: bool, say) -> float | None:
+    """With ``resume``: the recorded settings checked against this run's (FolderError where a mask of
+    another model, threshold or input size would be mixed in), and when they took effect (the
+    settings file's time). None: the run starts afresh.
+
+    The settings file and the journal go together: a run that starts afresh replaces both before it
+    writes any mask, so every journal row, and every mask newer than the settings file, was made with
+    the settings it records."""
     settings_path = output_dir / SETTINGS_NAME
-    journal_path = output_dir / JOURNAL_NAME
-    settings_since = None  # with resume: when the recorded settings took effect (the file's mtime)
-    if resume and settings_path.is_file():
-        before = json.loads(settings_path.read_text(encoding="utf-8"))
-        # An older effiseg recorded no hash for a checkpoint folder (None), or hashed its weights file
-        # alone: not a difference, only less on record.
-        older_record = {k for k in settings if before.get(k) is None and settings[k] is not None}
-        if before.get("model_sha256") in {content_sha256(f) for f in model_files if len(model_files) > 1}:
-            older_record.add("model_sha256")
-        changed = [k for k in settings if k in before and k not in older_record and before[k] != settings[k]]
-        if changed:
-            raise FolderError(f"--resume: the masks in {output_dir} were made with other settings ("
-                              + "; ".join(f"{k}: {before.get(k)} then, {settings[k]} now" for k in changed)
-                              + "); resume with the same model and threshold, or use another --output")
-        unrecorded = [k for k in settings if k not in before or k in older_record]
-        if unrecorded:
-            say(f"resume: {', '.join(unrecorded)} not recorded (or recorded another way) by the older effiseg "
-                "that made the masks; assumed unchanged")
-        settings_since = settings_path.stat().st_mtime
-    elif resume:
+    if not resume:
+        return None
+    if not settings_path.is_file():
         say(f"resume: {output_dir} has no record of the settings that made its masks: every image is done again")
+        return None
+    settings, model_files = _run_settings(segmenter)
+    before = json.loads(settings_path.read_text(encoding="utf-8"))
+    # An older effiseg recorded no hash for a checkpoint folder (None), or hashed its weights file
+    # alone: not a difference, only less on record.
+    older_record = {k for k in settings if before.get(k) is None and settings[k] is not None}
+    if before.get("model_sha256") in {content_sha256(f) for f in model_files if len(model_files) > 1}:
+        older_record.add("model_sha256")
+    changed = [k for k in settings if k in before and k not in older_record and before[k] != settings[k]]
+    if changed:
+        raise FolderError(f"--resume: the masks in {output_dir} were made with other settings ("
+                          + "; ".join(f"{k}: {before.get(k)} then, {settings[k]} now" for k in changed)
+                          + "); resume with the same model and threshold, or use another --output")
+    unrecorded = [k for k in settings if k not in before or k in older_record]
+    if unrecorded:
+        say(f"resume: {', '.join(unrecorded)} not recorded (or recorded another way) by the older effiseg "
+            "that made the masks; assumed unchanged")
+    return settings_path.stat().st_mtime
 
-    # A summary left by an earlier run would contradict this one if this one stops part-way (it is
-    # written only at the end); the journal keeps every finished row, so nothing is lost. Checked
-    # before the journal and settings are replaced: a refusal here leaves a folder --resume can finish.
+
+def _clear_earlier_records(segmenter, output_dir: Path, fresh: bool) -> None:
+    """Remove an earlier run's summary; for a fresh run, also its journal, and record this run's settings.
+
+    A summary left by an earlier run would contradict this one if this one stops part-way (it is
+    written only at the end); the journal keeps every finished row, so nothing is lost. Checked
+    before the journal and settings are replaced: a refusal here leaves a folder --resume can finish."""
     for suffix in (".json", ".csv"):
         earlier_summary = output_dir / f"{SUMMARY_STEM}{suffix}"
         try:
@@ -332,14 +361,21 @@ def _segment_folder(segmenter, input_dir: Path, output_dir: Path, say, *, recurs
         except PermissionError as e:  # Windows: open in Excel; nothing of this run is done yet
             raise FolderError(f"cannot replace {earlier_summary} ({e.strerror or e}): if it is open in another "
                               "program (Excel), close it and run again") from None
-    if settings_since is None:
-        try:
-            journal_path.unlink(missing_ok=True)  # its rows vouch for masks made with other settings
-        except PermissionError as e:
-            raise FolderError(f"cannot replace {journal_path} ({e.strerror or e}): close the program that "
-                              "has it open and run again") from None
-        _write_json(settings_path, settings)
-    earlier = _read_journal(journal_path) if resume else {}
+    if not fresh:
+        return
+    journal_path = output_dir / JOURNAL_NAME
+    try:
+        journal_path.unlink(missing_ok=True)  # its rows vouch for masks made with other settings
+    except PermissionError as e:
+        raise FolderError(f"cannot replace {journal_path} ({e.strerror or e}): close the program that "
+                          "has it open and run again") from None
+    _write_json(output_dir / SETTINGS_NAME, _run_settings(segmenter)[0])
+
+
+def _split_done(jobs: list[FileJob], output_dir: Path, resume: bool,
+                settings_since: float | None) -> tuple[dict[int, dict], list[FileJob]]:
+    """(rows of the images an earlier run finished with these settings, the jobs left to do)."""
+    earlier = _read_journal(output_dir / JOURNAL_NAME) if resume else {}
     rows: dict[int, dict] = {}
     todo: list[FileJob] = []
     for job in jobs:
@@ -355,9 +391,24 @@ def _segment_folder(segmenter, input_dir: Path, output_dir: Path, say, *, recurs
                 rows[job.index] = _row_from_mask(job)
                 continue
         todo.append(job)
-    if resume:
-        say(f"resume: {len(jobs) - len(todo)} of {len(jobs)} image(s) already have a mask")
+    return rows, todo
 
+
+def _repair_journal(journal_path: Path) -> None:
+    """End the half line a killed run can leave, so that the next row starts on a line of its own."""
+    if not (journal_path.is_file() and journal_path.stat().st_size):
+        return
+    with open(journal_path, "rb") as existing:
+        existing.seek(-1, os.SEEK_END)
+        needs_newline = existing.read(1) != b"\n"
+    if needs_newline:
+        with open(journal_path, "a", encoding="utf-8") as journal:
+            journal.write("\n")
+
+
+def _image_steps(segmenter, max_pixels: int):
+    """The pipeline's per-image callbacks for folder jobs: load (file -> model input), finish (output
+    -> mask file and summary row) and fail (an exception -> an error row)."""
     info, threshold = segmenter.info, segmenter.threshold
     fmt = info.output_format
 
@@ -381,22 +432,21 @@ def _segment_folder(segmenter, input_dir: Path, output_dir: Path, say, *, recurs
         text = str(error) or type(error).__name__  # MemoryError() says nothing by itself
         return _empty_row(job, "error", f"{stage}: {text}" if stage != "read" else text)
 
+    return load, finish, fail
+
+
+def _segment_jobs(segmenter, todo: list[FileJob], rows: dict[int, dict], journal_path: Path, resume: bool,
+                  max_pixels: int, progress: bool):
+    """The run: every job through the pipeline, each finished row into ``rows`` and the journal as
+    it comes. Returns the pipeline (its timing, the devices given up) and the wall time."""
     started = time.perf_counter()
-    pipe = segmenter.pipeline(load, finish, fail)
+    pipe = segmenter.pipeline(*_image_steps(segmenter, max_pixels), condense=segmenter.cut_masks)
     bar = None
     if progress and todo:
         from tqdm import tqdm
         bar = tqdm(total=len(todo), unit="img", desc="effiseg-run", dynamic_ncols=True)
-    mode = "a" if resume else "w"
-    if resume and journal_path.is_file() and journal_path.stat().st_size:
-        with open(journal_path, "rb") as existing:  # a killed run can leave half a line: end it
-            existing.seek(-1, os.SEEK_END)
-            needs_newline = existing.read(1) != b"\n"
-        if needs_newline:
-            with open(journal_path, "a", encoding="utf-8") as journal:
-                journal.write("\n")
     try:
-        with open(journal_path, mode, encoding="utf-8") as journal:
+        with open(journal_path, "a" if resume else "w", encoding="utf-8") as journal:
             n_failed_so_far = 0
             try:
                 for job, row in pipe.run(todo):
@@ -415,30 +465,36 @@ def _segment_folder(segmenter, input_dir: Path, output_dir: Path, say, *, recurs
         raise RecordWriteError(f"could not write the journal {journal_path}: {e}") from e
     wall = time.perf_counter() - started
     segmenter.last_stats = pipe.stats
-    for device, why in pipe.lost.items():
-        say(f"gave up on {device} part-way: {why}; the other device(s) finished the run, including the images "
-            "waiting for it; the images of the batches it failed are listed as failed (--resume redoes them)")
+    return pipe, wall
 
+
+def _summary(segmenter, input_dir: Path, output_dir: Path, jobs: list[FileJob], todo: list[FileJob],
+             rows: dict[int, dict], pipe, wall: float, options: dict) -> dict:
+    """The run's summary: what ran where, the counts, the timing and one row per image in folder order."""
     ordered = [rows[job.index] for job in jobs]
-    n_ok = sum(r["status"] == "ok" for r in ordered)
-    n_failed = sum(r["status"] == "error" for r in ordered)
-    n_skipped = sum(r["status"] == "skipped" for r in ordered)
     desc = segmenter.describe()
-    summary = {
+    return {
         "input_dir": str(input_dir), "output_dir": str(output_dir),
         "model": desc["model"], "backend": desc["backend"], "devices": desc["devices"],
-        "precision": desc["precision"], "threshold": threshold,
+        "precision": desc["precision"], "threshold": segmenter.threshold,
         "batch": max(b.max_batch for b in segmenter.backends),
         "slots": max(b.n_slots for b in segmenter.backends),
         "workers": segmenter.workers, "writers": segmenter.writers,
-        "recursive": recursive, "resume": resume, "overlay": overlay, "max_pixels": max_pixels,
-        "n_images": len(jobs), "n_ok": n_ok, "n_failed": n_failed, "n_skipped": n_skipped,
+        **options,
+        "n_images": len(jobs), "n_ok": sum(r["status"] == "ok" for r in ordered),
+        "n_failed": sum(r["status"] == "error" for r in ordered),
+        "n_skipped": sum(r["status"] == "skipped" for r in ordered),
         "n_processed": len(todo), "wall_s": round(wall, 4),
         "images_per_s": round(len(todo) / wall, 3) if wall > 0 and todo else 0.0,
         "timing": pipe.timing(), "devices_given_up": dict(pipe.lost),
         "selection": desc["selection"], "backends": desc["backends"], "model_info": desc["model_info"],
         "files": ordered,
     }
+
+
+def _write_summary(summary: dict, output_dir: Path, say) -> dict:
+    """effiseg_summary.json, then .csv (a CSV that cannot be written is said, not fatal: the JSON has
+    the same rows). Returns the summary with the paths written."""
     try:
         _write_json(output_dir / f"{SUMMARY_STEM}.json", _finite(summary))
     except OSError as e:
@@ -446,7 +502,7 @@ def _segment_folder(segmenter, input_dir: Path, output_dir: Path, say, *, recurs
     summary["summary_json"] = str(output_dir / f"{SUMMARY_STEM}.json")
     csv_path = output_dir / f"{SUMMARY_STEM}.csv"
     try:
-        _write_csv(csv_path, ordered)
+        _write_csv(csv_path, summary["files"])
         summary["summary_csv"] = str(csv_path)
     except OSError as e:  # open in Excel on Windows, a full disk...: the masks and the JSON are done
         summary["summary_csv"] = None

@@ -13,6 +13,7 @@ training's (``effiseg.training.data.resize_rgb`` and ``effiseg.training.evaluate
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -69,6 +70,81 @@ def resize_bilinear(values: np.ndarray, height: int, width: int) -> np.ndarray:
     return out
 
 
+_DECIDE_BY_CELLS_ABOVE = 3  # output pixels per map value above which resize_and_cut decides by cells
+_MOST_UNDECIDED = 0.03  # share of undecided cells above which it interpolates every pixel instead
+
+
+def resize_and_cut(values: np.ndarray, height: int, width: int, cut: float) -> np.ndarray:
+    """``resize_bilinear(values, height, width) > cut`` as a bool mask, the same pixel for pixel,
+    without interpolating every pixel.
+
+    Why: upscaling a 352 x 352 map to a 1920 x 1080 image and cutting it cost about 26 ms per
+    image on the 2-core EPYC, more than all the rest of the host's work on it
+    (benchmarks/results/host-pipeline-2026-12-08/mask_upscale.json). Each output pixel is
+    a weighted mean of the 2 x 2 source values around it, so where all four lie clearly above (or
+    clearly below) the cut, so does the pixel: those cells are decided at the map's resolution and
+    spread to the image by an index lookup of one byte per pixel. Only pixels of cells that straddle
+    the cut (the mask's outline, a small fraction) are interpolated, with the very arithmetic of
+    :func:`resize_bilinear`. "Clearly" leaves a margin of 1e-5 of the map's largest magnitude, far
+    above the few float32 roundings the interpolation makes, so rounding can never flip a decided
+    cell; a map with NaN or infinite values decides nothing early.
+    """
+    values = np.asarray(values, dtype=np.float32)
+    h, w = values.shape
+    if height * width <= _DECIDE_BY_CELLS_ABOVE * h * w:  # a small image: interpolating all is cheaper
+        return resize_bilinear(values, height, width) > cut
+    r0, r1, rl = _bilinear_axis(h, height)
+    c0, c1, cl = _bilinear_axis(w, width)
+    # "Clearly" above or below: by more than 1e-5 of the map's largest magnitude, so that rounding in
+    # the interpolation (a few float32 ulps of the values) cannot cross the cut. Bool maps only: few
+    # and small temporaries (float ones cost more in page faults than they save).
+    with np.errstate(invalid="ignore", over="ignore"):
+        margin = float(np.float32(1e-5) * np.abs(values).max())  # NaN/inf: nothing is decided early
+        above = np.pad(values > cut + margin, ((0, 1), (0, 1)), mode="edge")
+        below = np.pad(values <= cut - margin, ((0, 1), (0, 1)), mode="edge")
+    # The 2 x 2 neighbourhood of source cell (i, j) is rows i, min(i+1, h-1) and the same for columns:
+    # the last row and column repeated (the edge padding), as _bilinear_axis clamps them.
+    inside = above[:-1, :-1] & above[1:, :-1] & above[:-1, 1:] & above[1:, 1:]
+    outside = below[:-1, :-1] & below[1:, :-1] & below[:-1, 1:] & below[1:, 1:]
+    undecided_i, undecided_j = np.nonzero(~(inside | outside))
+    if len(undecided_i) > _MOST_UNDECIDED * h * w:
+        # Outlines everywhere (noise, not a polyp): gathering pixel by pixel would cost more than
+        # interpolating them all (lab/mask_upscale.py, random_blobs).
+        return resize_bilinear(values, height, width) > cut
+    # Decided cells spread to the image: each output pixel's cell is (r0[y], c0[x]); columns first on
+    # the small map, then whole rows are copied.
+    mask = inside.take(c0, axis=1).take(r0, axis=0)
+    if len(undecided_i):
+        ys, xs = _pixels_of_cells(undecided_i, undecided_j, r0, c0, h, w)
+        # resize_bilinear's operations, in its order, on the undecided pixels only.
+        wc, wr = cl[xs], rl[ys]
+        upper = values[r0[ys], c0[xs]] * (1.0 - wc) + values[r0[ys], c1[xs]] * wc
+        lower = values[r1[ys], c0[xs]] * (1.0 - wc) + values[r1[ys], c1[xs]] * wc
+        upper *= (1.0 - wr)
+        lower *= wr
+        upper += lower
+        mask[ys, xs] = upper > cut
+    return mask
+
+
+def _pixels_of_cells(cell_i: np.ndarray, cell_j: np.ndarray, r0: np.ndarray, c0: np.ndarray, h: int,
+                     w: int) -> tuple[np.ndarray, np.ndarray]:
+    """The output pixels (rows, columns) whose source cell is one of (cell_i, cell_j). r0 and c0 never
+    decrease, so each cell's pixels are a block: rows where r0 == i times columns where c0 == j."""
+    rows_per = np.bincount(r0, minlength=h)
+    cols_per = np.bincount(c0, minlength=w)
+    first_row = np.cumsum(rows_per) - rows_per
+    first_col = np.cumsum(cols_per) - cols_per
+    n_rows, n_cols = rows_per[cell_i], cols_per[cell_j]
+    sizes = n_rows * n_cols
+    cell = np.repeat(np.arange(len(cell_i)), sizes)
+    local = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    width_of = n_cols[cell]
+    ys = first_row[cell_i][cell] + local // width_of
+    xs = first_col[cell_j][cell] + local % width_of
+    return ys, xs
+
+
 def resize_nearest(values: np.ndarray, height: int, width: int) -> np.ndarray:
     """Nearest neighbour with half-pixel centres (torch's ``nearest-exact``)."""
     h, w = values.shape
@@ -89,21 +165,58 @@ def sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
-def output_to_mask(output: np.ndarray, output_format: str, threshold: float, height: int,
+@dataclass(frozen=True)
+class CutOutput:
+    """A model output already cut into its mask where the image has the model's output size
+    (:func:`cut_batch`), with the maximum probability."""
+    mask: np.ndarray
+    max_probability: float | None
+
+
+def cut_batch(outputs: np.ndarray, output_format: str, threshold: float, sizes: list) -> list:
+    """What the device runner copies out of a slot for each row of a batch (``sizes``: each image's
+    (height, width), or None for a row with no image): a :class:`CutOutput` for every image that has
+    the model's output size, cut for the whole batch in one comparison and copied out as bool (a
+    quarter of the float map's bytes), else a copy of the row's map for :func:`output_to_mask` to
+    resize and cut in a writer thread. The masks are those :func:`output_to_mask` gives."""
+    n = len(sizes)
+    outputs = outputs[:n]
+    same = [size is not None and tuple(size) == outputs.shape[1:3] for size in sizes]
+    rows: list = [None] * n
+    if output_format in ("logits", "probabilities") and any(same):
+        probabilities = output_format == "probabilities"
+        if probabilities and not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+        values = outputs.astype(np.float32, copy=False)
+        masks = values > (threshold if probabilities else logit_threshold(threshold))
+        maxima = values.reshape(n, -1).max(axis=1)
+        for i in np.flatnonzero(same):
+            top = float(maxima[i])
+            rows[i] = CutOutput(masks[i], top if probabilities else sigmoid(top))
+    for i, row in enumerate(rows):
+        if row is None:
+            rows[i] = np.array(outputs[i], copy=True)
+    return rows
+
+
+def output_to_mask(output, output_format: str, threshold: float, height: int,
                    width: int) -> tuple[np.ndarray, float | None]:
-    """One model output map -> (bool mask at (height, width), maximum probability or None).
+    """One model output map (or a :class:`CutOutput`) -> (bool mask at (height, width), maximum
+    probability or None).
 
     The maximum probability is taken at the model's resolution (bilinear resizing cannot exceed
     it); mask outputs carry no probability.
     """
+    if isinstance(output, CutOutput):
+        return output.mask, output.max_probability
     if output_format == "logits":
-        mask = resize_bilinear(output, height, width) > logit_threshold(threshold)
+        mask = resize_and_cut(output, height, width, logit_threshold(threshold))
         return mask, sigmoid(float(output.max()))
     if output_format == "probabilities":
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
         probs = output.astype(np.float32, copy=False)
-        return resize_bilinear(probs, height, width) > threshold, float(probs.max())
+        return resize_and_cut(probs, height, width, threshold), float(probs.max())
     if output_format == "mask":
         return resize_nearest(output, height, width).astype(bool), None
     raise ValueError(f"unknown output format {output_format!r}")
@@ -119,27 +232,15 @@ def output_to_probabilities(output: np.ndarray, output_format: str, height: int,
     raise ValueError("a mask-output model has no probabilities; export with --output-format logits")
 
 
-try:  # optional: never a dependency of the runtime
-    from scipy.ndimage import label as _ndimage_label
-    _EIGHT = np.ones((3, 3), dtype=bool)
-except ImportError:  # pragma: no cover - depends on the install
-    _ndimage_label = None
-
-
 def count_regions(mask: np.ndarray) -> int:
-    """Number of 8-connected foreground regions of a 2-D boolean mask.
+    """Number of 8-connected foreground regions of a 2-D boolean mask (:func:`count_regions_numpy`).
 
-    The writer threads call this once per image, so its cost under the GIL bounds the pipeline
-    on many-core GPU hosts (benchmarks/RESULTS.md, "Host-side cost of the pipeline"). Where SciPy
-    happens to be installed (it is not required), its compiled labelling is used: it releases the
-    GIL and scales across threads. Otherwise :func:`count_regions_numpy`, which is faster on one
-    thread but holds the GIL between its array operations.
+    The writer threads call this once per image. SciPy's compiled labelling (which releases the GIL)
+    was used where SciPy happened to be installed; measured side by side on the 2-core EPYC, the
+    numpy path is faster on one thread and on two (Kvasir-SEG test masks: 3753 against 1662
+    masks/s on one thread, 4385 against 2424 on two; blob masks 1426/977 and 1562/1478), so it is
+    the only path now (benchmarks/results/host-pipeline-2026-12-08/region_count.json).
     """
-    mask = np.asarray(mask, dtype=bool)
-    if mask.ndim != 2:
-        raise ValueError("count_regions takes a 2-D mask")
-    if _ndimage_label is not None:
-        return int(_ndimage_label(mask, structure=_EIGHT)[1]) if mask.any() else 0
     return count_regions_numpy(mask)
 
 

@@ -21,7 +21,7 @@ from .model_info import ModelInfo
 from .tta import open_onnx_tta_backends, plan_tta
 from .device_thread import CLOSE_WAIT_S, DeviceThread
 from .pipeline import Pipeline, default_workers
-from .postprocess import fill_host_row, output_to_mask, output_to_probabilities, resize_rgb
+from .postprocess import cut_batch, fill_host_row, output_to_mask, output_to_probabilities, resize_rgb
 
 __all__ = ["Segmenter", "BackendUnavailable", "as_rgb", "is_onnx_path"]
 
@@ -234,10 +234,16 @@ class Segmenter:
     def backend_name(self) -> str:
         return ",".join(sorted({b.name for b in self.backends}))
 
-    def pipeline(self, load, finish, fail) -> Pipeline:
+    def pipeline(self, load, finish, fail, condense=None) -> Pipeline:
         info = self.info
         return Pipeline(self.backends, load, lambda row, rgb: fill_host_row(row, rgb, info), finish, fail,
-                        workers=self.workers, writers=self.writers, runner_threads=self.runner_threads)
+                        workers=self.workers, writers=self.writers, runner_threads=self.runner_threads,
+                        condense=condense)
+
+    def cut_masks(self, outputs: np.ndarray, sizes: list) -> list:
+        """A pipeline's ``condense`` for mask results: each image's output cut at once for the batch
+        where the image has the model's output size (``postprocess.cut_batch``); metas are sizes."""
+        return cut_batch(outputs, self.info.output_format, self.threshold, sizes)
 
     def prepare(self, rgb: np.ndarray) -> np.ndarray:
         """An RGB image resized to the model's input (what a host-buffer row receives)."""
@@ -282,7 +288,7 @@ class Segmenter:
             return _Failure(i, stage, error)
 
         results: list = [None] * len(arrays)
-        pipe = self.pipeline(load, finish, fail)
+        pipe = self.pipeline(load, finish, fail, condense=self.cut_masks if output == "mask" else None)
         for i, result in pipe.run(range(len(arrays))):
             results[i] = result
         self.last_stats = pipe.stats

@@ -142,9 +142,20 @@ def flip_mean(logits: np.ndarray, n: int) -> np.ndarray:
 class TTABackend(Backend):
     """A backend that runs ``plan``'s passes through inner backends, one per size (same device).
 
-    ``inner``: {size: backend}, each opened at that square size (the model's own size keyed by
-    None when the plan has no sizes) with ``max_batch`` x 4 when the plan has flips. The pipeline
-    sees an ordinary backend of the model's input size returning (n, H, W) float32 logits."""
+    The pipeline sees an ordinary backend of the model's input size returning (n, H, W) float32
+    logits; ``Backend`` checks its calls, the inner backends check theirs.
+
+    Args:
+        plan (TTAPlan): the flips and sizes to run (``plan_tta``).
+        info (ModelInfo): the model's metadata at its own size.
+        inner (dict): {size: backend}, each opened at that square size (the model's own size keyed
+            by None when the plan has no sizes) with ``max_batch`` x 4 when the plan has flips.
+        max_batch (int): the most images per batch, before the flips.
+        n_slots (int): batches in flight (the inner backends' slots are used one to one).
+
+    Raises:
+        ValueError: an inner backend takes fewer than ``max_batch`` x 4 images (with flips).
+    """
 
     name = "tta"
 
@@ -167,7 +178,6 @@ class TTABackend(Backend):
         self._own_input = own
         self._host = ([own.host_input(s)[:max_batch] for s in range(n_slots)] if own is not None else
                       [np.zeros((max_batch, self.height, self.width, 3), np.uint8) for _ in range(n_slots)])
-        self._pending: list[int | None] = [None] * n_slots
         self._out = [np.zeros((max_batch, self.height, self.width), np.float32) for _ in range(n_slots)]
         self.messages = [m for b in inner.values() for m in b.messages]
         self.messages.append(plan.describe())
@@ -175,8 +185,7 @@ class TTABackend(Backend):
     def host_input(self, slot: int) -> np.ndarray:
         return self._host[slot]
 
-    def submit(self, slot: int, n: int) -> None:
-        self._check_submit(slot, n, self._pending[slot] is not None)
+    def _submit(self, slot: int, n: int) -> None:
         src = self._host[slot][:n]
         for size, backend in self.inner.items():
             buf = backend.host_input(slot)
@@ -188,13 +197,8 @@ class TTABackend(Backend):
                 buf[2 * n:3 * n] = first[:, ::-1]
                 buf[3 * n:4 * n] = first[:, ::-1, ::-1]
             backend.submit(slot, n * self.factor)
-        self._pending[slot] = n
 
-    def collect(self, slot: int) -> np.ndarray:
-        n = self._pending[slot]
-        if n is None:
-            raise RuntimeError(f"collect({slot}) without a submitted batch")
-        self._pending[slot] = None
+    def _collect(self, slot: int, n: int) -> np.ndarray:
         total = None
         for size, backend in self.inner.items():
             logits = backend.collect(slot)
@@ -209,7 +213,7 @@ class TTABackend(Backend):
             np.copyto(result, total)
         return result
 
-    def close(self) -> None:
+    def _close(self) -> None:
         for backend in self.inner.values():
             backend.close()
 

@@ -30,10 +30,11 @@ SCRIPT = textwrap.dedent(r"""
     import effiseg.runtime as runtime
     import effiseg.runtime.backends as backends
     names = []
-    for package in (runtime, backends):
-        for mod in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
-            importlib.import_module(mod.name)  # every module, including the torch/TensorRT backends
-            names.append(mod.name)
+    # Every module, subpackages included (pipeline stages, video, the TensorRT package).
+    for mod in pkgutil.walk_packages(runtime.__path__, runtime.__name__ + "."):
+        importlib.import_module(mod.name)
+        names.append(mod.name)
+    assert "effiseg.runtime.pipeline.decode" in names and "effiseg.runtime.backends.tensorrt.backend" in names, names
     assert "effiseg.runtime.backends.torch_backend" in names and "effiseg.runtime.cli" in names, names
 
     from effiseg.runtime import BackendUnavailable, Segmenter

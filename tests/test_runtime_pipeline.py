@@ -349,15 +349,11 @@ def _spiral(n: int) -> np.ndarray:
     return mask
 
 
-@pytest.fixture(params=["numpy", "scipy"])
-def count_regions_path(request, monkeypatch):
-    """count_regions along each of its paths: numpy only (no SciPy installed) and SciPy's."""
+@pytest.fixture(params=["count_regions", "count_regions_numpy"])
+def count_regions_path(request):
+    """count_regions and the numpy labelling it runs (its only path: SciPy's was slower, see postprocess)."""
     from effiseg.runtime import postprocess
-    if request.param == "numpy":
-        monkeypatch.setattr(postprocess, "_ndimage_label", None)
-    elif postprocess._ndimage_label is None:
-        pytest.skip("SciPy is not installed: count_regions has only its numpy path here")
-    return postprocess.count_regions
+    return getattr(postprocess, request.param)
 
 
 def test_count_regions_known_answers(count_regions_path):

@@ -57,7 +57,7 @@ def gpu():
 
 @pytest.fixture
 def backend_factory(gpu, tmp_path):
-    from effiseg.runtime.backends.tensorrt_backend import TensorRTBackend
+    from effiseg.runtime.backends.tensorrt import TensorRTBackend
     made = []
 
     def make(info, onnx_path, **kwargs):
@@ -93,6 +93,19 @@ def test_fp32_engine_matches_onnxruntime(backend_factory, tmp_path, output_forma
     else:
         assert out.dtype == np.float32
         np.testing.assert_allclose(out, ref.astype(np.float32), **FP32_TOL)
+
+
+def test_an_engine_built_ahead_of_time_runs_without_a_build(backend_factory, tmp_path):
+    """effiseg-export --engine's build (build_engine_file), then the backend given the file."""
+    from effiseg.runtime.backends.tensorrt import BuildSettings, build_engine_file
+    info, path = _tiny(tmp_path, size=32)
+    record = build_engine_file(path, tmp_path / "tiny.engine", BuildSettings(precision="fp32", max_batch=4),
+                               device=DEVICE)
+    assert record["precision"] == "fp32" and (tmp_path / "tiny.engine.json").is_file()
+    backend = backend_factory(info, path, engine=tmp_path / "tiny.engine", max_batch=4)
+    assert not backend.engine_built and backend.precision == "fp32"
+    batch = random_batch(info, 5)
+    np.testing.assert_allclose(backend.infer(batch), onnxruntime_reference(path, batch), **FP32_TOL)
 
 
 def test_fp16_engine_or_documented_fallback(backend_factory, tmp_path, gpu):
@@ -222,7 +235,7 @@ def two_gpus(gpu):
 
 
 def test_second_gpu_when_present(two_gpus, tmp_path):
-    from effiseg.runtime.backends.tensorrt_backend import TensorRTBackend
+    from effiseg.runtime.backends.tensorrt import TensorRTBackend
     info, path = _tiny(tmp_path, size=32)
     with TensorRTBackend(info, path, device="cuda:1", precision="fp32", max_batch=2,
                          cache_dir=tmp_path / "engines") as backend:

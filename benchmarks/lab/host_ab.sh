@@ -12,7 +12,7 @@
 # round). Linux/macOS shell; the tools it times are the same on Windows.
 set -eu
 [ $# -ge 3 ] || { echo "usage: bash benchmarks/lab/host_ab.sh BASE IMAGES_DIR OUT_DIR [ROUNDS]" >&2; exit 2; }
-BASE=$1; IMAGES=$(cd "$2" && pwd); OUT=$3; ROUNDS=${4:-5}; THREADS=${THREADS:-2}
+BASE=$1; IMAGES=$(cd "$2" && pwd); OUT=$3; ROUNDS=${4:-5}; THREADS=${THREADS:-2}; LABELLINGS=${LABELLINGS:-scipy numpy}
 PY=${PYTHON:-python}
 [ "$THREADS" -ge 2 ] || { echo "THREADS must be 2 or more (1 thread is always measured)" >&2; exit 2; }
 ROOT=$(cd "$(dirname "$0")" && git rev-parse --show-toplevel)
@@ -39,7 +39,7 @@ json.dump({"base": base, "head": head, "head_uncommitted_files": int(dirty), "ro
            "load_average_at_start": load_average()}, open(path, "w"), indent=2)
 EOF
 for r in $(seq 1 "$ROUNDS"); do
-  for labelling in scipy numpy; do
+  for labelling in $LABELLINGS; do
     for side in base head; do
       hide=""; [ "$labelling" = numpy ] && hide="sys.modules['scipy'] = None;"
       echo "round $r/$ROUNDS: $side, $labelling labelling" >&2
@@ -50,13 +50,13 @@ runpy.run_module('effiseg.benchmarks.host_profile', run_name='__main__')" \
     done
   done
 done
-"$PY" - "$OUT" "$ROUNDS" "$THREADS" <<'EOF'
+"$PY" - "$OUT" "$ROUNDS" "$THREADS" $LABELLINGS <<'EOF'
 import json, statistics, sys
 from pathlib import Path
-out, rounds, threads = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+out, rounds, threads, labellings = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4:]
 load = lambda name: json.loads((out / name).read_text())
 summary = {}
-for labelling in ("scipy", "numpy"):
+for labelling in labellings:
     for side in ("base", "head"):
         runs = [load(f"{side}-{labelling}-{r}.json") for r in range(1, rounds + 1)]
         med = lambda values: round(statistics.median(values), 3)

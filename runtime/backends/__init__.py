@@ -19,7 +19,7 @@ from ..model_info import ModelInfo
 from .base import Backend, BackendUnavailable
 
 BACKENDS = {
-    "tensorrt": ("effiseg.runtime.backends.tensorrt_backend", "TensorRTBackend"),
+    "tensorrt": ("effiseg.runtime.backends.tensorrt", "TensorRTBackend"),
     "onnxruntime": ("effiseg.runtime.backends.onnxruntime_backend", "OnnxRuntimeBackend"),
     "openvino": ("effiseg.runtime.backends.openvino_backend", "OpenVinoBackend"),
     "torch": ("effiseg.runtime.backends.torch_backend", "TorchBackend"),
@@ -33,6 +33,17 @@ __all__ = ["Backend", "BackendUnavailable", "BACKENDS", "BACKEND_CHOICES", "back
 
 
 def backend_class(name: str) -> type[Backend]:
+    """The backend class registered as ``name``, imported now (and only now).
+
+    Args:
+        name (str): "tensorrt", "onnxruntime", "openvino" or "torch".
+
+    Returns:
+        type[Backend]: the class; constructing it imports the engine's library.
+
+    Raises:
+        ValueError: an unknown name (the choices are listed).
+    """
     try:
         module_name, class_name = BACKENDS[name]
     except KeyError:
@@ -41,7 +52,22 @@ def backend_class(name: str) -> type[Backend]:
 
 
 def parse_devices(devices) -> list[str] | None:
-    """None -> None (let the backend choice decide); "cpu"; 0 / "0" / "cuda:0"; "0,1"; [0, 1]."""
+    """The devices a user named, as a list of "cpu" / "cuda:N".
+
+    Args:
+        devices: None (let the backend choice decide); "cpu"; 0, "0", "cuda", "gpu" or "cuda:0";
+            "0,1"; or a list of these.
+
+    Returns:
+        list[str] | None: e.g. ["cuda:0", "cuda:1"]; None for None.
+
+    Raises:
+        ValueError: an unknown device, one named twice, an empty list, or cpu mixed with GPUs.
+
+    Example:
+        >>> parse_devices("0, cuda:1")
+        ['cuda:0', 'cuda:1']
+    """
     if devices is None:
         return None
     if isinstance(devices, (str, int)):
@@ -75,7 +101,19 @@ def _close_all(backends: list[Backend]) -> None:
 
 def same_kind_as_first(devices: list[tuple[str, tuple[int, int]]], notes: list[str] | None = None) -> list[str]:
     """``cuda:i`` for every GPU like the first one (same name and compute capability), so that a
-    default run never mixes precisions or waits on a slower card; the others are named in a note."""
+    default run never mixes precisions or waits on a slower card; the others are named in a note.
+
+    Args:
+        devices (list): (name, (major, minor)) per GPU, in driver order.
+        notes (list[str] | None): receives the note naming the GPUs left out.
+
+    Returns:
+        list[str]: "cuda:i" of the GPUs like cuda:0 ([] for no GPU).
+
+    Example:
+        >>> same_kind_as_first([("Quadro M6000", (5, 2)), ("Quadro M6000", (5, 2))])
+        ['cuda:0', 'cuda:1']
+    """
     if not devices:
         return []
     first = devices[0]
@@ -91,7 +129,14 @@ def default_gpu_devices(notes: list[str] | None = None) -> list[str]:
     """Every GPU the driver shows that is like the first (a two-GPU machine runs on both by
     default), or ``["cuda:0"]`` when that cannot be told: the backend then says why it cannot run
     there. Only called where a GPU backend is installed, so that a CPU-only install never
-    initialises the CUDA driver."""
+    initialises the CUDA driver.
+
+    Args:
+        notes (list[str] | None): receives the note naming GPUs left out (``same_kind_as_first``).
+
+    Returns:
+        list[str]: at least one "cuda:N".
+    """
     from ..cuda_memory import driver_devices
     return same_kind_as_first(driver_devices() or [], notes) or ["cuda:0"]
 
@@ -140,7 +185,21 @@ def auto_attempts(gpu_devices: list[str], cpu_allowed: bool = True, openvino: bo
                   precision: str = "auto") -> list[tuple[str, list[str]]]:
     """The (backend, devices) ``auto`` tries for an ONNX model, in order: TensorRT on the GPUs, ONNX
     Runtime on the GPUs, OpenVINO on the CPU (``openvino``: where installed), ONNX Runtime on the CPU.
-    A CPU-only precision (bf16, int8) skips the GPUs. ``effiseg-doctor`` walks the same list."""
+    A CPU-only precision (bf16, int8) skips the GPUs. ``effiseg-doctor`` walks the same list.
+
+    Args:
+        gpu_devices (list[str]): the GPUs to try ("cuda:N"); [] for none.
+        cpu_allowed (bool): whether the CPU choices come last (not when the user named GPUs).
+        openvino (bool): whether OpenVINO is installed.
+        precision (str): the precision asked for.
+
+    Returns:
+        list[tuple[str, list[str]]]: (backend name, devices), in the order tried.
+
+    Example:
+        >>> auto_attempts(["cuda:0"], openvino=True)
+        [('tensorrt', ['cuda:0']), ('onnxruntime', ['cuda:0']), ('openvino', ['cpu']), ('onnxruntime', ['cpu'])]
+    """
     attempts = []
     if gpu_devices and precision not in CPU_ONLY_PRECISIONS:
         attempts += [("tensorrt", list(gpu_devices)), ("onnxruntime", list(gpu_devices))]
@@ -156,7 +215,35 @@ def auto_attempts(gpu_devices: list[str], cpu_allowed: bool = True, openvino: bo
 def open_onnx_backends(onnx_path, backend: str = "auto", devices=None, precision: str = "auto",
                        max_batch: int = 8, n_slots: int = 2, info: ModelInfo | None = None,
                        selection_notes: list[str] | None = None, **options) -> list[Backend]:
-    """One backend per device for an effiseg ONNX file. ``options`` go to the chosen backend."""
+    """One backend per device for an effiseg ONNX file: the backend named, or ``auto``'s choice.
+
+    Args:
+        onnx_path (str | Path): an effiseg ONNX file.
+        backend (str): "auto", "tensorrt", "onnxruntime" or "openvino".
+        devices: as ``parse_devices`` takes; None: every GPU like the first for TensorRT, the CPU for
+            ONNX Runtime and OpenVINO, and for ``auto`` the GPUs, then the CPU.
+        precision (str): "auto", "fp32", "fp16", "bf16" or "int8" (each backend says which it serves).
+        max_batch (int): the most images per batch.
+        n_slots (int): batches in flight per backend.
+        info (ModelInfo | None): the model's metadata; None: read from the file.
+        selection_notes (list[str] | None): receives what was chosen, skipped and why.
+        **options: the named backend's own options (e.g. TensorRT's ``engine=``, ``cache_dir=``;
+            ONNX Runtime's ``provider=``); refused with ``auto``.
+
+    Returns:
+        list[Backend]: one open backend per device; the caller closes them.
+
+    Raises:
+        BackendUnavailable: no backend can run the model here (every reason listed), or the named
+            one cannot (what to install).
+        ValueError: an unknown backend or device, ``torch`` for an ONNX file, or options with ``auto``.
+
+    Example:
+        >>> notes = []
+        >>> [backend] = open_onnx_backends("model.onnx", devices="cpu", selection_notes=notes)  # doctest: +SKIP
+        >>> notes[-1]                                                                          # doctest: +SKIP
+        'auto: chose openvino on cpu'
+    """
     onnx_path = Path(onnx_path)
     info = info or ModelInfo.from_onnx(onnx_path)
     notes = selection_notes if selection_notes is not None else []
@@ -206,7 +293,23 @@ def open_checkpoint_backends(checkpoint, devices=None, precision: str = "auto", 
                              n_slots: int = 2, selection_notes: list[str] | None = None,
                              **options) -> list[Backend]:
     """Torch backends for a training checkpoint: on the given devices, else on every GPU torch
-    sees, else on the CPU."""
+    sees that is like the first, else on the CPU.
+
+    Args:
+        checkpoint (str | Path): a checkpoint folder, config.json or .safetensors file.
+        devices: as ``parse_devices`` takes; None: as above.
+        precision (str): "auto", "fp32" or "fp16" (``torch_backend.choose_torch_mode``).
+        max_batch (int): the most images per batch.
+        n_slots (int): batches in flight per backend.
+        selection_notes (list[str] | None): receives the devices chosen and any left out.
+        **options: ``TorchBackend`` options (``output_format``, ``cuda_graphs``, ``input_size``, ``tta``).
+
+    Returns:
+        list[Backend]: one open ``TorchBackend`` per device.
+
+    Raises:
+        BackendUnavailable: torch is not installed, or cannot run on a named device.
+    """
     cls = backend_class("torch")
     named = parse_devices(devices)
     device_list = named

@@ -150,13 +150,36 @@ def _provider_name(provider) -> str:
 
 
 class OnnxRuntimeBackend(Backend):
-    """``OnnxRuntimeBackend(info, onnx_path, device="cpu", precision="auto", max_batch=8,
-    n_slots=2, provider="auto", intra_op_threads=None)``
+    """An effiseg ONNX file in an ONNX Runtime session on the CPU or one GPU.
 
-    ``provider``: "auto" (TensorRT EP if this ONNX Runtime has it and the device is a GPU, else
-    CUDA EP on GPUs, else CPU), or "cpu" / "cuda" / "tensorrt" to insist. Precision: the graph is
-    float32; fp16 is available only through the TensorRT EP (``trt_fp16_enable``), and only on a GPU
-    with fast FP16 (the rule of gpu_precision.py); asking for fp16 elsewhere runs fp32 and says so.
+    Precision: the graph is float32; fp16 is available only through the TensorRT EP
+    (``trt_fp16_enable``), and only on a GPU with fast FP16 (the rule of gpu_precision.py); asking for
+    fp16 elsewhere runs fp32 and says so. ``int8`` (or an ``.int8.onnx`` file) runs the quantised twin
+    on the CPU.
+
+    Args:
+        info (ModelInfo): the model's metadata (``ModelInfo.from_onnx``).
+        onnx_path (str | Path): the ONNX file.
+        device (str): "cpu", "cuda" or "cuda:N".
+        precision (str): "auto", "fp32", "fp16" or "int8".
+        max_batch (int): the most images per batch.
+        n_slots (int): batches in flight (each slot has its own buffers).
+        provider (str): "auto" (TensorRT EP if this ONNX Runtime has it and the device is a GPU, else
+            CUDA EP on GPUs, else CPU), or "cpu" / "cuda" / "tensorrt" to insist.
+        intra_op_threads (int | None): ONNX Runtime's threads per run; None: its own (one per core).
+        io_binding (bool | None): bind per-slot device buffers; None: on GPUs only.
+        session_of (OnnxRuntimeBackend | None): share that backend's session (``sibling``).
+
+    Raises:
+        ValueError: an unknown precision or provider; a graph without one input and one output.
+        BackendUnavailable: ONNX Runtime is not installed, has no provider for the device, would
+            fall back to the CPU on a GPU device, or int8 is asked of a GPU (the message says why).
+        RuntimeError: ONNX Runtime cannot load the file.
+
+    Example:
+        >>> info = ModelInfo.from_onnx("model.onnx")                                  # doctest: +SKIP
+        >>> with OnnxRuntimeBackend(info, "model.onnx", "cpu", max_batch=4) as backend:
+        ...     logits = backend.infer(images)
     """
 
     name = "onnxruntime"
@@ -218,7 +241,6 @@ class OnnxRuntimeBackend(Backend):
         self._check_io()
         self._host_inputs = [np.zeros(self._input_shape(max_batch), self._in_dtype) for _ in range(n_slots)]
         self._outputs: list[np.ndarray | None] = [None] * n_slots
-        self._pending: list[int | None] = [None] * n_slots
         # I/O binding pays off when the session runs on a GPU; it also works on the CPU (tests use
         # that to exercise the same code path).
         self.io_binding = self.device_id is not None if io_binding is None else bool(io_binding)
@@ -243,7 +265,6 @@ class OnnxRuntimeBackend(Backend):
         self._check_io()
         self._host_inputs = [np.zeros(self._input_shape(self.max_batch), self._in_dtype) for _ in range(self.n_slots)]
         self._outputs = [None] * self.n_slots
-        self._pending = [None] * self.n_slots
         self.io_binding = self.device_id is not None if io_binding is None else bool(io_binding)
         if self.io_binding:
             self._make_bindings(ort)
@@ -320,14 +341,13 @@ class OnnxRuntimeBackend(Backend):
     def host_input(self, slot: int) -> np.ndarray:
         return self._host_inputs[slot]
 
-    def submit(self, slot: int, n: int) -> None:
-        self._check_submit(slot, n, self._pending[slot] is not None)
+    def _submit(self, slot: int, n: int) -> None:
+        # ONNX Runtime's Python API runs synchronously: the work is done here, collect hands it out.
         if self.io_binding:
             out = self._run_bound(slot, n)
         else:
             out = self.session.run([self._out_name], {self._in_name: self._host_inputs[slot][:n]})[0]
-        self._outputs[slot] = self._as_nhw(out, n)
-        self._pending[slot] = n
+        self._outputs[slot] = out.reshape(n, self.info.input_height, self.info.input_width)
 
     def _run_bound(self, slot: int, n: int) -> np.ndarray:
         device_type, device_id = self._ort_device
@@ -341,22 +361,10 @@ class OnnxRuntimeBackend(Backend):
         self.session.run_with_iobinding(binding)
         return dev_out.numpy()[:n]
 
-    def _as_nhw(self, out: np.ndarray, n: int) -> np.ndarray:
-        out = out.reshape(n, self.info.input_height, self.info.input_width)
-        if out.dtype == np.float16:
-            return out.astype(np.float32)  # the interface hands out float32 (or uint8 masks)
-        if out.dtype == np.bool_:
-            return out.view(np.uint8)
-        return out
-
-    def collect(self, slot: int) -> np.ndarray:
-        n = self._pending[slot]
-        if n is None:
-            raise RuntimeError(f"collect({slot}) without a submitted batch")
-        self._pending[slot] = None
+    def _collect(self, slot: int, n: int) -> np.ndarray:
         return self._outputs[slot]
 
-    def close(self) -> None:
+    def _close(self) -> None:
         self._bindings = []
         self._device_inputs = []
         self._device_outputs = []

@@ -51,8 +51,24 @@ def choose_cpu_precision(requested: str, native_bf16: bool) -> PrecisionChoice:
 
 
 class OpenVinoBackend(Backend):
-    """``OpenVinoBackend(info, onnx_path, device="cpu", precision="auto", max_batch=8, n_slots=2,
-    threads=None)``; ``threads``: inference threads (default: OpenVINO's, every core)."""
+    """An effiseg ONNX file compiled by OpenVINO for the CPU, one asynchronous request per slot.
+
+    Args:
+        info (ModelInfo): the model's metadata (``ModelInfo.from_onnx``).
+        onnx_path (str | Path): the ONNX file (its ``.int8.onnx`` twin runs for ``int8``).
+        device (str): "cpu" (the only one effiseg runs OpenVINO on).
+        precision (str): "auto" (bf16 where the CPU has it natively, else fp32), "fp32", "bf16" or
+            "int8" (:func:`choose_cpu_precision`); ``self.precision`` is what runs.
+        max_batch (int): the most images per batch.
+        n_slots (int): batches in flight (one infer request each).
+        threads (int | None): inference threads; None: OpenVINO's (every core).
+
+    Raises:
+        BackendUnavailable: OpenVINO is not installed, a GPU device, int8 of a float32-nchw export,
+            or a missing int8 twin.
+        ValueError: an unknown precision.
+        RuntimeError: OpenVINO cannot read or compile the file.
+    """
 
     name = "openvino"
 
@@ -97,7 +113,6 @@ class OpenVinoBackend(Backend):
         dtype = np.uint8 if info.input_format == "uint8-nhwc" else np.float32
         self._host_inputs = [np.zeros(shape, dtype) for _ in range(n_slots)]
         self._requests = [self._compiled.create_infer_request() for _ in range(n_slots)]
-        self._pending: list[int | None] = [None] * n_slots
         self._ov = ov
         self.ov_version = ov.__version__ if hasattr(ov, "__version__") else ov.get_version()
         self.note(f"OpenVINO {self.ov_version}: CPU, {self.precision}")
@@ -105,30 +120,19 @@ class OpenVinoBackend(Backend):
     def host_input(self, slot: int) -> np.ndarray:
         return self._host_inputs[slot]
 
-    def submit(self, slot: int, n: int) -> None:
-        self._check_submit(slot, n, self._pending[slot] is not None)
+    def _submit(self, slot: int, n: int) -> None:
         request = self._requests[slot]
         # shared_memory: OpenVINO reads the host buffer in place; the pipeline leaves a slot's buffer
         # alone until collect(), as it does for a GPU's copy.
         request.set_input_tensor(self._ov.Tensor(self._host_inputs[slot][:n], shared_memory=True))
         request.start_async()
-        self._pending[slot] = n
 
-    def collect(self, slot: int) -> np.ndarray:
-        n = self._pending[slot]
-        if n is None:
-            raise RuntimeError(f"collect({slot}) without a submitted batch")
+    def _collect(self, slot: int, n: int) -> np.ndarray:
         request = self._requests[slot]
         request.wait()
-        self._pending[slot] = None
-        out = request.get_output_tensor().data.reshape(n, self.info.input_height, self.info.input_width)
-        if out.dtype == np.float16:
-            return out.astype(np.float32)
-        if out.dtype == np.bool_:
-            return out.view(np.uint8)
-        return out
+        return request.get_output_tensor().data.reshape(n, self.info.input_height, self.info.input_width)
 
-    def close(self) -> None:
+    def _close(self) -> None:
         for request in getattr(self, "_requests", []):
             try:
                 request.wait()  # a request still running must finish before its buffers go

@@ -121,14 +121,28 @@ def _apply_tta_choice(choice: str, info: ModelInfo, config):
 
 
 class TorchBackend(Backend):
-    """``TorchBackend(checkpoint, device="cpu", precision="auto", max_batch=8, n_slots=2,
-    output_format="logits", cuda_graphs=None, input_size=None, tta=None)``; ``checkpoint`` is anything
-    ``effiseg.training.checkpoint.load_model`` accepts (folder, config.json or .safetensors).
+    """A training checkpoint run by PyTorch through the graph effiseg-export traces.
 
-    ``tta``: "none", "flip" or "multiscale" (runtime/tta.py's choices, the same for every backend),
-    run inside the torch graph on the device (training/tta.py, the code evaluation runs: the flips
-    as one batch of 4N on CUDA, captured in the CUDA graph); None: the checkpoint config's own
-    ``tta``/``tta_sizes``."""
+    Args:
+        checkpoint (str | Path): anything ``effiseg.training.checkpoint.load_model`` accepts (folder,
+            config.json or .safetensors).
+        device (str): "cpu" or "cuda:N".
+        precision (str): "auto", "fp32" (eager, as trained) or "fp16" (:func:`choose_torch_mode`).
+        max_batch (int): the most images per batch.
+        n_slots (int): batches in flight (on CUDA each slot has its own stream and buffers).
+        output_format (str): "logits", "probabilities" or "mask".
+        cuda_graphs (bool | None): capture one CUDA graph per slot in the fast mode; None: on CUDA.
+        input_size (int | tuple | None): run at this size instead of the checkpoint's.
+        tta (str | None): "none", "flip" or "multiscale" (runtime/tta.py's choices, the same for every
+            backend), run inside the torch graph on the device (training/tta.py, the code evaluation
+            runs: the flips as one batch of 4N on CUDA, captured in the CUDA graph); None: the
+            checkpoint config's own ``tta``/``tta_sizes``.
+
+    Raises:
+        BackendUnavailable: torch/timm are not installed, no such CUDA device, or this PyTorch has no
+            kernels for the GPU (the install that has them is named).
+        ValueError: an unknown precision or device, or a TTA choice the size cannot serve.
+    """
 
     name = "torch"
 
@@ -187,7 +201,6 @@ class TorchBackend(Backend):
             model = self._fold(model, (info.input_height, info.input_width))
         self.graph = SegmentationGraph(model, info.mean, info.std, "uint8-nhwc", output_format, info.threshold,
                                        tta=info.tta, tta_sizes=info.tta_sizes).eval()
-        self._pending: list[int | None] = [None] * n_slots
         h, w = info.input_height, info.input_width
         out_dtype = torch.uint8 if output_format == "mask" else torch.float32
         if not on_cuda:
@@ -256,14 +269,12 @@ class TorchBackend(Backend):
     def host_input(self, slot: int) -> np.ndarray:
         return self._host_in[slot]
 
-    def submit(self, slot: int, n: int) -> None:
-        self._check_submit(slot, n, self._pending[slot] is not None)
+    def _submit(self, slot: int, n: int) -> None:
         torch = self.torch
         if self.torch_device.type == "cpu":
             with torch.inference_mode():
                 out = self.graph(torch.from_numpy(self._host_in[slot][:n]))
-            self._cpu_out[slot] = out.float().numpy() if out.dtype == torch.float16 else out.numpy()
-            self._pending[slot] = n
+            self._cpu_out[slot] = out.numpy()  # an fp16 output is converted by Backend.collect
             return
         with torch.cuda.device(self.torch_device), torch.cuda.stream(self._streams[slot]):
             if self.cuda_graphs:
@@ -278,19 +289,14 @@ class TorchBackend(Backend):
                     out = self.graph(dev_in)
             self._pinned_out[slot][:n].copy_(out, non_blocking=True)
             self._events[slot].record(self._streams[slot])
-        self._pending[slot] = n
 
-    def collect(self, slot: int) -> np.ndarray:
-        n = self._pending[slot]
-        if n is None:
-            raise RuntimeError(f"collect({slot}) without a submitted batch")
-        self._pending[slot] = None
+    def _collect(self, slot: int, n: int) -> np.ndarray:
         if self.torch_device.type == "cpu":
             return self._cpu_out[slot]
         self._events[slot].synchronize()
         return self._host_out[slot][:n]
 
-    def close(self) -> None:
+    def _close(self) -> None:
         if self.torch_device.type == "cuda":
             for stream in getattr(self, "_streams", []):
                 stream.synchronize()

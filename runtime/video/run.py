@@ -1,0 +1,354 @@
+"""effiseg-run over video files: every decoded frame gets exactly one mask, in order.
+
+Input: one video file, or a folder of them (``recursive``: sub-folders too). Output (default: a
+sibling of the input named ``<input stem>_masks``), for each video in its own folder (the output
+folder itself for a single file; ``<relative path without extension>/`` for a folder of videos):
+
+* ``masks.mkv``: the masks, 0/255 grey, FFV1 in Matroska (lossless: decoding gives them back exactly);
+* ``frames.csv``: one row per frame: index, presentation timestamp (stream units and seconds),
+  polyp area fraction, 8-connected regions, maximum probability;
+* ``frames.json``: the same rows, the stream's description and the settings that made them. Written
+  last: it marks the video as complete, and ``resume`` skips a video whose record says so with the
+  same settings and whose outputs are all there;
+* ``overlay.mp4`` with ``overlay`` (H.264), ``frames/000000.png ...`` with ``frames``;
+* in the output folder: ``effiseg_summary.csv``/``.json``, one row per video, and the run's lock.
+
+Frames go through ``Segmenter.pipeline`` (the same batched, double-buffered decode -> device -> write
+pipeline as still images): the decoder threads take frames one at a time from the video's decoder,
+resize them in parallel, and results are put back in frame order before they are written. A video
+that cannot be opened, fails to decode part-way or ends before its header says (truncated) is a
+per-file error: its outputs are not written, and the run goes on with the next video.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..folder_lock import OutputFolderLock
+from ..images import overlay_image
+from ..postprocess import count_regions, output_to_mask
+from ..replace_file import replace_with_retry
+from ..rows_csv import rows_csv_text
+from ..trt_engine_cache import file_sha256
+from . import VideoError, import_av, is_video_path, list_videos
+from .reader import VideoReader
+from .writers import MaskVideoWriter, OverlayVideoWriter, commit, remove_stale, temp_path
+
+MASK_VIDEO = "masks.mkv"
+OVERLAY_VIDEO = "overlay.mp4"
+FRAMES_CSV = "frames.csv"
+FRAMES_JSON = "frames.json"
+FRAMES_DIR = "frames"
+SUMMARY_STEM = "effiseg_summary"
+FRAME_FIELDS = ("frame", "pts", "time_s", "area_fraction", "regions", "max_probability")
+VIDEO_FIELDS = ("file", "output", "status", "frames", "width", "height", "average_rate", "frames_with_polyp",
+                "mean_area_fraction", "max_probability", "error")
+
+
+class VideoInputError(ValueError):
+    """A video run that cannot start (no such file, no videos, output inside input); says why."""
+
+
+@dataclass
+class VideoJob:
+    source: Path
+    rel: str             # relative to the input folder ("/" separators); the file name for one file
+    out_dir: Path
+
+
+def default_video_output(input_path: Path) -> Path:
+    input_path = Path(input_path).resolve()
+    return input_path.with_name((input_path.stem if input_path.is_file() else input_path.name) + "_masks")
+
+
+def folder_has_videos(folder: Path, recursive: bool) -> bool:
+    return bool(list_videos(folder, recursive))
+
+
+def check_video_output(input_path: Path, output_dir: Path) -> None:
+    """VideoInputError unless ``output_dir`` can take a run's results for ``input_path``."""
+    src, dst = Path(input_path).resolve(), Path(output_dir).resolve()
+    if src.is_dir() and (src == dst or src in dst.parents):
+        raise VideoInputError(f"the output folder {dst} may not be the input folder or inside it")
+    if dst.exists() and not dst.is_dir():
+        raise VideoInputError(f"the output path exists and is not a folder: {dst}")
+
+
+def print_video_summary(summary: dict, echo) -> None:
+    echo(f"{summary['n_videos']} video(s): {summary['n_ok']} ok, {summary['n_failed']} failed, "
+         f"{summary['n_skipped']} skipped (resume); {summary['n_frames_processed']} frames, "
+         f"{summary['frames_per_s']:.1f} frames/s")
+    failed = [r for r in summary["files"] if r["status"] == "error"]
+    for row in failed[:10]:
+        echo(f"  FAILED {row['file']}: {row['error']}")
+    if len(failed) > 10:
+        echo(f"  ... and {len(failed) - 10} more (see the summary)")
+    echo(f"outputs: {summary['output_dir']}")
+    echo(f"summary: {summary['summary_csv']} and {summary['summary_json']}")
+
+
+def plan_video_jobs(input_path: Path, output_dir: Path, recursive: bool) -> list[VideoJob]:
+    input_path = Path(input_path)
+    if input_path.is_file():
+        if not is_video_path(input_path):
+            raise VideoInputError(f"{input_path} is not a video file this run knows by its extension")
+        return [VideoJob(input_path, input_path.name, output_dir)]
+    if not input_path.is_dir():
+        raise VideoInputError(f"input not found: {input_path}")
+    check_video_output(input_path, output_dir)
+    files = list_videos(input_path, recursive)
+    rels = [f.relative_to(input_path).as_posix() for f in files]
+    stems = [r.rsplit(".", 1)[0] for r in rels]
+    # clip.mp4 and clip.mkv in one folder: both keep their extension in the folder name.
+    clash = {s.casefold() for s in stems if sum(t.casefold() == s.casefold() for t in stems) > 1}
+    return [VideoJob(f, rel, output_dir / (rel.replace(".", "_") if stem.casefold() in clash else stem))
+            for f, rel, stem in zip(files, rels, stems)]
+
+
+def video_settings(segmenter) -> dict:
+    """What made a video's masks (a resumed run redoes videos made with anything else)."""
+    files = sorted({Path(f) for b in segmenter.backends for f in (getattr(b, "model_files", None) or [])},
+                   key=lambda f: f.name)
+    path = getattr(segmenter, "model_path", None)
+    if not files and path is not None and Path(path).is_file():
+        files = [Path(path)]
+    digest = hashlib.sha256("".join(f"{f.name}:{file_sha256(f)};" for f in files).encode()).hexdigest() if files else None
+    info = segmenter.info
+    settings = {"model": Path(path).name if path else None, "model_sha256": digest,
+                "threshold": float(segmenter.threshold), "output_format": info.output_format,
+                "input_size": [int(info.input_height), int(info.input_width)], "tta": [info.tta, info.tta_sizes]}
+    return json.loads(json.dumps(settings))  # as a record read back compares it (tuples become lists)
+
+
+def run_videos(segmenter, input_path, output_dir=None, *, recursive: bool = False, resume: bool = False,
+               overlay: bool = False, frames: bool = False, max_pixels: int | None = None,
+               progress: bool = False, log=None) -> dict:
+    """Segment every frame of one video, or of each video in a folder; returns the summary (also
+    written as ``effiseg_summary.json``/``.csv`` in the output folder)."""
+    say = log or (lambda message: None)
+    input_path = Path(input_path)
+    output_dir = Path(output_dir) if output_dir is not None else default_video_output(input_path)
+    jobs = plan_video_jobs(input_path, output_dir, recursive)
+    if not jobs:
+        say(f"no video files in {input_path}" + ("" if recursive else " (add --recursive for sub-folders)"))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    settings = video_settings(segmenter)
+    av_error = import_av().error.FFmpegError
+    started = time.perf_counter()
+    rows = []
+    with OutputFolderLock(output_dir, say):
+        stale = remove_stale(output_dir)
+        if stale:
+            say(f"removed {stale} temporary file(s) left by an interrupted run")
+        for n, job in enumerate(jobs, 1):
+            done = _complete_record(job, settings, overlay, frames) if resume else None
+            if done is not None:
+                rows.append(_video_row(job, "skipped", done))
+                continue
+            say(f"[{n}/{len(jobs)}] {job.rel}")
+            try:
+                record = segment_video(segmenter, job, settings, overlay=overlay, frames=frames,
+                                       max_pixels=max_pixels, progress=progress)
+                rows.append(_video_row(job, "ok", record))
+            except (VideoError, OSError, av_error) as e:  # av_error: an encoder that refuses this video
+                rows.append(_video_row(job, "error", None, str(e)))
+                say(f"  FAILED {job.rel}: {e}")
+                if job.out_dir != output_dir:
+                    try:
+                        job.out_dir.rmdir()  # only when empty: a failed first attempt leaves no folder
+                    except OSError:
+                        pass
+    wall = time.perf_counter() - started
+    processed = [r for r in rows if r["status"] == "ok"]
+    n_frames = sum(r["frames"] or 0 for r in processed)
+    summary = {"input": str(input_path), "output_dir": str(output_dir), "kind": "video",
+               "backend": segmenter.backend_name, "devices": [b.device for b in segmenter.backends],
+               "precision": segmenter.precision, "settings": settings, "resume": resume, "overlay": overlay,
+               "frames_png": frames, "n_videos": len(rows), "n_ok": len(processed),
+               "n_failed": sum(r["status"] == "error" for r in rows),
+               "n_skipped": sum(r["status"] == "skipped" for r in rows), "n_frames_processed": n_frames,
+               "wall_s": round(wall, 4), "frames_per_s": round(n_frames / wall, 3) if wall > 0 and n_frames else 0.0,
+               "files": rows}
+    summary["summary_json"] = str(output_dir / f"{SUMMARY_STEM}.json")
+    summary["summary_csv"] = str(output_dir / f"{SUMMARY_STEM}.csv")
+    _atomic_text(output_dir / f"{SUMMARY_STEM}.json", json.dumps(summary, indent=2, default=str))
+    _atomic_text(output_dir / f"{SUMMARY_STEM}.csv", rows_csv_text(rows, VIDEO_FIELDS))
+    return summary
+
+
+def segment_video(segmenter, job: VideoJob, settings: dict, *, overlay: bool = False, frames: bool = False,
+                  max_pixels: int | None = None, progress: bool = False) -> dict:
+    """One video -> its outputs in ``job.out_dir``; returns its record (what ``frames.json`` holds).
+    Raises VideoError (nothing written under a final name) for a video that cannot be read whole."""
+    out = job.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / FRAMES_JSON
+    marker.unlink(missing_ok=True)  # from here on the folder vouches for nothing until the new record lands
+    with VideoReader(job.source, max_pixels) as reader:
+        rate = reader.average_rate
+        writers = []
+        png_dir = temp_path(out / FRAMES_DIR) if frames else None
+        rows: list[dict] = []
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=reader.declared_frames or None, unit="frame", desc=job.rel, dynamic_ncols=True,
+                       leave=False)
+        try:
+            writers.append(MaskVideoWriter(out / MASK_VIDEO, reader.width, reader.height, rate))
+            if overlay:
+                writers.append(OverlayVideoWriter(out / OVERLAY_VIDEO, reader.width, reader.height, rate))
+            if png_dir is not None:
+                png_dir.mkdir()
+
+            def per_frame(frame, mask):
+                # Anything that does not depend on the order runs here, in the pipeline's writer threads.
+                if png_dir is not None:
+                    Image.fromarray(np.where(mask, np.uint8(255), np.uint8(0)), mode="L").save(
+                        png_dir / f"{frame.index:06d}.png")
+                return overlay_image(frame.rgb, mask) if overlay else None
+
+            def write(frame, mask, max_probability, regions, overlay_rgb):
+                writers[0].write(mask, frame.index, frame.time_s)
+                if overlay_rgb is not None:
+                    writers[1].write(overlay_rgb, frame.index, frame.time_s)
+                rows.append({"frame": frame.index, "pts": frame.pts,
+                             "time_s": None if frame.time_s is None else round(frame.time_s, 6),
+                             "area_fraction": round(float(np.count_nonzero(mask)) / mask.size, 6),
+                             "regions": regions,
+                             "max_probability": None if max_probability is None else round(max_probability, 6)})
+                if bar is not None:
+                    bar.update(1)
+
+            segment_frames(segmenter, reader, write, per_frame)
+            temps = [w.close() for w in writers]
+        except BaseException:
+            for w in writers:
+                w.abort()
+            if png_dir is not None:
+                shutil.rmtree(png_dir, ignore_errors=True)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        stream = reader.describe()
+    # Everything decoded and encoded: rename into place, the record last.
+    for w, temp in zip(writers, temps):
+        commit(temp, w.final)
+    if not overlay:
+        (out / OVERLAY_VIDEO).unlink(missing_ok=True)  # an earlier run's, made with who knows what
+    if png_dir is not None:
+        commit(png_dir, out / FRAMES_DIR)
+    elif (out / FRAMES_DIR).is_dir():
+        shutil.rmtree(out / FRAMES_DIR)
+    _atomic_text(out / FRAMES_CSV, rows_csv_text(rows, FRAME_FIELDS))
+    record = {"video": job.rel, "source": str(job.source), "complete": True, "settings": settings,
+              "stream": stream, "n_frames": len(rows),
+              "outputs": {"masks": MASK_VIDEO, "csv": FRAMES_CSV, "overlay": OVERLAY_VIDEO if overlay else None,
+                          "frames": FRAMES_DIR if frames else None},
+              "frames": rows}
+    _atomic_text(marker, json.dumps(record, indent=1))
+    return record
+
+
+class _FrameFailed(Exception):
+    pass
+
+
+class _StopOnError:
+    """The reader as the pipeline's job iterator: a decoding error ends the iteration (the frames
+    already taken still finish) and is kept for the caller, so the pipeline never sees it."""
+
+    def __init__(self, reader):
+        self.reader, self.error = reader, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.error is not None:
+            raise StopIteration
+        try:
+            return next(self.reader)
+        except VideoError as e:
+            self.error = e
+            raise StopIteration from None
+
+
+def segment_frames(segmenter, reader, write, per_frame=None) -> int:
+    """Every frame of ``reader`` through the segmenter's pipeline; ``write(frame, mask, max_probability,
+    regions, extra)`` is called once per frame, in frame order, with ``extra = per_frame(frame, mask)``
+    computed before, in the pipeline's writer threads, in any order. Returns the number of frames."""
+    info, threshold = segmenter.info, segmenter.threshold
+
+    def load(frame):
+        return segmenter.prepare(frame.rgb), None
+
+    def finish(frame, meta, output):
+        mask, max_probability = output_to_mask(output, info.output_format, threshold, *frame.rgb.shape[:2])
+        extra = per_frame(frame, mask) if per_frame is not None else None
+        return mask, max_probability, count_regions(mask), extra
+
+    def fail(frame, error, stage):
+        return _FrameFailed(f"frame {frame.index}: {stage} failed: {error}")
+
+    frames = _StopOnError(reader)
+    waiting: dict[int, tuple] = {}
+    next_index = 0
+    for frame, result in segmenter.pipeline(load, finish, fail).run(frames):
+        if isinstance(result, _FrameFailed):
+            raise VideoError(f"{reader.path}: {result}")
+        waiting[frame.index] = (frame, result)
+        while next_index in waiting:  # results come back in completion order
+            frame, (mask, max_probability, regions, extra) = waiting.pop(next_index)
+            write(frame, mask, max_probability, regions, extra)
+            next_index += 1
+    if frames.error is not None:
+        raise frames.error
+    if waiting:  # cannot happen while the pipeline returns one result per frame; never write a gap
+        raise VideoError(f"{reader.path}: frames {sorted(waiting)[:5]} came back without frame {next_index}")
+    return next_index
+
+
+def _complete_record(job: VideoJob, settings: dict, overlay: bool, frames: bool) -> dict | None:
+    """The record of a video finished earlier with these settings and every output asked for now."""
+    try:
+        record = json.loads((job.out_dir / FRAMES_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(record, dict) and record.get("complete") and record.get("settings") == settings):
+        return None
+    n = record.get("n_frames")
+    needed = [job.out_dir / MASK_VIDEO, job.out_dir / FRAMES_CSV] + ([job.out_dir / OVERLAY_VIDEO] if overlay else [])
+    if not all(p.is_file() for p in needed):
+        return None
+    if frames and not (record["outputs"].get("frames") and (job.out_dir / FRAMES_DIR / f"{n - 1:06d}.png").is_file()):
+        return None
+    return record
+
+
+def _video_row(job: VideoJob, status: str, record: dict | None, error: str = "") -> dict:
+    row = {k: None for k in VIDEO_FIELDS}
+    row.update(file=job.rel, output=str(job.out_dir), status=status, error=error)
+    if record:
+        per_frame = record["frames"]
+        probs = [r["max_probability"] for r in per_frame if r["max_probability"] is not None]
+        row.update(frames=record["n_frames"], width=record["stream"]["width"], height=record["stream"]["height"],
+                   average_rate=record["stream"]["average_rate"],
+                   frames_with_polyp=sum(r["area_fraction"] > 0 for r in per_frame),
+                   mean_area_fraction=round(sum(r["area_fraction"] for r in per_frame) / max(1, len(per_frame)), 6),
+                   max_probability=max(probs) if probs else None)
+    return row
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    temp = temp_path(path)
+    temp.write_bytes(text.encode("utf-8"))
+    replace_with_retry(temp, path)
