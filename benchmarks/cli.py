@@ -7,6 +7,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -21,6 +22,7 @@ from .machine import load_average, machine_info
 from .memory import baseline_memory_note
 from .report import (NoPlot, SchemaError, compare_results, format_comparison, format_report, load_result_file,
                      plot_throughput, write_json)
+from .settings import BenchSettings, EndToEndFolders, plan_measurements
 from .targets import BASELINE, TARGETS, default_devices, parse_names, resolve_targets
 
 JSON_NAME, TEXT_NAME, PLOT_NAME = "effiseg_bench.json", "effiseg_bench.txt", "effiseg_bench.png"
@@ -179,25 +181,51 @@ def bench_command(backends, batch_sizes, input_size, input_formats, rounds, warm
     if compare:
         run_compare(compare, output)
         return
-    started = time.perf_counter()
-    load_before = load_average()
+    started, load_before = time.perf_counter(), load_average()
+    settings = resolve_settings(devices, batch_sizes=batch_sizes, input_formats=input_formats, mode=mode,
+                                compute=compute, rounds=rounds, warmup=warmup, iters=iters, min_time_s=min_time,
+                                settle_s=settle, n_images=n_images, images_from=images_from, workers=workers,
+                                slots=slots, threads=threads, main_thread=main_thread, time_budget_s=time_budget,
+                                tta=tta)
+    choice = choose_targets(backends, settings.devices)
+    _set_torch_threads(settings.threads)
+    _log("effiseg-bench: preparing models")
+    models = prepare_models(model, checkpoint, cache_dir)
+    sizes = parse_sizes(input_size) or [models.native_size]
+    onnx_runnable = leave_out_what_cannot_run(choice, models, settings.input_formats, sizes)
+    result_file = ResultFile(output or Path("effiseg-bench"), settings, models, choice, sizes, started, load_before)
+    results = measure(settings, models, choice.targets, sizes, onnx_runnable, result_file)
+    result_file.write_final(results, plot=not no_plot)
+    failed = [r for r in results if r.get("error") and not _left_out_for_time(r)]
+    if failed:
+        raise BenchError(f"{len(failed)} configuration(s) failed: "
+                         + "; ".join(f"{r['key']}: {r['error']}" for r in failed)[:2000])
+
+
+def resolve_settings(devices: str | None, *, batch_sizes: str | None, input_formats: str, **options) -> BenchSettings:
+    """The options as a :class:`BenchSettings`, defaults resolved for the devices (GPU or CPU)."""
     from effiseg.runtime.backends import parse_devices
     try:
         device_list = parse_devices(devices) if devices else default_devices()
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--devices") from None
-    on_gpu = any(d.startswith("cuda") for d in device_list)
-    batches = parse_int_list(batch_sizes, "--batch-sizes") if batch_sizes else ([1, 8, 32] if on_gpu else [1, 8])
-    rounds = rounds or (5 if on_gpu else 3)
-    warmup = warmup or (10 if on_gpu else 1)
-    min_time = (1.0 if on_gpu else 0.5) if min_time is None else min_time
-    settle = (0.0 if on_gpu else 0.1) if settle is None else settle
-    n_images = n_images or (256 if on_gpu else 16)
-    formats = parse_formats(input_formats)
-    compute = on_gpu if compute is None else compute
-    modes = {"model": ["model"], "e2e": ["e2e"], "both": ["model", "e2e"]}[mode]
-    if compute:
-        modes.append("compute")
+    return BenchSettings.resolve(device_list, batches=parse_int_list(batch_sizes, "--batch-sizes") if batch_sizes else None,
+                                 input_formats=parse_formats(input_formats), **options)
+
+
+@dataclass
+class TargetChoice:
+    """The backends to time (``targets``), those left out with the reason (``skipped``, each marked
+    ``explicit`` when asked for by name), and the names asked for (``asked``)."""
+    targets: list
+    skipped: list[dict]
+    asked: set[str]
+    baseline_label: str
+
+
+def choose_targets(backends: str, devices: tuple[str, ...]) -> TargetChoice:
+    """The backends that can run here; one asked for by name that cannot is an error (measuring the
+    others and exiting 0 would read as a result for it)."""
     try:
         names = parse_names(backends)
     except ValueError as e:
@@ -206,37 +234,45 @@ def bench_command(backends, batch_sizes, input_size, input_formats, rounds, warm
     asked = set(names) if explicit else set()
     if explicit and BASELINE not in names:
         names = [BASELINE] + names  # added, not asked for: without torch it is skipped with the reason
-    targets, skipped = resolve_targets(names, device_list, explicit)
+    targets, skipped = resolve_targets(names, list(devices), explicit)
     for s in skipped:
         s["explicit"] = s["backend"] in asked
     refused = [s for s in skipped if s["explicit"]]
     if refused:
-        # Asked for by name: measuring the others and exiting 0 would read as a result for it.
         raise click.BadParameter("; ".join(f"{s['backend']} on {s['device']} cannot run here: {s['reason']}"
                                            for s in refused) + ". Leave it out, or install what it needs.",
                                  param_hint="--backends")
     if not targets:
         raise BenchError("no backend can run here: " + "; ".join(f"{s['backend']}: {s['reason']}" for s in skipped))
+    return TargetChoice(targets, skipped, asked, f"{BASELINE}@{devices[0]}")
 
+
+def _set_torch_threads(threads: int | None) -> None:
     if threads:
         try:
             import torch
             torch.set_num_threads(threads)
         except ImportError:
             pass
+
+
+def prepare_models(model, checkpoint, cache_dir):
+    """The models every backend runs (``benchmarks.models.ModelSet``): Hub ids become files in the
+    Hugging Face cache (--model its ONNX file, else its checkpoint)."""
     from .models import resolve_models
-    from .factory import make_factory
-    from .runner import ComputeOnly, Config, IterationPlan, BackendPool, ModelOnly, run_rounds, was_left_out_for_time
-    _log("effiseg-bench: preparing models")
     try:
-        # Hub ids become files in the Hugging Face cache: --model its ONNX file (else its checkpoint).
         model = resolve_model(model, "auto") if model else None
         checkpoint = resolve_model(checkpoint, "checkpoint") if checkpoint else None
-        models = resolve_models(model, checkpoint, cache_dir, log=_log)
+        return resolve_models(model, checkpoint, cache_dir, log=_log)
     except (OSError, ValueError, KeyError, HubError) as e:
         raise BenchError(f"cannot prepare the model: {e}") from None
-    sizes = parse_sizes(input_size) or [models.native_size]
-    # An inference install (no torch, timm or onnx) runs what it can and says what it left out.
+
+
+def leave_out_what_cannot_run(choice: TargetChoice, models, formats, sizes) -> set:
+    """Move the targets that have no model to run into ``choice.skipped`` (an inference install
+    without torch, timm or onnx runs what it can and says what it left out); returns the (format,
+    size) pairs the ONNX backends can run. A target asked for by name that cannot run is an error."""
+    targets, skipped = choice.targets, choice.skipped
     onnx_runnable, onnx_note = set(), None
     if any(t.spec.source == "onnx" for t in targets):
         onnx_runnable, onnx_note = models.onnx_configs(formats, sizes)
@@ -254,122 +290,58 @@ def bench_command(backends, batch_sizes, input_size, input_formats, rounds, warm
             left_out += [(t, "no int8 twin of the uint8 model beside it (effiseg-export MODEL.onnx --quantize int8)")
                          for t in targets if t.spec.precision == "int8"]
     for t, reason in left_out:
-        skipped.append({"backend": t.name, "device": t.device, "reason": reason, "explicit": t.name in asked})
+        skipped.append({"backend": t.name, "device": t.device, "reason": reason, "explicit": t.name in choice.asked})
         targets.remove(t)
-    refused = [(t, reason) for t, reason in left_out if t.name in asked]
+    refused = [(t, reason) for t, reason in left_out if t.name in choice.asked]
     if refused:
         raise BenchError("; ".join(f"{t.label} cannot run: {reason}" for t, reason in refused))
     if not targets:
         raise BenchError("no backend can run here: " + "; ".join(f"{s['backend']}: {s['reason']}" for s in skipped))
-    baseline_label = f"{BASELINE}@{device_list[0]}"
+    return onnx_runnable
 
-    output = output or Path("effiseg-bench")
-    output.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="effiseg-bench-"))
-    pool = BackendPool(make_factory(models, threads, slots, tta=tta), log=_log)
-    measurements = []
-    image_source = None
+
+def prepare_end_to_end_folders(settings: BenchSettings, work: Path, size: tuple[int, int]) -> tuple[EndToEndFolders, dict]:
+    """The end-to-end image folder (and a small warm-up copy) in ``work``; returns the folders and
+    where the images came from."""
+    from .imagesets import prepare_image_folder
+    folders = EndToEndFolders(work / "images", work / "warmup", work / "masks")
     try:
-        if "e2e" in modes:
-            from .e2e import EndToEnd
-            from .imagesets import prepare_image_folder
-            images_dir, warm_dir = work / "images", work / "warmup"
-            try:
-                image_source = prepare_image_folder(images_dir, n_images, *sizes[0], source=images_from)
-            except ValueError as e:  # no images, or unreadable ones (named): the user's to fix, not a crash
-                raise BenchError(str(e)) from None
-            _log(f"  end-to-end folder: {n_images} images from {image_source['source']}")
-            warm_dir.mkdir()
-            for f in sorted(images_dir.iterdir())[:max(batches)]:
-                shutil.copyfile(f, warm_dir / f.name)
-        for size in sizes:
-            for batch in batches:
-                for target in targets:
-                    fmts = (["uint8-nhwc"] if target.spec.source == "checkpoint"
-                            else [f for f in formats if (f, size) in onnx_runnable])
-                    if target.spec.precision == "int8":  # the int8 twin is a uint8-nhwc file
-                        fmts = [f for f in fmts if f == "uint8-nhwc"]
-                    if not fmts:
-                        continue
-                    if "model" in modes:
-                        measurements += [ModelOnly(Config("model", target, batch, *size, f), pool) for f in fmts]
-                    if "compute" in modes and target.spec.source == "checkpoint":
-                        measurements.append(ComputeOnly(Config("compute", target, batch, *size, fmts[0]), pool))
-                    if "e2e" in modes:
-                        measurements.append(EndToEnd(Config("e2e", target, batch, *size, fmts[0]), pool,
-                                                     images_dir, warm_dir, work / "masks", workers, workers))
-        _log(f"effiseg-bench: {len(measurements)} configuration(s), {rounds} round(s), "
-             f"backends {', '.join(t.label for t in targets)}, batches {batches}, "
+        source = prepare_image_folder(folders.images, settings.n_images, *size, source=settings.images_from)
+    except ValueError as e:  # no images, or unreadable ones (named): the user's to fix, not a crash
+        raise BenchError(str(e)) from None
+    _log(f"  end-to-end folder: {settings.n_images} images from {source['source']}")
+    folders.warmup.mkdir()
+    for f in sorted(folders.images.iterdir())[:max(settings.batches)]:
+        shutil.copyfile(f, folders.warmup / f.name)
+    return folders, source
+
+
+def measure(settings: BenchSettings, models, targets, sizes, onnx_runnable, result_file: "ResultFile") -> list[dict]:
+    """Plan the measurements and run them in interleaved rounds, each finished round saved by
+    ``result_file``; the backends are closed and the work folder removed at the end."""
+    from .factory import make_factory
+    from .runner import BackendPool, IterationPlan, run_rounds
+    work = Path(tempfile.mkdtemp(prefix="effiseg-bench-"))
+    pool = BackendPool(make_factory(models, settings.threads, settings.slots, tta=settings.tta), log=_log)
+    try:
+        folders, image_source = None, None
+        if "e2e" in settings.modes:
+            folders, image_source = prepare_end_to_end_folders(settings, work, sizes[0])
+        measurements = plan_measurements(settings, targets, sizes, onnx_runnable, pool, folders)
+        _log(f"effiseg-bench: {len(measurements)} configuration(s), {settings.rounds} round(s), "
+             f"backends {', '.join(t.label for t in targets)}, batches {list(settings.batches)}, "
              f"sizes {['%dx%d' % s for s in sizes]}")
-        plan = IterationPlan(iters=iters, min_time_s=min_time, min_iters=10 if on_gpu else 2)
-        e2e_plan = IterationPlan(iters=1)
-        settings = {"backends": [t.label for t in targets], "baseline": baseline_label,
-                    "batch_sizes": batches, "input_sizes": [list(s) for s in sizes],
-                    "input_formats": formats, "modes": modes, "rounds": rounds, "warmup": warmup,
-                    "iters": iters, "min_time_s": min_time, "settle_s": settle,
-                    "timing_thread": "main" if main_thread else "per-backend", "images": n_images,
-                    "image_source": image_source, "workers": workers, "slots": slots, "threads": threads,
-                    "devices": device_list, "time_budget_s": time_budget}
-
-        def assemble(results: list[dict], rounds_done: int, complete: bool) -> dict:
-            attach_speedups(results, baseline_label)
-            attach_efficiency(results)
-            data = {
-                "schema": SCHEMA,
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "command": ["effiseg-bench"] + sys.argv[1:],
-                "machine": machine,
-                "model": {**models.describe(), "input_sizes": [f"{h}x{w}" for h, w in sizes]},
-                "settings": settings,
-                "complete": complete,
-                "rounds_completed": rounds_done,
-                "results": results,
-                "skipped": skipped,
-                "notes": list(models.notes),
-                "headline": headline(results, baseline_label),
-                "load_average_before": load_before,
-                "load_average_after": load_average(),
-                "duration_s": round(time.perf_counter() - started, 1),
-            }
-            if rounds_done < rounds:
-                data["notes"].append(f"{rounds_done} of {rounds} rounds were completed"
-                                     + ("" if complete else " (the run did not finish)"))
-            left_out = [r["key"] for r in results if was_left_out_for_time(r)]
-            if left_out:
-                data["notes"].append(f"{len(left_out)} configuration(s) were not opened: the time budget ran out "
-                                     f"while opening the others ({', '.join(left_out)})")
-            unequal = unequal_work_note(results)
-            if unequal:
-                data["notes"].append(unequal)
-            baseline_memory = baseline_memory_note(results, baseline_label)
-            if baseline_memory:
-                data["notes"].append(baseline_memory)
-            if not any(r["label"] == baseline_label and r.get("latency") for r in results):
-                data["notes"].append(f"the baseline {baseline_label} has no result: speed-ups are not available")
-            return data
-
-        def save_round(partial: list[dict], rounds_done: int) -> None:
-            # Rewritten after every round (atomically): a killed run keeps its finished rounds. The
-            # table goes with it; a plot from an earlier run in this folder would no longer match.
-            data = assemble(partial, rounds_done, complete=False)
-            write_json(data, output / JSON_NAME)
-            (output / TEXT_NAME).write_text(format_report(data) + "\n", encoding="utf-8")
-            if rounds_done == 1:
-                (output / PLOT_NAME).unlink(missing_ok=True)
-            progress["rounds_done"] = rounds_done
-            _log(f"  saved {rounds_done} round(s) to {output / JSON_NAME}")
-
-        machine = machine_info()
-        progress = {"rounds_done": 0}
-        deadline = started + time_budget if time_budget else None
+        result_file.begin(image_source)
+        plan, e2e_plan = settings.iteration_plan(), IterationPlan(iters=1)
+        deadline = result_file.started + settings.time_budget_s if settings.time_budget_s else None
         try:
-            results = run_rounds(measurements, rounds, warmup, plan, settle_s=settle, log=_log,
-                                 plan_for=lambda cfg: e2e_plan if cfg.mode == "e2e" else plan,
-                                 worker_thread=not main_thread, deadline=deadline, on_round=save_round,
-                                 open_deadline=deadline)
+            return run_rounds(measurements, settings.rounds, settings.warmup, plan, settle_s=settings.settle_s,
+                              log=_log, plan_for=lambda cfg: e2e_plan if cfg.mode == "e2e" else plan,
+                              worker_thread=not settings.main_thread, deadline=deadline,
+                              on_round=result_file.save_round, open_deadline=deadline)
         except KeyboardInterrupt:
-            done = progress["rounds_done"]
-            raise BenchInterrupted(f"interrupted; {done} finished round(s) are in {output / JSON_NAME}"
+            done = result_file.rounds_done
+            raise BenchInterrupted(f"interrupted; {done} finished round(s) are in {result_file.json_path}"
                                    if done else "interrupted before the first round finished; nothing was saved") from None
     finally:
         pool.close()
@@ -379,18 +351,100 @@ def bench_command(backends, batch_sizes, input_size, input_formats, rounds, warm
         else:
             shutil.rmtree(work, ignore_errors=True)
 
-    data = assemble(results, progress["rounds_done"], complete=True)
-    json_path = write_json(data, output / JSON_NAME)
-    text = format_report(data)
-    (output / TEXT_NAME).write_text(text + "\n", encoding="utf-8")
-    click.echo(text)
-    _log(f"wrote {json_path}, {output / TEXT_NAME}")
-    if not no_plot:
-        try:
-            _log(f"wrote {plot_throughput(data, output / PLOT_NAME, baseline_label)}")
-        except NoPlot as e:
-            _log(f"no plot: {e}")
-    failed = [r for r in results if r.get("error") and not was_left_out_for_time(r)]
-    if failed:
-        raise BenchError(f"{len(failed)} configuration(s) failed: "
-                         + "; ".join(f"{r['key']}: {r['error']}" for r in failed)[:2000])
+
+def _left_out_for_time(result: dict) -> bool:
+    from .runner import was_left_out_for_time
+    return was_left_out_for_time(result)
+
+
+class ResultFile:
+    """The result files of one run in ``output``: the JSON (schema ``SCHEMA``) and the table after
+    every round, so a killed run keeps its finished rounds, then the plot at the end."""
+
+    def __init__(self, output: Path, settings: BenchSettings, models, choice: TargetChoice, sizes,
+                 started: float, load_before):
+        self.output, self.settings, self.models, self.choice, self.sizes = output, settings, models, choice, sizes
+        self.started, self.load_before = started, load_before
+        self.json_path = output / JSON_NAME
+        self.rounds_done = 0
+        self.settings_json: dict = {}
+        self.machine: dict = {}
+        output.mkdir(parents=True, exist_ok=True)
+
+    def begin(self, image_source: dict | None) -> None:
+        """Called once the plan stands, just before the rounds: what the file's header records."""
+        self.settings_json = self.settings.to_json(self.choice.targets, self.choice.baseline_label, self.sizes,
+                                                   image_source)
+        self.machine = machine_info()
+
+    def assemble(self, results: list[dict], rounds_done: int, complete: bool) -> dict:
+        """The result file's content: the results with their speed-ups and efficiencies, and notes
+        on anything that makes them partial or unequal."""
+        baseline_label = self.choice.baseline_label
+        attach_speedups(results, baseline_label)
+        attach_efficiency(results)
+        data = {
+            "schema": SCHEMA,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": ["effiseg-bench"] + sys.argv[1:],
+            "machine": self.machine,
+            "model": {**self.models.describe(), "input_sizes": [f"{h}x{w}" for h, w in self.sizes]},
+            "settings": self.settings_json,
+            "complete": complete,
+            "rounds_completed": rounds_done,
+            "results": results,
+            "skipped": self.choice.skipped,
+            "notes": list(self.models.notes),
+            "headline": headline(results, baseline_label),
+            "load_average_before": self.load_before,
+            "load_average_after": load_average(),
+            "duration_s": round(time.perf_counter() - self.started, 1),
+        }
+        data["notes"] += self._notes(results, rounds_done, complete)
+        return data
+
+    def _notes(self, results: list[dict], rounds_done: int, complete: bool) -> list[str]:
+        notes = []
+        rounds = self.settings.rounds
+        if rounds_done < rounds:
+            notes.append(f"{rounds_done} of {rounds} rounds were completed"
+                         + ("" if complete else " (the run did not finish)"))
+        left_out = [r["key"] for r in results if _left_out_for_time(r)]
+        if left_out:
+            notes.append(f"{len(left_out)} configuration(s) were not opened: the time budget ran out "
+                         f"while opening the others ({', '.join(left_out)})")
+        unequal = unequal_work_note(results)
+        if unequal:
+            notes.append(unequal)
+        baseline_label = self.choice.baseline_label
+        baseline_memory = baseline_memory_note(results, baseline_label)
+        if baseline_memory:
+            notes.append(baseline_memory)
+        if not any(r["label"] == baseline_label and r.get("latency") for r in results):
+            notes.append(f"the baseline {baseline_label} has no result: speed-ups are not available")
+        return notes
+
+    def save_round(self, partial: list[dict], rounds_done: int) -> None:
+        """Rewritten after every round (atomically): a killed run keeps its finished rounds. The
+        table goes with it; a plot from an earlier run in this folder would no longer match."""
+        data = self.assemble(partial, rounds_done, complete=False)
+        write_json(data, self.json_path)
+        (self.output / TEXT_NAME).write_text(format_report(data) + "\n", encoding="utf-8")
+        if rounds_done == 1:
+            (self.output / PLOT_NAME).unlink(missing_ok=True)
+        self.rounds_done = rounds_done
+        _log(f"  saved {rounds_done} round(s) to {self.json_path}")
+
+    def write_final(self, results: list[dict], plot: bool) -> None:
+        """The complete JSON and table (the table also on stdout) and the throughput plot."""
+        data = self.assemble(results, self.rounds_done, complete=True)
+        json_path = write_json(data, self.json_path)
+        text = format_report(data)
+        (self.output / TEXT_NAME).write_text(text + "\n", encoding="utf-8")
+        click.echo(text)
+        _log(f"wrote {json_path}, {self.output / TEXT_NAME}")
+        if plot:
+            try:
+                _log(f"wrote {plot_throughput(data, self.output / PLOT_NAME, self.choice.baseline_label)}")
+            except NoPlot as e:
+                _log(f"no plot: {e}")

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from effiseg.runtime.model_info import describe_tta, network_passes, parse_tta_sizes
+from effiseg.runtime.model_config import ModelConfig
+from effiseg.runtime.model_info import describe_tta, network_passes
 from effiseg.runtime.version import effiseg_version
 
 from .targets import missing_modules, not_installed
@@ -91,21 +92,19 @@ def untrained_checkpoint(cache_dir: Path, variant: str, input_size: int, decoder
     default: the variant's normalisation) that the torch backend and the exporter read from it."""
     from effiseg.training.checkpoint import model_config
     config = model_config(variant, input_size=input_size, decoder_channels=decoder_channels,
-                          threshold=threshold, tta=bool(tta), untrained=True)
-    if mean is not None:
-        config["mean"] = [float(v) for v in mean]
-    if std is not None:
-        config["std"] = [float(v) for v in std]
-    if tta_sizes:
-        config["tta_sizes"] = [int(s) for s in tta_sizes]
+                          threshold=threshold, tta=bool(tta), untrained=True, mean=mean, std=std,
+                          tta_sizes=tta_sizes or ())
     # Every setting is in the name, so a twin cached before a setting was carried (or with another
     # value) is never taken for this one; the TTA flag is spelled out as the one that quadruples the work.
-    settings = {k: config[k] for k in ("decoder_channels", "threshold", "tta", "mean", "std", "tta_sizes")
-                if k in config}
+    # (The key is computed as before the config was typed, tta_sizes only when set, so caches stay valid.)
+    settings = {"decoder_channels": config.decoder_channels, "threshold": config.threshold, "tta": config.tta,
+                "mean": list(config.mean), "std": list(config.std)}
+    if config.tta_sizes:
+        settings["tta_sizes"] = list(config.tta_sizes)
     key = _digest(json.dumps(settings, sort_keys=True))
-    sizes = "".join(f"-s{s}" for s in config.get("tta_sizes", ()))
-    folder = Path(cache_dir) / (f"untrained-{variant}-{input_size}-ch{config['decoder_channels']}"
-                                f"-tta{int(config['tta'])}{sizes}-{key}")
+    sizes = "".join(f"-s{s}" for s in config.tta_sizes)
+    folder = Path(cache_dir) / (f"untrained-{variant}-{input_size}-ch{config.decoder_channels}"
+                                f"-tta{int(config.tta)}{sizes}-{key}")
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         return folder
     log(f"  building an untrained {variant} checkpoint in {folder}")
@@ -131,7 +130,7 @@ def export_cached(checkpoint: Path, cache_dir: Path, input_format: str, size: tu
     # The exporter takes the TTA flag from the checkpoint's config; the config is in the digest
     # already, and the flag is named on its own as well so that a cached file shows which it is.
     config = load_config(checkpoint)
-    tta, sizes = bool(config.get("tta", False)), parse_tta_sizes(config.get("tta_sizes"))
+    tta, sizes = config.tta, config.tta_sizes
     key = _digest(checkpoint_digest(checkpoint), input_format, output_format, h, w, f"tta={int(tta)}",
                   f"sizes={sizes}", effiseg_version())
     short = "uint8" if input_format == "uint8-nhwc" else "float32"
@@ -272,7 +271,7 @@ class ModelSet:
                 "twin": self.twin, "note": "; ".join(self.notes) if self.notes else None}
 
 
-def _check_onnx_matches_checkpoint(model: Path, checkpoint: Path, config: dict) -> None:
+def _check_onnx_matches_checkpoint(model: Path, checkpoint: Path, config: ModelConfig) -> None:
     """``--model X.onnx`` with ``--checkpoint``: ONNX backends run X, torch backends the checkpoint,
     so both must do the same work and compute the same output, or the speed-ups compare unlike things."""
     from effiseg.runtime.model_info import ModelInfo
@@ -283,7 +282,7 @@ def _check_onnx_matches_checkpoint(model: Path, checkpoint: Path, config: dict) 
         del theirs["threshold"], ours["threshold"]  # cut on the host: the graphs' work does not depend on it
     recorded = info.extra.get("decoder_channels")
     if recorded is not None:
-        theirs["decoder_channels"], ours["decoder_channels"] = int(recorded), int(config.get("decoder_channels", 0))
+        theirs["decoder_channels"], ours["decoder_channels"] = int(recorded), config.decoder_channels
     differ = [f"{k} ({theirs[k]} in {model.name}, {ours[k]} in the checkpoint)" for k in theirs if theirs[k] != ours[k]]
     if differ:
         raise ValueError(f"--model {model} and --checkpoint {checkpoint} differ in {'; '.join(differ)}: the ONNX "
@@ -306,17 +305,16 @@ def resolve_models(model: Path | None, checkpoint: Path | None, cache_dir: Path 
         from effiseg.training.checkpoint import load_config
         checkpoint = Path(checkpoint)
         config = load_config(checkpoint)
-        size = int(config.get("input_size", DEFAULT_SIZE))
-        trained = not config.get("untrained", False)
+        size = config.input_size
+        trained = not config.untrained
         output_format = "logits"
         if model is not None:
             from effiseg.runtime.model_info import ModelInfo
             _check_onnx_matches_checkpoint(Path(model), checkpoint, config)
             output_format = ModelInfo.from_onnx(model).output_format
-        ms = ModelSet(config["variant"], (size, size), checkpoint, cache_dir, "checkpoint",
+        ms = ModelSet(config.variant, (size, size), checkpoint, cache_dir, "checkpoint",
                       given_onnx=Path(model) if model else None, output_format=output_format, trained=trained,
-                      tta=bool(config.get("tta", False)), tta_sizes=parse_tta_sizes(config.get("tta_sizes")),
-                      threshold=float(config.get("threshold", 0.5)), log=log)
+                      tta=config.tta, tta_sizes=config.tta_sizes, threshold=config.threshold, log=log)
         if not trained:
             ms.notes.append(UNTRAINED_NOTE)
         return ms
@@ -365,7 +363,7 @@ def resolve_models(model: Path | None, checkpoint: Path | None, cache_dir: Path 
         log(f"  {ms.notes[-1]}")
         return ms
     from effiseg.training.checkpoint import load_config
-    channels = int(load_config(twin)["decoder_channels"])
+    channels = load_config(twin).decoder_channels
     ms.twin = {**settings, "input_size": [info.input_height, info.input_width], "decoder_channels": channels,
                "decoder_channels_recorded": recorded is not None, "weights": "untrained (seeded)"}
     other = "float32" if info.input_format == "uint8-nhwc" else "uint8"

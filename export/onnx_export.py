@@ -30,18 +30,22 @@ numbers; a failed export writes ``<output>.export-failed.json`` instead.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from effiseg.runtime.images import (IMAGE_EXTENSIONS, TEMP_SUFFIX, ImageError, atomic_write_text, list_images,
                                     read_image)
-from effiseg.runtime.model_info import TTA_SIZE_STEP as SIZE_STEP, ModelInfo, parse_tta_sizes
+from effiseg.runtime.model_config import TTA_SIZE_STEP as SIZE_STEP, ModelConfig, parse_tta_sizes
+from effiseg.runtime.model_info import ModelInfo
 from effiseg.runtime.replace_file import replace_with_retry
 from effiseg.runtime.postprocess import fill_host_row, logit_threshold, resize_rgb
 from effiseg.runtime.tensorrt_rules import tensorrt_uint8_problems
@@ -142,17 +146,26 @@ def load_verify_images(verify_dir: Path | None, count: int, height: int,
     return _synthetic_images(count, height, width), "synthetic (no Kvasir-SEG validation images found)", []
 
 
-def _import_export_stack():
+class ExportStack(NamedTuple):
+    """The libraries an export needs, imported once (an inference install lacks them)."""
+    torch: object
+    onnx: object
+    ort: object
+    effiseg_version: object
+    SegmentationGraph: object
+
+
+def _import_export_stack() -> ExportStack:
     try:
         import onnx
         import onnxruntime
         import torch
-        from effiseg.training.checkpoint import effiseg_version, load_model
+        from effiseg.training.checkpoint import effiseg_version
 
         from .wrapper import SegmentationGraph
     except ImportError as e:
         raise ExportError(f"{EXPORT_INSTALL_MESSAGE} [import failed: {e}]") from e
-    return torch, onnx, onnxruntime, load_model, effiseg_version, SegmentationGraph
+    return ExportStack(torch, onnx, onnxruntime, effiseg_version, SegmentationGraph)
 
 
 def _trace_to_onnx(torch, graph, example, path: Path, info: ModelInfo, opset: int, dynamic_hw: bool) -> str:
@@ -269,94 +282,64 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
                       opset: int = DEFAULT_OPSET, hw_multiple: int = 1,
                       threshold: float | None = None, verify_dir: Path | None = None, verify_count: int = 4,
                       tta: bool | None = None, tta_sizes=None, fold: bool = True, log=print) -> dict:
-    """Export, check and verify; returns the report (also written as ``<output>.export.json``).
-    Raises :class:`ExportError` when anything fails (nothing is left at ``output``). ``input_size``:
-    one side or (height, width) [default: the checkpoint's]. ``tta``/``tta_sizes`` (flips,
-    multi-scale sizes; "none" or () for none) [default: the checkpoint's]. ``fold``: trace the
-    network rewritten for inference (``training.inference_model``: BatchNorm folded, the decoder's
-    sum and first pointwise layers at half resolution), checked against the original network like
-    everything else. ``hw_multiple``: 32 makes height and width dynamic for multiples of 32 only,
-    keeping the fast graph (see the module docstring). ``log`` receives progress lines."""
-    if opset < 17:
-        raise ExportError(f"opset {opset} is too old; effiseg exports opset 17 or newer")
-    if hw_multiple not in (1, SIZE_STEP):
-        raise ExportError(f"hw_multiple must be 1 (any size) or {SIZE_STEP}, not {hw_multiple}")
-    if hw_multiple != 1:
-        dynamic_hw = True
-    torch, onnx, ort, load_model, effiseg_version, SegmentationGraph = _import_export_stack()
+    """Export a checkpoint to a verified ONNX file with effiseg metadata.
+
+    The steps: load the checkpoint and apply the overrides to its config (:func:`load_for_export`),
+    describe the graph to make (:func:`describe_graph`), fold the network for inference
+    (:func:`prepare_graphs`), trace it to a temporary file with the metadata (:func:`trace_graph`),
+    check it against PyTorch in ONNX Runtime (:func:`verify_graph`), and move it into place with
+    its report (:func:`write_verified`). Nothing is left at ``output`` unless every step passed.
+
+    Args:
+        checkpoint: a checkpoint folder, its config.json or its .safetensors file.
+        output: the ONNX file to write; ``<output>.export.json`` gets the report.
+        input_format: "uint8-nhwc" (normalisation in the graph) or "float32-nchw".
+        output_format: "logits", "probabilities" or "mask".
+        dynamic_hw: dynamic height and width (any size) besides the dynamic batch.
+        input_size: one side or (height, width) [default: the checkpoint's].
+        opset: ONNX opset, 17 or newer.
+        hw_multiple: 32 makes height and width dynamic for multiples of 32 only, keeping the fast
+            graph (see the module docstring); 1: no restriction.
+        threshold: replaces the checkpoint's threshold [default: the checkpoint's].
+        verify_dir: images for the parity check [default: Kvasir-SEG validation images when
+            found, else synthetic ones, said so in the report].
+        verify_count: images in the parity check.
+        tta: flip TTA in the graph [default: the checkpoint's].
+        tta_sizes: multi-scale TTA sizes in the graph ("none" or () for none) [default: the checkpoint's].
+        fold: trace the network rewritten for inference (``training.inference_model``: BatchNorm
+            folded, the decoder's sum and first pointwise layers at half resolution), checked
+            against the original network like everything else.
+        log: receives progress lines and warnings.
+
+    Returns:
+        The report (also written as ``<output>.export.json``): formats, sizes, metadata, parity
+        per size and batch, sha256 and size of the file.
+
+    Raises:
+        ExportError: anything failed; nothing was written at ``output`` (unless
+            ``model_written``: a verified model whose report alone could not be written). A
+            failed export after tracing writes ``<output>.export-failed.json``.
+
+    Example:
+        >>> report = export_checkpoint("training/weights/default", "model.onnx",
+        ...                            hw_multiple=32, log=lambda line: None)  # doctest: +SKIP
+        >>> report["ok"], report["parity"]["max_abs_error"] < 1e-2  # doctest: +SKIP
+        (True, True)
+    """
+    dynamic_hw = _check_graph_options(opset, hw_multiple, dynamic_hw)
+    stack = _import_export_stack()
     started = time.perf_counter()
     output = Path(output)
-    stale_failure = output.with_name(output.name + ".export-failed.json")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        stale_failure.unlink(missing_ok=True)  # from an earlier attempt: it must not be read as this one's
-    except OSError as e:
-        raise ExportError(f"cannot write to {output.parent}: {e.strerror or e} ({e.filename or output})") from None
-    try:
-        model, config = load_model(checkpoint, device="cpu")
-    except Exception as e:  # missing files, a damaged safetensors file, weights of another variant...
-        raise ExportError(f"cannot load the checkpoint {checkpoint}: {type(e).__name__}: {e}") from None
-    if threshold is not None:
-        config = dict(config, threshold=float(threshold))
-    if tta is not None:
-        config = dict(config, tta=bool(tta))
-    try:
-        if tta_sizes is not None:
-            config = dict(config, tta_sizes=list(parse_tta_sizes(tta_sizes)))
-        sizes = parse_tta_sizes(config.get("tta_sizes"))
-    except ValueError as e:
-        raise ExportError(f"multi-scale TTA: {e}") from None
-    if sizes and dynamic_hw:
-        raise ExportError(f"multi-scale TTA (sizes {', '.join(map(str, sizes))}) baked into the graph needs a fixed "
-                          "input size: the sizes are squares chosen for the model's input size; export without "
-                          "--dynamic-hw, or with --tta-sizes none (run-time --tta multiscale then uses the "
-                          "recommendation in the metadata)")
-    if int(config.get("min_region_px", 0) or 0) > 0:
-        # The runtime thresholds the graph's output and does not remove small regions, so the ONNX
-        # model would not reproduce the checkpoint's evaluated setting: say so rather than differ silently.
-        log(f"warning: the checkpoint removes predicted regions below {config['min_region_px']} px at evaluation; "
-            "the exported model and effiseg-run do not, so their masks can differ from effiseg-eval's")
-    try:
-        info = ModelInfo.from_checkpoint_config(config, path=output, input_format=input_format,
-                                                output_format=output_format, dynamic_hw=dynamic_hw,
-                                                input_size=input_size)
-    except ValueError as e:
-        raise ExportError(str(e)) from None
-    if hw_multiple != 1 and (info.input_height % hw_multiple or info.input_width % hw_multiple):
-        raise ExportError(f"--dynamic-hw-x32 needs an input size that is a multiple of {hw_multiple}, not "
-                          f"{info.input_height}x{info.input_width}")
-    info.hw_multiple = hw_multiple if dynamic_hw else 1
-    recommended = info.tta_recommended.get("sizes") or []
-    if recommended and not dynamic_hw and any(s != info.input_height or s != info.input_width for s in recommended):
-        log(f"note: the recommended multi-scale sizes {'+'.join(map(str, recommended))} need a graph that runs at "
-            "them: this fixed-size export serves --tta none and flip only (export with --dynamic-hw-x32 for all)")
-    info.version = effiseg_version()
+    _prepare_output(output)
+    model, config = load_for_export(checkpoint, threshold=threshold, tta=tta, tta_sizes=tta_sizes)
+    info = describe_graph(config, output, input_format=input_format, output_format=output_format,
+                          dynamic_hw=dynamic_hw, input_size=input_size, hw_multiple=hw_multiple, log=log)
+    info.version = stack.effiseg_version()
     info.extra = {"output_layout": "NHW", "opset": opset, "checkpoint": Path(checkpoint).name,
-                  "torch": torch.__version__, "encoder": config.get("encoder", "")}
-    h, w = info.input_height, info.input_width
-    traced_model = model
-    if fold:
-        from effiseg.training.inference_model import FoldedEffiSegNet, FoldError, fold_for_inference
-        try:
-            traced_model = fold_for_inference(model, probe_size=(h, w))
-        except FoldError as e:
-            raise ExportError(f"folding the network for inference failed (export with --no-fold): {e}") from None
-        if dynamic_hw and hw_multiple == 1 and isinstance(traced_model, FoldedEffiSegNet):
-            # The half-resolution sum is exact only at multiples of 32: a graph for every size
-            # must not freeze the traced size's choice (with hw_multiple 32 it is exact everywhere).
-            traced_model.merge = "direct"
-    folded = traced_model is not model
-    info.extra["folded_for_inference"] = folded
-    # Traced on the CPU, so the flips' batching is said explicitly: one batch of 4N in the graph.
-    # The parity reference is always the network as trained, so a fold is verified end to end.
-    try:
-        graph = SegmentationGraph(traced_model, info.mean, info.std, input_format, output_format, info.threshold,
-                                  tta=info.tta, tta_sizes=info.tta_sizes, batch_flips=True).eval()
-        reference = SegmentationGraph(model, info.mean, info.std, "uint8-nhwc", "logits", info.threshold,
-                                      tta=info.tta, tta_sizes=info.tta_sizes).eval()
-    except ValueError as e:  # e.g. a threshold outside (0, 1) in the checkpoint's config
-        raise ExportError(f"cannot export {checkpoint}: {e}") from None
+                  "torch": stack.torch.__version__, "encoder": config.encoder}
+    graphs = prepare_graphs(stack, model, info, fold, checkpoint)
     # Before tracing (tens of seconds): a wrong --verify-images folder fails at once.
+    h, w = info.input_height, info.input_width
     try:
         verify_images, verify_source, verify_skipped = load_verify_images(verify_dir, verify_count, h, w)
     except OSError as e:
@@ -364,80 +347,22 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
                           f"{e.strerror or e}") from None
     for skipped in verify_skipped:
         log(f"warning: parity check skips an unreadable image: {skipped}")
-    if input_format == "uint8-nhwc":
-        example = torch.randint(0, 256, (2, h, w, 3), dtype=torch.uint8)
-    else:
-        example = torch.randn(2, 3, h, w)
 
     tmp = output.with_name(f".{output.name}.{os.getpid()}{TEMP_SUFFIX}")
-    report = {"checkpoint": str(Path(checkpoint).resolve()), "onnx": str(output.resolve()), "opset": opset,
-              "input_name": INPUT_NAME, "output_name": info.output_name, "input_format": input_format,
-              "output_format": output_format, "input_size": [h, w], "dynamic_hw": dynamic_hw,
-              "dynamic_axes": ["batch"] + (["height", "width"] if dynamic_hw else []),
-              "hw_multiple": info.hw_multiple, "tta_recommended": info.tta_recommended,
-              "output_shape": "(N, H, W)", "threshold": info.threshold, "tta": info.tta,
-              "tta_sizes": list(info.tta_sizes),
-              "bytes_per_image": bytes_per_image(h, w, input_format, output_format),
-              "metadata": info.to_metadata(), "ok": False,
-              "folded": folded, "decoder_merge": traced_model.merge if folded else None}
+    report = _start_report(checkpoint, output, opset, info, graphs)
     try:
-        report["upsampling"] = _choose_upsampling(torch, traced_model, h, w, dynamic_hw and hw_multiple == 1)
-        _set_upsampling(traced_model, report["upsampling"])
-        try:
-            with torch.no_grad():
-                report["exporter"] = _trace_to_onnx(torch, graph, example, tmp, info, opset, dynamic_hw)
-        finally:
-            _set_upsampling(traced_model, None)
+        trace_graph(stack, graphs, info, tmp, opset, report, log)
         log(f"traced in {time.perf_counter() - started:.1f} s; checking and verifying against PyTorch")
-        info.extra["exporter"] = report["exporter"]
-        report["metadata"] = info.to_metadata()
-        _set_metadata(onnx, tmp, info)
-        # TensorRT cannot be installed everywhere effiseg is exported: check its uint8 rules here.
-        try:
-            report["tensorrt_uint8_problems"] = tensorrt_uint8_problems(tmp)
-        except Exception as e:  # advisory only: the export itself stands or falls on parity
-            report["tensorrt_uint8_problems"] = None
-            log(f"warning: could not check the graph against TensorRT's uint8 rules: {type(e).__name__}: {e}")
-        for problem in report["tensorrt_uint8_problems"] or []:
-            log(f"warning: TensorRT's ONNX parser would refuse this graph: {problem}")
-        report["parity"] = _verify(torch, ort, tmp, graph, reference, info, verify_images, verify_source)
-        report["verify_images"] = report["parity"].pop("source")
-        report["verify_images_skipped"] = verify_skipped
-        if report["verify_images"].startswith("synthetic"):
-            log("warning: no Kvasir-SEG validation images found; parity checked on synthetic images "
-                "(pass --verify-images DIR for real ones)")
-        report["ok"] = all(p["ok"] for p in report["parity"]["checks"])
+        verify_graph(stack, graphs, info, tmp, verify_images, verify_source, verify_skipped, report, log)
         report["seconds"] = round(time.perf_counter() - started, 2)
-        if not report["ok"]:
-            bad = [p for p in report["parity"]["checks"] if not p["ok"]]
-            raise ExportError(f"ONNX Runtime disagrees with PyTorch beyond float32 tolerance: {bad}")
-        data = tmp.read_bytes()
-        report["onnx_bytes"] = len(data)
-        report["sha256"] = hashlib.sha256(data).hexdigest()
-        # The report of an earlier export is moved aside first: if it cannot be (open in a program
-        # on Windows), the old model stays as well; if the model then cannot be replaced, it goes
-        # back. Either way the model and the report beside it agree.
-        old_report = output.with_name(output.name + ".export.json")
-        report_aside = old_report.with_name(f".{old_report.name}.{os.getpid()}{TEMP_SUFFIX}")
-        try:
-            if old_report.exists():
-                os.replace(old_report, report_aside)
-        except OSError as e:
-            raise ExportError(f"cannot replace {old_report} ({e.strerror or e}): close the program that has it "
-                              f"open and export again; {output} was not changed") from None
-        try:
-            replace_with_retry(tmp, output)
-        except BaseException:
-            if report_aside.exists():
-                os.replace(report_aside, old_report)
-            raise
-        report_aside.unlink(missing_ok=True)
+        write_verified(tmp, output, report)
     except BaseException as e:
         try:
             tmp.unlink()
         except OSError:
             pass
         report["error"] = f"{type(e).__name__}: {e}"
+        report.setdefault("seconds", round(time.perf_counter() - started, 2))
         _write_report(output.with_name(output.name + ".export-failed.json"), report)
         if isinstance(e, ExportError):
             raise
@@ -451,6 +376,209 @@ def export_checkpoint(checkpoint, output, *, input_format: str = "uint8-nhwc", o
         raise ExportError(f"{output} was written and verified, but its report {report_path} could not be "
                           f"written: {e.strerror or e}", model_written=True) from None
     return report
+
+
+def _check_graph_options(opset: int, hw_multiple: int, dynamic_hw: bool) -> bool:
+    """Refuse what no export can make; returns ``dynamic_hw`` (implied by ``hw_multiple`` 32)."""
+    if opset < 17:
+        raise ExportError(f"opset {opset} is too old; effiseg exports opset 17 or newer")
+    if hw_multiple not in (1, SIZE_STEP):
+        raise ExportError(f"hw_multiple must be 1 (any size) or {SIZE_STEP}, not {hw_multiple}")
+    return dynamic_hw or hw_multiple != 1
+
+
+def _prepare_output(output: Path) -> None:
+    """The output folder exists, and a failure report from an earlier attempt is gone (it must not
+    be read as this one's)."""
+    stale_failure = output.with_name(output.name + ".export-failed.json")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        stale_failure.unlink(missing_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot write to {output.parent}: {e.strerror or e} ({e.filename or output})") from None
+
+
+def load_for_export(checkpoint, *, threshold: float | None = None, tta: bool | None = None,
+                    tta_sizes=None) -> tuple:
+    """(model on the CPU, its ``ModelConfig`` with the given overrides applied by ``dataclasses.replace``).
+
+    Raises:
+        ExportError: the checkpoint cannot be loaded, or an override is invalid.
+    """
+    from effiseg.training.checkpoint import load_model
+    try:
+        model, config = load_model(checkpoint, device="cpu")
+    except Exception as e:  # missing files, a damaged safetensors file, weights of another variant...
+        raise ExportError(f"cannot load the checkpoint {checkpoint}: {type(e).__name__}: {e}") from None
+    overrides = {"threshold": threshold, "tta": tta}
+    try:
+        if tta_sizes is not None:
+            overrides["tta_sizes"] = parse_tta_sizes(tta_sizes)
+    except ValueError as e:
+        raise ExportError(f"multi-scale TTA: {e}") from None
+    try:
+        config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as e:  # e.g. a threshold outside (0, 1)
+        raise ExportError(f"cannot export {checkpoint}: {e}") from None
+    return model, config
+
+
+def describe_graph(config: ModelConfig, output: Path, *, input_format: str, output_format: str, dynamic_hw: bool,
+                   input_size, hw_multiple: int, log) -> ModelInfo:
+    """The ``ModelInfo`` of the graph to make from ``config``, after refusing what would not run as
+    evaluated (baked-in multi-scale TTA at dynamic sizes, sizes off the ``hw_multiple`` grid) and
+    warning about what the graph leaves out (small-region removal, recommended sizes)."""
+    if config.tta_sizes and dynamic_hw:
+        raise ExportError(f"multi-scale TTA (sizes {', '.join(map(str, config.tta_sizes))}) baked into the graph "
+                          "needs a fixed input size: the sizes are squares chosen for the model's input size; export "
+                          "without --dynamic-hw, or with --tta-sizes none (run-time --tta multiscale then uses the "
+                          "recommendation in the metadata)")
+    if config.min_region_px > 0:
+        # The runtime thresholds the graph's output and does not remove small regions, so the ONNX
+        # model would not reproduce the checkpoint's evaluated setting: say so rather than differ silently.
+        log(f"warning: the checkpoint removes predicted regions below {config.min_region_px} px at evaluation; "
+            "the exported model and effiseg-run do not, so their masks can differ from effiseg-eval's")
+    try:
+        info = ModelInfo.from_config(config, path=output, input_format=input_format, output_format=output_format,
+                                     dynamic_hw=dynamic_hw, input_size=input_size)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    if hw_multiple != 1 and (info.input_height % hw_multiple or info.input_width % hw_multiple):
+        raise ExportError(f"--dynamic-hw-x32 needs an input size that is a multiple of {hw_multiple}, not "
+                          f"{info.input_height}x{info.input_width}")
+    info.hw_multiple = hw_multiple if dynamic_hw else 1
+    recommended = info.tta_recommended.get("sizes") or []
+    if recommended and not dynamic_hw and any(s != info.input_height or s != info.input_width for s in recommended):
+        log(f"note: the recommended multi-scale sizes {'+'.join(map(str, recommended))} need a graph that runs at "
+            "them: this fixed-size export serves --tta none and flip only (export with --dynamic-hw-x32 for all)")
+    return info
+
+
+@dataclass
+class Graphs:
+    """What is traced and what it is checked against: ``traced`` (the network, folded for
+    inference or not) wrapped as ``graph`` with the I/O formats, and ``reference`` (the network as
+    trained, uint8 in, logits out), so a fold is verified end to end."""
+    model: object
+    traced: object
+    graph: object
+    reference: object
+
+    @property
+    def folded(self) -> bool:
+        return self.traced is not self.model
+
+
+def prepare_graphs(stack, model, info: ModelInfo, fold: bool, checkpoint) -> Graphs:
+    """Fold the network for inference (``fold``) and wrap it and the reference with the pre- and
+    post-processing the graph carries. Raises ExportError when the fold or the wrapping fails."""
+    traced = model
+    if fold:
+        from effiseg.training.inference_model import FoldedEffiSegNet, FoldError, fold_for_inference
+        try:
+            traced = fold_for_inference(model, probe_size=(info.input_height, info.input_width))
+        except FoldError as e:
+            raise ExportError(f"folding the network for inference failed (export with --no-fold): {e}") from None
+        if info.dynamic_hw and info.hw_multiple == 1 and isinstance(traced, FoldedEffiSegNet):
+            # The half-resolution sum is exact only at multiples of 32: a graph for every size
+            # must not freeze the traced size's choice (with hw_multiple 32 it is exact everywhere).
+            traced.merge = "direct"
+    info.extra["folded_for_inference"] = traced is not model
+    # Traced on the CPU, so the flips' batching is said explicitly: one batch of 4N in the graph.
+    try:
+        graph = stack.SegmentationGraph(traced, info.mean, info.std, info.input_format, info.output_format,
+                                        info.threshold, tta=info.tta, tta_sizes=info.tta_sizes,
+                                        batch_flips=True).eval()
+        reference = stack.SegmentationGraph(model, info.mean, info.std, "uint8-nhwc", "logits", info.threshold,
+                                            tta=info.tta, tta_sizes=info.tta_sizes).eval()
+    except ValueError as e:
+        raise ExportError(f"cannot export {checkpoint}: {e}") from None
+    return Graphs(model, traced, graph, reference)
+
+
+def _start_report(checkpoint, output: Path, opset: int, info: ModelInfo, graphs: Graphs) -> dict:
+    h, w = info.input_height, info.input_width
+    return {"checkpoint": str(Path(checkpoint).resolve()), "onnx": str(output.resolve()), "opset": opset,
+            "input_name": INPUT_NAME, "output_name": info.output_name, "input_format": info.input_format,
+            "output_format": info.output_format, "input_size": [h, w], "dynamic_hw": info.dynamic_hw,
+            "dynamic_axes": ["batch"] + (["height", "width"] if info.dynamic_hw else []),
+            "hw_multiple": info.hw_multiple, "tta_recommended": info.tta_recommended,
+            "output_shape": "(N, H, W)", "threshold": info.threshold, "tta": info.tta,
+            "tta_sizes": list(info.tta_sizes),
+            "bytes_per_image": bytes_per_image(h, w, info.input_format, info.output_format),
+            "metadata": info.to_metadata(), "ok": False,
+            "folded": graphs.folded, "decoder_merge": graphs.traced.merge if graphs.folded else None}
+
+
+def trace_graph(stack, graphs: Graphs, info: ModelInfo, tmp: Path, opset: int, report: dict, log) -> None:
+    """Trace ``graphs.graph`` to ``tmp`` (choosing the decoder's upsampling for the size), write the
+    metadata and check the file against ``onnx.checker`` and TensorRT's uint8 rules (advisory)."""
+    torch = stack.torch
+    h, w = info.input_height, info.input_width
+    if info.input_format == "uint8-nhwc":
+        example = torch.randint(0, 256, (2, h, w, 3), dtype=torch.uint8)
+    else:
+        example = torch.randn(2, 3, h, w)
+    report["upsampling"] = _choose_upsampling(torch, graphs.traced, h, w, info.dynamic_hw and info.hw_multiple == 1)
+    _set_upsampling(graphs.traced, report["upsampling"])
+    try:
+        with torch.no_grad():
+            report["exporter"] = _trace_to_onnx(torch, graphs.graph, example, tmp, info, opset, info.dynamic_hw)
+    finally:
+        _set_upsampling(graphs.traced, None)
+    info.extra["exporter"] = report["exporter"]
+    report["metadata"] = info.to_metadata()
+    _set_metadata(stack.onnx, tmp, info)
+    # TensorRT cannot be installed everywhere effiseg is exported: check its uint8 rules here.
+    try:
+        report["tensorrt_uint8_problems"] = tensorrt_uint8_problems(tmp)
+    except Exception as e:  # advisory only: the export itself stands or falls on parity
+        report["tensorrt_uint8_problems"] = None
+        log(f"warning: could not check the graph against TensorRT's uint8 rules: {type(e).__name__}: {e}")
+    for problem in report["tensorrt_uint8_problems"] or []:
+        log(f"warning: TensorRT's ONNX parser would refuse this graph: {problem}")
+
+
+def verify_graph(stack, graphs: Graphs, info: ModelInfo, tmp: Path, images: list[np.ndarray], source: str,
+                 skipped: list[str], report: dict, log) -> None:
+    """Parity of the traced file against the reference on ``images`` (see :func:`_verify`); raises
+    ExportError when ONNX Runtime disagrees with PyTorch beyond tolerance."""
+    report["parity"] = _verify(stack.torch, stack.ort, tmp, graphs.graph, graphs.reference, info, images, source)
+    report["verify_images"] = report["parity"].pop("source")
+    report["verify_images_skipped"] = skipped
+    if report["verify_images"].startswith("synthetic"):
+        log("warning: no Kvasir-SEG validation images found; parity checked on synthetic images "
+            "(pass --verify-images DIR for real ones)")
+    report["ok"] = all(p["ok"] for p in report["parity"]["checks"])
+    if not report["ok"]:
+        bad = [p for p in report["parity"]["checks"] if not p["ok"]]
+        raise ExportError(f"ONNX Runtime disagrees with PyTorch beyond float32 tolerance: {bad}")
+
+
+def write_verified(tmp: Path, output: Path, report: dict) -> None:
+    """Move the verified ``tmp`` to ``output``, recording its size and digest in ``report``.
+
+    The report of an earlier export is moved aside first: if it cannot be (open in a program on
+    Windows), the old model stays as well; if the model then cannot be replaced, it goes back.
+    Either way the model and the report beside it agree."""
+    data = tmp.read_bytes()
+    report["onnx_bytes"] = len(data)
+    report["sha256"] = hashlib.sha256(data).hexdigest()
+    old_report = output.with_name(output.name + ".export.json")
+    report_aside = old_report.with_name(f".{old_report.name}.{os.getpid()}{TEMP_SUFFIX}")
+    try:
+        if old_report.exists():
+            os.replace(old_report, report_aside)
+    except OSError as e:
+        raise ExportError(f"cannot replace {old_report} ({e.strerror or e}): close the program that has it "
+                          f"open and export again; {output} was not changed") from None
+    try:
+        replace_with_retry(tmp, output)
+    except BaseException:
+        if report_aside.exists():
+            os.replace(report_aside, old_report)
+        raise
+    report_aside.unlink(missing_ok=True)
 
 
 def _write_report(path: Path, report: dict) -> None:

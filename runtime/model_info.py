@@ -4,12 +4,22 @@
 metrics and effiseg version into the ONNX ``metadata_props``. This module reads them with a
 minimal protobuf walk (ModelProto field 14 = metadata_props, each a key/value string pair), so an
 inference install that has only TensorRT can still run an ONNX file alone.
+
+A ``ModelInfo`` is the model's settings (``ModelConfig``, effiseg.runtime.model_config) plus what
+one exported graph adds: its input and output formats, size and names. It is made from a config
+(:meth:`ModelInfo.from_config`), and a file exported since the config type existed also stores the
+whole config (``effiseg.model_config``), so nothing the checkpoint knew is lost on the way.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .model_config import (TTA_SIZE_RANGE, TTA_SIZE_STEP, ModelConfig, ModelConfigError,  # noqa: F401 (re-exported)
+                           parse_tta_recommendation, parse_tta_sizes)
+from .variants import list_variants
 
 META_PREFIX = "effiseg."
 
@@ -18,42 +28,6 @@ META_PREFIX = "effiseg."
 # (float16 sigmoid) or "mask" (uint8 0/1 at the model's threshold).
 INPUT_FORMATS = ("uint8-nhwc", "float32-nchw")
 OUTPUT_FORMATS = ("logits", "probabilities", "mask")
-
-# Multi-scale test-time augmentation: square sizes the network also runs at (multiples of the
-# encoder's stride 32, so every decoder stage upsamples by exact factors of 2).
-TTA_SIZE_STEP = 32
-TTA_SIZE_RANGE = (64, 2048)
-
-
-def parse_tta_sizes(value) -> tuple[int, ...]:
-    """Multi-scale TTA sizes from a config value, metadata string or CLI text ("352,416"; "",
-    "none" or None = none) as a sorted tuple without repeats; a bad value raises ValueError
-    saying which size and why."""
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("", "none", "off"):
-            return ()
-        items = [part.strip() for part in text.split(",")]
-    elif isinstance(value, (int, float)):
-        items = [value]
-    else:
-        items = list(value)
-    sizes = set()
-    for item in items:
-        try:
-            size = int(item)
-            if isinstance(item, float) and item != size:
-                raise ValueError
-        except (TypeError, ValueError):
-            raise ValueError(f"TTA size {item!r} is not a whole number of pixels") from None
-        low, high = TTA_SIZE_RANGE
-        if size % TTA_SIZE_STEP or not low <= size <= high:
-            raise ValueError(f"TTA size {size} must be a multiple of {TTA_SIZE_STEP} between {low} and {high}")
-        sizes.add(size)
-    return tuple(sorted(sizes))
-
 
 def network_passes(tta: bool, tta_sizes=()) -> int:
     """Network passes per image: one per size (the input size when no sizes are set), times four
@@ -71,33 +45,41 @@ def describe_tta(tta: bool, tta_sizes=()) -> str:
     return f"{what}{' at sizes ' + sizes if sizes else ''} ({passes} network passes per image)"
 
 
-def parse_tta_recommendation(value) -> dict:
-    """The TTA setting chosen on validation, as a checkpoint config or the ONNX metadata records it:
-    ``{"flips": bool, "sizes": [int, ...], "threshold": float | None}``; ``{}`` when none is recorded.
-    A bad value raises ValueError saying which part and why."""
-    if value in (None, "", {}):
-        return {}
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"TTA recommendation is not JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"TTA recommendation must be a mapping (flips, sizes, threshold), not {value!r}")
-    unknown = set(value) - {"flips", "sizes", "threshold"}
-    if unknown:
-        raise ValueError(f"TTA recommendation has unknown keys {sorted(unknown)}; expected flips, sizes, threshold")
-    threshold = value.get("threshold")
-    if threshold is not None:
-        threshold = float(threshold)
-        if not 0.0 < threshold < 1.0:
-            raise ValueError(f"TTA recommendation: threshold must be in (0, 1), got {threshold}")
-    return {"flips": bool(value.get("flips", False)), "sizes": list(parse_tta_sizes(value.get("sizes"))),
-            "threshold": threshold}
+# The settings a ModelInfo shares with the model config, written as their own metadata keys too
+# (every effiseg version reads these; the full config beside them is for this version and later).
+SHARED_WITH_CONFIG = ("variant", "mean", "std", "threshold", "tta", "tta_sizes", "tta_recommended", "metrics")
 
 
 @dataclass
 class ModelInfo:
+    """One runnable model as a backend sees it: the model's settings plus the exported graph's I/O.
+
+    Args:
+        path (Path | None): the ONNX file or checkpoint it describes (None for one made in memory).
+        variant (str): the model's variant name.
+        input_height (int), input_width (int): the size the graph runs at (with ``dynamic_hw``: the
+            size it was exported and checked at).
+        input_format (str): "uint8-nhwc" (normalisation in the graph) or "float32-nchw" (on the host).
+        output_format (str): "logits", "probabilities" or "mask".
+        mean, std (tuple[float, float, float]): input normalisation (what the host applies for
+            float32 input). The defaults serve fakes in tests; real models take them from their config.
+        threshold (float): probability cut for the mask.
+        tta (bool), tta_sizes (tuple[int, ...]): test-time augmentation inside the graph.
+        dynamic_hw (bool), hw_multiple (int): dynamic height/width, exact at multiples of ``hw_multiple``.
+        tta_recommended (dict): the TTA chosen on validation, for ``--tta`` at run time.
+        input_name, output_name (str): the graph's tensor names.
+        metrics (dict): the model's evaluation results.
+        version (str): the effiseg version that exported the graph.
+        extra (dict): exporter facts (opset, torch version, ...).
+        config (ModelConfig | None): the full model config it was made from; None for fakes and for
+            files of an unregistered variant that did not store it.
+
+    Example:
+        >>> info = ModelInfo.from_onnx("runtime/models/effisegnet-default.onnx")  # doctest: +SKIP
+        >>> info.variant, info.input_format, info.config.encoder  # doctest: +SKIP
+        ('effisegnet-lite2', 'uint8-nhwc', 'tf_efficientnet_lite2')
+    """
+
     path: Path | None
     variant: str
     input_height: int
@@ -126,10 +108,19 @@ class ModelInfo:
     metrics: dict = field(default_factory=dict)
     version: str = "unknown"
     extra: dict = field(default_factory=dict)
+    # Not compared: two infos of one graph are equal whether or not one knows the whole config.
+    config: ModelConfig | None = field(default=None, compare=False, repr=False)
+
+    def model_config(self) -> ModelConfig | None:
+        """The model config with this info's own settings (which win: an info changed with
+        ``dataclasses.replace``, e.g. another TTA, says so in the config it writes too)."""
+        if self.config is None:
+            return None
+        return dataclasses.replace(self.config, **{k: getattr(self, k) for k in SHARED_WITH_CONFIG})
 
     def to_metadata(self) -> dict[str, str]:
         """The key/value strings ``effiseg-export`` stores in the ONNX file."""
-        return {
+        meta = {
             META_PREFIX + "variant": self.variant,
             META_PREFIX + "input_height": str(self.input_height),
             META_PREFIX + "input_width": str(self.input_width),
@@ -149,65 +140,142 @@ class ModelInfo:
             META_PREFIX + "version": self.version,
             META_PREFIX + "extra": json.dumps(self.extra, sort_keys=True),
         }
+        config = self.model_config()
+        if config is not None:
+            meta[META_PREFIX + "model_config"] = config.to_json()
+        return meta
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], path: Path | None = None) -> "ModelInfo":
+        """Read the metadata of an ONNX file of any effiseg version.
+
+        Args:
+            meta: the file's ``metadata_props`` as a dict (see :func:`read_onnx_metadata`).
+            path: the file, named in errors and kept as ``info.path``.
+
+        Returns:
+            The info; ``info.config`` is the stored model config, or for files exported before it
+            was stored, one rebuilt from the individual keys and the variant registry (None for a
+            variant this version does not know).
+
+        Raises:
+            ValueError: no effiseg metadata, an unknown input/output format, or an invalid value
+                (the message names the file and the key).
+        """
         def get(key, default=None):
             return meta.get(META_PREFIX + key, default)
+        where = f" {path}" if path else ""
         if get("variant") is None:
-            where = f" {path}" if path else ""
             raise ValueError(f"ONNX file{where} has no effiseg metadata; export it with effiseg-export")
         fmt_in, fmt_out = get("input_format", "uint8-nhwc"), get("output_format", "logits")
         if fmt_in not in INPUT_FORMATS or fmt_out not in OUTPUT_FORMATS:
             raise ValueError(f"{path}: unknown input/output format {fmt_in!r}/{fmt_out!r}")
+        try:
+            extra = json.loads(get("extra", "{}"))
+            shared = _shared_settings(get)
+            config = _config_from_metadata(get, shared, extra)
+        except (ValueError, TypeError) as e:  # json.JSONDecodeError and ModelConfigError are ValueErrors
+            raise ValueError(f"ONNX file{where}: effiseg metadata: {e}") from None
+        if config is not None:
+            shared = {k: getattr(config, k) for k in SHARED_WITH_CONFIG}
         return cls(
-            path=path, variant=get("variant"),
-            input_height=int(get("input_height")), input_width=int(get("input_width")),
-            input_format=fmt_in, output_format=fmt_out,
-            mean=tuple(json.loads(get("mean", "[0.5, 0.5, 0.5]"))),
-            std=tuple(json.loads(get("std", "[0.5, 0.5, 0.5]"))),
-            threshold=float(get("threshold", "0.5")), dynamic_hw=get("dynamic_hw", "0") == "1",
-            tta=get("tta", "0") == "1", tta_sizes=parse_tta_sizes(get("tta_sizes", "")),
+            path=path, input_height=int(get("input_height")), input_width=int(get("input_width")),
+            input_format=fmt_in, output_format=fmt_out, dynamic_hw=get("dynamic_hw", "0") == "1",
             hw_multiple=int(get("hw_multiple", "1")),
-            tta_recommended=parse_tta_recommendation(get("tta_recommended", "")),
             input_name=get("input_name", "images"), output_name=get("output_name", "logits"),
-            metrics=json.loads(get("metrics", "{}")), version=get("version", "unknown"),
-            extra=json.loads(get("extra", "{}")),
+            version=get("version", "unknown"), extra=extra, config=config, **shared,
         )
 
     @classmethod
-    def from_checkpoint_config(cls, config: dict, path: Path | None = None, input_format: str = "uint8-nhwc",
-                               output_format: str = "logits", dynamic_hw: bool = False,
-                               input_size: int | tuple[int, int] | None = None) -> "ModelInfo":
-        """What a checkpoint's config.json implies (used by effiseg-export and the torch backend)."""
+    def from_config(cls, config: ModelConfig, path: Path | None = None, input_format: str = "uint8-nhwc",
+                    output_format: str = "logits", dynamic_hw: bool = False,
+                    input_size: int | tuple[int, int] | None = None) -> "ModelInfo":
+        """The info of a graph made from ``config`` (what effiseg-export writes, what the torch backend runs).
+
+        Args:
+            config: the model's settings.
+            path: the file the info describes.
+            input_format, output_format: the graph's I/O formats (see ``INPUT_FORMATS``, ``OUTPUT_FORMATS``).
+            dynamic_hw: whether the graph takes any height and width.
+            input_size: one side or (height, width) [default: ``config.input_size``].
+
+        Returns:
+            The info, with ``info.config`` set.
+
+        Raises:
+            ValueError: an unknown format, or multi-scale TTA sizes at an input size other than the
+                model's (the sizes were chosen for that one).
+
+        Example:
+            >>> cfg = ModelConfig.for_variant("effisegnet-lite0", input_size=64)
+            >>> ModelInfo.from_config(cfg, input_format="float32-nchw").input_height
+            64
+        """
         if input_format not in INPUT_FORMATS or output_format not in OUTPUT_FORMATS:
             raise ValueError(f"unknown input/output format {input_format!r}/{output_format!r}")
-        size = config.get("input_size", 352) if input_size is None else input_size
+        size = config.input_size if input_size is None else input_size
         height, width = (size, size) if isinstance(size, int) else size
-        tta_sizes = parse_tta_sizes(config.get("tta_sizes"))
-        native = int(config.get("input_size", 352))
-        if tta_sizes and (int(height), int(width)) != (native, native):
+        native = config.input_size
+        if config.tta_sizes and (int(height), int(width)) != (native, native):
             # The sizes are absolute squares chosen (on validation) for this input size: at another
             # size the graph would never run at the requested one, a computation nobody evaluated.
-            raise ValueError(f"multi-scale TTA sizes {'+'.join(map(str, tta_sizes))} were chosen for the "
+            raise ValueError(f"multi-scale TTA sizes {'+'.join(map(str, config.tta_sizes))} were chosen for the "
                              f"model's input size {native}x{native}, not {height}x{width}; use the model's "
                              "size, or drop the sizes (--tta-sizes none where the command has it)")
         return cls(
-            path=path, variant=config["variant"], input_height=int(height), input_width=int(width),
-            input_format=input_format, output_format=output_format,
-            mean=tuple(float(v) for v in config.get("mean", (0.5, 0.5, 0.5))),
-            std=tuple(float(v) for v in config.get("std", (0.5, 0.5, 0.5))),
-            threshold=float(config.get("threshold", 0.5)), dynamic_hw=bool(dynamic_hw),
-            tta=bool(config.get("tta", False)), tta_sizes=tta_sizes,
-            tta_recommended=parse_tta_recommendation(config.get("tta_recommended")),
-            output_name=output_format, metrics=dict(config.get("metrics") or {}),
-            version=str(config.get("effiseg_version", "unknown")),
+            path=path, input_height=int(height), input_width=int(width), input_format=input_format,
+            output_format=output_format, dynamic_hw=bool(dynamic_hw), output_name=output_format,
+            version=config.effiseg_version, config=config,
+            **{k: getattr(config, k) for k in SHARED_WITH_CONFIG},
         )
 
     @classmethod
+    def from_checkpoint_config(cls, config, path: Path | None = None, **graph) -> "ModelInfo":
+        """:meth:`from_config` for a config dict (a checkpoint's config.json as read, of any
+        version) or a ``ModelConfig``; ``graph``: ``from_config``'s format and size arguments."""
+        return cls.from_config(ModelConfig.coerce(config), path=path, **graph)
+
+    @classmethod
     def from_onnx(cls, path: str | Path) -> "ModelInfo":
+        """Read an ONNX file's effiseg metadata (without onnx or onnxruntime).
+
+        Raises:
+            ValueError: the file cannot be read, is not ONNX, or has no (valid) effiseg metadata.
+        """
         path = Path(path)
         return cls.from_metadata(read_onnx_metadata(path), path=path)
+
+
+def _shared_settings(get) -> dict:
+    """The settings the metadata holds as individual keys, each only where the file has it."""
+    parsers = {"mean": lambda v: tuple(json.loads(v)), "std": lambda v: tuple(json.loads(v)), "threshold": float,
+               "tta": lambda v: v == "1", "tta_sizes": parse_tta_sizes, "tta_recommended": parse_tta_recommendation,
+               "metrics": json.loads}
+    out = {"variant": get("variant")}
+    for key, parse in parsers.items():
+        if get(key) is not None:
+            out[key] = parse(get(key))
+    # Files before run-time TTA and multi-scale TTA lack these keys: they mean "none".
+    out.setdefault("tta_sizes", ())
+    out.setdefault("tta_recommended", {})
+    return out
+
+
+def _config_from_metadata(get, shared: dict, extra: dict) -> ModelConfig | None:
+    """The stored config with the individual keys on top (they are what every version reads, and
+    agree with it in files effiseg wrote); for older files, one rebuilt from those keys, the
+    exporter's facts (encoder, decoder width) and the variant registry."""
+    stored = get("model_config")
+    if stored is not None:
+        return ModelConfig.from_dict({**json.loads(stored), **shared})
+    if shared["variant"] not in list_variants():
+        missing = [k for k in ("mean", "std") if k not in shared]
+        if missing:
+            raise ModelConfigError(f"{', '.join(missing)} missing, and variant {shared['variant']!r} is not "
+                                   "registered in this effiseg version to supply them")
+        return None
+    recorded = {k: extra[k] for k in ("encoder", "decoder_channels") if extra.get(k) not in (None, "")}
+    return ModelConfig.from_dict({**recorded, **shared})
 
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
@@ -246,6 +314,17 @@ def _fields(buf: bytes):
 
 
 def read_onnx_metadata(path: str | Path) -> dict[str, str]:
+    """An ONNX file's ``metadata_props`` as a dict, read with a minimal protobuf walk (no onnx needed).
+
+    Args:
+        path: the ONNX file.
+
+    Returns:
+        Every key/value pair of the file's metadata (effiseg's keys start with ``effiseg.``).
+
+    Raises:
+        ValueError: the file cannot be read or is not a valid protobuf message (the message names it).
+    """
     path = Path(path)
     try:
         data = path.read_bytes()

@@ -51,9 +51,24 @@ def as_rgb(image: np.ndarray, name: str = "image") -> np.ndarray:
 class Segmenter:
     """Backends (one per device) + the pipeline + the model's conventions.
 
-    ``threshold``: cut applied to probabilities (default: the model's own). Mask-output models
-    have their threshold baked in and accept only that one. ``workers``: decoder threads;
-    ``writers``: post-processing/writer threads (default: as many as workers).
+    Usually made with :meth:`from_onnx`, :meth:`from_checkpoint` or :meth:`from_model`; use it as a
+    context manager (or call :meth:`close`) so the device threads and device memory are released.
+
+    Args:
+        backends (list[Backend]): open backends of one model, one per device.
+        threshold (float | None): cut applied to probabilities, in (0, 1) [default: the model's own].
+            Mask-output models have their threshold baked in and accept only that one.
+        workers (int | None): decoder threads [default: the runtime's, from the CPU count].
+        writers (int | None): post-processing/writer threads [default: as many as workers].
+        selection_notes (list[str] | None): why these backends were chosen (``describe()`` reports them).
+        model_path (Path | None): the model file, for reports.
+
+    Raises:
+        ValueError: no backend, a threshold outside (0, 1), or another threshold than a mask model's.
+
+    Example:
+        >>> with Segmenter.from_model("runtime/models/effisegnet-default.onnx") as seg:  # doctest: +SKIP
+        ...     masks = seg.segment([rgb])
     """
 
     def __init__(self, backends: list[Backend], threshold: float | None = None, workers: int | None = None,
@@ -89,11 +104,38 @@ class Segmenter:
                   slots: int = 2, threshold: float | None = None, workers: int | None = None,
                   writers: int | None = None, input_size: int | tuple[int, int] | None = None,
                   tta: str = "none", **backend_options) -> "Segmenter":
-        """An effiseg ONNX file (its metadata says everything else) on ``backend``. ``devices=None``:
-        every GPU like the first for GPU backends (see ``open_onnx_backends``). ``tta``: "none" (one
-        network pass), "flip" or "multiscale" (the setting chosen on validation, from the metadata),
-        run by the backend (runtime/tta.py); with TTA and no ``threshold`` the recommendation's
-        threshold applies."""
+        """An effiseg ONNX file on ``backend``; its metadata (``ModelInfo``) says everything else.
+
+        Args:
+            path: the ONNX file effiseg-export wrote.
+            backend: "auto" (TensorRT > ONNX Runtime CUDA > OpenVINO/ONNX Runtime CPU, whichever is
+                installed and runs here), or a backend name ("tensorrt", "onnxruntime", "openvino", ...).
+            devices: "cpu", "cuda:0", a list of them [default: every GPU like the first for GPU
+                backends, see ``open_onnx_backends``].
+            precision: "auto", "fp32", "fp16", "bf16" or "int8", as the backend supports.
+            max_batch: largest batch per device call.
+            slots: host + device buffer sets per backend (batches in flight).
+            threshold: cut for masks [default: the model's, or the TTA recommendation's with TTA].
+            workers, writers: decoder and writer threads [default: the runtime's].
+            input_size: one side or (height, width) [default: the file's]; other sizes need a
+                dynamic-size export.
+            tta: "none" (one network pass), "flip" or "multiscale" (the setting chosen on
+                validation, from the metadata), run by the backend (runtime/tta.py).
+            **backend_options: passed to the backend (e.g. ``threads`` for CPU backends).
+
+        Returns:
+            The open Segmenter.
+
+        Raises:
+            FileNotFoundError: no file at ``path``.
+            ValueError: no effiseg metadata, an input size the file cannot run, a TTA choice the
+                file cannot serve.
+            BackendUnavailable: the backend is not installed or cannot run here (the message names
+                the extra to install).
+
+        Example:
+            >>> seg = Segmenter.from_onnx("model.onnx", backend="onnxruntime", devices="cpu")  # doctest: +SKIP
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
@@ -126,9 +168,24 @@ class Segmenter:
                         threshold: float | None = None, workers: int | None = None, writers: int | None = None,
                         input_size: int | tuple[int, int] | None = None, tta: str | None = "none",
                         **backend_options) -> "Segmenter":
-        """A training checkpoint on the torch backend (needs the train extra). ``devices=None``: every
-        GPU torch sees that is like the first, else the CPU. ``tta`` as for ``from_onnx``, run on the
-        device inside the torch graph (None: the checkpoint config's own ``tta``/``tta_sizes``)."""
+        """A training checkpoint on the torch backend (needs the train extra).
+
+        Args:
+            path: a checkpoint folder, its config.json or its .safetensors file.
+            devices: as for :meth:`from_onnx` [default: every GPU torch sees that is like the first,
+                else the CPU].
+            precision, max_batch, slots, threshold, workers, writers, input_size: as for :meth:`from_onnx`.
+            tta: as for :meth:`from_onnx`, run on the device inside the torch graph (None: the
+                checkpoint config's own ``tta``/``tta_sizes``).
+            **backend_options: passed to the torch backend (e.g. ``cuda_graphs``).
+
+        Returns:
+            The open Segmenter.
+
+        Raises:
+            BackendUnavailable: torch or timm is not installed, or no kernels for the GPU.
+            FileNotFoundError, ValueError: the checkpoint is missing or its config is invalid.
+        """
         notes: list[str] = []
         backends = open_checkpoint_backends(path, devices, precision, max_batch, slots, selection_notes=notes,
                                             input_size=input_size, tta=tta, **backend_options)
@@ -139,7 +196,25 @@ class Segmenter:
 
     @classmethod
     def from_model(cls, path, backend: str = "auto", **kwargs) -> "Segmenter":
-        """An ONNX file, or a checkpoint (folder, config.json or .safetensors) for the torch backend."""
+        """An ONNX file (:meth:`from_onnx`), or a checkpoint for the torch backend (:meth:`from_checkpoint`).
+
+        Args:
+            path: an ``.onnx`` file, or a checkpoint folder, config.json or .safetensors file.
+            backend: for ONNX files as in :meth:`from_onnx`; checkpoints run on "torch" ("auto" too).
+            **kwargs: the chosen constructor's other arguments.
+
+        Returns:
+            The open Segmenter.
+
+        Raises:
+            FileNotFoundError: nothing at ``path``.
+            ValueError: a backend other than torch asked for a checkpoint.
+
+        Example:
+            >>> with Segmenter.from_model("training/weights/default") as seg:  # doctest: +SKIP
+            ...     seg.backend_name
+            'torch'
+        """
         path = Path(path)
         if is_onnx_path(path):
             return cls.from_onnx(path, backend=backend, **kwargs)
@@ -175,8 +250,25 @@ class Segmenter:
         return resize_rgb(rgb, self.info.input_height, self.info.input_width)
 
     def segment(self, images, output: str = "mask") -> list[np.ndarray]:
-        """Masks (bool, H x W) or probabilities (float32) for in-memory uint8 images, each at its own
-        size, in the order given."""
+        """Segment in-memory images.
+
+        Args:
+            images: uint8 arrays, RGB (H, W, 3), grayscale (H, W) or (H, W, 1), or RGBA (alpha dropped).
+            output: "mask" (bool, H x W) or "probabilities" (float32, H x W).
+
+        Returns:
+            One array per image, at the image's own size, in the order given.
+
+        Raises:
+            ValueError: an unknown ``output``, probabilities from a mask model, or an image that is
+                not a uint8 RGB/gray array (named by its index).
+            RuntimeError: an image failed in the pipeline (named by its index and stage).
+
+        Example:
+            >>> masks = seg.segment([rgb1, rgb2])  # doctest: +SKIP
+            >>> masks[0].dtype, masks[0].shape == rgb1.shape[:2]  # doctest: +SKIP
+            (dtype('bool'), True)
+        """
         if output not in ("mask", "probabilities"):
             raise ValueError("output must be 'mask' or 'probabilities'")
         if output == "probabilities" and self.info.output_format == "mask":
@@ -206,7 +298,27 @@ class Segmenter:
         return results
 
     def run_folder(self, input_dir, output_dir=None, **options) -> dict:
-        """Segment every image of a folder into PNG masks; see ``effiseg.runtime.folder.run_folder``."""
+        """Segment every image of a folder into PNG masks (``effiseg.runtime.folder.run_folder``).
+
+        Args:
+            input_dir: the folder of images.
+            output_dir: where the masks go [default: ``<input_dir>_masks`` beside it].
+            **options: ``recursive``, ``resume``, ``overlay``, ``max_pixels``, ``progress``, ``log``
+                (see ``run_folder``).
+
+        Returns:
+            The summary (counts, failures, throughput), also written as effiseg_summary.json/.csv
+            in ``output_dir``.
+
+        Raises:
+            FolderError: the folders are unusable (missing input, output inside input, ...; named).
+            FolderLockedError: another run holds ``output_dir``.
+            RecordWriteError: the journal or summary could not be written once the run had
+                started (the masks written so far are complete; a resumed run finishes the folder).
+
+        Example:
+            >>> summary = seg.run_folder("images/", "masks/", resume=True)  # doctest: +SKIP
+        """
         from .folder import run_folder
         return run_folder(self, input_dir, output_dir, **options)
 

@@ -28,8 +28,8 @@ def _torch_logits(checkpoint, batch_u8: np.ndarray) -> np.ndarray:
     """Reference: the checkpoint in PyTorch with evaluation's normalisation, written out here."""
     model, cfg = load_model(checkpoint)
     x = torch.from_numpy(batch_u8).permute(0, 3, 1, 2).float()
-    mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std).view(1, 3, 1, 1)
     with torch.no_grad():
         return model((x / 255.0 - mean) / std)[:, 0].numpy()
 
@@ -180,13 +180,13 @@ def test_formats(input_format, output_format, size, tiny_checkpoint, verify_imag
 
 def test_graph_module_is_what_the_torch_backend_runs(tiny_checkpoint, verify_images_dir):
     model, cfg = load_model(tiny_checkpoint)
-    graph = SegmentationGraph(model, cfg["mean"], cfg["std"]).eval()
+    graph = SegmentationGraph(model, cfg.mean, cfg.std).eval()
     batch = _batch(verify_images_dir, 64, 64)
     with torch.no_grad():
         got = graph(torch.from_numpy(batch)).numpy()
     np.testing.assert_allclose(got, _torch_logits(tiny_checkpoint, batch), atol=1e-6)
     with pytest.raises(ValueError, match="output format"):
-        SegmentationGraph(model, cfg["mean"], cfg["std"], output_format="nchw")
+        SegmentationGraph(model, cfg.mean, cfg.std, output_format="nchw")
 
 
 def test_disagreement_fails_and_leaves_nothing(tiny_checkpoint, verify_images_dir, tmp_path, monkeypatch):

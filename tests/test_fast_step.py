@@ -161,9 +161,9 @@ def test_validation_on_the_device_scores_as_evaluate_samples(tiny_checkpoint):
     model, cfg = load_model(tiny_checkpoint, device="cpu")
     samples = load_split(KVASIR, "validation", 6)  # 352x352 masks, a 64x64 model: logits resized back
     expected, expected_rows, _ = evaluate_samples(model, cfg, samples, "cpu", batch_size=4)
-    validation = DeviceValidation(samples, int(cfg["input_size"]), cfg["mean"], cfg["std"], torch.device("cpu"),
+    validation = DeviceValidation(samples, cfg.input_size, cfg.mean, cfg.std, torch.device("cpu"),
                                   batch_size=4)
-    summary, rows = validation.evaluate(model, float(cfg.get("threshold", 0.5)))
+    summary, rows = validation.evaluate(model, cfg.threshold)
     assert [(r["stem"], r["tp"], r["fp"], r["fn"]) for r in rows] == \
            [(r["stem"], r["tp"], r["fp"], r["fn"]) for r in expected_rows]
     assert summary["mean_dice"] == pytest.approx(expected["mean_dice"], abs=1e-12)

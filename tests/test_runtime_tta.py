@@ -120,7 +120,7 @@ def _torch_tta(folder, batch, flips, sizes):
     from effiseg.training.checkpoint import load_model
 
     model, config = load_model(folder)
-    graph = SegmentationGraph(model, config["mean"], config["std"], tta=flips, tta_sizes=sizes).eval()
+    graph = SegmentationGraph(model, config.mean, config.std, tta=flips, tta_sizes=sizes).eval()
     with torch.no_grad():
         return graph(torch.from_numpy(batch)).numpy()
 
@@ -220,12 +220,13 @@ def test_effiseg_run_takes_tta(plain_x32, tmp_path):
 
 
 def test_eval_resolves_the_choice_from_the_config():
+    from effiseg.runtime.model_config import ModelConfig
     from effiseg.training.tta import resolve_tta_choice
 
-    config = {"tta": False, "tta_recommended": RECOMMENDED}
+    config = ModelConfig.for_variant("effisegnet-lite2", tta=False, tta_recommended=RECOMMENDED)
     assert resolve_tta_choice(config, "none") == (False, (), None)
     assert resolve_tta_choice(config, "flip") == (True, (), 0.55)
     assert resolve_tta_choice(config, "multiscale") == (True, (352, 416), 0.55)
     assert resolve_tta_choice(config, "multiscale", "none") == (True, (), 0.55)
     with pytest.raises(ValueError, match="no multi-scale sizes"):
-        resolve_tta_choice({}, "multiscale")
+        resolve_tta_choice(ModelConfig.for_variant("effisegnet-lite2"), "multiscale")

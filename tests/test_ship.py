@@ -43,7 +43,7 @@ def _protocol(tmp_path):
     config = model_config("effisegnet-lite0", input_size=64, best_epoch=3)
     save_checkpoint(run, build_model("effisegnet-lite0").eval(), config, stem="best")
     train = TrainConfig(variant="effisegnet-lite0", input_size=64, epochs=3, seed=1).to_dict()
-    (run / "run_config.json").write_text(json.dumps({"train": train, "model": config, "device_name": "Test GPU",
+    (run / "run_config.json").write_text(json.dumps({"train": train, "model": config.to_dict(), "device_name": "Test GPU",
                                                      "torch": "test"}))
     (run / "metrics.json").write_text(json.dumps([{"epoch": e, "train_images_per_s": 100.0} for e in (1, 2, 3)]))
     (proto / "protocol_results.json").write_text(json.dumps({

@@ -10,33 +10,26 @@ from pathlib import Path
 
 import torch
 
+from effiseg.runtime.model_config import ModelConfig
 from effiseg.runtime.replace_file import replace_with_retry
 from effiseg.runtime.version import effiseg_version  # noqa: F401  (re-exported for callers)
 
 from .model import EffiSegNet, build_model
-from .variants import get_variant
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
 def model_config(variant: str, input_size: int | None = None, decoder_channels: int | None = None,
-                 deep_supervision: bool = False, threshold: float = 0.5, **extra) -> dict:
-    v = get_variant(variant)
-    cfg = {
-        "model_type": "effisegnet",
-        "variant": v.name,
-        "encoder": v.encoder,
-        "input_size": int(input_size or v.input_size),
-        "mean": list(v.mean),
-        "std": list(v.std),
-        "decoder_channels": int(decoder_channels or v.decoder_channels),
-        "deep_supervision": bool(deep_supervision),
-        "threshold": float(threshold),
-        "effiseg_version": effiseg_version(),
-    }
-    cfg.update(extra)
-    return cfg
+                 deep_supervision: bool = False, threshold: float = 0.5, **extra) -> ModelConfig:
+    """A new checkpoint's config: the variant's settings with these on top. ``extra``: further
+    fields of :class:`ModelConfig` (``tta=True``, ``untrained=True``), anything else (training
+    bookkeeping such as ``best_epoch=3``) goes into its ``extra``."""
+    fields = set(ModelConfig.__dataclass_fields__) - {"extra"}
+    return ModelConfig.for_variant(
+        variant, input_size=input_size, decoder_channels=decoder_channels, deep_supervision=deep_supervision,
+        threshold=threshold, **{k: v for k, v in extra.items() if k in fields},
+        extra={k: v for k, v in extra.items() if k not in fields})
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
@@ -58,32 +51,46 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     return weights, config
 
 
-def save_checkpoint(directory: str | Path, model: EffiSegNet, config: dict, stem: str | None = None) -> Path:
-    """Write ``<stem>.safetensors`` + ``<stem>.json`` (or model.safetensors + config.json)."""
+def save_checkpoint(directory: str | Path, model: EffiSegNet, config: ModelConfig, stem: str | None = None) -> Path:
+    """Write ``<stem>.safetensors`` + ``<stem>.json`` (or model.safetensors + config.json); the JSON
+    is ``config.to_dict()`` (a dict of the old layout is read into a ``ModelConfig`` first)."""
     from safetensors.torch import save_file
+    config = ModelConfig.coerce(config)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / (f"{stem}.safetensors" if stem else WEIGHTS_NAME)
     cfg_path = directory / (f"{stem}.json" if stem else CONFIG_NAME)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     tmp_w, tmp_c = weights.with_suffix(".tmp"), cfg_path.with_suffix(".jtmp")
-    save_file(state, str(tmp_w), metadata={"format": "pt", "variant": config["variant"]})
-    tmp_c.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+    save_file(state, str(tmp_w), metadata={"format": "pt", "variant": config.variant})
+    tmp_c.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True), encoding="utf-8")
     replace_with_retry(tmp_w, weights)
     replace_with_retry(tmp_c, cfg_path)
     return weights
 
 
-def load_config(path: str | Path) -> dict:
-    return json.loads(resolve_checkpoint(path)[1].read_text(encoding="utf-8"))
+def read_config_file(path: str | Path) -> ModelConfig:
+    """A config.json of any effiseg version as a ``ModelConfig`` (see ``ModelConfig.from_dict``);
+    errors name the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the model config {path}: {e}") from None
+    return ModelConfig.from_dict(data, source=str(path))
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[EffiSegNet, dict]:
-    """Rebuild the network from its JSON config and load its weights (eval mode)."""
+def load_config(path: str | Path) -> ModelConfig:
+    """The config of a checkpoint (folder, config.json or .safetensors)."""
+    return read_config_file(resolve_checkpoint(path)[1])
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[EffiSegNet, ModelConfig]:
+    """Rebuild the network from its config and load its weights (eval mode)."""
     from safetensors.torch import load_file
     weights, cfg_path = resolve_checkpoint(path)
-    config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    model = build_model(config["variant"], pretrained=False, ch=config.get("decoder_channels"),
-                        deep_supervision=config.get("deep_supervision", False))
+    config = read_config_file(cfg_path)
+    model = build_model(config.variant, pretrained=False, ch=config.decoder_channels,
+                        deep_supervision=config.deep_supervision)
     model.load_state_dict(load_file(str(weights)), strict=True)
     return model.to(device).eval(), config

@@ -165,14 +165,14 @@ def eval_command(checkpoint, data_root, split, device, batch_size, threshold, tt
         tta, tta_sizes, recommended_threshold = resolve_tta_choice(cfg, choice, tta_sizes)
         if threshold is None:
             threshold = recommended_threshold  # None: the checkpoint's own
-        min_region = int(cfg.get("min_region_px", 0)) if min_region is None else min_region
+        min_region = cfg.min_region_px if min_region is None else min_region
         t0 = time.perf_counter()
         summary, rows, logits = evaluate_samples(model, cfg, samples, dev, batch_size, threshold, tta, min_region,
                                                  tta_sizes=tta_sizes)
     except (FileNotFoundError, DatasetError, ValueError, KeyError, RuntimeError, HubError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    summary.update(checkpoint=str(checkpoint), variant=cfg["variant"], data=str(data_root), split=split, tta_choice=choice,
+    summary.update(checkpoint=str(checkpoint), variant=cfg.variant, data=str(data_root), split=split, tta_choice=choice,
                    device=str(dev), seconds=time.perf_counter() - t0)
     if isinstance(checkpoint, HubModel):
         summary["hub_snapshot"] = str(local)  # .../snapshots/<commit>: which commit was measured
@@ -181,7 +181,7 @@ def eval_command(checkpoint, data_root, split, device, batch_size, threshold, tt
     write_rows_csv(out / "per_image.csv", rows)
     if save_masks:
         write_mask_pngs(out / "masks", samples, logits, summary["threshold"])
-    click.echo(f"{cfg['variant']} on {split} ({summary['n_images']} images): mean Dice {summary['mean_dice']:.4f}  "
+    click.echo(f"{cfg.variant} on {split} ({summary['n_images']} images): mean Dice {summary['mean_dice']:.4f}  "
                f"mIoU {summary['mean_iou']:.4f}  precision {summary['mean_precision']:.4f}  "
                f"recall {summary['mean_recall']:.4f}  F1(pooled) {summary['f1_pooled']:.4f}")
     click.echo(f"wrote {out / 'metrics.json'} and {out / 'per_image.csv'}")

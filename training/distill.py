@@ -113,11 +113,11 @@ def _command():
             dev = resolve_device(device)
             model, cfg = load_model(checkpoint, device=dev)
             flips, sizes, _ = resolve_tta_choice(cfg, tta, tta_sizes)
-            size = int(size or cfg["input_size"])
+            size = int(size or cfg.input_size)
             click.echo(f"teacher maps of {len(samples)} {split} images, flips {flips}, sizes {list(sizes)}", err=True)
             maps = teacher_maps(model, cfg, samples, size, dev, batch_size, flips, sizes)
             meta = {"checkpoint": str(checkpoint), "split": split, "size": size, "tta_choice": tta, "tta": flips,
-                    "tta_sizes": list(sizes), "variant": cfg["variant"]}
+                    "tta_sizes": list(sizes), "variant": cfg.variant}
             save_teacher_maps(out_file, [s.stem for s in samples], maps, meta)
         except (FileNotFoundError, DatasetError, ValueError, KeyError, RuntimeError) as e:
             click.echo(f"error: {e}", err=True)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from effiseg.runtime.model_config import ModelConfig
 from effiseg.runtime.postprocess import logit_threshold  # noqa: F401  (re-exported for callers)
 
 from .data import Sample, resize_rgb
@@ -28,18 +29,19 @@ def normalize_batch(images_u8: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_logits(model, config: dict, images: list[np.ndarray], device="cpu", batch_size: int = 8,
+def predict_logits(model, config: ModelConfig, images: list[np.ndarray], device="cpu", batch_size: int = 8,
                    tta: bool = False, amp_dtype: torch.dtype | None = None, tta_sizes=()) -> list[np.ndarray]:
     """Logits (float32, H x W) at each image's native resolution; ``tta`` (flips) and ``tta_sizes``
     (multi-scale) as in training/tta.py."""
-    size = int(config["input_size"])
+    config = ModelConfig.coerce(config)
+    size = config.input_size
     model.eval()
     device = torch.device(device)
     results: list[np.ndarray] = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         batch = np.stack([resize_rgb(im, size) for im in chunk]).transpose(0, 3, 1, 2)
-        x = normalize_batch(torch.from_numpy(np.ascontiguousarray(batch)).to(device), config["mean"], config["std"])
+        x = normalize_batch(torch.from_numpy(np.ascontiguousarray(batch)).to(device), config.mean, config.std)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
@@ -52,7 +54,7 @@ def predict_logits(model, config: dict, images: list[np.ndarray], device="cpu", 
     return results
 
 
-def predict_probabilities(model, config: dict, images: list[np.ndarray], device="cpu", batch_size: int = 8,
+def predict_probabilities(model, config: ModelConfig, images: list[np.ndarray], device="cpu", batch_size: int = 8,
                           tta: bool = False, amp_dtype: torch.dtype | None = None, tta_sizes=()) -> list[np.ndarray]:
     logits = predict_logits(model, config, images, device, batch_size, tta, amp_dtype, tta_sizes)
     return [1.0 / (1.0 + np.exp(-lg)) for lg in logits]
@@ -72,11 +74,12 @@ def score_logits(samples: list[Sample], logits: list[np.ndarray], threshold: flo
     return rows
 
 
-def evaluate_samples(model, config: dict, samples: list[Sample], device="cpu", batch_size: int = 8,
+def evaluate_samples(model, config: ModelConfig, samples: list[Sample], device="cpu", batch_size: int = 8,
                      threshold: float | None = None, tta: bool = False, min_region_px: int = 0,
                      amp_dtype: torch.dtype | None = None, tta_sizes=()) -> tuple[dict, list[dict], list[np.ndarray]]:
-    """(summary, per-image rows, logits) for a list of samples."""
-    threshold = float(config.get("threshold", 0.5) if threshold is None else threshold)
+    """(summary, per-image rows, logits) for a list of samples; ``threshold`` None: the config's."""
+    config = ModelConfig.coerce(config)
+    threshold = float(config.threshold if threshold is None else threshold)
     logits = predict_logits(model, config, [s.image for s in samples], device, batch_size, tta, amp_dtype, tta_sizes)
     rows = score_logits(samples, logits, threshold, min_region_px)
     summary = summarize(rows)

@@ -12,16 +12,17 @@ and moved in at the end. Uploading is the user's step: ``hf upload OWNER/NAME <f
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
 from pathlib import Path
 
 from effiseg.runtime.images import atomic_write_text
-from effiseg.runtime.model_info import parse_tta_sizes
+from effiseg.runtime.model_config import ModelConfig
 from effiseg.runtime.replace_file import replace_with_retry
 
-from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, resolve_checkpoint
+from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_config_file, resolve_checkpoint
 
 ONNX_NAME = "model.onnx"
 EXPORT_REPORT_NAME = ONNX_NAME + ".export.json"
@@ -52,24 +53,26 @@ def metadata_header(variant: str, test: dict | None, repo_id: str | None, onnx: 
     return lines + ["---"]
 
 
-def baked_tta(config: dict) -> bool:
+def baked_tta(config: ModelConfig | dict) -> bool:
     """Whether the config puts TTA into the exported graph (``tta``/``tta_sizes``: cards made before
     TTA became a run-time choice, or ``--tta``); the run-time choices need the plain network."""
-    return bool(config.get("tta")) or bool(parse_tta_sizes(config.get("tta_sizes")))
+    config = ModelConfig.coerce(config)
+    return config.tta or bool(config.tta_sizes)
 
 
-def card_settings(config: dict) -> list[dict]:
+def card_settings(config: ModelConfig | dict) -> list[dict]:
     """The inference settings a card measures, the default first: one pass at the config's threshold
     (or the TTA the config bakes into the graph), then the run-time choice its ``tta_recommended``
     names (``multiscale`` when it has sizes, else ``flip``) at the recommended threshold."""
     from effiseg.runtime.model_info import network_passes, parse_tta_recommendation
 
     from .tta import resolve_tta_choice
-    threshold = float(config.get("threshold", 0.5))
-    flips, sizes = bool(config.get("tta")), parse_tta_sizes(config.get("tta_sizes"))
+    config = ModelConfig.coerce(config)
+    threshold = config.threshold
+    flips, sizes = config.tta, config.tta_sizes
     rows = [{"choice": "in the graph" if baked_tta(config) else "none", "flips": flips, "sizes": list(sizes),
              "threshold": threshold, "passes": network_passes(flips, sizes)}]
-    recommended = parse_tta_recommendation(config.get("tta_recommended"))
+    recommended = parse_tta_recommendation(config.tta_recommended)
     if recommended and not baked_tta(config):
         choice = "multiscale" if recommended["sizes"] else "flip"
         flips, sizes, rec_threshold = resolve_tta_choice(config, choice)
@@ -121,29 +124,28 @@ def results_table(rows: list[dict], speeds: dict | None) -> list[str]:
 
 def render_card(config: dict, test: dict, val: dict | None, provenance: dict, protocol: dict | None,
                 role: str | None = None, onnx_report: dict | None = None, repo_id: str | None = None) -> str:
-    variant = config["variant"]
-    tta_sizes = parse_tta_sizes(config.get("tta_sizes"))
+    config = ModelConfig.coerce(config)
+    variant, tta_sizes = config.variant, config.tta_sizes
     hub = f"hf://{repo_id}" if repo_id else "hf://OWNER/NAME"
     lines = metadata_header(variant, test, repo_id, onnx_report is not None) + [
         "",
         f"# EffiSegNet ({variant}) for polyp segmentation" + (f" — {role}" if role else ""),
         "",
         "Binary polyp segmentation of colonoscopy frames: one logit map per image, polyp where "
-        f"sigmoid > {config.get('threshold', 0.5)}.",
+        f"sigmoid > {config.threshold}.",
         "",
         "**Not for clinical use.** A research model trained on 800 images from one public dataset; it has not "
         "been validated on other hospitals, scopes or patient populations and must not inform diagnosis or treatment.",
         "",
         "## Model",
-        f"- Architecture: EffiSegNet (Vezakis et al., 2024) with a `{config['encoder']}` encoder (ImageNet weights), "
-        f"decoder width {config['decoder_channels']}.",
-        f"- Input: RGB resized to {config['input_size']}x{config['input_size']}, normalised with mean {config['mean']} and "
-        f"std {config['std']}; output logits are resized back to the image's size before thresholding.",
-        f"- Inference settings: threshold {config.get('threshold', 0.5)}"
-        + (f", flip TTA {'on' if config.get('tta') else 'off'}" if 'tta' in config else "")
+        f"- Architecture: EffiSegNet (Vezakis et al., 2024) with a `{config.encoder}` encoder (ImageNet weights), "
+        f"decoder width {config.decoder_channels}.",
+        f"- Input: RGB resized to {config.input_size}x{config.input_size}, normalised with mean {list(config.mean)} and "
+        f"std {list(config.std)}; output logits are resized back to the image's size before thresholding.",
+        f"- Inference settings: threshold {config.threshold}, flip TTA {'on' if config.tta else 'off'}"
         + (f", multi-scale TTA at {' + '.join(f'{s}x{s}' for s in tta_sizes)} (logits averaged at the input size)"
            if tta_sizes else "")
-        + (f", small regions below {config['min_region_px']} px removed" if config.get('min_region_px') else "") + ".",
+        + (f", small regions below {config.min_region_px} px removed" if config.min_region_px else "") + ".",
     ] + inference_lines(config) + [
         "",
         "## Training",
@@ -153,9 +155,9 @@ def render_card(config: dict, test: dict, val: dict | None, provenance: dict, pr
     if not provenance:
         lines.append("- Not recorded for this card (no provenance given); `config.json` holds the model's settings.")
     lines += ["", "## Results (Kvasir-SEG official split, metrics at the native 352x352 mask resolution)", ""]
-    rows = config.get("metrics_by_tta") or []
+    rows = config.extra.get("metrics_by_tta") or []
     if rows:
-        lines += results_table(rows, config.get("speeds"))
+        lines += results_table(rows, config.extra.get("speeds"))
     else:
         lines += ["| split | images | mean Dice | mean IoU | mean precision | mean recall | F1 (pooled) |",
                   "|---|---|---|---|---|---|---|"]
@@ -165,7 +167,7 @@ def render_card(config: dict, test: dict, val: dict | None, provenance: dict, pr
                              f"{_fmt(m['mean_precision'])} | {_fmt(m['mean_recall'])} | {_fmt(m['f1_pooled'])} |")
     where = hub if repo_id else "<this folder, or hf://OWNER/NAME once published>"
     # effiseg-eval runs one pass unless told otherwise (--tta): the command names the TTA measured here.
-    tta_flags = (" --tta flip" if config.get("tta") else "") + (
+    tta_flags = (" --tta flip" if config.tta else "") + (
         f" --tta-sizes {','.join(map(str, tta_sizes))}" if tta_sizes else "")
     lines += ["", f"Reproduce: `effiseg-eval {where} --data <kvasir-seg root> --split test{tta_flags}` (the "
               "threshold is read from config.json)"
@@ -190,19 +192,20 @@ def render_card(config: dict, test: dict, val: dict | None, provenance: dict, pr
     return "\n".join(lines)
 
 
-def inference_lines(config: dict) -> list[str]:
+def inference_lines(config: ModelConfig | dict) -> list[str]:
     """What the card says about the run-time TTA recommendation and how the threshold was chosen."""
     from effiseg.runtime.model_info import describe_tta, parse_tta_recommendation
+    config = ModelConfig.coerce(config)
     lines = []
-    recommended = parse_tta_recommendation(config.get("tta_recommended"))
+    recommended = parse_tta_recommendation(config.tta_recommended)
     if recommended and not baked_tta(config):
         choice = "multiscale" if recommended["sizes"] else "flip"
         lines.append(f"- One network pass by default. The test-time augmentation chosen on validation "
                      f"({describe_tta(recommended['flips'], recommended['sizes'])}, threshold "
-                     f"{recommended['threshold'] if recommended['threshold'] is not None else config.get('threshold', 0.5)}) "
+                     f"{recommended['threshold'] if recommended['threshold'] is not None else config.threshold}) "
                      "is recorded in `config.json` (`tta_recommended`) and the ONNX metadata as a recommendation "
                      f"the user chooses at run time: `--tta {choice}` in effiseg-run, effiseg-eval and effiseg-bench.")
-    choice = config.get("threshold_choice")
+    choice = config.extra.get("threshold_choice")
     if choice:
         lines.append(f"- The one-pass threshold {choice['chosen']:g} was chosen on the {choice['split']} split "
                      f"({choice['n_images']} images): {choice['rule']}.")
@@ -248,8 +251,12 @@ def make_model_folder(checkpoint: str | Path, out: str | Path, data_root: str | 
     from .data import load_split
     from .evaluate import evaluate_samples
     weights, cfg_path = resolve_checkpoint(checkpoint)
-    config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    config.update(settings or {})
+    # settings: ModelConfig fields (threshold, tta, ...) and bookkeeping the card keeps beside them
+    # (e.g. ship's threshold_choice), which goes into the config's extra.
+    fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"extra"}
+    settings = settings or {}
+    config = dataclasses.replace(read_config_file(cfg_path), **{k: v for k, v in settings.items() if k in fields})
+    config = config.with_extra(**{k: v for k, v in settings.items() if k not in fields})
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder")
@@ -262,14 +269,13 @@ def make_model_folder(checkpoint: str | Path, out: str | Path, data_root: str | 
             log(f"measuring {checkpoint} on the validation and test splits of {data_root} "
                 f"({row['choice']}: {row['passes']} pass(es) per image) ...")
             kw = dict(threshold=row["threshold"], tta=row["flips"], tta_sizes=tuple(row["sizes"]),
-                      min_region_px=int(config.get("min_region_px", 0)))
+                      min_region_px=config.min_region_px)
             for split, samples in splits.items():
                 row[split], _, _ = evaluate_samples(model, config, samples, device, **kw)
         val, test = rows[0]["validation"], rows[0]["test"]
-        config["metrics"] = {"validation": val, "test": test}
-        config["metrics_by_tta"] = rows
+        config = dataclasses.replace(config, metrics={"validation": val, "test": test}).with_extra(metrics_by_tta=rows)
     if speeds:
-        config["speeds"] = speeds
+        config = config.with_extra(speeds=speeds)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Staged beside ``out`` (same file system: the moves are renames) under ``out``'s own name, which
     # the ONNX metadata records as the checkpoint's.
@@ -278,7 +284,7 @@ def make_model_folder(checkpoint: str | Path, out: str | Path, data_root: str | 
         stage = staging / out.name
         stage.mkdir()
         shutil.copyfile(weights, stage / WEIGHTS_NAME)
-        atomic_write_text(stage / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
+        atomic_write_text(stage / CONFIG_NAME, json.dumps(config.to_dict(), indent=2, sort_keys=True))
         report = _export_onnx(stage, data_root, log) if onnx else None
         atomic_write_text(stage / CARD_NAME, render_card(config, test, val, provenance, protocol, role, report,
                                                          repo_id))
@@ -301,10 +307,10 @@ def _export_onnx(stage: Path, data_root, log) -> dict:
     which is what travels to the Hub."""
     from effiseg.export.onnx_export import ExportError, export_checkpoint
     verify = Path(data_root) / "validation" / "images" if data_root else None
-    config = json.loads((stage / CONFIG_NAME).read_text(encoding="utf-8"))
+    config = read_config_file(stage / CONFIG_NAME)
     # The plain network runs every run-time --tta choice when it also runs at multiples of 32 (the
     # multi-scale sizes); a config that bakes TTA into the graph needs the fixed size.
-    x32 = not baked_tta(config) and int(config["input_size"]) % 32 == 0
+    x32 = not baked_tta(config) and config.input_size % 32 == 0
     log(f"exporting {ONNX_NAME} (checked against PyTorch{', height/width any multiple of 32' if x32 else ''}) ...")
     try:
         report = export_checkpoint(stage, stage / ONNX_NAME, verify_dir=verify if verify and verify.is_dir() else None,

@@ -88,12 +88,11 @@ def write_teacher_maps(data, out: Path, teacher: Path, size: int, device: str, l
     and 64 px more (the protocol's multi-scale candidate). Returns what plan.json records."""
     from effiseg.runtime.model_info import parse_tta_recommendation
 
-    from .checkpoint import resolve_checkpoint
+    from .checkpoint import read_config_file, resolve_checkpoint
     from .protocol_common import multiscale_sizes
     _, cfg_path = resolve_checkpoint(teacher)
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    sizes = parse_tta_recommendation(cfg.get("tta_recommended")).get("sizes") or list(
-        multiscale_sizes(int(cfg["input_size"])))
+    cfg = read_config_file(cfg_path)
+    sizes = parse_tta_recommendation(cfg.tta_recommended).get("sizes") or list(multiscale_sizes(cfg.input_size))
     folder = out / "teacher"
     maps = folder / "teacher-train.npz"
     record = {"checkpoint": str(teacher), "maps": str(maps), "size": int(size), "tta": "multiscale",
@@ -356,7 +355,7 @@ def evaluate_run(run_dir: Path, data, device: str, limit: int | None = None, rob
     for split in ("validation", "test"):
         samples = load_split(data, split, limit)
         out[f"{split}_stems"] = [s.stem for s in samples]
-        for tta, sizes in ((False, ()), (True, ()), (True, multiscale_sizes(int(cfg["input_size"])))):
+        for tta, sizes in ((False, ()), (True, ()), (True, multiscale_sizes(cfg.input_size))):
             logits = predict_logits(model, cfg, [s.image for s in samples], dev, 16, tta, amp, sizes)
             for thr, mr in inference_configs():
                 rows = score_logits(samples, logits, thr, mr)

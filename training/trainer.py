@@ -29,6 +29,8 @@ import torch
 from effiseg.runtime.replace_file import replace_with_retry
 
 from .augment import AugmentConfig
+from effiseg.runtime.model_config import ModelConfig
+
 from .checkpoint import effiseg_version, load_model, model_config, save_checkpoint
 from .data import DEFAULT_DATA_ROOT, load_split, stack_samples
 from .distill import load_teacher_maps
@@ -274,7 +276,7 @@ class Trainer:
         return trainer
 
     # ------------------------------------------------------------------ setup
-    def _model_config(self, **extra) -> dict:
+    def _model_config(self, **extra) -> ModelConfig:
         return model_config(self.cfg.variant, input_size=self.size, decoder_channels=self.cfg.decoder_channels,
                             deep_supervision=self.cfg.deep_supervision, threshold=self.cfg.threshold, **extra)
 
@@ -456,7 +458,7 @@ class Trainer:
                                                                      st["best_epoch"], st["history"])
             self.log(f"resuming {self.out} at epoch {start_epoch}/{c.epochs}")
         else:
-            write_json(cfg_path, {"train": c.to_dict(), "model": self._model_config(),
+            write_json(cfg_path, {"train": c.to_dict(), "model": self._model_config().to_dict(),
                                   "effiseg_version": effiseg_version(), "device": str(self.device),
                                   "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
                                   "torch": torch.__version__, "train_step": self.step_choice.mode,

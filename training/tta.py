@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from effiseg.runtime.model_info import parse_tta_sizes
+from effiseg.runtime.model_config import ModelConfig, parse_tta_sizes
 
 
 def _logits(model, x: torch.Tensor) -> torch.Tensor:
@@ -42,13 +42,14 @@ def _flip_mean(model, x: torch.Tensor, batched: bool) -> torch.Tensor:
     return acc / 4.0
 
 
-def resolve_tta(config: dict, tta: bool | None = None, tta_sizes=None) -> tuple[bool, tuple[int, ...]]:
+def resolve_tta(config: ModelConfig, tta: bool | None = None, tta_sizes=None) -> tuple[bool, tuple[int, ...]]:
     """(flips, sizes): the checkpoint config's TTA settings, each replaced where given (not None)."""
-    flips = bool(config.get("tta", False)) if tta is None else bool(tta)
-    return flips, parse_tta_sizes(config.get("tta_sizes") if tta_sizes is None else tta_sizes)
+    config = ModelConfig.coerce(config)
+    flips = config.tta if tta is None else bool(tta)
+    return flips, config.tta_sizes if tta_sizes is None else parse_tta_sizes(tta_sizes)
 
 
-def resolve_tta_choice(config: dict, choice: str, tta_sizes=None) -> tuple[bool, tuple[int, ...], float | None]:
+def resolve_tta_choice(config: ModelConfig, choice: str, tta_sizes=None) -> tuple[bool, tuple[int, ...], float | None]:
     """(flips, sizes, threshold) of a run-time ``--tta`` choice (runtime/tta.py's names) for a
     checkpoint: "none" one pass; "flip" the four flips; "multiscale" the setting chosen on validation
     (the config's ``tta_recommended``: its sizes, and flips when it has them). The threshold is the
@@ -56,12 +57,11 @@ def resolve_tta_choice(config: dict, choice: str, tta_sizes=None) -> tuple[bool,
     None) replaces the sizes; with them, "multiscale" needs no recommendation (flips on, as the
     recommended setting of the default model: a protocol run's checkpoint records none). ValueError
     for an unknown choice or a missing recommendation."""
-    from effiseg.runtime.model_info import parse_tta_recommendation
     from effiseg.runtime.tta import TTA_CHOICES
 
     if choice not in TTA_CHOICES:
         raise ValueError(f"--tta must be one of {', '.join(TTA_CHOICES)}, not {choice!r}")
-    recommended = parse_tta_recommendation(config.get("tta_recommended"))
+    recommended = ModelConfig.coerce(config).tta_recommended
     flips, sizes, threshold = False, (), None
     if choice == "flip":
         flips, threshold = True, recommended.get("threshold")

@@ -167,12 +167,12 @@ def main(checkpoint, data_root, split, candidates, max_sizes, max_cost, flips, d
         sys.exit(2)
     if split == "test":
         click.echo("warning: choosing on the test split; the choice should be made on validation", err=True)
-    base = int(cfg["input_size"])
+    base = cfg.input_size
     sizes = sizes or default_candidates(base)
     if min(relative_cost((s,), base) for s in sizes) > max_cost + 1e-9:
         click.echo(f"error: no candidate size costs at most --max-cost {max_cost:g} passes at {base}x{base}", err=True)
         sys.exit(2)
-    flips = bool(cfg.get("tta", False)) if flips is None else flips
+    flips = cfg.tta if flips is None else flips
     t0 = time.perf_counter()
     logits = {}
     for i, size in enumerate(sizes, 1):
@@ -183,17 +183,17 @@ def main(checkpoint, data_root, split, candidates, max_sizes, max_cost, flips, d
     rows = score_combinations(logits, masks, base, max_sizes)
     # The checkpoint's sizes and threshold, with the flips as run here (--flips/--no-flips); a size
     # that is not a candidate is run now, after the candidates' rows are scored.
-    current_sizes = list(parse_tta_sizes(cfg.get("tta_sizes"))) or [base]
+    current_sizes = list(cfg.tta_sizes) or [base]
     for size in current_sizes:
         if size not in logits:
             logits[size] = predict_logits(model, cfg, [s.image for s in samples], dev, batch_size, flips,
                                           tta_sizes=(size,))
     # The last row is the combination of all the current sizes (at the one threshold given).
     reference = score_combinations({s: logits[s] for s in current_sizes}, masks, base, len(current_sizes),
-                                   thresholds=(float(cfg.get("threshold", 0.5)),))[-1]
+                                   thresholds=(cfg.threshold,))[-1]
     chosen = choose(rows, max_cost)
     gain = paired_bootstrap_ci(np.asarray(reference["dice"]), np.asarray(chosen["dice"]))
-    meta = {"checkpoint": str(checkpoint), "variant": cfg["variant"], "input_size": base, "data": str(data_root),
+    meta = {"checkpoint": str(checkpoint), "variant": cfg.variant, "input_size": base, "data": str(data_root),
             "split": split, "n_images": len(samples), "flips": flips, "device": str(dev), "candidates": list(sizes),
             "max_sizes": max_sizes, "max_cost": max_cost, "thresholds": list(THRESHOLDS),
             "seconds": time.perf_counter() - t0}

@@ -105,7 +105,7 @@ def torch_gpu_problem(torch_version: str, arch_list, compute_capability: tuple[i
             f"{install_command('torch', generation, os.name == 'nt' if windows is None else windows)}")
 
 
-def _apply_tta_choice(choice: str, info: ModelInfo, config: dict):
+def _apply_tta_choice(choice: str, info: ModelInfo, config):
     """(info with the chosen TTA, the plan): the run-time choice replaces the config's own setting."""
     import dataclasses
 
@@ -113,7 +113,7 @@ def _apply_tta_choice(choice: str, info: ModelInfo, config: dict):
 
     plain = dataclasses.replace(info, tta=False, tta_sizes=(), output_format="logits")
     plan = plan_tta(choice, plain)  # in torch any output format can follow the averaged logits
-    native = int(config.get("input_size", 352))
+    native = config.input_size
     if plan.sizes and (info.input_height, info.input_width) != (native, native):
         raise ValueError(f"--tta {choice} runs the sizes {'+'.join(map(str, plan.sizes))} chosen for the model's "
                          f"input size {native}x{native}, not {info.input_height}x{info.input_width}")

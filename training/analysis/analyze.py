@@ -468,7 +468,7 @@ def analyze_checkpoint(checkpoint: str | Path, samples, *, device: str = "cpu", 
     from ..checkpoint import load_model
     from ..evaluate import predict_probabilities
     model, config = load_model(checkpoint, device=device)
-    thr = float(config.get("threshold", 0.5) if threshold is None else threshold)
+    thr = float(config.threshold if threshold is None else threshold)
     probs = predict_probabilities(model, config, [s.image for s in samples], device=device,
                                   batch_size=batch_size, tta=tta, tta_sizes=tta_sizes)
     sweep_probs = sweep_masks = None
@@ -476,8 +476,8 @@ def analyze_checkpoint(checkpoint: str | Path, samples, *, device: str = "cpu", 
         sweep_probs = predict_probabilities(model, config, [s.image for s in sweep_samples], device=device,
                                             batch_size=batch_size, tta=tta, tta_sizes=tta_sizes)
         sweep_masks = [s.mask for s in sweep_samples]
-    meta = {"checkpoint": str(checkpoint), "variant": config.get("variant"),
-            "input_size": config.get("input_size"), "tta": tta, **kwargs.pop("meta", {})}
+    meta = {"checkpoint": str(checkpoint), "variant": config.variant,
+            "input_size": config.input_size, "tta": tta, **kwargs.pop("meta", {})}
     if tta_sizes:
         meta["tta_sizes"] = list(tta_sizes)
     result = analyze_predictions(samples, probs, thr, sweep_probabilities=sweep_probs, sweep_masks=sweep_masks,

@@ -113,14 +113,14 @@ def analyze_command(checkpoint, data_root, split, sweep_split, prob_file, sweep_
             tta, tta_sizes, recommended_threshold = resolve_tta_choice(cfg, choice, tta_sizes)
             if threshold is None:
                 threshold = recommended_threshold
-            thr = float(cfg.get("threshold", 0.5) if threshold is None else threshold)
-            click.echo(f"predicting with {cfg['variant']} on {dev} ({describe_tta(tta, tta_sizes)})", err=True)
+            thr = float(cfg.threshold if threshold is None else threshold)
+            click.echo(f"predicting with {cfg.variant} on {dev} ({describe_tta(tta, tta_sizes)})", err=True)
             probs = predict_probabilities(model, cfg, [s.image for s in samples], device=dev,
                                           batch_size=batch_size, tta=tta, tta_sizes=tta_sizes)
             if sweep_samples is not None:
                 sweep_probs = predict_probabilities(model, cfg, [s.image for s in sweep_samples], device=dev,
                                                     batch_size=batch_size, tta=tta, tta_sizes=tta_sizes)
-            meta.update(checkpoint=str(checkpoint), variant=cfg["variant"], input_size=cfg.get("input_size"),
+            meta.update(checkpoint=str(checkpoint), variant=cfg.variant, input_size=cfg.input_size,
                         tta_choice=choice, tta=tta, device=str(dev))
             if tta_sizes:
                 meta["tta_sizes"] = list(tta_sizes)

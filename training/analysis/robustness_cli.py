@@ -71,14 +71,14 @@ def robustness_command(checkpoint, data_root, split, shift_spec, strengths, scor
         if threshold is None:
             threshold = recommended_threshold  # None: the checkpoint's own
         n_passes = 1 + len(names) * len(levels)
-        click.echo(f"{len(samples)} images from {data_root} ({split}); {cfg['variant']} on {dev}, "
+        click.echo(f"{len(samples)} images from {data_root} ({split}); {cfg.variant} on {dev}, "
                    f"{'flip TTA' if flips else 'one pass'}{f', sizes {list(sizes)}' if sizes else ''}; "
                    f"{n_passes} passes ({len(names)} shifts x {len(levels)} strengths + clean)", err=True)
         result = run_robustness(model, cfg, samples, names, levels, score_strength, seed=seed, device=dev,
                                 batch_size=batch_size, threshold=threshold, tta=flips, tta_sizes=sizes,
                                 log=lambda m: click.echo(m, err=True))
         result["settings"].update(checkpoint=str(checkpoint), data=str(data_root), split=split,
-                                  variant=cfg["variant"], device=str(dev))
+                                  variant=cfg.variant, device=str(dev))
         paths = write_outputs(result, out_dir, figure=not no_figure, example=samples[0])
     except (FileNotFoundError, DatasetError, ValueError, KeyError, RuntimeError, ImportError) as e:
         click.echo(f"error: {e}", err=True)
