@@ -3,7 +3,7 @@
 The fake engine computes with ONNX Runtime on the bytes the backend copied into fake device
 memory, enforces TensorRT's "one context per optimisation profile" rule and refuses work from a
 thread whose current device was never set, so buffer plumbing, slots, dtype handling, caching and
-cleanup are all checked without TensorRT or a GPU (tests/test_tensorrt_build.py, _run.py and the
+cleanup are all checked without TensorRT or a GPU (tests/runtime/test_tensorrt_build.py, _run.py and the
 backend contract tests).
 """
 from __future__ import annotations

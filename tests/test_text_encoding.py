@@ -34,7 +34,7 @@ def test_the_protocol_report_is_written_in_utf8_under_a_non_utf8_locale(tmp_path
     script = textwrap.dedent(f"""
         import json, locale, sys
         from pathlib import Path
-        sys.path.insert(0, {str(ROOT / "tests")!r})
+        sys.path.insert(0, {str(ROOT / "tests" / "training")!r})
         if locale.getpreferredencoding(False).lower().replace("-", "") in ("utf8", "cp65001"):
             sys.exit(77)  # a system whose locale is UTF-8 (e.g. Windows with its UTF-8 option) shows nothing
         from test_protocol_report import _write_eval

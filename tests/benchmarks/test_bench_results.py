@@ -254,7 +254,7 @@ def test_results_that_differ_in_tta_are_said_to_compare_unequal_work():
     assert note and "sizes 352+416 (8 network passes per image) in model|ort-cpu@cpu" in note
 
 
-COMMITTED_RESULTS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "results").rglob("effiseg_bench.json"))
+COMMITTED_RESULTS = sorted((Path(__file__).resolve().parents[2] / "benchmarks" / "results").rglob("effiseg_bench.json"))
 
 
 @pytest.mark.parametrize("path", COMMITTED_RESULTS, ids=lambda p: p.parent.relative_to(p.parents[2]).as_posix())

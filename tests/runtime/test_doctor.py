@@ -179,7 +179,7 @@ def test_torch_kernel_coverage(arches, capability, covered):
 
 
 def test_every_fix_command_is_in_the_install_matrix_document():
-    install_doc = (Path(__file__).resolve().parents[1] / "runtime" / "INSTALL.md").read_text(encoding="utf-8")
+    install_doc = (Path(__file__).resolve().parents[2] / "runtime" / "INSTALL.md").read_text(encoding="utf-8")
     for backend in ("tensorrt", "onnxruntime", "torch"):
         for generation in GENERATIONS:
             for windows in (True, False):

@@ -4,7 +4,7 @@ double-buffered slots.
 Needs the tensorrt package, a CUDA binding (cuda-python or pycuda), onnx, onnxruntime and an NVIDIA
 GPU (torch only for the tests that export EffiSegNet); skipped with the reason otherwise. Run with:
 
-    python -m pytest -m tensorrt tests/test_tensorrt_integration.py -v -rs
+    python -m pytest -m tensorrt tests/runtime/test_tensorrt_integration.py -v -rs
 
 EFFISEG_TEST_CUDA_DEVICE picks the GPU (default cuda:0). Engines are built into pytest's tmp
 folders, never into the user's cache. Tolerances: fp32 engines must match ONNX Runtime closely
@@ -22,7 +22,7 @@ import pytest
 
 from effiseg.runtime.cuda_memory import CudaError, CudaUnavailable, open_cuda
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared fakes
 from tensorrt_test_models import (export_effisegnet_onnx, make_tiny_onnx, onnxruntime_reference,  # noqa: E402
                                   random_batch, tiny_info)
 

@@ -12,7 +12,7 @@ from effiseg.runtime.model_config import ModelConfig, ModelConfigError
 from effiseg.runtime.model_info import ModelInfo, read_onnx_metadata
 from effiseg.runtime.variants import get_variant
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CHECKPOINT = REPO / "training" / "weights" / "default"
 BUNDLED_ONNX = REPO / "runtime" / "models" / "effisegnet-default.onnx"
 

@@ -2,7 +2,7 @@
 ``tensorrt`` module and CUDA binding of tests/tensorrt_fakes.py (outputs equal ONNX Runtime's, slots
 from several threads, fixed and padded batches, cleanup, the CUDA binding's context handling), and
 ``effiseg-run --backend tensorrt`` through the CLI on a simulated Quadro M6000.
-Run: .venv/bin/python -m pytest tests/test_tensorrt_run.py -q
+Run: .venv/bin/python -m pytest tests/runtime/test_tensorrt_run.py -q
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 from effiseg.runtime.cuda_memory import CudaError, check_cuda_result, parse_cuda_device
 from effiseg.runtime.trt_engine_cache import CACHE_ENV_VAR
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared fakes
 from tensorrt_fakes import MAXWELL, FakeCuda, backend_on_fakes, fake_env, make_fake_trt  # noqa: E402
 from tensorrt_test_models import onnxruntime_reference, random_batch, tiny_info  # noqa: E402
 

@@ -3,7 +3,7 @@ cache key, precision incl. the Maxwell fallback, API branch, network flags, cach
 corrupt-cache handling, the release gate), the build settings, and the builds themselves through the
 real backend against the fake ``tensorrt`` module of tests/tensorrt_fakes.py (engine and timing
 caches, the FP16 choice per release, parser errors, prebuilt engines).
-Run: .venv/bin/python -m pytest tests/test_tensorrt_build.py -q
+Run: .venv/bin/python -m pytest tests/runtime/test_tensorrt_build.py -q
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from effiseg.runtime.trt_engine_cache import (CACHE_ENV_VAR, EngineKey, atomic_w
                                               default_cache_dir, engine_path, load_or_build_engine,
                                               resolve_cache_dir, timing_cache_path)
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared fakes
 from tensorrt_fakes import AMPERE, MAXWELL, FakeCuda, backend_on_fakes, fake_env, make_fake_trt  # noqa: E402
 from tensorrt_test_models import make_tiny_onnx, onnxruntime_reference, random_batch, tiny_info  # noqa: E402
 

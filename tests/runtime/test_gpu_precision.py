@@ -1,6 +1,6 @@
 """The precision rule the TensorRT and PyTorch backends follow: FP16 where the GPU has fast FP16, FP32
 elsewhere, and an FP16 request on a GPU without it (the Quadro M6000, compute capability 5.2) runs FP32
-and says so. ONNX Runtime's TensorRT EP follows it too: tests/test_onnxruntime_gpu.py."""
+and says so. ONNX Runtime's TensorRT EP follows it too: tests/runtime/test_onnxruntime_gpu.py."""
 from __future__ import annotations
 
 import pytest

@@ -6,7 +6,7 @@ relies on: one host buffer per slot; ``collect`` gives (n, H, W) in the document
 uint8 masks; fp16 converted); batches in flight on two slots stay apart; misuse (collect without
 submit, a second batch on a busy slot, a slot or batch out of range, a closed backend) raises the
 same error on every backend. TensorRT runs simulated (tests/tensorrt_fakes.py); on a GPU machine
-tests/test_tensorrt_integration.py runs the real one.
+tests/runtime/test_tensorrt_integration.py runs the real one.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared fakes
 from tensorrt_test_models import make_tiny_onnx, tiny_info  # noqa: E402
 
 DTYPES = {"logits": np.float32, "probabilities": np.float32, "mask": np.uint8}

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from effiseg.runtime import version as version_mod
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_reads_the_project_table_version_only(tmp_path):

@@ -104,7 +104,7 @@ def test_defaults_follow_the_devices_and_given_options_win():
 
 def test_the_recorded_settings_have_the_result_files_fields():
     """Result files written before the settings were an object have the same ``settings`` keys."""
-    committed = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "results").rglob("effiseg_bench.json"))
+    committed = sorted((Path(__file__).resolve().parents[2] / "benchmarks" / "results").rglob("effiseg_bench.json"))
     recorded = json.loads(committed[-1].read_text(encoding="utf-8"))["settings"]
     targets = [Target(TARGETS["torch-eager"], "cpu")]
     written = _resolve(["cpu"], threads=2).to_json(targets, "torch-eager@cpu", [(352, 352)], None)
