@@ -11,7 +11,7 @@ gamma), recorder (JPEG). Each sample draws its own strength, uniformly up to the
 JPEG is simulated, not encoded: YCbCr, 4:2:0 chroma, 8 x 8 block DCT, the standard quantisation
 tables scaled by the IJG quality rule, rounding, and back. That is what a JPEG encoder does to the
 pixels (its entropy coding is lossless), so the blocking and ringing match a real encoder's closely
-(tests/test_augment_device.py compares it with Pillow's), and it runs batched on the GPU.
+(tests/training/test_augment_device.py compares it with Pillow's), and it runs batched on the GPU.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ a long run on a GPU pays every epoch. Here the resized images and the native-siz
 device (grouped by mask size, one group for Kvasir-SEG's 352x352 split), and the per-image
 true/false positive counts are computed there; the host reads one small tensor per epoch. The
 numbers are those of ``evaluate_samples`` (same resize, normalisation, bilinear return to the
-mask's size, threshold and empty-mask conventions; tests/test_fast_step.py compares them).
+mask's size, threshold and empty-mask conventions; tests/training/test_fast_step.py compares them).
 """
 from __future__ import annotations
 

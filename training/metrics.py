@@ -1,6 +1,6 @@
 """Segmentation metrics, computed per image at the mask's native resolution.
 
-Conventions (tested in tests/test_metrics.py):
+Conventions (tested in tests/training/test_metrics.py):
 * A prediction is ``sigmoid(logit) > threshold`` (0.5 by default), i.e. ``logit > logit(threshold)``.
 * Empty ground truth and empty prediction: Dice = IoU = precision = recall = 1 (a correct "no polyp").
 * Empty ground truth, non-empty prediction: Dice = IoU = precision = 0, recall = 1 (nothing to miss).

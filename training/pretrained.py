@@ -4,7 +4,7 @@
   files were made for the reference implementation ``efficientnet-lite-pytorch`` (module names such
   as ``_blocks.3._depthwise_conv``); their tensors are stored in the same order as timm's
   ``tf_efficientnet_liteN`` parameters and buffers, so the mapping is positional, with every shape
-  checked. ``tests/test_pretrained.py`` proves it by comparing outputs with the reference model.
+  checked. ``tests/training/test_pretrained.py`` proves it by comparing outputs with the reference model.
 * Everything else: timm's hub (needs the internet).
 """
 from __future__ import annotations

@@ -119,8 +119,8 @@ fi
 
 if [ "${DRY:-0}" != 1 ] && [ "$(left)" -gt 30 ]; then
   stamp "gpu tests"
-  timeout $(( $(left) - 10 )) "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_runtime_pipeline.py \
-    tests/test_run_cli.py tests/test_augment.py tests/test_bench.py 2>&1 | tail -25 | tee "$RES/gpu_tests.txt"
+  timeout $(( $(left) - 10 )) "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/runtime/test_runtime_pipeline.py \
+    tests/runtime/test_run_cli.py tests/training/test_augment.py tests/benchmarks/test_bench.py 2>&1 | tail -25 | tee "$RES/gpu_tests.txt"
   stamp "gpu tests done"
   pack
 fi

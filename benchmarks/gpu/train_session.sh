@@ -63,12 +63,12 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap,clocks.max.s
 "$PY" -c "import json,platform,torch;print(json.dumps({'python':platform.python_version(),'torch':torch.__version__,'cuda':torch.version.cuda,'gpu':torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,'capability':torch.cuda.get_device_capability(0) if torch.cuda.is_available() else None}))" | tee "$RES/env.json"
 pack
 
-# The graph step against the eager one on this GPU (tests/test_fast_step.py, gpu-marked, ~30 s). If it
+# The graph step against the eager one on this GPU (tests/training/test_fast_step.py, gpu-marked, ~30 s). If it
 # fails, the runs train with the fast step uncaptured (--step fast) rather than losing the call.
 STEP=auto
 if [ "${DRY:-0}" != 1 ]; then
   stamp "gpu tests of the fast step"
-  EFFISEG_DATA=$DATA timeout 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_fast_step.py 2>&1 | tail -8 | tee "$RES/gpu_tests.txt"
+  EFFISEG_DATA=$DATA timeout 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/training/test_fast_step.py 2>&1 | tail -8 | tee "$RES/gpu_tests.txt"
   SUMMARY=$(tail -n 1 "$RES/gpu_tests.txt")   # pytest's last line: "2 passed, 16 deselected in ..."
   case "$SUMMARY" in *failed*|*error*|*"no tests ran"*) STEP=fast;; *passed*) ;; *) STEP=fast;; esac
   [ "$STEP" = fast ] && TIMED=fast

@@ -1,5 +1,5 @@
 """The TensorRT backend's pure decisions: no TensorRT, no CUDA, tested directly
-(tests/test_tensorrt_build.py).
+(tests/runtime/test_tensorrt_build.py).
 
 Which I/O API an engine offers, the network flags of a release, whether to build FP16, the
 optimisation profile of the effiseg input, and how output shapes and TensorRT types map to numpy:
