@@ -247,7 +247,7 @@ def atomic_write(path: Path, write) -> None:
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def write_whole(path: Path, data: bytes) -> None:
     """``data`` as ``path``, replaced whole, as :func:`atomic_write` does, in the fewest system calls:
     open, write, close, rename (no file object: ``open()`` adds an fstat, and each call hands the GIL
     to another thread, which the writer threads pay once per mask)."""
@@ -337,7 +337,7 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
 
 def write_mask_png(path: Path, mask: np.ndarray) -> None:
     """``encode_mask_png(mask)`` written atomically to ``path``."""
-    atomic_write_bytes(Path(path), encode_mask_png(mask))
+    write_whole(Path(path), encode_mask_png(mask))
 
 
 def write_jpeg(path: Path, rgb: np.ndarray, quality: int = 90) -> None:

@@ -1,6 +1,6 @@
 """Round 2 of the host pipeline (issue 23): writers take whole chunks of a batch and hand their
 results back together (``Pipeline.run_batches``), and masks are written with os-level calls
-(``images.atomic_write_bytes``). What callers rely on: every job's result exactly once, a failure
+(``images.write_whole``). What callers rely on: every job's result exactly once, a failure
 reported on its own, files replaced whole with no temporary left behind."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from effiseg.runtime.backends.base import Backend
-from effiseg.runtime.images import TEMP_SUFFIX, atomic_write_bytes, write_mask_png
+from effiseg.runtime.images import TEMP_SUFFIX, write_mask_png, write_whole
 from effiseg.runtime.model_info import ModelInfo
 from effiseg.runtime.pipeline import Pipeline
 
@@ -56,19 +56,18 @@ def test_results_come_in_writer_chunks_each_job_once():
     assert pipe.stats.images == 20
 
 
-def test_atomic_write_bytes_replaces_whole_and_makes_a_missing_folder(tmp_path):
-    target = tmp_path / "sub" / "mask.png"
-    atomic_write_bytes(target, b"first")
-    atomic_write_bytes(target, b"second, longer")
-    assert target.read_bytes() == b"second, longer"
-    assert [p.name for p in target.parent.iterdir()] == ["mask.png"]
+def test_write_whole_replaces_a_longer_file_and_makes_a_missing_folder(tmp_path):
+    target = tmp_path / "sub" / "deeper" / "mask.png"
+    for data in (b"a longer first version", b"short"):
+        write_whole(target, data)
+        assert target.read_bytes() == data and [p.name for p in target.parent.iterdir()] == ["mask.png"]
 
 
-def test_atomic_write_bytes_leaves_no_temporary_when_the_rename_fails(tmp_path):
+def test_write_whole_leaves_no_temporary_when_the_rename_fails(tmp_path):
     (tmp_path / "taken").mkdir()  # a folder where the file should go: the rename fails
     (tmp_path / "taken" / "inside").write_text("x")
     with pytest.raises(OSError):
-        atomic_write_bytes(tmp_path / "taken", b"data")
+        write_whole(tmp_path / "taken", b"data")
     assert not list(tmp_path.glob(f"*{TEMP_SUFFIX}"))
 
 
