@@ -136,7 +136,7 @@ def main(base, images_dir, n_images, threads, runs, rounds, out, child, count_ca
                          "--images", str(Path(images_dir).resolve()), "--n-images", str(n_images), "--threads", threads,
                          "--runs", str(runs), "--out", "-"],
                         env=dict(os.environ, PYTHONPATH=str(sites[side])), cwd=work, stdout=subprocess.DEVNULL)
-                    calls[side] = _syscalls_per_image(trace.read_text(), n_images * (runs + 1) * len(ks))
+                    calls[side] = _syscalls_per_image(trace.read_text(encoding="utf-8"), n_images * (runs + 1) * len(ks))
         finally:
             subprocess.call(["git", "-C", str(root), "worktree", "remove", "--force", str(work / "base")])
     summary = {}
