@@ -187,7 +187,7 @@ def fill_and_drain(images: list[Path], device_ms: float, batch: int, folder_size
 
 
 def profile(images: list[Path], size: int = 352, threshold: float = 0.5, repeats: int = 3) -> dict:
-    from effiseg.runtime.images import atomic_write, encode_mask_png, read_image
+    from effiseg.runtime.images import encode_mask_png, read_image, write_whole
     from effiseg.runtime.model_info import ModelInfo
     from effiseg.runtime.postprocess import count_regions, fill_host_row, output_to_mask, resize_rgb
     info = ModelInfo(path=None, variant="profile", input_height=size, input_width=size)
@@ -210,7 +210,7 @@ def profile(images: list[Path], size: int = 352, threshold: float = 0.5, repeats
                 t4 = time.perf_counter()
                 data = encode_mask_png(mask)  # write_mask_png's two steps, timed apart
                 t5 = time.perf_counter()
-                atomic_write(Path(tmp) / f"{i}.png", lambda f: f.write(data))
+                write_whole(Path(tmp) / f"{i}.png", data)
                 t6 = time.perf_counter()
                 for k, (a, b) in zip(stages, ((t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5), (t5, t6))):
                     stages[k].append((b - a) * 1000)
@@ -229,7 +229,7 @@ def thread_scaling(images: list[Path], threads: int, size: int = 352, threshold:
     machine, measured here rather than guessed. Also "all": the whole per-image chain."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from effiseg.runtime.images import atomic_write, encode_mask_png, read_image, write_mask_png
+    from effiseg.runtime.images import encode_mask_png, read_image, write_mask_png, write_whole
     from effiseg.runtime.model_info import ModelInfo
     from effiseg.runtime.postprocess import count_regions, fill_host_row, output_to_mask, resize_rgb
     info = ModelInfo(path=None, variant="profile", input_height=size, input_width=size)
@@ -262,7 +262,7 @@ def thread_scaling(images: list[Path], threads: int, size: int = 352, threshold:
             "mask_from_logits": lambda i: output_to_mask(logits[i], "logits", threshold, *decoded[i].shape[:2]),
             "count_regions": lambda i: count_regions(masks[i]),
             "png_encode": lambda i: encode_mask_png(masks[i]),
-            "file_write": lambda i: atomic_write(out / f"{i}.png", lambda f: f.write(pngs[i])),
+            "file_write": lambda i: write_whole(out / f"{i}.png", pngs[i]),
             "all": whole,
         }
         result = {}

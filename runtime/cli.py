@@ -117,6 +117,10 @@ def _check_devices(ctx, param, value):
               help="Larger images are refused with a per-file error (bounds memory; PIL's default limit).")
 @click.option("--input-size", type=int, default=None,
               help="Run a --dynamic-hw model at this square input size instead of its export size.")
+@click.option("--engine", "engine_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="With --backend tensorrt: run this TensorRT engine, built ahead of time with effiseg-export "
+                   "MODEL.onnx --engine FILE (checked against --model, the GPU and the TensorRT version), instead "
+                   "of the engine cache.")
 @TTA_CHOICE_OPTION
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[auto|ADDRESS]",
@@ -126,8 +130,8 @@ def _check_devices(ctx, param, value):
               help="With --ray: actors (one Segmenter each) [default: one per GPU, else one per CPU].")
 @print_backend_notes_live()
 def run_command(input_dir, output_dir, model_path, backend, devices, batch, precision, threshold, overlay,
-                recursive, resume, slots, workers, max_pixels, input_size, tta, no_progress, frames_png, ray_address,
-                ray_actors):
+                recursive, resume, slots, workers, max_pixels, input_size, engine_file, tta, no_progress, frames_png,
+                ray_address, ray_actors):
     """Segment every image of INPUT into 0/255 PNG masks at each image's own size, with a summary
     CSV/JSON (area fraction, regions, maximum probability, errors, throughput)."""
     from .backends import BackendUnavailable
@@ -139,6 +143,8 @@ def run_command(input_dir, output_dir, model_path, backend, devices, batch, prec
     from PIL import Image
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
+    if engine_file is not None:
+        _check_engine_options(backend, ray_address)
     if ray_address is not None:  # before anything treats INPUT as a local folder
         _print_folder_summary(_run_on_ray(input_dir, output_dir, model_path, backend, devices, precision, batch,
                                           threshold, tta, input_size, recursive, resume, overlay, max_pixels,
@@ -172,7 +178,7 @@ def run_command(input_dir, output_dir, model_path, backend, devices, batch, prec
             raise CannotStart(f"the bundled model {DEFAULT_MODEL} is not installed in this copy of effiseg; "
                               "pass --model MODEL.onnx (make one with effiseg-export)")
         raise CannotStart(f"model not found: {model}")
-    if backend in ("auto", "tensorrt") and importlib.util.find_spec("tensorrt") is not None:
+    if engine_file is None and backend in ("auto", "tensorrt") and importlib.util.find_spec("tensorrt") is not None:
         # The backend's own notes are printed once it is ready; a first engine build must not look
         # like a hang.
         _echo("preparing TensorRT: the first engine build for this model, GPU and batch can take several "
@@ -181,7 +187,8 @@ def run_command(input_dir, output_dir, model_path, backend, devices, batch, prec
         # A TensorRT engine build can take minutes: Ctrl-C there is an interruption too, not a crash.
         segmenter = Segmenter.from_model(model, backend=backend, devices=devices, precision=precision,
                                          max_batch=batch, slots=slots, threshold=threshold, workers=workers,
-                                         input_size=input_size, tta=tta)
+                                         input_size=input_size, tta=tta,
+                                         **({} if engine_file is None else {"engine": engine_file}))
     except (BackendUnavailable, OSError, ValueError, RuntimeError) as e:  # no usable model/backend
         raise CannotStart(f"cannot start on {model}: {e}") from None
     except KeyboardInterrupt:
@@ -229,6 +236,16 @@ def run_command(input_dir, output_dir, model_path, backend, devices, batch, prec
         print_video_summary(summary, click.echo)
         sys.exit(EXIT_FAILED_FILES if failed else 0)
     _print_folder_summary(summary)
+
+
+def _check_engine_options(backend: str, ray_address: str | None) -> None:
+    """``--engine`` is a TensorRT engine: only the TensorRT backend, on this machine, can run it."""
+    if backend != "tensorrt":
+        raise click.UsageError(f"--engine runs a TensorRT engine, which needs --backend tensorrt (got --backend "
+                               f"{backend}); leave --engine out to run the ONNX model on {backend}")
+    if ray_address is not None:
+        raise click.UsageError("--engine is not available with --ray (each Ray actor uses the engine cache of its "
+                               "own machine)")
 
 
 def _print_folder_summary(summary: dict) -> None:

@@ -29,7 +29,7 @@ from .backends import auto_attempts, same_kind_as_first
 from .backends.gpu_precision import fast_fp16_from_compute_capability
 from .backends.onnxruntime_backend import tensorrt_ep_choice
 from .backends.openvino_backend import choose_cpu_precision
-from .backends.tensorrt_backend import choose_precision
+from .backends.tensorrt import choose_precision
 from .backends.torch_backend import choose_torch_mode, torch_gpu_problem
 from .console import Command
 from .doctor_env import Environment, Gpu, probe_environment

@@ -449,14 +449,18 @@ def _segment_jobs(segmenter, todo: list[FileJob], rows: dict[int, dict], journal
         with open(journal_path, "a" if resume else "w", encoding="utf-8") as journal:
             n_failed_so_far = 0
             try:
-                for job, row in pipe.run(todo):
-                    rows[job.index] = row
-                    journal.write(json.dumps(row) + "\n")
+                for finished in pipe.run_batches(todo):
+                    for job, row in finished:
+                        rows[job.index] = row
+                        journal.write(json.dumps(row) + "\n")
+                    # Once per writer's chunk: a kill loses at most these lines, and --resume rebuilds
+                    # the row of any mask renamed into place without one (_split_done).
                     journal.flush()
                     if bar is not None:
-                        bar.update(1)
-                        if row["status"] == "error":
-                            n_failed_so_far += 1
+                        bar.update(len(finished))
+                        failed_now = sum(row["status"] == "error" for _, row in finished)
+                        if failed_now:
+                            n_failed_so_far += failed_now
                             bar.set_postfix(failed=n_failed_so_far)
             finally:
                 if bar is not None:

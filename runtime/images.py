@@ -242,6 +242,40 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+# O_EXCL: the temporary name is this process's own (pid and counter), so an existing file there is not
+# ours to truncate. O_BINARY: Windows would otherwise translate newlines in the PNG's bytes.
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def write_whole(path: Path, data: bytes) -> None:
+    """``data`` as ``path``, replaced whole, as :func:`atomic_write` does, in the fewest system calls:
+    open, write, close, rename (no file object: ``open()`` adds an fstat, and each call hands the GIL
+    to another thread, which the writer threads pay once per mask)."""
+    tmp = str(path.with_name(_temp_name(path.name)))
+    try:
+        try:
+            fd = os.open(tmp, _CREATE_FLAGS, 0o666)
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, _CREATE_FLAGS, 0o666)
+        try:
+            view = memoryview(data)
+            while view:  # a write may take less than asked (a full disk raises instead)
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        replace_with_retry(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        too_long = _over_windows_path_limit(path, Path(tmp)) if isinstance(e, FileNotFoundError) else None
+        if too_long:
+            raise FileNotFoundError(e.errno, too_long, str(path)) from e
+        raise
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """``text`` as a UTF-8 file, replaced whole (see :func:`atomic_write`)."""
     data = text.encode("utf-8")
@@ -284,7 +318,10 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
     h, w = mask.shape
     scanlines = np.empty((h, w + 1), np.uint8)
     scanlines[:, 0] = 0  # each row starts with its filter type: 0, none
-    np.multiply(mask.astype(bool, copy=False), np.uint8(255), out=scanlines[:, 1:])
+    if mask.dtype == bool:  # 0/1 bytes -> 0/255 by wrapping negation: no cast, one pass
+        np.negative(mask.view(np.uint8), out=scanlines[:, 1:])
+    else:
+        np.multiply(mask.astype(bool), np.uint8(255), out=scanlines[:, 1:])
     header = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)  # 8-bit, grayscale, deflate, no interlace
     # Level 1 with the run-length strategy: on the Kvasir-SEG test masks no slower than level 1's
     # default strategy (0.218 against 0.254 ms in the last run) and files 2.4x smaller, 668 bytes on
@@ -300,8 +337,7 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
 
 def write_mask_png(path: Path, mask: np.ndarray) -> None:
     """``encode_mask_png(mask)`` written atomically to ``path``."""
-    data = encode_mask_png(mask)
-    atomic_write(path, lambda f: f.write(data))
+    write_whole(Path(path), encode_mask_png(mask))
 
 
 def write_jpeg(path: Path, rgb: np.ndarray, quality: int = 90) -> None:

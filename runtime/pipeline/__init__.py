@@ -51,7 +51,7 @@ class Pipeline:
     ``load(job) -> (model_input_rgb, meta)`` decodes one job to the model's input size (raise to
     fail that job); ``fill(row, model_input_rgb)`` writes it into one host-buffer row;
     ``finish(job, meta, output_row) -> result`` post-processes one output; ``fail(job, exc, stage)
-    -> result`` turns an exception into that job's result. ``run`` yields ``(job, result)``.
+    -> result`` turns an exception into that job's result. ``run`` yields ``(job, result)`` (``run_batches``: lists of them).
     ``condense(outputs, metas) -> rows`` (optional) makes what the writers get of a collected batch
     (``outputs``: the claimed rows, still in the slot; ``metas``: their metas, None for a row whose
     fill failed), on the runner's thread before the slot is reused; without it, a copy of each row.
@@ -94,6 +94,13 @@ class Pipeline:
         return d
 
     def run(self, jobs: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
+        for results in self.run_batches(jobs):
+            yield from results
+
+    def run_batches(self, jobs: Iterable[Any]) -> Iterator[list[tuple[Any, Any]]]:
+        """``run``, yielding the results as they arrive together: a list of ``(job, result)`` per
+        writer's chunk (or per failure), so that a caller recording them (a journal) can flush once
+        per list instead of once per image."""
         run = RunState(self.fail)
         self.stats = run.stats
         slots = HostSlots(self.backends, run)
@@ -111,13 +118,13 @@ class Pipeline:
                 # Waits with a timeout: on Windows an untimed lock wait cannot be interrupted, so
                 # Ctrl-C would only land when the next result arrives (or never, if none does).
                 try:
-                    item = run.results.get(timeout=POLL_S)
+                    results = run.results.get(timeout=POLL_S)
                 except queue.Empty:
                     continue
-                if item is _END:
+                if results is _END:
                     break
-                run.stats.add(images=1)
-                yield item
+                run.stats.add(images=len(results))
+                yield results
         finally:
             if coordinator.is_alive():
                 run.abort.set()

@@ -133,10 +133,8 @@ class DeviceRunner:
 
     def _deliver(self, batch: Batch, rows: list[np.ndarray]) -> None:
         """Hand a computed batch's outputs to the writers (rows already copied out of the slot)."""
-        for (job, meta), output in zip(batch.entries[:batch.claimed], rows):
-            if meta is FILL_FAILED:
-                continue  # already reported
-            self.writers.put(job, meta, output)
+        self.writers.put_batch([(job, meta, output) for (job, meta), output in zip(batch.entries[:batch.claimed], rows)
+                                if meta is not FILL_FAILED])  # a row that failed its fill is already reported
         if batch.moved:
             self.slots.settle_move()
 

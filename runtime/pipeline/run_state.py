@@ -27,7 +27,7 @@ class RunState:
         self.stats = PipelineStats()
         self.abort = threading.Event()
         self.fatal: list[BaseException] = []
-        self.results: queue.Queue = queue.Queue()
+        self.results: queue.Queue = queue.Queue()  # lists of (job, result): a writer's chunk, or one failure
 
     def check_abort(self) -> None:
         if self.abort.is_set():
@@ -57,4 +57,4 @@ class RunState:
                 continue
 
     def failed(self, job, error: BaseException, stage: str) -> None:
-        self.results.put((job, self.fail(job, error, stage)))
+        self.results.put([(job, self.fail(job, error, stage))])
