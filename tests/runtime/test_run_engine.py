@@ -14,7 +14,7 @@ from PIL import Image
 from effiseg.runtime.cli import run_command
 from effiseg.runtime.trt_engine_cache import CACHE_ENV_VAR
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared fakes
 from tensorrt_fakes import MAXWELL, FakeCuda, make_fake_trt  # noqa: E402
 
 
