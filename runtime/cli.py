@@ -112,7 +112,7 @@ def _check_devices(ctx, param, value):
 @click.option("--slots", type=click.IntRange(1, 8), default=2,
               help="Host/device buffers in rotation (2: preparing one batch overlaps running the other).")
 @click.option("--workers", type=click.IntRange(1, 256), default=None,
-              help="Decoder threads (also writer threads) [default: CPU count, at most 8].")
+              help="Decoder threads (also writer threads) [default: half the CPU count, 1 to 8].")
 @click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS,
               help="Larger images are refused with a per-file error (bounds memory; PIL's default limit).")
 @click.option("--input-size", type=int, default=None,

@@ -41,8 +41,11 @@ _END = object()  # the last item of a run's results queue
 
 
 def default_workers() -> int:
-    """Decoder (and writer) threads: one per core, at most 8."""
-    return max(1, min(8, os.cpu_count() or 1))
+    """Decoder (and writer) threads: one per two cores, at least 1 and at most 8. The stages still
+    hand the GIL to each other, so k decoders + k writers + the device runner want 2k+1 cores: on the
+    2-core EPYC, 1 + 1 threads reached a 1.41x higher pipeline ceiling than 2 + 2 (915 against 647
+    images/s, median of 5 rounds; benchmarks/RESULTS.md)."""
+    return max(1, min(8, (os.cpu_count() or 1) // 2))
 
 
 class Pipeline:
