@@ -188,3 +188,39 @@ def test_resume_redoes_a_video_made_with_other_settings(tiny_onnx, clips, tmp_pa
         record = __import__("json").loads((out / FRAMES_JSON).read_text())
         assert record["settings"]["threshold"] == 0.3
         assert run_videos(seg, clips / "vfr.mkv", out, resume=True)["files"][0]["status"] == "skipped"
+
+
+def test_valid_videos_with_fewer_frames_than_the_header_count_are_read_whole(tmp_path):
+    # An MP4 cut with an edit list (frames before 0, as `ffmpeg -ss ... -c copy` makes) and an AVI with
+    # empty chunks for dropped frames: both decode fewer frames than the header's nb_frames, and are whole.
+    edited = tmp_path / "edited.mp4"
+    with av.open(str(edited), "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        stream.options = {"bf": "0"}
+        for i in range(20):
+            frame = av.VideoFrame.from_ndarray(distinct_frame(i), format="rgb24")
+            frame.pts, frame.time_base = -120 + 40 * i, Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    gaps = tmp_path / "gaps.avi"
+    with av.open(str(gaps), "w", format="avi") as out:
+        stream = out.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 25)
+        for k, i in enumerate([0, 1, 2, 5, 6, 7, 10, 11]):  # frames 3, 4, 8, 9 dropped by the capture
+            frame = av.VideoFrame.from_ndarray(distinct_frame(k), format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, 25)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    for path in (edited, gaps):
+        pts, _, _ = decoded(path)
+        with av.open(str(path)) as c:
+            assert c.streams.video[0].frames > len(pts)  # the case: the header counts more than decode
+        with VideoReader(path) as reader:
+            assert [f.pts for f in reader] == pts
