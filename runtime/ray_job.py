@@ -98,6 +98,19 @@ def mask_is_complete(fs, path: str) -> bool:
         return False
 
 
+def _mtime_ns(fs, path: str) -> int | None:
+    info = fs.get_file_info(path)
+    return None if info.mtime_ns is None else int(info.mtime_ns)
+
+
+def _newer_than(fs, path: str, since_ns: int | None) -> bool:
+    """The file at ``path`` was written after ``since_ns`` (a file system without times: trusted)."""
+    if since_ns is None:
+        return True
+    mtime = _mtime_ns(fs, path)
+    return mtime is None or mtime > since_ns
+
+
 def run_settings(model: Path, threshold, tta: str, input_size) -> dict:
     """What makes the masks, as recorded beside them: a resumed run with other settings is refused."""
     from .model_info import ModelInfo
@@ -236,14 +249,19 @@ def run_ray(input_location, output_location=None, *, model: Path, address: str |
         if before is None:
             say("resume: no record of the settings that made the masks: every image is done again")
             resume = False
-    with out_fs.open_output_stream(settings_path) as f:
-        f.write(json.dumps(settings, indent=2).encode("utf-8"))
+    # As a local folder run: a run that starts afresh writes the record before any mask, and a resumed
+    # run keeps it as it is, so only masks newer than the record were made with the settings it holds
+    # (an interrupted fresh run leaves the older run's masks behind, older than the record).
+    settings_since = _mtime_ns(out_fs, settings_path) if resume else None
+    if not resume:
+        with out_fs.open_output_stream(settings_path) as f:
+            f.write(json.dumps(settings, indent=2).encode("utf-8"))
 
     rows: dict[str, dict] = {}
     todo = []
     for job in jobs:
         mask_path = f"{out_root}/{job.mask_rel}"
-        if resume and mask_is_complete(out_fs, mask_path):
+        if resume and mask_is_complete(out_fs, mask_path) and _newer_than(out_fs, mask_path, settings_since):
             rows[job.rel] = _row(job.rel, job.mask_rel, "skipped")
             continue
         source = (in_local / job.rel).as_posix() if in_local is not None else _join_uri(str(input_location), job.rel)
