@@ -61,6 +61,7 @@ class VideoJob:
     source: Path
     rel: str             # relative to the input folder ("/" separators); the file name for one file
     out_dir: Path
+    conflict: str = ""   # why this video cannot have its folder (another video's would be the same or nest)
 
 
 def default_video_output(input_path: Path) -> Path:
@@ -108,8 +109,31 @@ def plan_video_jobs(input_path: Path, output_dir: Path, recursive: bool) -> list
     stems = [r.rsplit(".", 1)[0] for r in rels]
     # clip.mp4 and clip.mkv in one folder: both keep their extension in the folder name.
     clash = {s.casefold() for s in stems if sum(t.casefold() == s.casefold() for t in stems) > 1}
-    return [VideoJob(f, rel, output_dir / (rel.replace(".", "_") if stem.casefold() in clash else stem))
+    jobs = [VideoJob(f, rel, output_dir / (rel.replace(".", "_") if stem.casefold() in clash else stem))
             for f, rel, stem in zip(files, rels, stems)]
+    _mark_folder_conflicts(jobs, output_dir)
+    return jobs
+
+
+def _mark_folder_conflicts(jobs: list[VideoJob], output_dir: Path) -> None:
+    """Two videos whose folders would be one (clip.mp4 + clip.mkv -> clip_mp4, beside clip_mp4.avi), or
+    where one's folder would be an output of the other (x.mp4 -> x/, x/frames.mp4 -> x/frames/: redoing
+    x would delete the other's outputs), get a per-file error naming the other. Compared
+    case-insensitively: on Windows Clip/ and clip/ are one folder."""
+    outputs = {name.casefold() for name in (MASK_VIDEO, OVERLAY_VIDEO, FRAMES_CSV, FRAMES_JSON, FRAMES_DIR)}
+    owner: dict[str, VideoJob] = {}
+    for job in jobs:
+        owner.setdefault(job.out_dir.relative_to(output_dir).as_posix().casefold(), job)
+    for job in jobs:
+        key = job.out_dir.relative_to(output_dir).as_posix().casefold()
+        parts = key.split("/")
+        clashing = [key] + ["/".join(parts[:i]) for i in range(1, len(parts)) if parts[i] in outputs]
+        for other_key in clashing:
+            other = owner.get(other_key)
+            if other is not None and other is not job:
+                for a, b in ((job, other), (other, job)):
+                    a.conflict = a.conflict or (f"its output folder {a.out_dir} would be, or hold, that of {b.rel}"
+                                                f" ({b.out_dir}); rename one of the two")
 
 
 def video_settings(segmenter) -> dict:
@@ -148,6 +172,10 @@ def run_videos(segmenter, input_path, output_dir=None, *, recursive: bool = Fals
         if stale:
             say(f"removed {stale} temporary file(s) left by an interrupted run")
         for n, job in enumerate(jobs, 1):
+            if job.conflict:
+                rows.append(_video_row(job, "error", None, f"{job.rel}: {job.conflict}"))
+                say(f"  FAILED {job.rel}: {job.conflict}")
+                continue
             done = _complete_record(job, settings, overlay, frames) if resume else None
             if done is not None:
                 rows.append(_video_row(job, "skipped", done))
@@ -323,7 +351,8 @@ def _complete_record(job: VideoJob, settings: dict, overlay: bool, frames: bool)
         record = json.loads((job.out_dir / FRAMES_JSON).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not (isinstance(record, dict) and record.get("complete") and record.get("settings") == settings):
+    if not (isinstance(record, dict) and record.get("complete") and record.get("settings") == settings
+            and record.get("video") == job.rel):  # another video's record (its folder name was this one's)
         return None
     n = record.get("n_frames")
     needed = [job.out_dir / MASK_VIDEO, job.out_dir / FRAMES_CSV] + ([job.out_dir / OVERLAY_VIDEO] if overlay else [])

@@ -1,5 +1,6 @@
 """effiseg-run over video files: one result per decoded frame, in order; lossless mask videos;
 per-file errors; atomic outputs and resume."""
+import json
 from fractions import Fraction
 from pathlib import Path
 
@@ -224,3 +225,28 @@ def test_valid_videos_with_fewer_frames_than_the_header_count_are_read_whole(tmp
             assert c.streams.video[0].frames > len(pts)  # the case: the header counts more than decode
         with VideoReader(path) as reader:
             assert [f.pts for f in reader] == pts
+
+
+def test_videos_whose_output_folders_collide_are_per_file_errors_naming_each_other(tiny_onnx, tmp_path):
+    src = tmp_path / "clips"
+    (src / "x").mkdir(parents=True)
+    for name in ("clip.mp4", "clip.mkv", "clip_MP4.avi", "x.mp4", "x/frames.mp4", "x/other.mp4", "Case.mp4",
+                 "case.mkv.mp4"):
+        write_clip(src / name, 3)
+    out = tmp_path / "out"
+    with Segmenter.from_onnx(tiny_onnx, max_batch=4) as seg:
+        summary = run_videos(seg, src, out, recursive=True)
+        rows = {r["file"]: r for r in summary["files"]}
+        # clip.mp4 -> clip_mp4/ (beside clip.mkv), the folder clip_MP4.avi would have on Windows: neither is written.
+        for a, b in (("clip.mp4", "clip_MP4.avi"), ("x.mp4", "x/frames.mp4")):
+            assert rows[a]["status"] == rows[b]["status"] == "error"
+            assert b in rows[a]["error"] and a in rows[b]["error"]
+        assert rows["clip.mkv"]["status"] == rows["x/other.mp4"]["status"] == "ok"  # nested, but harmless
+        assert not (out / "x" / "frames").exists() and not (out / "clip_mp4").exists() and not (out / "clip_MP4").exists()
+        # Case.mp4 -> Case/, case.mkv.mp4 -> case.mkv/: distinct; a record of another video is not resumed.
+        assert rows["Case.mp4"]["status"] == "ok"
+        record = json.loads((out / "Case" / FRAMES_JSON).read_text())
+        record["video"] = "someone_else.mp4"
+        (out / "Case" / FRAMES_JSON).write_text(json.dumps(record))
+        again = {r["file"]: r["status"] for r in run_videos(seg, src, out, recursive=True, resume=True)["files"]}
+        assert again["Case.mp4"] == "ok" and again["clip.mkv"] == "skipped"
