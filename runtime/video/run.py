@@ -33,6 +33,7 @@ from PIL import Image
 
 from ..folder_lock import OutputFolderLock
 from ..images import overlay_image
+from ..pipeline import BackendLost, PipelineAborted
 from ..postprocess import count_regions, output_to_mask
 from ..replace_file import replace_with_retry
 from ..rows_csv import rows_csv_text
@@ -164,7 +165,7 @@ def run_videos(segmenter, input_path, output_dir=None, *, recursive: bool = Fals
         say(f"no video files in {input_path}" + ("" if recursive else " (add --recursive for sub-folders)"))
     output_dir.mkdir(parents=True, exist_ok=True)
     settings = video_settings(segmenter)
-    av_error = import_av().error.FFmpegError
+    av_error = import_av().error.FFmpegError  # an encoder that refuses this video: its message names no file
     started = time.perf_counter()
     rows = []
     with OutputFolderLock(output_dir, say):
@@ -185,9 +186,14 @@ def run_videos(segmenter, input_path, output_dir=None, *, recursive: bool = Fals
                 record = segment_video(segmenter, job, settings, overlay=overlay, frames=frames,
                                        max_pixels=max_pixels, progress=progress)
                 rows.append(_video_row(job, "ok", record))
-            except (VideoError, OSError, av_error) as e:  # av_error: an encoder that refuses this video
-                rows.append(_video_row(job, "error", None, str(e)))
-                say(f"  FAILED {job.rel}: {e}")
+            except (BackendLost, PipelineAborted):
+                raise  # the device or the run is gone: no later video would fare better
+            except Exception as e:  # this video alone: an encoder that refuses it, a frame PyAV cannot convert
+                reason = str(e) if isinstance(e, (VideoError, OSError, av_error)) else f"{type(e).__name__}: {e}"
+                if job.rel not in reason and str(job.source) not in reason:
+                    reason = f"{job.rel}: {reason}"
+                rows.append(_video_row(job, "error", None, reason))
+                say(f"  FAILED {job.rel}: {reason}")
                 if job.out_dir != output_dir:
                     try:
                         job.out_dir.rmdir()  # only when empty: a failed first attempt leaves no folder

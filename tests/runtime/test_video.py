@@ -250,3 +250,31 @@ def test_videos_whose_output_folders_collide_are_per_file_errors_naming_each_oth
         (out / "Case" / FRAMES_JSON).write_text(json.dumps(record))
         again = {r["file"]: r["status"] for r in run_videos(seg, src, out, recursive=True, resume=True)["files"]}
         assert again["Case.mp4"] == "ok" and again["clip.mkv"] == "skipped"
+
+
+def test_any_error_of_one_video_is_its_row_and_the_run_goes_on(tiny_onnx, clips, tmp_path, monkeypatch):
+    from effiseg.runtime.video import reader as reader_module
+    from effiseg.runtime.video import writers
+    real_overlay_codec = writers.overlay_codec
+    real_next = reader_module.VideoReader.__next__
+
+    def no_encoder():
+        raise RuntimeError("no H.264 or MPEG-4 encoder in this FFmpeg")
+
+    def unconvertible(self):
+        frame = real_next(self)
+        if self.path.name == "vfr.mkv" and frame.index == 5:
+            raise ValueError("Conversion to numpy array with format `rgb24` is not yet supported")
+        return frame
+
+    with Segmenter.from_onnx(tiny_onnx, max_batch=4) as seg:
+        monkeypatch.setattr(writers, "overlay_codec", no_encoder)
+        summary = run_videos(seg, clips, tmp_path / "o1", overlay=True)
+        assert [r["status"] for r in summary["files"]] == ["error", "error"]
+        assert all(r["file"] in r["error"] and "no H.264" in r["error"] for r in summary["files"])
+        monkeypatch.setattr(writers, "overlay_codec", real_overlay_codec)
+        monkeypatch.setattr(reader_module.VideoReader, "__next__", unconvertible)
+        rows = {r["file"]: r for r in run_videos(seg, clips, tmp_path / "o2")["files"]}
+        assert rows["bframes.mp4"]["status"] == "ok"
+        assert rows["vfr.mkv"]["status"] == "error" and "ValueError" in rows["vfr.mkv"]["error"]
+        assert "vfr.mkv" in rows["vfr.mkv"]["error"] and not (tmp_path / "o2" / "vfr").exists()
