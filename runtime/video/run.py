@@ -224,7 +224,6 @@ def segment_video(segmenter, job: VideoJob, settings: dict, *, overlay: bool = F
     out = job.out_dir
     out.mkdir(parents=True, exist_ok=True)
     marker = out / FRAMES_JSON
-    marker.unlink(missing_ok=True)  # from here on the folder vouches for nothing until the new record lands
     with VideoReader(job.source, max_pixels) as reader:
         rate = reader.average_rate
         writers = []
@@ -273,7 +272,9 @@ def segment_video(segmenter, job: VideoJob, settings: dict, *, overlay: bool = F
             if bar is not None:
                 bar.close()
         stream = reader.describe()
-    # Everything decoded and encoded: rename into place, the record last.
+    # Everything decoded and encoded: rename into place, the record last. Until then the earlier
+    # record (and the outputs it vouches for) stays: a failed re-run loses nothing.
+    marker.unlink(missing_ok=True)  # from here on the folder vouches for nothing until the new record lands
     for w, temp in zip(writers, temps):
         commit(temp, w.final)
     if not overlay:

@@ -278,3 +278,19 @@ def test_any_error_of_one_video_is_its_row_and_the_run_goes_on(tiny_onnx, clips,
         assert rows["bframes.mp4"]["status"] == "ok"
         assert rows["vfr.mkv"]["status"] == "error" and "ValueError" in rows["vfr.mkv"]["error"]
         assert "vfr.mkv" in rows["vfr.mkv"]["error"] and not (tmp_path / "o2" / "vfr").exists()
+
+
+def test_a_failed_rerun_keeps_the_earlier_complete_record(tiny_onnx, clips, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    with Segmenter.from_onnx(tiny_onnx, max_batch=4) as seg:
+        run_videos(seg, clips / "vfr.mkv", out)
+        before = (out / FRAMES_JSON).read_bytes()
+
+        def fail(self, mask, index, time_s):
+            raise OSError("disk full")
+
+        monkeypatch.setattr(MaskVideoWriter, "write", fail)
+        assert run_videos(seg, clips / "vfr.mkv", out)["files"][0]["status"] == "error"
+        monkeypatch.undo()
+        assert (out / FRAMES_JSON).read_bytes() == before  # the earlier video's outputs are still vouched for
+        assert run_videos(seg, clips / "vfr.mkv", out, resume=True)["files"][0]["status"] == "skipped"
