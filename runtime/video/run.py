@@ -223,6 +223,7 @@ def segment_video(segmenter, job: VideoJob, settings: dict, *, overlay: bool = F
     Raises VideoError (nothing written under a final name) for a video that cannot be read whole."""
     out = job.out_dir
     out.mkdir(parents=True, exist_ok=True)
+    source_stat = _source_stat(job.source)  # before reading: a file changed while read is redone next time
     marker = out / FRAMES_JSON
     with VideoReader(job.source, max_pixels) as reader:
         rate = reader.average_rate
@@ -284,7 +285,8 @@ def segment_video(segmenter, job: VideoJob, settings: dict, *, overlay: bool = F
     elif (out / FRAMES_DIR).is_dir():
         shutil.rmtree(out / FRAMES_DIR)
     _atomic_text(out / FRAMES_CSV, rows_csv_text(rows, FRAME_FIELDS))
-    record = {"video": job.rel, "source": str(job.source), "complete": True, "settings": settings,
+    record = {"video": job.rel, "source": str(job.source), "source_stat": source_stat, "complete": True,
+              "settings": settings,
               "stream": stream, "n_frames": len(rows),
               "outputs": {"masks": MASK_VIDEO, "csv": FRAMES_CSV, "overlay": OVERLAY_VIDEO if overlay else None,
                           "frames": FRAMES_DIR if frames else None},
@@ -362,12 +364,25 @@ def _complete_record(job: VideoJob, settings: dict, overlay: bool, frames: bool)
             and record.get("video") == job.rel):  # another video's record (its folder name was this one's)
         return None
     n = record.get("n_frames")
+    if not (isinstance(n, int) and n > 0 and isinstance(record.get("frames"), list) and len(record["frames"]) == n
+            and isinstance(record.get("outputs"), dict) and isinstance(record.get("stream"), dict)):
+        return None  # a record this code did not write whole: the video is done again
+    try:
+        if record.get("source_stat") != _source_stat(job.source):
+            return None  # the source was replaced or changed since its masks were made
+    except OSError:
+        return None
     needed = [job.out_dir / MASK_VIDEO, job.out_dir / FRAMES_CSV] + ([job.out_dir / OVERLAY_VIDEO] if overlay else [])
     if not all(p.is_file() for p in needed):
         return None
     if frames and not (record["outputs"].get("frames") and (job.out_dir / FRAMES_DIR / f"{n - 1:06d}.png").is_file()):
         return None
     return record
+
+
+def _source_stat(path: Path) -> dict:
+    stat = Path(path).stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def _video_row(job: VideoJob, status: str, record: dict | None, error: str = "") -> dict:

@@ -294,3 +294,21 @@ def test_a_failed_rerun_keeps_the_earlier_complete_record(tiny_onnx, clips, tmp_
         monkeypatch.undo()
         assert (out / FRAMES_JSON).read_bytes() == before  # the earlier video's outputs are still vouched for
         assert run_videos(seg, clips / "vfr.mkv", out, resume=True)["files"][0]["status"] == "skipped"
+
+
+def test_resume_redoes_a_video_whose_record_is_malformed_or_whose_source_changed(tiny_onnx, clips, tmp_path):
+    import os
+    out = tmp_path / "out"
+    with Segmenter.from_onnx(tiny_onnx, max_batch=4) as seg:
+        run_videos(seg, clips / "vfr.mkv", out)
+        record = json.loads((out / FRAMES_JSON).read_text())
+        assert record["source_stat"]["size"] == (clips / "vfr.mkv").stat().st_size
+        for bad in (None, "23", 0):
+            (out / FRAMES_JSON).write_text(json.dumps(dict(record, n_frames=bad)))
+            assert run_videos(seg, clips / "vfr.mkv", out, resume=True)["files"][0]["status"] == "ok", bad
+        assert run_videos(seg, clips / "vfr.mkv", out, resume=True)["files"][0]["status"] == "skipped"
+        write_clip(clips / "vfr.mkv", 11)  # another recording under the same name
+        stat = (clips / "vfr.mkv").stat()
+        os.utime(clips / "vfr.mkv", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+        again = run_videos(seg, clips / "vfr.mkv", out, resume=True)["files"][0]
+        assert again["status"] == "ok" and again["frames"] == 11
