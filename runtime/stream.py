@@ -36,6 +36,7 @@ from .console import Command
 
 EXIT_CANNOT_START = 3
 EXIT_RUN_STOPPED = 4
+CAPTURE_JOIN_S = 5.0  # how long the end of a stream waits for the capture thread's decode to return
 MAX_FAILURES_IN_A_ROW = 10  # a dead device fails every frame: stop instead of playing the source to its end
 
 
@@ -90,6 +91,18 @@ class _Capture(threading.Thread):
         self.stop = threading.Event()
         self.error: BaseException | None = None
         self.started_at: float | None = None
+        self._close_lock = threading.Lock()
+        self._finished = False
+        self._close_on_exit = False
+
+    def close_reader_when_done(self) -> None:
+        """Close the reader now if this thread has ended, else when it ends: closing the container
+        while a decode inside it is still running (a device that hangs) would pull it from under FFmpeg."""
+        with self._close_lock:
+            if not self._finished:
+                self._close_on_exit = True
+                return
+        self.reader.close()
 
     def run(self) -> None:
         first_time = None
@@ -112,6 +125,11 @@ class _Capture(threading.Thread):
             self.error = e
         finally:
             self.mailbox.close()
+            with self._close_lock:
+                self._finished = True
+                close = self._close_on_exit
+            if close:
+                self.reader.close()
 
 
 def percentiles_ms(latencies_s) -> dict:
@@ -135,8 +153,12 @@ def run_stream(segmenter, source, *, format: str | None = None, options: dict | 
     if paced is None:
         paced = format is None and "://" not in str(source)
     reader = VideoReader(source, options=options, format=format)
-    # The first call builds the backend's plans (ONNX Runtime, TensorRT): not the stream's latency.
-    segmenter.segment([np.zeros((reader.height or 64, reader.width or 64, 3), np.uint8)])
+    try:
+        # The first call builds the backend's plans (ONNX Runtime, TensorRT): not the stream's latency.
+        segmenter.segment([np.zeros((reader.height or 64, reader.width or 64, 3), np.uint8)])
+    except BaseException:
+        reader.close()
+        raise
     mailbox = FrameMailbox(queue)
     capture = _Capture(reader, mailbox, paced, rate, max_frames)
 
@@ -194,8 +216,9 @@ def run_stream(segmenter, source, *, format: str | None = None, options: dict | 
     finally:
         capture.stop.set()
         mailbox.close()
-        capture.join(5)
-        reader.close()
+        if capture.is_alive():
+            capture.join(CAPTURE_JOIN_S)
+        capture.close_reader_when_done()
     if capture.error is not None:
         summary["source_error"] = f"{type(capture.error).__name__}: {capture.error}"
     summary["interrupted"] = interrupted

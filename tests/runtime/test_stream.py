@@ -145,3 +145,61 @@ def test_a_stream_with_a_failed_frame_exits_non_zero(tmp_path, monkeypatch):
     summary = json.loads(out.read_text())
     assert summary["frames_failed"] == 1 and summary["complete"]
     assert result.exit_code == 1, result.output
+
+
+class HangingReader:
+    """A capture device: one frame, then a decode that hangs until ``release`` is set."""
+
+    def __init__(self, *args, **kwargs):
+        self.width, self.height, self.average_rate, self.path = 64, 48, None, "dev"
+        self.release, self.inside, self.closed, self.closed_while_decoding = threading.Event(), False, False, False
+        self.sent = False
+        HangingReader.last = self
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if not self.sent:
+            self.sent = True
+            return SimpleNamespace(index=0, pts=0, time_s=0.0, rgb=np.zeros((48, 64, 3), np.uint8))
+        self.inside = True
+        self.release.wait(30)
+        self.inside = False
+        raise StopIteration
+
+    def close(self):
+        self.closed_while_decoding |= self.inside
+        self.closed = True
+
+
+class InterruptedAtFirstFrame(BusySegmenter):
+    def segment(self, images):
+        self.calls += 1
+        if self.calls == 2:
+            raise KeyboardInterrupt
+        return [images[0][..., 0] > 127]
+
+
+class WarmUpFails(BusySegmenter):
+    def segment(self, images):
+        raise RuntimeError("cannot build the engine")
+
+
+def test_the_reader_is_closed_only_after_the_capture_thread_ends_and_after_a_failed_warm_up(monkeypatch):
+    from effiseg.runtime import stream
+    from effiseg.runtime.video import reader
+    monkeypatch.setattr(reader, "VideoReader", HangingReader)
+    monkeypatch.setattr(stream, "CAPTURE_JOIN_S", 0.2)
+    summary = run_stream(InterruptedAtFirstFrame(), "dev", format="fake")  # Ctrl-C while a decode hangs
+    assert summary["interrupted"]
+    hanging = HangingReader.last
+    assert not hanging.closed  # not pulled from under the decode still running
+    hanging.release.set()
+    for t in threading.enumerate():
+        if t.name == "effiseg-capture":
+            t.join(10)
+    assert hanging.closed and not hanging.closed_while_decoding
+    with pytest.raises(RuntimeError, match="engine"):
+        run_stream(WarmUpFails(), "dev", format="fake")
+    assert HangingReader.last.closed
