@@ -125,3 +125,34 @@ def test_resume_after_an_interrupted_fresh_run_redoes_the_older_runs_masks(tiny_
         seg.run_folder(src, tmp_path / "local")
     for mask in (tmp_path / "local").glob("*.png"):
         assert (out / mask.name).read_bytes() == mask.read_bytes()
+
+
+def test_a_local_output_folder_is_locked_and_cleared_of_stale_temporary_files(tiny_onnx, tmp_path, monkeypatch):
+    from effiseg.runtime import ray_job
+    from effiseg.runtime.folder_lock import FolderLockedError, OutputFolderLock
+    from effiseg.runtime.images import TEMP_SUFFIX
+    src = write_noise_images(tmp_path / "in", 2, shape=(40, 50))
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / f"0.png{TEMP_SUFFIX}"
+    stale.write_bytes(b"half a mask")  # left by a killed run
+    monkeypatch.setattr(ray_job, "import_ray", _in_process_ray)
+    import threading
+    taken, done = threading.Event(), threading.Event()
+
+    def another_run():  # another run writing this folder (the lock lets its own thread in again)
+        with OutputFolderLock(out):
+            taken.set()
+            done.wait(30)
+
+    holder = threading.Thread(target=another_run)
+    holder.start()
+    taken.wait(30)
+    try:
+        with pytest.raises(FolderLockedError):
+            run_ray(src, out, model=tiny_onnx, backend="onnxruntime", devices="cpu", batch=2)
+    finally:
+        done.set()
+        holder.join(30)
+    summary = run_ray(src, out, model=tiny_onnx, backend="onnxruntime", devices="cpu", batch=2)
+    assert summary["n_ok"] == 2 and not stale.exists()
