@@ -312,3 +312,14 @@ def test_resume_redoes_a_video_whose_record_is_malformed_or_whose_source_changed
         os.utime(clips / "vfr.mkv", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
         again = run_videos(seg, clips / "vfr.mkv", out, resume=True)["files"][0]
         assert again["status"] == "ok" and again["frames"] == 11
+
+
+def test_frames_on_an_image_run_is_a_usage_error_not_ignored(tiny_onnx, tmp_path):
+    from PIL import Image
+    src = tmp_path / "images"
+    src.mkdir()
+    Image.fromarray(distinct_frame(0)).save(src / "0.png")
+    result = CliRunner().invoke(run_command, ["--input", str(src), "--output", str(tmp_path / "out"), "--model",
+                                              str(tiny_onnx), "--frames", "--no-progress"])
+    assert result.exit_code == 2 and "--frames is for video input" in result.output
+    assert not (tmp_path / "out").exists()  # refused before anything ran
