@@ -145,6 +145,8 @@ def run_command(input_dir, output_dir, model_path, backend, devices, batch, prec
 
     if engine_file is not None:
         _check_engine_options(backend, ray_address)
+    if ray_address is not None and frames_png:
+        raise click.UsageError("--frames writes one PNG per video frame; --ray runs folders of images")
     if ray_address is not None:  # before anything treats INPUT as a local folder
         _print_folder_summary(_run_on_ray(input_dir, output_dir, model_path, backend, devices, precision, batch,
                                           threshold, tta, input_size, recursive, resume, overlay, max_pixels,
@@ -153,6 +155,9 @@ def run_command(input_dir, output_dir, model_path, backend, devices, batch, prec
     input_dir, output_dir = Path(input_dir), None if output_dir is None else Path(output_dir)
     from .video import count_videos, is_video_input
     video = is_video_input(input_dir, recursive)
+    if frames_png and not video:  # an image run already writes one PNG per image: say so, do not ignore it
+        raise click.UsageError(f"--frames is for video input (one PNG per frame); {input_dir} is not a video "
+                               "or a folder of videos, and an image run writes one mask PNG per image anyway")
     if not video and count_videos(input_dir, recursive):
         _echo(f"note: {count_videos(input_dir, recursive)} video file(s) in {input_dir} are left out: a run "
               "takes images or videos; give the videos a folder of their own, or --input one video")

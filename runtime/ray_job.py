@@ -20,6 +20,7 @@ run the cluster on Linux where you can.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
@@ -28,7 +29,9 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from .folder import ROW_FIELDS, plan_jobs
-from .images import IMAGE_EXTENSIONS, encode_mask_png, natural_key, read_image, write_mask_png
+from .folder_lock import OutputFolderLock
+from .images import (IMAGE_EXTENSIONS, encode_mask_png, natural_key, read_image, remove_stale_temp_files,
+                     write_mask_png)
 from .postprocess import count_regions, output_to_mask
 from .rows_csv import rows_csv_text
 
@@ -96,6 +99,19 @@ def mask_is_complete(fs, path: str) -> bool:
             return head == _PNG_SIGNATURE and f.read() == _PNG_IEND
     except (OSError, FileNotFoundError):
         return False
+
+
+def _mtime_ns(fs, path: str) -> int | None:
+    info = fs.get_file_info(path)
+    return None if info.mtime_ns is None else int(info.mtime_ns)
+
+
+def _newer_than(fs, path: str, since_ns: int | None) -> bool:
+    """The file at ``path`` was written after ``since_ns`` (a file system without times: trusted)."""
+    if since_ns is None:
+        return True
+    mtime = _mtime_ns(fs, path)
+    return mtime is None or mtime > since_ns
 
 
 def run_settings(model: Path, threshold, tta: str, input_size) -> dict:
@@ -221,76 +237,88 @@ def run_ray(input_location, output_location=None, *, model: Path, address: str |
     jobs = plan_jobs(PurePosixPath("in"), PurePosixPath("out"), [PurePosixPath("in") / r for r in rels], False)
     out_fs.create_dir(out_root, recursive=True)
 
-    settings = run_settings(Path(model), threshold, tta, input_size)
-    settings_path = f"{out_root}/{SETTINGS_NAME}"
-    if resume:
-        try:
-            with out_fs.open_input_stream(settings_path) as f:
-                before = json.loads(f.read().decode("utf-8"))
-        except (OSError, FileNotFoundError, ValueError):
-            before = None
-        changed = [k for k in settings if before is not None and before.get(k) != settings[k]]
-        if changed:
-            raise RayJobError(f"--resume: the masks in {output_location} were made with other settings ("
-                              + "; ".join(f"{k}: {before.get(k)} then, {settings[k]} now" for k in changed) + ")")
-        if before is None:
-            say("resume: no record of the settings that made the masks: every image is done again")
-            resume = False
-    with out_fs.open_output_stream(settings_path) as f:
-        f.write(json.dumps(settings, indent=2).encode("utf-8"))
+    # A local output folder: the same lock as a local run (two runs never write one folder), and the
+    # temporary files a killed run left there are removed.
+    with (OutputFolderLock(out_local, say) if out_local is not None else contextlib.nullcontext()):
+        if out_local is not None:
+            stale = remove_stale_temp_files(out_local)
+            if stale:
+                say(f"removed {stale} temporary file(s) left by an interrupted run")
+        settings = run_settings(Path(model), threshold, tta, input_size)
+        settings_path = f"{out_root}/{SETTINGS_NAME}"
+        if resume:
+            try:
+                with out_fs.open_input_stream(settings_path) as f:
+                    before = json.loads(f.read().decode("utf-8"))
+            except (OSError, FileNotFoundError, ValueError):
+                before = None
+            changed = [k for k in settings if before is not None and before.get(k) != settings[k]]
+            if changed:
+                raise RayJobError(f"--resume: the masks in {output_location} were made with other settings ("
+                                  + "; ".join(f"{k}: {before.get(k)} then, {settings[k]} now" for k in changed) + ")")
+            if before is None:
+                say("resume: no record of the settings that made the masks: every image is done again")
+                resume = False
+        # As a local folder run: a run that starts afresh writes the record before any mask, and a resumed
+        # run keeps it as it is, so only masks newer than the record were made with the settings it holds
+        # (an interrupted fresh run leaves the older run's masks behind, older than the record).
+        settings_since = _mtime_ns(out_fs, settings_path) if resume else None
+        if not resume:
+            with out_fs.open_output_stream(settings_path) as f:
+                f.write(json.dumps(settings, indent=2).encode("utf-8"))
 
-    rows: dict[str, dict] = {}
-    todo = []
-    for job in jobs:
-        mask_path = f"{out_root}/{job.mask_rel}"
-        if resume and mask_is_complete(out_fs, mask_path):
-            rows[job.rel] = _row(job.rel, job.mask_rel, "skipped")
-            continue
-        source = (in_local / job.rel).as_posix() if in_local is not None else _join_uri(str(input_location), job.rel)
-        todo.append({"file": job.rel, "mask": job.mask_rel, "source": source})
-    if resume:
-        say(f"resume: {len(jobs) - len(todo)} of {len(jobs)} image(s) already have a mask")
+        rows: dict[str, dict] = {}
+        todo = []
+        for job in jobs:
+            mask_path = f"{out_root}/{job.mask_rel}"
+            if resume and mask_is_complete(out_fs, mask_path) and _newer_than(out_fs, mask_path, settings_since):
+                rows[job.rel] = _row(job.rel, job.mask_rel, "skipped")
+                continue
+            source = (in_local / job.rel).as_posix() if in_local is not None else _join_uri(str(input_location), job.rel)
+            todo.append({"file": job.rel, "mask": job.mask_rel, "source": source})
+        if resume:
+            say(f"resume: {len(jobs) - len(todo)} of {len(jobs)} image(s) already have a mask")
 
-    connect(ray, address, say)
-    use_gpus = backend != "openvino" and devices != "cpu"
-    n_actors, per_actor = pool_for(ray.cluster_resources(), use_gpus, cpus_per_actor, actors)
-    segmenter_options = {"backend": backend, "devices": "0" if "num_gpus" in per_actor else "cpu",
-                         "precision": precision, "max_batch": batch, "threshold": threshold, "tta": tta,
-                         "input_size": input_size, "workers": max(1, per_actor.get("num_cpus", 2))}
-    if "num_cpus" in per_actor and backend in ("onnxruntime", "openvino"):
-        # Each CPU actor keeps to its share: N actors with all cores each would fight over them.
-        segmenter_options["intra_op_threads" if backend == "onnxruntime" else "threads"] = per_actor["num_cpus"]
-    say(f"Ray: {n_actors} actor(s), each {per_actor} and one Segmenter ({backend}); {len(todo)} image(s) to do")
-    from ray.data import DataContext
-    DataContext.get_current().enable_progress_bars = progress
-    started = time.perf_counter()
-    if todo:
-        ds = ray.data.from_items(todo).map_batches(
-            SegmentBatch, batch_size=batch, compute=ray.data.ActorPoolStrategy(size=n_actors), batch_format="numpy",
-            fn_constructor_kwargs={"model": str(model), "output": str(output_location), "max_pixels": max_pixels,
-                                   "segmenter_options": segmenter_options}, **per_actor)
-        for item in ds.iter_rows():
-            row = json.loads(item["row"])
-            rows[row["file"]] = row
-    wall = time.perf_counter() - started
-    ordered = [rows[job.rel] for job in jobs]
-    summary = {"input_dir": str(input_location), "output_dir": str(output_location), "model": str(model),
-               "backend": backend, "ray": {"address": address or "local", "actors": n_actors, "per_actor": per_actor,
-                                           "cluster_resources": {k: v for k, v in ray.cluster_resources().items()
-                                                                 if k in ("CPU", "GPU", "memory")}},
-               "settings": settings, "batch": batch, "recursive": recursive, "resume": resume,
-               "n_images": len(jobs), "n_ok": sum(r["status"] == "ok" for r in ordered),
-               "n_failed": sum(r["status"] == "error" for r in ordered),
-               "n_skipped": sum(r["status"] == "skipped" for r in ordered), "n_processed": len(todo),
-               "wall_s": round(wall, 4), "images_per_s": round(len(todo) / wall, 3) if todo and wall > 0 else 0.0,
-               "files": ordered}
-    summary["summary_json"] = f"{output_location}/{SUMMARY_STEM}.json".replace("\\", "/")
-    summary["summary_csv"] = f"{output_location}/{SUMMARY_STEM}.csv".replace("\\", "/")
-    with out_fs.open_output_stream(f"{out_root}/{SUMMARY_STEM}.json") as f:
-        f.write(json.dumps(summary, indent=2, default=str).encode("utf-8"))
-    with out_fs.open_output_stream(f"{out_root}/{SUMMARY_STEM}.csv") as f:
-        f.write(rows_csv_text(ordered, ROW_FIELDS).encode("utf-8"))
-    return summary
+        connect(ray, address, say)
+        use_gpus = backend != "openvino" and devices != "cpu"
+        n_actors, per_actor = pool_for(ray.cluster_resources(), use_gpus, cpus_per_actor, actors)
+        segmenter_options = {"backend": backend, "devices": "0" if "num_gpus" in per_actor else "cpu",
+                             "precision": precision, "max_batch": batch, "threshold": threshold, "tta": tta,
+                             "input_size": input_size, "workers": max(1, per_actor.get("num_cpus", 2))}
+        if "num_cpus" in per_actor and backend in ("onnxruntime", "openvino"):
+            # Each CPU actor keeps to its share: N actors with all cores each would fight over them.
+            segmenter_options["intra_op_threads" if backend == "onnxruntime" else "threads"] = per_actor["num_cpus"]
+        say(f"Ray: {n_actors} actor(s), each {per_actor} and one Segmenter ({backend}); {len(todo)} image(s) to do")
+        from ray.data import DataContext
+        DataContext.get_current().enable_progress_bars = progress
+        started = time.perf_counter()
+        if todo:
+            ds = ray.data.from_items(todo).map_batches(
+                SegmentBatch, batch_size=batch, compute=ray.data.ActorPoolStrategy(size=n_actors), batch_format="numpy",
+                fn_constructor_kwargs={"model": str(model), "output": str(output_location), "max_pixels": max_pixels,
+                                       "segmenter_options": segmenter_options}, **per_actor)
+            for item in ds.iter_rows():
+                row = json.loads(item["row"])
+                rows[row["file"]] = row
+        wall = time.perf_counter() - started
+        ordered = [rows[job.rel] for job in jobs]
+        summary = {"input_dir": str(input_location), "output_dir": str(output_location), "model": str(model),
+                   "backend": backend, "ray": {"address": address or "local", "actors": n_actors, "per_actor": per_actor,
+                                               "cluster_resources": {k: v for k, v in ray.cluster_resources().items()
+                                                                     if k in ("CPU", "GPU", "memory")}},
+                   "settings": settings, "batch": batch, "recursive": recursive, "resume": resume,
+                   "n_images": len(jobs), "n_ok": sum(r["status"] == "ok" for r in ordered),
+                   "n_failed": sum(r["status"] == "error" for r in ordered),
+                   "n_skipped": sum(r["status"] == "skipped" for r in ordered), "n_processed": len(todo),
+                   "wall_s": round(wall, 4), "images_per_s": round(len(todo) / wall, 3) if todo and wall > 0 else 0.0,
+                   "files": ordered}
+        summary["summary_json"] = f"{output_location}/{SUMMARY_STEM}.json".replace("\\", "/")
+        summary["summary_csv"] = f"{output_location}/{SUMMARY_STEM}.csv".replace("\\", "/")
+        with out_fs.open_output_stream(f"{out_root}/{SUMMARY_STEM}.json") as f:
+            f.write(json.dumps(summary, indent=2, default=str).encode("utf-8"))
+        with out_fs.open_output_stream(f"{out_root}/{SUMMARY_STEM}.csv") as f:
+            f.write(rows_csv_text(ordered, ROW_FIELDS).encode("utf-8"))
+        return summary
 
 
 def _join_uri(base: str, rel: str) -> str:

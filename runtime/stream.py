@@ -13,9 +13,10 @@ Latency is capture (the frame's arrival) to mask (its result back on the host), 
 p99 and max, frames processed and dropped are shown live (once a second) and written as JSON at the
 end (``--json``), with one CSV row per processed frame (``--csv``).
 
-Exit status: 0 when the source was played to its end (or --max-frames stopped it), 130 after Ctrl-C
-(the summary is written all the same), 3 when the source or model cannot be opened, 4 when the source
-or the run failed part-way.
+Exit status: 0 when the source was played to its end (or --max-frames stopped it) with every frame
+processed or dropped, 1 when some frames failed, 130 after Ctrl-C (the summary is written all the
+same), 3 when the source or model cannot be opened, 4 when the source or the run failed part-way
+(``MAX_FAILURES_IN_A_ROW`` frames failing in a row, a dead device, stop the stream).
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ from .console import Command
 
 EXIT_CANNOT_START = 3
 EXIT_RUN_STOPPED = 4
+CAPTURE_JOIN_S = 5.0  # how long the end of a stream waits for the capture thread's decode to return
+MAX_FAILURES_IN_A_ROW = 10  # a dead device fails every frame: stop instead of playing the source to its end
 
 
 class FrameMailbox:
@@ -88,6 +91,18 @@ class _Capture(threading.Thread):
         self.stop = threading.Event()
         self.error: BaseException | None = None
         self.started_at: float | None = None
+        self._close_lock = threading.Lock()
+        self._finished = False
+        self._close_on_exit = False
+
+    def close_reader_when_done(self) -> None:
+        """Close the reader now if this thread has ended, else when it ends: closing the container
+        while a decode inside it is still running (a device that hangs) would pull it from under FFmpeg."""
+        with self._close_lock:
+            if not self._finished:
+                self._close_on_exit = True
+                return
+        self.reader.close()
 
     def run(self) -> None:
         first_time = None
@@ -110,6 +125,11 @@ class _Capture(threading.Thread):
             self.error = e
         finally:
             self.mailbox.close()
+            with self._close_lock:
+                self._finished = True
+                close = self._close_on_exit
+            if close:
+                self.reader.close()
 
 
 def percentiles_ms(latencies_s) -> dict:
@@ -133,13 +153,19 @@ def run_stream(segmenter, source, *, format: str | None = None, options: dict | 
     if paced is None:
         paced = format is None and "://" not in str(source)
     reader = VideoReader(source, options=options, format=format)
-    # The first call builds the backend's plans (ONNX Runtime, TensorRT): not the stream's latency.
-    segmenter.segment([np.zeros((reader.height or 64, reader.width or 64, 3), np.uint8)])
+    try:
+        # The first call builds the backend's plans (ONNX Runtime, TensorRT): not the stream's latency.
+        segmenter.segment([np.zeros((reader.height or 64, reader.width or 64, 3), np.uint8)])
+    except BaseException:
+        reader.close()
+        raise
     mailbox = FrameMailbox(queue)
     capture = _Capture(reader, mailbox, paced, rate, max_frames)
 
     latencies: list[float] = []
     failed = 0
+    failed_in_a_row = 0
+    stopped_by: str | None = None
     interrupted = False
     last_live = time.perf_counter()
     summary: dict = {}
@@ -168,9 +194,14 @@ def run_stream(segmenter, source, *, format: str | None = None, options: dict | 
         for frame, captured_at in mailbox:
             try:
                 mask = segmenter.segment([frame.rgb])[0]
-            except RuntimeError:  # this frame's batch failed (segment says which stage); the stream goes on
+            except RuntimeError as e:  # this frame's batch failed (segment says which stage); the stream goes on
                 failed += 1
+                failed_in_a_row += 1
+                if failed_in_a_row >= MAX_FAILURES_IN_A_ROW:
+                    stopped_by = f"{failed_in_a_row} frames in a row failed, the last with {type(e).__name__}: {e}"
+                    break
                 continue
+            failed_in_a_row = 0
             result = float(np.count_nonzero(mask)) / mask.size
             latency = time.perf_counter() - captured_at
             latencies.append(latency)
@@ -185,19 +216,23 @@ def run_stream(segmenter, source, *, format: str | None = None, options: dict | 
     finally:
         capture.stop.set()
         mailbox.close()
-        capture.join(5)
-        reader.close()
+        if capture.is_alive():
+            capture.join(CAPTURE_JOIN_S)
+        capture.close_reader_when_done()
     if capture.error is not None:
         summary["source_error"] = f"{type(capture.error).__name__}: {capture.error}"
     summary["interrupted"] = interrupted
-    return snapshot(not interrupted)
+    if stopped_by is not None:
+        summary["stopped"] = stopped_by
+    return snapshot(not interrupted and stopped_by is None)
 
 
 def _live_line(summary: dict) -> str:
     lat = summary["latency_ms"]
     fmt = (lambda v: "-" if v is None else f"{v:.1f}")
     return (f"{summary['frames_processed']} processed, {summary['frames_dropped']} dropped "
-            f"({100 * summary['drop_fraction']:.1f}%), {summary['processed_per_s']:.1f} fps; latency ms "
+            f"({100 * summary['drop_fraction']:.1f}%), {summary['frames_failed']} failed, "
+            f"{summary['processed_per_s']:.1f} fps; latency ms "
             f"p50 {fmt(lat['p50'])} p90 {fmt(lat['p90'])} p99 {fmt(lat['p99'])} max {fmt(lat['max'])}")
 
 
@@ -301,10 +336,14 @@ def stream_command(source, model_path, backend, devices, precision, threshold, i
     if summary.get("source_error"):
         click.echo(f"the source failed part-way: {summary['source_error']}")
     click.echo(f"summary: {json_path}" + (f", frames: {csv_path}" if csv_path else ""))
-    if summary.get("source_error"):
+    if summary.get("stopped"):
+        click.echo(f"the stream stopped: {summary['stopped']}")
+    if summary.get("source_error") or summary.get("stopped"):
         sys.exit(EXIT_RUN_STOPPED)
     if summary["interrupted"]:
         sys.exit(130)
+    if summary["frames_failed"]:
+        sys.exit(1)  # the source played to its end, but not every frame got a mask
 
 
 def main() -> None:  # pragma: no cover

@@ -3,8 +3,10 @@
 FFmpeg's decoder returns frames in presentation order whatever the coding order (B-frames), and
 nothing here resamples the frame rate: a variable-frame-rate clip gives every frame it stores, with
 its own timestamp. A file that cannot be opened, or whose decoding fails part-way, raises
-``VideoError``; so does a file that ends before the frame count or duration its header declares
-(a truncated copy), since FFmpeg itself stops quietly at the cut.
+``VideoError``; so does a file whose frames end before the duration its header declares (a truncated
+copy), since FFmpeg itself stops quietly at the cut. The header's frame count is only a hint: valid
+files decode fewer frames than it says (an MP4 cut with an edit list, whose leading frames are
+decoded but not shown; an AVI with empty chunks for dropped frames).
 """
 from __future__ import annotations
 
@@ -89,9 +91,7 @@ class VideoReader:
             return DecodedFrame(index, frame.pts, time_s, frame.to_ndarray(format="rgb24"))
 
     def _check_complete(self) -> None:
-        if self.declared_frames and self.n_decoded < self.declared_frames:
-            raise VideoError(f"{self.path} is truncated or damaged: {self.n_decoded} of the {self.declared_frames} "
-                             "frames its header declares could be decoded")
+        # Not the declared frame count: edit lists and dropped-frame chunks make valid files fall short of it.
         if self.declared_duration_s and self._last_time_s is not None:
             # The last frame starts one frame period before the end; two periods and a bit of slack
             # keep rounding and a short last frame from being taken for a cut.

@@ -33,6 +33,7 @@ from PIL import Image
 
 from ..folder_lock import OutputFolderLock
 from ..images import overlay_image
+from ..pipeline import BackendLost, PipelineAborted
 from ..postprocess import count_regions, output_to_mask
 from ..replace_file import replace_with_retry
 from ..rows_csv import rows_csv_text
@@ -61,6 +62,7 @@ class VideoJob:
     source: Path
     rel: str             # relative to the input folder ("/" separators); the file name for one file
     out_dir: Path
+    conflict: str = ""   # why this video cannot have its folder (another video's would be the same or nest)
 
 
 def default_video_output(input_path: Path) -> Path:
@@ -108,8 +110,31 @@ def plan_video_jobs(input_path: Path, output_dir: Path, recursive: bool) -> list
     stems = [r.rsplit(".", 1)[0] for r in rels]
     # clip.mp4 and clip.mkv in one folder: both keep their extension in the folder name.
     clash = {s.casefold() for s in stems if sum(t.casefold() == s.casefold() for t in stems) > 1}
-    return [VideoJob(f, rel, output_dir / (rel.replace(".", "_") if stem.casefold() in clash else stem))
+    jobs = [VideoJob(f, rel, output_dir / (rel.replace(".", "_") if stem.casefold() in clash else stem))
             for f, rel, stem in zip(files, rels, stems)]
+    _mark_folder_conflicts(jobs, output_dir)
+    return jobs
+
+
+def _mark_folder_conflicts(jobs: list[VideoJob], output_dir: Path) -> None:
+    """Two videos whose folders would be one (clip.mp4 + clip.mkv -> clip_mp4, beside clip_mp4.avi), or
+    where one's folder would be an output of the other (x.mp4 -> x/, x/frames.mp4 -> x/frames/: redoing
+    x would delete the other's outputs), get a per-file error naming the other. Compared
+    case-insensitively: on Windows Clip/ and clip/ are one folder."""
+    outputs = {name.casefold() for name in (MASK_VIDEO, OVERLAY_VIDEO, FRAMES_CSV, FRAMES_JSON, FRAMES_DIR)}
+    owner: dict[str, VideoJob] = {}
+    for job in jobs:
+        owner.setdefault(job.out_dir.relative_to(output_dir).as_posix().casefold(), job)
+    for job in jobs:
+        key = job.out_dir.relative_to(output_dir).as_posix().casefold()
+        parts = key.split("/")
+        clashing = [key] + ["/".join(parts[:i]) for i in range(1, len(parts)) if parts[i] in outputs]
+        for other_key in clashing:
+            other = owner.get(other_key)
+            if other is not None and other is not job:
+                for a, b in ((job, other), (other, job)):
+                    a.conflict = a.conflict or (f"its output folder {a.out_dir} would be, or hold, that of {b.rel}"
+                                                f" ({b.out_dir}); rename one of the two")
 
 
 def video_settings(segmenter) -> dict:
@@ -140,7 +165,7 @@ def run_videos(segmenter, input_path, output_dir=None, *, recursive: bool = Fals
         say(f"no video files in {input_path}" + ("" if recursive else " (add --recursive for sub-folders)"))
     output_dir.mkdir(parents=True, exist_ok=True)
     settings = video_settings(segmenter)
-    av_error = import_av().error.FFmpegError
+    av_error = import_av().error.FFmpegError  # an encoder that refuses this video: its message names no file
     started = time.perf_counter()
     rows = []
     with OutputFolderLock(output_dir, say):
@@ -148,6 +173,10 @@ def run_videos(segmenter, input_path, output_dir=None, *, recursive: bool = Fals
         if stale:
             say(f"removed {stale} temporary file(s) left by an interrupted run")
         for n, job in enumerate(jobs, 1):
+            if job.conflict:
+                rows.append(_video_row(job, "error", None, f"{job.rel}: {job.conflict}"))
+                say(f"  FAILED {job.rel}: {job.conflict}")
+                continue
             done = _complete_record(job, settings, overlay, frames) if resume else None
             if done is not None:
                 rows.append(_video_row(job, "skipped", done))
@@ -157,9 +186,14 @@ def run_videos(segmenter, input_path, output_dir=None, *, recursive: bool = Fals
                 record = segment_video(segmenter, job, settings, overlay=overlay, frames=frames,
                                        max_pixels=max_pixels, progress=progress)
                 rows.append(_video_row(job, "ok", record))
-            except (VideoError, OSError, av_error) as e:  # av_error: an encoder that refuses this video
-                rows.append(_video_row(job, "error", None, str(e)))
-                say(f"  FAILED {job.rel}: {e}")
+            except (BackendLost, PipelineAborted):
+                raise  # the device or the run is gone: no later video would fare better
+            except Exception as e:  # this video alone: an encoder that refuses it, a frame PyAV cannot convert
+                reason = str(e) if isinstance(e, (VideoError, OSError, av_error)) else f"{type(e).__name__}: {e}"
+                if job.rel not in reason and str(job.source) not in reason:
+                    reason = f"{job.rel}: {reason}"
+                rows.append(_video_row(job, "error", None, reason))
+                say(f"  FAILED {job.rel}: {reason}")
                 if job.out_dir != output_dir:
                     try:
                         job.out_dir.rmdir()  # only when empty: a failed first attempt leaves no folder
@@ -189,8 +223,8 @@ def segment_video(segmenter, job: VideoJob, settings: dict, *, overlay: bool = F
     Raises VideoError (nothing written under a final name) for a video that cannot be read whole."""
     out = job.out_dir
     out.mkdir(parents=True, exist_ok=True)
+    source_stat = _source_stat(job.source)  # before reading: a file changed while read is redone next time
     marker = out / FRAMES_JSON
-    marker.unlink(missing_ok=True)  # from here on the folder vouches for nothing until the new record lands
     with VideoReader(job.source, max_pixels) as reader:
         rate = reader.average_rate
         writers = []
@@ -239,7 +273,9 @@ def segment_video(segmenter, job: VideoJob, settings: dict, *, overlay: bool = F
             if bar is not None:
                 bar.close()
         stream = reader.describe()
-    # Everything decoded and encoded: rename into place, the record last.
+    # Everything decoded and encoded: rename into place, the record last. Until then the earlier
+    # record (and the outputs it vouches for) stays: a failed re-run loses nothing.
+    marker.unlink(missing_ok=True)  # from here on the folder vouches for nothing until the new record lands
     for w, temp in zip(writers, temps):
         commit(temp, w.final)
     if not overlay:
@@ -249,7 +285,8 @@ def segment_video(segmenter, job: VideoJob, settings: dict, *, overlay: bool = F
     elif (out / FRAMES_DIR).is_dir():
         shutil.rmtree(out / FRAMES_DIR)
     _atomic_text(out / FRAMES_CSV, rows_csv_text(rows, FRAME_FIELDS))
-    record = {"video": job.rel, "source": str(job.source), "complete": True, "settings": settings,
+    record = {"video": job.rel, "source": str(job.source), "source_stat": source_stat, "complete": True,
+              "settings": settings,
               "stream": stream, "n_frames": len(rows),
               "outputs": {"masks": MASK_VIDEO, "csv": FRAMES_CSV, "overlay": OVERLAY_VIDEO if overlay else None,
                           "frames": FRAMES_DIR if frames else None},
@@ -323,15 +360,29 @@ def _complete_record(job: VideoJob, settings: dict, overlay: bool, frames: bool)
         record = json.loads((job.out_dir / FRAMES_JSON).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not (isinstance(record, dict) and record.get("complete") and record.get("settings") == settings):
+    if not (isinstance(record, dict) and record.get("complete") and record.get("settings") == settings
+            and record.get("video") == job.rel):  # another video's record (its folder name was this one's)
         return None
     n = record.get("n_frames")
+    if not (isinstance(n, int) and n > 0 and isinstance(record.get("frames"), list) and len(record["frames"]) == n
+            and isinstance(record.get("outputs"), dict) and isinstance(record.get("stream"), dict)):
+        return None  # a record this code did not write whole: the video is done again
+    try:
+        if record.get("source_stat") != _source_stat(job.source):
+            return None  # the source was replaced or changed since its masks were made
+    except OSError:
+        return None
     needed = [job.out_dir / MASK_VIDEO, job.out_dir / FRAMES_CSV] + ([job.out_dir / OVERLAY_VIDEO] if overlay else [])
     if not all(p.is_file() for p in needed):
         return None
     if frames and not (record["outputs"].get("frames") and (job.out_dir / FRAMES_DIR / f"{n - 1:06d}.png").is_file()):
         return None
     return record
+
+
+def _source_stat(path: Path) -> dict:
+    stat = Path(path).stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def _video_row(job: VideoJob, status: str, record: dict | None, error: str = "") -> dict:

@@ -69,3 +69,90 @@ def test_cli_ray_option(tiny_onnx, tmp_path, local_ray):
     assert result.exit_code == 0, result.output
     assert "3 image(s): 3 ok" in result.output
     assert len(list((tmp_path / "out").glob("*.png"))) == 3
+
+
+class _InProcessDataset:
+    """Ray Data's from_items -> map_batches -> iter_rows, run in this process: what the resume rule
+    needs (which masks are trusted) without starting Ray."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def map_batches(self, cls, batch_size, compute, batch_format, fn_constructor_kwargs, **resources):
+        self.fn, self.batch_size = cls(**fn_constructor_kwargs), batch_size
+        return self
+
+    def iter_rows(self):
+        import numpy as np
+        for i in range(0, len(self.items), self.batch_size):
+            chunk = self.items[i:i + self.batch_size]
+            out = self.fn({k: np.array([c[k] for c in chunk]) for k in ("file", "mask", "source")})
+            for row in out["row"]:
+                yield {"row": row}
+
+
+def _in_process_ray(interrupt_at_start=False):
+    import types
+
+    def is_initialized():
+        if interrupt_at_start:
+            raise KeyboardInterrupt  # Ctrl-C just after the run started (its settings record is written)
+        return True
+
+    return types.SimpleNamespace(
+        is_initialized=is_initialized, cluster_resources=lambda: {"CPU": 1},
+        data=types.SimpleNamespace(from_items=_InProcessDataset, ActorPoolStrategy=lambda size: None))
+
+
+def test_resume_after_an_interrupted_fresh_run_redoes_the_older_runs_masks(tiny_onnx, tmp_path, monkeypatch):
+    from effiseg.runtime import ray_job
+    src = write_noise_images(tmp_path / "in", 3, shape=(40, 50))
+    out = tmp_path / "out"
+    monkeypatch.setattr(ray_job, "import_ray", _in_process_ray)
+    first = run_ray(src, out, model=tiny_onnx, backend="onnxruntime", devices="cpu", batch=2, threshold=0.9)
+    assert first["n_ok"] == 3
+    monkeypatch.setattr(ray_job, "import_ray", lambda: _in_process_ray(interrupt_at_start=True))
+    with pytest.raises(KeyboardInterrupt):  # run B, another threshold, stopped before any mask
+        run_ray(src, out, model=tiny_onnx, backend="onnxruntime", devices="cpu", batch=2, threshold=0.1)
+    monkeypatch.setattr(ray_job, "import_ray", _in_process_ray)
+    resumed = run_ray(src, out, model=tiny_onnx, backend="onnxruntime", devices="cpu", batch=2, threshold=0.1,
+                      resume=True)
+    assert resumed["n_skipped"] == 0 and resumed["n_ok"] == 3  # run A's masks (threshold 0.9) are not kept
+    again = run_ray(src, out, model=tiny_onnx, backend="onnxruntime", devices="cpu", batch=2, threshold=0.1,
+                    resume=True)
+    assert again["n_skipped"] == 3  # run B's own masks are
+    with Segmenter.from_onnx(tiny_onnx, backend="onnxruntime", max_batch=2, threshold=0.1) as seg:
+        seg.run_folder(src, tmp_path / "local")
+    for mask in (tmp_path / "local").glob("*.png"):
+        assert (out / mask.name).read_bytes() == mask.read_bytes()
+
+
+def test_a_local_output_folder_is_locked_and_cleared_of_stale_temporary_files(tiny_onnx, tmp_path, monkeypatch):
+    from effiseg.runtime import ray_job
+    from effiseg.runtime.folder_lock import FolderLockedError, OutputFolderLock
+    from effiseg.runtime.images import TEMP_SUFFIX
+    src = write_noise_images(tmp_path / "in", 2, shape=(40, 50))
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / f"0.png{TEMP_SUFFIX}"
+    stale.write_bytes(b"half a mask")  # left by a killed run
+    monkeypatch.setattr(ray_job, "import_ray", _in_process_ray)
+    import threading
+    taken, done = threading.Event(), threading.Event()
+
+    def another_run():  # another run writing this folder (the lock lets its own thread in again)
+        with OutputFolderLock(out):
+            taken.set()
+            done.wait(30)
+
+    holder = threading.Thread(target=another_run)
+    holder.start()
+    taken.wait(30)
+    try:
+        with pytest.raises(FolderLockedError):
+            run_ray(src, out, model=tiny_onnx, backend="onnxruntime", devices="cpu", batch=2)
+    finally:
+        done.set()
+        holder.join(30)
+    summary = run_ray(src, out, model=tiny_onnx, backend="onnxruntime", devices="cpu", batch=2)
+    assert summary["n_ok"] == 2 and not stale.exists()

@@ -93,3 +93,113 @@ def test_ctrl_c_ends_the_stream_with_the_summary_of_what_ran(tmp_path):
     summary = run_stream(InterruptedSegmenter(), clip, paced=False, queue=12)
     assert summary["interrupted"] and not summary["complete"]
     assert summary["frames_processed"] == 2 and summary["latency_ms"]["max"] > 0
+
+
+class DeadDeviceSegmenter(BusySegmenter):
+    """Warms up, then fails every frame, as a device that was lost mid-stream."""
+
+    def segment(self, images):
+        self.calls += 1
+        if self.calls > 1:
+            raise RuntimeError("CUDA error: device lost (simulated)")
+        return [images[0][..., 0] > 127]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+def test_a_dead_device_stops_the_stream_with_its_error_and_exit_4(tmp_path, monkeypatch):
+    from effiseg.runtime import stream
+    from effiseg.runtime.segmenter import Segmenter
+    clip = write_clip(tmp_path / "c.mp4", 40)
+    summary = run_stream(DeadDeviceSegmenter(), clip, paced=False, queue=64)
+    assert summary["frames_failed"] == stream.MAX_FAILURES_IN_A_ROW and summary["frames_processed"] == 0
+    assert not summary["complete"] and "device lost" in summary["stopped"]
+    monkeypatch.setattr(Segmenter, "from_model", classmethod(lambda cls, *a, **k: DeadDeviceSegmenter()))
+    out = tmp_path / "s.json"
+    result = CliRunner().invoke(stream_command, [str(clip), "--json", str(out)])
+    assert result.exit_code == stream.EXIT_RUN_STOPPED, result.output
+    assert "device lost" in result.output and f"{stream.MAX_FAILURES_IN_A_ROW} failed" in result.output
+    assert json.loads(out.read_text())["frames_failed"] == stream.MAX_FAILURES_IN_A_ROW
+
+
+class FlakySegmenter(BusySegmenter):
+    def segment(self, images):
+        self.calls += 1
+        if self.calls == 3:  # one frame fails, the others do not
+            raise RuntimeError("one bad frame")
+        return [images[0][..., 0] > 127]
+
+
+def test_a_stream_with_a_failed_frame_exits_non_zero(tmp_path, monkeypatch):
+    from effiseg.runtime.segmenter import Segmenter
+    clip = write_clip(tmp_path / "c.mp4", 6)
+    monkeypatch.setattr(Segmenter, "from_model", classmethod(lambda cls, *a, **k: FlakySegmenter()))
+    monkeypatch.setattr(FlakySegmenter, "__enter__", lambda self: self, raising=False)
+    monkeypatch.setattr(FlakySegmenter, "__exit__", lambda self, *e: None, raising=False)
+    out = tmp_path / "s.json"
+    result = CliRunner().invoke(stream_command, [str(clip), "--json", str(out), "--rate", "200", "--queue", "8"])
+    summary = json.loads(out.read_text())
+    assert summary["frames_failed"] == 1 and summary["complete"]
+    assert result.exit_code == 1, result.output
+
+
+class HangingReader:
+    """A capture device: one frame, then a decode that hangs until ``release`` is set."""
+
+    def __init__(self, *args, **kwargs):
+        self.width, self.height, self.average_rate, self.path = 64, 48, None, "dev"
+        self.release, self.inside, self.closed, self.closed_while_decoding = threading.Event(), False, False, False
+        self.sent = False
+        HangingReader.last = self
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if not self.sent:
+            self.sent = True
+            return SimpleNamespace(index=0, pts=0, time_s=0.0, rgb=np.zeros((48, 64, 3), np.uint8))
+        self.inside = True
+        self.release.wait(30)
+        self.inside = False
+        raise StopIteration
+
+    def close(self):
+        self.closed_while_decoding |= self.inside
+        self.closed = True
+
+
+class InterruptedAtFirstFrame(BusySegmenter):
+    def segment(self, images):
+        self.calls += 1
+        if self.calls == 2:
+            raise KeyboardInterrupt
+        return [images[0][..., 0] > 127]
+
+
+class WarmUpFails(BusySegmenter):
+    def segment(self, images):
+        raise RuntimeError("cannot build the engine")
+
+
+def test_the_reader_is_closed_only_after_the_capture_thread_ends_and_after_a_failed_warm_up(monkeypatch):
+    from effiseg.runtime import stream
+    from effiseg.runtime.video import reader
+    monkeypatch.setattr(reader, "VideoReader", HangingReader)
+    monkeypatch.setattr(stream, "CAPTURE_JOIN_S", 0.2)
+    summary = run_stream(InterruptedAtFirstFrame(), "dev", format="fake")  # Ctrl-C while a decode hangs
+    assert summary["interrupted"]
+    hanging = HangingReader.last
+    assert not hanging.closed  # not pulled from under the decode still running
+    hanging.release.set()
+    for t in threading.enumerate():
+        if t.name == "effiseg-capture":
+            t.join(10)
+    assert hanging.closed and not hanging.closed_while_decoding
+    with pytest.raises(RuntimeError, match="engine"):
+        run_stream(WarmUpFails(), "dev", format="fake")
+    assert HangingReader.last.closed

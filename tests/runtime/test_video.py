@@ -1,5 +1,6 @@
 """effiseg-run over video files: one result per decoded frame, in order; lossless mask videos;
 per-file errors; atomic outputs and resume."""
+import json
 from fractions import Fraction
 from pathlib import Path
 
@@ -188,3 +189,137 @@ def test_resume_redoes_a_video_made_with_other_settings(tiny_onnx, clips, tmp_pa
         record = __import__("json").loads((out / FRAMES_JSON).read_text())
         assert record["settings"]["threshold"] == 0.3
         assert run_videos(seg, clips / "vfr.mkv", out, resume=True)["files"][0]["status"] == "skipped"
+
+
+def test_valid_videos_with_fewer_frames_than_the_header_count_are_read_whole(tmp_path):
+    # An MP4 cut with an edit list (frames before 0, as `ffmpeg -ss ... -c copy` makes) and an AVI with
+    # empty chunks for dropped frames: both decode fewer frames than the header's nb_frames, and are whole.
+    edited = tmp_path / "edited.mp4"
+    with av.open(str(edited), "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        stream.options = {"bf": "0"}
+        for i in range(20):
+            frame = av.VideoFrame.from_ndarray(distinct_frame(i), format="rgb24")
+            frame.pts, frame.time_base = -120 + 40 * i, Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    gaps = tmp_path / "gaps.avi"
+    with av.open(str(gaps), "w", format="avi") as out:
+        stream = out.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 25)
+        for k, i in enumerate([0, 1, 2, 5, 6, 7, 10, 11]):  # frames 3, 4, 8, 9 dropped by the capture
+            frame = av.VideoFrame.from_ndarray(distinct_frame(k), format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, 25)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    for path in (edited, gaps):
+        pts, _, _ = decoded(path)
+        with av.open(str(path)) as c:
+            assert c.streams.video[0].frames > len(pts)  # the case: the header counts more than decode
+        with VideoReader(path) as reader:
+            assert [f.pts for f in reader] == pts
+
+
+def test_videos_whose_output_folders_collide_are_per_file_errors_naming_each_other(tiny_onnx, tmp_path):
+    src = tmp_path / "clips"
+    (src / "x").mkdir(parents=True)
+    for name in ("clip.mp4", "clip.mkv", "clip_MP4.avi", "x.mp4", "x/frames.mp4", "x/other.mp4", "Case.mp4",
+                 "case.mkv.mp4"):
+        write_clip(src / name, 3)
+    out = tmp_path / "out"
+    with Segmenter.from_onnx(tiny_onnx, max_batch=4) as seg:
+        summary = run_videos(seg, src, out, recursive=True)
+        rows = {r["file"]: r for r in summary["files"]}
+        # clip.mp4 -> clip_mp4/ (beside clip.mkv), the folder clip_MP4.avi would have on Windows: neither is written.
+        for a, b in (("clip.mp4", "clip_MP4.avi"), ("x.mp4", "x/frames.mp4")):
+            assert rows[a]["status"] == rows[b]["status"] == "error"
+            assert b in rows[a]["error"] and a in rows[b]["error"]
+        assert rows["clip.mkv"]["status"] == rows["x/other.mp4"]["status"] == "ok"  # nested, but harmless
+        assert not (out / "x" / "frames").exists() and not (out / "clip_mp4").exists() and not (out / "clip_MP4").exists()
+        # Case.mp4 -> Case/, case.mkv.mp4 -> case.mkv/: distinct; a record of another video is not resumed.
+        assert rows["Case.mp4"]["status"] == "ok"
+        record = json.loads((out / "Case" / FRAMES_JSON).read_text())
+        record["video"] = "someone_else.mp4"
+        (out / "Case" / FRAMES_JSON).write_text(json.dumps(record))
+        again = {r["file"]: r["status"] for r in run_videos(seg, src, out, recursive=True, resume=True)["files"]}
+        assert again["Case.mp4"] == "ok" and again["clip.mkv"] == "skipped"
+
+
+def test_any_error_of_one_video_is_its_row_and_the_run_goes_on(tiny_onnx, clips, tmp_path, monkeypatch):
+    from effiseg.runtime.video import reader as reader_module
+    from effiseg.runtime.video import writers
+    real_overlay_codec = writers.overlay_codec
+    real_next = reader_module.VideoReader.__next__
+
+    def no_encoder():
+        raise RuntimeError("no H.264 or MPEG-4 encoder in this FFmpeg")
+
+    def unconvertible(self):
+        frame = real_next(self)
+        if self.path.name == "vfr.mkv" and frame.index == 5:
+            raise ValueError("Conversion to numpy array with format `rgb24` is not yet supported")
+        return frame
+
+    with Segmenter.from_onnx(tiny_onnx, max_batch=4) as seg:
+        monkeypatch.setattr(writers, "overlay_codec", no_encoder)
+        summary = run_videos(seg, clips, tmp_path / "o1", overlay=True)
+        assert [r["status"] for r in summary["files"]] == ["error", "error"]
+        assert all(r["file"] in r["error"] and "no H.264" in r["error"] for r in summary["files"])
+        monkeypatch.setattr(writers, "overlay_codec", real_overlay_codec)
+        monkeypatch.setattr(reader_module.VideoReader, "__next__", unconvertible)
+        rows = {r["file"]: r for r in run_videos(seg, clips, tmp_path / "o2")["files"]}
+        assert rows["bframes.mp4"]["status"] == "ok"
+        assert rows["vfr.mkv"]["status"] == "error" and "ValueError" in rows["vfr.mkv"]["error"]
+        assert "vfr.mkv" in rows["vfr.mkv"]["error"] and not (tmp_path / "o2" / "vfr").exists()
+
+
+def test_a_failed_rerun_keeps_the_earlier_complete_record(tiny_onnx, clips, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    with Segmenter.from_onnx(tiny_onnx, max_batch=4) as seg:
+        run_videos(seg, clips / "vfr.mkv", out)
+        before = (out / FRAMES_JSON).read_bytes()
+
+        def fail(self, mask, index, time_s):
+            raise OSError("disk full")
+
+        monkeypatch.setattr(MaskVideoWriter, "write", fail)
+        assert run_videos(seg, clips / "vfr.mkv", out)["files"][0]["status"] == "error"
+        monkeypatch.undo()
+        assert (out / FRAMES_JSON).read_bytes() == before  # the earlier video's outputs are still vouched for
+        assert run_videos(seg, clips / "vfr.mkv", out, resume=True)["files"][0]["status"] == "skipped"
+
+
+def test_resume_redoes_a_video_whose_record_is_malformed_or_whose_source_changed(tiny_onnx, clips, tmp_path):
+    import os
+    out = tmp_path / "out"
+    with Segmenter.from_onnx(tiny_onnx, max_batch=4) as seg:
+        run_videos(seg, clips / "vfr.mkv", out)
+        record = json.loads((out / FRAMES_JSON).read_text())
+        assert record["source_stat"]["size"] == (clips / "vfr.mkv").stat().st_size
+        for bad in (None, "23", 0):
+            (out / FRAMES_JSON).write_text(json.dumps(dict(record, n_frames=bad)))
+            assert run_videos(seg, clips / "vfr.mkv", out, resume=True)["files"][0]["status"] == "ok", bad
+        assert run_videos(seg, clips / "vfr.mkv", out, resume=True)["files"][0]["status"] == "skipped"
+        write_clip(clips / "vfr.mkv", 11)  # another recording under the same name
+        stat = (clips / "vfr.mkv").stat()
+        os.utime(clips / "vfr.mkv", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+        again = run_videos(seg, clips / "vfr.mkv", out, resume=True)["files"][0]
+        assert again["status"] == "ok" and again["frames"] == 11
+
+
+def test_frames_on_an_image_run_is_a_usage_error_not_ignored(tiny_onnx, tmp_path):
+    from PIL import Image
+    src = tmp_path / "images"
+    src.mkdir()
+    Image.fromarray(distinct_frame(0)).save(src / "0.png")
+    result = CliRunner().invoke(run_command, ["--input", str(src), "--output", str(tmp_path / "out"), "--model",
+                                              str(tiny_onnx), "--frames", "--no-progress"])
+    assert result.exit_code == 2 and "--frames is for video input" in result.output
+    assert not (tmp_path / "out").exists()  # refused before anything ran
