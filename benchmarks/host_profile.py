@@ -331,7 +331,11 @@ def pipeline_ceiling(images: list[Path], thread_counts: list[int], size: int = 3
 @click.option("--slots", type=click.IntRange(1, 8), default=2, show_default=True,
               help="Slots of the --device-ms runs' backend (effiseg-run --slots; the runtime's default is 2).")
 @click.option("--output", type=click.Path(path_type=Path), default=None, help="Also write the result as JSON.")
-def main(folder, limit, threads, device_ms, batch, folder_sizes, slots, output):
+@click.option("--workdir", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Folder for the image copies and masks [default: the system's temporary folder]. Creating a "
+                   "file can cost far more on one disk than on another (on this project's VM: ~500 us on ext4, 7 us "
+                   "on tmpfs; benchmarks/results/host-pipeline-2026-12-08/round4): name the disk you mean to measure.")
+def main(folder, limit, threads, device_ms, batch, folder_sizes, slots, output, workdir):
     from effiseg.runtime.images import list_images
     from effiseg.runtime.pipeline import default_workers
     try:
@@ -345,6 +349,8 @@ def main(folder, limit, threads, device_ms, batch, folder_sizes, slots, output):
     images = list_images(folder)[:limit]
     if not images:
         raise click.ClickException(f"no images in {folder}")
+    if workdir is not None:
+        tempfile.tempdir = str(workdir.resolve())  # every TemporaryDirectory below lands there
     result = profile(images)
     for k, v in result.items():
         click.echo(f"{k:26s} {v:8.2f}")
@@ -376,6 +382,8 @@ def main(folder, limit, threads, device_ms, batch, folder_sizes, slots, output):
         result = result if "per_image_ms" in result else {"per_image_ms": result}
         result["fill_and_drain"] = runs
     if output:
+        result = result if "per_image_ms" in result else {"per_image_ms": result}
+        result["workdir"] = tempfile.gettempdir()
         output.write_text(json.dumps(result, indent=2), encoding="utf-8")
 
 

@@ -30,8 +30,9 @@ import click
 _PARTS = ("training", "export", "runtime", "benchmarks")
 
 
-def _child(images_dir: str, n_images: int, threads: list[int], runs: int) -> dict:
-    """In the measured revision's process: per thread count, ``runs`` folder runs after a warm-up."""
+def _child(images_dir: str, n_images: int, threads: list[int], runs: int, workdir: str | None = None) -> dict:
+    """In the measured revision's process: per thread count, ``runs`` folder runs after a warm-up, the
+    images copied to and the masks written in a temporary folder under ``workdir`` (None: the system's)."""
     import time
 
     from effiseg.benchmarks.host_profile import InstantBackend, _copy_cycled, _stand_in_model
@@ -40,7 +41,7 @@ def _child(images_dir: str, n_images: int, threads: list[int], runs: int) -> dic
     sources = list_images(images_dir)
     info, outputs = _stand_in_model("ceiling-ab", 352)
     out = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         folder = _copy_cycled(sources, Path(tmp) / "images", n_images)
         for k in threads:
             rates, cpu_ms = [], []
@@ -90,12 +91,16 @@ def _load_average():
               help="Also run each side once more under `strace -f -c` (Linux) and report its system calls per image, "
                    "futex (lock waits and wake-ups: GIL hand-overs) apart: counts, unlike times, do not depend on "
                    "what else the machine runs (they include the child's start and the folder's copying).")
+@click.option("--workdir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Folder under which the image copies and masks go [default: the system's temporary folder]. "
+                   "Creating a file costs 20x more in this VM's /tmp than elsewhere on the same disk "
+                   "(benchmarks/lab/ceiling_by_folder.py).")
 @click.option("--child", is_flag=True, hidden=True)
-def main(base, images_dir, n_images, threads, runs, rounds, out, child, count_calls):
+def main(base, images_dir, n_images, threads, runs, rounds, out, child, count_calls, workdir):
     from effiseg.benchmarks.machine import cpu_model
     ks = [int(x) for x in threads.split(",") if x.strip()]
     if child:
-        json.dump(_child(images_dir, n_images, ks, runs), sys.stdout)
+        json.dump(_child(images_dir, n_images, ks, runs, workdir), sys.stdout)
         return
     root = Path(subprocess.check_output(["git", "rev-parse", "--show-toplevel"], text=True).strip())
     revs = {"base": subprocess.check_output(["git", "-C", str(root), "rev-parse", base], text=True).strip(),
@@ -122,7 +127,8 @@ def main(base, images_dir, n_images, threads, runs, rounds, out, child, count_ca
                     env = dict(os.environ, PYTHONPATH=str(sites[side]))
                     text = subprocess.check_output(
                         [sys.executable, __file__, "--child", "--base", base, "--images", str(Path(images_dir).resolve()),
-                         "--n-images", str(n_images), "--threads", threads, "--runs", str(runs), "--out", "-"],
+                         "--n-images", str(n_images), "--threads", threads, "--runs", str(runs), "--out", "-",
+                         *(["--workdir", str(Path(workdir).resolve())] if workdir else [])],
                         env=env, cwd=work, text=True)
                     results[side].append(json.loads(text))
                     loads.append(_load_average())
@@ -134,7 +140,8 @@ def main(base, images_dir, n_images, threads, runs, rounds, out, child, count_ca
                     subprocess.check_call(
                         ["strace", "-f", "-c", "-o", str(trace), sys.executable, __file__, "--child", "--base", base,
                          "--images", str(Path(images_dir).resolve()), "--n-images", str(n_images), "--threads", threads,
-                         "--runs", str(runs), "--out", "-"],
+                         "--runs", str(runs), "--out", "-",
+                         *(["--workdir", str(Path(workdir).resolve())] if workdir else [])],
                         env=dict(os.environ, PYTHONPATH=str(sites[side])), cwd=work, stdout=subprocess.DEVNULL)
                     calls[side] = _syscalls_per_image(trace.read_text(encoding="utf-8"), n_images * (runs + 1) * len(ks))
         finally:
@@ -168,7 +175,7 @@ def main(base, images_dir, n_images, threads, runs, rounds, out, child, count_ca
         click.echo(f"{side}: {c['futex_per_image']} futex calls per image, {c['all_per_image']} system calls in all")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"revisions": revs, "head_uncommitted_files": dirty, "cpu": cpu_model(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                               "n_images": n_images, "runs_per_process": runs, "rounds": rounds,
+                               "n_images": n_images, "runs_per_process": runs, "workdir": workdir or tempfile.gettempdir(), "rounds": rounds,
                                "load_average_after_each_process": loads, "summary": summary,
                                "syscalls_per_image": calls, "raw": results},
                               indent=2), encoding="utf-8")
