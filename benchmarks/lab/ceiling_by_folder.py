@@ -26,6 +26,8 @@ from pathlib import Path
 
 import click
 
+from .ceiling_ab import _load_average
+
 
 def _create_cost_us(folder: Path, n: int) -> float:
     """Microseconds per empty file created (and closed) in a fresh folder under ``folder``."""
@@ -35,13 +37,6 @@ def _create_cost_us(folder: Path, n: int) -> float:
         for i in range(n):
             os.close(os.open(os.path.join(tmp, f"{i}.png.tmp"), flags, 0o666))
         return (time.perf_counter() - t0) / n * 1e6
-
-
-def _load_average():
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
 
 
 @click.command()
