@@ -285,14 +285,14 @@ def count_regions_numpy(mask: np.ndarray) -> int:
     # edges. Each numpy call on a long array hands the GIL over, which the writer threads pay per
     # mask: this takes a fixed dozen calls where hooking every edge took several per round.
     touches = counts > 0
+    extra = counts - touches  # edges besides the forest's own, per run
+    n_edges = int(extra.sum())
+    if n_edges == 0:  # the forest is the whole graph: one region per root (most masks end here)
+        return int(n_runs - np.count_nonzero(touches))
     runs = np.arange(n_runs)
     labels = np.where(touches, lo, runs)
     for _ in range(int(rows[-1] - rows[0]).bit_length()):
         labels = labels[labels]
-    extra = counts - touches  # edges besides the forest's own, per run
-    n_edges = int(extra.sum())
-    if n_edges == 0:
-        return int(np.count_nonzero(~touches))
     b = np.repeat(runs, extra)
     a = np.repeat(lo + 1 - (np.cumsum(extra) - extra), extra) + np.arange(n_edges)
     # labels[i]: the run i points to; a run pointing to itself is a root (every label is one now).

@@ -16,6 +16,7 @@ out in a temporary git worktree and imported through PYTHONPATH (a folder of sym
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -60,6 +61,32 @@ def _child(images_dir: str, n_images: int, threads: list[int], runs: int, workdi
     return out
 
 
+@contextlib.contextmanager
+def revision_sites(base: str):
+    """(work folder, {"base"|"head": PYTHONPATH entry}, {side: commit}, uncommitted files in head):
+    ``base`` checked out in a temporary git worktree, each side importable as ``effiseg`` from a
+    folder of symlinks to its parts; the worktree is removed on exit."""
+    root = Path(subprocess.check_output(["git", "rev-parse", "--show-toplevel"], text=True).strip())
+    revs = {"base": subprocess.check_output(["git", "-C", str(root), "rev-parse", base], text=True).strip(),
+            "head": subprocess.check_output(["git", "-C", str(root), "rev-parse", "HEAD"], text=True).strip()}
+    dirty = len(subprocess.check_output(["git", "-C", str(root), "status", "--porcelain"], text=True).splitlines())
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        subprocess.check_call(["git", "-C", str(root), "worktree", "add", "-q", "--detach", str(work / "base"),
+                               revs["base"]])
+        try:
+            sites = {}
+            for side, src in (("base", work / "base"), ("head", root)):
+                pkg = work / f"site_{side}" / "effiseg"
+                pkg.mkdir(parents=True)
+                for part in _PARTS:
+                    (pkg / part).symlink_to(src / part, target_is_directory=True)
+                sites[side] = pkg.parent
+            yield work, sites, revs, dirty
+        finally:
+            subprocess.call(["git", "-C", str(root), "worktree", "remove", "--force", str(work / "base")])
+
+
 def _syscalls_per_image(table: str, images: int) -> dict:
     """futex and all system calls per image from the table ``strace -c`` writes."""
     counts = {}
@@ -102,50 +129,33 @@ def main(base, images_dir, n_images, threads, runs, rounds, out, child, count_ca
     if child:
         json.dump(_child(images_dir, n_images, ks, runs, workdir), sys.stdout)
         return
-    root = Path(subprocess.check_output(["git", "rev-parse", "--show-toplevel"], text=True).strip())
-    revs = {"base": subprocess.check_output(["git", "-C", str(root), "rev-parse", base], text=True).strip(),
-            "head": subprocess.check_output(["git", "-C", str(root), "rev-parse", "HEAD"], text=True).strip()}
-    dirty = len(subprocess.check_output(["git", "-C", str(root), "status", "--porcelain"], text=True).splitlines())
-    with tempfile.TemporaryDirectory() as work:
-        work = Path(work)
-        subprocess.check_call(["git", "-C", str(root), "worktree", "add", "-q", "--detach", str(work / "base"),
-                               revs["base"]])
-        try:
-            sites = {}
-            for side, src in (("base", work / "base"), ("head", root)):
-                pkg = work / f"site_{side}" / "effiseg"
-                pkg.mkdir(parents=True)
-                for part in _PARTS:
-                    (pkg / part).symlink_to(src / part, target_is_directory=True)
-                sites[side] = pkg.parent
-            results = {"base": [], "head": []}
-            loads = []
-            for r in range(rounds):
-                order = ("base", "head") if r % 2 == 0 else ("head", "base")
-                for side in order:
-                    click.echo(f"round {r + 1}/{rounds}: {side}", err=True)
-                    env = dict(os.environ, PYTHONPATH=str(sites[side]))
-                    text = subprocess.check_output(
-                        [sys.executable, __file__, "--child", "--base", base, "--images", str(Path(images_dir).resolve()),
-                         "--n-images", str(n_images), "--threads", threads, "--runs", str(runs), "--out", "-",
-                         *(["--workdir", str(Path(workdir).resolve())] if workdir else [])],
-                        env=env, cwd=work, text=True)
-                    results[side].append(json.loads(text))
-                    loads.append(_load_average())
-            calls = {}
-            if count_calls:
-                for side in ("base", "head"):
-                    click.echo(f"system calls: {side}", err=True)
-                    trace = work / f"strace_{side}.txt"
-                    subprocess.check_call(
-                        ["strace", "-f", "-c", "-o", str(trace), sys.executable, __file__, "--child", "--base", base,
-                         "--images", str(Path(images_dir).resolve()), "--n-images", str(n_images), "--threads", threads,
-                         "--runs", str(runs), "--out", "-",
-                         *(["--workdir", str(Path(workdir).resolve())] if workdir else [])],
-                        env=dict(os.environ, PYTHONPATH=str(sites[side])), cwd=work, stdout=subprocess.DEVNULL)
-                    calls[side] = _syscalls_per_image(trace.read_text(encoding="utf-8"), n_images * (runs + 1) * len(ks))
-        finally:
-            subprocess.call(["git", "-C", str(root), "worktree", "remove", "--force", str(work / "base")])
+    with revision_sites(base) as (work, sites, revs, dirty):
+        results = {"base": [], "head": []}
+        loads = []
+        for r in range(rounds):
+            order = ("base", "head") if r % 2 == 0 else ("head", "base")
+            for side in order:
+                click.echo(f"round {r + 1}/{rounds}: {side}", err=True)
+                env = dict(os.environ, PYTHONPATH=str(sites[side]))
+                text = subprocess.check_output(
+                    [sys.executable, __file__, "--child", "--base", base, "--images", str(Path(images_dir).resolve()),
+                     "--n-images", str(n_images), "--threads", threads, "--runs", str(runs), "--out", "-",
+                     *(["--workdir", str(Path(workdir).resolve())] if workdir else [])],
+                    env=env, cwd=work, text=True)
+                results[side].append(json.loads(text))
+                loads.append(_load_average())
+        calls = {}
+        if count_calls:
+            for side in ("base", "head"):
+                click.echo(f"system calls: {side}", err=True)
+                trace = work / f"strace_{side}.txt"
+                subprocess.check_call(
+                    ["strace", "-f", "-c", "-o", str(trace), sys.executable, __file__, "--child", "--base", base,
+                     "--images", str(Path(images_dir).resolve()), "--n-images", str(n_images), "--threads", threads,
+                     "--runs", str(runs), "--out", "-",
+                     *(["--workdir", str(Path(workdir).resolve())] if workdir else [])],
+                    env=dict(os.environ, PYTHONPATH=str(sites[side])), cwd=work, stdout=subprocess.DEVNULL)
+                calls[side] = _syscalls_per_image(trace.read_text(encoding="utf-8"), n_images * (runs + 1) * len(ks))
     summary = {}
     for k in map(str, ks):
         row = {}
