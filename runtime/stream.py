@@ -277,14 +277,16 @@ def stream_command(source, model_path, backend, devices, precision, threshold, i
     from .backends import BackendUnavailable
     from .cli import DEFAULT_MODEL
     from .segmenter import Segmenter
-    from .video import VideoError, import_av
+    from .video import VideoError, check_input_format, import_av
 
     def echo(message):
         click.echo(message, err=True)
 
     try:
         import_av()
-    except ImportError as e:
+        if input_format is not None:  # before the model loads: a device input this FFmpeg lacks
+            check_input_format(source, input_format)
+    except (ImportError, VideoError) as e:
         echo(f"error: {e}")
         sys.exit(EXIT_CANNOT_START)
     if input_format is None and "://" not in source and not Path(source).is_file():
