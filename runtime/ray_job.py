@@ -25,6 +25,7 @@ import json
 import tempfile
 import time
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -282,7 +283,8 @@ def run_ray(input_location, output_location=None, *, model: Path, address: str |
 def _refuse_output_inside_input(source: Store, out: Store, recursive: bool) -> None:
     if source.local is not None and out.local is not None:
         same, inside = source.local == out.local, source.local in out.local.parents
-    elif source.fs.type_name == out.fs.type_name and source.local is None and out.local is None:
+    elif source.local is None and out.local is None and source.fs.type_name == out.fs.type_name \
+            and urlsplit(source.location).query == urlsplit(out.location).query:  # not two stores' endpoints
         same, inside = source.root == out.root, out.root.startswith(source.root + "/")
     else:
         return

@@ -218,3 +218,11 @@ def test_an_object_store_write_that_fails_publishes_nothing(s3_endpoint):
     with pytest.raises(OSError, match="connection reset"):
         store.put("1.png", b"\x89PNG replaced")  # a failed overwrite: no partial object under the name
     assert sorted(Store("s3://study/atomic").files()) == []
+
+
+def test_an_output_inside_the_input_prefix_is_refused(tiny_onnx, s3_endpoint, monkeypatch):
+    monkeypatch.setattr(ray_job, "import_ray", _in_process_ray)
+    with pytest.raises(ray_job.RayJobError, match="s3://study/frames/masks may not be the input"):
+        run_ray("s3://study/frames", "s3://study/frames/masks", model=tiny_onnx, backend="onnxruntime", recursive=True)
+    with pytest.raises(ray_job.RayJobError, match="may not be the input"):
+        run_ray("s3://study/frames/", "s3://study/frames", model=tiny_onnx, backend="onnxruntime")
