@@ -4,10 +4,10 @@
   cluster this machine belongs to (``ray start`` / ``RAY_ADDRESS``); ``--ray ray://HEAD:10001`` (Ray
   Client) or ``--ray HEAD:6379`` joins that one. Every node needs effiseg with its backend installed.
 * ``--input`` and ``--output`` are local folders or any URI pyarrow's file systems read (s3://BUCKET/DIR,
-  gs://, hdfs://, file://; ``ray_store`` says what each guarantee rests on there); the driver lists the images, Ray Data hands them out in batches of
-  ``--batch`` to a pool of actors (a callable class, ``SegmentBatch``), each of which opens one effiseg
-  ``Segmenter`` once and keeps it: one actor per GPU (``num_gpus=1``) where the cluster has GPUs and the
-  backend uses them, else one CPU actor per CPU (``cpus_per_actor`` in ``run_ray``); ``--ray-actors``
+  gs://, hdfs://, file://; ``ray_store`` says what each guarantee rests on there); the driver lists the
+  images, Ray Data hands them out in batches of ``--batch`` to a pool of actors (a callable class,
+  ``SegmentBatch``), each of which opens one effiseg ``Segmenter`` once and keeps it: one actor per GPU
+  (``num_gpus=1``) where the cluster has GPUs and the backend uses them, else one CPU actor per CPU (``cpus_per_actor`` in ``run_ray``); ``--ray-actors``
   overrides the count. With ``--backend onnxruntime`` or ``openvino`` each CPU actor keeps its engine to its
   share of threads (``auto`` takes no thread option).
 * Masks are named, computed and encoded as a local ``effiseg-run`` does (the same functions), so they

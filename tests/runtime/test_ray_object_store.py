@@ -32,7 +32,8 @@ def _free_port() -> int:
 def s3_endpoint():
     """moto's S3 server on a free localhost port, reached as a user reaches MinIO: AWS_ENDPOINT_URL and
     keys in the environment (set before Ray starts, so that its workers inherit them)."""
-    server_module = pytest.importorskip("moto.server", reason='the S3 tests need moto\'s server: pip install "moto[server]"')
+    server_module = pytest.importorskip(
+        "moto.server", reason='the S3 tests need moto\'s server: pip install "moto[s3]" flask flask-cors')
     boto3 = pytest.importorskip("boto3")
     port = _free_port()
     server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
