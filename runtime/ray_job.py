@@ -4,10 +4,10 @@
   cluster this machine belongs to (``ray start`` / ``RAY_ADDRESS``); ``--ray ray://HEAD:10001`` (Ray
   Client) or ``--ray HEAD:6379`` joins that one. Every node needs effiseg with its backend installed.
 * ``--input`` and ``--output`` are local folders or any URI pyarrow's file systems read (s3://BUCKET/DIR,
-  gs://, hdfs://, file://); the driver lists the images, Ray Data hands them out in batches of
-  ``--batch`` to a pool of actors (a callable class, ``SegmentBatch``), each of which opens one effiseg
-  ``Segmenter`` once and keeps it: one actor per GPU (``num_gpus=1``) where the cluster has GPUs and the
-  backend uses them, else one CPU actor per CPU (``cpus_per_actor`` in ``run_ray``); ``--ray-actors``
+  gs://, hdfs://, file://; ``ray_store`` says what each guarantee rests on there); the driver lists the
+  images, Ray Data hands them out in batches of ``--batch`` to a pool of actors (a callable class,
+  ``SegmentBatch``), each of which opens one effiseg ``Segmenter`` once and keeps it: one actor per GPU
+  (``num_gpus=1``) where the cluster has GPUs and the backend uses them, else one CPU actor per CPU (``cpus_per_actor`` in ``run_ray``); ``--ray-actors``
   overrides the count. With ``--backend onnxruntime`` or ``openvino`` each CPU actor keeps its engine to its
   share of threads (``auto`` takes no thread option).
 * Masks are named, computed and encoded as a local ``effiseg-run`` does (the same functions), so they
@@ -25,14 +25,15 @@ import json
 import tempfile
 import time
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
 import numpy as np
 
 from .folder import ROW_FIELDS, plan_jobs
 from .folder_lock import OutputFolderLock
-from .images import (IMAGE_EXTENSIONS, encode_mask_png, natural_key, read_image, remove_stale_temp_files,
-                     write_mask_png)
+from .images import IMAGE_EXTENSIONS, encode_mask_png, natural_key, read_image, remove_stale_temp_files
 from .postprocess import count_regions, output_to_mask
+from .ray_store import RayJobError, Store, is_uri  # noqa: F401 (RayJobError, is_uri: this module's API)
 from .rows_csv import rows_csv_text
 
 SUMMARY_STEM = "effiseg_summary"
@@ -41,10 +42,6 @@ SUMMARY_STEM = "effiseg_summary"
 SETTINGS_NAME = "effiseg_ray_settings.json"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
-
-
-class RayJobError(ValueError):
-    """A Ray run that cannot start (no Ray, bad input or output location); the message says why."""
 
 
 def import_ray():
@@ -56,62 +53,32 @@ def import_ray():
     return ray
 
 
-def is_uri(location) -> bool:
-    text = str(location)
-    return "://" in text and not (len(text) > 1 and text[1] == ":")  # C:\ is a drive, not a scheme
-
-
-def open_location(location):
-    """(pyarrow file system, path inside it, local Path or None) for a folder or a URI."""
+def list_image_files(store: Store, recursive: bool) -> list[str]:
+    """Paths relative to the store's root ("/" separators) of the image files under it, in effiseg-run's order."""
     import pyarrow.fs as pafs
-    if is_uri(location):
-        try:
-            fs, path = pafs.FileSystem.from_uri(str(location))
-        except Exception as e:  # unknown scheme, missing credentials, a file system pyarrow lacks
-            raise RayJobError(f"cannot open {location}: {e}") from None
-        local = Path(path) if isinstance(fs, pafs.LocalFileSystem) else None
-        return fs, path.rstrip("/"), local
-    local = Path(location).resolve()
-    return pafs.LocalFileSystem(), local.as_posix(), local
-
-
-def list_image_files(fs, root: str, recursive: bool) -> list[str]:
-    """Paths relative to ``root`` ("/" separators) of the image files under it, in effiseg-run's order."""
-    import pyarrow.fs as pafs
-    info = fs.get_file_info(root)
-    if info.type != pafs.FileType.Directory:
-        raise RayJobError(f"input folder not found: {root}")
-    rels = []
-    for entry in fs.get_file_info(pafs.FileSelector(root, recursive=recursive)):
-        if entry.type == pafs.FileType.File and PurePosixPath(entry.path).suffix.lower() in IMAGE_EXTENSIONS:
-            rels.append(PurePosixPath(entry.path).relative_to(PurePosixPath(root)).as_posix())
+    if store.fs.get_file_info(store.root).type != pafs.FileType.Directory:
+        raise RayJobError(f"input folder not found: {store.location}")
+    rels = [rel for rel in store.files(recursive) if PurePosixPath(rel).suffix.lower() in IMAGE_EXTENSIONS]
     return sorted(rels, key=natural_key)
 
 
-def mask_is_complete(fs, path: str) -> bool:
+def mask_is_complete(store: Store, rel: str) -> bool:
+    """PNG signature and IEND trailer: what a finished mask looks like (read whole: masks are small)."""
     try:
-        with fs.open_input_file(path) as f:
-            size = f.size()
-            if size < len(_PNG_SIGNATURE) + len(_PNG_IEND):
-                return False
-            head = f.read(len(_PNG_SIGNATURE))
-            f.seek(size - len(_PNG_IEND))
-            return head == _PNG_SIGNATURE and f.read() == _PNG_IEND
+        data = store.read(rel)
     except (OSError, FileNotFoundError):
         return False
+    return len(data) >= len(_PNG_SIGNATURE) + len(_PNG_IEND) and data.startswith(_PNG_SIGNATURE) \
+        and data.endswith(_PNG_IEND)
 
 
-def _mtime_ns(fs, path: str) -> int | None:
-    info = fs.get_file_info(path)
-    return None if info.mtime_ns is None else int(info.mtime_ns)
-
-
-def _newer_than(fs, path: str, since_ns: int | None) -> bool:
-    """The file at ``path`` was written after ``since_ns`` (a file system without times: trusted)."""
-    if since_ns is None:
-        return True
-    mtime = _mtime_ns(fs, path)
-    return mtime is None or mtime > since_ns
+def trusted_on_resume(store: Store, rel: str, listed: dict, since_ns: int | None) -> bool:
+    """A complete mask written after the settings record (a store without times: complete is enough)."""
+    info = listed.get(rel)
+    if info is None:
+        return False
+    newer = since_ns is None or info.mtime_ns is None or int(info.mtime_ns) > since_ns
+    return newer and mask_is_complete(store, rel)
 
 
 def run_settings(model: Path, threshold, tta: str, input_size) -> dict:
@@ -128,49 +95,36 @@ class SegmentBatch:
     """Ray Data's callable class: one Segmenter per actor, opened once, then batch after batch of
     files -> masks written to the output location -> one summary row (JSON) per file."""
 
-    def __init__(self, model: str, output: str, max_pixels: int, segmenter_options: dict):
+    def __init__(self, model: str, input: str, output: str, max_pixels: int, segmenter_options: dict):
         from .images import allow_pixels
         from .segmenter import Segmenter
         self.segmenter = Segmenter.from_model(Path(model), **segmenter_options)
-        self.out_fs, self.out_root, self.out_local = open_location(output)
+        self.input, self.output = Store(input), Store(output)
         self.max_pixels = max_pixels
         allow_pixels(max_pixels)
 
-    def _read(self, source: str) -> np.ndarray:
-        fs, path, local = open_location(source)
-        if local is not None:
-            return read_image(local, self.max_pixels)
+    def _read(self, rel: str) -> np.ndarray:
+        if self.input.local is not None:
+            return read_image(self.input.local / rel, self.max_pixels)
         # Fetched to a local file so that decoding, and its errors, are a local run's own.
         with tempfile.TemporaryDirectory() as tmp:
-            copy = Path(tmp) / PurePosixPath(path).name
-            with fs.open_input_stream(path) as src, open(copy, "wb") as dst:
-                dst.write(src.read())
+            copy = Path(tmp) / PurePosixPath(rel).name
+            copy.write_bytes(self.input.read(rel))
             return read_image(copy, self.max_pixels)
-
-    def _write(self, mask_rel: str, mask: np.ndarray) -> None:
-        if self.out_local is not None:
-            target = self.out_local / mask_rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            write_mask_png(target, mask)  # atomic: a temporary name, then renamed
-            return
-        path = f"{self.out_root}/{mask_rel}"
-        self.out_fs.create_dir(str(PurePosixPath(path).parent), recursive=True)
-        with self.out_fs.open_output_stream(path) as f:  # object stores publish an object whole
-            f.write(encode_mask_png(mask))
 
     def __call__(self, batch: dict) -> dict:
         seg = self.segmenter
         fmt, threshold = seg.info.output_format, seg.threshold
-        jobs = list(zip(batch["file"], batch["mask"], batch["source"]))
+        jobs = list(zip(batch["file"], batch["mask"]))
 
         def load(job):
-            rgb = self._read(job[2])
+            rgb = self._read(job[0])
             return seg.prepare(rgb), rgb.shape[:2]
 
         def finish(job, size, output):
             h, w = size
             mask, max_prob = output_to_mask(output, fmt, threshold, h, w)
-            self._write(job[1], mask)
+            self.output.put(job[1], encode_mask_png(mask))  # whole or not at all, on any store
             return {"file": job[0], "mask": job[1], "status": "ok", "width": w, "height": h,
                     "area_fraction": round(float(np.count_nonzero(mask)) / mask.size, 6),
                     "regions": count_regions(mask),
@@ -223,33 +177,36 @@ def run_ray(input_location, output_location=None, *, model: Path, address: str |
     ``effiseg_summary.json``/``.csv`` in the output location)."""
     say = log or (lambda message: None)
     ray = import_ray()
-    in_fs, in_root, in_local = open_location(input_location)
+    source = Store(input_location)
     if output_location is None:
-        if in_local is None:
+        if source.local is None:
             raise RayJobError("with an input URI, name the output location with --output")
         from .folder import default_output_dir
-        output_location = default_output_dir(in_local)
-    out_fs, out_root, out_local = open_location(output_location)
-    if in_local is not None and out_local is not None and (
-            in_local == out_local or (recursive and in_local in out_local.parents)):
-        raise RayJobError(f"the output folder {out_local} may not be the input folder (or inside it with --recursive)")
-    rels = list_image_files(in_fs, in_root, recursive)
+        output_location = default_output_dir(source.local)
+    out = Store(output_location)
+    _refuse_output_inside_input(source, out, recursive)
+    rels = list_image_files(source, recursive)
     jobs = plan_jobs(PurePosixPath("in"), PurePosixPath("out"), [PurePosixPath("in") / r for r in rels], False)
-    out_fs.create_dir(out_root, recursive=True)
+    try:
+        if not out.object_store:  # an object store has no folders (pyarrow would add an empty marker object)
+            out.fs.create_dir(out.root, recursive=True)
+        listed = out.files() if resume else {}
+    except OSError as e:  # a bucket that does not exist, no permission
+        raise RayJobError(f"cannot write to {output_location}: {e}") from None
 
     # A local output folder: the same lock as a local run (two runs never write one folder), and the
-    # temporary files a killed run left there are removed.
-    with (OutputFolderLock(out_local, say) if out_local is not None else contextlib.nullcontext()):
-        if out_local is not None:
-            stale = remove_stale_temp_files(out_local)
+    # temporary files a killed run left there are removed. An object store has neither: no temporary
+    # objects (a PUT is whole), and no lock (pyarrow has no conditional PUT to take one with): run one
+    # job per output location there.
+    with (OutputFolderLock(out.local, say) if out.local is not None else contextlib.nullcontext()):
+        if out.local is not None:
+            stale = remove_stale_temp_files(out.local)
             if stale:
                 say(f"removed {stale} temporary file(s) left by an interrupted run")
         settings = run_settings(Path(model), threshold, tta, input_size)
-        settings_path = f"{out_root}/{SETTINGS_NAME}"
         if resume:
             try:
-                with out_fs.open_input_stream(settings_path) as f:
-                    before = json.loads(f.read().decode("utf-8"))
+                before = json.loads(out.read(SETTINGS_NAME).decode("utf-8"))
             except (OSError, FileNotFoundError, ValueError):
                 before = None
             changed = [k for k in settings if before is not None and before.get(k) != settings[k]]
@@ -262,20 +219,23 @@ def run_ray(input_location, output_location=None, *, model: Path, address: str |
         # As a local folder run: a run that starts afresh writes the record before any mask, and a resumed
         # run keeps it as it is, so only masks newer than the record were made with the settings it holds
         # (an interrupted fresh run leaves the older run's masks behind, older than the record).
-        settings_since = _mtime_ns(out_fs, settings_path) if resume else None
+        settings_since = out.mtime_ns(SETTINGS_NAME) if resume else None
         if not resume:
-            with out_fs.open_output_stream(settings_path) as f:
-                f.write(json.dumps(settings, indent=2).encode("utf-8"))
+            try:
+                out.put(SETTINGS_NAME, json.dumps(settings, indent=2).encode("utf-8"))
+            except OSError as e:
+                raise RayJobError(f"cannot write to {output_location}: {e}") from None
+            if not out.tick_past(SETTINGS_NAME):
+                say(f"note: the clock of {output_location} did not move past the settings record: "
+                    "a --resume may redo some masks")
 
         rows: dict[str, dict] = {}
         todo = []
         for job in jobs:
-            mask_path = f"{out_root}/{job.mask_rel}"
-            if resume and mask_is_complete(out_fs, mask_path) and _newer_than(out_fs, mask_path, settings_since):
+            if resume and trusted_on_resume(out, job.mask_rel, listed, settings_since):
                 rows[job.rel] = _row(job.rel, job.mask_rel, "skipped")
                 continue
-            source = (in_local / job.rel).as_posix() if in_local is not None else _join_uri(str(input_location), job.rel)
-            todo.append({"file": job.rel, "mask": job.mask_rel, "source": source})
+            todo.append({"file": job.rel, "mask": job.mask_rel})
         if resume:
             say(f"resume: {len(jobs) - len(todo)} of {len(jobs)} image(s) already have a mask")
 
@@ -295,7 +255,8 @@ def run_ray(input_location, output_location=None, *, model: Path, address: str |
         if todo:
             ds = ray.data.from_items(todo).map_batches(
                 SegmentBatch, batch_size=batch, compute=ray.data.ActorPoolStrategy(size=n_actors), batch_format="numpy",
-                fn_constructor_kwargs={"model": str(model), "output": str(output_location), "max_pixels": max_pixels,
+                fn_constructor_kwargs={"model": str(model), "input": source.location, "output": out.location,
+                                       "max_pixels": max_pixels,
                                        "segmenter_options": segmenter_options}, **per_actor)
             for item in ds.iter_rows():
                 row = json.loads(item["row"])
@@ -312,14 +273,21 @@ def run_ray(input_location, output_location=None, *, model: Path, address: str |
                    "n_skipped": sum(r["status"] == "skipped" for r in ordered), "n_processed": len(todo),
                    "wall_s": round(wall, 4), "images_per_s": round(len(todo) / wall, 3) if todo and wall > 0 else 0.0,
                    "files": ordered}
-        summary["summary_json"] = f"{output_location}/{SUMMARY_STEM}.json".replace("\\", "/")
-        summary["summary_csv"] = f"{output_location}/{SUMMARY_STEM}.csv".replace("\\", "/")
-        with out_fs.open_output_stream(f"{out_root}/{SUMMARY_STEM}.json") as f:
-            f.write(json.dumps(summary, indent=2, default=str).encode("utf-8"))
-        with out_fs.open_output_stream(f"{out_root}/{SUMMARY_STEM}.csv") as f:
-            f.write(rows_csv_text(ordered, ROW_FIELDS).encode("utf-8"))
+        summary["summary_json"] = out.uri(f"{SUMMARY_STEM}.json")
+        summary["summary_csv"] = out.uri(f"{SUMMARY_STEM}.csv")
+        out.put(f"{SUMMARY_STEM}.json", json.dumps(summary, indent=2, default=str).encode("utf-8"))
+        out.put(f"{SUMMARY_STEM}.csv", rows_csv_text(ordered, ROW_FIELDS).encode("utf-8"))
         return summary
 
 
-def _join_uri(base: str, rel: str) -> str:
-    return base.rstrip("/") + "/" + rel
+def _refuse_output_inside_input(source: Store, out: Store, recursive: bool) -> None:
+    if source.local is not None and out.local is not None:
+        same, inside = source.local == out.local, source.local in out.local.parents
+    elif source.local is None and out.local is None and source.fs.type_name == out.fs.type_name \
+            and urlsplit(source.location).query == urlsplit(out.location).query:  # not two stores' endpoints
+        same, inside = source.root == out.root, out.root.startswith(source.root + "/")
+    else:
+        return
+    if same or (recursive and inside):
+        raise RayJobError(f"the output location {out.location} may not be the input location (or inside it "
+                          "with --recursive)")

@@ -3,7 +3,8 @@
     effiseg-stream clip.mp4                                   # played at its own frame rate
     effiseg-stream clip.mp4 --rate 15 --json run.json         # played at 15 fps (every frame, 1/15 s apart)
     effiseg-stream video=USB2.0 --format dshow                # Windows capture device (FFmpeg dshow)
-    effiseg-stream /dev/video0 --format v4l2 --option video_size=1280x720   # Linux, where the FFmpeg build has v4l2
+    effiseg-stream /dev/video0 --format v4l2 --option video_size=1280x720   # Linux (PyAV's Linux wheel has v4l2)
+    effiseg-stream "testsrc2=size=720x576:rate=30,realtime" --format lavfi  # FFmpeg's virtual device: a test pattern
 
 A capture thread delivers frames as they arrive (a file is paced by its timestamps, a device paces
 itself). Batch 1: each frame goes to the device as soon as the pipeline can take it. Frames that
@@ -256,8 +257,8 @@ def _parse_options(ctx, param, values):
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None)
 @click.option("--format", "input_format", default=None,
               help="FFmpeg input format for a capture device: dshow (Windows), v4l2 (Linux), avfoundation "
-                   "(macOS), where the installed PyAV's FFmpeg has it. Without it SOURCE is a file played "
-                   "at its frame rate (or a URL, read as it comes).")
+                   "(macOS), lavfi (a virtual test device), where the installed PyAV's FFmpeg has it. Without "
+                   "it SOURCE is a file played at its frame rate (or a URL, read as it comes).")
 @click.option("--option", "input_options", multiple=True, callback=_parse_options, metavar="KEY=VALUE",
               help="FFmpeg input option, repeatable (video_size=1280x720, framerate=30, rtsp_transport=tcp).")
 @click.option("--rate", type=click.FloatRange(0, min_open=True), default=None,
@@ -277,14 +278,16 @@ def stream_command(source, model_path, backend, devices, precision, threshold, i
     from .backends import BackendUnavailable
     from .cli import DEFAULT_MODEL
     from .segmenter import Segmenter
-    from .video import VideoError, import_av
+    from .video import VideoError, check_input_format, import_av
 
     def echo(message):
         click.echo(message, err=True)
 
     try:
         import_av()
-    except ImportError as e:
+        if input_format is not None:  # before the model loads: a device input this FFmpeg lacks
+            check_input_format(source, input_format)
+    except (ImportError, VideoError) as e:
         echo(f"error: {e}")
         sys.exit(EXIT_CANNOT_START)
     if input_format is None and "://" not in source and not Path(source).is_file():

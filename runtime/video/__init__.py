@@ -25,6 +25,33 @@ def import_av():
     return av
 
 
+# FFmpeg's device inputs (libavdevice), by platform; which of them a PyAV build carries varies.
+DEVICE_FORMATS = ("dshow", "gdigrab", "vfwcap", "v4l2", "x11grab", "kmsgrab", "fbdev", "avfoundation", "lavfi",
+                  "decklink")
+
+
+def device_formats_available() -> list[str]:
+    """The device inputs of the installed PyAV's FFmpeg (the Linux wheel: fbdev, kmsgrab, lavfi, v4l2, x11grab)."""
+    return [name for name in DEVICE_FORMATS if input_format_available(name)]
+
+
+def input_format_available(name: str) -> bool:
+    av = import_av()
+    try:
+        return bool(av.ContainerFormat(name, "r").input)
+    except ValueError:  # "no container format": not in this build
+        return False
+
+
+def check_input_format(source, name: str) -> None:
+    """A VideoError naming ``source`` when the FFmpeg inside PyAV has no input format ``name``."""
+    if not input_format_available(name):
+        raise VideoError(f"cannot open {source}: FFmpeg input format {name!r} is not in this PyAV's FFmpeg "
+                         f"(its device inputs: {', '.join(device_formats_available()) or 'none'}; dshow exists only in "
+                         "Windows builds of FFmpeg, avfoundation only in macOS builds): install PyAV built "
+                         "against an FFmpeg that has it")
+
+
 def is_video_path(path) -> bool:
     return Path(path).suffix.lower() in VIDEO_EXTENSIONS
 

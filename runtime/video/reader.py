@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import VideoError, import_av
+from . import VideoError, check_input_format, import_av
 
 
 @dataclass
@@ -36,6 +36,8 @@ class VideoReader:
                  format: str | None = None):
         av = import_av()
         self.path = Path(path)
+        if format is not None:
+            check_input_format(path, format)
         try:
             self.container = av.open(str(path), format=format, options=options or {})
         except (av.error.FFmpegError, OSError) as e:

@@ -86,7 +86,7 @@ class _InProcessDataset:
         import numpy as np
         for i in range(0, len(self.items), self.batch_size):
             chunk = self.items[i:i + self.batch_size]
-            out = self.fn({k: np.array([c[k] for c in chunk]) for k in ("file", "mask", "source")})
+            out = self.fn({k: np.array([c[k] for c in chunk]) for k in chunk[0]})
             for row in out["row"]:
                 yield {"row": row}
 
