@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import re
 from pathlib import Path
 
@@ -264,6 +265,28 @@ def test_gpus_memory_and_driver_versions_come_from_the_driver_libraries(monkeypa
         raise OSError(f"{name}: cannot open shared object file")
     monkeypatch.setattr(ctypes, "CDLL", no_library)
     assert doctor_env.probe_gpus() == (None, ()) and doctor_env.probe_driver_version() is None
+
+
+def test_a_dll_on_path_is_found_as_windows_users_install_cudnn(tmp_path, monkeypatch):
+    """Windows (Python 3.8+): ctypes.CDLL("cudnn64_8.dll") searches the application folder, System32
+    and os.add_dll_directory folders, never PATH, where cuDNN's and CUDA's installers put their DLLs;
+    the doctor said "no system cuDNN library found" on a machine where ONNX Runtime loads it. Here the
+    loader is simulated: a bare name fails, a full path to an existing file loads."""
+    from effiseg.runtime.cuda_memory import load_first_library
+    cuda_bin = tmp_path / "CUDA" / "v12.4" / "bin"
+    cuda_bin.mkdir(parents=True)
+    (cuda_bin / "cudnn64_8.dll").write_bytes(b"MZ")
+    monkeypatch.setenv("PATH", os.pathsep.join([str(tmp_path / "elsewhere"), str(cuda_bin)]))
+
+    def windows_loader(name):
+        if not Path(name).is_absolute() or not Path(name).is_file():
+            raise OSError(f"[WinError 126] The specified module could not be found: {name}")
+        return name
+    monkeypatch.setattr(ctypes, "CDLL", windows_loader)
+    assert load_first_library(("cudnn64_9.dll", "cudnn64_8.dll"), windows=True) == (
+        "cudnn64_8.dll", str(cuda_bin / "cudnn64_8.dll"))
+    assert load_first_library(("cudnn64_9.dll",), windows=True) is None
+    assert load_first_library(("cudnn64_8.dll",), windows=False) is None  # elsewhere the loader's own search rules
 
 
 def test_the_doctor_asks_torch_without_importing_it():
