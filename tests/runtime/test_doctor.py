@@ -289,6 +289,31 @@ def test_a_dll_on_path_is_found_as_windows_users_install_cudnn(tmp_path, monkeyp
     assert load_first_library(("cudnn64_8.dll",), windows=False) is None  # elsewhere the loader's own search rules
 
 
+
+def test_a_broken_torch_under_a_non_ascii_path_is_reported_whatever_the_console_encoding(tmp_path):
+    """The doctor reads the torch probe's output from a child interpreter. On Windows a piped child
+    writes in the ANSI code page, or in UTF-8 where PYTHONIOENCODING=utf-8 is set, while the parent
+    decoded with the ANSI code page: a torch that fails to load from C:\\Users\\Łukasz\\... made the
+    doctor itself crash (UnicodeDecodeError), or print mojibake. Simulated with an ASCII locale."""
+    import subprocess
+    import sys
+    fake = tmp_path / "fake" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise ImportError("DLL load failed while importing _C: '
+                                      'C:/Users/Łukasz/torch/lib/c10.dll")\n', encoding="utf-8")
+    script = ("import locale, sys\n"
+              "if locale.getpreferredencoding(False).lower().replace('-', '') in ('utf8', 'cp65001'): sys.exit(77)\n"
+              "from effiseg.runtime.doctor_env import probe_torch\n"
+              "print(ascii(probe_torch().error))")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONIOENCODING": "utf-8", "PYTHONPATH": str(tmp_path / "fake")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, env=env, timeout=300)
+    if proc.returncode == 77:
+        pytest.skip("this system's locale encoding is UTF-8 even in a C-locale process")
+    assert proc.returncode == 0, proc.stderr.decode("utf-8", "replace")
+    import ast
+    assert "Łukasz/torch/lib/c10.dll" in ast.literal_eval(proc.stdout.decode("ascii"))
+
 def test_the_doctor_asks_torch_without_importing_it():
     """effiseg.runtime never imports torch (an inference install has none): the doctor asks a child."""
     import subprocess
