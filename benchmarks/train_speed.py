@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import queue
 import statistics
 import time
 from pathlib import Path
@@ -31,6 +32,8 @@ import click
 
 from effiseg.runtime.console import Command
 from effiseg.runtime.images import atomic_write_text
+
+_POLL_S = 0.5  # the parent's waits, in steps (see time_processes)
 
 
 def _config(variant, size, batch, device, mode, amp, seed):
@@ -87,22 +90,47 @@ def _process_worker(settings: dict, warmup: int, rounds: int, threads: int, barr
         queue.put({"error": f"{type(e).__name__}: {e}"})
 
 
-def time_processes(settings: dict, n_runs: int, warmup: int, rounds: int, threads: int) -> dict:
-    """N spawned processes (never fork: CUDA and Windows) that start their timed rounds together."""
+def time_processes(settings: dict, n_runs: int, warmup: int, rounds: int, threads: int, worker=None) -> dict:
+    """N spawned processes (never fork: CUDA and Windows) that start their timed rounds together.
+    ``worker``: the processes' function (default ``_process_worker``; tests give others)."""
     ctx = multiprocessing.get_context("spawn")
-    barrier, queue = ctx.Barrier(n_runs), ctx.Queue()
-    procs = [ctx.Process(target=_process_worker, args=(settings, warmup, rounds, threads, barrier, queue))
+    barrier, answers = ctx.Barrier(n_runs), ctx.Queue()
+    procs = [ctx.Process(target=worker or _process_worker, args=(settings, warmup, rounds, threads, barrier, answers))
              for _ in range(n_runs)]
     for p in procs:
         p.start()
-    answers = [queue.get() for _ in procs]
-    for p in procs:
-        p.join()
-    errors = [a["error"] for a in answers if "error" in a]
+    try:
+        got = _answers(procs, answers, barrier)
+    finally:
+        for p in procs:
+            while p.is_alive():  # in steps: on Windows an untimed wait cannot be interrupted by Ctrl-C
+                p.join(_POLL_S)
+    errors = [a["error"] for a in got if "error" in a]
     if errors:
         raise RuntimeError(f"a timing process failed: {errors[0]}")
-    per_run = [settings["steps"] * settings["batch"] / statistics.median(a["seconds"]) for a in answers]
-    return {"seconds": [a["seconds"] for a in answers], "aggregate_images_per_s": sum(per_run)}
+    per_run = [settings["steps"] * settings["batch"] / statistics.median(a["seconds"]) for a in got]
+    return {"seconds": [a["seconds"] for a in got], "aggregate_images_per_s": sum(per_run)}
+
+
+def _answers(procs, answers, barrier) -> list[dict]:
+    """One answer per process, waited for in short steps. A process that ends without one (killed by
+    the system, a crash in a CUDA library: nothing of it runs to say so) fails the configuration
+    instead of leaving the parent waiting for good; the others are released from the barrier."""
+    got: list[dict] = []
+    while len(got) < len(procs):
+        try:
+            got.append(answers.get(timeout=_POLL_S))
+            continue
+        except queue.Empty:
+            pass
+        died = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+        if died:
+            barrier.abort()
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+            raise RuntimeError(f"a timing process ended without an answer (exit status {died[0]})")
+    return got
 
 
 def default_modes(device: str) -> list[str]:

@@ -27,6 +27,7 @@ from effiseg.runtime.images import ImageError, list_images, read_image
 from effiseg.runtime.model_files import int8_sibling
 from effiseg.runtime.model_info import ModelInfo
 from effiseg.runtime.postprocess import resize_rgb
+from effiseg.runtime.replace_file import replace_with_retry
 
 # Inputs (by position) that carry shapes, sizes or indices, not data, for the operators that have them.
 _SHAPE_INPUTS = {"Pad": (1, 2, 3), "Reshape": (1,), "Resize": (1, 2, 3), "Slice": (1, 2, 3, 4),
@@ -152,7 +153,7 @@ def quantize_int8(fp32_path, calibration_dir=None, count: int = DEFAULT_CALIBRAT
             raise QuantizeError(f"the int8 model's masks agree with the float model's on only "
                                 f"{agreement['min_mask_agreement']:.4f} of the pixels of one image (needs "
                                 f"{min_agreement}); the float model stays the only one")
-        tmp.replace(out)
+        replace_with_retry(tmp, out)  # Windows: a scanner holding the earlier twin for a moment
     finally:
         for leftover in (work, tmp, work.with_name(work.name + ".data")):
             leftover.unlink(missing_ok=True)

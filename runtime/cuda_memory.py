@@ -62,13 +62,24 @@ def parse_cuda_device(device: str | int) -> int:
     return index
 
 
-def load_first_library(names) -> tuple[str, "ctypes.CDLL"] | None:
-    """(name, library) of the first of ``names`` the system loader can load, else None."""
+def load_first_library(names, windows: bool | None = None) -> tuple[str, "ctypes.CDLL"] | None:
+    """(name, library) of the first of ``names`` the system loader can load, else None.
+
+    On Windows a bare name is also looked for on PATH: since Python 3.8, ``ctypes.CDLL("x.dll")``
+    searches only the application's folder, System32 and ``os.add_dll_directory`` folders, while
+    CUDA's and cuDNN's installers (and ONNX Runtime's and TensorRT's instructions) put their DLLs on
+    PATH; a full path is loaded with its own folder searched for its dependencies."""
+    windows = os.name == "nt" if windows is None else windows
     for name in names:
-        try:
-            return name, ctypes.CDLL(name)
-        except OSError:
-            continue
+        candidates = [name]
+        if windows and not any(sep in name for sep in "/\\"):
+            candidates += [os.path.join(folder, name) for folder in os.environ.get("PATH", "").split(os.pathsep)
+                           if folder and os.path.isfile(os.path.join(folder, name))]
+        for candidate in candidates:
+            try:
+                return name, ctypes.CDLL(candidate)
+            except OSError:
+                continue
     return None
 
 

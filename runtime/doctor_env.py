@@ -175,7 +175,10 @@ def probe_torch() -> TorchInfo | None:
         return None
     version = _installed("torch") or "?"
     try:
-        child = subprocess.run([sys.executable, "-c", _TORCH_PROBE], capture_output=True, text=True, timeout=300)
+        # The child writes UTF-8 and is read as UTF-8: on Windows a pipe is otherwise in the ANSI code page
+        # (or UTF-8 under PYTHONIOENCODING), and a torch failing under C:\Users\Łukasz\ broke the decoding.
+        child = subprocess.run([sys.executable, "-c", _TORCH_PROBE], capture_output=True, encoding="utf-8",
+                               errors="replace", env={**os.environ, "PYTHONIOENCODING": "utf-8"}, timeout=300)
     except (OSError, subprocess.TimeoutExpired) as e:
         return TorchInfo(version=version, error=_one_line(e))
     lines = child.stdout.strip().splitlines()

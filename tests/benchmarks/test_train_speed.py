@@ -1,11 +1,12 @@
 """benchmarks/train_speed.py: every (mode, runs, way) configuration is timed and written as JSON + table."""
 import json
+import os
 
 import pytest
 import torch
 from click.testing import CliRunner
 
-from effiseg.benchmarks.train_speed import default_modes, main
+from effiseg.benchmarks.train_speed import default_modes, main, time_processes
 
 
 def test_train_speed_times_each_configuration_and_writes_json_and_table(tmp_path):
@@ -49,3 +50,15 @@ def test_a_failing_configuration_is_recorded_and_the_others_still_measured(tmp_p
     result = json.loads((tmp_path / "train_speed.json").read_text(encoding="utf-8"))
     assert [r["mode"] for r in result["results"]] == ["eager"]
     assert result["failures"][0]["mode"] == "graph" and "needs a CUDA device" in result["failures"][0]["error"]
+
+
+def _dies_without_an_answer(*args):
+    os._exit(3)  # as a process killed by the system, or crashing in native code, ends: no answer, no cleanup
+
+
+def test_a_timing_process_that_dies_without_an_answer_fails_its_configuration_instead_of_hanging():
+    """The parent waited for every process's answer with an untimed queue.get(): a process that died
+    without one (killed, a crash in a CUDA library) hung the benchmark for good, and on Windows an
+    untimed wait cannot even be interrupted by Ctrl-C."""
+    with pytest.raises(RuntimeError, match="exit status 3"):
+        time_processes({}, 2, 0, 1, 1, worker=_dies_without_an_answer)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,6 +102,32 @@ def test_an_int8_twin_that_disagrees_is_refused_and_not_written(tiny_onnx, tmp_p
     assert result.exit_code == 1 and "no int8 model written" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calibration", "tiny.onnx"]
 
+
+
+def test_an_int8_twin_held_open_for_a_moment_is_still_replaced(tiny_onnx, tmp_path, monkeypatch):
+    """Windows: renaming onto a file that another process has open (the virus scanner looking at the
+    last twin, the search indexer) fails with PermissionError for as long as it holds it, usually
+    milliseconds. The export waits that out as every other effiseg writer does, instead of failing
+    after calibrating and checking the model."""
+    import os
+    pytest.importorskip("onnx")
+    model = tmp_path / "tiny.onnx"
+    shutil.copyfile(tiny_onnx, model)
+    twin = int8_sibling(model)
+    twin.write_bytes(b"the twin of an earlier export")
+    real_replace, refused = os.replace, []
+
+    def briefly_held(src, dst):
+        if Path(dst) == twin and len(refused) < 2:
+            refused.append(dst)
+            raise PermissionError(13, "The process cannot access the file because it is being used by another process",
+                                  str(src), None, str(dst))
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", briefly_held)
+    result = _quantize_cli(model, _calibration_folder(tmp_path), 0.9)
+    assert result.exit_code == 0, result.output
+    assert len(refused) == 2 and twin.read_bytes().startswith(b"\x08")  # an ONNX file now (field 1: ir_version)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 def test_export_writes_a_checked_int8_twin_that_keeps_the_metadata(tiny_int8):
     from effiseg.runtime.model_info import ModelInfo, read_onnx_metadata

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import re
 from pathlib import Path
 
@@ -265,6 +266,53 @@ def test_gpus_memory_and_driver_versions_come_from_the_driver_libraries(monkeypa
     monkeypatch.setattr(ctypes, "CDLL", no_library)
     assert doctor_env.probe_gpus() == (None, ()) and doctor_env.probe_driver_version() is None
 
+
+def test_a_dll_on_path_is_found_as_windows_users_install_cudnn(tmp_path, monkeypatch):
+    """Windows (Python 3.8+): ctypes.CDLL("cudnn64_8.dll") searches the application folder, System32
+    and os.add_dll_directory folders, never PATH, where cuDNN's and CUDA's installers put their DLLs;
+    the doctor said "no system cuDNN library found" on a machine where ONNX Runtime loads it. Here the
+    loader is simulated: a bare name fails, a full path to an existing file loads."""
+    from effiseg.runtime.cuda_memory import load_first_library
+    cuda_bin = tmp_path / "CUDA" / "v12.4" / "bin"
+    cuda_bin.mkdir(parents=True)
+    (cuda_bin / "cudnn64_8.dll").write_bytes(b"MZ")
+    monkeypatch.setenv("PATH", os.pathsep.join([str(tmp_path / "elsewhere"), str(cuda_bin)]))
+
+    def windows_loader(name):
+        if not Path(name).is_absolute() or not Path(name).is_file():
+            raise OSError(f"[WinError 126] The specified module could not be found: {name}")
+        return name
+    monkeypatch.setattr(ctypes, "CDLL", windows_loader)
+    assert load_first_library(("cudnn64_9.dll", "cudnn64_8.dll"), windows=True) == (
+        "cudnn64_8.dll", str(cuda_bin / "cudnn64_8.dll"))
+    assert load_first_library(("cudnn64_9.dll",), windows=True) is None
+    assert load_first_library(("cudnn64_8.dll",), windows=False) is None  # elsewhere the loader's own search rules
+
+
+
+def test_a_broken_torch_under_a_non_ascii_path_is_reported_whatever_the_console_encoding(tmp_path):
+    """The doctor reads the torch probe's output from a child interpreter. On Windows a piped child
+    writes in the ANSI code page, or in UTF-8 where PYTHONIOENCODING=utf-8 is set, while the parent
+    decoded with the ANSI code page: a torch that fails to load from C:\\Users\\Łukasz\\... made the
+    doctor itself crash (UnicodeDecodeError), or print mojibake. Simulated with an ASCII locale."""
+    import subprocess
+    import sys
+    fake = tmp_path / "fake" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise ImportError("DLL load failed while importing _C: '
+                                      'C:/Users/Łukasz/torch/lib/c10.dll")\n', encoding="utf-8")
+    script = ("import locale, sys\n"
+              "if locale.getpreferredencoding(False).lower().replace('-', '') in ('utf8', 'cp65001'): sys.exit(77)\n"
+              "from effiseg.runtime.doctor_env import probe_torch\n"
+              "print(ascii(probe_torch().error))")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONIOENCODING": "utf-8", "PYTHONPATH": str(tmp_path / "fake")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, env=env, timeout=300)
+    if proc.returncode == 77:
+        pytest.skip("this system's locale encoding is UTF-8 even in a C-locale process")
+    assert proc.returncode == 0, proc.stderr.decode("utf-8", "replace")
+    import ast
+    assert "Łukasz/torch/lib/c10.dll" in ast.literal_eval(proc.stdout.decode("ascii"))
 
 def test_the_doctor_asks_torch_without_importing_it():
     """effiseg.runtime never imports torch (an inference install has none): the doctor asks a child."""

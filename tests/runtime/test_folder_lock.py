@@ -112,3 +112,77 @@ def test_effiseg_run_into_a_held_folder_exits_3_and_leaves_it_untouched(tiny_onn
     assert result.exit_code == 0, result.output
     assert "took over the lock" in result.output and (folder / "a.png").is_file()
     assert (folder / LOCK_NAME).read_bytes() == b""  # released when the command ended
+
+
+class _WindowsByteLocks:
+    """``msvcrt`` as Windows has it, for the handles of one machine: LK_NBLCK locks the byte at the
+    handle's file position and fails (PermissionError) while another handle holds it; the lock is
+    mandatory, so a read through another handle over that byte fails as well; the system frees a
+    handle's locks when its process ends."""
+    LK_UNLCK, LK_NBLCK = 0, 2
+
+    def __init__(self, real_read):
+        self.held: dict[tuple, int] = {}  # (device, inode, offset) -> the handle holding it
+        self._real_read = real_read
+
+    @staticmethod
+    def _where(fd: int) -> tuple:
+        st = os.fstat(fd)
+        return st.st_dev, st.st_ino, os.lseek(fd, 0, os.SEEK_CUR)
+
+    def locking(self, fd: int, mode: int, nbytes: int) -> None:
+        assert nbytes == 1
+        key = self._where(fd)
+        owner = self.held.get(key)
+        if owner is not None and owner != fd:
+            raise PermissionError(13, "Permission denied")
+        if mode == self.LK_NBLCK:
+            self.held[key] = fd
+        else:
+            assert mode == self.LK_UNLCK and owner == fd, "unlocking a byte this handle does not hold"
+            del self.held[key]
+
+    def read(self, fd: int, n: int) -> bytes:
+        device, inode, start = self._where(fd)
+        if any((d, i) == (device, inode) and start <= offset < start + n and owner != fd
+               for (d, i, offset), owner in self.held.items()):
+            raise PermissionError(13, "The process cannot access the file because another process has locked "
+                                      "a portion of the file")
+        return self._real_read(fd, n)
+
+    def process_ended(self, fd: int) -> None:
+        self.held = {key: owner for key, owner in self.held.items() if owner != fd}
+        os.close(fd)
+
+
+def test_on_windows_the_lock_is_a_byte_lock_that_leaves_the_holders_details_readable(tmp_path, monkeypatch):
+    """The msvcrt branch, on a simulated Windows (this machine has fcntl): another process is refused
+    with the holder named (the details lie outside the mandatory lock), a clean end leaves nothing to
+    call stale, and a holder that died is taken over with a message."""
+    import effiseg.runtime.folder_lock as folder_lock
+    windows = _WindowsByteLocks(os.read)
+    monkeypatch.setattr(folder_lock.sys, "platform", "win32")
+    monkeypatch.setitem(sys.modules, "msvcrt", windows)
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # importing it fails, as on Windows
+    monkeypatch.setattr(folder_lock.os, "read", windows.read)
+    folder = tmp_path / "out"
+    folder.mkdir()
+
+    holder = OutputFolderLock(folder).acquire()
+    other_process = OutputFolderLock(folder)  # its own handle, as a second effiseg-run would open
+    with pytest.raises(FolderLockedError, match=f"in use by another effiseg-run \\(process {os.getpid()} on"):
+        other_process._lock_file()
+    holder.release()
+    assert windows.held == {} and (folder / LOCK_NAME).read_bytes() == b""
+
+    messages = []
+    with OutputFolderLock(folder, messages.append):
+        pass
+    assert messages == [] and windows.held == {}
+
+    died = OutputFolderLock(folder)
+    died._lock_file()
+    windows.process_ended(died._fd)  # killed: no release, its details stay in the file
+    with OutputFolderLock(folder, messages.append):
+        assert len(windows.held) == 1
+    assert len(messages) == 1 and f"left by process {os.getpid()} on" in messages[0]
