@@ -29,12 +29,13 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from . import windows_names
 from .folder import ROW_FIELDS, plan_jobs
 from .folder_lock import OutputFolderLock
 from .images import IMAGE_EXTENSIONS, encode_mask_png, natural_key, read_image, remove_stale_temp_files
 from .postprocess import count_regions, output_to_mask
 from .ray_store import RayJobError, Store, is_uri  # noqa: F401 (RayJobError, is_uri: this module's API)
-from .rows_csv import rows_csv_text
+from .rows_csv import write_summary_csv
 
 SUMMARY_STEM = "effiseg_summary"
 # Not effiseg_run_settings.json: a local run records its settings from the opened backends, which the
@@ -106,9 +107,10 @@ class SegmentBatch:
     def _read(self, rel: str) -> np.ndarray:
         if self.input.local is not None:
             return read_image(self.input.local / rel, self.max_pixels)
-        # Fetched to a local file so that decoding, and its errors, are a local run's own.
+        # Fetched to a local file so that decoding, and its errors, are a local run's own. Not named
+        # after the key: Windows refuses a name with ':' or '?', or con.jpg (the suffix is an image's).
         with tempfile.TemporaryDirectory() as tmp:
-            copy = Path(tmp) / PurePosixPath(rel).name
+            copy = Path(tmp) / ("image" + PurePosixPath(rel).suffix)
             copy.write_bytes(self.input.read(rel))
             return read_image(copy, self.max_pixels)
 
@@ -232,6 +234,10 @@ def run_ray(input_location, output_location=None, *, model: Path, address: str |
         rows: dict[str, dict] = {}
         todo = []
         for job in jobs:
+            unwritable = _unwritable_mask_name(out, job.mask_rel)
+            if unwritable:
+                rows[job.rel] = _row(job.rel, job.mask_rel, "error", unwritable)
+                continue
             if resume and trusted_on_resume(out, job.mask_rel, listed, settings_since):
                 rows[job.rel] = _row(job.rel, job.mask_rel, "skipped")
                 continue
@@ -274,10 +280,23 @@ def run_ray(input_location, output_location=None, *, model: Path, address: str |
                    "wall_s": round(wall, 4), "images_per_s": round(len(todo) / wall, 3) if todo and wall > 0 else 0.0,
                    "files": ordered}
         summary["summary_json"] = out.uri(f"{SUMMARY_STEM}.json")
-        summary["summary_csv"] = out.uri(f"{SUMMARY_STEM}.csv")
+        summary["summary_csv"] = write_summary_csv(  # first: the JSON then says whether it was written
+            lambda text: out.put(f"{SUMMARY_STEM}.csv", text.encode("utf-8")), out.uri(f"{SUMMARY_STEM}.csv"),
+            ordered, ROW_FIELDS, f"{SUMMARY_STEM}.json", say)
         out.put(f"{SUMMARY_STEM}.json", json.dumps(summary, indent=2, default=str).encode("utf-8"))
-        out.put(f"{SUMMARY_STEM}.csv", rows_csv_text(ordered, ROW_FIELDS).encode("utf-8"))
         return summary
+
+
+def _unwritable_mask_name(out: Store, mask_rel: str) -> str | None:
+    """Why the mask ``mask_rel``, named after an object key, cannot be written to ``out``, a local folder
+    on Windows, or None. Checked there alone: elsewhere such names are valid (keys with ISO times, 10:30:00,
+    are common). Left to Windows, each would fail with a bare [WinError 123], or lose a trailing dot and
+    land on another image's mask."""
+    if not (windows_names.ON_WINDOWS and out.local is not None):
+        return None
+    problem = windows_names.windows_name_problem(mask_rel)
+    return None if problem is None else (f"the mask {mask_rel} cannot be written to a Windows folder: {problem}; "
+                                         "rename the object, or write the masks to an object store")
 
 
 def _refuse_output_inside_input(source: Store, out: Store, recursive: bool) -> None:

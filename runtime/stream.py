@@ -237,6 +237,20 @@ def _live_line(summary: dict) -> str:
             f"p50 {fmt(lat['p50'])} p90 {fmt(lat['p90'])} p99 {fmt(lat['p99'])} max {fmt(lat['max'])}")
 
 
+def _open_rows_file(csv_path: Path | None, echo):
+    """The ``--csv`` file, opened before the model loads (a first TensorRT build takes minutes): on
+    Windows a CSV still open in Excel cannot be written, and that is said now, exit 3. Opened for
+    appending, so an earlier CSV keeps its rows until the stream starts (``truncate`` then)."""
+    if csv_path is None:
+        return None
+    try:
+        return open(csv_path, "a", newline="", encoding="utf-8")
+    except OSError as e:
+        echo(f"error: cannot write {csv_path} ({e.strerror or e}): if it is open in another program (Excel), "
+             "close it and run again")
+        sys.exit(EXIT_CANNOT_START)
+
+
 def _parse_options(ctx, param, values):
     options = {}
     for value in values:
@@ -294,18 +308,24 @@ def stream_command(source, model_path, backend, devices, precision, threshold, i
         echo(f"error: {source} is not a file (a capture device needs --format, e.g. dshow or v4l2)")
         sys.exit(EXIT_CANNOT_START)
     model = model_path or DEFAULT_MODEL
+    csv_is_new = csv_path is not None and not csv_path.exists()
+    rows_file = _open_rows_file(csv_path, echo)
     try:
         segmenter = Segmenter.from_model(model, backend=backend, devices=devices, precision=precision, max_batch=1,
                                          threshold=threshold, workers=1, writers=1)
     except (BackendUnavailable, OSError, ValueError, RuntimeError) as e:
         echo(f"error: cannot start on {model}: {e}")
+        if rows_file is not None:
+            rows_file.close()
+            if csv_is_new:  # nothing of this stream in it: no empty file left behind
+                csv_path.unlink(missing_ok=True)
         sys.exit(EXIT_CANNOT_START)
     if len(segmenter.backends) > 1:
         echo("note: a stream runs one frame at a time; the frames go to whichever device is free")
     json_path = json_path or Path("effiseg_stream.json")
-    rows_file = open(csv_path, "w", newline="", encoding="utf-8") if csv_path else None
     writer = None
     if rows_file is not None:
+        rows_file.truncate(0)  # the model is ready: the earlier CSV's rows give way to this stream's
         writer = csv.DictWriter(rows_file, ["frame", "pts", "time_s", "latency_ms", "area_fraction"],
                                 lineterminator="\n")
         writer.writeheader()

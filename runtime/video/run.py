@@ -25,6 +25,7 @@ import hashlib
 import json
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,11 +37,12 @@ from ..images import overlay_image
 from ..pipeline import BackendLost, PipelineAborted
 from ..postprocess import count_regions, output_to_mask
 from ..replace_file import replace_with_retry
-from ..rows_csv import rows_csv_text
+from ..rows_csv import rows_csv_text, write_summary_csv
 from ..trt_engine_cache import file_sha256
+from ..windows_names import windows_path_key
 from . import VideoError, import_av, is_video_path, list_videos
 from .reader import VideoReader
-from .writers import MaskVideoWriter, OverlayVideoWriter, commit, remove_stale, temp_path
+from .writers import MaskVideoWriter, OverlayVideoWriter, remove_stale, replace_outputs, temp_path
 
 MASK_VIDEO = "masks.mkv"
 OVERLAY_VIDEO = "overlay.mp4"
@@ -67,6 +69,8 @@ class VideoJob:
 
 def default_video_output(input_path: Path) -> Path:
     input_path = Path(input_path).resolve()
+    if not input_path.name:  # E:\ (a recorder's USB stick), \\server\share\ or /: it has no sibling
+        raise VideoInputError(f"{input_path} is the root of a drive or share: name the output folder with --output")
     return input_path.with_name((input_path.stem if input_path.is_file() else input_path.name) + "_masks")
 
 
@@ -93,7 +97,7 @@ def print_video_summary(summary: dict, echo) -> None:
     if len(failed) > 10:
         echo(f"  ... and {len(failed) - 10} more (see the summary)")
     echo(f"outputs: {summary['output_dir']}")
-    echo(f"summary: {summary['summary_csv']} and {summary['summary_json']}")
+    echo("summary: " + " and ".join(p for p in (summary["summary_csv"], summary["summary_json"]) if p))
 
 
 def plan_video_jobs(input_path: Path, output_dir: Path, recursive: bool) -> list[VideoJob]:
@@ -108,9 +112,10 @@ def plan_video_jobs(input_path: Path, output_dir: Path, recursive: bool) -> list
     files = list_videos(input_path, recursive)
     rels = [f.relative_to(input_path).as_posix() for f in files]
     stems = [r.rsplit(".", 1)[0] for r in rels]
-    # clip.mp4 and clip.mkv in one folder: both keep their extension in the folder name.
-    clash = {s.casefold() for s in stems if sum(t.casefold() == s.casefold() for t in stems) > 1}
-    jobs = [VideoJob(f, rel, output_dir / (rel.replace(".", "_") if stem.casefold() in clash else stem))
+    # clip.mp4 and clip.mkv in one folder: both keep their extension in the folder name. So do
+    # clip.mp4 and clip..mp4: Windows drops the trailing dot, so clip/ and clip./ are one folder there.
+    keys = Counter(windows_path_key(s) for s in stems)
+    jobs = [VideoJob(f, rel, output_dir / (rel.replace(".", "_") if keys[windows_path_key(stem)] > 1 else stem))
             for f, rel, stem in zip(files, rels, stems)]
     _mark_folder_conflicts(jobs, output_dir)
     return jobs
@@ -119,14 +124,14 @@ def plan_video_jobs(input_path: Path, output_dir: Path, recursive: bool) -> list
 def _mark_folder_conflicts(jobs: list[VideoJob], output_dir: Path) -> None:
     """Two videos whose folders would be one (clip.mp4 + clip.mkv -> clip_mp4, beside clip_mp4.avi), or
     where one's folder would be an output of the other (x.mp4 -> x/, x/frames.mp4 -> x/frames/: redoing
-    x would delete the other's outputs), get a per-file error naming the other. Compared
-    case-insensitively: on Windows Clip/ and clip/ are one folder."""
+    x would delete the other's outputs), get a per-file error naming the other. Compared as Windows
+    names folders: Clip/ and clip/, or "case 12 /" and "case 12/", are one folder there."""
     outputs = {name.casefold() for name in (MASK_VIDEO, OVERLAY_VIDEO, FRAMES_CSV, FRAMES_JSON, FRAMES_DIR)}
     owner: dict[str, VideoJob] = {}
     for job in jobs:
-        owner.setdefault(job.out_dir.relative_to(output_dir).as_posix().casefold(), job)
+        owner.setdefault(windows_path_key(job.out_dir.relative_to(output_dir).as_posix()), job)
     for job in jobs:
-        key = job.out_dir.relative_to(output_dir).as_posix().casefold()
+        key = windows_path_key(job.out_dir.relative_to(output_dir).as_posix())
         parts = key.split("/")
         clashing = [key] + ["/".join(parts[:i]) for i in range(1, len(parts)) if parts[i] in outputs]
         for other_key in clashing:
@@ -211,9 +216,10 @@ def run_videos(segmenter, input_path, output_dir=None, *, recursive: bool = Fals
                "wall_s": round(wall, 4), "frames_per_s": round(n_frames / wall, 3) if wall > 0 and n_frames else 0.0,
                "files": rows}
     summary["summary_json"] = str(output_dir / f"{SUMMARY_STEM}.json")
-    summary["summary_csv"] = str(output_dir / f"{SUMMARY_STEM}.csv")
+    csv_path = output_dir / f"{SUMMARY_STEM}.csv"  # first: the JSON then says whether it was written
+    summary["summary_csv"] = write_summary_csv(lambda text: _atomic_text(csv_path, text), str(csv_path), rows,
+                                               VIDEO_FIELDS, SUMMARY_STEM + ".json", say)
     _atomic_text(output_dir / f"{SUMMARY_STEM}.json", json.dumps(summary, indent=2, default=str))
-    _atomic_text(output_dir / f"{SUMMARY_STEM}.csv", rows_csv_text(rows, VIDEO_FIELDS))
     return summary
 
 
@@ -229,6 +235,7 @@ def segment_video(segmenter, job: VideoJob, settings: dict, *, overlay: bool = F
         rate = reader.average_rate
         writers = []
         png_dir = temp_path(out / FRAMES_DIR) if frames else None
+        csv_temp = temp_path(out / FRAMES_CSV)
         rows: list[dict] = []
         bar = None
         if progress:
@@ -263,9 +270,11 @@ def segment_video(segmenter, job: VideoJob, settings: dict, *, overlay: bool = F
 
             segment_frames(segmenter, reader, write, per_frame)
             temps = [w.close() for w in writers]
+            csv_temp.write_bytes(rows_csv_text(rows, FRAME_FIELDS).encode("utf-8"))
         except BaseException:
             for w in writers:
                 w.abort()
+            csv_temp.unlink(missing_ok=True)
             if png_dir is not None:
                 shutil.rmtree(png_dir, ignore_errors=True)
             raise
@@ -273,18 +282,12 @@ def segment_video(segmenter, job: VideoJob, settings: dict, *, overlay: bool = F
             if bar is not None:
                 bar.close()
         stream = reader.describe()
-    # Everything decoded and encoded: rename into place, the record last. Until then the earlier
-    # record (and the outputs it vouches for) stays: a failed re-run loses nothing.
-    marker.unlink(missing_ok=True)  # from here on the folder vouches for nothing until the new record lands
-    for w, temp in zip(writers, temps):
-        commit(temp, w.final)
-    if not overlay:
-        (out / OVERLAY_VIDEO).unlink(missing_ok=True)  # an earlier run's, made with who knows what
-    if png_dir is not None:
-        commit(png_dir, out / FRAMES_DIR)
-    elif (out / FRAMES_DIR).is_dir():
-        shutil.rmtree(out / FRAMES_DIR)
-    _atomic_text(out / FRAMES_CSV, rows_csv_text(rows, FRAME_FIELDS))
+    # Everything decoded and encoded: into place all together or not at all, the earlier record
+    # first out (until the new one lands the folder vouches for nothing, should the run be killed),
+    # an earlier overlay or frames/ that this run does not make removed. A failure (an earlier
+    # masks.mkv open in a video player on Windows) leaves the earlier outputs and record as they were.
+    replace_outputs(out, {FRAMES_JSON: None, MASK_VIDEO: temps[0], OVERLAY_VIDEO: temps[1] if overlay else None,
+                          FRAMES_DIR: png_dir, FRAMES_CSV: csv_temp})
     record = {"video": job.rel, "source": str(job.source), "source_stat": source_stat, "complete": True,
               "settings": settings,
               "stream": stream, "n_frames": len(rows),
@@ -401,5 +404,9 @@ def _video_row(job: VideoJob, status: str, record: dict | None, error: str = "")
 
 def _atomic_text(path: Path, text: str) -> None:
     temp = temp_path(path)
-    temp.write_bytes(text.encode("utf-8"))
-    replace_with_retry(temp, path)
+    try:
+        temp.write_bytes(text.encode("utf-8"))
+        replace_with_retry(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise

@@ -1,8 +1,9 @@
 """Writing a video's results: a lossless mask video, an overlay video, one PNG per frame.
 
 Every output is written under a temporary name in its final folder and renamed into place by the
-caller once the whole video is done (``commit``), so a run killed at any moment leaves no half-written
-file under a final name; ``remove_stale`` deletes what a killed run left.
+caller once the whole video is done (``replace_outputs``: all of a video's outputs or none), so a run
+killed at any moment leaves no half-written file under a final name; ``remove_stale`` deletes what a
+killed run left.
 
 * Masks: FFV1 (lossless) in Matroska, 8-bit grey, 0 or 255 per pixel: decoding gives back the
   masks bit for bit (``read_mask_video``; the tests check it).
@@ -51,9 +52,61 @@ def remove_stale(folder: Path) -> int:
 
 def commit(temp: Path, final: Path) -> None:
     """Rename a finished temporary file or folder onto its final name (a folder replaces the old one)."""
-    if temp.is_dir() and final.is_dir():
-        shutil.rmtree(final)
-    replace_with_retry(temp, final)
+    replace_outputs(final.parent, {final.name: temp})
+
+
+def replace_outputs(folder: Path, new: dict) -> None:
+    """Put finished outputs in place, all of them or none: ``new`` maps each name in ``folder``, in
+    order, to its finished temporary file or folder, or to None for an earlier output to remove.
+
+    The earlier outputs are first renamed aside, then the new ones renamed in, then the earlier ones
+    deleted. On Windows a file open in another program (a video player, an image viewer, Excel), or a
+    folder holding one, cannot be renamed: that stops the commit before anything is replaced or deleted
+    (deleting frames/ first would leave it half-deleted), and any failure renames the earlier outputs
+    back. An OSError then names the file and what to do; the temporary files are removed."""
+    aside: list[tuple[Path, Path]] = []
+    placed: list[Path] = []
+    current = folder
+    try:
+        for name in new:
+            current = folder / name
+            if current.exists() or current.is_symlink():
+                moved = temp_path(current)
+                replace_with_retry(current, moved)
+                aside.append((current, moved))
+        for name, temp in new.items():
+            current = folder / name
+            if temp is not None:
+                replace_with_retry(temp, current)
+                placed.append(current)
+    except BaseException as e:
+        for path in placed + [t for t in new.values() if t is not None]:
+            _remove(path)
+        kept = True
+        for final, moved in reversed(aside):
+            try:
+                os.replace(moved, final)
+            except OSError:
+                kept = False  # left under its temporary name
+        if not isinstance(e, OSError):
+            raise
+        held = ("; if it is open in another program (a video player, an image viewer, Excel), close it and run "
+                "again" if isinstance(e, PermissionError) else "")
+        raise OSError(f"could not replace {current} ({e.strerror or e}){held}"
+                      + ("; the earlier outputs are kept" if kept else "")) from e
+    for _, moved in aside:
+        _remove(moved)  # one still held open stays under its temporary name: the next run's remove_stale
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or folder if it is there and can be deleted."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 class _Timestamps:
