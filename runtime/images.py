@@ -117,7 +117,7 @@ def to_rgb(im: Image.Image) -> np.ndarray:
 
 def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode ``path`` to (H, W, 3) uint8 RGB or raise :class:`ImageError` saying why not."""
-    path = Path(path)
+    path = path if isinstance(path, Path) else Path(path)  # Path(a Path) parses it again, under the GIL
     source: Path | io.BytesIO = path
     if simplejpeg is not None and path.suffix.lower() in _JPEG_SUFFIXES:
         # The common case first, in as few system calls as it takes (each one hands the GIL to
@@ -247,16 +247,19 @@ def atomic_write(path: Path, write) -> None:
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
-def write_whole(path: Path, data: bytes) -> None:
+def write_whole(path: str | os.PathLike, data: bytes) -> None:
     """``data`` as ``path``, replaced whole, as :func:`atomic_write` does, in the fewest system calls:
     open, write, close, rename (no file object: ``open()`` adds an fstat, and each call hands the GIL
-    to another thread, which the writer threads pay once per mask)."""
-    tmp = str(path.with_name(_temp_name(path.name)))
+    to another thread, which the writer threads pay once per mask). The names are put together as
+    strings, not Path objects: pathlib's parsing holds the GIL, once per mask."""
+    target = os.fspath(path)
+    folder, name = os.path.split(target)
+    tmp = os.path.join(folder, _temp_name(name))
     try:
         try:
             fd = os.open(tmp, _CREATE_FLAGS, 0o666)
         except FileNotFoundError:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            os.makedirs(folder or os.curdir, exist_ok=True)
             fd = os.open(tmp, _CREATE_FLAGS, 0o666)
         try:
             view = memoryview(data)
@@ -264,15 +267,15 @@ def write_whole(path: Path, data: bytes) -> None:
                 view = view[os.write(fd, view):]
         finally:
             os.close(fd)
-        replace_with_retry(tmp, path)
+        replace_with_retry(tmp, target)
     except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
-        too_long = _over_windows_path_limit(path, Path(tmp)) if isinstance(e, FileNotFoundError) else None
+        too_long = _over_windows_path_limit(Path(target), Path(tmp)) if isinstance(e, FileNotFoundError) else None
         if too_long:
-            raise FileNotFoundError(e.errno, too_long, str(path)) from e
+            raise FileNotFoundError(e.errno, too_long, target) from e
         raise
 
 
@@ -335,9 +338,9 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
     return b"".join([_PNG_SIGNATURE, _png_chunk(b"IHDR", header), *idats, _PNG_IEND])
 
 
-def write_mask_png(path: Path, mask: np.ndarray) -> None:
+def write_mask_png(path: str | os.PathLike, mask: np.ndarray) -> None:
     """``encode_mask_png(mask)`` written atomically to ``path``."""
-    write_whole(Path(path), encode_mask_png(mask))
+    write_whole(path, encode_mask_png(mask))
 
 
 def write_jpeg(path: Path, rgb: np.ndarray, quality: int = 90) -> None:
