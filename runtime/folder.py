@@ -183,7 +183,7 @@ def _empty_row(job: FileJob, status: str, error: str = "") -> dict:
             "area_fraction": None, "regions": None, "max_probability": None, "error": error}
 
 
-def _row_from_mask(job: FileJob) -> dict:
+def _row_from_mask(job: FileJob, regions: bool) -> dict:
     """Statistics of an existing mask for a summary row (the probability is not recoverable): a mask
     renamed into place just before a kill, whose journal line was never written."""
     row = _empty_row(job, "skipped")
@@ -194,7 +194,7 @@ def _row_from_mask(job: FileJob) -> dict:
         row["error"] = f"existing mask unreadable: {e}"
         return row
     row.update(width=mask.shape[1], height=mask.shape[0], area_fraction=round(float(mask.mean()), 6),
-               regions=count_regions(mask))
+               regions=count_regions(mask) if regions else None)
     return row
 
 
@@ -264,10 +264,13 @@ def _run_settings(segmenter) -> tuple[dict, list[Path]]:
 
 
 def run_folder(segmenter, input_dir, output_dir=None, *, recursive: bool = False, resume: bool = False,
-               overlay: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = False,
-               log=None) -> dict:
+               overlay: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS, regions: bool = False,
+               progress: bool = False, log=None) -> dict:
     """Segment every image under ``input_dir``; returns the summary (also written as JSON).
 
+    ``regions``: count each mask's 8-connected regions for its summary row (None otherwise). Off by
+    default: the count is Python work under the GIL, and it cost the host pipeline a quarter of its
+    images/s on the 2-core CPU (benchmarks/RESULTS.md, "Region counting made a choice").
     ``log``: a callable for one-line messages (the CLI passes click.echo to stderr).
     """
     input_dir = Path(input_dir)
@@ -278,25 +281,27 @@ def run_folder(segmenter, input_dir, output_dir=None, *, recursive: bool = False
     # Held before anything in the folder is touched: another run's temporary files are not stale.
     with OutputFolderLock(output_dir, say):
         return _segment_folder(segmenter, input_dir, output_dir, say, recursive=recursive, resume=resume,
-                               overlay=overlay, max_pixels=max_pixels, progress=progress)
+                               overlay=overlay, max_pixels=max_pixels, regions=regions, progress=progress)
 
 
 def _segment_folder(segmenter, input_dir: Path, output_dir: Path, say, *, recursive: bool, resume: bool,
-                    overlay: bool, max_pixels: int, progress: bool) -> dict:
+                    overlay: bool, max_pixels: int, regions: bool, progress: bool) -> dict:
     """run_folder's work, in a checked output folder this run holds, step by step."""
     jobs = _plan_folder(input_dir, output_dir, recursive, overlay, max_pixels, say)
     settings_since = _load_resume_state(segmenter, output_dir, resume, say)
     _clear_earlier_records(segmenter, output_dir, fresh=settings_since is None)
-    rows, todo = _split_done(jobs, output_dir, resume, settings_since)
+    rows, todo = _split_done(jobs, output_dir, resume, settings_since, regions)
     if resume:
         say(f"resume: {len(jobs) - len(todo)} of {len(jobs)} image(s) already have a mask")
         _repair_journal(output_dir / JOURNAL_NAME)
-    pipe, wall = _segment_jobs(segmenter, todo, rows, output_dir / JOURNAL_NAME, resume, max_pixels, progress)
+    pipe, wall = _segment_jobs(segmenter, todo, rows, output_dir / JOURNAL_NAME, resume, max_pixels, regions,
+                               progress)
     for device, why in pipe.lost.items():
         say(f"gave up on {device} part-way: {why}; the other device(s) finished the run, including the images "
             "waiting for it; the images of the batches it failed are listed as failed (--resume redoes them)")
     summary = _summary(segmenter, input_dir, output_dir, jobs, todo, rows, pipe, wall,
-                       dict(recursive=recursive, resume=resume, overlay=overlay, max_pixels=max_pixels))
+                       dict(recursive=recursive, resume=resume, overlay=overlay, max_pixels=max_pixels,
+                            regions=regions))
     return _write_summary(summary, output_dir, say)
 
 
@@ -372,9 +377,10 @@ def _clear_earlier_records(segmenter, output_dir: Path, fresh: bool) -> None:
     _write_json(output_dir / SETTINGS_NAME, _run_settings(segmenter)[0])
 
 
-def _split_done(jobs: list[FileJob], output_dir: Path, resume: bool,
-                settings_since: float | None) -> tuple[dict[int, dict], list[FileJob]]:
-    """(rows of the images an earlier run finished with these settings, the jobs left to do)."""
+def _split_done(jobs: list[FileJob], output_dir: Path, resume: bool, settings_since: float | None,
+                regions: bool = False) -> tuple[dict[int, dict], list[FileJob]]:
+    """(rows of the images an earlier run finished with these settings, the jobs left to do). A row
+    kept from the journal keeps what that run counted: its regions only if it was asked to."""
     earlier = _read_journal(output_dir / JOURNAL_NAME) if resume else {}
     rows: dict[int, dict] = {}
     todo: list[FileJob] = []
@@ -388,7 +394,7 @@ def _split_done(jobs: list[FileJob], output_dir: Path, resume: bool,
             # No journal line: trusted only when written since these settings took effect (strictly
             # after: a FAT disk keeps times to 2 s). A row that says the image failed is redone.
             if before is None and settings_since is not None and job.mask_path.stat().st_mtime > settings_since:
-                rows[job.index] = _row_from_mask(job)
+                rows[job.index] = _row_from_mask(job, regions)
                 continue
         todo.append(job)
     return rows, todo
@@ -406,7 +412,7 @@ def _repair_journal(journal_path: Path) -> None:
             journal.write("\n")
 
 
-def _image_steps(segmenter, max_pixels: int):
+def _image_steps(segmenter, max_pixels: int, regions: bool):
     """The pipeline's per-image callbacks for folder jobs: load (file -> model input), finish (output
     -> mask file and summary row) and fail (an exception -> an error row)."""
     info, threshold = segmenter.info, segmenter.threshold
@@ -425,7 +431,7 @@ def _image_steps(segmenter, max_pixels: int):
         write_mask_png(job.mask_path, mask)  # last: the mask marks the image as done
         area = float(np.count_nonzero(mask)) / mask.size
         return {"file": job.rel, "mask": job.mask_rel, "status": "ok", "width": w, "height": h,
-                "area_fraction": round(area, 6), "regions": count_regions(mask),
+                "area_fraction": round(area, 6), "regions": count_regions(mask) if regions else None,
                 "max_probability": None if max_prob is None else round(max_prob, 6), "error": ""}
 
     def fail(job: FileJob, error: BaseException, stage: str) -> dict:
@@ -436,11 +442,11 @@ def _image_steps(segmenter, max_pixels: int):
 
 
 def _segment_jobs(segmenter, todo: list[FileJob], rows: dict[int, dict], journal_path: Path, resume: bool,
-                  max_pixels: int, progress: bool):
+                  max_pixels: int, regions: bool, progress: bool):
     """The run: every job through the pipeline, each finished row into ``rows`` and the journal as
     it comes. Returns the pipeline (its timing, the devices given up) and the wall time."""
     started = time.perf_counter()
-    pipe = segmenter.pipeline(*_image_steps(segmenter, max_pixels), condense=segmenter.cut_masks)
+    pipe = segmenter.pipeline(*_image_steps(segmenter, max_pixels, regions), condense=segmenter.cut_masks)
     bar = None
     if progress and todo:
         from tqdm import tqdm

@@ -96,12 +96,14 @@ class SegmentBatch:
     """Ray Data's callable class: one Segmenter per actor, opened once, then batch after batch of
     files -> masks written to the output location -> one summary row (JSON) per file."""
 
-    def __init__(self, model: str, input: str, output: str, max_pixels: int, segmenter_options: dict):
+    def __init__(self, model: str, input: str, output: str, max_pixels: int, segmenter_options: dict,
+                 regions: bool = False):
         from .images import allow_pixels
         from .segmenter import Segmenter
         self.segmenter = Segmenter.from_model(Path(model), **segmenter_options)
         self.input, self.output = Store(input), Store(output)
         self.max_pixels = max_pixels
+        self.regions = regions
         allow_pixels(max_pixels)
 
     def _read(self, rel: str) -> np.ndarray:
@@ -129,7 +131,7 @@ class SegmentBatch:
             self.output.put(job[1], encode_mask_png(mask))  # whole or not at all, on any store
             return {"file": job[0], "mask": job[1], "status": "ok", "width": w, "height": h,
                     "area_fraction": round(float(np.count_nonzero(mask)) / mask.size, 6),
-                    "regions": count_regions(mask),
+                    "regions": count_regions(mask) if self.regions else None,
                     "max_probability": None if max_prob is None else round(max_prob, 6), "error": ""}
 
         def fail(job, error, stage):
@@ -174,7 +176,7 @@ def run_ray(input_location, output_location=None, *, model: Path, address: str |
             backend: str = "auto", devices=None, precision: str = "auto", batch: int = 8, threshold=None,
             tta: str = "none", input_size=None, recursive: bool = False, resume: bool = False,
             max_pixels: int = 178956970, actors: int | None = None, cpus_per_actor: int = 1,
-            progress: bool = False, log=None) -> dict:
+            regions: bool = False, progress: bool = False, log=None) -> dict:
     """Segment every image under ``input_location`` on Ray Data; returns the summary (also written as
     ``effiseg_summary.json``/``.csv`` in the output location)."""
     say = log or (lambda message: None)
@@ -262,7 +264,7 @@ def run_ray(input_location, output_location=None, *, model: Path, address: str |
             ds = ray.data.from_items(todo).map_batches(
                 SegmentBatch, batch_size=batch, compute=ray.data.ActorPoolStrategy(size=n_actors), batch_format="numpy",
                 fn_constructor_kwargs={"model": str(model), "input": source.location, "output": out.location,
-                                       "max_pixels": max_pixels,
+                                       "max_pixels": max_pixels, "regions": regions,
                                        "segmenter_options": segmenter_options}, **per_actor)
             for item in ds.iter_rows():
                 row = json.loads(item["row"])

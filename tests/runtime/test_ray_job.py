@@ -156,3 +156,29 @@ def test_a_local_output_folder_is_locked_and_cleared_of_stale_temporary_files(ti
         holder.join(30)
     summary = run_ray(src, out, model=tiny_onnx, backend="onnxruntime", devices="cpu", batch=2)
     assert summary["n_ok"] == 2 and not stale.exists()
+
+
+def test_an_actor_counts_regions_only_when_asked(tiny_onnx, tmp_path):
+    # The actor's own call, without Ray: --regions reaches each actor through its constructor.
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from effiseg.runtime.postprocess import count_regions
+    from effiseg.runtime.ray_job import SegmentBatch
+    src = write_noise_images(tmp_path / "in", 2, shape=(40, 50))
+    files = sorted(p.name for p in src.iterdir())
+    batch = {"file": np.array(files), "mask": np.array([f"{Path(f).stem}.png" for f in files])}
+    for regions in (False, True):
+        out = tmp_path / f"out_{regions}"
+        out.mkdir()
+        actor = SegmentBatch(str(tiny_onnx), str(src), str(out), 10**6, {"workers": 1}, regions=regions)
+        try:
+            rows = [json.loads(r) for r in actor(batch)["row"]]
+        finally:
+            actor.segmenter.close()
+        assert [r["status"] for r in rows] == ["ok", "ok"]
+        for row in rows:
+            mask = np.asarray(Image.open(out / row["mask"])) > 127
+            assert row["regions"] == (count_regions(mask) if regions else None)
