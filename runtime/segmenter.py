@@ -303,8 +303,8 @@ class Segmenter:
         Args:
             input_dir: the folder of images.
             output_dir: where the masks go [default: ``<input_dir>_masks`` beside it].
-            **options: ``recursive``, ``resume``, ``overlay``, ``max_pixels``, ``progress``, ``log``
-                (see ``run_folder``).
+            **options: ``recursive``, ``resume``, ``overlay``, ``max_pixels``, ``regions`` (count each
+                mask's regions; off by default), ``progress``, ``log`` (see ``run_folder``).
 
         Returns:
             The summary (counts, failures, throughput), also written as effiseg_summary.json/.csv

@@ -26,16 +26,8 @@ DATA=${DATA:-$ROOT/.carry/kvasir-seg}
 DEADLINE=${DEADLINE:-$([ "${DRY:-0}" = 1 ] && echo 600 || echo 300)}
 BENCH_BUDGET=${BENCH_BUDGET:-170}   # seconds for effiseg-bench (it stops between rounds)
 CKPT=${CKPT:-$ROOT/training/weights/default}
-mkdir -p "$OUT" "$WORK"
-exec > >(tee "$OUT/bench_session.log") 2>&1
-T0=$(date +%s)
-elapsed() { echo $(( $(date +%s) - T0 )); }
-stamp() { echo "[$(elapsed)s] $*"; }
-left() { echo $(( DEADLINE - $(elapsed) )); }
-RES=$WORK/results
-rm -rf "$RES"; mkdir -p "$RES"
-# Packed after every step: a call cut short still returns everything finished before it.
-pack() { tar czf "$OUT/bench_results.tgz.tmp" -C "$WORK" results && mv "$OUT/bench_results.tgz.tmp" "$OUT/bench_results.tgz"; }
+SESSION=bench
+. "$ROOT/benchmarks/gpu/session_clock.sh"   # the log, the clock (stamp, left), RES, pack
 
 . "$ROOT/benchmarks/gpu/effiseg_site.sh"
 

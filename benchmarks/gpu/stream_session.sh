@@ -23,15 +23,8 @@ WORK=${WORK:-/tmp/effiseg_stream_gpu}
 CARRY=${CARRY:-$ROOT/.carry/stream}
 MODEL=${MODEL:-$ROOT/.carry/teacher/config.json}
 DEADLINE=${DEADLINE:-240}
-mkdir -p "$OUT" "$WORK"
-exec > >(tee "$OUT/stream_session.log") 2>&1
-T0=$(date +%s)
-elapsed() { echo $(( $(date +%s) - T0 )); }
-stamp() { echo "[$(elapsed)s] $*"; }
-left() { echo $(( DEADLINE - $(elapsed) )); }
-RES=$WORK/results
-rm -rf "$RES"; mkdir -p "$RES"
-pack() { tar czf "$OUT/stream_results.tgz.tmp" -C "$WORK" results && mv "$OUT/stream_results.tgz.tmp" "$OUT/stream_results.tgz"; }
+SESSION=stream
+. "$ROOT/benchmarks/gpu/session_clock.sh"   # the log, the clock (stamp, left), RES, pack
 
 . "$ROOT/benchmarks/gpu/effiseg_site.sh"
 if ! "$PY" -c "import av" 2>/dev/null; then
