@@ -23,8 +23,6 @@ run left with other settings are never taken for this one's.
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -43,6 +41,7 @@ from .images import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, allow_pixels, atomic_
                      png_is_complete, read_image, remove_stale_temp_files, write_jpeg, write_mask_png)
 from .model_info import describe_tta
 from .postprocess import count_regions, output_to_mask
+from .rows_csv import write_summary_csv
 from .trt_engine_cache import file_sha256  # pure Python; the hash the engine cache keys on
 
 SUMMARY_STEM = "effiseg_summary"
@@ -196,15 +195,6 @@ def _row_from_mask(job: FileJob, regions: bool) -> dict:
     row.update(width=mask.shape[1], height=mask.shape[0], area_fraction=round(float(mask.mean()), 6),
                regions=count_regions(mask) if regions else None)
     return row
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=ROW_FIELDS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in ROW_FIELDS})
-    atomic_write_text(path, text.getvalue())
 
 
 def _write_json(path: Path, obj) -> None:
@@ -511,13 +501,8 @@ def _write_summary(summary: dict, output_dir: Path, say) -> dict:
         raise RecordWriteError(f"every image is done, but the summary could not be written: {e}") from e
     summary["summary_json"] = str(output_dir / f"{SUMMARY_STEM}.json")
     csv_path = output_dir / f"{SUMMARY_STEM}.csv"
-    try:
-        _write_csv(csv_path, summary["files"])
-        summary["summary_csv"] = str(csv_path)
-    except OSError as e:  # open in Excel on Windows, a full disk...: the masks and the JSON are done
-        summary["summary_csv"] = None
-        say(f"could not write {csv_path} ({e.strerror or e}; open in another program, or a full disk?): "
-            f"{SUMMARY_STEM}.json has the same rows")
+    summary["summary_csv"] = write_summary_csv(lambda text: atomic_write_text(csv_path, text), str(csv_path),
+                                               summary["files"], ROW_FIELDS, f"{SUMMARY_STEM}.json", say)
     return summary
 
 

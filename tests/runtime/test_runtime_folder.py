@@ -235,9 +235,13 @@ def test_a_csv_summary_that_cannot_be_written_is_a_warning_when_the_json_has_the
     from effiseg.runtime import folder
     src = write_noise_images(tmp_path / "in", 2, shape=(40, 50))
 
-    def full_disk(path, rows):
-        raise OSError(28, "No space left on device", str(path))
-    monkeypatch.setattr(folder, "_write_csv", full_disk)
+    real_write = folder.atomic_write_text
+
+    def full_disk_for_the_csv(path, text):
+        if str(path).endswith(".csv"):
+            raise OSError(28, "No space left on device", str(path))
+        real_write(path, text)
+    monkeypatch.setattr(folder, "atomic_write_text", full_disk_for_the_csv)
     said = []
     with Segmenter.from_onnx(tiny_onnx, max_batch=2) as seg:
         summary = seg.run_folder(src, tmp_path / "out", progress=False, log=said.append)
